@@ -1,0 +1,33 @@
+"""Errors rbuild reports to its user: one line, an exit status, never a traceback."""
+
+from __future__ import annotations
+
+
+class RbuildError(Exception):
+    """An error shown to the user as one `Error:` line; exit status 125 unless said otherwise."""
+
+    exit_code = 125
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ContainerfileError(RbuildError):
+    """A fault in a Containerfile, located at FILE:LINE."""
+
+    def __init__(self, message: str, filename: str = "Containerfile", line: int = 0) -> None:
+        self.filename = filename
+        self.line = line
+        self.detail = message
+        where = f"{filename}:{line}: " if line else f"{filename}: "
+        super().__init__(where + message)
+
+
+class RunFailed(RbuildError):
+    """A RUN step exited non-zero; rbuild exits with that status (clamped to 1..125)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, exit_code=min(max(status, 1), 125))
+        self.status = status
