@@ -1,0 +1,93 @@
+"""OCI and Docker v2s2 image documents: configs, manifests, media types and the conversions between them."""
+
+from __future__ import annotations
+
+import json
+import platform
+from typing import Any
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+OCI_LAYER_GZIP = OCI_LAYER + "+gzip"
+OCI_LAYER_ZSTD = OCI_LAYER + "+zstd"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+REF_NAME = "org.opencontainers.image.ref.name"
+
+_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
+         "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def host_arch() -> str:
+    m = platform.machine()
+    return _ARCH.get(m, m)
+
+
+def canonical(doc: dict[str, Any]) -> bytes:
+    """The exact bytes we store and hash: compact, key-sorted JSON (stable across runs)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def new_config(created: str) -> dict[str, Any]:
+    return {
+        "created": created,
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+        "history": [],
+    }
+
+
+def layer_media_type(fmt: str, compression: str) -> str:
+    """Media type for a layer blob compressed with `compression` ("gzip", "zstd" or "none")."""
+    if fmt == "docker":
+        return {"gzip": DOCKER_LAYER_GZIP, "none": DOCKER_LAYER}[compression]
+    return {"gzip": OCI_LAYER_GZIP, "zstd": OCI_LAYER_ZSTD, "none": OCI_LAYER}[compression]
+
+
+def compression_of(media_type: str) -> str:
+    if media_type.endswith("gzip"):
+        return "gzip"
+    if media_type.endswith("zstd"):
+        return "zstd"
+    return "none"
+
+
+def manifest(fmt: str, config_digest: str, config_size: int, layers: list[dict[str, Any]],
+             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST if fmt == "docker" else OCI_MANIFEST,
+        "config": {"mediaType": DOCKER_CONFIG if fmt == "docker" else OCI_CONFIG, "digest": config_digest,
+                   "size": config_size},
+        "layers": layers,
+    }
+    if annotations and fmt != "docker":
+        doc["annotations"] = annotations
+    return doc
+
+
+def inspect_doc(image_id: str, names: list[str], config: dict[str, Any], manifest_digest: str,
+                size: int, repo_digests: list[str]) -> dict[str, Any]:
+    """docker inspect's shape for an image."""
+    return {
+        "Id": image_id,
+        "Digest": manifest_digest,
+        "RepoTags": names,
+        "RepoDigests": repo_digests,
+        "Created": config.get("created", ""),
+        "Author": config.get("author", ""),
+        "Architecture": config.get("architecture", ""),
+        "Os": config.get("os", ""),
+        "Variant": config.get("variant", ""),
+        "Config": config.get("config", {}),
+        "RootFS": {"Type": "layers", "Layers": config.get("rootfs", {}).get("diff_ids", [])},
+        "History": config.get("history", []),
+        "Size": size,
+    }

@@ -1,0 +1,329 @@
+"""Running a RUN step: new mount, pid, ipc and uts namespaces of the build's user namespace.
+
+The build process (already uid 0 in the user namespace) forks; the child unshares the namespaces and
+forks pid 1 of the new pid namespace, which builds the container's view (/proc with docker's masked
+paths, a minimal /dev, read-only /sys, /etc/hosts, /etc/hostname, /etc/resolv.conf), pivots into the
+merged tree, drops to docker's default capability bounding set, sets no_new_privs and execs.
+Mount points that had to be created in the tree are removed again afterwards, so they leave no trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import sys
+from dataclasses import dataclass, field
+
+from rootless import linux
+from rootless.errors import RbuildError
+from rootless.fspath import secure_join
+
+# docker's default capabilities: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
+# NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP
+DEFAULT_CAPS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31)
+MASKED_PATHS = (
+    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOSTNAME = "rbuild"
+
+
+@dataclass
+class RunSpec:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    hostname: str = HOSTNAME
+    stdin_data: bytes | None = None
+
+
+@dataclass
+class User:
+    uid: int
+    gid: int
+    groups: list[int]
+    home: str
+
+
+def _read_db(root: str, name: str) -> list[list[str]]:
+    path = secure_join(root, "/etc/" + name)
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(root: str, spec: str) -> User:
+    """docker's USER semantics: name or uid, optional :group; names looked up in the image's files."""
+    user, _, group = (spec or "0").partition(":")
+    passwd = _read_db(root, "passwd")
+    entry = None
+    if user.isdigit():
+        uid = int(user)
+        entry = next((e for e in passwd if len(e) >= 7 and e[2] == user), None)
+    else:
+        entry = next((e for e in passwd if len(e) >= 7 and e[0] == user), None)
+        if entry is None:
+            raise RbuildError(f"unable to find user {user}: no matching entries in passwd file")
+        uid = int(entry[2]) if entry[2].isdigit() else 0
+    gid = int(entry[3]) if entry and entry[3].isdigit() else 0
+    home = entry[5] if entry else "/"
+    if uid == 0 and not entry:
+        home = "/root"
+    groupdb = _read_db(root, "group")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            g = next((e for e in groupdb if len(e) >= 3 and e[0] == group), None)
+            if g is None:
+                raise RbuildError(f"unable to find group {group}: no matching entries in group file")
+            gid = int(g[2])
+        groups: list[int] = []
+    else:
+        name = entry[0] if entry else None
+        groups = sorted({int(e[2]) for e in groupdb
+                         if len(e) >= 4 and e[2].isdigit() and name and name in e[3].split(",")} - {gid})
+    return User(uid, gid, groups, home)
+
+
+def _ensure(root: str, path: str, is_dir: bool, created: list[str]) -> str:
+    """Make sure a mount point exists in the tree; remember what we had to create (to remove later)."""
+    host = secure_join(root, path)
+    if os.path.lexists(host):
+        return host
+    parent = os.path.dirname(path)
+    if parent != "/":
+        _ensure(root, parent, True, created)
+    host = secure_join(root, path)
+    if is_dir:
+        os.mkdir(host, 0o755)
+    else:
+        os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    created.append(host)
+    return host
+
+
+def _restore_stubs(created: list[str], parent_times: dict[str, tuple[int, int]]) -> None:
+    for host in reversed(created):
+        with contextlib.suppress(OSError):
+            if os.path.isdir(host) and not os.path.islink(host):
+                os.rmdir(host)
+            elif os.path.isfile(host) and os.path.getsize(host) == 0:
+                os.unlink(host)
+    for d, (atime, mtime) in parent_times.items():
+        with contextlib.suppress(OSError):
+            os.utime(d, ns=(atime, mtime), follow_symlinks=False)
+
+
+def _try(fn: object, *args: object) -> bool:
+    try:
+        fn(*args)  # type: ignore[operator]
+        return True
+    except OSError:
+        return False
+
+
+def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) -> None:
+    """In pid 1 of the new namespaces: build the container view and exec. Never returns."""
+    try:
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        linux.sethostname(spec.hostname)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+        proc = secure_join(root, "/proc")
+        if not _try(linux.mount, "proc", proc, "proc", nosuid):
+            linux.mount("/proc", proc, None, linux.MS_BIND | linux.MS_REC)
+        dev = secure_join(root, "/dev")
+        linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=755,size=65536k")
+        for name in DEV_NODES:
+            target = os.path.join(dev, name)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o666))
+            _try(linux.mount, "/dev/" + name, target, None, linux.MS_BIND)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                             ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx")):
+            os.symlink(target, os.path.join(dev, name))
+        os.mkdir(os.path.join(dev, "pts"), 0o755)
+        if not _try(linux.mount, "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+                    "newinstance,ptmxmode=0666,mode=0620,gid=5"):
+            _try(linux.mount, "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+                 "newinstance,ptmxmode=0666,mode=0620")
+        os.mkdir(os.path.join(dev, "shm"), 0o1777)
+        linux.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid, "mode=1777,size=65536k")
+        os.mkdir(os.path.join(dev, "mqueue"), 0o755)
+        _try(linux.mount, "mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid)
+        sys_dir = secure_join(root, "/sys")
+        if _try(linux.mount, "/sys", sys_dir, None, linux.MS_BIND | linux.MS_REC):
+            _try(linux.mount, None, sys_dir, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
+        for path, source in files.items():
+            linux.mount(source, secure_join(root, path), None, linux.MS_BIND)
+        # masks and read-only parts of /proc and /sys
+        for path in MASKED_PATHS:
+            host = secure_join(root, path)
+            if os.path.isdir(host) and not os.path.islink(host):
+                _try(linux.mount, "tmpfs", host, "tmpfs", linux.MS_RDONLY | nosuid, "size=0")
+            elif os.path.exists(host):
+                _try(linux.mount, "/dev/null", host, None, linux.MS_BIND)
+        for path in READONLY_PATHS:
+            host = secure_join(root, path)
+            if os.path.exists(host) and _try(linux.mount, host, host, None, linux.MS_BIND | linux.MS_REC):
+                _try(linux.mount, None, host, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
+        os.chdir(root)
+        linux.pivot_root(".", ".")
+        linux.umount(".", linux.MNT_DETACH)
+        os.chdir("/")
+        try:
+            os.chdir(spec.cwd)
+        except OSError as e:
+            raise RbuildError(f"cannot change to working directory {spec.cwd}: {e.strerror}") from None
+        for cap in range(linux.last_cap() + 1):
+            if cap not in DEFAULT_CAPS:
+                _try(linux.prctl, linux.PR_CAPBSET_DROP, cap)
+        _try(linux.prctl, linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        try:
+            os.setgroups(spec.groups)
+        except OSError:
+            if spec.groups:
+                raise
+        os.setresgid(spec.gid, spec.gid, spec.gid)
+        os.setresuid(spec.uid, spec.uid, spec.uid)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        env = dict(spec.env)
+        env.setdefault("PATH", DEFAULT_PATH)
+        try:
+            os.execvpe(spec.argv[0], spec.argv, env)
+        except OSError as e:
+            os.write(errw, f"127 exec {spec.argv[0]}: {e.strerror}".encode())
+            os._exit(127)
+    except (OSError, RbuildError) as e:
+        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if isinstance(e, OSError) and e.filename:
+            msg = f"{msg}: {e.filename}"
+        with contextlib.suppress(OSError):
+            os.write(errw, f"125 {msg}".encode())
+        os._exit(125)
+    except BaseException as e:  # noqa: BLE001 - must never return into the builder's code
+        with contextlib.suppress(OSError):
+            os.write(errw, f"125 {type(e).__name__}: {e}".encode())
+        os._exit(125)
+
+
+def run(root: str, spec: RunSpec, scratch: str) -> int:
+    """Run spec in the tree mounted at root; return the exit status. scratch: a private temp dir."""
+    if not spec.argv:
+        raise RbuildError("RUN has no command")
+    created: list[str] = []
+    parent_times: dict[str, tuple[int, int]] = {}
+    files: dict[str, str] = {}
+    contents = {
+        "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{spec.hostname}\n",
+        "/etc/hostname": spec.hostname + "\n",
+        "/etc/resolv.conf": _resolv_conf(),
+    }
+    try:
+        for path in ("/proc", "/dev", "/sys", "/etc"):
+            _note_parent(root, path, parent_times)
+            host = _ensure(root, path, True, created)
+            if not os.path.isdir(host):
+                raise RbuildError(f"{path} in the image is not a directory")
+        for path, text in contents.items():
+            _note_parent(root, path, parent_times)
+            host = _ensure(root, path, False, created)
+            if not stat.S_ISREG(os.stat(host).st_mode):
+                continue
+            src = os.path.join(scratch, os.path.basename(path))
+            with open(src, "w") as f:
+                f.write(text)
+            os.chmod(src, 0o644)
+            files[path] = src
+        return _fork_run(root, spec, files)
+    finally:
+        _restore_stubs(created, parent_times)
+
+
+def _note_parent(root: str, path: str, times: dict[str, tuple[int, int]]) -> None:
+    parent = secure_join(root, os.path.dirname(path))
+    if parent not in times and os.path.isdir(parent):
+        st = os.stat(parent)
+        times[parent] = (st.st_atime_ns, st.st_mtime_ns)
+
+
+def _resolv_conf() -> str:
+    try:
+        with open("/etc/resolv.conf") as f:
+            lines = [ln for ln in f.read().splitlines() if not ln.strip().startswith("nameserver 127.")]
+    except OSError:
+        lines = []
+    if not any(ln.strip().startswith("nameserver") for ln in lines):
+        lines += ["nameserver 8.8.8.8", "nameserver 8.8.4.4"]
+    return "\n".join(lines) + "\n"
+
+
+def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    in_r = in_w = -1
+    if spec.stdin_data is not None:
+        in_r, in_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(errr)
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if in_r >= 0:
+                os.close(in_w)
+                os.dup2(in_r, 0)
+            else:
+                devnull = os.open("/dev/null", os.O_RDONLY)
+                os.dup2(devnull, 0)
+            os.dup2(2, 1)  # RUN output goes to stderr: stdout is reserved for the image id
+            linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+            inner = os.fork()
+            if inner == 0:
+                _setup_and_exec(root, spec, files, errw)
+            os.close(errw)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _, status = os.waitpid(inner, 0)
+            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+        except BaseException as e:  # noqa: BLE001
+            with contextlib.suppress(OSError):
+                os.write(errw, f"125 {e}".encode())
+            os._exit(125)
+    os.close(errw)
+    if in_r >= 0:
+        os.close(in_r)
+        with contextlib.suppress(OSError):
+            os.write(in_w, spec.stdin_data or b"")
+        os.close(in_w)
+    try:
+        _, status = os.waitpid(pid, 0)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        raise
+    finally:
+        msg = b""
+        with contextlib.suppress(OSError):
+            while chunk := os.read(errr, 4096):
+                msg += chunk
+        os.close(errr)
+    if msg:
+        code, _, text = msg.decode(errors="replace").partition(" ")
+        if code == "125":
+            raise RbuildError(f"cannot set up the RUN sandbox: {text}")
+        raise RbuildError(text, exit_code=int(code) if code.isdigit() else 125)
+    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

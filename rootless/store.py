@@ -1,0 +1,326 @@
+"""The local content-addressed store: blobs, unpacked layers, image records and the step cache.
+
+Layout under the store root:
+    store.json            format version and the uid/gid mapping the store was made under
+    blobs/sha256/HEX      configs, manifests, compressed layer blobs
+    layers/HEX/           a layer unpacked in overlay lower-dir format (HEX = its diff_id)
+    layers/HEX.json       what is known about it: tar size, where its exact tar stream comes from,
+                          compressed blobs already made for it
+    images.json           image records: id (config digest), local manifest digest, names
+    cache/HEX.json        step cache: the build state after a step, keyed by the step's cache key
+    tmp/                  staging; everything reaches its final place by rename
+Every write is a temporary file or directory plus rename, so a crash never leaves half an entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from rootless.errors import RbuildError
+from rootless.userns import IdMap
+
+STORE_VERSION = 1
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hex_of(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    if algo != "sha256" or len(hexpart) != 64:
+        raise RbuildError(f"unsupported digest {digest!r}")
+    return hexpart
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def rmtree(path: str) -> None:
+    """Remove a tree we made, even where a RUN step left directories without write permission."""
+
+    def fix(func: Any, p: str, exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            parent = os.path.dirname(p)
+            os.chmod(parent, 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+
+    if not os.path.lexists(path):
+        return
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=fix)
+    else:
+        shutil.rmtree(path, onerror=fix)
+
+
+@dataclass
+class ImageRecord:
+    id: str  # "sha256:<config digest hex>"
+    manifest: str  # digest of the local manifest blob
+    names: list[str] = field(default_factory=list)
+    created: str = ""
+    digest: str = ""  # manifest digest at the registry it was pulled from, if any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "manifest": self.manifest, "names": self.names, "created": self.created,
+                "digest": self.digest}
+
+
+class Store:
+    """One store root. Cheap to open: nothing but store.json is read up front."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    # -- opening -------------------------------------------------------------------------------
+    def open(self, idmap: IdMap, create: bool = True) -> None:
+        """Create the layout if needed and refuse a store made under another mapping."""
+        meta_path = os.path.join(self.root, "store.json")
+        try:
+            with open(meta_path, "rb") as f:
+                meta = json.load(f)
+        except FileNotFoundError:
+            if not create:
+                return
+            try:
+                for sub in ("blobs/sha256", "layers", "cache", "tmp"):
+                    os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+                atomic_write(meta_path, json.dumps({"version": STORE_VERSION, "mapping": idmap.to_json()},
+                                                   sort_keys=True).encode(), 0o600)
+            except OSError as e:
+                raise RbuildError(f"cannot create store at {self.root}: {e.strerror}") from None
+            return
+        except (OSError, ValueError) as e:
+            raise RbuildError(f"cannot read {meta_path}: {e}") from None
+        if meta.get("version") != STORE_VERSION:
+            raise RbuildError(f"store {self.root} has unsupported format version {meta.get('version')}")
+        recorded = IdMap.from_json(meta.get("mapping", {}))
+        if recorded != idmap:
+            raise RbuildError(
+                f"store {self.root} was created under a different user namespace mapping "
+                f"({recorded.describe()}; now {idmap.describe()}); use another --root or remove it "
+                f"with the mapping it was made under"
+            )
+
+    def exists(self) -> bool:
+        return os.path.exists(os.path.join(self.root, "store.json"))
+
+    # -- locking and staging ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def staging(self, prefix: str = "stage-") -> Iterator[str]:
+        """A scratch directory inside the store (same filesystem, so results can be renamed into place)."""
+        path = tempfile.mkdtemp(prefix=prefix, dir=os.path.join(self.root, "tmp"))
+        try:
+            yield path
+        finally:
+            rmtree(path)
+
+    # -- blobs -----------------------------------------------------------------------------------
+    def blob_dir(self) -> str:
+        return os.path.join(self.root, "blobs", "sha256")
+
+    def blob_path(self, digest: str) -> str:
+        return os.path.join(self.root, "blobs", "sha256", hex_of(digest))
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    def put_blob(self, data: bytes) -> str:
+        digest = "sha256:" + sha256_hex(data)
+        path = self.blob_path(digest)
+        if not os.path.exists(path):
+            atomic_write(path, data)
+        return digest
+
+    def read_blob(self, digest: str) -> bytes:
+        try:
+            with open(self.blob_path(digest), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise RbuildError(f"blob {digest} is missing from the store {self.root}") from None
+        if "sha256:" + sha256_hex(data) != digest:
+            raise RbuildError(f"blob {digest} in the store {self.root} is corrupt")
+        return data
+
+    def read_json(self, digest: str) -> Any:
+        return json.loads(self.read_blob(digest))
+
+    # -- layers ----------------------------------------------------------------------------------
+    def layer_dir(self, diff_id: str) -> str:
+        return os.path.join(self.root, "layers", hex_of(diff_id))
+
+    def has_layer(self, diff_id: str) -> bool:
+        return os.path.exists(self.layer_dir(diff_id) + ".json")
+
+    def layer_meta(self, diff_id: str) -> dict[str, Any]:
+        try:
+            with open(self.layer_dir(diff_id) + ".json", "rb") as f:
+                meta: dict[str, Any] = json.load(f)
+                return meta
+        except FileNotFoundError:
+            raise RbuildError(f"layer {diff_id} is missing from the store {self.root}") from None
+
+    def set_layer_meta(self, diff_id: str, meta: dict[str, Any]) -> None:
+        atomic_write(self.layer_dir(diff_id) + ".json", json.dumps(meta, sort_keys=True).encode())
+
+    def add_layer(self, staged_dir: str, diff_id: str, meta: dict[str, Any]) -> None:
+        """Move an unpacked layer into place; a concurrent writer of the same layer wins harmlessly."""
+        final = self.layer_dir(diff_id)
+        if self.has_layer(diff_id):
+            rmtree(staged_dir)
+            return
+        if os.path.lexists(final):  # left by a crash before its .json was written: the json marks completion
+            rmtree(final)
+        os.rename(staged_dir, final)
+        self.set_layer_meta(diff_id, meta)
+
+    def add_layer_blob(self, diff_id: str, blob: dict[str, Any]) -> None:
+        with self.lock():
+            meta = self.layer_meta(diff_id)
+            blobs = [b for b in meta.get("blobs", []) if b["digest"] != blob["digest"]]
+            blobs.append(blob)
+            meta["blobs"] = blobs
+            self.set_layer_meta(diff_id, meta)
+
+    # -- images ----------------------------------------------------------------------------------
+    def _images_path(self) -> str:
+        return os.path.join(self.root, "images.json")
+
+    def images(self) -> list[ImageRecord]:
+        try:
+            with open(self._images_path(), "rb") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise RbuildError(f"cannot read {self._images_path()}: {e}") from None
+        return [ImageRecord(**r) for r in raw.get("images", [])]
+
+    def _save_images(self, records: list[ImageRecord]) -> None:
+        data = json.dumps({"images": [r.to_json() for r in records]}, indent=1, sort_keys=True).encode()
+        atomic_write(self._images_path(), data, 0o600)
+
+    def add_image(self, config: bytes, manifest: bytes, names: list[str], created: str, digest: str = "") -> ImageRecord:
+        """Record an image (its blobs must already be stored) and move `names` onto it."""
+        image_id = "sha256:" + sha256_hex(config)
+        self.put_blob(config)
+        manifest_digest = self.put_blob(manifest)
+        with self.lock():
+            records = self.images()
+            for r in records:
+                r.names = [n for n in r.names if n not in names]
+            rec = next((r for r in records if r.id == image_id), None)
+            if rec is None:
+                rec = ImageRecord(image_id, manifest_digest, [], created, digest)
+                records.append(rec)
+            else:
+                rec.manifest = manifest_digest
+                rec.digest = digest or rec.digest
+            for n in names:
+                if n not in rec.names:
+                    rec.names.append(n)
+            # an image that lost all its names stays (as <none>) like docker's dangling images
+            self._save_images(records)
+        return rec
+
+    def find(self, candidates: list[str]) -> ImageRecord | None:
+        """The first record matching one of the names, a full id, or a unique 12+ hex prefix."""
+        records = self.images()
+        for cand in candidates:
+            for r in records:
+                if cand in r.names:
+                    return r
+        for cand in candidates:
+            h = cand.removeprefix("sha256:")
+            if len(h) >= 12 and all(c in "0123456789abcdef" for c in h):
+                hits = [r for r in records if r.id[7:].startswith(h)]
+                if len(hits) == 1:
+                    return hits[0]
+                if len(hits) > 1:
+                    raise RbuildError(f"image id prefix {h} is ambiguous")
+        return None
+
+    def tag(self, image_id: str, name: str) -> None:
+        with self.lock():
+            records = self.images()
+            for r in records:
+                r.names = [n for n in r.names if n != name]
+                if r.id == image_id:
+                    r.names.append(name)
+            self._save_images(records)
+
+    def untag(self, image_id: str, name: str | None) -> ImageRecord | None:
+        """Remove one name, or (name None) the whole image record; return what is left of it."""
+        with self.lock():
+            records = self.images()
+            left: ImageRecord | None = None
+            keep = []
+            for r in records:
+                if r.id == image_id:
+                    if name is not None:
+                        r.names = [n for n in r.names if n != name]
+                    if name is None or not r.names:
+                        continue
+                    left = r
+                keep.append(r)
+            self._save_images(keep)
+            return left
+
+    # -- step cache ------------------------------------------------------------------------------
+    def cache_get(self, key: str) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.root, "cache", key + ".json"), "rb") as f:
+                state: dict[str, Any] = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+        if not all(self.has_layer(d) for d in state.get("layers", [])):
+            return None
+        return state
+
+    def cache_put(self, key: str, state: dict[str, Any]) -> None:
+        atomic_write(os.path.join(self.root, "cache", key + ".json"), json.dumps(state, sort_keys=True).encode())
+
+
+def now_rfc3339(epoch: float | None = None) -> str:
+    t = time.time() if epoch is None else epoch
+    whole = int(t)
+    frac = int(round((t - whole) * 1e9))
+    if frac >= 10**9:
+        whole, frac = whole + 1, 0
+    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return base + (f".{frac:09d}".rstrip("0") if frac else "") + "Z"
