@@ -43,6 +43,8 @@ class RunSpec:
     groups: list[int] = field(default_factory=list)
     hostname: str = HOSTNAME
     stdin_data: bytes | None = None
+    output_fd: int = 2  # where the step's stdout and stderr go
+    dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
 
 
 @dataclass
@@ -144,7 +146,7 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
         if not _try(linux.mount, "proc", proc, "proc", nosuid):
             linux.mount("/proc", proc, None, linux.MS_BIND | linux.MS_REC)
         dev = secure_join(root, "/dev")
-        linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=755,size=65536k")
+        linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
         for name in DEV_NODES:
             target = os.path.join(dev, name)
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o666))
@@ -152,6 +154,10 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx")):
             os.symlink(target, os.path.join(dev, name))
+        for path, source in spec.dev_files.items():
+            target = os.path.join(dev, os.path.basename(path))
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o755))
+            linux.mount(source, target, None, linux.MS_BIND)
         os.mkdir(os.path.join(dev, "pts"), 0o755)
         if not _try(linux.mount, "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
                     "newinstance,ptmxmode=0666,mode=0620,gid=5"):
@@ -289,6 +295,8 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
             else:
                 devnull = os.open("/dev/null", os.O_RDONLY)
                 os.dup2(devnull, 0)
+            if spec.output_fd != 2:
+                os.dup2(spec.output_fd, 2)
             os.dup2(2, 1)  # RUN output goes to stderr: stdout is reserved for the image id
             linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
             inner = os.fork()

@@ -109,6 +109,7 @@ class Store:
             if not create:
                 return
             try:
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
                 for sub in ("blobs/sha256", "layers", "cache", "tmp"):
                     os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
                 atomic_write(meta_path, json.dumps({"version": STORE_VERSION, "mapping": idmap.to_json()},
@@ -235,7 +236,8 @@ class Store:
         data = json.dumps({"images": [r.to_json() for r in records]}, indent=1, sort_keys=True).encode()
         atomic_write(self._images_path(), data, 0o600)
 
-    def add_image(self, config: bytes, manifest: bytes, names: list[str], created: str, digest: str = "") -> ImageRecord:
+    def add_image(self, config: bytes, manifest: bytes, names: list[str], created: str,
+                  digest: str = "") -> ImageRecord:
         """Record an image (its blobs must already be stored) and move `names` onto it."""
         image_id = "sha256:" + sha256_hex(config)
         self.put_blob(config)

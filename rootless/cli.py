@@ -1,0 +1,478 @@
+"""The `rbuild` command line: parses arguments, reports errors as one `Error:` line, dispatches.
+
+Heavy modules are imported inside the command functions, so `rbuild images` or a fully cached
+build does not pay for what it does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rootless import __version__
+from rootless.errors import RbuildError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise RbuildError(f"{self.prog}: {message}")
+
+
+def _bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=argparse.SUPPRESS, help="store directory")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warn", "error"])
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    try:
+        from rootless.registry import add_registry_arguments
+    except ImportError:
+        p.add_argument("--tls-verify", type=_bool, nargs="?", const=True, default=None)
+        return
+    add_registry_arguments(p)
+
+
+def _registry_options(args: argparse.Namespace) -> Any:
+    try:
+        from rootless.registry import options_from_args
+    except ImportError:
+        return None
+    return options_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="rbuild", description="Rootless, daemonless OCI image builder")
+    parser.add_argument("--version", action="version", version=f"rbuild version {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    b = sub.add_parser("build", aliases=["bud"], help="build an image from a Containerfile")
+    _common(b)
+    b.add_argument("context", nargs="?", default=".")
+    b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
+    b.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
+    b.add_argument("--build-arg", action="append", default=[], metavar="K[=V]")
+    b.add_argument("--label", action="append", default=[], metavar="K=V")
+    b.add_argument("--no-cache", action="store_true")
+    b.add_argument("--format", choices=["oci", "docker"], default="oci")
+    b.add_argument("--iidfile")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("--target", help="build up to this stage")
+    b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
+    b.add_argument("--rewrite-timestamp", type=_bool, nargs="?", const=True, default=True,
+                   help="clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)")
+    b.add_argument("--pull", nargs="?", const="always", default="missing",
+                   choices=["always", "missing", "never", "newer", "true", "false"])
+    _registry_args(b)
+    b.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("parse", help="print the Containerfile's syntax tree (BuildKit's dump format)")
+    _common(p)
+    p.add_argument("-f", "--file")
+    p.add_argument("context", nargs="?", default=".")
+    p.set_defaults(func=cmd_parse)
+
+    i = sub.add_parser("images", help="list images")
+    _common(i)
+    i.add_argument("--format", choices=["table", "json"], default="table")
+    i.add_argument("-q", "--quiet", action="store_true")
+    i.set_defaults(func=cmd_images)
+
+    ins = sub.add_parser("inspect", help="show an image's details (docker's shape)")
+    _common(ins)
+    ins.add_argument("names", nargs="+")
+    ins.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("tag", help="add names to an image")
+    _common(t)
+    t.add_argument("image")
+    t.add_argument("names", nargs="+")
+    t.set_defaults(func=cmd_tag)
+
+    r = sub.add_parser("rmi", help="remove image names or images")
+    _common(r)
+    r.add_argument("names", nargs="+")
+    r.add_argument("-f", "--force", action="store_true")
+    r.set_defaults(func=cmd_rmi)
+
+    pu = sub.add_parser("push", help="write an image to oci:, oci-archive:, docker-archive: or a registry")
+    _common(pu)
+    pu.add_argument("image")
+    pu.add_argument("dest", nargs="?")
+    pu.add_argument("--format", choices=["oci", "docker"])
+    pu.add_argument("--compression-format", choices=["gzip", "zstd"])
+    pu.add_argument("--compression-level", type=int)
+    pu.add_argument("--digestfile")
+    pu.add_argument("-q", "--quiet", action="store_true")
+    _registry_args(pu)
+    pu.set_defaults(func=cmd_push)
+
+    pl = sub.add_parser("pull", help="copy an image into the local store")
+    _common(pl)
+    pl.add_argument("image")
+    pl.add_argument("-q", "--quiet", action="store_true")
+    _registry_args(pl)
+    pl.set_defaults(func=cmd_pull)
+
+    u = sub.add_parser("unshare", help="run a command inside rbuild's user namespace")
+    _common(u)
+    u.add_argument("cmd", nargs=argparse.REMAINDER)
+    u.set_defaults(func=cmd_unshare)
+
+    try:
+        from rootless import registry
+
+        li = sub.add_parser("login", help="log in to a registry")
+        _common(li)
+        registry.add_login_arguments(li)
+        li.set_defaults(func=registry.login_command)
+        lo = sub.add_parser("logout", help="log out of a registry")
+        _common(lo)
+        registry.add_logout_arguments(lo)
+        lo.set_defaults(func=registry.logout_command)
+    except (ImportError, AttributeError):
+        pass
+    return parser
+
+
+# -------------------------------------------------------------------------------------------------------
+# plumbing
+
+
+def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
+    from rootless import paths, userns
+    from rootless.store import Store
+
+    idmap, notice = userns.host_mapping()
+    if notice and create and not getattr(args, "quiet_notice", False):
+        print(notice, file=sys.stderr)
+    store = Store(paths.store_root(getattr(args, "root", None)))
+    return store, idmap
+
+
+def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> int:
+    """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there."""
+    from rootless import userns
+
+    store, idmap = _store_and_map(args)
+    parent = os.path.dirname(store.root)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
+
+    def inner() -> int:
+        store.open(idmap)
+        return fn(store, idmap)
+
+    return userns.run_inside(idmap, lambda: _guard(args, inner))
+
+
+def _open_readonly(args: argparse.Namespace) -> Any:
+    store, idmap = _store_and_map(args, create=False)
+    if store.exists():
+        store.open(idmap, create=False)
+    return store
+
+
+def _find(store: Any, name: str) -> Any:
+    from rootless import names
+
+    rec = store.find(names.candidates(name))
+    if rec is None:
+        raise RbuildError(f"{name}: image not known")
+    return rec
+
+
+# -------------------------------------------------------------------------------------------------------
+# commands
+
+
+def _parse_kv(items: list[str], what: str, env_fallback: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not k:
+            raise RbuildError(f"invalid {what} {item!r}")
+        if not sep:
+            if not env_fallback:
+                v = ""
+            elif k in os.environ:
+                v = os.environ[k]
+            else:
+                continue
+        out[k] = v
+    return out
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from rootless import names, planner
+
+    context = os.path.abspath(args.context)
+    if not os.path.isdir(context):
+        raise RbuildError(f"build context {args.context} is not a directory")
+    cf_path = planner.find_containerfile(context, args.file)
+    data, shown = planner.read_containerfile(cf_path)
+    shown = args.file or os.path.relpath(cf_path) if shown != "<stdin>" else shown
+    build_args = _parse_kv(args.build_arg, "--build-arg", env_fallback=True)
+    labels = _parse_kv(args.label, "--label", env_fallback=False)
+    for t in args.tag:
+        if not names.valid(names.normalize(t)):
+            raise RbuildError(f"invalid image name {t!r}")
+    plan = planner.plan(data, shown, context, build_args, args.target)
+    sde: int | None = None
+    raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
+    if raw_sde:
+        if not raw_sde.isdigit():
+            raise RbuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, not {raw_sde!r}")
+        sde = int(raw_sde)
+    pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
+
+    def run(store: Any, idmap: Any) -> int:
+        from rootless import executor
+
+        opts = executor.BuildOptions(
+            tags=args.tag, labels=labels, no_cache=args.no_cache, fmt=args.format, quiet=args.quiet,
+            timestamp=args.timestamp, source_date_epoch=sde, rewrite_timestamp=args.rewrite_timestamp,
+            single_uid=idmap.single, pull=pull, registry_options=_registry_options(args),
+            containerfile=cf_path if args.file != "-" else None,
+        )
+        image_id = executor.build(plan, store, opts)
+        if args.iidfile:
+            from rootless.store import atomic_write
+
+            atomic_write(os.path.abspath(args.iidfile), image_id.encode())
+        print(image_id, flush=True)
+        return 0
+
+    return _in_namespace(args, run)
+
+
+def cmd_parse(args: argparse.Namespace) -> int:
+    from rootless import containerfile, planner
+
+    path = planner.find_containerfile(os.path.abspath(args.context), args.file)
+    data, shown = planner.read_containerfile(path)
+    try:
+        cf = containerfile.parse(data, args.file or shown)
+    except RbuildError as e:
+        e.exit_code = 1
+        raise
+    sys.stdout.write(containerfile.dump(cf))
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    store = _open_readonly(args)
+    records = store.images() if store.exists() else []
+    rows = []
+    for r in records:
+        size = 0
+        try:
+            config = store.read_json(r.id)
+            for d in config.get("rootfs", {}).get("diff_ids", []):
+                size += store.layer_meta(d).get("size", 0)
+        except RbuildError:
+            pass
+        rows.append((r, size))
+    if args.quiet:
+        for r, _ in rows:
+            print(r.id[7:19])
+        return 0
+    if args.format == "json":
+        out = [{"Id": r.id, "Names": r.names, "Created": r.created, "Size": size, "Digest": r.digest or r.manifest}
+               for r, size in rows]
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'REPOSITORY':<40} {'TAG':<15} {'IMAGE ID':<14} {'CREATED':<22} SIZE")
+    for r, size in rows:
+        for name in r.names or ["<none>:<none>"]:
+            repo, _, tag = name.rpartition(":")
+            print(f"{repo:<40} {tag:<15} {r.id[7:19]:<14} {r.created[:19]:<22} {_human(size)}")
+    return 0
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:.3g} TB"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rootless import image as img
+
+    store = _open_readonly(args)
+    out = []
+    for name in args.names:
+        rec = _find(store, name) if store.exists() else None
+        if rec is None:
+            raise RbuildError(f"{name}: image not known")
+        config = store.read_json(rec.id)
+        size = sum(store.layer_meta(d).get("size", 0) for d in config.get("rootfs", {}).get("diff_ids", []))
+        repo_digests = [n.rpartition(":")[0] + "@" + rec.digest for n in rec.names] if rec.digest else []
+        out.append(img.inspect_doc(rec.id, rec.names, config, rec.digest or rec.manifest, size, repo_digests))
+    print(json.dumps(out, indent=4))
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from rootless import names
+
+    store = _open_readonly(args)
+    if not store.exists():
+        raise RbuildError(f"{args.image}: image not known")
+    rec = _find(store, args.image)
+    for n in args.names:
+        full = names.normalize(n)
+        if not names.valid(full):
+            raise RbuildError(f"invalid image name {n!r}")
+        store.tag(rec.id, full)
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    from rootless import names
+
+    store = _open_readonly(args)
+    status = 0
+    for n in args.names:
+        rec = store.find(names.candidates(n)) if store.exists() else None
+        if rec is None:
+            print(f"Error: {n}: image not known", file=sys.stderr)
+            status = 1
+            continue
+        full = next((c for c in names.candidates(n) if c in rec.names), None)
+        if full is not None and len(rec.names) > 1 and not args.force:
+            store.untag(rec.id, full)
+            print(f"Untagged: {full}")
+        else:
+            store.untag(rec.id, None)
+            for name in rec.names:
+                print(f"Untagged: {name}")
+            print(f"Deleted: {rec.id}")
+    return status
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from rootless import transports
+
+    dest = args.dest
+    if dest is None:
+        if args.image.startswith("localhost/") or "/" not in args.image:
+            raise RbuildError(f"{args.image}: a local name needs a destination (docker://HOST/REPO:TAG, oci:DIR, ...)")
+        dest = "docker://" + args.image
+    if not dest.startswith(("oci:", "oci-archive:", "docker-archive:", "docker://")):
+        dest = "docker://" + dest
+
+    def run(store: Any, idmap: Any) -> int:
+        rec = _find(store, args.image)
+        fmt = args.format
+        if fmt is None:
+            from rootless import image as img
+
+            fmt = "docker" if store.read_json(rec.manifest).get("mediaType") == img.DOCKER_MANIFEST else "oci"
+        digest = transports.export_image(store, rec, dest, fmt, args.compression_format, args.compression_level,
+                                         _registry_options(args))
+        if args.digestfile:
+            from rootless.store import atomic_write
+
+            atomic_write(os.path.abspath(args.digestfile), digest.encode())
+        if not args.quiet:
+            print(f"Pushed {rec.id[7:19]} to {dest} ({digest})", file=sys.stderr)
+        return 0
+
+    return _in_namespace(args, run)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from rootless import transports
+
+    def run(store: Any, idmap: Any) -> int:
+        with transports.open_source(args.image, store, _registry_options(args)) as src:
+            names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
+            rec = transports.import_image(store, src, names, idmap.single)
+        print(rec.id)
+        return 0
+
+    return _in_namespace(args, run)
+
+
+def cmd_unshare(args: argparse.Namespace) -> int:
+    argv = list(args.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        argv = [os.environ.get("SHELL", "/bin/sh")]
+
+    def run(store: Any, idmap: Any) -> int:
+        import subprocess
+
+        env = dict(os.environ)
+        env["RBUILD_STORE"] = store.root
+        try:
+            return subprocess.run(argv, env=env, check=False).returncode
+        except FileNotFoundError:
+            raise RbuildError(f"{argv[0]}: command not found", exit_code=127) from None
+
+    return _in_namespace(args, run)
+
+
+# -------------------------------------------------------------------------------------------------------
+
+
+def _guard(args: argparse.Namespace, fn: Callable[[], int]) -> int:
+    """Turn every failure into one `Error:` line and an exit status (a traceback only at debug level)."""
+    debug = getattr(args, "log_level", None) == "debug"
+    try:
+        return fn()
+    except RbuildError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"Error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"Error: {e.strerror or e}{where}", file=sys.stderr)
+        return 125
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    holder = argparse.Namespace()
+    try:
+        args = parser.parse_args(argv, namespace=holder)
+    except RbuildError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 125
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 125
+    return _guard(args, lambda: int(args.func(args) or 0))

@@ -1,0 +1,316 @@
+"""COPY and ADD file operations: selecting sources (globs, .containerignore), hashing them for the
+cache key (content, names, modes, resulting owners; never mtimes) and copying them into the tree.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import shutil
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from rootless.errors import RbuildError
+from rootless.fspath import secure_join
+
+CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# .containerignore / .dockerignore
+
+
+@dataclass
+class IgnoreRule:
+    regex: re.Pattern[str]
+    negate: bool
+    pattern: str
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    """docker's ignore patterns (Go filepath.Match plus `**`), anchored at the context root."""
+    out = ""
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            if pattern.startswith("**", i):
+                i += 2
+                if pattern.startswith("/", i):
+                    i += 1
+                    out += "(?:.*/)?"
+                else:
+                    out += ".*"
+                continue
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            j = pattern.find("]", i + 1)
+            if j < 0:
+                out += re.escape(c)
+            else:
+                body = pattern[i + 1:j].replace("\\", "\\\\")
+                if body.startswith("^"):
+                    body = "!" + body[1:]
+                out += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
+                i = j
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out += re.escape(pattern[i])
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile("^" + out + "(?:/.*)?$")
+
+
+def load_ignore(context: str, containerfile: str | None) -> list[IgnoreRule]:
+    candidates = []
+    if containerfile and containerfile != "-":
+        candidates += [containerfile + ".containerignore", containerfile + ".dockerignore"]
+    candidates += [os.path.join(context, ".containerignore"), os.path.join(context, ".dockerignore")]
+    for path in candidates:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        rules = []
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            negate = line.startswith("!")
+            if negate:
+                line = line[1:].strip()
+            norm = os.path.normpath(line).lstrip("/")
+            if norm in ("", "."):
+                continue
+            rules.append(IgnoreRule(_compile(norm), negate, norm))
+        return rules
+    return []
+
+
+def ignored(rel: str, rules: list[IgnoreRule]) -> bool:
+    result = False
+    for r in rules:
+        if r.regex.match(rel):
+            result = not r.negate
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sources
+
+
+@dataclass
+class SourceItem:
+    """One matched source: host path and the name it is copied under."""
+
+    host: str
+    rel: str  # path relative to the source root (for hashing and messages)
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[SourceItem]:
+    """Sources matching `src` below root (globs allowed); symlinks in the path resolve inside root."""
+    clean = os.path.normpath("/" + src).lstrip("/")
+    if not _has_glob(clean):
+        host = secure_join(root, clean)
+        if not os.path.lexists(host) or (rules and clean and ignored(clean, rules)):
+            raise RbuildError(f"{what}: {src}: no such file or directory in the build context")
+        return [SourceItem(host, clean)]
+    parts = clean.split("/")
+    found = [""]
+    for part in parts:
+        nxt = []
+        for base in found:
+            d = secure_join(root, base) if base else root
+            if _has_glob(part):
+                try:
+                    names = sorted(os.listdir(d))
+                except OSError:
+                    continue
+                nxt += [os.path.join(base, n) if base else n for n in names if fnmatch.fnmatchcase(n, part)]
+            else:
+                cand = os.path.join(base, part) if base else part
+                if os.path.lexists(secure_join(root, cand)):
+                    nxt.append(cand)
+        found = nxt
+    items = [SourceItem(secure_join(root, rel), rel) for rel in found if not (rules and ignored(rel, rules))]
+    if not items:
+        raise RbuildError(f"{what}: {src}: no source files were specified (the pattern matched nothing)")
+    return items
+
+
+def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple[str, str]]:
+    """(host path, path relative to the item) for the item and, for a directory, everything below it."""
+    yield item.host, ""
+    if not os.path.isdir(item.host):
+        return
+    for dirpath, dirnames, filenames in os.walk(item.host):
+        rel_dir = os.path.relpath(dirpath, item.host)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        dirnames.sort()
+        keep = []
+        for d in dirnames:
+            rel = os.path.join(rel_dir, d)
+            full = os.path.join(dirpath, d)
+            ctx_rel = os.path.join(item.rel, rel) if item.rel else rel
+            if rules and ignored(ctx_rel, rules) and not any(r.negate for r in rules):
+                continue
+            if os.path.islink(full):
+                if not (rules and ignored(ctx_rel, rules)):
+                    yield full, rel
+                continue
+            keep.append(d)
+            if not (rules and ignored(ctx_rel, rules)):
+                yield full, rel
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            rel = os.path.join(rel_dir, name)
+            ctx_rel = os.path.join(item.rel, rel) if item.rel else rel
+            if rules and ignored(ctx_rel, rules):
+                continue
+            yield os.path.join(dirpath, name), rel
+
+
+def hash_sources(items: list[SourceItem], root: str, rules: list[IgnoreRule], h: hashlib._Hash) -> None:
+    """Feed names, types, modes and contents (never mtimes) into h."""
+    for item in items:
+        h.update(b"\0item\0" + item.rel.encode(errors="surrogateescape"))
+        for path, rel in walk(item, root, rules):
+            st = os.lstat(path)
+            h.update(f"\0{rel}\0{st.st_mode:o}\0".encode(errors="surrogateescape"))
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(path).encode(errors="surrogateescape"))
+            elif stat.S_ISREG(st.st_mode):
+                h.update(str(st.st_size).encode())
+                with open(path, "rb") as f:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# copying
+
+
+def parse_chmod(value: str | None, what: str) -> int | None:
+    if not value:
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise RbuildError(f"{what}: invalid --chmod value {value!r}: use an octal mode such as 755") from None
+    if mode > 0o7777:
+        raise RbuildError(f"{what}: invalid --chmod value {value!r}")
+    return mode
+
+
+def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
+    """Create the container directory `path` (and parents) inside root; return its host path."""
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for p in parts:
+        cur = os.path.join(cur, p)
+        host = secure_join(root, cur)
+        if not os.path.lexists(host):
+            os.mkdir(host, 0o755)
+            os.lchown(host, uid, gid)
+        elif not os.path.isdir(host):
+            raise RbuildError(f"cannot create directory {cur}: a file is in the way")
+    return secure_join(root, path)
+
+
+def _copy_entry(src: str, dst: str, uid: int, gid: int, chmod: int | None) -> None:
+    st = os.lstat(src)
+    mode = st.st_mode
+    if os.path.lexists(dst) and not (stat.S_ISDIR(mode) and os.path.isdir(dst) and not os.path.islink(dst)):
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            shutil.rmtree(dst)
+        else:
+            os.unlink(dst)
+    if stat.S_ISDIR(mode):
+        if not os.path.isdir(dst):
+            os.mkdir(dst, 0o700)
+        os.chmod(dst, chmod if chmod is not None else stat.S_IMODE(mode))
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), dst)
+    elif stat.S_ISREG(mode):
+        _copy_file(src, dst, st.st_size)
+        os.chmod(dst, chmod if chmod is not None else stat.S_IMODE(mode))
+    elif stat.S_ISFIFO(mode):
+        os.mkfifo(dst, stat.S_IMODE(mode))
+    else:
+        return  # sockets and device nodes in a build context are skipped, as docker does
+    os.lchown(dst, uid, gid)
+    if stat.S_ISREG(mode) and chmod is None and mode & 0o6000:
+        os.chmod(dst, stat.S_IMODE(mode))  # chown cleared setuid/setgid
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _copy_file(src: str, dst: str, size: int) -> None:
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            left = size
+            while left > 0:
+                try:
+                    n = os.copy_file_range(fin, fout, min(left, 1 << 30))
+                except OSError:
+                    n = os.sendfile(fout, fin, None, min(left, 1 << 30))
+                if n == 0:
+                    break
+                left -= n
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def copy_into(root: str, items: list[SourceItem], src_root: str, rules: list[IgnoreRule], dest: str,
+              uid: int, gid: int, chmod: int | None, what: str) -> None:
+    """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest."""
+    dest_is_dir = dest.endswith("/") or len(items) > 1
+    dest_clean = os.path.normpath(dest) if dest not in ("", "/") else "/"
+    if len(items) > 1 and not dest.endswith("/"):
+        host_dest = secure_join(root, dest_clean)
+        if not os.path.isdir(host_dest):
+            raise RbuildError(f"{what}: when using COPY with more than one source file, the destination must be "
+                              "a directory and end with a /")
+    for item in items:
+        host = item.host  # already resolved inside src_root by select()
+        if os.path.isdir(host):
+            target = ensure_dir(root, dest_clean, 0, 0)
+            for path, rel in walk(SourceItem(host, item.rel), src_root, rules):
+                if rel == "":
+                    continue
+                _copy_entry(path, os.path.join(target, rel), uid, gid, chmod)
+            continue
+        if dest_is_dir or os.path.isdir(secure_join(root, dest_clean)):
+            target_dir = ensure_dir(root, dest_clean, 0, 0)
+            _copy_entry(host, os.path.join(target_dir, os.path.basename(item.rel or host)), uid, gid, chmod)
+        else:
+            parent = os.path.dirname(dest_clean)
+            target_dir = ensure_dir(root, parent, 0, 0)
+            _copy_entry(host, os.path.join(target_dir, os.path.basename(dest_clean)), uid, gid, chmod)
+
+
+def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: int | None) -> None:
+    """COPY <<EOF /file: a heredoc body becomes a file."""
+    dest_clean = os.path.normpath(dest)
+    target_dir = ensure_dir(root, os.path.dirname(dest_clean), 0, 0)
+    path = os.path.join(target_dir, os.path.basename(dest_clean))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        os.unlink(path)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, chmod if chmod is not None else 0o644)
+    os.lchown(path, uid, gid)

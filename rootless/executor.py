@@ -1,0 +1,656 @@
+"""The build executor: runs a plan's stages step by step inside the user namespace.
+
+Every step has a cache key derived from its parent's key, the expanded instruction, the build args
+and environment it sees, and for COPY/ADD the content, names and modes of its sources (never mtimes).
+A step's result (image config + layer list) is stored under that key, so a rebuild with nothing
+changed reuses every step, and reproduces the same image id.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rootless import copyfiles, overlay, sandbox
+from rootless import image as img
+from rootless.errors import ContainerfileError, RbuildError, RunFailed
+from rootless.fspath import clean_abs
+from rootless.planner import PROXY_ARGS, Plan, Stage
+from rootless.store import Store, now_rfc3339
+
+DEFAULT_SHELL = ["/bin/sh", "-c"]
+CACHE_VERSION = "rbuild-cache-1"
+
+
+@dataclass
+class BuildOptions:
+    tags: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    no_cache: bool = False
+    fmt: str = "oci"
+    quiet: bool = False
+    timestamp: int | None = None
+    source_date_epoch: int | None = None
+    rewrite_timestamp: bool = True
+    single_uid: bool = False
+    pull: str = "missing"
+    registry_options: Any = None
+    containerfile: str | None = None
+
+
+@dataclass
+class StageState:
+    """Where a stage is: its image config, its layers and the cache key that produced them."""
+
+    config: dict[str, Any]
+    layers: list[str]
+    key: str
+    args: dict[str, str] = field(default_factory=dict)
+    cmd_set: bool = False
+    workdir_made: bool = True
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _env_dict(config: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in config.get("config", {}).get("Env") or []:
+        k, _, v = item.partition("=")
+        out[k] = v
+    return out
+
+
+def _set_env(config: dict[str, Any], key: str, value: str) -> None:
+    env = list(config["config"].get("Env") or [])
+    for i, item in enumerate(env):
+        if item.partition("=")[0] == key:
+            env[i] = f"{key}={value}"
+            break
+    else:
+        env.append(f"{key}={value}")
+    config["config"]["Env"] = env
+
+
+class Executor:
+    def __init__(self, plan: Plan, store: Store, opts: BuildOptions) -> None:
+        self.plan = plan
+        self.store = store
+        self.opts = opts
+        self.results: dict[int, StageState] = {}
+        self.used_args: set[str] = set()
+        self.ignore_rules = copyfiles.load_ignore(plan.context, opts.containerfile)
+        from rootless.shell import Lexer
+
+        self.lexer = Lexer(plan.escape)
+        self.epoch = opts.timestamp if opts.timestamp is not None else opts.source_date_epoch
+        self.clamp = opts.source_date_epoch if (opts.timestamp is None and opts.rewrite_timestamp) else None
+
+    # -- output ------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if not self.opts.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    def err(self, node: Any, msg: str) -> ContainerfileError:
+        return ContainerfileError(msg, self.plan.filename, node.start_line)
+
+    def created(self) -> str:
+        return now_rfc3339(self.epoch) if self.epoch is not None else now_rfc3339()
+
+    # -- the build -----------------------------------------------------------------------------------
+    def run(self) -> str:
+        for idx in self.plan.order:
+            self.results[idx] = self.run_stage(self.plan.stages[idx])
+        final = self.results[self.plan.target]
+        unused = sorted(set(self.plan.build_args) - self.used_args - set(self.plan.meta_args) - set(PROXY_ARGS)
+                        - {"SOURCE_DATE_EPOCH"})
+        if unused:
+            print(f"[Warning] one or more build-args {unused} were not consumed", file=sys.stderr)
+        return self.commit_image(final)
+
+    def commit_image(self, state: StageState) -> str:
+        from rootless import names
+
+        config = copy.deepcopy(state.config)
+        if self.opts.labels:
+            labels = dict(config["config"].get("Labels") or {})
+            labels.update(self.opts.labels)
+            config["config"]["Labels"] = labels
+        for k in [k for k, v in config["config"].items() if v in (None, [], {}) and k not in ("Env",)]:
+            del config["config"][k]
+        config_bytes = img.canonical(config)
+        descs = []
+        for d in state.layers:
+            meta = self.store.layer_meta(d)
+            descs.append({"mediaType": img.OCI_LAYER, "digest": d, "size": meta.get("size", 0)})
+        manifest = img.manifest(self.opts.fmt, "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
+                                len(config_bytes), descs)
+        tags = [names.normalize(t) for t in self.opts.tags]
+        rec = self.store.add_image(config_bytes, img.canonical(manifest), tags, config.get("created", ""))
+        for t in tags:
+            self.log(f"Successfully tagged {t}")
+        return rec.id
+
+    def run_stage(self, stage: Stage) -> StageState:
+        n = len(stage.commands) + 1
+        order = self.plan.order
+        prefix = f"[{order.index(stage.index) + 1}/{len(order)}] " if len(order) > 1 else ""
+        fc: Any = stage.from_cmd
+        self.log(f"{prefix}STEP 1/{n}: {fc.node.original.strip()}")
+        state = self.base_state(stage)
+        triggers = state.config["config"].pop("OnBuild", None) or []
+        for trig in triggers:
+            state = self.run_trigger(stage, state, trig)
+        for i, cmd in enumerate(stage.commands, start=2):
+            node = cmd.node  # type: ignore[attr-defined]
+            self.log(f"{prefix}STEP {i}/{n}: {node.original.strip()}")
+            state = self.step(stage, state, cmd)
+        return state
+
+    def run_trigger(self, stage: Stage, state: StageState, trigger: str) -> StageState:
+        from rootless import containerfile, instructions
+
+        self.log(f"--> ONBUILD {trigger}")
+        cf = containerfile.parse(trigger, self.plan.filename)
+        for node in cf.nodes:
+            node.start_line = node.end_line = stage.from_cmd.node.start_line  # type: ignore[attr-defined]
+            state = self.step(stage, state, instructions.parse_instruction(node, self.plan.filename))
+        return state
+
+    # -- FROM ----------------------------------------------------------------------------------------
+    def base_state(self, stage: Stage) -> StageState:
+        fc: Any = stage.from_cmd
+        args = {k: v for k, v in self.plan.meta_args.items()}
+        if stage.base_stage is not None:
+            prev = self.results.get(stage.base_stage)
+            if prev is None:
+                raise self.err(fc.node, f"stage {stage.base!r} is used before it was built")
+            return StageState(copy.deepcopy(prev.config), list(prev.layers), _key("stage", prev.key), {})
+        if stage.base.lower() == "scratch":
+            config = img.new_config(self.created())
+            config["config"]["Env"] = ["PATH=" + sandbox.DEFAULT_PATH]
+            return StageState(config, [], _key(CACHE_VERSION, "scratch", self.epoch, self.clamp), {})
+        del args
+        image_id = self.resolve_image(stage.base, fc.node)
+        config = self.store.read_json(image_id)
+        config.setdefault("config", {})
+        config.setdefault("history", [])
+        return StageState(config, list(config.get("rootfs", {}).get("diff_ids", [])),
+                          _key(CACHE_VERSION, "image", image_id, self.epoch, self.clamp), {})
+
+    def resolve_image(self, name: str, node: Any) -> str:
+        """An image id for a FROM / COPY --from reference: local store first, then outside."""
+        from rootless import names, transports
+
+        if name.startswith(("oci:", "oci-archive:")):
+            try:
+                with transports.open_source(name, self.store) as src:
+                    return transports.import_image(self.store, src, [], self.opts.single_uid, self.log).id
+            except RbuildError as e:
+                raise self.err(node, str(e)) from None
+        rec = None if self.opts.pull == "always" else self.store.find(names.candidates(name))
+        if rec is not None:
+            return rec.id
+        if self.opts.pull == "never":
+            raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
+        try:
+            with transports.open_source(name, self.store, self.opts.registry_options) as src:
+                self.log(f"Pulled {src.name}")
+                return transports.import_image(self.store, src, [src.name], self.opts.single_uid, self.log).id
+        except RbuildError as e:
+            raise self.err(node, f"base image {name}: {e}") from None
+
+    # -- one step --------------------------------------------------------------------------------------
+    def expand_env(self, state: StageState) -> dict[str, str]:
+        env = dict(state.args)
+        env.update(_env_dict(state.config))
+        return env
+
+    def step(self, stage: Stage, state: StageState, cmd: Any) -> StageState:
+        from rootless import instructions as ins
+
+        node = cmd.node
+        if isinstance(cmd, ins.ArgCmd):
+            return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state)))
+        if not isinstance(cmd, ins.RunCmd | ins.CmdCmd | ins.EntrypointCmd | ins.ShellCmd):
+            cmd = cmd.expand(self.lexer, self.expand_env(state))
+        run_args = self.run_args(state)
+        extra: Any = None
+        if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
+            extra = self.copy_key(state, cmd)
+        desc = self.describe(cmd)
+        key = _key(state.key, node.keyword, desc, run_args if isinstance(cmd, ins.RunCmd) else None, extra,
+                   state.config["config"].get("WorkingDir"), state.config["config"].get("User"),
+                   state.config["config"].get("Env"), state.config["config"].get("Shell"))
+        if not self.opts.no_cache:
+            hit = self.store.cache_get(key)
+            if hit is not None:
+                self.log(f"--> Using cache {key[:12]}")
+                return StageState(hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set))
+        new = StageState(copy.deepcopy(state.config), list(state.layers), key, state.args, state.cmd_set)
+        layer_made = self.apply(stage, new, cmd)
+        history: dict[str, Any] = {"created": self.created(), "created_by": desc}
+        if not layer_made:
+            history["empty_layer"] = True
+        new.config["history"] = list(new.config.get("history") or []) + [history]
+        new.config["created"] = history["created"]
+        new.config["rootfs"] = {"type": "layers", "diff_ids": list(new.layers)}
+        self.store.cache_put(key, {"config": new.config, "layers": new.layers, "cmd_set": new.cmd_set})
+        self.log(f"--> {key[:12]}")
+        return new
+
+    def describe(self, cmd: Any) -> str:
+        """The history's created_by, in BuildKit's style."""
+        from rootless import instructions as ins
+
+        kw = cmd.node.keyword.upper()
+        if isinstance(cmd, ins.RunCmd):
+            return "RUN " + " ".join(self.run_argv(cmd, {})[0]) + " # buildkit"
+        if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
+            flags = []
+            if getattr(cmd, "from_", None):
+                flags.append(f"--from={cmd.from_}")
+            if cmd.chown:
+                flags.append(f"--chown={cmd.chown}")
+            if cmd.chmod:
+                flags.append(f"--chmod={cmd.chmod}")
+            srcs = cmd.sources if cmd.sources else [h.name for h in cmd.heredocs]
+            return " ".join([kw, *flags, *srcs, cmd.dest]) + " # buildkit"
+        if isinstance(cmd, ins.EnvCmd):
+            return "ENV " + " ".join(f"{k}={v}" for k, v in cmd.env)
+        if isinstance(cmd, ins.LabelCmd):
+            return "LABEL " + " ".join(f"{k}={v}" for k, v in cmd.labels)
+        if isinstance(cmd, ins.CmdCmd | ins.EntrypointCmd):
+            return f"{kw} {json.dumps(self.shell_wrap(cmd))}"
+        if isinstance(cmd, ins.ShellCmd):
+            return f"SHELL {json.dumps(cmd.shell)}"
+        if isinstance(cmd, ins.WorkdirCmd):
+            return f"WORKDIR {cmd.path}"
+        if isinstance(cmd, ins.UserCmd):
+            return f"USER {cmd.user}"
+        if isinstance(cmd, ins.ExposeCmd):
+            return "EXPOSE map[" + " ".join(f"{_port(p)}:{{}}" for p in cmd.ports) + "]"
+        if isinstance(cmd, ins.VolumeCmd):
+            return "VOLUME " + json.dumps(cmd.volumes)
+        if isinstance(cmd, ins.StopsignalCmd):
+            return f"STOPSIGNAL {cmd.signal}"
+        if isinstance(cmd, ins.OnbuildCmd):
+            return f"ONBUILD {cmd.expression}"
+        if isinstance(cmd, ins.MaintainerCmd):
+            return f"MAINTAINER {cmd.maintainer}"
+        return cmd.node.original.strip()
+
+    def shell_wrap(self, cmd: Any) -> list[str]:
+        shell = self.current_shell
+        return list(cmd.args) if not cmd.shell_form else shell + [" ".join(cmd.args)]
+
+    current_shell: list[str] = DEFAULT_SHELL
+
+    # -- metadata instructions ---------------------------------------------------------------------------
+    def do_arg(self, state: StageState, cmd: Any) -> StageState:
+        args = dict(state.args)
+        parts = []
+        for name, default in cmd.args:
+            self.used_args.add(name)
+            if name in self.plan.build_args:
+                args[name] = self.plan.build_args[name]
+            elif default is not None:
+                args[name] = default
+            elif name in self.plan.meta_args:
+                args[name] = self.plan.meta_args[name]
+            parts.append(f"{name}={args[name]}" if name in args else name)
+        key = _key(state.key, "arg", parts)
+        return StageState(state.config, state.layers, key, args, state.cmd_set)
+
+    def run_args(self, state: StageState) -> dict[str, str]:
+        """Build args a RUN sees: declared ARGs with values, plus docker's predefined proxy args."""
+        out = dict(state.args)
+        for name in PROXY_ARGS:
+            if name in self.plan.build_args:
+                out[name] = self.plan.build_args[name]
+                self.used_args.add(name)
+        return out
+
+    def apply(self, stage: Stage, state: StageState, cmd: Any) -> bool:
+        """Carry out one instruction on state; True when it made a layer."""
+        from rootless import instructions as ins
+
+        c = state.config["config"]
+        self.current_shell = list(c.get("Shell") or DEFAULT_SHELL)
+        if isinstance(cmd, ins.RunCmd):
+            return self.do_run(state, cmd)
+        if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
+            return self.do_copy(state, cmd)
+        if isinstance(cmd, ins.EnvCmd):
+            for k, v in cmd.env:
+                _set_env(state.config, k, v)
+        elif isinstance(cmd, ins.LabelCmd):
+            labels = dict(c.get("Labels") or {})
+            labels.update(dict(cmd.labels))
+            c["Labels"] = labels
+        elif isinstance(cmd, ins.WorkdirCmd):
+            c["WorkingDir"] = clean_abs(cmd.path, c.get("WorkingDir") or "/")
+        elif isinstance(cmd, ins.UserCmd):
+            c["User"] = cmd.user
+        elif isinstance(cmd, ins.ExposeCmd):
+            ports = dict(c.get("ExposedPorts") or {})
+            for p in cmd.ports:
+                ports[_port(p)] = {}
+            c["ExposedPorts"] = ports
+        elif isinstance(cmd, ins.VolumeCmd):
+            vols = dict(c.get("Volumes") or {})
+            for v in cmd.volumes:
+                if not v.strip():
+                    raise self.err(cmd.node, "VOLUME specified can not be an empty string")
+                vols[v] = {}
+            c["Volumes"] = vols
+        elif isinstance(cmd, ins.CmdCmd):
+            c["Cmd"] = self.shell_wrap(cmd)
+            state.cmd_set = True
+        elif isinstance(cmd, ins.EntrypointCmd):
+            c["Entrypoint"] = self.shell_wrap(cmd)
+            if not state.cmd_set:
+                c.pop("Cmd", None)
+        elif isinstance(cmd, ins.ShellCmd):
+            c["Shell"] = list(cmd.shell)
+        elif isinstance(cmd, ins.StopsignalCmd):
+            c["StopSignal"] = cmd.signal
+        elif isinstance(cmd, ins.HealthcheckCmd):
+            hc: dict[str, Any] = {"Test": list(cmd.test) if cmd.test else ["NONE"]}
+            for attr, name in (("interval", "Interval"), ("timeout", "Timeout"), ("start_period", "StartPeriod"),
+                               ("start_interval", "StartInterval"), ("retries", "Retries")):
+                val = getattr(cmd, attr, None)
+                if val:
+                    hc[name] = val
+            c["Healthcheck"] = hc
+        elif isinstance(cmd, ins.OnbuildCmd):
+            c["OnBuild"] = list(c.get("OnBuild") or []) + [cmd.expression]
+        elif isinstance(cmd, ins.MaintainerCmd):
+            state.config["author"] = cmd.maintainer
+        else:
+            raise self.err(cmd.node, f"unknown instruction: {cmd.node.keyword.upper()}")
+        return False
+
+    # -- steps with a root filesystem ----------------------------------------------------------------------
+    def with_rootfs(self, state: StageState, action: Callable[[str, str], None]) -> bool:
+        """Mount the state's layers with a fresh upper dir, run action(merged, scratch), commit the upper."""
+        lowers = [self.store.layer_dir(d) for d in reversed(state.layers)]
+        with self.store.staging("step-") as tmp:
+            upper, work, merged, links, scratch = (os.path.join(tmp, n)
+                                                   for n in ("upper", "work", "merged", "links", "scratch"))
+            for d in (upper, work, merged, scratch):
+                os.mkdir(d, 0o755 if d == upper else 0o700)
+            with overlay.mounted(lowers, upper, work, merged, links):
+                workdir = state.config["config"].get("WorkingDir")
+                if workdir:
+                    copyfiles.ensure_dir(merged, workdir)
+                action(merged, scratch)
+            diff_id = self.commit_upper(upper)
+        if diff_id is None:
+            return False
+        state.layers.append(diff_id)
+        return True
+
+    def commit_upper(self, upper: str) -> str | None:
+        from rootless import layers
+
+        layers.normalize(upper, set_mtime=self.opts.timestamp, clamp_mtime=self.clamp)
+        if not os.listdir(upper):
+            return None
+        diff_id, size = layers.write_tar(upper, None)
+        self.store.add_layer(upper, diff_id, {"diff_id": diff_id, "size": size, "origin": "dir", "blobs": []})
+        return diff_id
+
+    def run_argv(self, cmd: Any, env: dict[str, str]) -> tuple[list[str], bytes | None]:
+        """argv (and stdin) for a RUN, following BuildKit's heredoc rules."""
+        shell = self.current_shell
+        if cmd.heredocs and cmd.shell_form:
+            first = cmd.heredocs[0]
+            script = " ".join(cmd.args).strip()
+            if len(cmd.heredocs) == 1 and script in (f"<<{first.name}", f"<<-{first.name}",
+                                                     f"<<'{first.name}'", f'<<"{first.name}"',
+                                                     f"<<-'{first.name}'", f'<<-"{first.name}"'):
+                body = first.content
+                if body.startswith("#!"):
+                    return ["/dev/.rbuild-heredoc"], body.encode()  # the file is mounted by do_run
+                return shell + [body], None
+            full = " ".join(cmd.args) + "\n" + "".join(h.content + h.name + "\n" for h in cmd.heredocs)
+            return shell + [full], None
+        if cmd.shell_form:
+            return shell + [" ".join(cmd.args)], None
+        return list(cmd.args), None
+
+    def do_run(self, state: StageState, cmd: Any) -> bool:
+        if cmd.mounts:
+            raise self.err(cmd.node, "RUN --mount is not supported yet")
+        if cmd.network not in (None, "default", "host"):
+            raise self.err(cmd.node, f"RUN --network={cmd.network} is not supported yet")
+        run_args = self.run_args(state)
+        env = dict(run_args)
+        env.update(_env_dict(state.config))
+        argv, script = self.run_argv(cmd, env)
+        status = 0
+
+        def action(merged: str, scratch: str) -> None:
+            nonlocal status
+            c = state.config["config"]
+            try:
+                user = sandbox.resolve_user(merged, c.get("User") or "0")
+            except RbuildError as e:
+                raise self.err(cmd.node, str(e)) from None
+            if self.opts.single_uid and (user.uid != 0 or user.gid != 0):
+                raise self.err(cmd.node, f"USER {c.get('User')} needs uid {user.uid}/gid {user.gid}, but this "
+                               "build has a single-uid user namespace (no /etc/subuid range): only root exists")
+            run_env = dict(env)
+            run_env.setdefault("HOME", user.home or "/")
+            files = {}
+            if script is not None:  # a heredoc with a shebang runs as a script file, mounted under /dev
+                host = os.path.join(scratch, "heredoc-script")
+                with open(host, "wb") as f:
+                    f.write(script)
+                os.chmod(host, 0o755)
+                files[argv[0]] = host
+            spec = sandbox.RunSpec(argv, run_env, c.get("WorkingDir") or "/", user.uid, user.gid, user.groups,
+                                   dev_files=files)
+            if self.opts.quiet:
+                with tempfile.TemporaryFile() as out:
+                    spec.output_fd = out.fileno()
+                    status = self.sandbox_run(merged, spec, scratch, cmd)
+                    if status != 0:
+                        out.seek(0)
+                        sys.stderr.buffer.write(out.read())
+                        sys.stderr.flush()
+            else:
+                status = self.sandbox_run(merged, spec, scratch, cmd)
+            if status != 0:
+                shown = " ".join(shlex.quote(a) for a in argv) if not cmd.shell_form else " ".join(argv)
+                raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: process \"{shown}\" did not "
+                                f"complete successfully: exit code: {status}", status)
+
+        return self.with_rootfs(state, action)
+
+    def sandbox_run(self, merged: str, spec: sandbox.RunSpec, scratch: str, cmd: Any) -> int:
+        try:
+            return sandbox.run(merged, spec, scratch)
+        except RbuildError as e:
+            if e.exit_code == 127:
+                raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: {e}", 127) from None
+            raise self.err(cmd.node, str(e)) from None
+
+    # -- COPY / ADD ---------------------------------------------------------------------------------------
+    def copy_source_root(self, cmd: Any) -> tuple[str, list[str] | None]:
+        """('context', None) or ('stage'/'image', layer list) for COPY --from."""
+        ref = getattr(cmd, "from_", None)
+        if not ref:
+            return "context", None
+        low = ref.lower()
+        for s in self.plan.stages:
+            if (s.name == low or str(s.index) == ref) and s.index in self.results:
+                return "stage", self.results[s.index].layers
+        for s in self.plan.stages:
+            if s.name == low or str(s.index) == ref:
+                raise self.err(cmd.node, f"COPY --from={ref}: stage is not built before this step")
+        image_id = self.resolve_image(ref, cmd.node)
+        return "image", list(self.store.read_json(image_id).get("rootfs", {}).get("diff_ids", []))
+
+    def copy_key(self, state: StageState, cmd: Any) -> Any:
+        """What COPY/ADD's cache key needs beyond the instruction: its sources' content."""
+        kind, layer_list = self.copy_source_root(cmd)
+        if kind != "context":
+            return [kind, layer_list]
+        if not cmd.sources:
+            return ["heredoc", [(h.name, h.content) for h in cmd.heredocs]]
+        h = hashlib.sha256()
+        what = f"{self.plan.filename}:{cmd.node.start_line}: {cmd.node.keyword.upper()}"
+        for src in cmd.sources:
+            if _is_url(src):
+                h.update(b"url\0" + src.encode())
+                continue
+            items = copyfiles.select(self.plan.context, src, self.ignore_rules, what)
+            copyfiles.hash_sources(items, self.plan.context, self.ignore_rules, h)
+        return ["context", h.hexdigest()]
+
+    def do_copy(self, state: StageState, cmd: Any) -> bool:
+        from rootless import instructions as ins
+
+        what = f"{self.plan.filename}:{cmd.node.start_line}: {cmd.node.keyword.upper()}"
+        chmod = copyfiles.parse_chmod(cmd.chmod, what)
+        kind, layer_list = self.copy_source_root(cmd)
+        c = state.config["config"]
+        dest = cmd.dest
+        workdir = c.get("WorkingDir") or "/"
+        dest_abs = clean_abs(dest, workdir) + ("/" if dest.endswith("/") and dest not in ("/",) else "")
+        if dest in (".", "./") or dest.endswith("/."):
+            dest_abs = clean_abs(dest, workdir) + "/"
+
+        def action(merged: str, scratch: str) -> None:
+            uid = gid = 0
+            if cmd.chown:
+                try:
+                    u = sandbox.resolve_user(merged, cmd.chown)
+                except RbuildError as e:
+                    raise self.err(cmd.node, f"--chown={cmd.chown}: {e}") from None
+                # docker: a user without a group uses the same numeric value as the gid
+                uid, gid = u.uid, (u.gid if ":" in cmd.chown else u.uid)
+                if self.opts.single_uid and (uid or gid):
+                    raise self.err(cmd.node, f"--chown={cmd.chown} needs ids other than 0, but this build has a "
+                                   "single-uid user namespace (no /etc/subuid range)")
+            try:
+                if not cmd.sources:
+                    for h in cmd.heredocs:
+                        target = dest_abs if not dest_abs.endswith("/") else dest_abs + h.name
+                        copyfiles.write_file(merged, target, h.content.encode(), uid, gid, chmod)
+                    return
+                if kind == "context":
+                    self.copy_from(merged, self.plan.context, cmd, dest_abs, uid, gid, chmod, what,
+                                   isinstance(cmd, ins.AddCmd), scratch)
+                    return
+                src_mnt = os.path.join(scratch, "src")
+                os.mkdir(src_mnt)
+                lowers = [self.store.layer_dir(d) for d in reversed(layer_list or [])]
+                if not lowers:
+                    self.copy_from(merged, src_mnt, cmd, dest_abs, uid, gid, chmod, what, False, scratch)
+                    return
+                with overlay.mounted(lowers, None, None, src_mnt, os.path.join(scratch, "srclinks")):
+                    self.copy_from(merged, src_mnt, cmd, dest_abs, uid, gid, chmod, what, False, scratch)
+            except OSError as e:
+                raise self.err(cmd.node, f"{cmd.node.keyword.upper()} failed: {e.strerror}: "
+                               f"{e.filename or ''}") from None
+
+        return self.with_rootfs(state, action)
+
+    def copy_from(self, merged: str, src_root: str, cmd: Any, dest: str, uid: int, gid: int, chmod: int | None,
+                  what: str, is_add: bool, scratch: str) -> None:
+        rules = self.ignore_rules if src_root == self.plan.context else []
+        items: list[copyfiles.SourceItem] = []
+        for src in cmd.sources:
+            if is_add and _is_url(src):
+                items.append(_download(src, scratch, what))
+                continue
+            items += copyfiles.select(src_root, src, rules, what)
+        if is_add and getattr(cmd, "unpack", None) is not False:
+            plain = []
+            for it in items:
+                if os.path.isfile(it.host) and not it.rel.startswith("http") and _is_archive(it.host):
+                    target = copyfiles.ensure_dir(merged, dest if dest.endswith("/") else dest + "/")
+                    _extract(it.host, target, uid, gid, cmd.chown is not None)
+                else:
+                    plain.append(it)
+            items = plain
+            if not items:
+                return
+        copyfiles.copy_into(merged, items, src_root, rules, dest, uid, gid, chmod, what)
+
+
+def _port(p: str) -> str:
+    return p if "/" in p else p + "/tcp"
+
+
+def _is_url(src: str) -> bool:
+    return src.startswith(("http://", "https://"))
+
+
+def _is_archive(path: str) -> bool:
+    import tarfile
+
+    try:
+        return tarfile.is_tarfile(path)
+    except OSError:
+        return False
+
+
+def _extract(path: str, target: str, uid: int, gid: int, chown: bool) -> None:
+    """ADD of a local archive: unpacked safely (no entry leaves the target)."""
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        members = tf.getmembers()
+        if chown:
+            for m in members:
+                m.uid, m.gid = uid, gid
+        tf.extractall(target, members=members, filter="tar")
+
+
+def _download(url: str, scratch: str, what: str) -> copyfiles.SourceItem:
+    import urllib.parse
+    import urllib.request
+
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "index.html"
+    d = tempfile.mkdtemp(dir=scratch)
+    path = os.path.join(d, name)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as out:
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+            lm = resp.headers.get("Last-Modified")
+    except OSError as e:
+        raise RbuildError(f"{what}: cannot download {url}: {e}") from None
+    os.chmod(path, 0o600)
+    if lm:
+        import email.utils
+
+        try:
+            t = email.utils.parsedate_to_datetime(lm).timestamp()
+            os.utime(path, (t, t))
+        except (TypeError, ValueError):
+            pass
+    return copyfiles.SourceItem(path, name)
+
+
+def build(plan: Plan, store: Store, opts: BuildOptions) -> str:
+    """Run the plan; return the image id."""
+    start = time.monotonic()
+    image_id = Executor(plan, store, opts).run()
+    if not opts.quiet:
+        print(f"--> built in {time.monotonic() - start:.2f}s", file=sys.stderr)
+    return image_id

@@ -1,0 +1,156 @@
+"""The build planner: from a parsed Containerfile and the user's options to an ordered list of stages.
+
+It resolves the global (meta) ARGs and FROM references, finds which stages the target needs (unused
+stages are skipped, as BuildKit does) and validates everything that can be checked before any work
+starts, so a bad Containerfile fails in milliseconds with FILE:LINE.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from rootless import image as img
+from rootless.errors import ContainerfileError, RbuildError
+
+# ARGs docker predefines: usable without an ARG line, left out of the image history
+PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy",
+              "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")
+
+
+def platform_args() -> dict[str, str]:
+    arch = img.host_arch()
+    plat = f"linux/{arch}"
+    return {"BUILDPLATFORM": plat, "BUILDOS": "linux", "BUILDARCH": arch, "BUILDVARIANT": "",
+            "TARGETPLATFORM": plat, "TARGETOS": "linux", "TARGETARCH": arch, "TARGETVARIANT": ""}
+
+
+@dataclass
+class Stage:
+    index: int
+    name: str | None
+    base: str  # expanded FROM reference ("scratch", a stage name, an image)
+    base_stage: int | None  # index of the stage it builds on, if any
+    from_cmd: object
+    commands: list[object] = field(default_factory=list)
+    deps: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Plan:
+    filename: str
+    context: str
+    stages: list[Stage]
+    order: list[int]
+    meta_args: dict[str, str]
+    build_args: dict[str, str]
+    target: int
+    escape: str = "\\"
+
+
+def read_containerfile(path: str) -> tuple[bytes, str]:
+    if path == "-":
+        return sys.stdin.buffer.read(), "<stdin>"
+    try:
+        with open(path, "rb") as f:
+            return f.read(), path
+    except FileNotFoundError:
+        raise RbuildError(f"{path}: no such Containerfile") from None
+    except IsADirectoryError:
+        raise RbuildError(f"{path}: is a directory, not a Containerfile") from None
+    except OSError as e:
+        raise RbuildError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def find_containerfile(context: str, given: str | None) -> str:
+    """-f as given (relative to the current directory, as docker does), else Containerfile then Dockerfile."""
+    if given:
+        return given
+    for name in ("Containerfile", "Dockerfile"):
+        p = os.path.join(context, name)
+        if os.path.exists(p):
+            return p
+    raise RbuildError(f"no Containerfile or Dockerfile in the build context {context}")
+
+
+def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], target: str | None) -> Plan:
+    from rootless import containerfile, instructions
+    from rootless.shell import Lexer
+
+    cf = containerfile.parse(data, filename)
+    for w in cf.warnings:
+        print(w, file=sys.stderr)
+    lexer = Lexer(cf.escape)
+    meta: dict[str, str] = dict(platform_args())
+    stages: list[Stage] = []
+    for node in cf.nodes:
+        cmd = instructions.parse_instruction(node, filename)
+        if isinstance(cmd, instructions.ArgCmd) and not stages:
+            cmd = cmd.expand(lexer, meta)
+            for name, default in cmd.args:
+                if name in build_args:
+                    meta[name] = build_args[name]
+                elif default is not None:
+                    meta[name] = default
+            continue
+        if isinstance(cmd, instructions.FromCmd):
+            fc = cmd.expand(lexer, meta)
+            base = fc.image
+            if not base:
+                raise ContainerfileError("FROM requires an image name (it expanded to nothing)", filename,
+                                         node.start_line)
+            base_stage = None
+            for s in stages:
+                if s.name and s.name == base.lower():
+                    base_stage = s.index
+            name = fc.name
+            if name:
+                if any(s.name == name for s in stages):
+                    raise ContainerfileError(f"duplicate stage name {name!r}", filename, node.start_line)
+            stage = Stage(len(stages), name, base, base_stage, fc)
+            if base_stage is not None:
+                stage.deps.add(base_stage)
+            stages.append(stage)
+            continue
+        if not stages:
+            raise ContainerfileError(f"{node.keyword.upper()} before the first FROM: no build stage yet",
+                                     filename, node.start_line)
+        stages[-1].commands.append(cmd)
+        ref = getattr(cmd, "from_", None)
+        if ref:
+            dep = _stage_ref(stages, ref)
+            if dep is not None:
+                stages[-1].deps.add(dep)
+    if not stages:
+        raise ContainerfileError("no FROM instruction: nothing to build", filename, 1)
+    if target:
+        tgt = next((s.index for s in stages if s.name == target.lower()), None)
+        if tgt is None:
+            raise RbuildError(f"target stage {target!r} could not be found in {filename}")
+    else:
+        tgt = stages[-1].index
+    needed: set[int] = set()
+
+    def need(i: int) -> None:
+        if i in needed:
+            return
+        needed.add(i)
+        for d in stages[i].deps:
+            need(d)
+
+    need(tgt)
+    return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape)
+
+
+def _stage_ref(stages: list[Stage], ref: str) -> int | None:
+    """COPY --from=X: an earlier stage's name or index, or None for an image reference."""
+    low = ref.lower()
+    for s in stages[:-1]:
+        if s.name == low:
+            return s.index
+    if ref.isdigit():
+        i = int(ref)
+        if i < len(stages) - 1:
+            return i
+    return None

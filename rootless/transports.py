@@ -1,0 +1,491 @@
+"""Moving images between the local store and the outside: OCI layouts, archives, registries.
+
+Import (FROM, pull): oci:DIR[:TAG], oci-archive:FILE[:TAG], registry references. Every blob is verified
+against its digest, layers are unpacked once into the store (diff_id verified while unpacking) and the
+original compressed blob is kept, so pushing a base layer sends exactly the bytes that were pulled.
+Export (push): oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME[:TAG]], docker://REF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO
+
+from rootless import image as img
+from rootless.errors import RbuildError
+from rootless.store import ImageRecord, Store, atomic_write, hex_of, now_rfc3339
+
+CHUNK = 1 << 20
+
+
+class HashingReader(io.RawIOBase):
+    """Wraps a stream and hashes what is read through it (verification while streaming)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha.update(data)
+        self.count += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def digest(self) -> str:
+        return "sha256:" + self.sha.hexdigest()
+
+
+def copy_verified(src: IO[bytes], dest: str, digest: str, size: int | None, what: str) -> None:
+    """Copy a blob to dest (atomically), checking digest and size on the way."""
+    tmp = dest + ".partial"
+    sha = hashlib.sha256()
+    n = 0
+    try:
+        with open(tmp, "wb") as out:
+            while chunk := src.read(CHUNK):
+                sha.update(chunk)
+                n += len(chunk)
+                out.write(chunk)
+        if "sha256:" + sha.hexdigest() != digest or (size is not None and size >= 0 and n != size):
+            raise RbuildError(f"{what}: blob {digest} does not match its digest or size")
+        os.rename(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading OCI layouts
+
+
+@dataclass
+class Source:
+    """An image outside the store, as far as needed to import it."""
+
+    name: str
+    manifest: dict[str, Any]
+    manifest_bytes: bytes
+    config_bytes: bytes
+    open_blob: Callable[[str], IO[bytes]]
+    remote_digest: str = ""
+
+
+def _layout_index(path: str, spec: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(path, "index.json"), "rb") as f:
+            index: dict[str, Any] = json.load(f)
+            return index
+    except FileNotFoundError:
+        raise RbuildError(f"{spec}: no OCI layout there (index.json missing)") from None
+    except (OSError, ValueError) as e:
+        raise RbuildError(f"{spec}: cannot read index.json: {e}") from None
+
+
+def _pick_manifest(index: dict[str, Any], tag: str | None, spec: str, read: Callable[[str], bytes]) -> bytes:
+    manifests = index.get("manifests", [])
+    if tag:
+        chosen = [m for m in manifests if m.get("annotations", {}).get(img.REF_NAME) == tag]
+        if not chosen:
+            raise RbuildError(f"{spec}: no image tagged {tag!r} in the layout")
+    else:
+        chosen = manifests
+        if len(chosen) != 1:
+            refs = [m.get("annotations", {}).get(img.REF_NAME, m.get("digest")) for m in manifests]
+            if not refs:
+                raise RbuildError(f"{spec}: the layout holds no image")
+            raise RbuildError(f"{spec}: the layout holds {len(refs)} images, name one of: {', '.join(refs)}")
+    desc = chosen[0]
+    data = read(desc["digest"])
+    doc = json.loads(data)
+    if doc.get("mediaType") in (img.OCI_INDEX, img.DOCKER_LIST) or "manifests" in doc:
+        arch = img.host_arch()
+        subs = [m for m in doc.get("manifests", []) if m.get("platform", {}).get("architecture") == arch
+                and m.get("platform", {}).get("os", "linux") == "linux"]
+        if not subs:
+            raise RbuildError(f"{spec}: no image for linux/{arch} in the index")
+        return read(subs[0]["digest"])
+    return data
+
+
+def read_layout(path: str, tag: str | None, spec: str) -> Source:
+    index = _layout_index(path, spec)
+
+    def blob_path(digest: str) -> str:
+        return os.path.join(path, "blobs", *digest.split(":", 1))
+
+    def read(digest: str) -> bytes:
+        try:
+            with open(blob_path(digest), "rb") as f:
+                data = f.read()
+        except OSError:
+            raise RbuildError(f"{spec}: blob {digest} is missing") from None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise RbuildError(f"{spec}: blob {digest} does not match its digest")
+        return data
+
+    manifest_bytes = _pick_manifest(index, tag, spec, read)
+    manifest = json.loads(manifest_bytes)
+    config = read(manifest["config"]["digest"])
+
+    def opener(digest: str) -> IO[bytes]:
+        try:
+            return open(blob_path(digest), "rb")
+        except OSError:
+            raise RbuildError(f"{spec}: blob {digest} is missing") from None
+
+    return Source(spec, manifest, manifest_bytes, config, opener)
+
+
+def split_spec(rest: str) -> tuple[str, str | None]:
+    """"DIR:TAG" -> (DIR, TAG); a path containing ':' only splits on its last component."""
+    if ":" in rest:
+        head, _, tag = rest.rpartition(":")
+        if head and "/" not in tag:
+            return head, tag or None
+    return rest, None
+
+
+@contextlib.contextmanager
+def open_source(spec: str, store: Store, registry_options: Any = None) -> Iterator[Source]:
+    """An image outside the store: oci:, oci-archive:, or a registry reference."""
+    if spec.startswith("oci:"):
+        path, tag = split_spec(spec[4:])
+        yield read_layout(os.path.abspath(path), tag, spec)
+    elif spec.startswith("oci-archive:"):
+        path, tag = split_spec(spec[12:])
+        with store.staging("archive-") as tmp:
+            try:
+                with tarfile.open(path) as tf:
+                    tf.extractall(tmp, filter="data")
+            except (OSError, tarfile.TarError) as e:
+                raise RbuildError(f"{spec}: cannot read archive: {e}") from None
+            yield read_layout(tmp, tag, spec)
+    else:
+        yield from _registry_source(spec, store, registry_options)
+
+
+def _registry_source(spec: str, store: Store, options: Any) -> Iterator[Source]:
+    from rootless import registry
+    from rootless.reference import parse_reference
+
+    ref = parse_reference(spec.removeprefix("docker://"))
+    client = registry.Registry(options or registry.RegistryOptions())
+    remote = client.resolve(ref)
+    manifest = json.loads(remote.manifest)
+    layers = [d for d in remote.layers if not store.has_blob(d.digest)]
+    client.fetch_blobs(ref, layers, os.path.join(store.root, "blobs"))
+
+    def opener(digest: str) -> IO[bytes]:
+        return open(store.blob_path(digest), "rb")
+
+    yield Source(str(ref), manifest, remote.manifest, remote.config, opener, remote.manifest_digest)
+
+
+def import_image(store: Store, source: Source, names: list[str], single_uid: bool,
+                 progress: Callable[[str], None] | None = None) -> ImageRecord:
+    """Unpack a source's layers into the store (each once) and record the image."""
+    from rootless import layers
+
+    config = json.loads(source.config_bytes)
+    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+    descs = source.manifest.get("layers", [])
+    if len(diff_ids) != len(descs):
+        raise RbuildError(f"{source.name}: the config lists {len(diff_ids)} layers, the manifest {len(descs)}")
+    lowers: list[str] = []
+    for desc, diff_id in zip(descs, diff_ids, strict=True):
+        digest = desc["digest"]
+        if not store.has_layer(diff_id):
+            if not store.has_blob(digest):
+                with source.open_blob(digest) as src:
+                    copy_verified(src, store.blob_path(digest), digest, desc.get("size"), source.name)
+            if progress:
+                progress(f"unpacking layer {digest[:19]}")
+            with store.staging("unpack-") as tmp:
+                target = os.path.join(tmp, "diff")
+                os.mkdir(target, 0o755)
+                with layers.open_blob(store.blob_path(digest)) as raw:
+                    reader = HashingReader(raw)
+                    layers.unpack(reader, target, lowers=list(reversed(lowers)), single_uid=single_uid)
+                    reader.drain()
+                if reader.digest() != diff_id:
+                    raise RbuildError(f"{source.name}: layer {digest} does not match its diff_id {diff_id}")
+                meta = {
+                    "diff_id": diff_id,
+                    "size": reader.count,
+                    "origin": "blob",
+                    "blobs": [{"mediaType": desc.get("mediaType", img.OCI_LAYER_GZIP), "digest": digest,
+                               "size": desc.get("size"), "original": True}],
+                }
+                store.add_layer(target, diff_id, meta)
+        lowers.append(store.layer_dir(diff_id))
+    manifest = img.manifest("oci", "sha256:" + hashlib.sha256(source.config_bytes).hexdigest(),
+                            len(source.config_bytes), descs)
+    return store.add_image(source.config_bytes, img.canonical(manifest), names,
+                           config.get("created", now_rfc3339()), source.remote_digest)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exporting
+
+
+@dataclass
+class Blob:
+    descriptor: dict[str, Any]
+    path: str
+
+
+def layer_blob(store: Store, diff_id: str, fmt: str, compression: str, level: int | None) -> Blob:
+    """A compressed blob for a layer, made once and kept (a second push does not compress again)."""
+    meta = store.layer_meta(diff_id)
+    want = img.layer_media_type(fmt, compression)
+    for b in meta.get("blobs", []):
+        if img.compression_of(b["mediaType"]) == compression and (b.get("original") or b.get("level") == level):
+            if store.has_blob(b["digest"]):
+                return Blob({"mediaType": want, "digest": b["digest"], "size": b["size"]}, store.blob_path(b["digest"]))
+    from rootless import compress
+
+    with store.staging("compress-") as tmp:
+        out = os.path.join(tmp, "blob")
+        if meta.get("origin") == "blob":
+            orig = next(b for b in meta["blobs"] if b.get("original"))
+            digest, size, got_diff = compress.compress_file(store.blob_path(orig["digest"]), out, compression, level)
+        else:
+            digest, size, got_diff = compress.compress_layer(store.layer_dir(diff_id), out, compression, level)
+        if got_diff != diff_id:
+            raise RbuildError(f"layer {diff_id} no longer reproduces its content (got {got_diff}); "
+                              "the store is damaged")
+        final = store.blob_path(digest)
+        if not os.path.exists(final):
+            os.rename(out, final)
+    store.add_layer_blob(diff_id, {"mediaType": want, "digest": digest, "size": size, "level": level})
+    return Blob({"mediaType": want, "digest": digest, "size": size}, final)
+
+
+@dataclass
+class Export:
+    """An image ready to be written: manifest, config and layer blobs."""
+
+    manifest: bytes
+    manifest_media_type: str
+    config: bytes
+    config_digest: str
+    layers: list[Blob]
+
+    @property
+    def manifest_digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+
+def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str, level: int | None) -> Export:
+    if fmt == "docker" and compression == "zstd":
+        raise RbuildError("the docker image format has no zstd layers: use --format oci or --compression-format gzip")
+    config = store.read_blob(record.id)
+    diff_ids = json.loads(config).get("rootfs", {}).get("diff_ids", [])
+    blobs = [layer_blob(store, d, fmt, compression, level) for d in diff_ids]
+    man = img.manifest(fmt, record.id, len(config), [b.descriptor for b in blobs])
+    return Export(img.canonical(man), man["mediaType"], config, record.id, blobs)
+
+
+def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
+    os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
+    layout = os.path.join(path, "oci-layout")
+    if not os.path.exists(layout):
+        atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
+
+    def put(data_or_path: bytes | str, digest: str) -> None:
+        dest = os.path.join(path, "blobs", "sha256", hex_of(digest))
+        if os.path.exists(dest):
+            return
+        if isinstance(data_or_path, bytes):
+            atomic_write(dest, data_or_path)
+            return
+        tmp = dest + ".partial"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            if link:
+                try:
+                    os.link(data_or_path, tmp)
+                except OSError:
+                    shutil.copyfile(data_or_path, tmp)
+            else:
+                shutil.copyfile(data_or_path, tmp)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, dest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    for b in exp.layers:
+        put(b.path, b.descriptor["digest"])
+    put(exp.config, exp.config_digest)
+    put(exp.manifest, exp.manifest_digest)
+    index_path = os.path.join(path, "index.json")
+    try:
+        with open(index_path, "rb") as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        index = {"schemaVersion": 2, "mediaType": img.OCI_INDEX, "manifests": []}
+    except (OSError, ValueError) as e:
+        raise RbuildError(f"cannot read {index_path}: {e}") from None
+    desc: dict[str, Any] = {"mediaType": exp.manifest_media_type, "digest": exp.manifest_digest,
+                            "size": len(exp.manifest)}
+    if tag:
+        desc["annotations"] = {img.REF_NAME: tag}
+        index["manifests"] = [m for m in index.get("manifests", [])
+                              if m.get("annotations", {}).get(img.REF_NAME) != tag]
+    else:
+        index["manifests"] = [m for m in index.get("manifests", []) if m.get("digest") != exp.manifest_digest]
+    index["manifests"].append(desc)
+    atomic_write(index_path, json.dumps(index, sort_keys=True).encode())
+
+
+def _tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
+    info = tarfile.TarInfo(name)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    if data is not None:
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    elif path is not None:
+        info.size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            tf.addfile(info, f)
+    else:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        tf.addfile(info)
+
+
+def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
+    tmp = path + ".partial"
+    try:
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            write(tf)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_oci_archive(path: str, exp: Export, tag: str | None) -> None:
+    def write(tf: tarfile.TarFile) -> None:
+        _tar_add(tf, "blobs")
+        _tar_add(tf, "blobs/sha256")
+        seen = set()
+        for b in exp.layers:
+            if b.descriptor["digest"] not in seen:
+                seen.add(b.descriptor["digest"])
+                _tar_add(tf, "blobs/sha256/" + hex_of(b.descriptor["digest"]), path=b.path)
+        _tar_add(tf, "blobs/sha256/" + hex_of(exp.config_digest), data=exp.config)
+        _tar_add(tf, "blobs/sha256/" + hex_of(exp.manifest_digest), data=exp.manifest)
+        desc: dict[str, Any] = {"mediaType": exp.manifest_media_type, "digest": exp.manifest_digest,
+                                "size": len(exp.manifest)}
+        if tag:
+            desc["annotations"] = {img.REF_NAME: tag}
+        index = {"schemaVersion": 2, "mediaType": img.OCI_INDEX, "manifests": [desc]}
+        _tar_add(tf, "index.json", data=json.dumps(index, sort_keys=True).encode())
+        _tar_add(tf, "oci-layout", data=b'{"imageLayoutVersion":"1.0.0"}')
+
+    _atomic_tar(path, write)
+
+
+def _write_docker_archive(store: Store, path: str, exp: Export, repo_tags: list[str]) -> None:
+    """`docker load` format: manifest.json, the config as HEX.json, uncompressed layer tars."""
+    from rootless import layers
+
+    diff_ids = json.loads(exp.config)["rootfs"]["diff_ids"]
+
+    def write(tf: tarfile.TarFile) -> None:
+        layer_names = []
+        with store.staging("dockerarchive-") as tmp:
+            for diff_id in diff_ids:
+                name = hex_of(diff_id) + "/layer.tar"
+                if name in layer_names:
+                    continue
+                meta = store.layer_meta(diff_id)
+                out = os.path.join(tmp, "layer.tar")
+                if meta.get("origin") == "blob":
+                    orig = next(b for b in meta["blobs"] if b.get("original"))
+                    with layers.open_blob(store.blob_path(orig["digest"])) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst, CHUNK)
+                else:
+                    with open(out, "wb") as dst:
+                        layers.write_tar(store.layer_dir(diff_id), dst)
+                _tar_add(tf, hex_of(diff_id))
+                _tar_add(tf, name, path=out)
+                os.unlink(out)
+                layer_names.append(name)
+        config_name = hex_of(exp.config_digest) + ".json"
+        _tar_add(tf, config_name, data=exp.config)
+        manifest = [{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]
+        _tar_add(tf, "manifest.json", data=json.dumps(manifest).encode())
+        if repo_tags:
+            repos: dict[str, dict[str, str]] = {}
+            for t in repo_tags:
+                repo, _, tg = t.rpartition(":")
+                repos.setdefault(repo, {})[tg] = hex_of(diff_ids[-1]) if diff_ids else ""
+            _tar_add(tf, "repositories", data=json.dumps(repos).encode())
+
+    _atomic_tar(path, write)
+
+
+def export_image(store: Store, record: ImageRecord, dest: str, fmt: str, compression: str | None,
+                 level: int | None, registry_options: Any = None) -> str:
+    """Write the image to dest; returns the manifest digest written."""
+    if dest.startswith("docker-archive:"):
+        exp = prepare_export(store, record, "docker", compression or "gzip", level)
+        path, _, name = dest[len("docker-archive:"):].partition(":")
+        tags = [name] if name else [n for n in record.names if "@" not in n][:1]
+        tags = [t if ":" in t.rsplit("/", 1)[-1] else t + ":latest" for t in tags]
+        _write_docker_archive(store, os.path.abspath(path), exp, tags)
+        return exp.manifest_digest
+    exp = prepare_export(store, record, fmt, compression or "gzip", level)
+    if dest.startswith("oci:"):
+        path, tag = split_spec(dest[4:])
+        _write_layout(os.path.abspath(path), exp, tag, link=True)
+    elif dest.startswith("oci-archive:"):
+        path, tag = split_spec(dest[12:])
+        _write_oci_archive(os.path.abspath(path), exp, tag)
+    else:
+        from rootless import registry
+        from rootless.reference import parse_reference
+
+        ref = parse_reference(dest.removeprefix("docker://"))
+        client = registry.Registry(registry_options or registry.RegistryOptions())
+        config_desc = registry.Descriptor(img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG,
+                                          exp.config_digest, len(exp.config))
+
+        def opener(p: str) -> Callable[[], BinaryIO]:
+            return lambda: open(p, "rb")
+
+        layer_list = [(registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
+                       opener(b.path)) for b in exp.layers]
+        return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list)
+    return exp.manifest_digest

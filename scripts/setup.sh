@@ -1,0 +1,28 @@
+#!/bin/bash
+# Install what rbuild needs on Debian 12 and put rbuild into a world-readable virtualenv.
+# Works as root and as a user with sudo. Prints the venv's bin directory on the last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${RBUILD_VENV:-/opt/rbuild/env}
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+packages="uidmap busybox-static docker-registry buildah skopeo umoci fuse3 libfuse3-dev python3-venv python3-dev gcc zstd util-linux"
+missing=""
+for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+    $sudo apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q $missing >&2
+fi
+# Debian's python (the one on PATH may live under /root, unreadable for other users)
+if [ ! -x "$venv/bin/python" ]; then
+    $sudo mkdir -p "$venv"
+    $sudo /usr/bin/python3 -m venv "$venv" >&2
+fi
+# build from a world-readable copy: the checkout may live where the builder user cannot read
+src=$(mktemp -d /tmp/rbuild-src.XXXXXX)
+trap 'rm -rf "$src"' EXIT
+tar -C "$here" --exclude=.git --exclude='*.egg-info' --exclude=build -cf - . | tar -C "$src" -xf -
+chmod -R a+rX "$src"
+$sudo "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "$src[test]" >&2
+$sudo chmod -R a+rX "$venv"
+echo "$venv/bin"
