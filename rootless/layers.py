@@ -1,0 +1,1021 @@
+"""Layers: unpack tar layers into overlay lower dirs, and write them back as deterministic tar streams.
+
+The local store keeps every layer unpacked, in kernel-overlay lower-dir format (`userxattr` mode):
+
+* a whiteout is a 0:0 character device (mknod of 0:0 works in a user namespace);
+* an opaque directory carries the xattr ``user.overlay.opaque`` = ``y``.
+
+Some things a layer holds cannot be created by an unprivileged user, so they are recorded in xattrs of
+rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the original tar entry:
+
+* ``user.rbuild.dev`` = ``c:MAJOR:MINOR`` or ``b:MAJOR:MINOR`` on an empty regular file: a character or
+  block device node (every device entry, including a 0:0 character device that is not a whiteout, so
+  that it is never mistaken for one). The file's mode and owner are the device's.
+* ``user.rbuild.stat`` = ``UID:GID`` on a regular file or directory: its owner in the image, where
+  chown to it was impossible (a single-uid map, or an id outside the mapped range).
+* ``user.rbuild.lstat`` on a directory: the same for those of its children that cannot carry ``user.*``
+  xattrs (symlinks, fifos, whiteouts), as ``NAME\\0UID:GID\\0`` repeated.
+
+Such records are never read from a layer: ``user.rbuild.*`` and ``user.overlay.*`` xattrs in a tar are
+dropped at unpack. Kept xattrs are ``user.*`` and ``security.capability`` (file capabilities); others
+(``trusted.*``, ``security.selinux``, ACLs) cannot be set unprivileged and would make output host-dependent.
+
+Unpacking never follows a symlink and never touches anything outside `dest`: every path is walked from
+a directory fd with O_NOFOLLOW, a parent that is a symlink (in this layer or in the merged view of the
+lower layers) is refused, entries are created with O_EXCL. Errors are `LayerError`, one line naming the
+entry and the cause.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from rootless.errors import RbuildError
+
+__all__ = ["LayerError", "UnpackLimits", "unpack", "normalize", "write_tar", "open_blob", "set_owner"]
+
+XATTR_OPAQUE = "user.overlay.opaque"
+XATTR_DEV = "user.rbuild.dev"
+XATTR_STAT = "user.rbuild.stat"
+XATTR_LSTAT = "user.rbuild.lstat"
+
+CHUNK = 1 << 20  # write_tar emits the stream in blocks of exactly this size (compressor input is fixed)
+_META_MAX = 1 << 20  # largest PAX / GNU long-name header accepted (they are read into memory)
+_DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_WH = b".wh."
+_OPQ = b".wh..wh..opq"
+
+
+class LayerError(RbuildError):
+    """A layer that cannot be unpacked or written: names the entry and the cause."""
+
+
+@dataclass
+class UnpackLimits:
+    """Bounds against size and decompression bombs; defaults are generous for real images."""
+
+    max_bytes: int = 64 << 30
+    max_entries: int = 10_000_000
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _keep_xattr(name: str) -> bool:
+    """The xattrs a layer carries: user.* (not overlay's or rbuild's private ones) and file capabilities."""
+    if name.startswith("user."):
+        return not name.startswith(("user.overlay.", "user.rbuild."))
+    return name == "security.capability"
+
+
+def _parse_ids(value: bytes) -> tuple[int, int]:
+    uid, gid = value.split(b":")
+    return int(uid), int(gid)
+
+
+def _parse_lstat(value: bytes) -> dict[bytes, tuple[int, int]]:
+    parts = value.split(b"\0")
+    return {parts[i]: _parse_ids(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+
+
+def _fmt_lstat(records: dict[bytes, tuple[int, int]]) -> bytes:
+    return b"".join(b"%s\0%d:%d\0" % (n, u, g) for n, (u, g) in sorted(records.items()))
+
+
+def _getxattr(target: int | str | bytes, name: str, **kw: object) -> bytes | None:
+    try:
+        return os.getxattr(target, name, **kw)  # type: ignore[arg-type]
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
+def set_owner(path: str, uid: int, gid: int, *, single_uid: bool = False) -> None:
+    """chown without following symlinks, or record the owner where the user namespace cannot map it.
+
+    For COPY --chown and the like: `write_tar` emits the recorded owner. A symlink's or fifo's
+    unmappable owner goes into its parent's record.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    bname = os.fsencode(name)
+    pfd = os.open(parent, _DIRFLAGS)
+    try:
+        st = os.stat(bname, dir_fd=pfd, follow_symlinks=False)
+        can_xattr = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+        fd = _open_meta(pfd, bname) if can_xattr else None
+        try:
+            rec = _Owner(single_uid).own(uid, gid, pfd=pfd, name=bname, fd=fd, fresh=False)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        recs = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"")
+        if rec is not None:
+            recs[bname] = rec
+        elif recs.pop(bname, None) is None:
+            return
+        os.setxattr(pfd, XATTR_LSTAT, _fmt_lstat(recs))
+    finally:
+        os.close(pfd)
+
+
+def _open_meta(pfd: int, name: bytes) -> int:
+    """An fd for metadata calls on a regular file or directory (never follows, never blocks)."""
+    return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=pfd)
+
+
+class _Owner:
+    """Applies owners: chown where the namespace maps the ids, else a user.rbuild.* record."""
+
+    def __init__(self, single_uid: bool) -> None:
+        self.single_uid = single_uid
+
+    def own(self, uid: int, gid: int, *, pfd: int, name: bytes, fd: int | None,
+            fresh: bool = True) -> tuple[int, int] | None:
+        """Own `fd` (a file or dir), else `name` in `pfd` (no follow); returns ids to record in the parent.
+
+        `fresh`: created by us just now, so it carries no stale record to clear.
+        """
+        if fd is not None and not fresh:
+            try:
+                os.removexattr(fd, XATTR_STAT)
+            except OSError as e:
+                if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                    raise
+        want = (0, 0) if self.single_uid else (uid, gid)
+        try:
+            if fd is not None:
+                os.chown(fd, *want)
+            else:
+                os.chown(name, *want, dir_fd=pfd, follow_symlinks=False)
+            if want == (uid, gid):
+                return None
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+        if fd is None:
+            return (uid, gid)
+        os.setxattr(fd, XATTR_STAT, b"%d:%d" % (uid, gid))
+        return None
+
+
+# --------------------------------------------------------------------------------------------- unpack
+
+
+class _Info(tarfile.TarInfo):
+    """TarInfo that bounds in-memory headers and reads old-GNU sparse maps whose first chunk is at 0."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        meta = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                tarfile.SOLARIS_XHDTYPE)
+        if self.type in meta and self.size > _META_MAX:
+            raise LayerError(f"layer entry {self.name!r}: extended header of {self.size} bytes "
+                             f"exceeds the limit of {_META_MAX}")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
+        del self._sparse_structs  # type: ignore[attr-defined]
+        structs = [(o, n) for o, n in structs if o or n]
+        while isextended:
+            buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            for pos in range(0, 21 * 24, 24):
+                try:
+                    offset = tarfile.nti(buf[pos:pos + 12])  # type: ignore[attr-defined]
+                    numbytes = tarfile.nti(buf[pos + 12:pos + 24])  # type: ignore[attr-defined]
+                except ValueError:
+                    break
+                if offset or numbytes:
+                    structs.append((offset, numbytes))
+            isextended = bool(buf[504])
+        self.sparse = structs  # type: ignore[assignment]
+        self.offset_data = tarfile_.fileobj.tell()  # type: ignore[union-attr]
+        tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
+        self.size = origsize
+        return self
+
+
+class _Counted(io.RawIOBase):
+    """Counts the uncompressed tar bytes read: the decompression-bomb guard."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self.stream, self.limit, self.count = stream, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n if n >= 0 else CHUNK)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise LayerError(f"layer: uncompressed size exceeds the limit of {self.limit} bytes "
+                             "(a decompression bomb?)")
+        return data
+
+
+def _split(name: str, what: str = "path") -> tuple[bytes, ...]:
+    """Components of an entry name; refuses absolute names and `..` (never cleaned away silently)."""
+    raw = os.fsencode(name)
+    if raw.startswith(b"/"):
+        raise LayerError(f"layer entry {name!r}: absolute {what}")
+    comps = tuple(c for c in raw.split(b"/") if c and c != b".")
+    if b".." in comps:
+        raise LayerError(f"layer entry {name!r}: {what} leads outside the layer (..)")
+    return comps
+
+
+def _show(comps: tuple[bytes, ...]) -> str:
+    return os.fsdecode(b"/".join(comps)) or "."
+
+
+class _Unpacker:
+    def __init__(self, dest: str, lowers: Sequence[str], single_uid: bool, limits: UnpackLimits) -> None:
+        self.root = os.open(dest, _DIRFLAGS)
+        self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
+        self.owner = _Owner(single_uid)
+        self.limits = limits
+        self.total = 0
+        self.entries = 0
+        self.cache: tuple[tuple[bytes, ...], int] | None = None
+        self.opaque: set[tuple[bytes, ...]] = set()
+        self.dirmeta: dict[tuple[bytes, ...], tuple[int, int]] = {}  # mode, mtime ns: set after contents
+        self.lrec: dict[tuple[bytes, ...], dict[bytes, tuple[int, int]]] = {}
+
+    def close(self) -> None:
+        self._uncache()
+        os.close(self.root)
+
+    # ----- walking
+
+    def _uncache(self) -> None:
+        if self.cache is not None:
+            os.close(self.cache[1])
+            self.cache = None
+
+    def parent(self, comps: tuple[bytes, ...], create: bool = True) -> int | None:
+        """fd of directory `comps` in dest (owned by the cache), creating missing dirs like overlay copy-up.
+
+        Never follows a symlink: a component that is a symlink here or in the lower layers is refused.
+        """
+        if not comps:
+            return self.root
+        if self.cache is not None and self.cache[0] == comps:
+            return self.cache[1]
+        fd = self.root
+        try:
+            for i, c in enumerate(comps):
+                prefix = comps[:i + 1]
+                try:
+                    nfd = os.open(c, _DIRFLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        return None
+                    nfd = self._implicit(fd, prefix, whiteout=False)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    st = os.stat(c, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise LayerError(f"path component {_show(prefix)!r} is a symlink") from None
+                    if not _is_whiteout(st):
+                        raise LayerError(f"path component {_show(prefix)!r} is not a directory") from None
+                    if not create:
+                        return None
+                    os.unlink(c, dir_fd=fd)
+                    nfd = self._implicit(fd, prefix, whiteout=True)
+                if fd != self.root:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self.root:
+                os.close(fd)
+            raise
+        self._uncache()
+        self.cache = (comps, fd)
+        return fd
+
+    def _implicit(self, pfd: int, prefix: tuple[bytes, ...], whiteout: bool) -> int:
+        """Create a directory the layer implies: with the metadata of the lower dir it shadows, if any."""
+        lower = None if whiteout else self._lower_dir(prefix)
+        os.mkdir(prefix[-1], 0o700, dir_fd=pfd)
+        fd = os.open(prefix[-1], _DIRFLAGS, dir_fd=pfd)
+        if whiteout:
+            os.setxattr(fd, XATTR_OPAQUE, b"y")
+            self.opaque.add(prefix)
+        if lower is None:
+            self.dirmeta[prefix] = (0o755, 0)
+            return fd
+        st = os.lstat(lower)
+        xattrs = {}
+        for name in os.listxattr(lower, follow_symlinks=False):
+            if _keep_xattr(name) or name == XATTR_STAT:
+                xattrs[name] = os.getxattr(lower, name, follow_symlinks=False)
+        rec = xattrs.pop(XATTR_STAT, None)
+        uid, gid = _parse_ids(rec) if rec else (st.st_uid, st.st_gid)
+        self._own(prefix[:-1], pfd, prefix[-1], uid, gid, fd=fd)
+        for name, value in xattrs.items():
+            os.setxattr(fd, name, value)
+        self.dirmeta[prefix] = (stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+        return fd
+
+    def _lower_dir(self, prefix: tuple[bytes, ...]) -> bytes | None:
+        """Path of the topmost lower dir at `prefix` in the merged view, None if absent; refuses non-dirs."""
+        if any(prefix[:i] in self.opaque for i in range(len(prefix))):
+            return None
+        active = self.lowers
+        found = None
+        for i in range(len(prefix)):
+            sub = b"/" + b"/".join(prefix[:i + 1])
+            found, nxt = None, []
+            for layer in active:
+                try:
+                    st = os.lstat(layer + sub)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if _is_whiteout(st):
+                    break
+                if not stat.S_ISDIR(st.st_mode):
+                    if found is None:
+                        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                        raise LayerError(f"path component {_show(prefix[:i + 1])!r} is {what} "
+                                         "in a lower layer")
+                    break
+                if found is None:
+                    found = layer + sub
+                nxt.append(layer)
+                if _getxattr(layer + sub, XATTR_OPAQUE, follow_symlinks=False) == b"y":
+                    break
+            if found is None:
+                return None
+            active = nxt
+        return found
+
+    # ----- entries
+
+    def _own(self, pcomps: tuple[bytes, ...], pfd: int, name: bytes, uid: int, gid: int,
+             fd: int | None = None, fresh: bool = True) -> None:
+        rec = self.owner.own(uid, gid, pfd=pfd, name=name, fd=fd, fresh=fresh)
+        if rec is not None:
+            self.lrec.setdefault(pcomps, {})[name] = rec
+        elif pcomps in self.lrec:
+            self.lrec[pcomps].pop(name, None)
+
+    def _clear(self, pfd: int, comps: tuple[bytes, ...], want_dir: bool) -> str:
+        """Make room for a new entry: returns 'absent', 'dir' (kept for a dir) or 'whiteout' (removed)."""
+        name = comps[-1]
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return "absent"
+        if stat.S_ISDIR(st.st_mode):
+            if want_dir:
+                return "dir"
+            self._uncache_under(comps)
+            shutil.rmtree(name, dir_fd=pfd)  # type: ignore[call-arg]
+            return "absent"
+        os.unlink(name, dir_fd=pfd)
+        self.lrec.get(comps[:-1], {}).pop(name, None)
+        return "whiteout" if _is_whiteout(st) else "absent"
+
+    def _uncache_under(self, comps: tuple[bytes, ...]) -> None:
+        self._uncache()
+        n = len(comps)
+        for table in (self.lrec, self.dirmeta):
+            for key in [k for k in table if k[:n] == comps]:
+                del table[key]
+        self.opaque = {k for k in self.opaque if k[:n] != comps}
+
+    def run(self, stream: BinaryIO) -> None:
+        counted = _Counted(stream, self.limits.max_bytes)
+        try:
+            tf = tarfile.open(fileobj=counted, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]
+                              tarinfo=_Info, encoding="utf-8", errors="surrogateescape")
+        except tarfile.ReadError as e:
+            if str(e) == "empty file":
+                return
+            raise LayerError(f"layer: not a tar archive ({e})") from None
+        while True:
+            try:
+                ti = tf.next()
+            except tarfile.TarError as e:
+                raise LayerError(f"layer: corrupt tar ({e})") from None
+            if ti is None:
+                break
+            tf.members.clear()  # type: ignore[attr-defined]
+            self.entries += 1
+            if self.entries > self.limits.max_entries:
+                raise LayerError(f"layer: more than {self.limits.max_entries} entries")
+            try:
+                self.entry(tf, ti)
+            except LayerError as e:
+                msg = str(e)
+                raise LayerError(msg if msg.startswith("layer") else f"layer entry {ti.name!r}: {msg}") from None
+            except OSError as e:
+                raise LayerError(f"layer entry {ti.name!r}: {e.strerror or e}") from None
+        while counted.read(CHUNK):  # the rest of the stream, so that digests get verified
+            pass
+        self.finish()
+
+    def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        comps = _split(ti.name)
+        if ti.isreg():
+            self.total += ti.size
+            if self.total > self.limits.max_bytes:
+                raise LayerError(f"layer data exceeds the limit of {self.limits.max_bytes} bytes")
+        if not comps:
+            if not ti.isdir():
+                raise LayerError("the layer root must be a directory")
+            self._meta_root(ti)
+            return
+        base = comps[-1]
+        if base.startswith(_WH):
+            self._whiteout(comps, ti)
+            return
+        pfd = self.parent(comps[:-1])
+        assert pfd is not None
+        if ti.isdir():
+            state = self._clear(pfd, comps, want_dir=True)
+            if state != "dir":
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            fd = os.open(base, _DIRFLAGS, dir_fd=pfd)
+            try:
+                if state == "whiteout":
+                    os.setxattr(fd, XATTR_OPAQUE, b"y")
+                    self.opaque.add(comps)
+                self._own(comps[:-1], pfd, base, ti.uid, ti.gid, fd=fd, fresh=state != "dir")
+                self._xattrs(fd, ti)
+            finally:
+                os.close(fd)
+            self.dirmeta[comps] = (ti.mode & 0o7777, _mtime_ns(ti))
+        elif ti.islnk():
+            self._hardlink(comps, ti)
+        else:
+            self._clear(pfd, comps, want_dir=False)
+            if ti.isreg():
+                self._file(tf, ti, pfd, comps)
+            elif ti.issym():
+                os.symlink(os.fsencode(ti.linkname), base, dir_fd=pfd)
+                self._own(comps[:-1], pfd, base, ti.uid, ti.gid)
+                os.utime(base, ns=(_mtime_ns(ti),) * 2, dir_fd=pfd, follow_symlinks=False)
+            elif ti.isfifo():
+                os.mkfifo(base, 0o600, dir_fd=pfd)
+                self._special_meta(pfd, comps, ti)
+            elif ti.ischr() or ti.isblk():
+                fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=pfd)
+                try:
+                    kind = b"c" if ti.ischr() else b"b"
+                    os.setxattr(fd, XATTR_DEV, b"%s:%d:%d" % (kind, ti.devmajor, ti.devminor))
+                    self._meta_fd(fd, pfd, comps, ti)
+                finally:
+                    os.close(fd)
+            else:
+                raise LayerError(f"unsupported entry type {ti.type!r}")
+
+    def _file(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, pfd: int, comps: tuple[bytes, ...]) -> None:
+        fd = os.open(comps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=pfd)
+        try:
+            src: BinaryIO = tf.fileobj  # type: ignore[assignment]
+            sparse: list[tuple[int, int]] | None = ti.sparse  # type: ignore[assignment]
+            if sparse is not None:
+                room = tf.offset - ti.offset_data  # type: ignore[attr-defined]
+                for offset, size in sparse:
+                    size = min(size, room)
+                    room -= size
+                    os.lseek(fd, offset, os.SEEK_SET)
+                    _copy(src, fd, size)
+                os.ftruncate(fd, ti.size)
+            else:
+                _copy(src, fd, ti.size)
+            self._meta_fd(fd, pfd, comps, ti)
+        finally:
+            os.close(fd)
+
+    def _meta_fd(self, fd: int, pfd: int, comps: tuple[bytes, ...], ti: tarfile.TarInfo) -> None:
+        """Owner first (chown clears setuid bits and capabilities), then mode, xattrs, mtime."""
+        self._own(comps[:-1], pfd, comps[-1], ti.uid, ti.gid, fd=fd)
+        os.fchmod(fd, ti.mode & 0o7777)
+        self._xattrs(fd, ti)
+        os.utime(fd, ns=(_mtime_ns(ti),) * 2)
+
+    def _special_meta(self, pfd: int, comps: tuple[bytes, ...], ti: tarfile.TarInfo) -> None:
+        self._own(comps[:-1], pfd, comps[-1], ti.uid, ti.gid)
+        os.chmod(comps[-1], ti.mode & 0o7777, dir_fd=pfd)
+        os.utime(comps[-1], ns=(_mtime_ns(ti),) * 2, dir_fd=pfd, follow_symlinks=False)
+
+    def _meta_root(self, ti: tarfile.TarInfo) -> None:
+        self.owner.own(ti.uid, ti.gid, pfd=-1, name=b"", fd=self.root, fresh=False)
+        self._xattrs(self.root, ti)
+        self.dirmeta[()] = (ti.mode & 0o7777, _mtime_ns(ti))
+
+    @staticmethod
+    def _xattrs(fd: int, ti: tarfile.TarInfo) -> None:
+        for key, value in sorted(ti.pax_headers.items()):
+            if key.startswith("SCHILY.xattr.") and _keep_xattr(key[13:]):
+                os.setxattr(fd, key[13:], value.encode("utf-8", "surrogateescape"))
+
+    def _whiteout(self, comps: tuple[bytes, ...], ti: tarfile.TarInfo) -> None:
+        base = comps[-1]
+        if base == _OPQ:
+            fd = self.parent(comps[:-1])
+            assert fd is not None
+            os.setxattr(fd, XATTR_OPAQUE, b"y")
+            self.opaque.add(comps[:-1])
+            return
+        if base.startswith(_WH + _WH):  # aufs metadata (.wh..wh.plnk etc.): nothing to apply
+            return
+        name = base[len(_WH):]
+        if name in (b"", b".", b".."):
+            raise LayerError("whiteout names no entry in its directory")
+        pfd = self.parent(comps[:-1])
+        assert pfd is not None
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=pfd)
+            self._special_meta(pfd, comps[:-1] + (name,), ti)
+            return
+        if stat.S_ISDIR(st.st_mode):  # added by this layer: stays, but hides what lower layers had
+            os.setxattr(name, XATTR_OPAQUE, b"y", dir_fd=pfd)  # type: ignore[call-arg]
+            self.opaque.add(comps[:-1] + (name,))
+
+    def _hardlink(self, comps: tuple[bytes, ...], ti: tarfile.TarInfo) -> None:
+        tcomps = _split(ti.linkname, "link target")
+        if not tcomps:
+            raise LayerError("hard link to the layer root")
+        tparent = self.parent(tcomps[:-1], create=False)
+        tst = None
+        if tparent is not None:
+            tfd = os.dup(tparent)
+            try:
+                tst = os.stat(tcomps[-1], dir_fd=tfd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+        if tst is None or _is_whiteout(tst):
+            if tparent is not None:
+                os.close(tfd)
+            raise LayerError(f"hard link target {_show(tcomps)!r} is not in this layer")
+        try:
+            if stat.S_ISDIR(tst.st_mode):
+                raise LayerError(f"hard link target {_show(tcomps)!r} is a directory")
+            pfd = self.parent(comps[:-1])
+            assert pfd is not None
+            try:
+                st = os.stat(comps[-1], dir_fd=pfd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino):
+                    return
+            except FileNotFoundError:
+                pass
+            self._clear(pfd, comps, want_dir=False)
+            os.link(tcomps[-1], comps[-1], src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            rec = self.lrec.get(tcomps[:-1], {}).get(tcomps[-1])
+            if rec is not None:
+                self.lrec.setdefault(comps[:-1], {})[comps[-1]] = rec
+        finally:
+            os.close(tfd)
+
+    def finish(self) -> None:
+        """Owner records of non-xattr-capable children, then directory modes and mtimes."""
+        self._uncache()
+        for pcomps, recs in self.lrec.items():
+            fd = self.parent(pcomps, create=False)
+            if fd is None:
+                continue
+            if recs:
+                os.setxattr(fd, XATTR_LSTAT, _fmt_lstat(recs))
+        for comps, (mode, mtime) in self.dirmeta.items():
+            fd = self.parent(comps, create=False)
+            if fd is None:
+                continue
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime, mtime))
+        self._uncache()
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    m = ti.mtime
+    return m * 1_000_000_000 if isinstance(m, int) else int(m * 1_000_000_000)
+
+
+def _copy(src: BinaryIO, fd: int, size: int) -> None:
+    read = src.read
+    while size > 0:
+        data = read(min(size, CHUNK))
+        if not data:
+            raise LayerError("unexpected end of data (truncated layer)")
+        size -= len(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def unpack(stream: BinaryIO, dest: str, *, lowers: Sequence[str] = (), single_uid: bool = False,
+           limits: UnpackLimits | None = None) -> None:
+    """Unpack an uncompressed tar layer into `dest` (an existing empty dir) as an overlay lower dir.
+
+    Runs as uid 0 of the user namespace. `lowers` are the image's lower layer dirs, top first, so that a
+    symlink planted by an earlier layer is seen and never followed. With `single_uid` (no subuid range)
+    foreign owners are recorded in xattrs instead of chowned; so are ids the namespace does not map.
+    """
+    u = _Unpacker(dest, lowers, single_uid, limits or UnpackLimits())
+    try:
+        u.run(stream)
+    except OSError as e:
+        raise LayerError(f"layer: {e.strerror or e}") from None
+    finally:
+        u.close()
+
+
+# --------------------------------------------------------------------------------------------- normalize
+
+
+def normalize(layer_dir: str, *, set_mtime: int | None = None, clamp_mtime: int | None = None) -> None:
+    """Make an overlay upper dir a store layer dir: drop overlay-private xattrs, apply mtime policy.
+
+    `set_mtime` (--timestamp) gives every entry that mtime; `clamp_mtime` (SOURCE_DATE_EPOCH) lowers
+    newer mtimes to it. Symlinks are never followed.
+    """
+    root = os.open(layer_dir, _DIRFLAGS)
+    try:
+        _normalize_dir(root, set_mtime, clamp_mtime)
+    except OSError as e:
+        raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
+    finally:
+        os.close(root)
+
+
+def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None) -> None:
+    for xname in os.listxattr(dfd):
+        if xname.startswith("user.overlay.") and not (
+                xname == XATTR_OPAQUE and os.getxattr(dfd, xname) == b"y"):
+            os.removexattr(dfd, xname)
+    with os.scandir(dfd) as it:
+        entries = list(it)
+    for e in entries:
+        st = e.stat(follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(e.name, _DIRFLAGS, dir_fd=dfd)
+            try:
+                _normalize_dir(fd, set_mtime, clamp)
+            finally:
+                os.close(fd)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            fd = _open_meta(dfd, os.fsencode(e.name))
+            try:
+                for xname in os.listxattr(fd):
+                    if xname.startswith("user.overlay."):
+                        os.removexattr(fd, xname)
+            finally:
+                os.close(fd)
+        _set_time(dfd, e.name, st, set_mtime, clamp)
+    st = os.fstat(dfd)
+    ns = _new_mtime(st.st_mtime_ns, set_mtime, clamp)
+    if ns is not None:
+        os.utime(dfd, ns=(ns, ns))
+
+
+def _new_mtime(ns: int, set_mtime: int | None, clamp: int | None) -> int | None:
+    if set_mtime is not None:
+        return set_mtime * 1_000_000_000
+    if clamp is not None and ns > clamp * 1_000_000_000:
+        return clamp * 1_000_000_000
+    return None
+
+
+def _set_time(dfd: int, name: str, st: os.stat_result, set_mtime: int | None, clamp: int | None) -> None:
+    ns = _new_mtime(st.st_mtime_ns, set_mtime, clamp)
+    if ns is not None:
+        os.utime(name, ns=(ns, ns), dir_fd=dfd, follow_symlinks=False)
+
+
+# --------------------------------------------------------------------------------------------- write_tar
+
+_ZEROS = bytes(CHUNK)
+_MAX_OCTAL7 = 0o7777777
+_MAX_OCTAL11 = 0o77777777777
+
+
+class _Sink:
+    """The tar stream, cut into blocks of exactly CHUNK bytes: hashed, and passed to `out.write`.
+
+    File data is read straight into the block buffer, so each byte is copied once from the kernel.
+    `out.write` gets a memoryview that is only valid during the call.
+    """
+
+    def __init__(self, out: BinaryIO | None) -> None:
+        self.buf = bytearray(CHUNK)
+        self.mv = memoryview(self.buf)
+        self.pos = 0
+        self.size = 0
+        self.sha = hashlib.sha256()
+        self.write = out.write if out is not None else None
+
+    def flush(self) -> None:
+        view = self.mv[:self.pos]
+        self.sha.update(view)
+        if self.write is not None:
+            self.write(view)
+        self.size += self.pos
+        self.pos = 0
+
+    def put(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            k = min(len(view), CHUNK - self.pos)
+            self.mv[self.pos:self.pos + k] = view[:k]
+            self.pos += k
+            view = view[k:]
+            if self.pos == CHUNK:
+                self.flush()
+
+    def file(self, fd: int, size: int, path: bytes) -> None:
+        left = size
+        while left:
+            k = min(left, CHUNK - self.pos)
+            n = os.readv(fd, [self.mv[self.pos:self.pos + k]])
+            if not n:
+                raise LayerError(f"layer entry {os.fsdecode(path)!r}: file shrank while being read")
+            self.pos += n
+            left -= n
+            if self.pos == CHUNK:
+                self.flush()
+        if size % 512:
+            self.put(_ZEROS[:512 - size % 512])
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    n = len(key) + len(value) + 3
+    total = n + len(str(n))
+    total = n + len(str(total))
+    return b"%d %s=%s\n" % (total, key, value)
+
+
+def _ustar(name: bytes, prefix: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
+           typeflag: bytes, linkname: bytes, dev: tuple[int, int]) -> bytes:
+    buf = b"".join((
+        name.ljust(100, b"\0"), b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
+        b"%011o\0" % size, b"%011o\0" % mtime, b"        ", typeflag, linkname.ljust(100, b"\0"),
+        b"ustar\x0000", _ZEROS[:64], b"%07o\0" % dev[0], b"%07o\0" % dev[1], prefix.ljust(155, b"\0"),
+        _ZEROS[:12]))
+    return buf[:148] + b"%06o\0 " % sum(buf) + buf[156:]
+
+
+def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes,
+            linkname: bytes = b"", dev: tuple[int, int] = (0, 0),
+            xattrs: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """One entry's header: ustar (name split into prefix/name when it fits), PAX only when needed."""
+    pax: list[tuple[bytes, bytes]] = [(b"SCHILY.xattr." + k, v) for k, v in xattrs]
+    prefix, base = b"", name
+    if len(name) > 100:
+        comps = name.split(b"/")
+        for i in range(1, len(comps)):
+            p, b = b"/".join(comps[:i]), b"/".join(comps[i:])
+            if len(p) <= 155 and 0 < len(b) <= 100:
+                prefix, base = p, b
+                break
+        else:
+            pax.append((b"path", name))
+            base = name[:100]
+    if len(linkname) > 100:
+        pax.append((b"linkpath", linkname))
+        linkname = linkname[:100]
+    if uid > _MAX_OCTAL7:
+        pax.append((b"uid", b"%d" % uid))
+        uid = 0
+    if gid > _MAX_OCTAL7:
+        pax.append((b"gid", b"%d" % gid))
+        gid = 0
+    if size > _MAX_OCTAL11:
+        pax.append((b"size", b"%d" % size))
+        size = 0
+    if not 0 <= mtime <= _MAX_OCTAL11:
+        pax.append((b"mtime", b"%d" % mtime))
+        mtime = 0
+    if max(dev) > _MAX_OCTAL7:
+        raise LayerError(f"layer entry {os.fsdecode(name)!r}: device number too large for tar")
+    head = _ustar(base, prefix, mode, uid, gid, size, mtime, typeflag, linkname, dev)
+    if not pax:
+        return head
+    records = b"".join(_pax_record(k, v) for k, v in sorted(pax))
+    pad = _ZEROS[:-len(records) % 512]
+    return _ustar(b"././@PaxHeader", b"", 0, 0, 0, len(records), 0, b"x", b"", (0, 0)) + records + pad + head
+
+
+def _xattrs_of(fd: int) -> dict[str, bytes]:
+    return {n: os.getxattr(fd, n) for n in os.listxattr(fd)}
+
+
+def _kept(xattrs: dict[str, bytes]) -> list[tuple[bytes, bytes]]:
+    return sorted((k.encode("utf-8", "surrogateescape"), v) for k, v in xattrs.items() if _keep_xattr(k))
+
+
+def _owner(st: os.stat_result, xattrs: dict[str, bytes]) -> tuple[int, int]:
+    rec = xattrs.get(XATTR_STAT)
+    return _parse_ids(rec) if rec else (st.st_uid, st.st_gid)
+
+
+def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], bytes]) -> None:
+    lrec = _parse_lstat(_getxattr(dfd, XATTR_LSTAT) or b"")
+    items = []
+    with os.scandir(dfd) as it:
+        for e in it:
+            name = os.fsencode(e.name)
+            st = e.stat(follow_symlinks=False)
+            items.append((_WH + name if _is_whiteout(st) else name, name, st))
+    items.sort(key=lambda t: (t[0], t[1]))
+    for out_name, name, st in items:
+        path = prefix + out_name
+        m = st.st_mode
+        mtime = st.st_mtime_ns // 1_000_000_000
+        perm = stat.S_IMODE(m)
+        if stat.S_ISDIR(m):
+            fd = os.open(name, _DIRFLAGS, dir_fd=dfd)
+            try:
+                xattrs = _xattrs_of(fd)
+                uid, gid = _owner(st, xattrs)
+                sink.put(_header(path + b"/", perm, uid, gid, 0, mtime, b"5", xattrs=_kept(xattrs)))
+                if xattrs.get(XATTR_OPAQUE) == b"y":
+                    sink.put(_header(path + b"/" + _OPQ, perm, uid, gid, 0, mtime, b"0"))
+                _tar_dir(sink, fd, path + b"/", links)
+            finally:
+                os.close(fd)
+            continue
+        if _is_whiteout(st):  # never a hard link: overlay shares one inode among its whiteouts
+            uid, gid = lrec.get(name, (st.st_uid, st.st_gid))
+            sink.put(_header(path, perm, uid, gid, 0, mtime, b"0"))
+            continue
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in links:
+            uid, gid = lrec.get(name, (st.st_uid, st.st_gid))
+            if stat.S_ISREG(m):
+                fd = _open_meta(dfd, name)
+                try:
+                    uid, gid = _owner(st, _xattrs_of(fd))
+                finally:
+                    os.close(fd)
+            sink.put(_header(path, perm, uid, gid, 0, mtime, b"1", links[key]))
+            continue
+        if st.st_nlink > 1:
+            links[key] = path
+        if stat.S_ISREG(m):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                xattrs = _xattrs_of(fd)
+                uid, gid = _owner(st, xattrs)
+                dev = xattrs.get(XATTR_DEV)
+                if dev is not None:
+                    kind, major, minor = dev.split(b":")
+                    sink.put(_header(path, perm, uid, gid, 0, mtime, b"3" if kind == b"c" else b"4",
+                                     dev=(int(major), int(minor)), xattrs=_kept(xattrs)))
+                else:
+                    sink.put(_header(path, perm, uid, gid, st.st_size, mtime, b"0", xattrs=_kept(xattrs)))
+                    sink.file(fd, st.st_size, path)
+            finally:
+                os.close(fd)
+            continue
+        uid, gid = lrec.get(name, (st.st_uid, st.st_gid))
+        if stat.S_ISLNK(m):
+            sink.put(_header(path, perm, uid, gid, 0, mtime, b"2", os.readlink(name, dir_fd=dfd)))
+        elif stat.S_ISFIFO(m):
+            sink.put(_header(path, perm, uid, gid, 0, mtime, b"6"))
+        elif stat.S_ISCHR(m) or stat.S_ISBLK(m):  # a store written by real root
+            sink.put(_header(path, perm, uid, gid, 0, mtime, b"3" if stat.S_ISCHR(m) else b"4",
+                             dev=(os.major(st.st_rdev), os.minor(st.st_rdev))))
+        # sockets have no tar form: left out, like every other builder does
+
+
+def write_tar(layer_dir: str, out: BinaryIO | None) -> tuple[str, int]:
+    """The layer's deterministic uncompressed tar: returns ("sha256:<hex>" diff_id, size); out=None hashes.
+
+    A pure function of the directory: entries sorted by name, ustar headers with no uname/gname, PAX
+    only for what ustar cannot hold, whole-second mtimes, owners as seen in the namespace (or from the
+    user.rbuild.* records), whiteouts and opaque dirs as .wh. entries, no record padding after the end.
+    """
+    sink = _Sink(out)
+    root = os.open(layer_dir, _DIRFLAGS)
+    try:
+        _tar_dir(sink, root, b"", {})
+        sink.put(_ZEROS[:1024])
+        sink.flush()
+    except OSError as e:
+        raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
+    finally:
+        os.close(root)
+    return "sha256:" + sink.sha.hexdigest(), sink.size
+
+
+# --------------------------------------------------------------------------------------------- open_blob
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class _HashingFile(io.RawIOBase):
+    def __init__(self, path: str, algo: str) -> None:
+        self.f = open(path, "rb", buffering=0)
+        self.hash = hashlib.new(algo)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = self.f.readinto(b) or 0
+        if n:
+            self.hash.update(memoryview(b)[:n])
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _algo(digest: str | None) -> str:
+    algo = (digest or "sha256:").partition(":")[0]
+    if algo not in ("sha256", "sha384", "sha512"):
+        raise LayerError(f"blob digest {digest!r}: unsupported algorithm")
+    return algo
+
+
+class _Blob(io.RawIOBase):
+    """Decompressing reader that verifies the blob digest and the diff_id when it reaches the end."""
+
+    def __init__(self, path: str, digest: str | None, diff_id: str | None) -> None:
+        self.path, self.digest, self.diff_id = path, digest, diff_id
+        self.raw = _HashingFile(path, _algo(digest))
+        magic = self.raw.f.read(4)
+        self.raw.f.seek(0)
+        self.inner: BinaryIO
+        if magic.startswith(_GZIP_MAGIC):
+            from isal import igzip
+            self.inner = igzip.IGzipFile(fileobj=self.raw, mode="rb")  # type: ignore[assignment]
+        elif magic == _ZSTD_MAGIC:
+            import zstandard
+            self.inner = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
+                self.raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]
+        else:
+            self.inner = self.raw  # type: ignore[assignment]
+        self.out = hashlib.new(_algo(diff_id)) if diff_id else None
+        self.verified = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        try:
+            n = self.inner.readinto(b)  # type: ignore[attr-defined]
+        except LayerError:
+            raise
+        except Exception as e:  # isal, zstandard and gzip each have their own error types
+            raise LayerError(f"blob {self.digest or self.path}: corrupt compressed data ({e})") from None
+        if n:
+            if self.out is not None:
+                self.out.update(memoryview(b)[:n])
+            return n
+        if not self.verified:
+            self._verify()
+        return 0
+
+    def _verify(self) -> None:
+        self.verified = True
+        buf = bytearray(CHUNK)
+        while self.raw.readinto(buf):
+            pass
+        if self.digest and f"{self.raw.hash.name}:{self.raw.hash.hexdigest()}" != self.digest:
+            raise LayerError(f"blob {self.digest}: digest mismatch (content is "
+                             f"{self.raw.hash.name}:{self.raw.hash.hexdigest()})")
+        if self.out is not None and f"{self.out.name}:{self.out.hexdigest()}" != self.diff_id:
+            raise LayerError(f"blob {self.digest or self.path}: uncompressed content does not match "
+                             f"diff_id {self.diff_id}")
+
+    def close(self) -> None:
+        if self.inner is not self.raw:
+            self.inner.close()
+        self.raw.close()
+        super().close()
+
+
+def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = None) -> BinaryIO:
+    """Reader of a layer blob's uncompressed tar: gzip (ISA-L), zstd or plain, told by magic bytes.
+
+    With `digest` / `diff_id` the compressed / uncompressed bytes are hashed while streaming and
+    checked at the end of the stream (LayerError on mismatch): read it to the end (`unpack` does).
+    """
+    try:
+        return io.BufferedReader(_Blob(path, digest, diff_id), CHUNK)  # type: ignore[return-value]
+    except OSError as e:
+        raise LayerError(f"blob {path}: {e.strerror or e}") from None
