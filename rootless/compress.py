@@ -20,9 +20,9 @@ import os
 import struct
 from typing import BinaryIO
 
-from rootless.layers import LayerError, write_tar
+from rootless.layers import CHUNK, LayerError, open_blob, write_tar
 
-__all__ = ["compress_layer", "FORMATS", "DEFAULT_LEVELS"]
+__all__ = ["compress_layer", "compress_file", "FORMATS", "DEFAULT_LEVELS"]
 
 FORMATS = ("gzip", "zstd", "none")
 DEFAULT_LEVELS = {"gzip": 1, "zstd": 3}
@@ -88,29 +88,61 @@ class _Plain(_Out):
         pass
 
 
+def _writer(f: BinaryIO, fmt: str, level: int | None) -> _Gzip | _Zstd | _Plain:
+    if fmt not in FORMATS:
+        raise LayerError(f"unknown compression format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    lvl = DEFAULT_LEVELS.get(fmt, 0) if level is None else level
+    if fmt == "gzip":
+        if not 0 <= lvl <= 3:
+            raise LayerError(f"gzip level {lvl} out of range: ISA-L igzip has levels 0..3")
+        return _Gzip(f, lvl)
+    if fmt == "zstd":
+        if not 1 <= lvl <= 22:
+            raise LayerError(f"zstd level {lvl} out of range 1..22")
+        return _Zstd(f, lvl)
+    return _Plain(f)
+
+
 def compress_layer(layer_dir: str, out_path: str, fmt: str, level: int | None = None) -> tuple[str, int, str]:
     """Write the layer's blob to `out_path` in one pass; returns (blob digest, blob size, diff_id).
 
     fmt is "gzip", "zstd" or "none" (the plain tar); level None takes DEFAULT_LEVELS.
     """
-    if fmt not in FORMATS:
-        raise LayerError(f"unknown compression format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    lvl = DEFAULT_LEVELS.get(fmt, 0) if level is None else level
-    if fmt == "gzip" and not 0 <= lvl <= 3:
-        raise LayerError(f"gzip level {lvl} out of range: ISA-L igzip has levels 0..3")
-    if fmt == "zstd" and not 1 <= lvl <= 22:
-        raise LayerError(f"zstd level {lvl} out of range 1..22")
     try:
         with open(out_path, "wb") as f:
-            out: _Gzip | _Zstd | _Plain
-            if fmt == "gzip":
-                out = _Gzip(f, lvl)
-            elif fmt == "zstd":
-                out = _Zstd(f, lvl)
-            else:
-                out = _Plain(f)
+            out = _writer(f, fmt, level)
             diff_id, _ = write_tar(layer_dir, out)  # type: ignore[arg-type]
             out.close()
     except OSError as e:
         raise LayerError(f"writing blob {out_path}: {e.strerror or e}") from None
     return "sha256:" + out.sha.hexdigest(), out.size, diff_id
+
+
+def compress_file(blob_path: str, out_path: str, fmt: str, level: int | None = None) -> tuple[str, int, str]:
+    """Recompress a stored blob (gzip, zstd or plain) into `fmt`; returns (digest, size, diff_id).
+
+    Feeds the compressor the same fixed-size blocks as `compress_layer`, so equal content gives equal
+    blobs whichever way it arrived.
+    """
+    sha = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    try:
+        with open_blob(blob_path) as src, open(out_path, "wb") as f:
+            out = _writer(f, fmt, level)
+            while True:
+                n = 0
+                while n < CHUNK:
+                    k = src.readinto(view[n:])  # type: ignore[attr-defined]
+                    if not k:
+                        break
+                    n += k
+                if n:
+                    sha.update(view[:n])
+                    out.write(view[:n])
+                if n < CHUNK:
+                    break
+            out.close()
+    except OSError as e:
+        raise LayerError(f"writing blob {out_path}: {e.strerror or e}") from None
+    return "sha256:" + out.sha.hexdigest(), out.size, "sha256:" + sha.hexdigest()
