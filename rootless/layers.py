@@ -550,7 +550,11 @@ class _Unpacker:
             self._special_meta(pfd, comps[:-1] + (name,), ti)
             return
         if stat.S_ISDIR(st.st_mode):  # added by this layer: stays, but hides what lower layers had
-            os.setxattr(name, XATTR_OPAQUE, b"y", dir_fd=pfd)  # type: ignore[call-arg]
+            fd = os.open(name, _DIRFLAGS, dir_fd=pfd)
+            try:
+                os.setxattr(fd, XATTR_OPAQUE, b"y")
+            finally:
+                os.close(fd)
             self.opaque.add(comps[:-1] + (name,))
 
     def _hardlink(self, comps: tuple[bytes, ...], ti: tarfile.TarInfo) -> None:
