@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shlex
+import stat
 import sys
 import tempfile
 import time
@@ -222,8 +223,7 @@ class Executor:
         node = cmd.node
         if isinstance(cmd, ins.ArgCmd):
             return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state)))
-        if not isinstance(cmd, ins.RunCmd | ins.CmdCmd | ins.EntrypointCmd | ins.ShellCmd):
-            cmd = cmd.expand(self.lexer, self.expand_env(state))
+        cmd = cmd.expand(self.lexer, self.expand_env(state))
         run_args = self.run_args(state)
         extra: Any = None
         if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
@@ -390,11 +390,13 @@ class Executor:
                                                    for n in ("upper", "work", "merged", "links", "scratch"))
             for d in (upper, work, merged, scratch):
                 os.mkdir(d, 0o755 if d == upper else 0o700)
+            self.touched: list[str] = []
             with overlay.mounted(lowers, upper, work, merged, links):
                 workdir = state.config["config"].get("WorkingDir")
                 if workdir:
                     copyfiles.ensure_dir(merged, workdir)
                 action(merged, scratch)
+            _prune_copied_up(upper, lowers, self.touched)
             diff_id = self.commit_upper(upper)
         if diff_id is None:
             return False
@@ -481,7 +483,7 @@ class Executor:
 
     def sandbox_run(self, merged: str, spec: sandbox.RunSpec, scratch: str, cmd: Any) -> int:
         try:
-            return sandbox.run(merged, spec, scratch)
+            return sandbox.run(merged, spec, scratch, self.touched)
         except RbuildError as e:
             if e.exit_code == 127:
                 raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: {e}", 127) from None
@@ -590,6 +592,26 @@ class Executor:
             if not items:
                 return
         copyfiles.copy_into(merged, items, src_root, rules, dest, uid, gid, chmod, what)
+
+
+def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
+    """Drop directories the overlay copied up only because a mount point was made (and removed) in them."""
+    for p in sorted(set(paths), key=lambda x: -x.count("/")):
+        rel = p.strip("/")
+        up = os.path.join(upper, rel)
+        try:
+            st = os.lstat(up)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or os.listdir(up) or "user.overlay.opaque" in os.listxattr(up):
+            continue
+        lower = next((os.path.join(lo, rel) for lo in lowers if os.path.lexists(os.path.join(lo, rel))), None)
+        if lower is None:
+            continue
+        lst = os.lstat(lower)
+        if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (lst.st_mode, lst.st_uid, lst.st_gid,
+                                                                  lst.st_mtime_ns):
+            os.rmdir(up)
 
 
 def _port(p: str) -> str:

@@ -226,8 +226,12 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
         os._exit(125)
 
 
-def run(root: str, spec: RunSpec, scratch: str) -> int:
-    """Run spec in the tree mounted at root; return the exit status. scratch: a private temp dir."""
+def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None) -> int:
+    """Run spec in the tree mounted at root; return the exit status. scratch: a private temp dir.
+
+    Existing directories in which mount points had to be created are appended to `touched` (as
+    container paths): an overlay copied them up, and the caller may drop those copies again.
+    """
     if not spec.argv:
         raise RbuildError("RUN has no command")
     created: list[str] = []
@@ -257,6 +261,8 @@ def run(root: str, spec: RunSpec, scratch: str) -> int:
         return _fork_run(root, spec, files)
     finally:
         _restore_stubs(created, parent_times)
+        if touched is not None:
+            touched += ["/" + os.path.relpath(p, root) for p in parent_times if p not in created and p != root]
 
 
 def _note_parent(root: str, path: str, times: dict[str, tuple[int, int]]) -> None:
