@@ -36,7 +36,7 @@ import shutil
 import stat
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from rootless.errors import RbuildError
@@ -59,12 +59,23 @@ class LayerError(RbuildError):
     """A layer that cannot be unpacked or written: names the entry and the cause."""
 
 
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        raise RbuildError(f"{name}={os.environ[name]!r}: expected a number of bytes") from None
+
+
 @dataclass
 class UnpackLimits:
-    """Bounds against size and decompression bombs; defaults are generous for real images."""
+    """Bounds against size and decompression bombs; defaults are generous for real images.
 
-    max_bytes: int = 64 << 30
-    max_entries: int = 10_000_000
+    The defaults can be changed with RBUILD_MAX_LAYER_BYTES (uncompressed bytes of one layer, sparse
+    holes included) and RBUILD_MAX_LAYER_ENTRIES.
+    """
+
+    max_bytes: int = field(default_factory=lambda: _env_int("RBUILD_MAX_LAYER_BYTES", 64 << 30))
+    max_entries: int = field(default_factory=lambda: _env_int("RBUILD_MAX_LAYER_ENTRIES", 10_000_000))
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -222,18 +233,19 @@ class _Counted(io.RawIOBase):
         self.count += len(data)
         if self.count > self.limit:
             raise LayerError(f"layer: uncompressed size exceeds the limit of {self.limit} bytes "
-                             "(a decompression bomb?)")
+                             "(a decompression bomb? RBUILD_MAX_LAYER_BYTES)")
         return data
 
 
 def _split(name: str, what: str = "path") -> tuple[bytes, ...]:
     """Components of an entry name; refuses absolute names and `..` (never cleaned away silently)."""
     raw = os.fsencode(name)
+    shown = "" if what == "path" else f" {name!r}"
     if raw.startswith(b"/"):
-        raise LayerError(f"layer entry {name!r}: absolute {what}")
+        raise LayerError(f"absolute {what}{shown}")
     comps = tuple(c for c in raw.split(b"/") if c and c != b".")
     if b".." in comps:
-        raise LayerError(f"layer entry {name!r}: {what} leads outside the layer (..)")
+        raise LayerError(f"{what}{shown} leads outside the layer (..)")
     return comps
 
 
@@ -417,7 +429,7 @@ class _Unpacker:
             tf.members.clear()  # type: ignore[attr-defined]
             self.entries += 1
             if self.entries > self.limits.max_entries:
-                raise LayerError(f"layer: more than {self.limits.max_entries} entries")
+                raise LayerError(f"layer: more than {self.limits.max_entries} entries (RBUILD_MAX_LAYER_ENTRIES)")
             try:
                 self.entry(tf, ti)
             except LayerError as e:
@@ -434,7 +446,8 @@ class _Unpacker:
         if ti.isreg():
             self.total += ti.size
             if self.total > self.limits.max_bytes:
-                raise LayerError(f"layer data exceeds the limit of {self.limits.max_bytes} bytes")
+                raise LayerError(f"data exceeds the layer limit of {self.limits.max_bytes} bytes "
+                                 "(RBUILD_MAX_LAYER_BYTES)")
         if not comps:
             if not ti.isdir():
                 raise LayerError("the layer root must be a directory")

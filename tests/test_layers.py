@@ -20,11 +20,11 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from hostile.userns import in_userns
 
 from rootless import compress, layers
 from rootless.layers import LayerError
 
-ROOTLESS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rootless")
 # security.capability v2: cap_net_raw (bit 13) permitted+effective, as ping carries it
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 
@@ -128,20 +128,6 @@ for i, out in ((1, "t1.tar"), (2, "t2.tar")):
 st = os.lstat(os.path.join(work, "l1/home/app/secret"))
 print(st.st_uid, st.st_gid, oct(st.st_mode))
 """
-
-
-def in_userns(runner, script: str, *args: str, single: bool) -> str:  # type: ignore[no-untyped-def]
-    """Run a python script with this checkout's rootless, as the runner's user, inside its namespace."""
-    work = runner.mkdir()
-    pkg = os.path.join(work, "pkg")
-    shutil.copytree(ROOTLESS, os.path.join(pkg, "rootless"), ignore=shutil.ignore_patterns("__pycache__"))
-    path = os.path.join(work, "script.py")
-    with open(path, "w") as f:
-        f.write(script)
-    runner.own(work)
-    res = runner.run("unshare", "/usr/bin/python3", path, *args,
-                     env={"PYTHONPATH": pkg, "SINGLE": "1" if single else "0"})
-    return res.stdout
 
 
 def roundtrip(runner, data: bytes, single: bool) -> tuple[bytes, bytes, str]:  # type: ignore[no-untyped-def]
