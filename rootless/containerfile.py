@@ -678,10 +678,11 @@ def _split_lines(data: bytes) -> tuple[list[str], int | None]:
 def parse(data: bytes | str, filename: str = "Containerfile") -> Containerfile:
     """Parse a Containerfile; raises ContainerfileError (FILE:LINE: message) for what BuildKit refuses."""
     if isinstance(data, str):
+        text = data
         try:
-            data = data.encode("utf-8", "surrogateescape")
+            data = text.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:
-            data = data.encode("utf-8", "replace")
+            data = text.encode("utf-8", "replace")
     lines, too_long = _split_lines(data)
     d = _Directives()
     nodes: list[Node] = []
