@@ -212,7 +212,7 @@ def _session() -> Iterator[dict[str, Runner]]:
         if IS_ROOT:
             tag = f"{os.getpid() % 100000}"
             for kind, with_range in (("sub", True), ("single", False)):
-                name = f"rbt{kind[0]}{tag}"
+                name = f"rbt{kind[:2]}{tag}"  # "rbtsu…", "rbtsi…": distinct names
                 pw = _make_user(name, with_range)
                 made.append(name)
                 ubase = os.path.join(base, kind)
