@@ -1,0 +1,54 @@
+"""Reproducible builds: with SOURCE_DATE_EPOCH, who builds and whether the cache is used do not matter.
+
+The same Containerfile and context, built by the user with a subuid range (SOURCE_DATE_EPOCH in the
+environment) and by the single-uid user (as a build arg, with --no-cache), pushed with gzip and with zstd,
+give the same manifest digest per format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+SDE = "1700000000"
+CONTAINERFILE = """FROM oci:{base}
+ARG SOURCE_DATE_EPOCH
+COPY files/ /app/
+RUN mkdir -p /data/sub && echo hello > /data/sub/f && ln -s f /data/sub/ln && ln /data/sub/f /data/hard \\
+ && chmod 4755 /data/sub/f && mkfifo /data/fifo && rm /etc/group && echo x > /app/new
+RUN rm -r /data/sub && mkdir /data/sub && echo again > /data/sub/g
+ENV GREETING=hi
+"""
+
+
+def build_and_push(runner: Any, base: str, *extra: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    ctx = runner.context({"Containerfile": CONTAINERFILE.format(base=base), "files/a.txt": "a\n",
+                          "files/dir/b.bin": bytes(range(256)) * 100, "files/script.sh": "#!/bin/sh\necho\n"})
+    os.chmod(os.path.join(ctx, "files/script.sh"), 0o755)
+    image = runner.build(ctx, *extra, env=env)
+    digests = {}
+    for fmt in ("gzip", "zstd"):
+        out = runner.mkdir()
+        digestfile = os.path.join(out, "digest")
+        runner.run("push", "-q", "--compression-format", fmt, "--digestfile", digestfile, image,
+                   f"oci:{out}/layout")
+        with open(digestfile) as f:
+            digests[fmt] = f.read().strip()
+        with open(os.path.join(out, "layout", "index.json")) as f:
+            assert json.load(f)["manifests"][0]["digest"] == digests[fmt]
+    return digests
+
+
+def test_same_digests_across_users_cache_and_formats(rb: Any, rb_single: Any, busybox: str) -> None:
+    a = build_and_push(rb, busybox, env={"SOURCE_DATE_EPOCH": SDE})
+    b = build_and_push(rb_single, busybox, "--no-cache", "--build-arg", f"SOURCE_DATE_EPOCH={SDE}")
+    assert a["gzip"] != a["zstd"]
+    assert a == b
+
+
+def test_rewrite_timestamp_false_keeps_newer_mtimes(rb: Any, busybox: str) -> None:
+    """Without clamping, the layer entries keep their (current) mtimes: the digest changes."""
+    a = build_and_push(rb, busybox, env={"SOURCE_DATE_EPOCH": SDE})
+    b = build_and_push(rb, busybox, "--rewrite-timestamp=false", env={"SOURCE_DATE_EPOCH": SDE})
+    assert a != b
