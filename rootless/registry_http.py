@@ -246,8 +246,8 @@ class RegistryHTTP:
         for attempt in range(retries + 1):
             try:
                 resp = self.session().get(base + "/v2/", timeout=TIMEOUT)
-            except transient_errors():
-                if attempt >= retries:
+            except transient_errors() as e:
+                if attempt >= retries or describe(e) == "connection refused":  # nobody listens: no use waiting
                     raise
                 time.sleep(backoff(attempt))
                 continue

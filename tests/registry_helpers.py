@@ -31,7 +31,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import zstandard
 
@@ -166,7 +166,7 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 @contextlib.contextmanager
 def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[_Server]:
     server = _Server(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server
@@ -443,7 +443,7 @@ def compress(raw: bytes, kind: str) -> tuple[bytes, str]:
 
 
 @dataclass
-class TestImage:
+class SampleImage:
     """An image held in memory: blobs by digest, its manifest, config and layer descriptors."""
 
     manifest: bytes
@@ -457,7 +457,7 @@ class TestImage:
     def digest(self) -> str:
         return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
 
-    def openers(self) -> list[tuple[Descriptor, Callable[[], io.BytesIO]]]:
+    def openers(self) -> list[tuple[Descriptor, Callable[[], BinaryIO]]]:
         return [(d, lambda d=d: io.BytesIO(self.blobs[d.digest])) for d in self.layers]  # type: ignore[misc]
 
     def write_layout(self, path: str, tag: str = "latest") -> None:
@@ -476,7 +476,7 @@ class TestImage:
 
 
 def make_image(layer_sizes: list[int], *, kinds: list[str] | None = None, arch: str = "amd64",
-               variant: str = "", fmt: str = "oci", seed: int | None = None) -> TestImage:
+               variant: str = "", fmt: str = "oci", seed: int | None = None) -> SampleImage:
     """A random image: one layer per size (random, incompressible bytes), compressed as `kinds`."""
     rng = random.Random(seed)
     kinds = kinds or ["gzip"] * len(layer_sizes)
@@ -504,7 +504,7 @@ def make_image(layer_sizes: list[int], *, kinds: list[str] | None = None, arch: 
         "application/vnd.oci.image.manifest.v1+json"
     manifest = json.dumps({"schemaVersion": 2, "mediaType": media_type, "config": config_desc.to_json(),
                            "layers": [d.to_json() for d in layers]}).encode()
-    return TestImage(manifest, media_type, config_desc, config_bytes, layers, blobs)
+    return SampleImage(manifest, media_type, config_desc, config_bytes, layers, blobs)
 
 
 def blob_files(dest: str) -> dict[str, bytes]:
@@ -516,3 +516,28 @@ def blob_files(dest: str) -> dict[str, bytes]:
             with open(path, "rb") as f:
                 out[os.path.relpath(path, dest)] = f.read()
     return out
+
+
+def isolate(monkeypatch: Any, base: str) -> str:
+    """Point every configuration lookup (HOME, XDG dirs, auth, registries.conf, certs.d, blob cache)
+    into `base`, so a test sees only what it writes there; returns the fake HOME."""
+    from rootless import regconf
+
+    home = os.path.join(base, "home")
+    os.makedirs(home, exist_ok=True)
+    monkeypatch.setenv("HOME", home)
+    monkeypatch.setenv("XDG_CACHE_HOME", os.path.join(base, "cache"))
+    for var in ("XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
+                "CONTAINERS_REGISTRIES_CONF"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(regconf, "SYSTEM_CONF", os.path.join(base, "etc", "registries.conf"))
+    monkeypatch.setattr(regconf, "SYSTEM_CONF_DIR", os.path.join(base, "etc", "registries.conf.d"))
+    monkeypatch.setattr(regconf, "SYSTEM_CERT_DIRS", (os.path.join(base, "etc", "certs.d"),))
+    return home
+
+
+def write(path: str, text: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
