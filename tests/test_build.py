@@ -1,0 +1,412 @@
+"""End to end: `rbuild build` and the image commands, run as unprivileged users (issue 2's contract)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import IS_ROOT, Runner, busybox_layer, write_oci_layout
+
+ID_RE = re.compile(r"^sha256:[0-9a-f]{64}\n$")
+
+
+def cf(busybox: str, body: str) -> str:
+    return f"FROM oci:{busybox}\n{body}"
+
+
+def store_snapshot(root: str) -> tuple[str, list[str]]:
+    """What a failed command must leave untouched: the image index and an empty staging area."""
+    try:
+        with open(os.path.join(root, "images.json")) as f:
+            images = f.read()
+    except FileNotFoundError:
+        images = ""
+    return images, sorted(os.listdir(os.path.join(root, "tmp"))) if os.path.isdir(os.path.join(root, "tmp")) else []
+
+
+def test_hello_quiet_id_everywhere(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo hi > /greeting\nCMD [\"cat\", \"/greeting\"]\n")})
+    iid = os.path.join(ctx, "iid")
+    res = rb.run("build", "-q", "-t", "hello-q:1.0", "--iidfile", iid, ctx)
+    assert ID_RE.match(res.stdout), repr(res.stdout)
+    image_id = res.stdout.strip()
+    with open(iid) as f:
+        assert f.read().strip() == image_id
+    images = json.loads(rb.run("images", "--format", "json").stdout)
+    assert any(i["Id"] == image_id and "localhost/hello-q:1.0" in i["Names"] for i in images)
+    for name in ("hello-q:1.0", "localhost/hello-q:1.0", image_id, image_id[7:], image_id[7:19]):
+        doc = json.loads(rb.run("inspect", name).stdout)[0]
+        assert doc["Id"] == image_id
+        assert doc["RepoTags"] == ["localhost/hello-q:1.0"]
+        assert doc["Config"]["Cmd"] == ["cat", "/greeting"]
+        assert len(doc["RootFS"]["Layers"]) == 2
+        assert doc["History"][-1]["created_by"].startswith("CMD")
+    table = rb.run("images").stdout
+    assert "localhost/hello-q" in table and image_id[7:19] in table
+
+
+def test_not_quiet_prints_steps_on_stderr_and_id_last_on_stdout(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo out-of-run\n")})
+    res = rb.run("build", "--no-cache", ctx)
+    assert res.stdout.strip().splitlines()[-1].startswith("sha256:")
+    assert "out-of-run" not in res.stdout
+    assert "out-of-run" in res.stderr and "STEP 2/2: RUN echo out-of-run" in res.stderr
+
+
+def test_run_is_root_inside_but_not_on_host(rb: Runner, busybox: str) -> None:
+    assert rb.uid != 0 or not IS_ROOT
+    run = 'RUN test "$(id -u)" = 0 && id -u > /uid && cat /proc/self/uid_map > /map\n'
+    ctx = rb.context({"Containerfile": cf(busybox, run)})
+    out = rb.mkdir()
+    rb.build(ctx, "-t", "uidcheck")
+    rb.run("push", "uidcheck", f"oci:{out}/layout")
+    tree = flatten(f"{out}/layout")
+    assert tree["uid"][1] == b"0\n"
+    first = tree["map"][1].split()
+    assert first[:2] == [b"0", str(rb.uid).encode()], tree["map"][1]
+
+
+def flatten(layout: str) -> dict[str, tuple[str, bytes]]:
+    """path -> (type, content) of an OCI layout's merged tree (enough for these tests)."""
+    import gzip
+    import io
+    import tarfile
+
+    with open(os.path.join(layout, "index.json")) as f:
+        index = json.load(f)
+
+    def blob(d: str) -> bytes:
+        with open(os.path.join(layout, "blobs", *d.split(":")), "rb") as f:
+            return f.read()
+
+    man = json.loads(blob(index["manifests"][-1]["digest"]))
+    tree: dict[str, tuple[str, bytes]] = {}
+    for layer in man["layers"]:
+        data = blob(layer["digest"])
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+        elif data[:4] == b"\x28\xb5\x2f\xfd":
+            import zstandard
+
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            for m in tf.getmembers():
+                name = m.name.strip("/").removeprefix("./")
+                base = os.path.basename(name)
+                parent = os.path.dirname(name)
+                if base == ".wh..wh..opq":
+                    for k in [k for k in tree if k.startswith(parent + "/")]:
+                        del tree[k]
+                    continue
+                if base.startswith(".wh."):
+                    gone = os.path.join(parent, base[4:])
+                    for k in [k for k in tree if k == gone or k.startswith(gone + "/")]:
+                        del tree[k]
+                    continue
+                if m.isfile():
+                    f = tf.extractfile(m)
+                    tree[name] = ("file", f.read() if f else b"")
+                elif m.issym():
+                    tree[name] = ("symlink", m.linkname.encode())
+                elif m.islnk():
+                    tree[name] = tree.get(m.linkname.strip("/"), ("file", b""))
+                else:
+                    tree[name] = ("dir" if m.isdir() else "other", b"")
+    return tree
+
+
+def test_cached_rebuild_reuses_every_step_and_no_cache_rebuilds(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, "COPY a /a\nRUN cat /a > /b\nENV X=1\n"), "a": "data\n"})
+    first = rb.build(ctx)
+    res = rb.run("build", ctx)
+    assert res.stdout.strip().splitlines()[-1] == first
+    assert res.stderr.count("Using cache") == 3
+    # touching a source without changing it keeps the cache (mtimes are not part of the key)
+    os.utime(os.path.join(ctx, "a"), (1, 1))
+    assert rb.build(ctx) == first
+    with open(os.path.join(ctx, "a"), "w") as f:
+        f.write("other\n")
+    changed = rb.run("build", ctx)
+    assert changed.stdout.strip() != first and "Using cache" not in changed.stderr.split("COPY a /a")[1]
+    nc = rb.run("build", "--no-cache", ctx)
+    assert "Using cache" not in nc.stderr
+
+
+def test_tag_rmi_and_names(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, "LABEL purpose=tagging\n")})
+    image_id = rb.build(ctx, "-t", "tagme:1.0")
+    rb.run("tag", "tagme:1.0", "tagme:latest", "quay.io/example/tagme:2")
+    doc = json.loads(rb.run("inspect", image_id[7:19]).stdout)[0]
+    assert sorted(doc["RepoTags"]) == ["localhost/tagme:1.0", "localhost/tagme:latest", "quay.io/example/tagme:2"]
+    rb.run("rmi", "tagme:1.0")
+    doc = json.loads(rb.run("inspect", image_id).stdout)[0]
+    assert "localhost/tagme:1.0" not in doc["RepoTags"]
+    rb.run("rmi", "-f", image_id)
+    res = rb.run("inspect", image_id, check=False)
+    assert res.returncode == 125 and res.stderr.startswith("Error:")
+
+
+def test_root_flag_before_and_after_subcommand(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    ctx = rb.context({"Containerfile": cf(busybox, "ENV A=b\n")})
+    r1 = rb.run("--root", root, "build", "-q", "-t", "rootflag", ctx, env={"RBUILD_ROOT": None})  # type: ignore[dict-item]
+    r2 = rb.run("images", "--root", root, "--format", "json", env={"RBUILD_ROOT": None})  # type: ignore[dict-item]
+    assert r1.stdout.strip() in r2.stdout
+    assert os.path.exists(os.path.join(root, "store.json"))
+
+
+def test_multistage_copy_from_and_metadata(rb: Runner, busybox: str) -> None:
+    text = (f"ARG BASE=oci:{busybox}\nFROM $BASE AS build\nARG MSG=default\nRUN mkdir /out && echo \"$MSG\" > /out/msg"
+            " && ln -s msg /out/link\n"
+            f"FROM oci:{busybox} AS unused\nRUN exit 99\n"
+            f"FROM oci:{busybox}\nCOPY --from=build /out /copied/\nWORKDIR /work\nUSER app\nEXPOSE 8080 53/udp\n"
+            "VOLUME /data\nENTRYPOINT [\"/bin/sh\"]\nLABEL a=b\nSTOPSIGNAL SIGTERM\nSHELL [\"/bin/sh\", \"-ec\"]\n"
+            "HEALTHCHECK --interval=5s CMD true\nONBUILD RUN echo triggered\nRUN id -u > /tmp/whoami\n")
+    ctx = rb.context({"Containerfile": text})
+    out = rb.mkdir()
+    rb.build(ctx, "-t", "multi", "--build-arg", "MSG=hello world", "--label", "extra=1")
+    doc = json.loads(rb.run("inspect", "multi").stdout)[0]
+    c = doc["Config"]
+    assert c["WorkingDir"] == "/work" and c["User"] == "app"
+    assert c["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
+    assert c["Volumes"] == {"/data": {}}
+    assert c["Entrypoint"] == ["/bin/sh"] and "Cmd" not in c
+    assert c["Labels"] == {"a": "b", "extra": "1"}
+    assert c["StopSignal"] == "SIGTERM" and c["Shell"] == ["/bin/sh", "-ec"]
+    assert c["Healthcheck"]["Test"] == ["CMD-SHELL", "true"] and c["Healthcheck"]["Interval"] == 5_000_000_000
+    assert c["OnBuild"] == ["RUN echo triggered"]
+    rb.run("push", "multi", f"oci:{out}/l")
+    tree = flatten(f"{out}/l")
+    assert tree["copied/msg"] == ("file", b"hello world\n")
+    assert tree["copied/link"] == ("symlink", b"msg")
+    assert tree["tmp/whoami"] == ("file", b"1000\n")
+
+
+def test_onbuild_triggers_run_in_child(rb: Runner, busybox: str) -> None:
+    parent = rb.context({"Containerfile": cf(busybox, "ONBUILD RUN echo from-trigger > /trig\n")})
+    rb.build(parent, "-t", "onbuild-parent")
+    child = rb.context({"Containerfile": "FROM onbuild-parent\nRUN cat /trig\n"})
+    res = rb.run("build", child)
+    assert "from-trigger" in res.stderr
+    doc = json.loads(rb.run("inspect", res.stdout.strip().splitlines()[-1]).stdout)[0]
+    assert "OnBuild" not in doc["Config"]
+
+
+def test_sandbox_view(rb: Runner, busybox: str) -> None:
+    script = r"""
+set -e
+test "$(hostname)" = rbuild
+test "$$" = 1
+grep -q 'NoNewPrivs:.1' /proc/self/status
+grep -q '^CapBnd:.00000000a80425fb' /proc/self/status
+for d in null zero full random urandom tty; do test -c /dev/$d; done
+test -d /dev/shm && test -d /dev/pts && test -L /dev/fd && test -L /dev/stdin && test -e /dev/ptmx
+if echo 1 > /proc/sys/kernel/domainname 2>/dev/null; then echo writable-proc-sys; exit 1; fi
+test ! -s /proc/kcore
+if touch /sys/rbuild-probe 2>/dev/null; then echo writable-sys; exit 1; fi
+grep -q localhost /etc/hosts && test -s /etc/resolv.conf && grep -q rbuild /etc/hostname
+head -c 16 /dev/urandom | wc -c | grep -q 16
+test "$BUILDARG" = yes
+test "$HOME" = /root
+"""
+    ctx = rb.context({"Containerfile": cf(busybox, "ARG BUILDARG\nCOPY probe.sh /probe.sh\nRUN sh /probe.sh\n"),
+                      "probe.sh": script})
+    res = rb.run("build", "--build-arg", "BUILDARG=yes", ctx, check=False)
+    assert res.returncode == 0, res.stderr
+
+
+def test_mount_points_leave_no_trace_on_scratch(rb: Runner) -> None:
+    ctx = rb.context({"Containerfile": "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n"})
+    shutil.copy("/bin/busybox", os.path.join(ctx, "busybox"))
+    rb.own(ctx)
+    out = rb.mkdir()
+    rb.build(ctx, "-t", "scratchrun")
+    doc = json.loads(rb.run("inspect", "scratchrun").stdout)[0]
+    assert len(doc["RootFS"]["Layers"]) == 1  # the RUN changed nothing: no layer, as BuildKit
+    assert doc["History"][-1].get("empty_layer") is True
+    rb.run("push", "scratchrun", f"oci:{out}/l")
+    assert sorted(flatten(f"{out}/l")) == ["bin", "bin/busybox"]
+
+
+def test_hundred_layer_base_mounts(rb: Runner, busybox: str) -> None:
+    import io
+    import tarfile
+
+    layers = [busybox_layer()]
+    for i in range(100):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            ti = tarfile.TarInfo(f"layer{i:03d}")
+            ti.size = 3
+            tf.addfile(ti, io.BytesIO(b"%03d" % i))
+        layers.append(buf.getvalue())
+    layout = rb.mkdir() + "/many"
+    write_oci_layout(layout, layers, compress=False)
+    rb.own(os.path.dirname(layout))
+    ctx = rb.context({"Containerfile": f"FROM oci:{layout}\nRUN cat /layer000 /layer099 > /both\n"})
+    out = rb.mkdir()
+    rb.build(ctx, "-t", "hundred")
+    rb.run("push", "hundred", f"oci:{out}/l")
+    assert flatten(f"{out}/l")["both"] == ("file", b"000099")
+
+
+def test_push_formats_and_compression(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo x > /x\n")})
+    rb.build(ctx, "-t", "pushme", "--format", "docker")
+    out = rb.mkdir()
+    rb.run("push", "pushme", f"oci:{out}/d")
+    with open(f"{out}/d/index.json") as f:
+        assert json.load(f)["manifests"][0]["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    res = rb.run("push", "--format", "docker", "--compression-format", "zstd", "pushme", f"oci:{out}/z", check=False)
+    assert res.returncode == 125 and "zstd" in res.stderr and not os.path.exists(f"{out}/z/index.json")
+    rb.run("push", "--format", "oci", "--compression-format", "zstd", "pushme", f"oci:{out}/z:v1")
+    rb.run("push", "--format", "oci", "pushme", f"oci:{out}/z:v2", "--digestfile", f"{out}/digest")
+    with open(f"{out}/z/index.json") as f:
+        refs = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in json.load(f)["manifests"]}
+    assert set(refs) == {"v1", "v2"}
+    with open(f"{out}/digest") as f:
+        assert f.read().strip() == refs["v2"]["digest"]
+    man1 = json.load(open(f"{out}/z/blobs/sha256/" + refs["v1"]["digest"][7:]))
+    assert man1["layers"][-1]["mediaType"].endswith("+zstd")
+    assert flatten(f"{out}/z")["x"] == ("file", b"x\n")
+    # retagging v1 replaces it and keeps v2
+    rb.run("push", "pushme", f"oci:{out}/z:v1")
+    with open(f"{out}/z/index.json") as f:
+        assert sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in json.load(f)["manifests"]) == \
+            ["v1", "v2"]
+    rb.run("push", "pushme", f"oci-archive:{out}/a.tar")
+    rb.run("push", "pushme", f"docker-archive:{out}/d.tar")
+    for spec in (f"oci:{out}/z:v2", f"oci-archive:{out}/a.tar", f"docker-archive:{out}/d.tar"):
+        r = subprocess.run(["skopeo", "inspect", "--config", spec], capture_output=True, text=True, check=False)
+        assert r.returncode == 0, (spec, r.stderr)
+        assert json.loads(r.stdout)["rootfs"]["diff_ids"] == \
+            json.loads(rb.run("inspect", "pushme").stdout)[0]["RootFS"]["Layers"]
+
+
+def test_registry_from_and_push(rb: Runner, busybox: str, registry: str) -> None:
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{busybox}:latest",
+                    f"docker://{registry}/base/busybox:1"], check=True, capture_output=True)
+    ctx = rb.context({"Containerfile": f"FROM {registry}/base/busybox:1\nRUN echo pulled > /p\n"})
+    image_id = rb.build(ctx, "-t", "fromreg")
+    rb.run("push", "fromreg", f"docker://{registry}/built/app:1")
+    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--config", f"docker://{registry}/built/app:1"],
+                       capture_output=True, text=True, check=True)
+    assert "sha256:" + __import__("hashlib").sha256(
+        subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", "--config",
+                        f"docker://{registry}/built/app:1"], capture_output=True, check=True).stdout).hexdigest() \
+        == image_id
+    assert json.loads(r.stdout)["config"]["Env"]
+
+
+def test_single_uid_user_builds_with_a_notice(rb_single: Runner, busybox: str) -> None:
+    ctx = rb_single.context({"Containerfile": cf(busybox, "RUN id -u > /u && touch /made\n")})
+    res = rb_single.run("build", "-t", "single", ctx)
+    assert "single-uid" in res.stderr
+    assert res.stdout.strip().splitlines()[-1].startswith("sha256:")
+    bad = rb_single.context({"Containerfile": cf(busybox, "USER app\nRUN true\n")})
+    res = rb_single.run("build", bad, check=False)
+    assert res.returncode == 125 and "Containerfile:3" in res.stderr and "single-uid" in res.stderr
+
+
+# -------------------------------------------------------------------------------------------------------
+# bad input: one Error: line, the documented status, the store unchanged
+
+
+def _one_error(res: subprocess.CompletedProcess, status: int, *needles: str) -> None:
+    assert res.returncode == status, (res.returncode, res.stderr)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in errors[0], (n, errors[0])
+
+
+@pytest.mark.parametrize(
+    "body,status,needles",
+    [
+        ("FOO bar\n", 125, ["Containerfile:2", "FOO"]),
+        ("COPY missing.txt /x\n", 125, ["Containerfile:2", "missing.txt"]),
+        ("RUN exit 3\n", 3, ["Containerfile:2", "exit code: 3"]),
+        ("RUN [\"/no/such/binary\"]\n", 125, ["Containerfile:2"]),
+    ],
+)
+def test_bad_input(rb: Runner, busybox: str, body: str, status: int, needles: list[str]) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, body)})
+    before = store_snapshot(rb.root)
+    _one_error(rb.run("build", "-t", "broken", ctx, check=False), status, *needles)
+    assert store_snapshot(rb.root) == before
+
+
+def test_missing_containerfile_and_base(rb: Runner, registry: str) -> None:
+    empty = rb.mkdir()
+    _one_error(rb.run("build", empty, check=False), 125, "Containerfile")
+    ctx = rb.context({"Containerfile": "FROM no-such-image-here:1\n"})
+    _one_error(rb.run("build", ctx, "--pull=never", check=False), 125, "Containerfile:1", "no-such-image-here")
+    ctx = rb.context({"Containerfile": f"FROM {registry}/nothing/here:1\n"})
+    _one_error(rb.run("build", ctx, check=False), 125, "Containerfile:1")
+    dead = f"127.0.0.1:{__import__('conftest').free_port()}"
+    ctx = rb.context({"Containerfile": f"FROM {dead}/x/y:1\n"})
+    _one_error(rb.run("build", ctx, check=False, timeout=120), 125, "Containerfile:1")
+
+
+def test_store_from_another_mapping_is_refused(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    ctx = rb.context({"Containerfile": cf(busybox, "ENV A=1\n")})
+    rb.build(ctx, root=root)
+    meta_path = os.path.join(root, "store.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["mapping"]["uids"] = [[0, rb.uid, 1]]
+    meta["mapping"]["gids"] = [[0, rb.gid, 1]]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    before = store_snapshot(root)
+    _one_error(rb.run("build", ctx, root=root, check=False), 125, "different user namespace mapping")
+    assert store_snapshot(root) == before
+
+
+def test_containerfile_from_stdin_and_bare_build_arg(rb: Runner, busybox: str) -> None:
+    ctx = rb.mkdir()
+    text = cf(busybox, "ARG FROMENV\nRUN test \"$FROMENV\" = set-in-env\n")
+    res = rb.run("build", "-q", "-f", "-", "--build-arg", "FROMENV", ctx, input=text,
+                 env={"FROMENV": "set-in-env"})
+    assert ID_RE.match(res.stdout)
+
+
+def test_ctrl_c_leaves_no_mounts_or_staging(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo started; sleep 60\n")})
+    argv = rb._prefix() + [rb.bin, "build", ctx]
+    proc = subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    assert proc.stderr is not None
+    seen = b""
+    os.set_blocking(proc.stderr.fileno(), False)
+    while b"started" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen += proc.stderr.read() or b""
+    assert b"started" in seen
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    proc.wait(30)
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    leftovers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(ln.split(":", 1) for ln in f if ":" in ln)
+        except OSError:
+            continue
+        if int(status["Uid"].split()[1]) == rb.uid and not status["State"].strip().startswith("Z"):
+            leftovers.append(pid)  # a zombie waiting for init to reap it is already gone
+    assert leftovers == []  # the sandbox (and with it every mount namespace) is gone
+    assert os.listdir(os.path.join(root, "tmp")) == []
+    with open(os.path.join(root, "images.json")) as f:
+        assert len(json.load(f)["images"]) == 1  # only the imported base image; the build recorded nothing
