@@ -8,7 +8,7 @@ sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 cd "$here"
 set +e
-$sudo env RBUILD_BIN="$bin/rbuild" "$bin/python" -m pytest -p no:cacheprovider -q -rs "$@" tests
+$sudo env RBUILD_BIN="$bin/rbuild" "$bin/python" -m pytest -p no:cacheprovider -q -rs "${@:-tests}"
 status=$?
 set -e
 [ "$status" = 5 ] && { echo "no tests ran"; exit 1; }
