@@ -64,6 +64,10 @@ _DIRECTIVE = re.compile("#[\t\n\f\r ]*([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f
 _HEREDOC = re.compile("([0-9]*)<<(-?)([^<]*)\\Z", re.DOTALL)
 _LEADING_TABS = re.compile("^\t+", re.MULTILINE)
 _SPACE_SET = frozenset(GO_SPACES)
+_ASCII_SPACE_RUN = re.compile("[\t\n\v\f\r ]+")
+_WORDS_SPECIAL = re.compile("['\"\\\\`\x1c-\x1f]")
+_LEXER_SPECIAL = re.compile("['\"\\\\$\x1c-\x1f]")  # what the shell lexer may change (escape \\)
+_SIMPLE_FLAG = re.compile("--[^\t\n\v\f\r '\"\\\\`]*")
 _SPACE_BYTES = frozenset(b"\t\n\v\f\r \x85\xa0")  # unicode.IsSpace(rune(b)) for one byte
 _NOT_STRINGS = "when using JSON array syntax, arrays must be comprised of strings only"
 
@@ -305,6 +309,8 @@ def _parse_sub_command(rest: str, escape: str) -> _Parsed:
 
 def _parse_words(rest: str, escape: str) -> list[str]:
     """Split on white space, keeping quotes and escapes (BuildKit's parseWords)."""
+    if rest.isascii() and not _WORDS_SPECIAL.search(rest):
+        return [w for w in _ASCII_SPACE_RUN.split(rest) if w]
     words: list[str] = []
     in_spaces, in_word, in_quote = 0, 1, 2
     phase = in_spaces
@@ -471,6 +477,10 @@ def _extract_builder_flags(line: str, escape: str) -> tuple[str, list[str]]:
     """
     if line[:1] not in ("-", "\udc85", "\udca0"):  # a flag, or a lone byte Go counts as a space
         return line, []
+    if line.isascii():
+        fast = _simple_flags(line)
+        if fast is not None:
+            return fast
     b = line.encode("utf-8", "surrogateescape")
     n = len(b)
     esc = ord(escape)
@@ -543,6 +553,30 @@ def _extract_builder_flags(line: str, escape: str) -> tuple[str, list[str]]:
     return "", words
 
 
+def _simple_flags(line: str) -> tuple[str, list[str]] | None:
+    """extractBuilderFlags for the usual ASCII line without quotes or escapes; None otherwise."""
+    words: list[str] = []
+    pos = 0
+    n = len(line)
+    while True:
+        m = _SIMPLE_FLAG.match(line, pos)
+        if m is None:
+            return None
+        end = m.end()
+        if end < n and line[end] not in "\t\n\v\f\r ":
+            return None  # a quote or an escape inside the word
+        word = m.group()
+        if word == "--":
+            return line[end:], words
+        words.append(word)
+        ws = _ASCII_SPACE_RUN.match(line, end)
+        pos = ws.end() if ws else end
+        if pos == n:
+            return "", words
+        if not line.startswith("--", pos):
+            return line[pos:], words
+
+
 def _split_command(line: str, escape: str) -> tuple[str, list[str], str]:
     cmdline = _ASCII_WS_SPLIT.split(_go_trim_space(line), 1)
     args = ""
@@ -579,6 +613,8 @@ def parse_heredoc(word: str) -> Heredoc | None:
     rest = m.group(3)
     if not rest:
         return None
+    if rest.isascii() and not _LEXER_SPECIAL.search(rest) and not _ASCII_SPACE_RUN.search(rest):
+        return Heredoc(rest, "", True, m.group(2) == "-", fd)  # the lexer would give it back unchanged
     plain = Lexer("\\", skip_unset_env=True).expand_words(rest, {})
     if len(plain) != 1:
         return None
@@ -592,10 +628,13 @@ def parse_heredoc(word: str) -> Heredoc | None:
 
 
 def _heredocs_from_line(line: str) -> list[Heredoc]:
-    try:
-        words = Lexer("\\", raw_quotes=True, raw_escapes=True, skip_unset_env=True).expand_words(line, {})
-    except ShellError:
-        return []
+    if line.isascii() and not _LEXER_SPECIAL.search(line):
+        words = [w for w in _ASCII_SPACE_RUN.split(line) if w]
+    else:
+        try:
+            words = Lexer("\\", raw_quotes=True, raw_escapes=True, skip_unset_env=True).expand_words(line, {})
+        except ShellError:
+            return []
     docs = []
     for w in words:
         h = parse_heredoc(w)

@@ -22,6 +22,7 @@ _SPACE_SET = frozenset(GO_SPACES)
 _EOF = ""  # what _peek()/_next() return at the end of the word
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _REGEX_SPECIAL = frozenset("[]{}.+()|^$")
+_ASCII_SPACE_RUN = re.compile("[\t\n\v\f\r ]+")
 
 
 class ShellError(RbuildError):
@@ -110,10 +111,11 @@ class _Words:
 class _Run:
     """One pass of the lexer over one word (BuildKit's shellWord)."""
 
-    __slots__ = ("lex", "src", "pos", "env", "raw_escapes", "words_buf", "matched", "unmatched")
+    __slots__ = ("lex", "src", "pos", "env", "raw_escapes", "words_buf", "matched", "unmatched", "collect")
 
-    def __init__(self, lex: Lexer, word: str, env: Mapping[str, str]) -> None:
+    def __init__(self, lex: Lexer, word: str, env: Mapping[str, str], collect: bool) -> None:
         self.lex = lex
+        self.collect = collect  # whether words are wanted (ProcessWords) or only the text
         if _SURROGATES.search(word):
             word = _SURROGATES.sub("\ufffd", word)
         if word.startswith("\ufeff"):  # text/scanner skips a BOM at the very start
@@ -149,7 +151,7 @@ class _Run:
         # BuildKit: the words buffer is shared with the caller and reset here, so a nested
         # ${v:-w} forgets what the enclosing word had collected so far.
         self.words_buf.clear()
-        words = _Words(self.words_buf)
+        words = _Words(self.words_buf) if self.collect else None
         saved = self.raw_escapes
         self.raw_escapes = raw_escapes
         escape = self.lex.escape
@@ -161,35 +163,42 @@ class _Run:
                 ch = src[self.pos]
                 if stop and ch == stop:
                     self.pos += 1
-                    return "".join(result), words.get_words()
+                    return "".join(result), words.get_words() if words else []
                 if ch == "$":
                     tmp = self.process_dollar()
                     result.append(tmp)
-                    words.add_string(tmp)
+                    if words:
+                        words.add_string(tmp)
                 elif quotes and ch == "'":
                     tmp = self.process_single_quote()
                     result.append(tmp)
-                    words.add_raw_string(tmp)
+                    if words:
+                        words.add_raw_string(tmp)
                 elif quotes and ch == '"':
                     tmp = self.process_double_quote()
                     result.append(tmp)
-                    words.add_raw_string(tmp)
+                    if words:
+                        words.add_raw_string(tmp)
+                elif ch == escape:
+                    self.pos += 1
+                    if self.raw_escapes:
+                        if words:
+                            words.add_raw_char(ch)
+                        result.append(ch)
+                    ch = self.next()
+                    if ch == _EOF:
+                        break
+                    if words:
+                        words.add_raw_char(ch)
+                    result.append(ch)
                 else:
                     self.pos += 1
-                    if ch == escape:
-                        if self.raw_escapes:
-                            words.add_raw_char(ch)
-                            result.append(ch)
-                        ch = self.next()
-                        if ch == _EOF:
-                            break
-                        words.add_raw_char(ch)
-                    else:
+                    if words:
                         words.add_char(ch)
                     result.append(ch)
             if stop:
                 raise ShellError(f"unexpected end of statement while looking for matching {stop}")
-            return "".join(result), words.get_words()
+            return "".join(result), words.get_words() if words else []
         finally:
             self.raw_escapes = saved
 
@@ -479,8 +488,8 @@ class Lexer:
         self.skip_process_quotes = skip_process_quotes
         self.skip_unset_env = skip_unset_env
 
-    def _run(self, word: str, env: Mapping[str, str]) -> tuple[str, list[str], _Run]:
-        run = _Run(self, word, env)
+    def _run(self, word: str, env: Mapping[str, str], collect: bool = True) -> tuple[str, list[str], _Run]:
+        run = _Run(self, word, env, collect)
         try:
             result, words = run.process_stop_on(_EOF, self.raw_escapes)
         except ShellError as e:
@@ -491,13 +500,23 @@ class Lexer:
 
     def expand(self, word: str, env: Mapping[str, str]) -> str:
         """The word with quotes, escapes and variables processed (BuildKit's ProcessWord)."""
-        return self._run(word, env)[0]
+        if word.isascii() and not self._special(word):
+            return word  # nothing the lexer would change
+        return self._run(word, env, False)[0]
 
     def expand_words(self, word: str, env: Mapping[str, str]) -> list[str]:
         """The expanded word split on unquoted white space (BuildKit's ProcessWords)."""
+        if word.isascii() and not self._special(word):
+            return [w for w in _ASCII_SPACE_RUN.split(word) if w]
         return self._run(word, env)[1]
 
     def expand_with_matches(self, word: str, env: Mapping[str, str]) -> tuple[str, set[str], set[str]]:
         """Like expand, plus the variable names found in env and those that were not."""
-        result, _, run = self._run(word, env)
+        result, _, run = self._run(word, env, False)
         return result, run.matched, run.unmatched
+
+    def _special(self, word: str) -> bool:
+        """Whether an ASCII word holds anything the lexer acts on."""
+        if "$" in word or self.escape in word:
+            return True
+        return not self.skip_process_quotes and ("'" in word or '"' in word)
