@@ -247,12 +247,14 @@ def _with_query(url: str, **params: str) -> str:
 
 
 class _Slice(io.RawIOBase):
-    """`length` bytes of `f` from its current position, with a len() so requests sends Content-Length."""
+    """`length` bytes of `f` from its current position, with a len() so requests sends Content-Length;
+    reports each read to `on_read` (progress)."""
 
-    def __init__(self, f: BinaryIO, length: int) -> None:
+    def __init__(self, f: BinaryIO, length: int, on_read: Callable[[int], None]) -> None:
         self._f = f
         self._left = length
         self._length = length
+        self._on_read = on_read
 
     def __len__(self) -> int:
         return self._length
@@ -268,6 +270,7 @@ class _Slice(io.RawIOBase):
             n = self._left
         data = self._f.read(n) if n else b""
         self._left -= len(data)
+        self._on_read(len(data))
         return data
 
 
@@ -745,66 +748,62 @@ class Registry:
         scope = [f"repository:{repo}:pull,push"]
         prog.start(desc.digest, desc.size)
         src = opener()
+
+        def part(offset: int, length: int) -> Callable[[], tuple[Any, int]]:
+            def body() -> tuple[Any, int]:  # called again for every attempt: a fresh, positioned reader
+                nonlocal src
+                src = _position(src, opener, offset)
+                prog.reset(desc.digest, offset)
+                return _Slice(src, length, lambda n: prog.advance(desc.digest, n)), length
+            return body
+
+        def send(method: str, url: str, body: Callable[[], tuple[Any, int]], headers: dict[str, str]) -> Any:
+            try:
+                return self.http.request(method, host, url, scopes=scope, repository=repo, what=what, body=body,
+                                         retry=False, headers={"Content-Type": "application/octet-stream",
+                                                               **headers})
+            except RegistryAuthError:
+                raise
+            except RbuildError as e:  # with retry=False: a transient failure, ours to handle
+                raise _Corrupt(str(e).removeprefix(f"{what}: ")) from None
+
         try:
             if desc.size <= CHUNK_THRESHOLD:
-                def body() -> tuple[Any, int]:
-                    nonlocal src
-                    src = _position(src, opener, 0)
-                    return _Slice(src, desc.size), desc.size
-                try:
-                    resp = self.http.request("PUT", host, _with_query(location, digest=desc.digest),
-                                             scopes=scope, repository=repo, what=what, body=body, retry=False,
-                                             headers={"Content-Type": "application/octet-stream"})
-                except RegistryAuthError:
-                    raise
-                except RbuildError as e:  # with retry=False: a transient failure; start afresh
-                    raise _Corrupt(str(e).removeprefix(f"{what}: ")) from None
-                self._check_put(resp, desc, what)
-                prog.advance(desc.digest, desc.size)
+                self._check_put(send("PUT", _with_query(location, digest=desc.digest), part(0, desc.size), {}),
+                                desc, what)
                 return
-            offset = 0
-            failures = 0
+            offset = failures = 0
             while offset < desc.size:
                 if cancel.is_set():
                     raise RbuildError(f"{what}: cancelled")
                 length = min(CHUNK_SIZE, desc.size - offset)
-                src = _position(src, opener, offset)
-                chunk = _Slice(src, length)
                 try:
-                    resp = self.http.request(
-                        "PATCH", host, location, scopes=scope, repository=repo, what=what, retry=False,
-                        body=lambda c=chunk, n=length: (c, n),  # type: ignore[misc]
-                        headers={"Content-Type": "application/octet-stream",
-                                 "Content-Range": f"{offset}-{offset + length - 1}"})
+                    resp = send("PATCH", location, part(offset, length),
+                                {"Content-Range": f"{offset}-{offset + length - 1}"})
                     resp.close()
                     if resp.status_code != 202:
                         raise _Corrupt(f"chunk at {offset}: {error_detail(resp)}")
                     location = resp.headers.get("Location", location)
                     offset += length
-                    prog.advance(desc.digest, length)
                     failures = 0
-                except RegistryAuthError:
-                    raise
-                except (RbuildError, _Corrupt) as e:
+                except _Corrupt as e:
                     failures += 1
                     if failures >= MAX_ATTEMPTS:
-                        raise _Corrupt(str(e)) from None
+                        raise
                     time.sleep(backoff(failures - 1))
-                    location, offset = self._upload_status(host, repo, location, what)
-                    prog.reset(desc.digest, offset)
-            resp = self.http.request("PUT", host, _with_query(location, digest=desc.digest), scopes=scope,
-                                     repository=repo, what=what, body=lambda: (b"", 0))
-            self._check_put(resp, desc, what)
+                    location, offset = self._upload_status(host, repo, location, what, e)
+            self._check_put(send("PUT", _with_query(location, digest=desc.digest), lambda: (b"", 0), {}),
+                            desc, what)
         finally:
             src.close()
 
-    def _upload_status(self, host: str, repo: str, location: str, what: str) -> tuple[str, int]:
+    def _upload_status(self, host: str, repo: str, location: str, what: str, cause: Exception) -> tuple[str, int]:
         """Where an interrupted chunked upload stands (the registry's `Range: 0-N`), to resume at N+1."""
         resp = self.http.request("GET", host, location, scopes=[f"repository:{repo}:pull,push"],
                                  repository=repo, what=what)
         resp.close()
         if resp.status_code != 204:
-            raise _Corrupt(f"upload session lost: {error_detail(resp)}")
+            raise _Corrupt(f"{cause}; upload session lost ({error_detail(resp)})")
         end = resp.headers.get("Range", "0--1").split("-", 1)[1]
         return resp.headers.get("Location", location), int(end) + 1
 

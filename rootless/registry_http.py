@@ -32,6 +32,7 @@ BACKOFF_BASE = 0.25
 MAX_RETRY_AFTER = 30.0
 TIMEOUT = (15.0, 60.0)
 USER_AGENT = "rbuild/0.1"
+BLOCKSIZE = 1 << 20  # bytes per send() of a request body (urllib3's default of 16 KiB costs CPU)
 
 
 def api_host(host: str) -> str:
@@ -107,6 +108,27 @@ Body = Callable[[], tuple[Any, int]]
 """Makes a fresh request body (bytes, a file or an iterable) and its length, once per attempt."""
 
 
+def _adapter(ctx: ssl.SSLContext | None, verify_ctx: bool) -> Any:
+    """A requests adapter (connection pool) sending 1 MiB blocks, with `ctx` for TLS when given."""
+    import requests
+    import requests.adapters
+
+    class Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            if ctx is not None:
+                kwargs["ssl_context"] = ctx
+            kwargs["blocksize"] = BLOCKSIZE
+            super().init_poolmanager(*args, **kwargs)
+
+        def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
+                 verify: bool | str = True, cert: Any = None, proxies: Any = None) -> requests.Response:
+            if ctx is not None:
+                verify = verify_ctx  # else urllib3 turns verification back on in our context
+            return super().send(request, stream, timeout, verify, cert, proxies)
+
+    return Adapter(pool_connections=4, pool_maxsize=16)
+
+
 @dataclass
 class _HostState:
     base_url: str
@@ -157,8 +179,8 @@ class RegistryHTTP:
             session.headers["User-Agent"] = USER_AGENT
             with lock:
                 if not adapters:
-                    adapters["https://"] = requests.adapters.HTTPAdapter(pool_maxsize=16)
-                    adapters["http://"] = requests.adapters.HTTPAdapter(pool_maxsize=16)
+                    adapters["https://"] = _adapter(None, True)
+                    adapters["http://"] = _adapter(None, True)
             self._local.session = session
         return session
 
@@ -168,11 +190,12 @@ class RegistryHTTP:
 
     def _tls_adapter(self, host: str, verify: bool) -> Any:
         """An adapter whose TLS context trusts the system roots plus certs.d/HOST (or --cert-dir)."""
-        import requests.adapters
-
         files = tls_files(host, self.cert_dir)
         ctx = ssl.create_default_context()
         if not verify:
+            import urllib3
+
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)  # the user asked for it
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         try:
@@ -183,12 +206,7 @@ class RegistryHTTP:
         except (OSError, ssl.SSLError) as e:
             raise RbuildError(f"cannot load TLS files for {host}: {e}") from None
 
-        class Adapter(requests.adapters.HTTPAdapter):
-            def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-                kwargs["ssl_context"] = ctx
-                super().init_poolmanager(*args, **kwargs)
-
-        return Adapter(pool_connections=4, pool_maxsize=16)
+        return _adapter(ctx, verify)
 
     def _skip_verify(self, host: str, insecure: bool) -> bool:
         if self.tls_verify is not None:
@@ -221,7 +239,7 @@ class RegistryHTTP:
         try:
             resp = self._ping(base, retries=0 if allow_http else MAX_ATTEMPTS)
         except transient_errors() as e:
-            if not allow_http:
+            if not allow_http or "CERTIFICATE_VERIFY_FAILED" in str(e):  # it speaks TLS: http cannot help
                 raise RbuildError(f"cannot reach registry {host}: {describe(e)}"
                                   + self._tls_hint(host, e)) from None
             base = f"http://{api_host(host)}"
@@ -247,7 +265,8 @@ class RegistryHTTP:
             try:
                 resp = self.session().get(base + "/v2/", timeout=TIMEOUT)
             except transient_errors() as e:
-                if attempt >= retries or describe(e) == "connection refused":  # nobody listens: no use waiting
+                # Nobody listening, or a TLS mismatch: waiting will not change the answer.
+                if attempt >= retries or describe(e) == "connection refused" or "SSLError" in repr(e):
                     raise
                 time.sleep(backoff(attempt))
                 continue
@@ -291,10 +310,15 @@ class RegistryHTTP:
         service = challenge.params.get("service", "")
         who = creds.username if creds else ""
         key = (realm, service, tuple(scope_set), who)
-        token = None if fresh else self.tokens.get(key)
-        if token is None:
-            token, lifetime = self._fetch_token(host, realm, service, scope_set, creds, what)
-            self.tokens.put(key, token, lifetime)
+        if fresh:
+            self.tokens.drop(key)
+        with self._lock:
+            key_lock = self._host_locks.setdefault(repr(key), threading.Lock())
+        with key_lock:  # parallel blob transfers share one token request
+            token = self.tokens.get(key)
+            if token is None:
+                token, lifetime = self._fetch_token(host, realm, service, scope_set, creds, what)
+                self.tokens.put(key, token, lifetime)
         return {"Authorization": f"Bearer {token}"}
 
     def _fetch_token(self, host: str, realm: str, service: str, scopes: list[str],
@@ -387,11 +411,13 @@ class RegistryHTTP:
             if resp.status_code in (401, 403):
                 resp.close()
                 has_creds = self.credentials(host, repository) is not None
-                if resp.status_code == 403:
-                    raise RegistryAuthError(f"{what}: access denied (403)")
-                if has_creds:
-                    raise RegistryAuthError(f"{what}: authentication failed (401)")
-                raise RegistryAuthError(f"{what}: authentication required (401); run rbuild login {host}")
+                refusal = auth.parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+                if resp.status_code == 403 or (refusal and refusal.params.get("error") == "insufficient_scope"):
+                    verb = "access denied"
+                else:
+                    verb = "authentication failed" if has_creds else "authentication required"
+                hint = "" if has_creds else f"; run rbuild login {host}"
+                raise RegistryAuthError(f"{what}: {verb} ({resp.status_code}){hint}")
             if resp.status_code in RETRY_STATUSES and retry and attempt + 1 < MAX_ATTEMPTS:
                 attempt += 1
                 wait = backoff(attempt - 1, resp.headers.get("Retry-After"))
