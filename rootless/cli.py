@@ -159,7 +159,8 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
     idmap, notice = userns.host_mapping()
     if notice and create and not getattr(args, "quiet_notice", False):
         print(notice, file=sys.stderr)
-    store = Store(paths.store_root(getattr(args, "root", None)))
+    # both paths depend on who we are on the host: resolve them before entering the user namespace
+    store = Store(paths.store_root(getattr(args, "root", None)), runtime=paths.runtime_dir())
     return store, idmap
 
 

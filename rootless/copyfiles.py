@@ -214,7 +214,7 @@ def parse_chmod(value: str | None, what: str) -> int | None:
 
 
 def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
-    """Create the container directory `path` (and parents) inside root; return its host path."""
+    """Create the container directory `path` (and parents, all owned by uid:gid) inside root; return its host path."""
     parts = [p for p in path.split("/") if p]
     cur = "/"
     for p in parts:

@@ -24,7 +24,7 @@ from typing import Any
 from rootless import copyfiles, overlay, sandbox
 from rootless import image as img
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
-from rootless.fspath import clean_abs
+from rootless.fspath import clean_abs, secure_join
 from rootless.planner import PROXY_ARGS, Plan, Stage
 from rootless.store import Store, now_rfc3339
 
@@ -385,16 +385,14 @@ class Executor:
     def with_rootfs(self, state: StageState, action: Callable[[str, str], None]) -> bool:
         """Mount the state's layers with a fresh upper dir, run action(merged, scratch), commit the upper."""
         lowers = [self.store.layer_dir(d) for d in reversed(state.layers)]
-        with self.store.staging("step-") as tmp:
-            upper, work, merged, links, scratch = (os.path.join(tmp, n)
-                                                   for n in ("upper", "work", "merged", "links", "scratch"))
+        with self.store.staging("step-") as tmp, self.store.mountpoints() as mnt:
+            upper, work, scratch = (os.path.join(tmp, n) for n in ("upper", "work", "scratch"))
+            merged, links = os.path.join(mnt, "merged"), os.path.join(mnt, "links")
             for d in (upper, work, merged, scratch):
                 os.mkdir(d, 0o755 if d == upper else 0o700)
             self.touched: list[str] = []
             with overlay.mounted(lowers, upper, work, merged, links):
-                workdir = state.config["config"].get("WorkingDir")
-                if workdir:
-                    copyfiles.ensure_dir(merged, workdir)
+                self.ensure_workdir(state, merged)
                 action(merged, scratch)
             _prune_copied_up(upper, lowers, self.touched)
             diff_id = self.commit_upper(upper)
@@ -402,6 +400,23 @@ class Executor:
             return False
         state.layers.append(diff_id)
         return True
+
+    def ensure_workdir(self, state: StageState, merged: str) -> None:
+        """WORKDIR's directory, made when the next step has a tree (owned by USER, as BuildKit makes it)."""
+        c = state.config["config"]
+        workdir = c.get("WorkingDir")
+        if not workdir or os.path.isdir(secure_join(merged, workdir)):
+            return
+        uid = gid = 0
+        if c.get("User"):
+            try:
+                u = sandbox.resolve_user(merged, c["User"])
+                uid, gid = u.uid, u.gid
+            except RbuildError:
+                pass
+        if self.opts.single_uid:
+            uid = gid = 0
+        copyfiles.ensure_dir(merged, workdir, uid, gid)
 
     def commit_upper(self, upper: str) -> str | None:
         from rootless import layers
@@ -557,13 +572,13 @@ class Executor:
                     self.copy_from(merged, self.plan.context, cmd, dest_abs, uid, gid, chmod, what,
                                    isinstance(cmd, ins.AddCmd), scratch)
                     return
-                src_mnt = os.path.join(scratch, "src")
+                src_mnt = os.path.join(os.path.dirname(merged), "src")
                 os.mkdir(src_mnt)
                 lowers = [self.store.layer_dir(d) for d in reversed(layer_list or [])]
                 if not lowers:
                     self.copy_from(merged, src_mnt, cmd, dest_abs, uid, gid, chmod, what, False, scratch)
                     return
-                with overlay.mounted(lowers, None, None, src_mnt, os.path.join(scratch, "srclinks")):
+                with overlay.mounted(lowers, None, None, src_mnt, os.path.join(os.path.dirname(merged), "srclinks")):
                     self.copy_from(merged, src_mnt, cmd, dest_abs, uid, gid, chmod, what, False, scratch)
             except OSError as e:
                 raise self.err(cmd.node, f"{cmd.node.keyword.upper()} failed: {e.strerror}: "

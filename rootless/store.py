@@ -1,6 +1,7 @@
 """The local content-addressed store: blobs, unpacked layers, image records and the step cache.
 
 Layout under the store root:
+    (locks and mount points live in the runtime dir, $XDG_RUNTIME_DIR/rbuild or /tmp/rbuild-$UID)
     store.json            format version and the uid/gid mapping the store was made under
     blobs/sha256/HEX      configs, manifests, compressed layer blobs
     layers/HEX/           a layer unpacked in overlay lower-dir format (HEX = its diff_id)
@@ -95,8 +96,28 @@ class ImageRecord:
 class Store:
     """One store root. Cheap to open: nothing but store.json is read up front."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, runtime: str | None = None) -> None:
         self.root = root
+        self.runtime = runtime  # per-user runtime dir for locks and mount points ($XDG_RUNTIME_DIR/rbuild)
+
+    def runtime_path(self, name: str) -> str:
+        """A path for this store's runtime state (lock, mount points), outside the store itself."""
+        if self.runtime is None:
+            raise RbuildError("internal error: the store was opened without a runtime directory")
+        base = self.runtime
+        tag = hashlib.sha256(os.path.realpath(self.root).encode()).hexdigest()[:16]
+        d = os.path.join(base, tag)
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        return os.path.join(d, name)
+
+    @contextlib.contextmanager
+    def mountpoints(self) -> Iterator[str]:
+        """A private directory for mount points of one step, removed afterwards."""
+        path = tempfile.mkdtemp(prefix="mnt-", dir=os.path.dirname(self.runtime_path("lock")))
+        try:
+            yield path
+        finally:
+            rmtree(path)
 
     # -- opening -------------------------------------------------------------------------------
     def open(self, idmap: IdMap, create: bool = True) -> None:
@@ -135,7 +156,7 @@ class Store:
     # -- locking and staging ---------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.runtime_path("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
