@@ -413,7 +413,8 @@ class _Unpacker:
     def run(self, stream: BinaryIO) -> None:
         counted = _Counted(stream, self.limits.max_bytes)
         try:
-            tf = tarfile.open(fileobj=counted, mode="r|", bufsize=CHUNK,  # type: ignore[call-overload]
+            # tarfile's stream buffer is re-sliced on every header read: keep it small (64 KiB)
+            tf = tarfile.open(fileobj=counted, mode="r|", bufsize=1 << 16,  # type: ignore[call-overload]
                               tarinfo=_Info, encoding="utf-8", errors="surrogateescape")
         except tarfile.ReadError as e:
             if str(e) == "empty file":
