@@ -36,24 +36,39 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warn", "error"])
 
 
-def _registry_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from rootless.registry import add_registry_arguments
-    except ImportError:
-        p.add_argument("--tls-verify", type=_bool, nargs="?", const=True, default=None)
-        return
-    add_registry_arguments(p)
+_GLOBAL_WITH_VALUE = ("--root", "--log-level")
+_REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in argv (so only its parser pays for the registry module's import)."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return None
 
 
 def _registry_options(args: argparse.Namespace) -> Any:
-    try:
-        from rootless.registry import options_from_args
-    except ImportError:
-        return None
+    from rootless.registry import options_from_args
+
     return options_from_args(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; registry flags are defined only when `command` needs them (or is unknown)."""
+    registry_flags = command is None or command in _REGISTRY_COMMANDS
+
+    def _registry_args(p: argparse.ArgumentParser) -> None:
+        if registry_flags:
+            from rootless.registry import add_registry_arguments
+
+            add_registry_arguments(p)
+
     parser = _Parser(prog="rbuild", description="Rootless, daemonless OCI image builder")
     parser.add_argument("--version", action="version", version=f"rbuild version {__version__}")
     _common(parser)
@@ -132,19 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("cmd", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_unshare)
 
-    try:
+    li = sub.add_parser("login", help="log in to a registry")
+    lo = sub.add_parser("logout", help="log out of a registry")
+    _common(li)
+    _common(lo)
+    if registry_flags:
         from rootless import registry
 
-        li = sub.add_parser("login", help="log in to a registry")
-        _common(li)
         registry.add_login_arguments(li)
         li.set_defaults(func=registry.login_command)
-        lo = sub.add_parser("logout", help="log out of a registry")
-        _common(lo)
         registry.add_logout_arguments(lo)
         lo.set_defaults(func=registry.logout_command)
-    except (ImportError, AttributeError):
-        pass
     return parser
 
 
@@ -466,7 +479,7 @@ def _guard(args: argparse.Namespace, fn: Callable[[], int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(_chosen_command(argv))
     holder = argparse.Namespace()
     try:
         args = parser.parse_args(argv, namespace=holder)
