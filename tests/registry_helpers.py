@@ -287,7 +287,8 @@ class Fault:
 
     kind: "drop" (close after half the body), "status" (answer `status`, e.g. 500 or 429 with
     Retry-After), "truncate" (a shorter body with a matching Content-Length), "flip" (one byte
-    of the body changed), "ignore-range" (answer 200 with the whole body to a Range request).
+    of the body changed), "ignore-range" (answer 200 with the whole body to a Range request),
+    "reset" (forward the request, then close the connection without answering).
     """
 
     kind: str
@@ -366,6 +367,11 @@ class FaultProxy:
                 finally:
                     conn.close()
                 self._record(status)
+                if fault is not None and fault.kind == "reset":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if fault is not None and data:
                     if fault.kind == "truncate":
                         data = data[: len(data) // 2]
