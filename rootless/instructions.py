@@ -18,6 +18,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import Self
 
 from rootless.containerfile import (
     Containerfile,
@@ -201,11 +202,11 @@ class Command:
     def keyword(self) -> str:
         return self.node.keyword
 
-    def expand(self, lexer: Lexer, env: Mapping[str, str]) -> Command:
+    def expand(self, lexer: Lexer, env: Mapping[str, str]) -> Self:
         """A copy with the fields BuildKit expands expanded against env (nothing, for this command)."""
         return self._expand(_Expander(self, lexer, env))
 
-    def _expand(self, x: _Expander) -> Command:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self)
 
 
@@ -215,7 +216,7 @@ class FromCmd(Command):
     name: str | None  # the AS name, lowercased
     platform: str | None
 
-    def _expand(self, x: _Expander) -> FromCmd:
+    def _expand(self, x: _Expander) -> Self:
         image = x.word(self.image)
         if image == "":
             raise x.fail(f"base name ({self.image}) should not be blank")
@@ -255,7 +256,7 @@ class RunCmd(Command):
     network: str | None
     security: str | None
 
-    def _expand(self, x: _Expander) -> RunCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, mounts=[_expand_mount(m, x) for m in self.mounts])
 
     def mount_specs(self) -> list[Mount]:
@@ -299,7 +300,7 @@ class CopyCmd(Command):
     exclude: list[str]
     heredocs: list[Heredoc]  # here-document sources, `<<-` tabs already stripped
 
-    def _expand(self, x: _Expander) -> CopyCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, chown=x.opt(self.chown), chmod=x.opt(self.chmod),
                                    sources=[x.word(s) for s in self.sources], dest=x.word(self.dest),
                                    heredocs=_expand_heredocs(self.heredocs, x))
@@ -319,7 +320,7 @@ class AddCmd(Command):
     keep_git_dir: bool
     unpack: bool | None
 
-    def _expand(self, x: _Expander) -> AddCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, chown=x.opt(self.chown), chmod=x.opt(self.chmod),
                                    checksum=x.opt(self.checksum), sources=[x.word(s) for s in self.sources],
                                    dest=x.word(self.dest), heredocs=_expand_heredocs(self.heredocs, x))
@@ -329,7 +330,7 @@ class AddCmd(Command):
 class EnvCmd(Command):
     env: list[tuple[str, str]]
 
-    def _expand(self, x: _Expander) -> EnvCmd:
+    def _expand(self, x: _Expander) -> Self:
         # every pair sees the env from before the instruction: ENV a=1 b=$a gives b the old a
         return dataclasses.replace(self, env=[(x.word(k), x.word(v)) for k, v in self.env])
 
@@ -338,7 +339,7 @@ class EnvCmd(Command):
 class LabelCmd(Command):
     labels: list[tuple[str, str]]
 
-    def _expand(self, x: _Expander) -> LabelCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, labels=[(x.word(k), x.word(v)) for k, v in self.labels])
 
 
@@ -346,7 +347,7 @@ class LabelCmd(Command):
 class ArgCmd(Command):
     args: list[tuple[str, str | None]]  # (name, default or None)
 
-    def expand(self, lexer: Lexer, env: Mapping[str, str], skip: Collection[str] = ()) -> ArgCmd:
+    def expand(self, lexer: Lexer, env: Mapping[str, str], skip: Collection[str] = ()) -> Self:
         """Expand the defaults (never the names); defaults of the names in `skip` (those a
         --build-arg overrides) are left alone, so that their errors do not matter, as in BuildKit."""
         x = _Expander(self, lexer, env)
@@ -358,7 +359,7 @@ class ArgCmd(Command):
 class ExposeCmd(Command):
     ports: list[str]
 
-    def _expand(self, x: _Expander) -> ExposeCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, ports=[w for p in self.ports for w in x.words(p)])
 
 
@@ -366,7 +367,7 @@ class ExposeCmd(Command):
 class VolumeCmd(Command):
     volumes: list[str]
 
-    def _expand(self, x: _Expander) -> VolumeCmd:
+    def _expand(self, x: _Expander) -> Self:
         volumes = [x.word(v) for v in self.volumes]
         if "" in volumes:
             raise x.fail("VOLUME specified can not be an empty string")
@@ -377,7 +378,7 @@ class VolumeCmd(Command):
 class WorkdirCmd(Command):
     path: str
 
-    def _expand(self, x: _Expander) -> WorkdirCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, path=x.word(self.path))
 
 
@@ -385,7 +386,7 @@ class WorkdirCmd(Command):
 class UserCmd(Command):
     user: str
 
-    def _expand(self, x: _Expander) -> UserCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, user=x.word(self.user))
 
 
@@ -425,7 +426,7 @@ class OnbuildCmd(Command):
 class StopsignalCmd(Command):
     signal: str
 
-    def _expand(self, x: _Expander) -> StopsignalCmd:
+    def _expand(self, x: _Expander) -> Self:
         return dataclasses.replace(self, signal=x.word(self.signal))
 
 
