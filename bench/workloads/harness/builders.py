@@ -1,0 +1,146 @@
+"""The two builders, driven the same way: a store directory of their own, pull, build, remove the store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from .proc import IS_ROOT, Sample, User, run, run_measured
+
+
+def _world_usable(path: str) -> bool:
+    """Other users can run it: the file readable and executable, every parent searchable."""
+    p = os.path.realpath(path)
+    if not os.stat(p).st_mode & stat.S_IROTH:
+        return False
+    while p != "/":
+        p = os.path.dirname(p)
+        if not os.stat(p).st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def find_rbuild(explicit: str | None) -> str:
+    """--rbuild, else $RBUILD_BIN, else the rbuild script next to this python, else rbuild on PATH."""
+    cand = explicit or os.environ.get("RBUILD_BIN")
+    if not cand:
+        beside = os.path.join(os.path.dirname(sys.executable), "rbuild")
+        cand = beside if os.path.exists(beside) else shutil.which("rbuild")
+    if not cand or not os.path.exists(cand):
+        raise RuntimeError("rbuild not found: run bench/run.py with a python that has rbuild installed, "
+                           "or pass --rbuild PATH")
+    if IS_ROOT and not _world_usable(cand):
+        raise RuntimeError(f"{cand} is not usable by other users (the builds run unprivileged): use a "
+                           "world-readable venv such as /opt/rbuild/venv or /opt/rbuild/env")
+    return os.path.abspath(cand)
+
+
+class Builder:
+    """One builder as the bench user; subclasses say how to pull and build."""
+
+    name = ""
+
+    def __init__(self, user: User, logdir: Path) -> None:
+        self.user = user
+        self.logdir = logdir
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def _argv_pull(self, store: Path, ref: str) -> list[str]:
+        raise NotImplementedError
+
+    def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self, store: Path) -> dict[str, str]:
+        return self.user.env()
+
+    def new_store(self, path: Path) -> Path:
+        """An empty store directory owned by the user."""
+        if path.exists():
+            self.remove_store(path)
+        path.mkdir(parents=True)
+        self.user.chown_tree(str(path))
+        return path
+
+    def pull(self, store: Path, ref: str, log: str) -> Sample:
+        argv = self.user.prefix() + self._argv_pull(store, ref)
+        return run_measured(argv, self._env(store), str(store), timeout=900, log=log)
+
+    def build(self, store: Path, ctx: Path, args: dict[str, str], tag: str, log: str,
+              timeout: float = 3600) -> Sample:
+        argv = self.user.prefix() + self._argv_build(store, ctx, args, tag)
+        return run_measured(argv, self._env(store), str(ctx), timeout=timeout, log=log)
+
+    def remove_store(self, path: Path) -> None:
+        """Delete a store; its files belong to subuids, so a non-root harness removes it in the namespace."""
+        if not path.exists():
+            return
+        if IS_ROOT:
+            subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+        else:
+            self._unshare_rm(path)
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _unshare_rm(self, path: Path) -> None:
+        raise NotImplementedError
+
+
+class Rbuild(Builder):
+    name = "rbuild"
+
+    def __init__(self, user: User, logdir: Path, binary: str) -> None:
+        super().__init__(user, logdir)
+        self.bin = binary
+
+    def version(self) -> str:
+        res = run([self.bin, "--version"], check=False)
+        return (res.stdout or res.stderr).strip()
+
+    def _env(self, store: Path) -> dict[str, str]:
+        return self.user.env({"RBUILD_ROOT": str(store / "rbuild")})
+
+    def _argv_pull(self, store: Path, ref: str) -> list[str]:
+        return [self.bin, "pull", "-q", ref]
+
+    def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
+        argv = [self.bin, "build", "-q", "-t", tag, "-f", str(ctx / "Containerfile")]
+        for k, v in args.items():
+            argv += ["--build-arg", f"{k}={v}"]
+        return argv + [str(ctx)]
+
+    def _unshare_rm(self, path: Path) -> None:
+        run([self.bin, "unshare", "rm", "-rf", str(path / "rbuild")], env=self._env(path), check=False)
+
+
+class Buildah(Builder):
+    """buildah build --layers --isolation chroot, rootless, overlay driver, its own --root/--runroot."""
+
+    name = "buildah"
+
+    def version(self) -> str:
+        return run(["buildah", "--version"], check=False).stdout.strip()
+
+    def _global(self, store: Path) -> list[str]:
+        return ["buildah", "--root", str(store / "root"), "--runroot", str(store / "run"),
+                "--storage-driver", "overlay"]
+
+    def _argv_pull(self, store: Path, ref: str) -> list[str]:
+        return self._global(store) + ["pull", "-q", "--tls-verify=false", ref]
+
+    def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
+        # --pull=false: pull the base only if missing (the semantics of rbuild's default --pull=missing)
+        argv = self._global(store) + ["build", "--layers", "--isolation", "chroot", "--tls-verify=false",
+                                      "--pull=false", "-q", "-t", tag, "-f", str(ctx / "Containerfile")]
+        for k, v in args.items():
+            argv += ["--build-arg", f"{k}={v}"]
+        return argv + [str(ctx)]
+
+    def _unshare_rm(self, path: Path) -> None:
+        run(self._global(path) + ["unshare", "rm", "-rf", str(path / "root"), str(path / "run")],
+            env=self._env(path), check=False)
