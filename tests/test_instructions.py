@@ -422,3 +422,40 @@ def test_mount_errors_are_located() -> None:
 ])
 def test_suggest(value: str, options: list[str], case_sensitive: bool, expected: str | None) -> None:
     assert ins.suggest(value, options, case_sensitive) == expected
+
+
+# instructions/parse_heredoc_test.go
+@pytest.mark.parametrize(("text", "sources", "dest", "docs"), [
+    ("COPY /foo /bar", ["/foo"], "/bar", []),
+    ("COPY <<EOF /bar\nEOF", [], "/bar", [("EOF", "", True)]),
+    ("COPY <<EOF /bar\nTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", True)]),
+    ("COPY <<-EOF /bar\n\tTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", True)]),
+    ("COPY <<'EOF' /bar\nTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", False)]),
+    ("COPY <<EOF1 <<EOF2 /bar\nthis is the first file\nEOF1\nthis is the second file\nEOF2", [], "/bar",
+     [("EOF1", "this is the first file\n", True), ("EOF2", "this is the second file\n", True)]),
+    ("COPY <<EOF foo.txt /bar\nthis is inline\nEOF", ["foo.txt"], "/bar", [("EOF", "this is inline\n", True)]),
+    ('COPY <<EOF /quotes\n"quotes"\nEOF', [], "/quotes", [("EOF", '"quotes"\n', True)]),
+])
+def test_copy_heredoc_table(text: str, sources: list[str], dest: str, docs: list[tuple[str, str, bool]]) -> None:
+    c = one(text)
+    assert isinstance(c, ins.CopyCmd)
+    assert (c.sources, c.dest, [(h.name, h.content, h.expand) for h in c.heredocs]) == (sources, dest, docs)
+
+
+@pytest.mark.parametrize(("text", "shell", "args", "docs"), [
+    ('RUN ["ls", "/"]', False, ["ls", "/"], []),
+    ('RUN ["<<EOF"]', False, ["<<EOF"], []),
+    ("RUN ls /", True, ["ls /"], []),
+    ("RUN <<EOF\nls /\nwhoami\nEOF", True, ["<<EOF"], [("EOF", "ls /\nwhoami\n", False)]),
+    ("RUN <<'EOF' | python\nprint(\"hello\")\nprint(\"world\")\nEOF", True, ["<<'EOF' | python"],
+     [("EOF", 'print("hello")\nprint("world")\n', False)]),
+    ("RUN <<-EOF\n\techo test\nEOF", True, ["<<-EOF"], [("EOF", "\techo test\n", True)]),
+])
+def test_run_heredoc_table(text: str, shell: bool, args: list[str], docs: list[tuple[str, str, bool]]) -> None:
+    r = one(text)
+    assert isinstance(r, ins.RunCmd)
+    assert (r.shell_form, r.args, [(h.name, h.content, h.chomp) for h in r.heredocs]) == (shell, args, docs)
+
+
+def test_copy_heredoc_destination_is_refused() -> None:
+    assert "COPY cannot accept a heredoc as a destination" in str(fails("COPY /foo <<EOF\nEOF"))
