@@ -66,6 +66,15 @@ _LEADING_TABS = re.compile("^\t+", re.MULTILINE)
 _SPACE_SET = frozenset(GO_SPACES)
 _ASCII_SPACE_RUN = re.compile("[\t\n\v\f\r ]+")
 _WORDS_SPECIAL = re.compile("['\"\\\\`\x1c-\x1f]")
+
+
+def _word_regex(escape: str) -> re.Pattern[str]:
+    sp = re.escape(GO_SPACES)
+    e = re.escape(escape)
+    return re.compile(f"(?:[^{sp}'\"{e}]|{e}.|'[^']*(?:'|\\Z)|\"(?:[^\"{e}]|{e}.)*(?:\"|\\Z))+", re.DOTALL)
+
+
+_WORD_RE = {"\\": _word_regex("\\"), "`": _word_regex("`")}
 _LEXER_SPECIAL = re.compile("['\"\\\\$\x1c-\x1f]")  # what the shell lexer may change (escape \\)
 _SIMPLE_FLAG = re.compile("--[^\t\n\v\f\r '\"\\\\`]*")
 _SPACE_BYTES = frozenset(b"\t\n\v\f\r \x85\xa0")  # unicode.IsSpace(rune(b)) for one byte
@@ -311,6 +320,13 @@ def _parse_words(rest: str, escape: str) -> list[str]:
     """Split on white space, keeping quotes and escapes (BuildKit's parseWords)."""
     if rest.isascii() and not _WORDS_SPECIAL.search(rest):
         return [w for w in _ASCII_SPACE_RUN.split(rest) if w]
+    if not rest.endswith(escape):  # no escape to drop at the very end: a regex reads the same words
+        return [_fix_runes(w) for w in _WORD_RE[escape].findall(rest)]
+    return _parse_words_loop(rest, escape)
+
+
+def _parse_words_loop(rest: str, escape: str) -> list[str]:
+    """parseWords, character by character, exactly as BuildKit walks the line."""
     words: list[str] = []
     in_spaces, in_word, in_quote = 0, 1, 2
     phase = in_spaces
