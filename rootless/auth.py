@@ -11,8 +11,6 @@ import base64
 import json
 import os
 import re
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -93,6 +91,8 @@ def _load(path: Path) -> dict:
 
 def _helper(name: str, action: str, payload: str) -> str | None:
     """Run `docker-credential-NAME ACTION`; None when it knows nothing about the server."""
+    import subprocess
+
     binary = f"docker-credential-{name}"
     try:
         proc = subprocess.run([binary, action], input=payload.encode(), capture_output=True, timeout=60)
@@ -178,6 +178,8 @@ def lookup_credentials(host: str, repository: str | None = None, authfile: str |
 
 def _write(path: Path, data: dict) -> None:
     """Atomically replace `path` (mode 0600, directory 0700): a crash never leaves half a file."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=".auth-", dir=path.parent)
     try:

@@ -8,7 +8,6 @@ then the drop-ins in the system and user `registries.conf.d` directories, in nam
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,6 +187,8 @@ def _merge(conf: RegistriesConf, data: dict, path: str) -> None:
 
 def load_registries_conf() -> RegistriesConf:
     """Read and merge every registries.conf file that applies; a malformed file is an error."""
+    import tomllib
+
     conf = RegistriesConf()
     for path in conf_files():
         try:

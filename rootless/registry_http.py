@@ -10,9 +10,7 @@ short exponential backoff (honouring `Retry-After`).
 
 from __future__ import annotations
 
-import ipaddress
 import random
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +22,8 @@ from rootless.errors import RbuildError
 from rootless.regconf import RegistriesConf, tls_files
 
 if TYPE_CHECKING:
+    import ssl
+
     import requests
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -49,6 +49,8 @@ def is_loopback(host: str) -> bool:
         name = name.split(":", 1)[0]
     if name == "localhost":
         return True
+    import ipaddress
+
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
@@ -190,6 +192,8 @@ class RegistryHTTP:
 
     def _tls_adapter(self, host: str, verify: bool) -> Any:
         """An adapter whose TLS context trusts the system roots plus certs.d/HOST (or --cert-dir)."""
+        import ssl
+
         files = tls_files(host, self.cert_dir)
         ctx = ssl.create_default_context()
         if not verify:
@@ -232,27 +236,41 @@ class RegistryHTTP:
             return state
 
     def _probe(self, host: str, insecure: bool) -> _HostState:
-        skip_verify = self._skip_verify(host, insecure)
-        allow_http = skip_verify or (self.tls_verify is None and is_loopback(host))
-        base = f"https://{api_host(host)}"
-        self._mount(base + "/", self._tls_adapter(host, not skip_verify))
-        try:
-            resp = self._ping(base, retries=0 if allow_http else MAX_ATTEMPTS)
-        except transient_errors() as e:
-            if not allow_http or "CERTIFICATE_VERIFY_FAILED" in str(e):  # it speaks TLS: http cannot help
-                raise RbuildError(f"cannot reach registry {host}: {describe(e)}"
-                                  + self._tls_hint(host, e)) from None
+        resp = self._probe_loopback_http(host) if self.tls_verify is None and is_loopback(host) else None
+        if resp is not None:
             base = f"http://{api_host(host)}"
+        else:
+            skip_verify = self._skip_verify(host, insecure)
+            base = f"https://{api_host(host)}"
+            self._mount(base + "/", self._tls_adapter(host, not skip_verify))
             try:
-                resp = self._ping(base, retries=MAX_ATTEMPTS)
-            except transient_errors() as e2:
-                raise RbuildError(f"cannot reach registry {host}: {describe(e2)}") from None
+                resp = self._ping(base, retries=0 if skip_verify else MAX_ATTEMPTS)
+            except transient_errors() as e:
+                if not skip_verify:
+                    raise RbuildError(f"cannot reach registry {host}: {describe(e)}"
+                                      + self._tls_hint(host, e)) from None
+                base = f"http://{api_host(host)}"  # containers' rule for insecure registries: then http
+                try:
+                    resp = self._ping(base, retries=MAX_ATTEMPTS)
+                except transient_errors() as e2:
+                    raise RbuildError(f"cannot reach registry {host}: {describe(e2)}") from None
         if resp.status_code == 401:
             challenge = auth.parse_challenge(resp.headers.get("WWW-Authenticate", ""))
             return _HostState(base, challenge)
         if resp.status_code >= 400 and resp.status_code != 404:
             raise RbuildError(f"registry {host} answered /v2/ with {error_detail(resp)}")
         return _HostState(base, None)
+
+    def _probe_loopback_http(self, host: str) -> requests.Response | None:
+        """On loopback, plain http first: nothing leaves the machine, and it spares a TLS set-up.
+        None when no registry answers there in plain http (e.g. a TLS server's 400)."""
+        try:
+            resp = self._ping(f"http://{api_host(host)}", retries=0)
+        except transient_errors():
+            return None
+        if resp.status_code in (200, 401) or "Docker-Distribution-API-Version" in resp.headers:
+            return resp
+        return None
 
     def _tls_hint(self, host: str, exc: BaseException) -> str:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):

@@ -19,17 +19,15 @@ from rootless.reference import parse_reference
 from rootless.registry import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
-    Platform,
     add_login_arguments,
     add_pull_argument,
     add_registry_arguments,
-    choose_platform,
     convert_manifest,
     options_from_args,
-    parse_platform,
     push_destination,
     resolve_names,
 )
+from rootless.registry_client import Platform, choose_platform, parse_platform
 
 D = "sha256:" + "cd" * 32
 

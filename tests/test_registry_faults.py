@@ -20,7 +20,7 @@ from registry_helpers import (
     make_image,
 )
 
-from rootless import registry as reg_mod
+from rootless import registry_client as reg_mod
 from rootless.errors import RbuildError
 from rootless.reference import Reference, parse_reference
 from rootless.registry import Registry, RegistryOptions

@@ -26,7 +26,7 @@ from registry_helpers import (
     write,
 )
 
-from rootless import registry as reg_mod
+from rootless import registry_client as reg_mod
 from rootless.errors import RbuildError
 from rootless.reference import Reference, parse_reference
 from rootless.registry import (
@@ -210,7 +210,7 @@ def test_cross_repository_mount(proxy: FaultProxy, tmp_path: Path, monkeypatch: 
 
 def test_mount_refused_falls_back_to_upload(proxy: FaultProxy) -> None:
     img = make_image([10_000])
-    Registry(RegistryOptions()).locations.record(proxy.host, "never/pushed", [d.digest for d in img.layers])
+    Registry(RegistryOptions()).client.locations.record(proxy.host, "never/pushed", [d.digest for d in img.layers])
     push(proxy.host, "mount/fallback:v1", img)
     assert [s for _, _, s in proxy.requests("POST", "mount=")] == [202]
     assert len(proxy.requests("PUT", "/blobs/uploads/")) == 2
@@ -336,6 +336,7 @@ def test_progress_lines() -> None:
 
 def test_registry_import_is_lazy() -> None:
     code = ("import sys, rootless.registry, rootless.reference;"
-            "bad = [m for m in ('requests', 'urllib3', 'oras', 'jsonschema') if m in sys.modules];"
+            "bad = [m for m in ('requests', 'urllib3', 'oras', 'jsonschema', 'ssl', 'rootless.registry_client')"
+            " if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
