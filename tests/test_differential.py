@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import IS_ROOT, Runner
+from conftest import Runner
 from ocitree import (
     CONFIG_KEYS,
     DOCKER_ONLY_KEYS,
@@ -79,9 +79,9 @@ XFAIL: dict[tuple[str, str], str] = {
 class Buildah:
     """buildah 1.28, rootless, chroot isolation, overlay driver, its own store under the session dir."""
 
-    def __init__(self, rb: Runner) -> None:
+    def __init__(self, rb: Runner, name: str) -> None:
         self.rb = rb
-        self.dir = rb.mkdir("buildah")
+        self.dir = rb.mkdir(name)
         self.env = {"BUILDAH_ISOLATION": "chroot", "HOME": self._private("home"),
                     "XDG_RUNTIME_DIR": self._private("xdg"), "TMPDIR": self._private("tmp"),
                     "XDG_CONFIG_HOME": self._private("config"), "XDG_DATA_HOME": self._private("data")}
@@ -89,7 +89,7 @@ class Buildah:
         self.runroot = os.path.join(self.dir, "run")
 
     def _private(self, name: str) -> str:
-        path = self.rb.mkdir(os.path.join("buildah", name))
+        path = self.rb.mkdir(os.path.join(self.dir, name))
         os.chmod(path, 0o700)
         return path
 
@@ -119,19 +119,26 @@ def _fallback_dirs(uid: int) -> list[str]:
             f"/var/tmp/podman-run-{uid}", f"/var/tmp/containers-user-{uid}"]
 
 
-@pytest.fixture(scope="module")
-def buildah(rb: Runner) -> Iterator[Buildah]:
+@contextlib.contextmanager
+def buildah_session(rb: Runner, name: str) -> Iterator[Buildah]:
+    """A Buildah for rb's user; removes its store and the fallback runtime dirs it made when done."""
     if shutil.which("buildah") is None:
-        pytest.fail("buildah is not installed (the differential tests need buildah 1.28)")
+        pytest.fail("buildah is not installed (these tests need buildah 1.28)")
     existed = {d for d in _fallback_dirs(rb.uid) if os.path.lexists(d)}
-    b = Buildah(rb)
+    b = Buildah(rb, name)
     try:
         yield b
     finally:
         b.cleanup()
         for d in _fallback_dirs(rb.uid):
-            if d not in existed and (IS_ROOT or os.path.exists(d) and os.stat(d).st_uid == rb.uid):
+            if d not in existed and os.path.isdir(d) and not os.path.islink(d) and os.stat(d).st_uid == rb.uid:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def buildah(rb: Runner) -> Iterator[Buildah]:
+    with buildah_session(rb, "buildah-differential") as b:
+        yield b
 
 
 # -------------------------------------------------------------------------------------------------------
