@@ -89,6 +89,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
     b.add_argument("--rewrite-timestamp", type=_bool, nargs="?", const=True, default=True,
                    help="clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)")
+    b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
     b.add_argument("--pull", nargs="?", const="always", default="missing",
                    choices=["always", "missing", "never", "newer", "true", "false"])
     _registry_args(b)
@@ -246,6 +247,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     for t in args.tag:
         if not names.valid(names.normalize(t)):
             raise RbuildError(f"invalid image name {t!r}")
+        if args.push and names.normalize(t).startswith("localhost/"):
+            raise RbuildError(f"--push: {t} names no registry (use HOST[:PORT]/REPO[:TAG])")
+    if args.push and not args.tag:
+        raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
     plan = planner.plan(data, shown, context, build_args, args.target)
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
@@ -265,6 +270,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             containerfile=cf_path if args.file != "-" else None,
         )
         image_id = executor.build(plan, store, opts)
+        if args.push:
+            from rootless import transports
+
+            rec = store.find([image_id])
+            for t in args.tag:
+                digest = transports.export_image(store, rec, "docker://" + names.normalize(t), args.format, None,
+                                                 None, opts.registry_options)
+                if not args.quiet:
+                    print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
         if args.iidfile:
             from rootless.store import atomic_write
 

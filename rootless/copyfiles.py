@@ -228,31 +228,53 @@ def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
     return secure_join(root, path)
 
 
-def _copy_entry(src: str, dst: str, uid: int, gid: int, chmod: int | None) -> None:
-    st = os.lstat(src)
-    mode = st.st_mode
-    if os.path.lexists(dst) and not (stat.S_ISDIR(mode) and os.path.isdir(dst) and not os.path.islink(dst)):
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            shutil.rmtree(dst)
+class _Copier:
+    """Copies entries with docker's ownership rules, keeping hardlinks and setting directory times last."""
+
+    def __init__(self, owner: tuple[int, int] | None, chmod: int | None) -> None:
+        self.owner = owner  # None: keep the source's ownership (COPY --from without --chown)
+        self.chmod = chmod
+        self.links: dict[tuple[int, int], str] = {}
+        self.dir_times: list[tuple[str, int, int]] = []
+
+    def entry(self, src: str, dst: str) -> None:
+        st = os.lstat(src)
+        mode = st.st_mode
+        if os.path.lexists(dst) and not (stat.S_ISDIR(mode) and os.path.isdir(dst) and not os.path.islink(dst)):
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+            else:
+                os.unlink(dst)
+        if stat.S_ISREG(mode) and st.st_nlink > 1:
+            first = self.links.get((st.st_dev, st.st_ino))
+            if first is not None:
+                os.link(first, dst)
+                return
+            self.links[(st.st_dev, st.st_ino)] = dst
+        perm = self.chmod if self.chmod is not None else stat.S_IMODE(mode)
+        if stat.S_ISDIR(mode):
+            if not os.path.isdir(dst):
+                os.mkdir(dst, 0o700)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+        elif stat.S_ISREG(mode):
+            _copy_file(src, dst, st.st_size)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(dst, 0o600)
         else:
-            os.unlink(dst)
-    if stat.S_ISDIR(mode):
-        if not os.path.isdir(dst):
-            os.mkdir(dst, 0o700)
-        os.chmod(dst, chmod if chmod is not None else stat.S_IMODE(mode))
-    elif stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src), dst)
-    elif stat.S_ISREG(mode):
-        _copy_file(src, dst, st.st_size)
-        os.chmod(dst, chmod if chmod is not None else stat.S_IMODE(mode))
-    elif stat.S_ISFIFO(mode):
-        os.mkfifo(dst, stat.S_IMODE(mode))
-    else:
-        return  # sockets and device nodes in a build context are skipped, as docker does
-    os.lchown(dst, uid, gid)
-    if stat.S_ISREG(mode) and chmod is None and mode & 0o6000:
-        os.chmod(dst, stat.S_IMODE(mode))  # chown cleared setuid/setgid
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            return  # sockets and device nodes in a build context are skipped, as docker does
+        uid, gid = self.owner if self.owner is not None else (st.st_uid, st.st_gid)
+        os.lchown(dst, uid, gid)
+        if not stat.S_ISLNK(mode):
+            os.chmod(dst, perm)  # after chown, which clears setuid/setgid
+        if stat.S_ISDIR(mode):
+            self.dir_times.append((dst, st.st_atime_ns, st.st_mtime_ns))
+        else:
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+    def finish(self) -> None:
+        for path, atime, mtime in reversed(self.dir_times):
+            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
 
 
 def _copy_file(src: str, dst: str, size: int) -> None:
@@ -276,8 +298,11 @@ def _copy_file(src: str, dst: str, size: int) -> None:
 
 
 def copy_into(root: str, items: list[SourceItem], src_root: str, rules: list[IgnoreRule], dest: str,
-              uid: int, gid: int, chmod: int | None, what: str) -> None:
-    """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest."""
+              owner: tuple[int, int] | None, chmod: int | None, what: str) -> None:
+    """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest.
+
+    Directories COPY has to create belong to the --chown owner (root without one), as in buildah and BuildKit.
+    """
     dest_is_dir = dest.endswith("/") or len(items) > 1
     dest_clean = os.path.normpath(dest) if dest not in ("", "/") else "/"
     if len(items) > 1 and not dest.endswith("/"):
@@ -285,28 +310,29 @@ def copy_into(root: str, items: list[SourceItem], src_root: str, rules: list[Ign
         if not os.path.isdir(host_dest):
             raise RbuildError(f"{what}: when using COPY with more than one source file, the destination must be "
                               "a directory and end with a /")
+    uid, gid = owner if owner is not None else (0, 0)
+    copier = _Copier(owner, chmod)
     for item in items:
         host = item.host  # already resolved inside src_root by select()
         if os.path.isdir(host):
-            target = ensure_dir(root, dest_clean, 0, 0)
+            target = ensure_dir(root, dest_clean, uid, gid)
             for path, rel in walk(SourceItem(host, item.rel), src_root, rules):
-                if rel == "":
-                    continue
-                _copy_entry(path, os.path.join(target, rel), uid, gid, chmod)
+                if rel:
+                    copier.entry(path, os.path.join(target, rel))
             continue
         if dest_is_dir or os.path.isdir(secure_join(root, dest_clean)):
-            target_dir = ensure_dir(root, dest_clean, 0, 0)
-            _copy_entry(host, os.path.join(target_dir, os.path.basename(item.rel or host)), uid, gid, chmod)
+            target_dir = ensure_dir(root, dest_clean, uid, gid)
+            copier.entry(host, os.path.join(target_dir, os.path.basename(item.rel or host)))
         else:
-            parent = os.path.dirname(dest_clean)
-            target_dir = ensure_dir(root, parent, 0, 0)
-            _copy_entry(host, os.path.join(target_dir, os.path.basename(dest_clean)), uid, gid, chmod)
+            target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid)
+            copier.entry(host, os.path.join(target_dir, os.path.basename(dest_clean)))
+    copier.finish()
 
 
 def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: int | None) -> None:
     """COPY <<EOF /file: a heredoc body becomes a file."""
     dest_clean = os.path.normpath(dest)
-    target_dir = ensure_dir(root, os.path.dirname(dest_clean), 0, 0)
+    target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid)
     path = os.path.join(target_dir, os.path.basename(dest_clean))
     if os.path.lexists(path) and not os.path.isdir(path):
         os.unlink(path)
@@ -314,3 +340,69 @@ def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: int
         f.write(data)
     os.chmod(path, chmod if chmod is not None else 0o644)
     os.lchown(path, uid, gid)
+
+
+def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str) -> None:
+    """Unpack a (possibly compressed) tar archive under target; no entry can leave it.
+
+    Names and hardlink targets are resolved inside target (symlinks included), device nodes are skipped;
+    owner None keeps the archive's ownership where the user namespace can represent it.
+    """
+    import tarfile
+
+    try:
+        tf = tarfile.open(path)
+    except (tarfile.TarError, OSError) as e:
+        raise RbuildError(f"{what}: cannot read archive {os.path.basename(path)}: {e}") from None
+    dir_times: list[tuple[str, float]] = []
+    with tf:
+        try:
+            for m in tf:
+                name = os.path.normpath("/" + m.name).lstrip("/")
+                if not name or name == ".":
+                    continue
+                parent = secure_join(target, os.path.dirname(name))
+                os.makedirs(parent, exist_ok=True)
+                dst = os.path.join(parent, os.path.basename(name))
+                if os.path.lexists(dst) and not (m.isdir() and os.path.isdir(dst) and not os.path.islink(dst)):
+                    if os.path.isdir(dst) and not os.path.islink(dst):
+                        shutil.rmtree(dst)
+                    else:
+                        os.unlink(dst)
+                if m.isdir():
+                    if not os.path.isdir(dst):
+                        os.mkdir(dst, 0o700)
+                elif m.isreg():
+                    src = tf.extractfile(m)
+                    with open(dst, "wb") as out:
+                        if src is not None:
+                            shutil.copyfileobj(src, out, CHUNK)
+                elif m.issym():
+                    os.symlink(m.linkname, dst)
+                elif m.islnk():
+                    link = secure_join(target, os.path.normpath("/" + m.linkname).lstrip("/"), follow_final=False)
+                    if not os.path.isfile(link) or os.path.islink(link):
+                        raise RbuildError(f"{what}: archive entry {m.name} links to {m.linkname}, which is not a file "
+                                          "in the archive")
+                    os.link(link, dst)
+                    continue
+                elif m.isfifo():
+                    os.mkfifo(dst, 0o600)
+                else:
+                    continue
+                uid, gid = owner if owner is not None else (m.uid, m.gid)
+                try:
+                    os.lchown(dst, uid, gid)
+                except OSError:
+                    if owner is not None:
+                        raise
+                if not m.issym():
+                    os.chmod(dst, m.mode & 0o7777)
+                    if m.isdir():
+                        dir_times.append((dst, m.mtime))
+                    else:
+                        os.utime(dst, (m.mtime, m.mtime))
+        except tarfile.TarError as e:
+            raise RbuildError(f"{what}: archive {os.path.basename(path)} is damaged: {e}") from None
+    for d, t in reversed(dir_times):
+        os.utime(d, (t, t))

@@ -200,6 +200,10 @@ class Executor:
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
         rec = None if self.opts.pull == "always" else self.store.find(names.candidates(name))
+        if rec is not None and self.opts.pull == "newer" and rec.digest:
+            latest = transports.remote_digest(name, self.opts.registry_options)
+            if latest is not None and latest != rec.digest:
+                rec = None  # the registry has a different image under that name: pull it
         if rec is not None:
             return rec.id
         if self.opts.pull == "never":
@@ -551,62 +555,65 @@ class Executor:
             dest_abs = clean_abs(dest, workdir) + "/"
 
         def action(merged: str, scratch: str) -> None:
-            uid = gid = 0
+            owner: tuple[int, int] | None = (0, 0) if kind == "context" else None  # --from keeps owners
             if cmd.chown:
                 try:
                     u = sandbox.resolve_user(merged, cmd.chown)
                 except RbuildError as e:
                     raise self.err(cmd.node, f"--chown={cmd.chown}: {e}") from None
                 # docker: a user without a group uses the same numeric value as the gid
-                uid, gid = u.uid, (u.gid if ":" in cmd.chown else u.uid)
-                if self.opts.single_uid and (uid or gid):
+                owner = (u.uid, u.gid if ":" in cmd.chown else u.uid)
+                if self.opts.single_uid and owner != (0, 0):
                     raise self.err(cmd.node, f"--chown={cmd.chown} needs ids other than 0, but this build has a "
                                    "single-uid user namespace (no /etc/subuid range)")
             try:
                 if not cmd.sources:
                     for h in cmd.heredocs:
                         target = dest_abs if not dest_abs.endswith("/") else dest_abs + h.name
-                        copyfiles.write_file(merged, target, h.content.encode(), uid, gid, chmod)
+                        copyfiles.write_file(merged, target, h.content.encode(), *(owner or (0, 0)), chmod)
                     return
                 if kind == "context":
-                    self.copy_from(merged, self.plan.context, cmd, dest_abs, uid, gid, chmod, what,
+                    self.copy_from(merged, self.plan.context, cmd, dest_abs, owner, chmod, what,
                                    isinstance(cmd, ins.AddCmd), scratch)
                     return
                 src_mnt = os.path.join(os.path.dirname(merged), "src")
                 os.mkdir(src_mnt)
                 lowers = [self.store.layer_dir(d) for d in reversed(layer_list or [])]
                 if not lowers:
-                    self.copy_from(merged, src_mnt, cmd, dest_abs, uid, gid, chmod, what, False, scratch)
+                    self.copy_from(merged, src_mnt, cmd, dest_abs, owner, chmod, what, False, scratch)
                     return
                 with overlay.mounted(lowers, None, None, src_mnt, os.path.join(os.path.dirname(merged), "srclinks")):
-                    self.copy_from(merged, src_mnt, cmd, dest_abs, uid, gid, chmod, what, False, scratch)
+                    self.copy_from(merged, src_mnt, cmd, dest_abs, owner, chmod, what, False, scratch)
             except OSError as e:
                 raise self.err(cmd.node, f"{cmd.node.keyword.upper()} failed: {e.strerror}: "
                                f"{e.filename or ''}") from None
 
         return self.with_rootfs(state, action)
 
-    def copy_from(self, merged: str, src_root: str, cmd: Any, dest: str, uid: int, gid: int, chmod: int | None,
-                  what: str, is_add: bool, scratch: str) -> None:
+    def copy_from(self, merged: str, src_root: str, cmd: Any, dest: str, owner: tuple[int, int] | None,
+                  chmod: int | None, what: str, is_add: bool, scratch: str) -> None:
         rules = self.ignore_rules if src_root == self.plan.context else []
         items: list[copyfiles.SourceItem] = []
+        remote: set[str] = set()
         for src in cmd.sources:
             if is_add and _is_url(src):
                 items.append(_download(src, scratch, what))
+                remote.add(items[-1].host)  # remote archives are not unpacked (docker's rule)
                 continue
             items += copyfiles.select(src_root, src, rules, what)
         if is_add and getattr(cmd, "unpack", None) is not False:
             plain = []
             for it in items:
-                if os.path.isfile(it.host) and not it.rel.startswith("http") and _is_archive(it.host):
-                    target = copyfiles.ensure_dir(merged, dest if dest.endswith("/") else dest + "/")
-                    _extract(it.host, target, uid, gid, cmd.chown is not None)
+                if it.host not in remote and os.path.isfile(it.host) and _is_archive(it.host):
+                    uid, gid = owner or (0, 0)
+                    target = copyfiles.ensure_dir(merged, dest, uid, gid)
+                    copyfiles.extract_tar(it.host, target, owner if cmd.chown else None, what)
                 else:
                     plain.append(it)
             items = plain
             if not items:
                 return
-        copyfiles.copy_into(merged, items, src_root, rules, dest, uid, gid, chmod, what)
+        copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what)
 
 
 def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
@@ -644,18 +651,6 @@ def _is_archive(path: str) -> bool:
         return tarfile.is_tarfile(path)
     except OSError:
         return False
-
-
-def _extract(path: str, target: str, uid: int, gid: int, chown: bool) -> None:
-    """ADD of a local archive: unpacked safely (no entry leaves the target)."""
-    import tarfile
-
-    with tarfile.open(path) as tf:
-        members = tf.getmembers()
-        if chown:
-            for m in members:
-                m.uid, m.gid = uid, gid
-        tf.extractall(target, members=members, filter="tar")
 
 
 def _download(url: str, scratch: str, what: str) -> copyfiles.SourceItem:

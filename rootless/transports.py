@@ -178,11 +178,9 @@ def open_source(spec: str, store: Store, registry_options: Any = None) -> Iterat
     elif spec.startswith("oci-archive:"):
         path, tag = split_spec(spec[12:])
         with store.staging("archive-") as tmp:
-            try:
-                with tarfile.open(path) as tf:
-                    tf.extractall(tmp, filter="data")
-            except (OSError, tarfile.TarError) as e:
-                raise RbuildError(f"{spec}: cannot read archive: {e}") from None
+            from rootless.copyfiles import extract_tar
+
+            extract_tar(path, tmp, (os.getuid(), os.getgid()), spec)
             yield read_layout(tmp, tag, spec)
     else:
         yield from _registry_source(spec, store, registry_options)
@@ -190,11 +188,18 @@ def open_source(spec: str, store: Store, registry_options: Any = None) -> Iterat
 
 def _registry_source(spec: str, store: Store, options: Any) -> Iterator[Source]:
     from rootless import registry
-    from rootless.reference import parse_reference
 
-    ref = parse_reference(spec.removeprefix("docker://"))
-    client = registry.Registry(options or registry.RegistryOptions())
-    remote = client.resolve(ref)
+    options = options or registry.RegistryOptions()
+    client = registry.Registry(options)
+    errors: list[str] = []
+    for ref in registry.resolve_names(spec.removeprefix("docker://"), options):  # registries.conf search order
+        try:
+            remote = client.resolve(ref)
+            break
+        except RbuildError as e:
+            errors.append(str(e))
+    else:
+        raise RbuildError("; ".join(errors) or f"{spec}: not found")
     manifest = json.loads(remote.manifest)
     layers = [d for d in remote.layers if not store.has_blob(d.digest)]
     client.fetch_blobs(ref, layers, os.path.join(store.root, "blobs"))
@@ -202,7 +207,18 @@ def _registry_source(spec: str, store: Store, options: Any) -> Iterator[Source]:
     def opener(digest: str) -> IO[bytes]:
         return open(store.blob_path(digest), "rb")
 
-    yield Source(str(ref), manifest, remote.manifest, remote.config, opener, remote.manifest_digest)
+    yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener, remote.manifest_digest)
+
+
+def remote_digest(spec: str, options: Any) -> str | None:
+    """The registry's current manifest digest for a reference (--pull=newer), None when unreachable."""
+    from rootless import registry
+
+    try:
+        ref = registry.resolve_names(spec, options)[0]
+        return registry.Registry(options or registry.RegistryOptions()).resolve(ref).manifest_digest
+    except RbuildError:
+        return None
 
 
 def import_image(store: Store, source: Source, names: list[str], single_uid: bool,

@@ -302,6 +302,10 @@ def test_registry_from_and_push(rb: Runner, busybox: str, registry: str) -> None
                         f"docker://{registry}/built/app:1"], capture_output=True, check=True).stdout).hexdigest() \
         == image_id
     assert json.loads(r.stdout)["config"]["Env"]
+    pushed = rb.build(ctx, "-t", f"{registry}/built/pushed:2", "--push")
+    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", "--config",
+                        f"docker://{registry}/built/pushed:2"], capture_output=True, check=True)
+    assert "sha256:" + __import__("hashlib").sha256(r.stdout).hexdigest() == pushed
 
 
 def test_single_uid_user_builds_with_a_notice(rb_single: Runner, busybox: str) -> None:
