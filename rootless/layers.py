@@ -37,7 +37,10 @@ import stat
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 from rootless.errors import RbuildError
 
@@ -731,25 +734,60 @@ _MAX_OCTAL11 = 0o77777777777
 class _Sink:
     """The tar stream, cut into blocks of exactly CHUNK bytes: hashed, and passed to `out.write`.
 
-    File data is read straight into the block buffer, so each byte is copied once from the kernel.
+    File data is read straight into a block buffer, so each byte is copied once from the kernel. Two
+    buffers alternate: a worker thread hashes (and writes, compresses) one while the walk fills the
+    other; hashlib, ISA-L and zstd release the GIL, so reading overlaps hashing on two cores.
     `out.write` gets a memoryview that is only valid during the call.
     """
 
     def __init__(self, out: BinaryIO | None) -> None:
-        self.buf = bytearray(CHUNK)
-        self.mv = memoryview(self.buf)
+        self.bufs = (bytearray(CHUNK), bytearray(CHUNK))
+        self.cur = 0
+        self.mv = memoryview(self.bufs[0])
         self.pos = 0
         self.size = 0
         self.sha = hashlib.sha256()
         self.write = out.write if out is not None else None
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: Future[None] | None = None
 
-    def flush(self) -> None:
-        view = self.mv[:self.pos]
+    def _consume(self, view: memoryview) -> None:
         self.sha.update(view)
         if self.write is not None:
             self.write(view)
+
+    def flush(self) -> None:
+        view = self.mv[:self.pos]
         self.size += self.pos
         self.pos = 0
+        if self.pending is not None:
+            self.pending.result()
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor  # lazily: keeps `import layers` cheap
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="rbuild-tar")
+        self.pending = self.pool.submit(self._consume, view)
+        self.cur ^= 1
+        self.mv = memoryview(self.bufs[self.cur])
+
+    def finish(self) -> None:
+        """Flush the last block and wait for the worker (which re-raises its error, if any)."""
+        if self.pool is None:  # the whole stream fit in one block: no thread needed
+            self.size += self.pos
+            self._consume(self.mv[:self.pos])
+            self.pos = 0
+            return
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        try:
+            if self.pending is not None:
+                self.pending.result()
+        finally:
+            self.pending = None
+            if self.pool is not None:
+                self.pool.shutdown()
 
     def put(self, data: bytes) -> None:
         view = memoryview(data)
@@ -925,15 +963,17 @@ def write_tar(layer_dir: str, out: BinaryIO | None) -> tuple[str, int]:
     user.rbuild.* records), whiteouts and opaque dirs as .wh. entries, no record padding after the end.
     """
     sink = _Sink(out)
-    root = os.open(layer_dir, _DIRFLAGS)
     try:
-        _tar_dir(sink, root, b"", {})
-        sink.put(_ZEROS[:1024])
-        sink.flush()
+        root = os.open(layer_dir, _DIRFLAGS)
+        try:
+            _tar_dir(sink, root, b"", {})
+            sink.put(_ZEROS[:1024])
+            sink.finish()
+        finally:
+            os.close(root)
+            sink.close()
     except OSError as e:
         raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
-    finally:
-        os.close(root)
     return "sha256:" + sink.sha.hexdigest(), sink.size
 
 
