@@ -240,6 +240,10 @@ class _Counted(io.RawIOBase):
         return data
 
 
+class _Missing(Exception):
+    """A directory looked up without creating it does not exist."""
+
+
 def _split(name: str, what: str = "path") -> tuple[bytes, ...]:
     """Components of an entry name; refuses absolute names and `..` (never cleaned away silently)."""
     raw = os.fsencode(name)
@@ -297,7 +301,7 @@ class _Unpacker:
                     nfd = os.open(c, _DIRFLAGS, dir_fd=fd)
                 except FileNotFoundError:
                     if not create:
-                        return None
+                        raise _Missing from None
                     nfd = self._implicit(fd, prefix, whiteout=False)
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -308,15 +312,17 @@ class _Unpacker:
                     if not _is_whiteout(st):
                         raise LayerError(f"path component {_show(prefix)!r} is not a directory") from None
                     if not create:
-                        return None
+                        raise _Missing from None
                     os.unlink(c, dir_fd=fd)
                     nfd = self._implicit(fd, prefix, whiteout=True)
                 if fd != self.root:
                     os.close(fd)
                 fd = nfd
-        except BaseException:
+        except BaseException as e:
             if fd != self.root:
                 os.close(fd)
+            if isinstance(e, _Missing):
+                return None
             raise
         self._uncache()
         self.cache = (comps, fd)
@@ -406,8 +412,10 @@ class _Unpacker:
         return "whiteout" if _is_whiteout(st) else "absent"
 
     def _uncache_under(self, comps: tuple[bytes, ...]) -> None:
-        self._uncache()
+        """Forget what was under a removed directory (the cached fd too, but never its parent's)."""
         n = len(comps)
+        if self.cache is not None and self.cache[0][:n] == comps:
+            self._uncache()
         for table in (self.lrec, self.dirmeta):
             for key in [k for k in table if k[:n] == comps]:
                 del table[key]

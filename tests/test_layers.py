@@ -398,3 +398,22 @@ def test_zstd_output_independent_of_threads() -> None:
         outs.add(b"".join([c.compress(data[i:i + layers.CHUNK]) for i in range(0, len(data), layers.CHUNK)]
                           + [c.flush()]))
     assert len(outs) == 1
+
+
+def test_entries_replace_each_other_at_any_depth(tmp: str) -> None:
+    def build(tf: tarfile.TarFile) -> None:
+        add(tf, "a", tarfile.DIRTYPE, mode=0o755)
+        add(tf, "a/b", tarfile.DIRTYPE, mode=0o755)
+        add(tf, "a/b/c", data=b"c")
+        add(tf, "a/x", data=b"x")
+        add(tf, "a/b", data=b"now a file")  # a dir replaced while its parent is the current one
+        add(tf, "a/x", tarfile.DIRTYPE, mode=0o700)  # a file replaced by a dir
+        add(tf, "a/x/y", tarfile.SYMTYPE, mode=0o777, link="../b")
+        add(tf, "a/x/y", data=b"y")  # a symlink replaced by a file: written in place, not through it
+        add(tf, "a/h", tarfile.LNKTYPE, link="a/x/y")
+    d = os.path.join(tmp, "l")
+    unpack_bytes(make_tar(build), d)
+    assert open(d + "/a/b", "rb").read() == b"now a file"
+    assert open(d + "/a/x/y", "rb").read() == b"y" and os.stat(d + "/a/h").st_ino == os.stat(d + "/a/x/y").st_ino
+    assert stat.S_IMODE(os.stat(d + "/a/x").st_mode) == 0o700
+    assert sorted(os.listdir(d + "/a")) == ["b", "h", "x"]
