@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -268,19 +268,26 @@ def logout(host: str, options: RegistryOptions) -> None:
 # -- command line -----------------------------------------------------------------------
 
 
-def _bool_arg(text: str) -> bool:
-    value = text.lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
+_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: str, bare: object, values: Mapping[str, object],
+              default: object, help: str) -> None:
+    """A flag whose value can only be attached (`--flag=VALUE`), as in podman and docker: a bare
+    `--pull CONTEXT` or `--tls-verify IMAGE` must leave the next word to the positionals, which
+    argparse's nargs="?" would swallow. Each accepted `--flag=VALUE` is its own hidden option."""
+    dest = flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, action="store_const", const=bare, default=default, help=help)
+    for text, value in values.items():
+        for spelling in {text, text.upper(), text.capitalize()}:
+            parser.add_argument(f"{flag}={spelling}", dest=dest, action="store_const", const=value,
+                                help=argparse.SUPPRESS)
 
 
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tls-verify", nargs="?", const=True, default=None, type=_bool_arg, metavar="BOOL",
-                        help="require HTTPS and verify certificates (default: true, except loopback"
-                             " and registries.conf insecure registries)")
+    _add_flag(parser, "--tls-verify", True, _BOOLS, None,
+              "--tls-verify[=BOOL]: require HTTPS and verify certificates (default: true, except on loopback"
+              " and for registries.conf insecure registries)")
     parser.add_argument("--cert-dir", metavar="DIR", help="use certificates (*.crt, *.cert, *.key) in DIR")
     parser.add_argument("--authfile", metavar="FILE", help="credentials file (default: $REGISTRY_AUTH_FILE"
                         " or ${XDG_RUNTIME_DIR:-~/.config}/containers/auth.json)")
@@ -294,10 +301,12 @@ def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_pull_argument(parser: argparse.ArgumentParser) -> None:
-    """--pull[=always|missing|never|newer]; bare --pull means always, as in docker."""
-    parser.add_argument("--pull", nargs="?", const="always", default="missing",
-                        choices=("always", "missing", "never", "newer"), metavar="POLICY",
-                        help="pull policy: always, missing (default), never or newer; bare --pull is always")
+    """--pull[=always|missing|never|newer] (and podman's =true/=false); a bare --pull means always, as in
+    docker, and never takes the next word as its value."""
+    policies: dict[str, object] = {p: p for p in ("always", "missing", "never", "newer")}
+    policies.update({"true": "always", "false": "missing"})
+    _add_flag(parser, "--pull", "always", policies, "missing",
+              "--pull[=POLICY]: always, missing (default), never or newer; a bare --pull is always")
 
 
 def options_from_args(args: argparse.Namespace) -> RegistryOptions:

@@ -332,6 +332,12 @@ def test_cli_arguments() -> None:
     args = p.parse_args(["--tls-verify", "--pull=never"])
     assert args.tls_verify is True and args.pull == "never"
     assert p.parse_args([]).pull == "missing" and p.parse_args([]).tls_verify is None
+    p.add_argument("context")
+    args = p.parse_args(["--pull", "--tls-verify", "ctx"])  # bare flags never take the next word
+    assert (args.pull, args.tls_verify, args.context) == ("always", True, "ctx")
+    assert p.parse_args(["--pull=true", "--tls-verify=FALSE", "c"]).tls_verify is False
+    with pytest.raises(SystemExit):
+        p.parse_args(["--pull=sometimes", "c"])
     login = argparse.ArgumentParser()
     add_login_arguments(login)
     args = login.parse_args(["-u", "me", "--password-stdin", "reg:5000"])
