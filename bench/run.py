@@ -30,7 +30,7 @@ sys.path.insert(0, str(BENCH))
 
 from workloads import Case, Generated, Scale, load_cases  # noqa: E402
 from workloads.harness import images, physical, report  # noqa: E402
-from workloads.harness.builders import Buildah, Builder, Rbuild, find_rbuild  # noqa: E402
+from workloads.harness.builders import Buildah, Builder, Rbuild, check_usable, find_rbuild, snapshot  # noqa: E402
 from workloads.harness.proc import IS_ROOT, User, drop_user, take_user  # noqa: E402
 
 DEFAULT_CACHE = os.environ.get("RBUILD_BENCH_CACHE", "/var/cache/rbuild-bench" if IS_ROOT else
@@ -67,7 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-network", action="store_true", help="leave out the cases that need the Debian mirror")
     p.add_argument("--tools", default="rbuild,buildah", help="builders to run (default rbuild,buildah)")
     p.add_argument("--user", help="existing unprivileged user to build as (default: a new one, removed after)")
-    p.add_argument("--rbuild", help="the rbuild executable (default: the one beside this python)")
+    p.add_argument("--rev", default="HEAD",
+                   help="benchmark rootless/ of this git revision (a snapshot run with this python; default "
+                   "HEAD), or 'installed' for the rbuild script as installed (an editable install runs the "
+                   "working tree, uncommitted edits included)")
+    p.add_argument("--rbuild", help="with --rev installed: the rbuild executable (default: the one beside "
+                   "this python)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"base images are kept here (default {DEFAULT_CACHE})")
     p.add_argument("--workdir", default="/var/tmp", help="where the run's temporary tree goes (default /var/tmp)")
     p.add_argument("--out", help="JSON result file (default: bench/results/latest.json and a dated copy; "
@@ -259,7 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(exe):
             raise SystemExit(f"{exe} is missing (Debian: apt-get install buildah skopeo docker-registry zstd "
                              "busybox-static util-linux)")
-    rbuild_bin = find_rbuild(args.rbuild) if "rbuild" in tools else ""
+    if args.rev == "installed" or not (REPO / ".git").exists():
+        rbuild_cmd = [find_rbuild(args.rbuild)] if "rbuild" in tools else []
+    else:
+        check_usable(sys.executable)
+        cfg = os.path.join(sys.prefix, "pyvenv.cfg")
+        check_usable(cfg if os.path.exists(cfg) else sys.executable)
+        rbuild_cmd = [sys.executable, "-m", "rootless"]
     scale = Scale(quick=args.quick)
     started = datetime.datetime.now(datetime.UTC)
     user = take_user(args.user)
@@ -271,15 +282,23 @@ def main(argv: list[str] | None = None) -> int:
     out_paths: list[Path] = []
     try:
         builders: list[Builder] = []
+        commit = ""
+        pythonpath = ""
+        if "rbuild" in tools and rbuild_cmd[0] == sys.executable:
+            commit = snapshot(REPO, args.rev, workdir / "src")
+            pythonpath = str(workdir / "src")
+            log(f"rbuild: {args.rev} = {commit}, snapshot in {pythonpath}, run with {sys.executable}")
         for t in tools:
-            builders.append(Rbuild(user, workdir, rbuild_bin) if t == "rbuild" else Buildah(user, workdir))
+            builders.append(Rbuild(user, workdir, rbuild_cmd, pythonpath) if t == "rbuild" else Buildah(user, workdir))
         run = Run(args, user, workdir, builders, scale)
         cmdline = " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])])
         result = {
-            "schema": 1, "date": started.isoformat(timespec="seconds"), "machine": report.machine_info(REPO),
+            "schema": 1, "date": started.isoformat(timespec="seconds"),
+            "machine": report.machine_info(REPO, commit),
             "versions": {b.name: b.version() for b in builders},
             "config": {"reps": run.reps, "quick": args.quick, "user": user.name, "command": cmdline,
-                       "rbuild": rbuild_bin, "load_start": report.load_avg()},
+                       "rbuild": " ".join(rbuild_cmd), "rev": args.rev if commit else "installed",
+                       "load_start": report.load_avg()},
             "bases": {}, "pulls": {}, "cases": [],
         }
         if args.out:

@@ -24,6 +24,13 @@ def _world_usable(path: str) -> bool:
     return True
 
 
+def check_usable(path: str) -> None:
+    """Builds run as another user: refuse an interpreter or script only root can read."""
+    if IS_ROOT and not _world_usable(path):
+        raise RuntimeError(f"{path} is not usable by other users (the builds run unprivileged): use a "
+                           "world-readable venv such as /opt/rbuild/venv or /opt/rbuild/env")
+
+
 def find_rbuild(explicit: str | None) -> str:
     """--rbuild, else $RBUILD_BIN, else the rbuild script next to this python, else rbuild on PATH."""
     cand = explicit or os.environ.get("RBUILD_BIN")
@@ -33,9 +40,7 @@ def find_rbuild(explicit: str | None) -> str:
     if not cand or not os.path.exists(cand):
         raise RuntimeError("rbuild not found: run bench/run.py with a python that has rbuild installed, "
                            "or pass --rbuild PATH")
-    if IS_ROOT and not _world_usable(cand):
-        raise RuntimeError(f"{cand} is not usable by other users (the builds run unprivileged): use a "
-                           "world-readable venv such as /opt/rbuild/venv or /opt/rbuild/env")
+    check_usable(cand)
     return os.path.abspath(cand)
 
 
@@ -91,31 +96,50 @@ class Builder:
         raise NotImplementedError
 
 
+def snapshot(repo: Path, rev: str, dest: Path) -> str:
+    """Export rootless/ of a git revision to dest (world-readable); returns the short commit id."""
+    commit = run(["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"]).stdout.strip()
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "rootless"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    for dirpath, _, filenames in os.walk(dest):
+        os.chmod(dirpath, 0o755)
+        for n in filenames:
+            os.chmod(os.path.join(dirpath, n), 0o644)
+    return commit
+
+
 class Rbuild(Builder):
+    """rbuild: the installed script, or `python -m rootless` on a snapshot of a revision (PYTHONPATH)."""
+
     name = "rbuild"
 
-    def __init__(self, user: User, logdir: Path, binary: str) -> None:
+    def __init__(self, user: User, logdir: Path, cmd: list[str], pythonpath: str = "") -> None:
         super().__init__(user, logdir)
-        self.bin = binary
+        self.cmd = cmd
+        self.pythonpath = pythonpath
 
     def version(self) -> str:
-        res = run([self.bin, "--version"], check=False)
+        res = run(self.cmd + ["--version"], env=self._env(self.logdir), check=False)
         return (res.stdout or res.stderr).strip()
 
     def _env(self, store: Path) -> dict[str, str]:
-        return self.user.env({"RBUILD_ROOT": str(store / "rbuild")})
+        extra = {"RBUILD_ROOT": str(store / "rbuild")}
+        if self.pythonpath:
+            extra["PYTHONPATH"] = self.pythonpath
+        return self.user.env(extra)
 
     def _argv_pull(self, store: Path, ref: str) -> list[str]:
-        return [self.bin, "pull", "-q", ref]
+        return self.cmd + ["pull", "-q", ref]
 
     def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
-        argv = [self.bin, "build", "-q", "-t", tag, "-f", str(ctx / "Containerfile")]
+        argv = self.cmd + ["build", "-q", "-t", tag, "-f", str(ctx / "Containerfile")]
         for k, v in args.items():
             argv += ["--build-arg", f"{k}={v}"]
         return argv + [str(ctx)]
 
     def _unshare_rm(self, path: Path) -> None:
-        run([self.bin, "unshare", "rm", "-rf", str(path / "rbuild")], env=self._env(path), check=False)
+        run(self.cmd + ["unshare", "rm", "-rf", str(path / "rbuild")], env=self._env(path), check=False)
 
 
 class Buildah(Builder):

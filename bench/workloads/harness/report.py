@@ -32,8 +32,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def machine_info(repo: Path) -> dict[str, Any]:
-    """What the numbers were measured on."""
+def machine_info(repo: Path, commit: str = "") -> dict[str, Any]:
+    """What the numbers were measured on (commit: the snapshot's; else the checkout's, +dirty)."""
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -54,11 +54,13 @@ def machine_info(repo: Path) -> dict[str, Any]:
         res = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=False)
         return res.stdout.strip()
 
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "rootless")
+    if not commit:
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "rootless")
+        commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     return {
         "hostname": platform.node(), "kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
         "mem_gib": round(mem_kib / 1048576, 1), "python": platform.python_version(),
-        "os": _os_release(), "rbuild_commit": git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
+        "os": _os_release(), "rbuild_commit": commit,
     }
 
 
