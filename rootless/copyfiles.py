@@ -4,8 +4,10 @@ cache key (content, names, modes, resulting owners; never mtimes) and copying th
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -181,8 +183,49 @@ def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple
             yield os.path.join(dirpath, name), rel
 
 
-def hash_sources(items: list[SourceItem], root: str, rules: list[IgnoreRule], h: hashlib._Hash) -> None:
-    """Feed names, types, modes and contents (never mtimes) into h."""
+class FileDigests:
+    """Content digests of context files, remembered by (size, mtime, ctime, inode) between builds.
+
+    The cache key never contains mtimes; this only saves re-reading a file whose stat is unchanged
+    (ctime changes with any write, even one that restores the mtime).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.known: dict[str, list[int | str]] = {}
+        self.seen: dict[str, list[int | str]] = {}
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    self.known = json.load(f)
+            except (OSError, ValueError):
+                self.known = {}
+
+    def digest(self, path: str, st: os.stat_result) -> str:
+        stamp: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        old = self.known.get(path)
+        if old is not None and old[:4] == stamp:
+            self.seen[path] = old
+            return str(old[4])
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        self.seen[path] = [*stamp, h.hexdigest()]
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if self.path and self.seen != {k: self.known.get(k) for k in self.seen}:
+            merged = {**self.known, **self.seen}
+            with contextlib.suppress(OSError):
+                from rootless.store import atomic_write
+
+                atomic_write(self.path, json.dumps(merged).encode(), 0o600)
+
+
+def hash_sources(items: list[SourceItem], root: str, rules: list[IgnoreRule], h: hashlib._Hash,
+                 digests: FileDigests) -> None:
+    """Feed names, types, modes and content digests (never mtimes) into h."""
     for item in items:
         h.update(b"\0item\0" + item.rel.encode(errors="surrogateescape"))
         for path, rel in walk(item, root, rules):
@@ -191,10 +234,7 @@ def hash_sources(items: list[SourceItem], root: str, rules: list[IgnoreRule], h:
             if stat.S_ISLNK(st.st_mode):
                 h.update(os.readlink(path).encode(errors="surrogateescape"))
             elif stat.S_ISREG(st.st_mode):
-                h.update(str(st.st_size).encode())
-                with open(path, "rb") as f:
-                    while chunk := f.read(CHUNK):
-                        h.update(chunk)
+                h.update(f"{st.st_size}:{digests.digest(path, st)}".encode())
 
 
 # ---------------------------------------------------------------------------------------------------------

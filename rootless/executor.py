@@ -91,6 +91,8 @@ class Executor:
         self.results: dict[int, StageState] = {}
         self.used_args: set[str] = set()
         self.ignore_rules = copyfiles.load_ignore(plan.context, opts.containerfile)
+        ctx_tag = hashlib.sha256(os.path.realpath(plan.context).encode()).hexdigest()[:32]
+        self.file_digests = copyfiles.FileDigests(os.path.join(store.root, "cache", f"files-{ctx_tag}.json"))
         from rootless.shell import Lexer
 
         self.lexer = Lexer(plan.escape)
@@ -538,7 +540,8 @@ class Executor:
                 h.update(b"url\0" + src.encode())
                 continue
             items = copyfiles.select(self.plan.context, src, self.ignore_rules, what)
-            copyfiles.hash_sources(items, self.plan.context, self.ignore_rules, h)
+            copyfiles.hash_sources(items, self.plan.context, self.ignore_rules, h, self.file_digests)
+        self.file_digests.save()
         return ["context", h.hexdigest()]
 
     def do_copy(self, state: StageState, cmd: Any) -> bool:
