@@ -22,13 +22,15 @@ class _Parser(argparse.ArgumentParser):
         raise RbuildError(f"{self.prog}: {message}")
 
 
-def _bool(value: str) -> bool:
-    v = value.lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean value {value!r}")
+def _attached_flag(parser: argparse.ArgumentParser, flag: str, bare: object, values: dict[str, object],
+                   default: object, help: str) -> None:
+    """A flag whose value can only be attached (`--flag=VALUE`), so a bare flag never swallows the context."""
+    dest = flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, action="store_const", const=bare, default=default, help=help)
+    for text, value in values.items():
+        for spelling in {text, text.upper(), text.capitalize()}:
+            parser.add_argument(f"{flag}={spelling}", dest=dest, action="store_const", const=value,
+                                help=argparse.SUPPRESS)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -87,12 +89,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true")
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
-    b.add_argument("--rewrite-timestamp", type=_bool, nargs="?", const=True, default=True,
-                   help="clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)")
+    _attached_flag(b, "--rewrite-timestamp", True, {"true": True, "false": False}, True,
+                   "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)")
     b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
-    b.add_argument("--pull", nargs="?", const="always", default="missing",
-                   choices=["always", "missing", "never", "newer", "true", "false"])
     _registry_args(b)
+    if registry_flags:
+        from rootless.registry import add_pull_argument
+
+        add_pull_argument(b)
     b.set_defaults(func=cmd_build)
 
     p = sub.add_parser("parse", help="print the Containerfile's syntax tree (BuildKit's dump format)")
@@ -258,7 +262,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not raw_sde.isdigit():
             raise RbuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, not {raw_sde!r}")
         sde = int(raw_sde)
-    pull = {"true": "always", "false": "missing"}.get(args.pull, args.pull)
+    pull = getattr(args, "pull", "missing")
 
     def run(store: Any, idmap: Any) -> int:
         from rootless import executor
