@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="JSON result file (default: bench/results/latest.json and a dated copy; "
                    "--quick: rbuild-bench-quick.json in --workdir)")
     p.add_argument("--docs", action="store_true", help="rewrite the builds section of docs/benchmarks.md")
+    p.add_argument("--profile", action="store_true",
+                   help="after each case, one more rbuild build under cProfile; reports go to --profile-dir")
+    p.add_argument("--profile-dir", default=str(BENCH / "results" / "profiles"),
+                   help="where --profile writes CASE.txt (default bench/results/profiles)")
     p.add_argument("--keep", action="store_true", help="keep the temporary tree (contexts, logs)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one build may take (default 1800)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -165,14 +169,7 @@ class Run:
                     errors[b.name] = err
                     log(f"  {b.name}: {err.splitlines()[-1] if err else ''}")
         for rep in range(self.reps):
-            if mode == "touch":
-                t = time.time() + rep + 1
-                os.utime(ctx / (gen.mutate or ""), (t, t))
-            elif mode == "change":
-                path = ctx / (gen.mutate or "")
-                data = bytearray(path.read_bytes())
-                data[-1] = 0x80 + rep % 128  # the generated files end in ASCII text: always a new value
-                path.write_bytes(bytes(data))
+            mutate(ctx, gen, mode, rep)
             for b in self.order(rep):
                 if b.name in errors and mode != "cold":
                     continue
@@ -195,6 +192,10 @@ class Run:
                     errors.setdefault(b.name, s.error)
                 if mode == "cold":
                     b.remove_store(store)
+        profile = ""
+        rb_builder = next((b for b in self.builders if isinstance(b, Rbuild)), None)
+        if self.args.profile and rb_builder and "rbuild" not in errors:
+            profile = self.profile(case, ctx, gen, rb_builder, stores.get("rbuild"), build_args, tag)
         for b in self.builders:
             if b.name in stores:
                 b.remove_store(stores[b.name])
@@ -211,6 +212,8 @@ class Run:
             summary["runs"] = runs[b.name]
             if b.name in warm:
                 summary["warm"] = warm[b.name]
+            if profile and b.name == "rbuild":
+                summary["profile"] = profile
             tools[b.name] = summary
         for name in report.TOOLS:
             tools.setdefault(name, {"n": 0, "ok": False, "runs": []})
@@ -218,6 +221,41 @@ class Run:
         return {"name": case.name, "workload": case.workload, "mode": mode, "description": case.spec.description,
                 "network": case.spec.network, "bases": list(case.bases), "primary": case.primary,
                 "tools": tools, "ratio": round(rb / ba, 3) if rb and ba else None}
+
+
+    def profile(self, case: Case, ctx: Path, gen: Generated, b: Rbuild, store: Path | None,
+                build_args: dict[str, str], tag: str) -> str:
+        """One more rbuild build in the case's state, under cProfile; returns the report's path."""
+        if store is None:
+            store = b.new_store(self.workdir / "stores" / f"{case.name}-rbuild-profile")
+            if self.pull_bases(case, b, store, record=False):
+                b.remove_store(store)
+                return ""
+        mutate(ctx, gen, case.spec.mode, self.reps)
+        os.sync()
+        sample, text = b.profile(store, ctx, build_args, tag, self._log(case, b, "profile"))
+        if case.spec.mode == "cold":
+            b.remove_store(store)
+        pdir = Path(self.args.profile_dir)
+        pdir.mkdir(parents=True, exist_ok=True)
+        path = pdir / f"{case.name}.txt"
+        head = (f"rbuild {case.name} ({case.spec.description}) under cProfile, {time.strftime('%Y-%m-%d %H:%M')}; "
+                f"exit {sample.returncode}\n")
+        path.write_text(head + text)
+        log(f"  profile: {path}")
+        return str(path)
+
+
+def mutate(ctx: Path, gen: Generated, mode: str, rep: int) -> None:
+    """The touch / change modes' edit before repetition rep (a no-op for the other modes)."""
+    if mode == "touch":
+        t = time.time() + rep + 1
+        os.utime(ctx / (gen.mutate or ""), (t, t))
+    elif mode == "change":
+        path = ctx / (gen.mutate or "")
+        data = bytearray(path.read_bytes())
+        data[-1] = 0x80 + rep % 128  # the generated files end in ASCII text: always a new value
+        path.write_bytes(bytes(data))
 
 
 def prepare_bases(run: Run, cases: list[Case], cache: Path, addr: str) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pstats
 import shutil
 import stat
 import subprocess
@@ -133,10 +135,35 @@ class Rbuild(Builder):
         return self.cmd + ["pull", "-q", ref]
 
     def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
-        argv = self.cmd + ["build", "-q", "-t", tag, "-f", str(ctx / "Containerfile")]
+        return self.cmd + self._build_args(ctx, args, tag)
+
+    @staticmethod
+    def _build_args(ctx: Path, args: dict[str, str], tag: str) -> list[str]:
+        argv = ["build", "-q", "-t", tag, "-f", str(ctx / "Containerfile")]
         for k, v in args.items():
             argv += ["--build-arg", f"{k}={v}"]
         return argv + [str(ctx)]
+
+    def profile(self, store: Path, ctx: Path, args: dict[str, str], tag: str, log: str) -> tuple[Sample, str]:
+        """One build under cProfile (profile_rbuild.py); returns the run and the merged report."""
+        pdir = store / "profile"
+        pdir.mkdir()
+        self.user.chown_tree(str(pdir))
+        wrapper = str(Path(__file__).with_name("profile_rbuild.py"))
+        argv = self.user.prefix() + [sys.executable, wrapper, str(pdir / "p")] + self._build_args(ctx, args, tag)
+        sample = run_measured(argv, self._env(store), str(ctx), timeout=3600, log=log)
+        files = sorted(str(p) for p in pdir.glob("p.*"))
+        if not files:
+            return sample, "no profile written\n"
+        buf = io.StringIO()
+        stats = pstats.Stats(*files, stream=buf)
+        stats.strip_dirs()
+        buf.write(f"{len(files)} processes merged; wall {sample.wall_s:.3f} s (profiled, so slower)\n")
+        buf.write("\n== by own time (tottime) ==\n")
+        stats.sort_stats("tottime").print_stats(30)
+        buf.write("\n== by cumulative time ==\n")
+        stats.sort_stats("cumulative").print_stats(30)
+        return sample, buf.getvalue()
 
     def _unshare_rm(self, path: Path) -> None:
         run(self.cmd + ["unshare", "rm", "-rf", str(path / "rbuild")], env=self._env(path), check=False)
