@@ -220,6 +220,47 @@ def _position(f: BinaryIO, opener: Callable[[], BinaryIO], offset: int) -> Binar
         return f
 
 
+def _parallel(jobs: list[Callable[[Progress, threading.Event], None]], prog: Progress, name: str) -> None:
+    """Run blob transfers on a few threads; the first failure (or a Ctrl-C) cancels the rest, which
+    stop within one read and clean up before this returns, then it is raised."""
+    cancel = threading.Event()
+    try:
+        with ThreadPoolExecutor(min(PARALLEL, len(jobs) or 1), thread_name_prefix=name) as pool:
+            futures = [pool.submit(job, prog, cancel) for job in jobs]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                cancel.set()
+                raise
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                cancel.set()
+                wait(futures)
+                raise failed[0].exception()  # type: ignore[misc]
+    finally:
+        prog.close()
+
+
+STALE_SECONDS = 3600.0
+
+
+def _sweep(dest: Path) -> None:
+    """Remove temp and lock files a killed rbuild left behind (untouched for an hour: a live download
+    writes its temp file continuously, and a lock file that old is only a missed dedup at worst)."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(dest))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.startswith((".partial-", ".lock-")):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
 class RegistryClient:
     """The implementation behind rootless.registry.Registry (thread-safe, reusable)."""
 
@@ -237,6 +278,7 @@ class RegistryClient:
 
     def _sources(self, ref: Reference) -> list[Source]:
         sources = self.conf.pull_sources(ref)
+        self.http.insecure_hosts.update(s.ref.registry for s in sources if s.insecure)
         preferred = self._preferred.get(ref.with_tag(None))
         sources.sort(key=lambda s: s.ref.name != (preferred.name if preferred else s.ref.name))
         return sources
@@ -272,7 +314,6 @@ class RegistryClient:
     def _get_manifest(self, source: Source, selector: str, what: str) -> tuple[bytes, str, str, dict]:
         """GET a manifest or index, verified against its digest; returns (bytes, digest, type, json)."""
         ref = source.ref
-        self.http.host_state(ref.registry, source.insecure)
         accept = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
         for attempt in range(VERIFY_ATTEMPTS):
             resp = self.http.request("GET", ref.registry, f"/v2/{ref.repository}/manifests/{selector}",
@@ -365,7 +406,6 @@ class RegistryClient:
         """The digest the registry serves for `ref` now (a HEAD; for `--pull=newer`)."""
         source = self._sources(ref)[-1]
         what = f"checking {ref}"
-        self.http.host_state(source.ref.registry, source.insecure)
         resp = self.http.request("HEAD", source.ref.registry,
                                  f"/v2/{source.ref.repository}/manifests/{source.ref.selector}",
                                  scopes=[f"repository:{source.ref.repository}:pull"],
@@ -396,27 +436,13 @@ class RegistryClient:
         if not todo:
             return
         sources = self._sources(ref)
-        prog = Progress(progress)
-        cancel = threading.Event()
+        _sweep(dest)
         what = f"pulling {ref}"
-        try:
-            with ThreadPoolExecutor(min(PARALLEL, len(todo)), thread_name_prefix="rbuild-pull") as pool:
-                futures = [pool.submit(self._fetch_one, sources, d, dest, prog, cancel, what)
-                           for d in todo.values()]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [f for f in done if f.exception() is not None]
-                if failed:
-                    cancel.set()
-                    wait(futures)
-                    raise failed[0].exception()  # type: ignore[misc]
-        except BaseException:
-            cancel.set()
-            raise
-        finally:
-            prog.close()
+        _parallel([functools.partial(self._fetch_one, sources, d, dest, what=what) for d in todo.values()],
+                  Progress(progress), "rbuild-pull")
 
     def _fetch_one(self, sources: list[Source], desc: Descriptor, dest: Path, prog: Progress,
-                   cancel: threading.Event, what: str) -> None:
+                   cancel: threading.Event, *, what: str) -> None:
         algo, hexd = desc.digest.split(":", 1)
         final = dest / algo / hexd
         if final.exists():
@@ -570,30 +596,21 @@ class RegistryClient:
              progress: bool = False) -> str:
         """Upload blobs the registry lacks (mounting from sibling repositories where possible), then
         the manifest; returns the manifest digest."""
-        target, insecure = self.conf.push_target(ref).ref, self.conf.push_target(ref).insecure
+        dest = self.conf.push_target(ref)
+        target = dest.ref
+        if dest.insecure:
+            self.http.insecure_hosts.add(target.registry)
         what = f"pushing {ref}"
         digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
         if target.digest and target.digest != digest:
             raise RbuildError(f"{what}: manifest digest {digest} does not match the reference")
-        self.http.host_state(target.registry, insecure)
-        blobs: dict[str, tuple[Descriptor, Callable[[], BinaryIO]]] = {
-            config.digest: (config, lambda: io.BytesIO(config_bytes))}
+        blobs: dict[str, tuple[Descriptor, Callable[[], BinaryIO]]] = {}
+        if manifest_media_type not in INDEX_TYPES:  # an index has no config: its manifests are pushed first
+            blobs[config.digest] = (config, lambda: io.BytesIO(config_bytes))
         for desc, opener in layers:
             blobs.setdefault(check_digest(desc.digest), (desc, opener))
-        prog = Progress(progress)
-        cancel = threading.Event()
-        try:
-            with ThreadPoolExecutor(min(PARALLEL, len(blobs)), thread_name_prefix="rbuild-push") as pool:
-                futures = [pool.submit(self._push_blob, target, d, o, prog, cancel, what)
-                           for d, o in blobs.values()]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                failed = [f for f in done if f.exception() is not None]
-                if failed:
-                    cancel.set()
-                    wait(futures)
-                    raise failed[0].exception()  # type: ignore[misc]
-        finally:
-            prog.close()
+        _parallel([functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()],
+                  Progress(progress, verb="Pushing"), "rbuild-push")
         resp = self.http.request(
             "PUT", target.registry, f"/v2/{target.repository}/manifests/{target.tag or digest}",
             scopes=[f"repository:{target.repository}:pull,push"], repository=target.repository, what=what,
@@ -608,7 +625,7 @@ class RegistryClient:
         return digest
 
     def _push_blob(self, target: Reference, desc: Descriptor, opener: Callable[[], BinaryIO], prog: Progress,
-                   cancel: threading.Event, what: str) -> None:
+                   cancel: threading.Event, *, what: str) -> None:
         host, repo = target.registry, target.repository
         scope = f"repository:{repo}:pull,push"
         resp = self.http.request("HEAD", host, f"/v2/{repo}/blobs/{desc.digest}", scopes=[scope],

@@ -148,6 +148,7 @@ class RegistryHTTP:
         self.authfile = authfile
         self.creds = creds
         self.tokens = auth.TokenCache()
+        self.insecure_hosts: set[str] = set()  # from registries.conf sources (mirrors, rewritten locations)
         self._hosts: dict[str, _HostState] = {}
         self._creds: dict[tuple[str, str], auth.Credentials | None] = {}
         self._adapters: dict[str, Any] = {}
@@ -212,12 +213,12 @@ class RegistryHTTP:
 
         return _adapter(ctx, verify)
 
-    def _skip_verify(self, host: str, insecure: bool) -> bool:
+    def _skip_verify(self, host: str) -> bool:
         if self.tls_verify is not None:
             return not self.tls_verify
-        return insecure or self.conf.insecure(host)
+        return host in self.insecure_hosts or self.conf.insecure(host)
 
-    def host_state(self, host: str, insecure: bool = False) -> _HostState:
+    def host_state(self, host: str) -> _HostState:
         """How to talk to `host`: https, or http where allowed (loopback, or TLS verification off).
 
         Decided once per host with a `/v2/` ping, which also learns the auth challenge.
@@ -230,17 +231,17 @@ class RegistryHTTP:
         with lock:
             if host in self._hosts:
                 return self._hosts[host]
-            state = self._probe(host, insecure)
+            state = self._probe(host)
             with self._lock:
                 self._hosts[host] = state
             return state
 
-    def _probe(self, host: str, insecure: bool) -> _HostState:
+    def _probe(self, host: str) -> _HostState:
         resp = self._probe_loopback_http(host) if self.tls_verify is None and is_loopback(host) else None
         if resp is not None:
             base = f"http://{api_host(host)}"
         else:
-            skip_verify = self._skip_verify(host, insecure)
+            skip_verify = self._skip_verify(host)
             base = f"https://{api_host(host)}"
             self._mount(base + "/", self._tls_adapter(host, not skip_verify))
             try:

@@ -340,3 +340,18 @@ def test_registry_import_is_lazy() -> None:
             " if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stale_temp_files_of_killed_pulls_are_swept(server: RegistryServer, tmp_path: Path) -> None:
+    img = make_image([1_000])
+    ref = push(server.host, "pull/sweep:v1", img)
+    dest = tmp_path / "blobs"
+    dest.mkdir()
+    stale, fresh = dest / ".partial-0123456789abcdef-x", dest / ".partial-fedcba9876543210-y"
+    old_lock = dest / f".lock-sha256-{'e' * 64}"
+    for path in (stale, fresh, old_lock):
+        path.write_bytes(b"half")
+    os.utime(stale, (1, 1))
+    os.utime(old_lock, (1, 1))
+    Registry(RegistryOptions()).fetch_blobs(ref, img.layers, str(dest))
+    assert not stale.exists() and not old_lock.exists() and fresh.exists()
