@@ -18,7 +18,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Self
+from typing import TYPE_CHECKING
 
 from rootless.containerfile import (
     Containerfile,
@@ -31,6 +31,9 @@ from rootless.containerfile import (
 )
 from rootless.errors import ContainerfileError
 from rootless.shell import GO_SPACES, Lexer, ShellError, go_quote
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "INSTRUCTIONS", "Command", "FromCmd", "RunCmd", "CopyCmd", "AddCmd", "EnvCmd", "LabelCmd", "ArgCmd",
