@@ -699,6 +699,44 @@ class _Directives:
         return True
 
 
+_SLASH_DIRECTIVE = re.compile(_DIRECTIVE.pattern.replace("#", "//", 1), re.DOTALL)
+
+
+def _frontend_directive(key: str, data: bytes, any_format: bool) -> str | None:
+    """A `syntax` or `check` directive as BuildKit's frontend reads it (DetectSyntax/ParseDirective):
+    a first `#!` line is skipped, and only the value's first word counts; `syntax` may also be
+    written `//syntax=` or as a JSON document's "syntax" key."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    text = data.decode("utf-8", "surrogateescape")
+    first, nl, rest = text.partition("\n")
+    if first.startswith("#!"):
+        text = rest
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+    for rx in (_DIRECTIVE, _SLASH_DIRECTIVE) if any_format else (_DIRECTIVE,):
+        seen: set[str] = set()
+        for ln in lines:
+            m = rx.match(ln)
+            if not m:
+                break
+            name = m.group(1).lower()
+            if name not in ("escape", "syntax", "check") or name in seen:
+                break
+            seen.add(name)
+            if name == key:
+                return m.group(2).split(" ", 1)[0]
+    if any_format and text.lstrip(" \t\r\n").startswith("{"):
+        import json  # only for this rare form
+
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        value = doc.get(key) if isinstance(doc, dict) else None
+        return value if isinstance(value, str) else None
+    return None
+
+
 def _continuation_regex(escape: str) -> re.Pattern[str]:
     e = re.escape(escape)
     return re.compile(f"([^{e}]){e}[ \t]*\\Z|^{e}[ \t]*\\Z", re.DOTALL)
@@ -832,11 +870,11 @@ def parse(data: bytes | str, filename: str = "Containerfile") -> Containerfile:
         raise _err("file with no instructions", filename, current)
     if too_long is not None:
         raise _err(f"dockerfile line greater than max allowed size of {MAX_LINE - 1}", filename, too_long + 1)
-    syntax = d.seen.get("syntax")
+    syntax = _frontend_directive("syntax", data, True)
     if syntax is not None:
         warnings.insert(0, f"{filename}: ignoring the syntax directive {go_quote(syntax)}: "
                            "rbuild has its own parser (BuildKit's stable Dockerfile syntax)")
-    return Containerfile(nodes, filename, d.escape, syntax, warnings, d.seen.get("check"))
+    return Containerfile(nodes, filename, d.escape, syntax, warnings, _frontend_directive("check", data, False))
 
 
 def _dump_node(node: Node) -> str:

@@ -80,6 +80,21 @@ def test_directives(text: str, escape: str, syntax: str | None, check: str | Non
     assert (cf.escape, cf.syntax, cf.check) == (escape, syntax, check)
 
 
+@pytest.mark.parametrize(("text", "syntax", "check"), [
+    ("# syntax = dockerfile:experimental // opts\nFROM busybox\n", "dockerfile:experimental", None),
+    ("#!/bin/sh\n# syntax = x\n# check = skip=all // opts\nFROM b\n", "x", "skip=all"),
+    ("#!/bin/sh\n\n# syntax = x\nFROM b\n", None, None),
+    ("//syntax=foo\n//key=value\n", "foo", None),
+    ('{"syntax": "foo"}', "foo", None),
+    ('{"syntax": "foo"', None, None),
+    ("\ufeff# syntax = myfrontend\nFROM busybox\n", "myfrontend", None),
+])
+def test_frontend_directives(text: str, syntax: str | None, check: str | None) -> None:
+    # BuildKit's frontend reads syntax and check with DetectSyntax/ParseDirective (directives_test.go)
+    cf = parse(text.encode())
+    assert (cf.syntax, cf.check) == (syntax, check)
+
+
 def test_syntax_directive_is_noted_in_warnings() -> None:
     cf = parse("# syntax=docker/dockerfile:1.7\nFROM a\n")
     assert any("ignoring the syntax directive" in w and "docker/dockerfile:1.7" in w for w in cf.warnings)
