@@ -866,10 +866,10 @@ def parse(data: bytes | str, filename: str = "Containerfile") -> Containerfile:
         nodes.append(node)
     if empty_continuations:
         warnings.append("Empty continuation lines will become errors in a future release.")
+    if too_long is not None:  # (BuildKit reports "file with no instructions" first, when that is also true)
+        raise _err(f"dockerfile line greater than max allowed size of {MAX_LINE - 1}", filename, too_long + 1)
     if not nodes:
         raise _err("file with no instructions", filename, current)
-    if too_long is not None:
-        raise _err(f"dockerfile line greater than max allowed size of {MAX_LINE - 1}", filename, too_long + 1)
     syntax = _frontend_directive("syntax", data, True)
     if syntax is not None:
         warnings.insert(0, f"{filename}: ignoring the syntax directive {go_quote(syntax)}: "

@@ -169,7 +169,7 @@ def test_line_length_limit() -> None:
     assert "dockerfile line greater than max allowed size of 65535" in str(e) and e.line == 2
     e = error(b"FROM a\nLABEL x=" + b"a" * (MAX_LINE - 8))  # a last line without newline
     assert e.line == 2
-    assert "file with no instructions" in str(error(b"a" * (MAX_LINE + 5)))
+    assert "greater than max allowed size" in str(error(b"a" * (MAX_LINE + 5)))
 
 
 # --- instructions, arguments and the dump format ---------------------------------------------------
