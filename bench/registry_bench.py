@@ -4,14 +4,15 @@
     /opt/rbuild/venv/bin/python bench/registry_bench.py [--mb 200] [--runs 3] [--json out.json]
 
 An image of --mb MB in eight gzip layers (random content, so sizes are real) is pushed once; then,
-each as a fresh process and median of --runs:
+each as a fresh process, the two tools alternating, median of --runs:
 
   * pull: registry -> an empty directory. skopeo: `copy docker://... oci:DIR`; rbuild: resolve +
     fetch_blobs (verified, parallel) + the manifest and config written next to the blobs.
   * push: an OCI layout -> a registry that has none of the blobs (a fresh docker-registry per run).
     skopeo: `copy oci:DIR docker://...`; rbuild: Registry.push from the same layout's files.
 
-Prints a markdown table (docs/benchmarks.md "## Registry" quotes it).
+Wall time is what counts; CPU time (user + system, the tool's process tree) is shown because it is
+far less sensitive to other load on the machine. Prints a markdown table (docs/benchmarks.md "## Registry" quotes it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -63,14 +65,25 @@ Registry(RegistryOptions()).push(ref, manifest, data["mediaType"], config, open(
 """
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the child and its children)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, env=env)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def median_of(runs: int, fn: Callable[[int], float]) -> float:
-    return statistics.median(fn(i) for i in range(runs))
+def interleaved(runs: int, tools: dict[str, Callable[[int], tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """Median wall and CPU time per tool, the tools alternating run by run (the machine's load drifts)."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in tools}
+    for i in range(runs):
+        order = list(tools) if i % 2 == 0 else list(reversed(tools))
+        for name in order:
+            samples[name].append(tools[name](i))
+    return {name: (statistics.median(w for w, _ in got), statistics.median(c for _, c in got))
+            for name, got in samples.items()}
 
 
 def main() -> int:
@@ -88,31 +101,31 @@ def main() -> int:
         total = sum(d.size for d in img.layers)
         layout = os.path.join(work, "layout")
         img.write_layout(layout)
-        results: dict[str, float] = {}
+        results: dict[str, tuple[float, float]] = {}
         with docker_registry() as src:
             ref = f"{src.host}/bench/img:1"
             subprocess.run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{layout}:latest",
                             f"docker://{ref}"], check=True, capture_output=True)
 
-            def pull_skopeo(i: int) -> float:
+            def pull_skopeo(i: int) -> tuple[float, float]:
                 dest = os.path.join(work, f"sk-pull-{i}")
                 t = timed(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", f"docker://{ref}",
                            f"oci:{dest}:latest"])
                 shutil.rmtree(dest)
                 return t
 
-            def pull_rbuild(i: int) -> float:
+            def pull_rbuild(i: int) -> tuple[float, float]:
                 dest = os.path.join(work, f"rb-pull-{i}")
                 t = timed([py, "-c", PULL, ref, dest], env)
                 shutil.rmtree(dest)
                 return t
 
             pull_skopeo(-1)  # warm the registry's page cache for both
-            results["pull_skopeo"] = median_of(args.runs, pull_skopeo)
-            results["pull_rbuild"] = median_of(args.runs, pull_rbuild)
+            results.update({f"pull_{k}": v for k, v in
+                            interleaved(args.runs, {"skopeo": pull_skopeo, "rbuild": pull_rbuild}).items()})
 
-        def push_with(tool: str) -> Callable[[int], float]:
-            def run(i: int) -> float:
+        def push_with(tool: str) -> Callable[[int], tuple[float, float]]:
+            def run(i: int) -> tuple[float, float]:
                 with docker_registry() as dst:
                     target = f"{dst.host}/bench/pushed:1"
                     if tool == "skopeo":
@@ -121,18 +134,20 @@ def main() -> int:
                     return timed([py, "-c", PUSH, layout, target], env)
             return run
 
-        results["push_skopeo"] = median_of(args.runs, push_with("skopeo"))
-        results["push_rbuild"] = median_of(args.runs, push_with("rbuild"))
+        results.update({f"push_{k}": v for k, v in
+                        interleaved(args.runs, {"skopeo": push_with("skopeo"), "rbuild": push_with("rbuild")}).items()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mb = total / 1e6
     print(f"Image: {mb:.0f} MB in {len(img.layers)} gzip layers; docker-registry 2.8 on loopback; "
-          f"median of {args.runs}; {os.cpu_count()} CPUs.\n")
-    print("| operation | skopeo copy | rbuild | rbuild / skopeo |")
-    print("|---|---|---|---|")
+          f"median of {args.runs}, the tools alternating; {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f} at the end.\n")
+    print("| operation | skopeo copy | rbuild | rbuild / skopeo (wall) | CPU s: skopeo / rbuild |")
+    print("|---|---|---|---|---|")
     for op in ("pull", "push"):
-        sk, rb = results[f"{op}_skopeo"], results[f"{op}_rbuild"]
-        print(f"| {op} | {sk:.2f} s ({mb / sk:.0f} MB/s) | {rb:.2f} s ({mb / rb:.0f} MB/s) | {rb / sk:.2f} |")
+        (sk, sk_cpu), (rb, rb_cpu) = results[f"{op}_skopeo"], results[f"{op}_rbuild"]
+        print(f"| {op} | {sk:.2f} s ({mb / sk:.0f} MB/s) | {rb:.2f} s ({mb / rb:.0f} MB/s) | {rb / sk:.2f} "
+              f"| {sk_cpu:.2f} / {rb_cpu:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mb": mb, "runs": args.runs, **results}, f, indent=1)
