@@ -465,6 +465,8 @@ class _Unpacker:
                 raise LayerError("the layer root must be a directory")
             self._meta_root(ti)
             return
+        if any(c.startswith(_WH) for c in comps[:-1]):
+            raise LayerError("a whiteout name (.wh.) used as a directory")
         base = comps[-1]
         if base.startswith(_WH):
             self._whiteout(comps, ti)

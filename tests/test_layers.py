@@ -21,6 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 from hostile.userns import in_userns
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rootless import compress, layers
 from rootless.layers import LayerError
@@ -417,3 +419,53 @@ def test_entries_replace_each_other_at_any_depth(tmp: str) -> None:
     assert open(d + "/a/x/y", "rb").read() == b"y" and os.stat(d + "/a/h").st_ino == os.stat(d + "/a/x/y").st_ino
     assert stat.S_IMODE(os.stat(d + "/a/x").st_mode) == 0o700
     assert sorted(os.listdir(d + "/a")) == ["b", "h", "x"]
+
+
+CANARY_TARGETS = ["a", "b/c", "..", "../..", "../../../../../../../../..", "/", "/tmp"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_layers_are_contained_and_round_trip(tmp: str, data: st.DataObject) -> None:
+    """Any mix of entries: refused with LayerError or unpacked inside dest, and then exactly reproducible."""
+    comp = st.sampled_from(["a", "b", "c", ".wh.a", ".wh.b", ".wh..wh..opq", "..", "."])
+    path = st.lists(comp, min_size=1, max_size=3).map("/".join)
+    canary = os.path.join(tmp, "canary")
+    os.makedirs(canary + "/a", exist_ok=True)
+    entry = st.tuples(st.sampled_from(["file", "dir", "sym", "link", "fifo"]), path,
+                      st.sampled_from(CANARY_TARGETS + [canary, canary + "/a"]), path)
+
+    def layer(entries: list[tuple[str, str, str, str]]) -> bytes:
+        def build(tf: tarfile.TarFile) -> None:
+            for kind, name, target, other in entries:
+                if kind == "file":
+                    add(tf, name, data=name.encode())
+                elif kind == "dir":
+                    add(tf, name, tarfile.DIRTYPE, mode=0o755)
+                elif kind == "sym":
+                    add(tf, name, tarfile.SYMTYPE, mode=0o777, link=target)
+                elif kind == "link":
+                    add(tf, name, tarfile.LNKTYPE, link=other)
+                else:
+                    add(tf, name, tarfile.FIFOTYPE)
+        return make_tar(build)
+
+    n = len(os.listdir(tmp))
+    lower, upper = os.path.join(tmp, f"lo{n}"), os.path.join(tmp, f"up{n}")
+    os.mkdir(lower)
+    try:
+        unpack_bytes(layer(data.draw(st.lists(entry, max_size=8))), lower)
+        lowers = [lower]
+    except LayerError:
+        lowers = []
+    try:
+        unpack_bytes(layer(data.draw(st.lists(entry, max_size=10))), upper, lowers=lowers)
+    except LayerError:
+        return
+    finally:
+        assert sorted(os.listdir(canary)) == ["a"] and os.listdir(canary + "/a") == []
+        assert all(x == "canary" or x[:2] in ("lo", "up", "rt") for x in os.listdir(tmp)), "nothing beside dest"
+    t1 = tar_of(upper)
+    again = os.path.join(tmp, f"rt{n}")
+    unpack_bytes(t1, again)
+    assert tar_of(again) == t1

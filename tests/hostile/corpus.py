@@ -149,6 +149,7 @@ def cases(canary: str) -> list[Case]:
              {"p": "fifo"}),
         Case("whiteout_dotdot", [tar(f(esc + "/.wh.secret", b""))], ref_dotdot),
         Case("whiteout_of_dotdot", [tar(f(".wh..."))], r"whiteout names no entry"),
+        Case("whiteout_name_as_directory", [tar(f(".wh.secret/x"))], r"whiteout name \(\.wh\.\) used as a directory"),
         Case("whiteout_through_symlink", [tar(sym("ln", canary), f("ln/.wh.secret", b""))], ref_sym),
         Case("whiteout_through_lower_symlink", [tar(sym("ln", canary)), tar(f("ln/.wh.secret", b""))], ref_lower),
         Case("opaque_through_symlink", [tar(sym("ln", canary), f("ln/.wh..wh..opq", b""))], ref_sym),
