@@ -104,6 +104,8 @@ def snapshot(repo: Path, rev: str, dest: Path) -> str:
     dest.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(repo), "archive", commit, "rootless"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    # byte-compile now: the bench user cannot write __pycache__ here and would compile on every run
+    run([sys.executable, "-m", "compileall", "-q", str(dest)])
     for dirpath, _, filenames in os.walk(dest):
         os.chmod(dirpath, 0o755)
         for n in filenames:
