@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import statistics
@@ -85,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary tree (contexts, logs)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one build may take (default 1800)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--render", metavar="JSON", help="build nothing: print (and with --docs, write) the tables "
+                   "of an earlier run's JSON")
     return p.parse_args(argv)
 
 
@@ -290,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         for c in all_cases:
             net = " (network)" if c.spec.network else ""
             print(f"{c.name:18s} {c.spec.mode:7s} {c.spec.description}{net}")
+        return 0
+    if args.render:
+        section = report.markdown(json.loads(Path(args.render).read_text()))
+        print(section)
+        if args.docs:
+            report.update_docs(REPO / "docs" / "benchmarks.md", section, TOP)
         return 0
     cases = select(all_cases, args)
     if not cases:

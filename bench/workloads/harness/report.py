@@ -114,6 +114,14 @@ def _pct(ref: float | None, t: float | None) -> str:
     return f"{100 * ref / t:.0f}%"
 
 
+def _load(case: dict[str, Any]) -> str:
+    """The 1-minute load average at the case's start and end."""
+    load = case.get("load") or []
+    if len(load) == 2 and load[0] and load[1]:
+        return f"{load[0][0]:.1f}–{load[1][0]:.1f}"
+    return "—"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The builds section: setup line, main table, physical table, pulls, network, failures."""
     m, cfg = result["machine"], result["config"]
@@ -125,11 +133,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"alternating which builder goes first; medians. Load average {cfg.get('load_start')} at the start, "
         f"{cfg.get('load_end')} at the end. Command: `{cfg['command']}`.",
         "",
-        "Ratio below 1: rbuild is faster. Peak memory: the whole process tree's PSS, sampled (see bench/README.md).",
+        "Ratio below 1: rbuild is faster. CPU: user+system of the whole tree. Peak memory: the whole process "
+        "tree's PSS, sampled (see bench/README.md). Load: the 1-minute load average when the case started and "
+        "ended (2 cores: above 2, other work competed).",
         "",
         "| case | what | rbuild s | buildah s | rbuild/buildah | rbuild CPU s | buildah CPU s "
-        "| rbuild peak MiB | buildah peak MiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rbuild peak MiB | buildah peak MiB | load |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     offline = [c for c in cases if not c["network"]]
     network = [c for c in cases if c["network"]]
@@ -137,7 +147,7 @@ def markdown(result: dict[str, Any]) -> str:
         rb, ba = c["tools"]["rbuild"], c["tools"]["buildah"]
         lines.append(f"| {c['name']} | {c['description']} | {_tool_cell(rb)} | {_tool_cell(ba)} | {_ratio(c)} "
                      f"| {_s(rb.get('cpu_s'))} | {_s(ba.get('cpu_s'))} | {_mib(rb.get('peak_pss_mib'))} "
-                     f"| {_mib(ba.get('peak_pss_mib'))} |")
+                     f"| {_mib(ba.get('peak_pss_mib'))} | {_load(c)} |")
     with_data = [c for c in cases if c.get("data")]
     if with_data:
         lines += [
