@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -195,9 +196,25 @@ def buildah(rb: Runner) -> Iterator[Buildah]:
         yield b
 
 
+@pytest.fixture(scope="module")
+def buildah_layout(rb: Runner, exports: Exports) -> Iterator[str]:
+    """The OCI layout again, at a path buildah accepts.
+
+    buildah names an image it takes from an oci: layout after the layout's path and rejects a path that
+    is not a valid image name, as the session's temporary directory can be (a random name ending in "_").
+    """
+    path = f"/var/tmp/rbinterop-{os.getpid()}-{rb.uid}"
+    shutil.copytree(exports.layout.removeprefix("oci:").rpartition(":")[0], os.path.join(path, "layout"))
+    rb.own(path)
+    try:
+        yield f"oci:{path}/layout:v1"
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("which", ["layout", "oci_archive", "docker_archive"])
-def test_buildah_from_and_run(buildah: Buildah, exports: Exports, which: str) -> None:
-    ref: str = getattr(exports, which)
+def test_buildah_from_and_run(buildah: Buildah, exports: Exports, buildah_layout: str, which: str) -> None:
+    ref: str = buildah_layout if which == "layout" else getattr(exports, which)
     ctr = buildah.run("from", "-q", ref).strip().splitlines()[-1]
     try:
         cfg = json.loads(buildah.run("inspect", "--type", "container", ctr))["OCIv1"]["config"]
