@@ -35,9 +35,9 @@ import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +52,7 @@ XATTR_STAT = "user.rbuild.stat"
 XATTR_LSTAT = "user.rbuild.lstat"
 
 CHUNK = 1 << 20  # write_tar emits the stream in blocks of exactly this size (compressor input is fixed)
+MAX_DEPTH = 512  # path components of an unpacked entry; write_tar holds one fd per level
 _META_MAX = 1 << 20  # largest PAX / GNU long-name header accepted (they are read into memory)
 _DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _WH = b".wh."
@@ -465,6 +466,8 @@ class _Unpacker:
                 raise LayerError("the layer root must be a directory")
             self._meta_root(ti)
             return
+        if len(comps) > MAX_DEPTH:
+            raise LayerError(f"path deeper than {MAX_DEPTH} directories")
         if any(c.startswith(_WH) for c in comps[:-1]):
             raise LayerError("a whiteout name (.wh.) used as a directory")
         base = comps[-1]
@@ -682,14 +685,33 @@ def normalize(layer_dir: str, *, set_mtime: int | None = None, clamp_mtime: int 
     """
     root = os.open(layer_dir, _DIRFLAGS)
     try:
-        _normalize_dir(root, set_mtime, clamp_mtime)
+        _depth_first(_normalize_dir(root, set_mtime, clamp_mtime))
     except OSError as e:
         raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
     finally:
         os.close(root)
 
 
-def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None) -> None:
+def _depth_first(top: Iterator[Any]) -> None:
+    """Run nested per-directory generators depth first: no Python recursion limit on tree depth.
+
+    Each generator yields the generator of a subdirectory, which runs to its end before the parent
+    resumes (and closes the subdirectory's fd).
+    """
+    stack = [top]
+    try:
+        while stack:
+            child = next(stack[-1], None)
+            if child is None:
+                stack.pop()
+            else:
+                stack.append(child)
+    finally:
+        for gen in reversed(stack):
+            gen.close()
+
+
+def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None) -> Iterator[Any]:
     for xname in os.listxattr(dfd):
         if xname.startswith("user.overlay.") and not (
                 xname == XATTR_OPAQUE and os.getxattr(dfd, xname) == b"y"):
@@ -701,7 +723,7 @@ def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None) -> None:
         if stat.S_ISDIR(st.st_mode):
             fd = os.open(e.name, _DIRFLAGS, dir_fd=dfd)
             try:
-                _normalize_dir(fd, set_mtime, clamp)
+                yield _normalize_dir(fd, set_mtime, clamp)
             finally:
                 os.close(fd)
             continue
@@ -848,12 +870,11 @@ def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, t
     pax: list[tuple[bytes, bytes]] = [(b"SCHILY.xattr." + k, v) for k, v in xattrs]
     prefix, base = b"", name
     if len(name) > 100:
-        comps = name.split(b"/")
-        for i in range(1, len(comps)):
-            p, b = b"/".join(comps[:i]), b"/".join(comps[i:])
-            if len(p) <= 155 and 0 < len(b) <= 100:
-                prefix, base = p, b
-                break
+        cut = name.find(b"/")  # the shortest prefix that leaves a name of at most 100 bytes
+        while 0 <= cut <= 155 and len(name) - cut - 1 > 100:
+            cut = name.find(b"/", cut + 1)
+        if 0 <= cut <= 155 and len(name) - cut - 1 > 0:
+            prefix, base = name[:cut], name[cut + 1:]
         else:
             pax.append((b"path", name))
             base = name[:100]
@@ -895,7 +916,7 @@ def _owner(st: os.stat_result, xattrs: dict[str, bytes]) -> tuple[int, int]:
     return _parse_ids(rec) if rec else (st.st_uid, st.st_gid)
 
 
-def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], bytes]) -> None:
+def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], bytes]) -> Iterator[Any]:
     lrec = _parse_lstat(_getxattr(dfd, XATTR_LSTAT) or b"")
     items = []
     with os.scandir(dfd) as it:
@@ -917,7 +938,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
                 sink.put(_header(path + b"/", perm, uid, gid, 0, mtime, b"5", xattrs=_kept(xattrs)))
                 if xattrs.get(XATTR_OPAQUE) == b"y":
                     sink.put(_header(path + b"/" + _OPQ, perm, uid, gid, 0, mtime, b"0"))
-                _tar_dir(sink, fd, path + b"/", links)
+                yield _tar_dir(sink, fd, path + b"/", links)
             finally:
                 os.close(fd)
             continue
@@ -976,7 +997,7 @@ def write_tar(layer_dir: str, out: BinaryIO | None) -> tuple[str, int]:
     try:
         root = os.open(layer_dir, _DIRFLAGS)
         try:
-            _tar_dir(sink, root, b"", {})
+            _depth_first(_tar_dir(sink, root, b"", {}))
             sink.put(_ZEROS[:1024])
             sink.finish()
         finally:

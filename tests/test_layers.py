@@ -469,3 +469,23 @@ def test_random_layers_are_contained_and_round_trip(tmp: str, data: st.DataObjec
     again = os.path.join(tmp, f"rt{n}")
     unpack_bytes(t1, again)
     assert tar_of(again) == t1
+
+
+def test_deep_trees_need_no_recursion_and_unpack_bounds_depth(tmp: str) -> None:
+    d = os.path.join(tmp, "l")
+    os.mkdir(d)
+    fd = os.open(d, os.O_RDONLY)
+    for _ in range(1100):  # deeper than Python's recursion limit
+        os.mkdir("d", dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    try:
+        layers.normalize(d, set_mtime=7)
+        with tarfile.open(fileobj=io.BytesIO(tar_of(d))) as tf:
+            assert len(tf.getmembers()) == 1100
+    finally:
+        subprocess.run(["rm", "-rf", d], check=True)  # shutil.rmtree recurses too deep
+    with pytest.raises(LayerError, match="deeper than 512"):
+        unpack_bytes(make_tar(lambda tf: add(tf, "a/" * 512 + "f")), os.path.join(tmp, "u"))
