@@ -61,6 +61,7 @@ CHUNK_THRESHOLD = 64 << 20  # larger blobs go up in chunks, so a failure costs o
 CHUNK_SIZE = 32 << 20
 READ_SIZE = 1 << 20
 VERIFY_ATTEMPTS = 3  # a blob that fails verification is fetched again, at most this often
+MAX_RESUMES = 20  # Range resumptions of one download, however much each one gained
 
 
 # -- platforms ---------------------------------------------------------------------------
@@ -536,7 +537,7 @@ class RegistryClient:
             f.truncate()
             prog.start(desc.digest, desc.size)
             hasher = _hasher(desc.digest)
-            written = failures = 0
+            written = failures = resumes = 0
             try:
                 while True:
                     if cancel.is_set():
@@ -572,8 +573,11 @@ class RegistryClient:
                                 if cancel.is_set():
                                     raise RbuildError(f"{what}: cancelled")
                     except transient_errors() as e:
+                        # Interruptions that made progress are resumed (up to MAX_RESUMES in all); a
+                        # connection that keeps failing without progress gives up after MAX_ATTEMPTS.
                         failures = 0 if progressed else failures + 1
-                        if failures >= MAX_ATTEMPTS:
+                        resumes += 1
+                        if failures >= MAX_ATTEMPTS or resumes > MAX_RESUMES:
                             raise RbuildError(f"{what}: blob {desc.digest}: {describe(e)}") from None
                         time.sleep(backoff(failures))
                         continue

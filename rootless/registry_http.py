@@ -153,7 +153,7 @@ class RegistryHTTP:
         self._creds: dict[tuple[str, str], auth.Credentials | None] = {}
         self._adapters: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._host_locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, threading.Lock] = {}
         self._local = threading.local()
 
     # -- sessions and TLS ------------------------------------------------------------------
@@ -225,7 +225,7 @@ class RegistryHTTP:
         """
         with self._lock:
             state = self._hosts.get(host)
-            lock = self._host_locks.setdefault(host, threading.Lock())
+            lock = self._locks.setdefault(host, threading.Lock())
         if state is not None:
             return state
         with lock:
@@ -332,7 +332,7 @@ class RegistryHTTP:
         if fresh:
             self.tokens.drop(key)
         with self._lock:
-            key_lock = self._host_locks.setdefault(repr(key), threading.Lock())
+            key_lock = self._locks.setdefault(repr(key), threading.Lock())
         with key_lock:  # parallel blob transfers share one token request
             token = self.tokens.get(key)
             if token is None:
