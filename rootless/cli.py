@@ -299,10 +299,12 @@ def cmd_parse(args: argparse.Namespace) -> int:
     path = planner.find_containerfile(os.path.abspath(args.context), args.file)
     data, shown = planner.read_containerfile(path)
     try:
-        cf = containerfile.parse(data, args.file or shown)
+        cf = containerfile.parse(data, shown if args.file == "-" else (args.file or shown))
     except RbuildError as e:
         e.exit_code = 1
         raise
+    for w in cf.warnings:
+        print(w, file=sys.stderr)
     sys.stdout.write(containerfile.dump(cf))
     return 0
 

@@ -228,7 +228,8 @@ class Executor:
 
         node = cmd.node
         if isinstance(cmd, ins.ArgCmd):
-            return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state)))
+            # an ARG given by --build-arg keeps its default unexpanded (a bad default must not fail it)
+            return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state), skip=self.plan.build_args))
         cmd = cmd.expand(self.lexer, self.expand_env(state))
         run_args = self.run_args(state)
         extra: Any = None
@@ -264,8 +265,9 @@ class Executor:
             return "RUN " + " ".join(self.run_argv(cmd, {})[0]) + " # buildkit"
         if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
             flags = []
-            if getattr(cmd, "from_", None):
-                flags.append(f"--from={cmd.from_}")
+            source = cmd.from_ if isinstance(cmd, ins.CopyCmd) else None
+            if source:
+                flags.append(f"--from={source}")
             if cmd.chown:
                 flags.append(f"--chown={cmd.chown}")
             if cmd.chmod:

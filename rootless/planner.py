@@ -87,7 +87,7 @@ def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], t
     for node in cf.nodes:
         cmd = instructions.parse_instruction(node, filename)
         if isinstance(cmd, instructions.ArgCmd) and not stages:
-            cmd = cmd.expand(lexer, meta)
+            cmd = cmd.expand(lexer, meta, skip=build_args)
             for name, default in cmd.args:
                 if name in build_args:
                     meta[name] = build_args[name]
@@ -100,15 +100,13 @@ def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], t
             if not base:
                 raise ContainerfileError("FROM requires an image name (it expanded to nothing)", filename,
                                          node.start_line)
-            base_stage = None
+            base_stage: int | None = None
             for s in stages:
                 if s.name and s.name == base.lower():
                     base_stage = s.index
-            name = fc.name
-            if name:
-                if any(s.name == name for s in stages):
-                    raise ContainerfileError(f"duplicate stage name {name!r}", filename, node.start_line)
-            stage = Stage(len(stages), name, base, base_stage, fc)
+            if fc.name and any(s.name == fc.name for s in stages):
+                raise ContainerfileError(f"duplicate stage name {fc.name!r}", filename, node.start_line)
+            stage = Stage(len(stages), fc.name, base, base_stage, fc)
             if base_stage is not None:
                 stage.deps.add(base_stage)
             stages.append(stage)

@@ -26,7 +26,7 @@ from rootless.store import ImageRecord, Store, atomic_write, hex_of, now_rfc3339
 CHUNK = 1 << 20
 
 
-class HashingReader(io.RawIOBase):
+class HashingReader(io.RawIOBase, BinaryIO):  # type: ignore[misc]
     """Wraps a stream and hashes what is read through it (verification while streaming)."""
 
     def __init__(self, raw: IO[bytes]) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from rootless import linux
 from rootless.errors import RbuildError
@@ -39,8 +40,8 @@ class IdMap:
     @staticmethod
     def from_json(data: dict[str, object]) -> IdMap:
         def ranges(key: str) -> tuple[Range, ...]:
-            raw = data.get(key) or []
-            return tuple((int(a), int(b), int(c)) for a, b, c in raw)  # type: ignore[union-attr]
+            raw: Any = data.get(key) or []
+            return tuple((int(a), int(b), int(c)) for a, b, c in raw)
 
         return IdMap(ranges("uids"), ranges("gids"), bool(data.get("root")))
 
