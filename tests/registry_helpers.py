@@ -547,3 +547,37 @@ def write(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
+
+
+def credential_helper(directory: str) -> str:
+    """Write `docker-credential-rbtest` (keeping its secrets in a JSON file beside it) into
+    `directory`/bin; returns that bin directory, for PATH."""
+    bindir = os.path.join(directory, "bin")
+    store = os.path.join(directory, "helper-store.json")
+    script = f"""#!/usr/bin/python3
+import json, sys
+path = {store!r}
+try:
+    data = json.load(open(path))
+except FileNotFoundError:
+    data = {{}}
+action = sys.argv[1]
+if action == "get":
+    host = sys.stdin.read().strip()
+    if host not in data:
+        print("credentials not found in native keychain"); sys.exit(1)
+    print(json.dumps({{"ServerURL": host, "Username": data[host][0], "Secret": data[host][1]}}))
+elif action == "store":
+    req = json.load(sys.stdin)
+    data[req["ServerURL"]] = [req["Username"], req["Secret"]]
+    json.dump(data, open(path, "w"))
+elif action == "erase":
+    host = sys.stdin.read().strip()
+    if host not in data:
+        print("credentials not found in native keychain"); sys.exit(1)
+    del data[host]
+    json.dump(data, open(path, "w"))
+"""
+    path = write(os.path.join(bindir, "docker-credential-rbtest"), script)
+    os.chmod(path, 0o755)
+    return bindir

@@ -15,6 +15,7 @@ from registry_helpers import (
     SampleImage,
     TokenServer,
     blob_files,
+    credential_helper,
     docker_registry,
     isolate,
     make_ca,
@@ -89,6 +90,22 @@ def test_creds_option_and_explicit_authfile(basic: RegistryServer, tmp_path: Pat
     login(basic.host, "alice", PASSWORD, RegistryOptions(authfile=authfile))
     assert not Path(os.environ["HOME"], ".config", "containers", "auth.json").exists()
     _push(basic.host, "c/d:2", authfile=authfile)
+
+
+def test_login_through_a_credential_helper(basic: RegistryServer, home: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", f"{credential_helper(str(tmp_path))}:{os.environ['PATH']}")
+    authfile = write(os.path.join(home, ".config", "containers", "auth.json"),
+                     json.dumps({"credHelpers": {basic.host: "rbtest"}}))
+    with pytest.raises(RbuildError, match="authentication failed"):
+        login(basic.host, "alice", "bad", RegistryOptions())
+    login(basic.host, "alice", PASSWORD, RegistryOptions())
+    assert PASSWORD not in Path(authfile).read_text()
+    assert PASSWORD in (tmp_path / "helper-store.json").read_text()
+    _push(basic.host, "helper/app:1")
+    logout(basic.host, RegistryOptions())
+    with pytest.raises(RbuildError, match="authentication required"):
+        _push(basic.host, "helper/app:2")
 
 
 def test_docker_config_is_a_fallback(basic: RegistryServer, home: str) -> None:

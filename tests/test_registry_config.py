@@ -11,7 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from registry_helpers import isolate, make_image, write
+from registry_helpers import credential_helper, isolate, make_image, write
 
 from rootless import auth, regconf
 from rootless.errors import RbuildError
@@ -205,34 +205,7 @@ def test_erase_refuses_docker_config_credentials(home: str) -> None:
 
 
 def test_credential_helper(home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bindir = tmp_path / "bin"
-    store = tmp_path / "helper-store.json"
-    write(str(bindir / "docker-credential-rbtest"), f"""#!/usr/bin/python3
-import json, sys
-path = {str(store)!r}
-try:
-    data = json.load(open(path))
-except FileNotFoundError:
-    data = {{}}
-action = sys.argv[1]
-if action == "get":
-    host = sys.stdin.read().strip()
-    if host not in data:
-        print("credentials not found in native keychain"); sys.exit(1)
-    print(json.dumps({{"ServerURL": host, "Username": data[host][0], "Secret": data[host][1]}}))
-elif action == "store":
-    req = json.load(sys.stdin)
-    data[req["ServerURL"]] = [req["Username"], req["Secret"]]
-    json.dump(data, open(path, "w"))
-elif action == "erase":
-    host = sys.stdin.read().strip()
-    if host not in data:
-        print("credentials not found in native keychain"); sys.exit(1)
-    del data[host]
-    json.dump(data, open(path, "w"))
-""")
-    os.chmod(bindir / "docker-credential-rbtest", 0o755)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{credential_helper(str(tmp_path))}:{os.environ['PATH']}")
     authfile = write(os.path.join(home, ".config", "containers", "auth.json"),
                      json.dumps({"credHelpers": {"reg:5000": "rbtest"}}))
     assert auth.store_credentials("reg:5000", "carol", "cpw") == "docker-credential-rbtest"
