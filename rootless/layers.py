@@ -492,11 +492,11 @@ class _Unpacker:
             self.dirmeta[comps] = (ti.mode & 0o7777, _mtime_ns(ti))
         elif ti.islnk():
             self._hardlink(comps, ti)
+        elif ti.isreg():
+            self._file(tf, ti, pfd, comps)
         else:
             self._clear(pfd, comps, want_dir=False)
-            if ti.isreg():
-                self._file(tf, ti, pfd, comps)
-            elif ti.issym():
+            if ti.issym():
                 os.symlink(os.fsencode(ti.linkname), base, dir_fd=pfd)
                 self._own(comps[:-1], pfd, base, ti.uid, ti.gid)
                 os.utime(base, ns=(_mtime_ns(ti),) * 2, dir_fd=pfd, follow_symlinks=False)
@@ -516,8 +516,12 @@ class _Unpacker:
                 raise LayerError(f"unsupported entry type {ti.type!r}")
 
     def _file(self, tf: tarfile.TarFile, ti: tarfile.TarInfo, pfd: int, comps: tuple[bytes, ...]) -> None:
-        fd = os.open(comps[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=pfd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(comps[-1], flags, 0o600, dir_fd=pfd)
+        except FileExistsError:  # rare: make room, never write through what is there
+            self._clear(pfd, comps, want_dir=False)
+            fd = os.open(comps[-1], flags, 0o600, dir_fd=pfd)
         try:
             src: BinaryIO = tf.fileobj  # type: ignore[assignment]
             sparse: list[tuple[int, int]] | None = ti.sparse  # type: ignore[assignment]
