@@ -49,6 +49,8 @@ LAYER_TYPES = frozenset(
     {_OCI_LAYER, _OCI_LAYER + "+gzip", _OCI_LAYER + "+zstd", _OCI_FOREIGN, _OCI_FOREIGN + "+gzip",
      _OCI_FOREIGN + "+zstd", *_TO_OCI}
 )
+
+
 @dataclass
 class RegistryOptions:
     """What the user said about registries on the command line (None = the configured default)."""
@@ -149,7 +151,10 @@ class Registry:
 
 def resolve_names(text: str, options: RegistryOptions | None = None) -> list[Reference]:
     """The references a name may mean, in the order to try them: itself when qualified; else its
-    registries.conf alias; else one per unqualified-search registry (docker.io when none is set)."""
+    registries.conf alias; else one per unqualified-search registry (docker.io when none is set).
+
+    `options` is part of the interface for symmetry with the other calls; registries.conf is found
+    from the environment, as containers' tools find it."""
     if is_qualified(text):
         return [parse_reference(text)]
     from rootless.regconf import load_registries_conf
