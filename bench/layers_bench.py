@@ -24,6 +24,7 @@ import io
 import json
 import os
 import pwd
+import resource
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,25 @@ def best(fn: Callable[[], object], runs: int, setup: Callable[[], object] | None
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def alternate(fns: dict[str, Callable[[], object]], runs: int, setup: Callable[[], object]) -> dict[str, float]:
+    """Best wall time and CPU time (user + system of the process tree) per tool, tools taking turns
+    run by run so that drifting load from other work on the machine hits both alike."""
+    out: dict[str, float] = {}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            setup()
+            os.sync()
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - t
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+            out[name] = min(out.get(name, wall), wall)
+            out[name + "_cpu"] = min(out.get(name + "_cpu", cpu), cpu)
+    return out
 
 
 def sh(*argv: str, env: dict[str, str] | None = None, cwd: str | None = None) -> str:
@@ -149,19 +169,18 @@ class Bench:
         return ctx
 
     def build_pair(self, key: str, ctx: str) -> None:
-        runs = self.args.runs
         store = os.path.join(self.work, "store-" + key)
-        self.results[f"{key}.rbuild"] = best(
-            lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store), runs,
-            setup=lambda: self.cleanup_store(store))
-        self.results[f"{key}.buildah"] = best(
+        got = alternate({
+            "rbuild": lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store),
             # chroot isolation: buildah's OCI runtime cannot run rootless under this host's cgroup setup
-            lambda: self.buildah("build", "-q", "--layers=false", "--isolation", "chroot", "-f",
-                                 os.path.join(ctx, "Containerfile"), ctx, root=store),
-            runs, setup=lambda: self.cleanup_store(store))
+            "buildah": lambda: self.buildah("build", "-q", "--layers=false", "--isolation", "chroot", "-f",
+                                            os.path.join(ctx, "Containerfile"), ctx, root=store),
+        }, self.args.runs, setup=lambda: self.cleanup_store(store))
+        self.results.update({f"{key}.{k}": v for k, v in got.items()})
         self.cleanup_store(store)
 
     def run(self) -> None:
+        self.results["loadavg.start"] = os.getloadavg()[0]
         bb = os.path.join(self.work, "busybox")
         write_layout(bb, busybox_layer())
         base = f"FROM oci:{bb}\n"
@@ -203,10 +222,10 @@ class Bench:
         del layer
         ctx = self.context("base", f"FROM oci:{layout}\nLABEL bench=unpack\n")
         store = os.path.join(self.work, "store-base")
-        self.results["base.rbuild"] = best(lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store),
-                                           self.args.runs, setup=lambda: self.cleanup_store(store))
-        self.results["base.buildah"] = best(lambda: self.buildah("from", f"oci:{layout}", root=store),
-                                            self.args.runs, setup=lambda: self.cleanup_store(store))
+        got = alternate({"rbuild": lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store),
+                         "buildah": lambda: self.buildah("from", f"oci:{layout}", root=store)},
+                        self.args.runs, setup=lambda: self.cleanup_store(store))
+        self.results.update({f"base.{k}": v for k, v in got.items()})
         self.cleanup_store(store)
         self.results["base.sha256sum"] = best(lambda: sh("sha256sum", tarpath), self.args.runs)
         self.results["base.zstd3"] = best(lambda: sh("zstd", "-3", "-q", "-f", "-T1", tarpath, "-o", tarpath + ".zst"),
@@ -217,9 +236,10 @@ class Bench:
         dst = os.path.join(self.work, "tree2")
         self.results["base.cp_a"] = best(lambda: sh("cp", "-a", tree, dst), self.args.runs,
                                          setup=lambda: shutil.rmtree(dst, ignore_errors=True))
-        self.layer_micro("base", big_dir=tree, blob=os.path.join(layout, "blobs"))
+        self.layer_micro("base", big_dir=tree)
+        self.results["loadavg.end"] = os.getloadavg()[0]
 
-    def layer_micro(self, key: str, big_dir: str, blob: str | None = None) -> None:
+    def layer_micro(self, key: str, big_dir: str) -> None:
         """write_tar / compression / unpack throughput in the rbuild install's python."""
         py = os.path.join(os.path.dirname(self.args.rbuild), "python")
         code = MICRO.replace("@DIR@", big_dir).replace("@OUT@", self.work).replace("@RUNS@", str(self.args.runs))
@@ -280,19 +300,21 @@ def report(r: dict[str, float]) -> str:
     def mbs(nbytes: float, secs: float) -> str:
         return f"{nbytes / secs / 1e6:,.0f} MB/s"
 
-    lines = ["| measurement | rbuild | buildah | ratio (buildah / rbuild) | machine baseline |",
-             "|---|---|---|---|---|"]
-    lines.append(f"| build with a no-op RUN (fixed cost) | {r['noop.rbuild']:.2f} s | {r['noop.buildah']:.2f} s | "
-                 f"{r['noop.buildah'] / r['noop.rbuild']:.1f}x | |")
-    lines.append(f"| RUN writing a 1 GiB file | {r['run1g.rbuild']:.2f} s | {r['run1g.buildah']:.2f} s | "
-                 f"{r['run1g.buildah'] / r['run1g.rbuild']:.1f}x | `dd` alone {r['run1g.dd_alone']:.2f} s, "
-                 f"`sha256sum` {r['run1g.sha256sum']:.2f} s |")
-    lines.append(f"| COPY of 10,000 files (40 MB) | {r['copy10k.rbuild']:.2f} s | {r['copy10k.buildah']:.2f} s | "
-                 f"{r['copy10k.buildah'] / r['copy10k.rbuild']:.1f}x | `cp -a` {r['copy10k.cp_a']:.2f} s |")
-    lines.append(f"| FROM a {r['base.tar_bytes'] / 1e6:.0f} MB base (gzip): unpack | {r['base.rbuild']:.2f} s | "
-                 f"{r['base.buildah']:.2f} s | {r['base.buildah'] / r['base.rbuild']:.1f}x | "
-                 f"`sha256sum` {r['base.sha256sum']:.2f} s, `zstd -3` {r['base.zstd3']:.2f} s, "
-                 f"`cp -a` {r['base.cp_a']:.2f} s |")
+    def row(label: str, key: str, baseline: str) -> str:
+        rb, bh = r[f"{key}.rbuild"], r[f"{key}.buildah"]
+        return (f"| {label} | {rb:.2f} s | {bh:.2f} s | **{rb / bh:.2f}** | "
+                f"{r[key + '.rbuild_cpu']:.2f} / {r[key + '.buildah_cpu']:.2f} | {baseline} |")
+
+    lines = ["| measurement (whole build, best of runs) | rbuild | buildah | rbuild / buildah | "
+             "CPU s rbuild / buildah | machine baseline |", "|---|---|---|---|---|---|"]
+    lines.append(row("no-op `RUN true` (fixed cost)", "noop", ""))
+    lines.append(row("`RUN dd` writing a 1 GiB file", "run1g", f"`dd` alone {r['run1g.dd_alone']:.2f} s, "
+                     f"`sha256sum` {r['run1g.sha256sum']:.2f} s"))
+    lines.append(row("`COPY` of 10,000 files (40 MB)", "copy10k", f"`cp -a` {r['copy10k.cp_a']:.2f} s"))
+    lines.append(row(f"`FROM` a {r['base.tar_bytes'] / 1e6:.0f} MB gzip base (unpack)", "base",
+                     f"`sha256sum` {r['base.sha256sum']:.2f} s, `zstd -3` {r['base.zstd3']:.2f} s, "
+                     f"`cp -a` {r['base.cp_a']:.2f} s"))
+    lines.append(f"\nload average (1 min) at start / end: {r['loadavg.start']:.1f} / {r['loadavg.end']:.1f}")
     lines += ["", "| layer code, in process | 1 GiB file | 10,000 files | 200 MB base |", "|---|---|---|---|"]
     for k, label in (("write_tar_hash", "write_tar, diff_id only"), ("write_tar_file", "write_tar to a file"),
                      ("compress_gzip", "compress_layer gzip (ISA-L level 1)"),
@@ -318,7 +340,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--base-mb", type=int, default=200)
     ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--render", metavar="JSON", help="only print the tables of an earlier run's --json")
     args = ap.parse_args()
+    if args.render:
+        render(args.render)
+        return
     if os.getuid() == 0:
         if not args.user:
             raise SystemExit("started as root: say which unprivileged user runs the benchmark (--user)")
@@ -340,6 +366,11 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(b.results, f, indent=1)
     print(report(b.results))
+
+
+def render(path: str) -> None:
+    with open(path) as f:
+        print(report(json.load(f)))
 
 
 if __name__ == "__main__":
