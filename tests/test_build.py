@@ -400,17 +400,22 @@ def test_ctrl_c_leaves_no_mounts_or_staging(rb: Runner, busybox: str) -> None:
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     proc.wait(30)
     assert proc.returncode != 0
-    time.sleep(0.5)
-    leftovers = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(ln.split(":", 1) for ln in f if ":" in ln)
-        except OSError:
-            continue
-        if int(status["Uid"].split()[1]) == rb.uid and not status["State"].strip().startswith("Z"):
-            leftovers.append(pid)  # a zombie waiting for init to reap it is already gone
-    assert leftovers == []  # the sandbox (and with it every mount namespace) is gone
+    def leftovers() -> list[str]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    status = dict(ln.split(":", 1) for ln in f if ":" in ln)
+            except OSError:
+                continue
+            if int(status["Uid"].split()[1]) == rb.uid and not status["State"].strip().startswith("Z"):
+                found.append(pid)  # a zombie waiting for init to reap it is already gone
+        return found
+
+    deadline = time.monotonic() + 15
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers() == []  # the sandbox (and with it every mount namespace) is gone
     assert os.listdir(os.path.join(root, "tmp")) == []
     with open(os.path.join(root, "images.json")) as f:
         assert len(json.load(f)["images"]) == 1  # only the imported base image; the build recorded nothing
