@@ -57,6 +57,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _proxies(url: str) -> dict[str, Any]:
+    """Loopback never goes through $http_proxy/$https_proxy (Go's rule, so skopeo's too): None entries
+    remove the environment's proxies for this request."""
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    return {"http": None, "https": None} if is_loopback(host) else {}
+
+
 def backoff(attempt: int, retry_after: str | None = None) -> float:
     """Seconds to wait before attempt `attempt + 1`: `Retry-After` when given, else 0.25s doubling, jittered."""
     if retry_after:
@@ -282,7 +289,7 @@ class RegistryHTTP:
     def _ping(self, base: str, retries: int) -> requests.Response:
         for attempt in range(retries + 1):
             try:
-                resp = self.session().get(base + "/v2/", timeout=TIMEOUT)
+                resp = self.session().get(base + "/v2/", timeout=TIMEOUT, proxies=_proxies(base))
             except transient_errors() as e:
                 # Nobody listening, or a TLS mismatch: waiting will not change the answer.
                 if attempt >= retries or describe(e) == "connection refused" or "SSLError" in repr(e):
@@ -411,7 +418,8 @@ class RegistryHTTP:
                 hdrs["Content-Length"] = str(length)
             try:
                 resp = self.session().request(method, url, headers=hdrs, data=data, stream=stream,
-                                              timeout=TIMEOUT, allow_redirects=allow_redirects)
+                                              timeout=TIMEOUT, allow_redirects=allow_redirects,
+                                              proxies=_proxies(url))
             except transient_errors() as e:
                 attempt += 1
                 if not retry or attempt >= MAX_ATTEMPTS:

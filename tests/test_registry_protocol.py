@@ -355,3 +355,12 @@ def test_stale_temp_files_of_killed_pulls_are_swept(server: RegistryServer, tmp_
     os.utime(old_lock, (1, 1))
     Registry(RegistryOptions()).fetch_blobs(ref, img.layers, str(dest))
     assert not stale.exists() and not old_lock.exists() and fresh.exists()
+
+
+def test_loopback_bypasses_proxy_environment(server: RegistryServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = push(server.host, "pull/proxied:v1", make_image([1_000]))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # discard port: anything sent there is lost
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert Registry(RegistryOptions()).resolve(ref).layers
