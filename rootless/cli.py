@@ -195,7 +195,8 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> in
 
     def inner() -> int:
         store.open(idmap)
-        return fn(store, idmap)
+        with store.in_use():
+            return fn(store, idmap)
 
     return userns.run_inside(idmap, lambda: _guard(args, inner))
 
@@ -381,12 +382,16 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 
 def cmd_rmi(args: argparse.Namespace) -> int:
+    """Remove names (or whole images), then the layers and blobs no image needs any more."""
     from rootless import names
 
     store = _open_readonly(args)
+    if not store.exists():
+        raise RbuildError(f"{args.names[0]}: image not known")
     status = 0
+    deleted = False
     for n in args.names:
-        rec = store.find(names.candidates(n)) if store.exists() else None
+        rec = store.find(names.candidates(n))
         if rec is None:
             print(f"Error: {n}: image not known", file=sys.stderr)
             status = 1
@@ -400,6 +405,18 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             for name in rec.names:
                 print(f"Untagged: {name}")
             print(f"Deleted: {rec.id}")
+            deleted = True
+    if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
+        from rootless import userns
+
+        idmap, _ = userns.host_mapping()
+
+        def gc() -> int:
+            store.open(idmap, create=False)
+            store.collect_garbage()
+            return 0
+
+        userns.run_inside(idmap, lambda: _guard(args, gc))
     return status
 
 

@@ -339,6 +339,68 @@ class Store:
         atomic_write(os.path.join(self.root, "cache", key + ".json"), json.dumps(state, sort_keys=True).encode())
 
 
+    # -- garbage collection ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held (shared) by every build, pull and push: garbage collection waits for none and skips if any."""
+        fd = os.open(self.runtime_path("gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def collect_garbage(self) -> tuple[int, int] | None:
+        """Remove layers, blobs and cache entries no image needs; (layers, blobs) removed, None when busy."""
+        fd = os.open(self.runtime_path("gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            with self.lock():
+                keep_layers: set[str] = set()
+                keep_blobs: set[str] = set()
+                for r in self.images():
+                    keep_blobs |= {hex_of(r.id), hex_of(r.manifest)}
+                    config = self.read_json(r.id)
+                    keep_layers |= {hex_of(d) for d in config.get("rootfs", {}).get("diff_ids", [])}
+                for h in keep_layers:
+                    with contextlib.suppress(RbuildError):
+                        keep_blobs |= {hex_of(b["digest"]) for b in self.layer_meta("sha256:" + h).get("blobs", [])}
+                layers_dir = os.path.join(self.root, "layers")
+                removed_layers = 0
+                for name in os.listdir(layers_dir):
+                    h = name.removesuffix(".json")
+                    if h not in keep_layers:
+                        if name.endswith(".json"):
+                            os.unlink(os.path.join(layers_dir, name))  # the .json first: it marks completeness
+                            removed_layers += 1
+                for name in os.listdir(layers_dir):
+                    if not name.endswith(".json") and name not in keep_layers:
+                        rmtree(os.path.join(layers_dir, name))
+                removed_blobs = 0
+                for name in os.listdir(self.blob_dir()):
+                    if name not in keep_blobs:
+                        os.unlink(os.path.join(self.blob_dir(), name))
+                        removed_blobs += 1
+                cache_dir = os.path.join(self.root, "cache")
+                for name in os.listdir(cache_dir):
+                    if name.startswith("files-") or not name.endswith(".json"):
+                        continue
+                    path = os.path.join(cache_dir, name)
+                    try:
+                        with open(path, "rb") as f:
+                            state = json.load(f)
+                    except (OSError, ValueError):
+                        state = {"layers": [None]}
+                    if not all(d and hex_of(d) in keep_layers for d in state.get("layers", [])):
+                        os.unlink(path)
+                return removed_layers, removed_blobs
+        finally:
+            os.close(fd)
+
+
 def now_rfc3339(epoch: float | None = None) -> str:
     t = time.time() if epoch is None else epoch
     whole = int(t)

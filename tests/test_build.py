@@ -152,6 +152,23 @@ def test_tag_rmi_and_names(rb: Runner, busybox: str) -> None:
     assert res.returncode == 125 and res.stderr.startswith("Error:")
 
 
+def test_rmi_frees_layers_no_image_needs(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    a = rb.build(rb.context({"Containerfile": cf(busybox, "RUN echo a > /a\n")}), "-t", "gc-a", root=root)
+    b = rb.build(rb.context({"Containerfile": cf(busybox, "RUN echo b > /b\n")}), "-t", "gc-b", root=root)
+    layers_a = json.loads(rb.run("inspect", a, root=root).stdout)[0]["RootFS"]["Layers"]
+    layers_b = json.loads(rb.run("inspect", b, root=root).stdout)[0]["RootFS"]["Layers"]
+    assert layers_a[0] == layers_b[0] and layers_a[1] != layers_b[1]
+    rb.run("rmi", "gc-a", root=root)
+    present = set(os.listdir(os.path.join(root, "layers")))
+    assert layers_a[1][7:] not in present and layers_a[1][7:] + ".json" not in present
+    assert {layers_b[0][7:], layers_b[1][7:]} <= present
+    out = rb.mkdir()
+    rb.run("push", "gc-b", f"oci:{out}/l", root=root)
+    assert flatten(f"{out}/l")["b"] == ("file", b"b\n")
+    assert rb.run("inspect", "gc-a", root=root, check=False).returncode == 125
+
+
 def test_root_flag_before_and_after_subcommand(rb: Runner, busybox: str) -> None:
     root = rb.fresh_root()
     ctx = rb.context({"Containerfile": cf(busybox, "ENV A=b\n")})
