@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--render", metavar="JSON", help="build nothing: print (and with --docs, write) the tables "
                    "of an earlier run's JSON")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="build nothing: compare two runs' JSON")
     return p.parse_args(argv)
 
 
@@ -293,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in all_cases:
             net = " (network)" if c.spec.network else ""
             print(f"{c.name:18s} {c.spec.mode:7s} {c.spec.description}{net}")
+        return 0
+    if args.compare:
+        old, new = (json.loads(Path(p).read_text()) for p in args.compare)
+        print(report.compare(old, new))
         return 0
     if args.render:
         section = report.markdown(json.loads(Path(args.render).read_text()))

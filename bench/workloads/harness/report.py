@@ -197,6 +197,26 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Per-case medians of two runs side by side (new/old below 1: faster now)."""
+    before = {c["name"]: c for c in old.get("cases", [])}
+    lines = [f"Old: {old.get('date', '?')} rbuild {old.get('machine', {}).get('rbuild_commit', '?')}; "
+             f"new: {new.get('date', '?')} rbuild {new.get('machine', {}).get('rbuild_commit', '?')}", "",
+             "| case | tool | old s | new s | new/old | old peak MiB | new peak MiB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for c in new.get("cases", []):
+        o = before.get(c["name"])
+        if o is None:
+            continue
+        for tool in TOOLS:
+            a, b = o["tools"].get(tool, {}), c["tools"].get(tool, {})
+            ta, tb = a.get("median_s"), b.get("median_s")
+            ratio = f"{tb / ta:.2f}" if ta and tb else "—"
+            lines.append(f"| {c['name']} | {tool} | {_s(ta)} | {_s(tb)} | {ratio} | {_mib(a.get('peak_pss_mib'))} "
+                         f"| {_mib(b.get('peak_pss_mib'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def update_docs(doc: Path, section: str, top: str) -> None:
     """Replace the generated part of '## Builds (rbuild vs buildah)'; other sections are kept as they are."""
     block = f"{BEGIN}\n{section}{END}"
