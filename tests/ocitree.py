@@ -4,7 +4,7 @@ An image is read from an OCI image layout directory (optionally picking a ref na
 docker-archive tar. `flatten` applies the layers in order the way an overlay mount (or an OCI unpacker)
 would, whiteouts and opaque markers included, and describes every path of the merged tree as an `Entry`:
 
-    (type, mode, uid, gid, size, sha256, link)
+    (type, mode, uid, gid, size, sha256, link, xattrs)
 
   type    "dir", "file", "symlink", "char", "block", "fifo"
   mode    permission bits incl. setuid/setgid/sticky (mode & 0o7777)
@@ -13,6 +13,7 @@ would, whiteouts and opaque markers included, and describes every path of the me
   link    a symlink's target; for a regular file that shares its inode with other paths (hardlinks)
           "=" + the smallest path of that group, so the same link structure compares equal whichever
           name a tool happened to store first; "c:MAJ:MIN" for devices; else ""
+  xattrs  the extended attributes (PAX SCHILY.xattr.*) as sorted (name, value) pairs
 
 Modification times are ignored on purpose: the builders are not expected to agree on them.
 `compared_config` extracts the user-facing config keys the differential tests compare.
@@ -41,6 +42,7 @@ class Entry(NamedTuple):
     size: int
     sha256: str
     link: str
+    xattrs: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         s = f"{self.type} {self.mode:04o} {self.uid}:{self.gid}"
@@ -48,6 +50,8 @@ class Entry(NamedTuple):
             s += f" size={self.size} sha256={self.sha256[:12]}"
         if self.link:
             s += f" link={self.link}"
+        if self.xattrs:
+            s += " xattrs=" + ",".join(f"{k}={v!r}" for k, v in self.xattrs)
         return s
 
 
@@ -221,8 +225,10 @@ def flatten(layers: Iterable[bytes]) -> Tree:
                         link = m.linkname
                     elif kind in ("char", "block"):
                         link = f"c:{m.devmajor}:{m.devminor}"
+                    xattrs = tuple(sorted((k.removeprefix("SCHILY.xattr."), v) for k, v in m.pax_headers.items()
+                                          if k.startswith("SCHILY.xattr.")))
                     next_ino += 1
-                    new = (Entry(kind, m.mode & 0o7777, m.uid, m.gid, size, digest, link), next_ino)
+                    new = (Entry(kind, m.mode & 0o7777, m.uid, m.gid, size, digest, link, xattrs), next_ino)
                 old = nodes.get(name)
                 if old is not None and old[0].type == "dir" and new[0].type != "dir":
                     for p in _under(nodes, name):  # a non-directory replaces a whole directory

@@ -296,9 +296,16 @@ def _tree(image: Image) -> dict[str, Entry]:
     return drop_empty_stubs(flatten(image.layers), BUILDAH_STUBS)
 
 
+# overlayfs's private xattrs: buildah 1.28 copies user.overlay.origin/impure from its upper dirs (native
+# overlay in a user namespace keeps them in the user.* namespace) into its layers; they mean nothing
+# outside that overlay mount. rbuild's layers must not have them: only buildah's tree drops them.
+OVERLAY_XATTRS = ("user.overlay.", "trusted.overlay.")
+
+
 def _buildah_tree(image: Image, other: dict[str, Entry]) -> dict[str, Entry]:
     """buildah's tree, normalised where it knowingly departs from docker/BuildKit (docs/differences.md)."""
-    tree = _tree(image)
+    tree = {p: e._replace(xattrs=tuple(x for x in e.xattrs if not x[0].startswith(OVERLAY_XATTRS)))
+            for p, e in _tree(image).items()}
     # buildah's RUN mounts an anonymous volume at each VOLUME path declared before it (docker's classic
     # builder does the same): the empty mount point directories, and parents made for them, stay in the
     # image. BuildKit and rbuild treat VOLUME as metadata only. Dropped when the other tree lacks them.
@@ -420,6 +427,19 @@ def test_ocitree_type_changes_and_hardlinks() -> None:
     # and a lost link does not
     broken = flatten([_layer(("d", "d"), ("f", "f", "data"), ("f", "g", "data"), ("f", "h", "x")), upper])
     assert diff_trees(tree, broken) != []
+
+
+def test_ocitree_xattrs() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.pax_headers = {"SCHILY.xattr.user.b": "2", "SCHILY.xattr.user.a": "1"}
+        tf.addfile(ti, io.BytesIO(b""))
+        tf.addfile(tarfile.TarInfo("g"), io.BytesIO(b""))
+    tree = flatten([buf.getvalue(), _layer(("h", "h", "f"))])
+    assert tree["/f"].xattrs == (("user.a", "1"), ("user.b", "2")) == tree["/h"].xattrs
+    assert tree["/g"].xattrs == ()
+    assert diff_trees({"/f": tree["/f"]}, {"/f": tree["/g"]}) != []
 
 
 def test_ocitree_stubs_only_when_empty() -> None:
