@@ -455,7 +455,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rootless import transports
 
     def run(store: Any, idmap: Any) -> int:
-        with transports.open_source(args.image, store, _registry_options(args)) as src:
+        progress = not args.quiet and sys.stderr.isatty()
+        with transports.open_source(args.image, store, _registry_options(args), progress) as src:
             names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
             rec = transports.import_image(store, src, names, idmap.single)
         print(rec.id)

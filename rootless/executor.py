@@ -211,7 +211,8 @@ class Executor:
         if self.opts.pull == "never":
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
-            with transports.open_source(name, self.store, self.opts.registry_options) as src:
+            progress = not self.opts.quiet and sys.stderr.isatty()
+            with transports.open_source(name, self.store, self.opts.registry_options, progress) as src:
                 self.log(f"Pulled {src.name}")
                 return transports.import_image(self.store, src, [src.name], self.opts.single_uid, self.log).id
         except RbuildError as e:

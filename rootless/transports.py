@@ -170,7 +170,7 @@ def split_spec(rest: str) -> tuple[str, str | None]:
 
 
 @contextlib.contextmanager
-def open_source(spec: str, store: Store, registry_options: Any = None) -> Iterator[Source]:
+def open_source(spec: str, store: Store, registry_options: Any = None, progress: bool = False) -> Iterator[Source]:
     """An image outside the store: oci:, oci-archive:, or a registry reference."""
     if spec.startswith("oci:"):
         path, tag = split_spec(spec[4:])
@@ -183,31 +183,25 @@ def open_source(spec: str, store: Store, registry_options: Any = None) -> Iterat
             extract_tar(path, tmp, (os.getuid(), os.getgid()), spec)
             yield read_layout(tmp, tag, spec)
     else:
-        yield from _registry_source(spec, store, registry_options)
+        yield from _registry_source(spec, store, registry_options, progress)
 
 
-def _registry_source(spec: str, store: Store, options: Any) -> Iterator[Source]:
+def _registry_source(spec: str, store: Store, options: Any, progress: bool) -> Iterator[Source]:
     from rootless import registry
 
     options = options or registry.RegistryOptions()
     client = registry.Registry(options)
-    errors: list[str] = []
-    for ref in registry.resolve_names(spec.removeprefix("docker://"), options):  # registries.conf search order
-        try:
-            remote = client.resolve(ref)
-            break
-        except RbuildError as e:
-            errors.append(str(e))
-    else:
-        raise RbuildError("; ".join(errors) or f"{spec}: not found")
+    remote = client.resolve_any(registry.resolve_names(spec.removeprefix("docker://"), options))
     manifest = json.loads(remote.manifest)
     layers = [d for d in remote.layers if not store.has_blob(d.digest)]
-    client.fetch_blobs(ref, layers, os.path.join(store.root, "blobs"))
+    client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), progress=progress)
 
     def opener(digest: str) -> IO[bytes]:
         return open(store.blob_path(digest), "rb")
 
-    yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener, remote.manifest_digest)
+    # the digest a registry serves for the name (an index's, for multi-platform images): --pull=newer compares it
+    yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener,
+                 remote.index_digest or remote.manifest_digest)
 
 
 def remote_digest(spec: str, options: Any) -> str | None:
@@ -216,7 +210,7 @@ def remote_digest(spec: str, options: Any) -> str | None:
 
     try:
         ref = registry.resolve_names(spec, options)[0]
-        return registry.Registry(options or registry.RegistryOptions()).resolve(ref).manifest_digest
+        return registry.Registry(options or registry.RegistryOptions()).remote_digest(ref)
     except RbuildError:
         return None
 
