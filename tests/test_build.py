@@ -325,6 +325,37 @@ def test_registry_from_and_push(rb: Runner, busybox: str, registry: str) -> None
     assert "sha256:" + __import__("hashlib").sha256(r.stdout).hexdigest() == pushed
 
 
+def test_pull_policies(rb: Runner, busybox: str, registry: str) -> None:
+    root = rb.fresh_root()
+    repo = f"{registry}/policy/base:1"
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{busybox}:latest", f"docker://{repo}"],
+                   check=True, capture_output=True)
+    ctx = rb.context({"Containerfile": f"FROM {repo}\nRUN cat /marker 2>/dev/null || echo none\n"})
+    first = rb.run("build", "--no-cache", ctx, root=root)
+    assert "none" in first.stderr
+    # the registry's image changes; missing (default) and never keep the local one, newer and always pull
+    other = rb.mkdir()
+    write_oci_layout(other, [busybox_layer(), _marker_layer()])
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{other}:latest", f"docker://{repo}"],
+                   check=True, capture_output=True)
+    for policy, expect in (("--pull=missing", "none"), ("--pull=never", "none"), ("--pull=newer", "marked"),
+                           ("--pull", "marked")):
+        res = rb.run("build", "--no-cache", policy, ctx, root=root)
+        assert expect in res.stderr, (policy, res.stderr)
+
+
+def _marker_layer() -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo("marker")
+        ti.size = 7
+        tf.addfile(ti, io.BytesIO(b"marked\n"))
+    return buf.getvalue()
+
+
 def test_single_uid_user_builds_with_a_notice(rb_single: Runner, busybox: str) -> None:
     ctx = rb_single.context({"Containerfile": cf(busybox, "RUN id -u > /u && touch /made\n")})
     res = rb_single.run("build", "-t", "single", ctx)
