@@ -110,8 +110,13 @@ def test_skopeo_inspect(rb: Runner, exports: Exports, which: str) -> None:
     if which == "layout":
         assert info["Digest"] == exports.digest
         assert info["Layers"] == [d["digest"] for d in exports.image.manifest["layers"]]
-    if which == "docker_archive":  # the archive's layers are the uncompressed diffs
+    if which == "zstd":
+        manifest = json.loads(raw)
+        assert {d["mediaType"] for d in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
+    if which == "docker_archive":  # the archive's layers are the uncompressed diffs, named by RepoTags
         assert info["Layers"] == exports.image.config["rootfs"]["diff_ids"]
+        assert load(exports.docker_archive.removeprefix("docker-archive:")).manifest["RepoTags"] == \
+            ["localhost/interop:1"]
 
 
 @pytest.mark.parametrize("which", ["layout", "zstd", "oci_archive", "docker_archive"])
