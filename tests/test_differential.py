@@ -1,18 +1,21 @@
 """Differential tests: rbuild and buildah 1.28 build the same Containerfiles into the same images.
 
 Each directory under tests/differential/ is a case: a Containerfile plus its context. `@BASE@` in the
-Containerfile (and in the case's build flags) stands for the session's busybox image (`oci:PATH`). An
-optional case.json gives build flags ("args"), the image format ("format": "docker"), and what git cannot
-store in the context: "modes" (path -> octal), "symlinks" (path -> target) and empty "dirs" (path ->
-octal mode); an optional prepare.sh runs as the builder user in the context before the builds.
+Containerfile (and in the case's build flags) stands for the session's busybox image: `oci:PATH` for
+rbuild, the same image imported into buildah's store for buildah (see Builds). An optional case.json
+gives build flags ("args"), the image format ("format": "docker"), and what git cannot store in the
+context: "modes" (path -> octal), "symlinks" (path -> target) and empty "dirs" (path -> octal mode); an
+optional prepare.sh runs as the builder user in the context before the builds.
 
 Both builders run as the unprivileged test user: buildah as `buildah build --layers --isolation chroot`
 with the overlay driver (native overlay in the user namespace: checked below) in its own store under the
 session's directory. Both images are written out (OCI layout, or docker-archive for the docker format)
 and compared with tests/ocitree.py: the compared config keys, and the merged file tree (path, type,
-mode, uid, gid, size, content hash, link target). Normalised away, with the reasons in
-docs/differences.md: the empty stubs buildah's RUN leaves behind (BUILDAH_STUBS) and each builder's own
-version label (BUILDER_LABELS).
+mode, uid, gid, size, content hash, link target, xattrs). Normalised away, each with its reason in
+docs/differences.md: the empty stubs buildah's RUN leaves behind (BUILDAH_STUBS), buildah's version
+label (BUILDER_LABELS), the order of Env, buildah's /bin/sh -c for CMD/ENTRYPOINT shell forms after
+SHELL, the mount points buildah's RUN leaves at VOLUME paths, and the overlay xattrs buildah copies
+into its layers (_buildah_config, _buildah_tree).
 """
 
 from __future__ import annotations
