@@ -152,10 +152,31 @@ def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[Sour
 
 
 def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple[str, str]]:
-    """(host path, path relative to the item) for the item and, for a directory, everything below it."""
+    """(host path, path relative to the item) for the item and, for a directory, everything below it.
+
+    An excluded directory is still entered when a `!pattern` may re-include something below it; then it
+    is emitted (before that entry) only if something inside it is, as BuildKit does.
+    """
     yield item.host, ""
     if not os.path.isdir(item.host):
         return
+    negations = any(r.negate for r in rules)
+    emitted: set[str] = {""}
+
+    def with_parents(full: str, rel: str) -> Iterator[tuple[str, str]]:
+        parent = os.path.dirname(rel)
+        missing = []
+        while parent not in emitted:
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for p in reversed(missing):
+            emitted.add(p)
+            yield os.path.join(item.host, p), p
+        yield full, rel
+
+    def excluded(rel: str) -> bool:
+        return bool(rules) and ignored(os.path.join(item.rel, rel) if item.rel else rel, rules)
+
     for dirpath, dirnames, filenames in os.walk(item.host):
         rel_dir = os.path.relpath(dirpath, item.host)
         rel_dir = "" if rel_dir == "." else rel_dir
@@ -164,23 +185,19 @@ def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple
         for d in dirnames:
             rel = os.path.join(rel_dir, d)
             full = os.path.join(dirpath, d)
-            ctx_rel = os.path.join(item.rel, rel) if item.rel else rel
-            if rules and ignored(ctx_rel, rules) and not any(r.negate for r in rules):
+            out = excluded(rel)
+            if out and not negations:
                 continue
-            if os.path.islink(full):
-                if not (rules and ignored(ctx_rel, rules)):
-                    yield full, rel
-                continue
-            keep.append(d)
-            if not (rules and ignored(ctx_rel, rules)):
-                yield full, rel
+            if not os.path.islink(full):
+                keep.append(d)
+            if not out:
+                emitted.add(rel)
+                yield from with_parents(full, rel)
         dirnames[:] = keep
         for name in sorted(filenames):
             rel = os.path.join(rel_dir, name)
-            ctx_rel = os.path.join(item.rel, rel) if item.rel else rel
-            if rules and ignored(ctx_rel, rules):
-                continue
-            yield os.path.join(dirpath, name), rel
+            if not excluded(rel):
+                yield from with_parents(os.path.join(dirpath, name), rel)
 
 
 class FileDigests:
