@@ -223,13 +223,14 @@ class Store:
     def add_layer(self, staged_dir: str, diff_id: str, meta: dict[str, Any]) -> None:
         """Move an unpacked layer into place; a concurrent writer of the same layer wins harmlessly."""
         final = self.layer_dir(diff_id)
-        if self.has_layer(diff_id):
-            rmtree(staged_dir)
-            return
-        if os.path.lexists(final):  # left by a crash before its .json was written: the json marks completion
-            rmtree(final)
-        os.rename(staged_dir, final)
-        self.set_layer_meta(diff_id, meta)
+        with self.lock():  # check, rename and mark complete as one step against concurrent builds
+            if not self.has_layer(diff_id):
+                if os.path.lexists(final):  # left by a crash before its .json was written (which marks completion)
+                    rmtree(final)
+                os.rename(staged_dir, final)
+                self.set_layer_meta(diff_id, meta)
+                return
+        rmtree(staged_dir)
 
     def add_layer_blob(self, diff_id: str, blob: dict[str, Any]) -> None:
         with self.lock():

@@ -169,6 +169,24 @@ def test_rmi_frees_layers_no_image_needs(rb: Runner, busybox: str) -> None:
     assert rb.run("inspect", "gc-a", root=root, check=False).returncode == 125
 
 
+def test_concurrent_builds_share_one_store(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo same > /same\nCOPY Containerfile /cf\n")})
+    argv = rb._prefix() + [rb.bin, "build", "-q", "--no-cache", ctx]
+    procs = [subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), cwd=rb.base, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    ids = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        ids.append(out.strip())
+    out = rb.mkdir()
+    for i, image_id in enumerate(ids):
+        rb.run("push", image_id, f"oci:{out}/l{i}", root=root)
+        assert flatten(f"{out}/l{i}")["same"] == ("file", b"same\n")
+    assert os.listdir(os.path.join(root, "tmp")) == []
+
+
 def test_root_flag_before_and_after_subcommand(rb: Runner, busybox: str) -> None:
     root = rb.fresh_root()
     ctx = rb.context({"Containerfile": cf(busybox, "ENV A=b\n")})
