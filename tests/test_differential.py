@@ -59,12 +59,7 @@ BUILDER_LABELS = ("io.buildah.version",)
 
 # ("config" | "tree", case) -> reason: known rbuild bugs, each reported with a reproduction. Strict: an
 # unexpected pass fails the suite, so the mark goes once the bug is fixed.
-XFAIL: dict[tuple[str, str], str] = {
-    ("config", "dockerignore_reinclude"): "rbuild bug: COPY . fails when .dockerignore re-includes a file (!dir/f) "
-                                          "under an excluded directory: the directory is not created first",
-    ("tree", "dockerignore_reinclude"): "rbuild bug: COPY . fails when .dockerignore re-includes a file (!dir/f) "
-                                        "under an excluded directory: the directory is not created first",
-}
+XFAIL: dict[tuple[str, str], str] = {}  # (kind, case) -> the rbuild bug it reproduces
 
 
 # -------------------------------------------------------------------------------------------------------
