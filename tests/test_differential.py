@@ -5,7 +5,8 @@ Containerfile (and in the case's build flags) stands for the session's busybox i
 rbuild, the same image imported into buildah's store for buildah (see Builds). An optional case.json
 gives build flags ("args"), the image format ("format": "docker"), and what git cannot store in the
 context: "modes" (path -> octal), "symlinks" (path -> target) and empty "dirs" (path -> octal mode); an
-optional prepare.sh runs as the builder user in the context before the builds.
+optional prepare.sh runs as the builder user in the context before the builds. An optional
+Parent.containerfile is built first (same flags) as the image `@PARENT@` names (for ONBUILD).
 
 Both builders run as the unprivileged test user: buildah as `buildah build --layers --isolation chroot`
 with the overlay driver (native overlay in the user namespace: checked below) in its own store under the
@@ -150,6 +151,18 @@ class Case:
     format: str
 
 
+CASE_FILES = ("case.json", "prepare.sh")
+PARENT = "Parent.containerfile"  # built first (same flags) and tagged parent_tag(case): @PARENT@
+
+
+def case_tag(name: str) -> str:
+    return f"localhost/diff-{name.replace('_', '-')}"
+
+
+def parent_tag(name: str) -> str:
+    return case_tag(name) + "-parent"
+
+
 def load_case(name: str, base: str) -> Case:
     spec: dict[str, Any] = {}
     path = CASES_DIR / name / "case.json"
@@ -169,13 +182,16 @@ def prepare_context(rb: Runner, name: str, bases: dict[str, str]) -> tuple[str, 
     src = CASES_DIR / name
     ctx = rb.mkdir(f"ctx-{name}-{len(os.listdir(rb.base))}")
     shutil.copytree(src, ctx, dirs_exist_ok=True, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if Path(d) == src and n in ("case.json", "prepare.sh")])
-    text = (src / "Containerfile").read_text()
+                    ignore=lambda d, names: [n for n in names if Path(d) == src and n in (*CASE_FILES, PARENT)])
     files: dict[str, str] = {}
-    for builder, base in bases.items():
+    for builder in bases:
         files[builder] = os.path.join(ctx, "Containerfile") if builder == "rbuild" else f"{ctx}.{builder}"
-        with open(files[builder], "w") as f:
-            f.write(text.replace("@BASE@", base))
+        if (src / PARENT).exists():
+            files[f"{builder}-parent"] = f"{ctx}.{builder}-parent"
+    for key, path in files.items():
+        text = (src / (PARENT if key.endswith("-parent") else "Containerfile")).read_text()
+        with open(path, "w") as f:
+            f.write(text.replace("@BASE@", bases[key.removesuffix("-parent")]).replace("@PARENT@", parent_tag(name)))
     spec: dict[str, Any] = {}
     if (src / "case.json").exists():
         spec = json.loads((src / "case.json").read_text())
@@ -234,16 +250,19 @@ class Builds:
         return self.results[name]
 
     def _build(self, name: str) -> Result:
-        tag = f"localhost/diff-{name.replace('_', '-')}"
+        tag = case_tag(name)
         ctx, files = prepare_context(self.rb, name, self.bases)
         case = {b: load_case(name, base) for b, base in self.bases.items()}
         fmt = case["rbuild"].format
-        self.buildah.build(ctx, tag, "-f", files["buildah"], "--format", fmt, *case["buildah"].args)
+        steps = [(parent_tag(name), "-parent")] if "rbuild-parent" in files else []
+        for t, suffix in [*steps, (tag, "")]:
+            self.buildah.build(ctx, t, "-f", files["buildah" + suffix], "--format", fmt, *case["buildah"].args)
         bimg = self.export_buildah(tag, fmt, os.path.join(self.out, f"{name}-buildah"))
-        res = self.rb.run("build", "-q", "-t", tag, "-f", files["rbuild"], "--format", fmt, *case["rbuild"].args, ctx,
-                          check=False)
-        if res.returncode != 0:
-            return Result(bimg, None, f"rbuild build failed ({res.returncode}):\n{res.stderr}")
+        for t, suffix in [*steps, (tag, "")]:
+            res = self.rb.run("build", "-q", "-t", t, "-f", files["rbuild" + suffix], "--format", fmt,
+                              *case["rbuild"].args, ctx, check=False)
+            if res.returncode != 0:
+                return Result(bimg, None, f"rbuild build of {t} failed ({res.returncode}):\n{res.stderr}")
         dest = os.path.join(self.out, f"{name}-rbuild")
         if fmt == "docker":
             res = self.rb.run("push", tag, f"docker-archive:{dest}.tar", check=False)
