@@ -92,6 +92,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _attached_flag(b, "--rewrite-timestamp", True, {"true": True, "false": False}, True,
                    "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)")
     b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
+    b.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
+                   help="a secret for RUN --mount=type=secret (never stored in the image or the cache)")
     _registry_args(b)
     if registry_flags:
         from rootless.registry import add_pull_argument
@@ -264,6 +266,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise RbuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, not {raw_sde!r}")
         sde = int(raw_sde)
     pull = getattr(args, "pull", "missing")
+    secrets = _read_secrets(args.secret)
 
     def run(store: Any, idmap: Any) -> int:
         from rootless import executor
@@ -272,7 +275,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             tags=args.tag, labels=labels, no_cache=args.no_cache, fmt=args.format, quiet=args.quiet,
             timestamp=args.timestamp, source_date_epoch=sde, rewrite_timestamp=args.rewrite_timestamp,
             single_uid=idmap.single, pull=pull, registry_options=_registry_options(args),
-            containerfile=cf_path if args.file != "-" else None,
+            containerfile=cf_path if args.file != "-" else None, secrets=secrets,
         )
         image_id = executor.build(plan, store, opts)
         if args.push:
@@ -292,6 +295,35 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
 
     return _in_namespace(args, run)
+
+
+def _read_secrets(specs: list[str]) -> dict[str, bytes]:
+    """--secret id=ID[,src=FILE|,env=VAR] (docker's syntax; type=file|env also accepted), read up front."""
+    out: dict[str, bytes] = {}
+    for spec in specs:
+        fields = dict(f.partition("=")[::2] for f in spec.split(","))
+        sid = fields.get("id", "")
+        src = fields.get("src") or fields.get("source")
+        env = fields.get("env")
+        if fields.get("type") == "env" and not env:
+            env = src or sid
+            src = None
+        if not sid:
+            sid = os.path.basename(src) if src else (env or "")
+        if not sid:
+            raise RbuildError(f"--secret {spec!r}: no id")
+        if src:
+            try:
+                with open(os.path.expanduser(src), "rb") as f:
+                    out[sid] = f.read()
+            except OSError as e:
+                raise RbuildError(f"--secret id={sid}: cannot read {src}: {e.strerror}") from None
+        else:
+            name = env or sid
+            if name not in os.environ:
+                raise RbuildError(f"--secret id={sid}: environment variable {name} is not set")
+            out[sid] = os.environ[name].encode()
+    return out
 
 
 def cmd_parse(args: argparse.Namespace) -> int:

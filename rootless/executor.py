@@ -8,6 +8,7 @@ changed reuses every step, and reproduces the same image id.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -46,6 +47,7 @@ class BuildOptions:
     pull: str = "missing"
     registry_options: Any = None
     containerfile: str | None = None
+    secrets: dict[str, bytes] = field(default_factory=dict)  # id -> value (RUN --mount=type=secret)
 
 
 @dataclass
@@ -236,6 +238,8 @@ class Executor:
         extra: Any = None
         if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
             extra = self.copy_key(state, cmd)
+        elif isinstance(cmd, ins.RunCmd) and cmd.mounts:
+            extra = self.mount_key(cmd)
         desc = self.describe(cmd)
         key = _key(state.key, node.keyword, desc, run_args if isinstance(cmd, ins.RunCmd) else None, extra,
                    state.config["config"].get("WorkingDir"), state.config["config"].get("User"),
@@ -456,9 +460,96 @@ class Executor:
             return shell + [" ".join(cmd.args)], None
         return list(cmd.args), None
 
+    def mount_key(self, cmd: Any) -> list[Any]:
+        """What RUN --mount adds to the cache key: bind sources' content, never a secret's value."""
+        out: list[Any] = []
+        for m in cmd.mount_specs():
+            if m.type == "bind":
+                kind, layer_list = self.source_of(m.from_, cmd)
+                if kind == "context":
+                    h = hashlib.sha256()
+                    what = f"{self.plan.filename}:{cmd.node.start_line}: RUN --mount"
+                    items = copyfiles.select(self.plan.context, m.source or ".", self.ignore_rules, what)
+                    copyfiles.hash_sources(items, self.plan.context, self.ignore_rules, h, self.file_digests)
+                    out.append(["bind", m.source, m.target, m.readonly, h.hexdigest()])
+                else:
+                    out.append(["bind", m.source, m.target, m.readonly, kind, layer_list])
+            else:
+                out.append([m.type, m.cache_id, m.target, m.source, m.mode, m.uid, m.gid, m.size, m.env])
+        self.file_digests.save()
+        return out
+
+    def prepare_mounts(self, cmd: Any, stack: contextlib.ExitStack, mnt: str, env: dict[str, str],
+                       scratch: str) -> list[sandbox.MountSpec]:
+        """Resolve RUN --mount specs to host paths (views mounted under mnt, kept open by stack)."""
+        specs: list[sandbox.MountSpec] = []
+        what = f"{self.plan.filename}:{cmd.node.start_line}: RUN --mount"
+        for i, m in enumerate(cmd.mount_specs()):
+            target = clean_abs(m.target or "", "/") if m.target else ""
+            if m.type == "bind":
+                if not target:
+                    raise self.err(cmd.node, "RUN --mount=type=bind needs a target")
+                kind, layer_list = self.source_of(m.from_, cmd)
+                view = self.plan.context
+                if kind != "context":
+                    view = os.path.join(mnt, f"from{i}")
+                    os.mkdir(view)
+                    lowers = [self.store.layer_dir(d) for d in reversed(layer_list or [])]
+                    if lowers:
+                        stack.enter_context(overlay.mounted(lowers, None, None, view, os.path.join(mnt, f"l{i}")))
+                source = copyfiles.select(view, m.source or ".", [], what)[0].host
+                if not m.readonly and os.path.isdir(source):  # writes are kept apart and thrown away
+                    rw = os.path.join(mnt, f"rw{i}")
+                    upper, work = os.path.join(scratch, f"up{i}"), os.path.join(scratch, f"wk{i}")
+                    for d in (rw, upper, work):
+                        os.mkdir(d)
+                    stack.enter_context(overlay.mounted([source], upper, work, rw, os.path.join(mnt, f"rl{i}")))
+                    source = rw
+                specs.append(sandbox.MountSpec("bind", target, source, m.readonly and True,
+                                               is_file=not os.path.isdir(source)))
+            elif m.type == "cache":
+                if not target:
+                    raise self.err(cmd.node, "RUN --mount=type=cache needs a target")
+                cid = m.cache_id or target
+                d = os.path.join(self.store.root, "cache-mounts", hashlib.sha256(cid.encode()).hexdigest()[:32])
+                if not os.path.isdir(d):
+                    os.makedirs(d, exist_ok=True)
+                    os.chmod(d, m.mode if m.mode is not None else 0o755)
+                    if not self.opts.single_uid:
+                        os.chown(d, m.uid or 0, m.gid or 0)
+                if m.sharing == "locked":
+                    import fcntl
+
+                    lock = stack.enter_context(open(d + ".lock", "w"))
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                specs.append(sandbox.MountSpec("bind", target, d, readonly=m.readonly))
+            elif m.type == "tmpfs":
+                if not target:
+                    raise self.err(cmd.node, "RUN --mount=type=tmpfs needs a target")
+                specs.append(sandbox.MountSpec("tmpfs", target, size=m.size))
+            elif m.type == "secret":
+                sid = m.cache_id or (os.path.basename(m.target) if m.target else None) or m.env or ""
+                data = self.opts.secrets.get(sid)
+                if data is None:
+                    if m.required:
+                        raise self.err(cmd.node, f"secret {sid} is required but was not given (--secret id={sid},...)")
+                    continue
+                if m.env:
+                    env[m.env] = data.decode(errors="replace")
+                    if not m.target:
+                        continue
+                copy = os.path.join(scratch, f"secret{i}")
+                with open(copy, "wb") as f:
+                    f.write(data)
+                os.chmod(copy, m.mode if m.mode is not None else 0o400)
+                if not self.opts.single_uid:
+                    os.chown(copy, m.uid or 0, m.gid or 0)
+                specs.append(sandbox.MountSpec("bind", target or f"/run/secrets/{sid}", copy, True, is_file=True))
+            else:
+                raise self.err(cmd.node, f"RUN --mount=type={m.type} is not supported")
+        return specs
+
     def do_run(self, state: StageState, cmd: Any) -> bool:
-        if cmd.mounts:
-            raise self.err(cmd.node, "RUN --mount is not supported yet")
         if cmd.network not in (None, "default", "host"):
             raise self.err(cmd.node, f"RUN --network={cmd.network} is not supported yet")
         run_args = self.run_args(state)
@@ -486,18 +577,21 @@ class Executor:
                     f.write(script)
                 os.chmod(host, 0o755)
                 files[argv[0]] = host
-            spec = sandbox.RunSpec(argv, run_env, c.get("WorkingDir") or "/", user.uid, user.gid, user.groups,
-                                   dev_files=files)
-            if self.opts.quiet:
-                with tempfile.TemporaryFile() as out:
-                    spec.output_fd = out.fileno()
+            with contextlib.ExitStack() as stack:
+                mounts = self.prepare_mounts(cmd, stack, os.path.dirname(merged), run_env, scratch) \
+                    if cmd.mounts else []
+                spec = sandbox.RunSpec(argv, run_env, c.get("WorkingDir") or "/", user.uid, user.gid, user.groups,
+                                       dev_files=files, mounts=mounts)
+                if self.opts.quiet:
+                    with tempfile.TemporaryFile() as out:
+                        spec.output_fd = out.fileno()
+                        status = self.sandbox_run(merged, spec, scratch, cmd)
+                        if status != 0:
+                            out.seek(0)
+                            sys.stderr.buffer.write(out.read())
+                            sys.stderr.flush()
+                else:
                     status = self.sandbox_run(merged, spec, scratch, cmd)
-                    if status != 0:
-                        out.seek(0)
-                        sys.stderr.buffer.write(out.read())
-                        sys.stderr.flush()
-            else:
-                status = self.sandbox_run(merged, spec, scratch, cmd)
             if status != 0:
                 shown = " ".join(shlex.quote(a) for a in argv) if not cmd.shell_form else " ".join(argv)
                 raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: process \"{shown}\" did not "
@@ -516,7 +610,10 @@ class Executor:
     # -- COPY / ADD ---------------------------------------------------------------------------------------
     def copy_source_root(self, cmd: Any) -> tuple[str, list[str] | None]:
         """('context', None) or ('stage'/'image', layer list) for COPY --from."""
-        ref = getattr(cmd, "from_", None)
+        return self.source_of(getattr(cmd, "from_", None), cmd)  # ADD has no --from
+
+    def source_of(self, ref: str | None, cmd: Any) -> tuple[str, list[str] | None]:
+        """Where --from=REF points: ('context', None), or ('stage'/'image', its layers)."""
         if not ref:
             return "context", None
         low = ref.lower()
@@ -525,7 +622,7 @@ class Executor:
                 return "stage", self.results[s.index].layers
         for s in self.plan.stages:
             if s.name == low or str(s.index) == ref:
-                raise self.err(cmd.node, f"COPY --from={ref}: stage is not built before this step")
+                raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
         image_id = self.resolve_image(ref, cmd.node)
         return "image", list(self.store.read_json(image_id).get("rootfs", {}).get("diff_ids", []))
 

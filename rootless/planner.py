@@ -115,8 +115,7 @@ def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], t
             raise ContainerfileError(f"{node.keyword.upper()} before the first FROM: no build stage yet",
                                      filename, node.start_line)
         stages[-1].commands.append(cmd)
-        ref = getattr(cmd, "from_", None)
-        if ref:
+        for ref in _from_refs(cmd):
             dep = _stage_ref(stages, ref)
             if dep is not None:
                 stages[-1].deps.add(dep)
@@ -139,6 +138,24 @@ def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], t
 
     need(tgt)
     return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape)
+
+
+def _from_refs(cmd: object) -> list[str]:
+    """The --from of COPY and the from= of RUN --mount (neither is ever expanded, as in BuildKit)."""
+    from rootless import instructions
+
+    if isinstance(cmd, instructions.CopyCmd):
+        return [cmd.from_] if cmd.from_ else []
+    refs = []
+    if isinstance(cmd, instructions.RunCmd):
+        for raw in cmd.mounts:
+            try:
+                m = instructions.parse_mount(raw, expanded=True)
+            except Exception:  # noqa: BLE001 - fields with variables are checked when the step runs
+                continue
+            if m.from_:
+                refs.append(m.from_)
+    return refs
 
 
 def _stage_ref(stages: list[Stage], ref: str) -> int | None:

@@ -34,6 +34,18 @@ HOSTNAME = "rbuild"
 
 
 @dataclass
+class MountSpec:
+    """One RUN --mount, resolved to the host: a bind of `source` or a tmpfs, at `target` in the container."""
+
+    kind: str  # "bind" or "tmpfs"
+    target: str
+    source: str = ""
+    readonly: bool = True
+    is_file: bool = False
+    size: int | None = None
+
+
+@dataclass
 class RunSpec:
     argv: list[str]
     env: dict[str, str]
@@ -45,6 +57,7 @@ class RunSpec:
     stdin_data: bytes | None = None
     output_fd: int = 2  # where the step's stdout and stderr go
     dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
+    mounts: list[MountSpec] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +185,15 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
             _try(linux.mount, None, sys_dir, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
         for path, source in files.items():
             linux.mount(source, secure_join(root, path), None, linux.MS_BIND)
+        for m in spec.mounts:
+            target = secure_join(root, m.target)
+            if m.kind == "tmpfs":
+                opts = "mode=1777" + (f",size={m.size}" if m.size else "")
+                linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts)
+                continue
+            linux.mount(m.source, target, None, linux.MS_BIND | linux.MS_REC)
+            if m.readonly:
+                linux.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
         # masks and read-only parts of /proc and /sys
         for path in MASKED_PATHS:
             host = secure_join(root, path)
@@ -258,6 +280,11 @@ def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None
                 f.write(text)
             os.chmod(src, 0o644)
             files[path] = src
+        for m in spec.mounts:
+            _note_parent(root, m.target, parent_times)
+            host = _ensure(root, m.target, not m.is_file, created)
+            if os.path.isdir(host) == m.is_file:
+                raise RbuildError(f"--mount target {m.target} is a {'directory' if m.is_file else 'file'} in the image")
         return _fork_run(root, spec, files)
     finally:
         _restore_stubs(created, parent_times)
