@@ -13,7 +13,7 @@ import re
 import shutil
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rootless.errors import RbuildError
 from rootless.fspath import secure_join
@@ -80,20 +80,25 @@ def load_ignore(context: str, containerfile: str | None) -> list[IgnoreRule]:
                 lines = f.read().splitlines()
         except OSError:
             continue
-        rules = []
-        for line in lines:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            negate = line.startswith("!")
-            if negate:
-                line = line[1:].strip()
-            norm = os.path.normpath(line).lstrip("/")
-            if norm in ("", "."):
-                continue
-            rules.append(IgnoreRule(_compile(norm), negate, norm))
-        return rules
+        return patterns_to_rules(lines)
     return []
+
+
+def patterns_to_rules(lines: list[str]) -> list[IgnoreRule]:
+    """Ignore-file lines (or COPY --exclude patterns) as rules; `!` lines re-include."""
+    rules = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        if negate:
+            line = line[1:].strip()
+        norm = os.path.normpath(line).lstrip("/")
+        if norm in ("", "."):
+            continue
+        rules.append(IgnoreRule(_compile(norm), negate, norm))
+    return rules
 
 
 def ignored(rel: str, rules: list[IgnoreRule]) -> bool:
@@ -114,6 +119,8 @@ class SourceItem:
 
     host: str
     rel: str  # path relative to the source root (for hashing and messages)
+    exclude: list[IgnoreRule] = field(default_factory=list)  # COPY --exclude, matched below the item
+    sub: str = ""  # COPY --parents: the directory under the destination this item goes to
 
 
 def _has_glob(s: str) -> bool:
@@ -160,7 +167,7 @@ def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple
     yield item.host, ""
     if not os.path.isdir(item.host):
         return
-    negations = any(r.negate for r in rules)
+    negations = any(r.negate for r in rules + item.exclude)
     emitted: set[str] = {""}
 
     def with_parents(full: str, rel: str) -> Iterator[tuple[str, str]]:
@@ -175,6 +182,8 @@ def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple
         yield full, rel
 
     def excluded(rel: str) -> bool:
+        if item.exclude and ignored(rel, item.exclude):
+            return True
         return bool(rules) and ignored(os.path.join(item.rel, rel) if item.rel else rel, rules)
 
     for dirpath, dirnames, filenames in os.walk(item.host):
@@ -371,14 +380,15 @@ def copy_into(root: str, items: list[SourceItem], src_root: str, rules: list[Ign
     copier = _Copier(owner, chmod)
     for item in items:
         host = item.host  # already resolved inside src_root by select()
+        item_dest = os.path.join(dest_clean, item.sub) if item.sub else dest_clean
         if os.path.isdir(host):
-            target = ensure_dir(root, dest_clean, uid, gid)
-            for path, rel in walk(SourceItem(host, item.rel), src_root, rules):
+            target = ensure_dir(root, item_dest, uid, gid)
+            for path, rel in walk(item, src_root, rules):
                 if rel:
                     copier.entry(path, os.path.join(target, rel))
             continue
-        if dest_is_dir or os.path.isdir(secure_join(root, dest_clean)):
-            target_dir = ensure_dir(root, dest_clean, uid, gid)
+        if dest_is_dir or item.sub or os.path.isdir(secure_join(root, item_dest)):
+            target_dir = ensure_dir(root, item_dest, uid, gid)
             copier.entry(host, os.path.join(target_dir, os.path.basename(item.rel or host)))
         else:
             target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid)

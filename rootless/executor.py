@@ -241,7 +241,8 @@ class Executor:
         elif isinstance(cmd, ins.RunCmd) and cmd.mounts:
             extra = self.mount_key(cmd)
         desc = self.describe(cmd)
-        key = _key(state.key, node.keyword, desc, run_args if isinstance(cmd, ins.RunCmd) else None, extra,
+        key = _key(state.key, node.keyword, desc, node.original, run_args if isinstance(cmd, ins.RunCmd) else None,
+                   extra,
                    state.config["config"].get("WorkingDir"), state.config["config"].get("User"),
                    state.config["config"].get("Env"), state.config["config"].get("Shell"))
         if not self.opts.no_cache:
@@ -639,7 +640,7 @@ class Executor:
             if _is_url(src):
                 h.update(b"url\0" + src.encode())
                 continue
-            items = copyfiles.select(self.plan.context, src, self.ignore_rules, what)
+            items = select_items(self.plan.context, src, cmd, self.ignore_rules, what)
             copyfiles.hash_sources(items, self.plan.context, self.ignore_rules, h, self.file_digests)
         self.file_digests.save()
         return ["context", h.hexdigest()]
@@ -703,7 +704,7 @@ class Executor:
                 items.append(_download(src, scratch, what))
                 remote.add(items[-1].host)  # remote archives are not unpacked (docker's rule)
                 continue
-            items += copyfiles.select(src_root, src, rules, what)
+            items += select_items(src_root, src, cmd, rules, what)
         if is_add and getattr(cmd, "unpack", None) is not False:
             plain = []
             for it in items:
@@ -717,6 +718,24 @@ class Executor:
             if not items:
                 return
         copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what)
+
+
+def select_items(src_root: str, src: str, cmd: Any, rules: list[copyfiles.IgnoreRule],
+                 what: str) -> list[copyfiles.SourceItem]:
+    """A COPY/ADD source's items, with --exclude applied and --parents' sub-directories worked out."""
+    found = copyfiles.select(src_root, src, rules, what)
+    if cmd.exclude:
+        exclude = copyfiles.patterns_to_rules(cmd.exclude)
+        found = [it for it in found if not copyfiles.ignored(os.path.basename(it.rel), exclude)]
+        for it in found:
+            it.exclude = exclude
+    if cmd.parents:  # keep the path below the context (or below a /./ pivot in the source)
+        pivot = src.split("/./", 1)[0] if "/./" in src else ""
+        base = os.path.normpath("/" + pivot).lstrip("/")
+        for it in found:
+            kept = os.path.relpath(it.rel, base) if base else it.rel
+            it.sub = kept if os.path.isdir(it.host) else os.path.dirname(kept)
+    return found
 
 
 def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:

@@ -287,6 +287,20 @@ def test_run_mounts(rb: Runner, busybox: str) -> None:
     assert res.returncode == 1  # without the secret, cat fails inside the RUN (not required by default)
 
 
+def test_copy_exclude_and_parents(rb: Runner, busybox: str) -> None:
+    text = cf(busybox, "COPY --exclude=*.log --exclude=skip app /app/\n"
+                       "COPY --parents src/a/x.txt src/b/./y.txt /p/\n")
+    ctx = rb.context({"Containerfile": text, "app/keep.txt": "k", "app/debug.log": "l", "app/skip/f": "s",
+                      "app/sub/deep.log": "d", "app/sub/ok": "o", "src/a/x.txt": "x", "src/b/y.txt": "y"})
+    out = rb.mkdir()
+    rb.build(ctx, "-t", "excl")
+    rb.run("push", "excl", f"oci:{out}/l")
+    tree = flatten(f"{out}/l")
+    # patterns match as in .dockerignore: "*.log" is top-level only (BuildKit's rule)
+    assert {k for k in tree if k.startswith("app/")} == {"app/keep.txt", "app/sub", "app/sub/ok", "app/sub/deep.log"}
+    assert tree["p/src/a/x.txt"] == ("file", b"x") and tree["p/y.txt"] == ("file", b"y")
+
+
 def test_mount_points_leave_no_trace_on_scratch(rb: Runner) -> None:
     ctx = rb.context({"Containerfile": "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n"})
     shutil.copy("/bin/busybox", os.path.join(ctx, "busybox"))
