@@ -701,7 +701,7 @@ class Executor:
         remote: set[str] = set()
         for src in cmd.sources:
             if is_add and _is_url(src):
-                items.append(_download(src, scratch, what))
+                items.append(_download(src, scratch, what, getattr(cmd, "checksum", None)))
                 remote.add(items[-1].host)  # remote archives are not unpacked (docker's rule)
                 continue
             items += select_items(src_root, src, cmd, rules, what)
@@ -775,7 +775,7 @@ def _is_archive(path: str) -> bool:
         return False
 
 
-def _download(url: str, scratch: str, what: str) -> copyfiles.SourceItem:
+def _download(url: str, scratch: str, what: str, checksum: str | None) -> copyfiles.SourceItem:
     import urllib.parse
     import urllib.request
 
@@ -789,6 +789,14 @@ def _download(url: str, scratch: str, what: str) -> copyfiles.SourceItem:
             lm = resp.headers.get("Last-Modified")
     except OSError as e:
         raise RbuildError(f"{what}: cannot download {url}: {e}") from None
+    if checksum:
+        algo, _, want = checksum.partition(":")
+        h = hashlib.new(algo if want else "sha256")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != (want or algo):
+            raise RbuildError(f"{what}: {url} does not match --checksum={checksum} (got {h.name}:{h.hexdigest()})")
     os.chmod(path, 0o600)
     if lm:
         import email.utils

@@ -301,6 +301,43 @@ def test_copy_exclude_and_parents(rb: Runner, busybox: str) -> None:
     assert tree["p/src/a/x.txt"] == ("file", b"x") and tree["p/y.txt"] == ("file", b"y")
 
 
+def test_add_url_and_local_archive(rb: Runner, busybox: str) -> None:
+    import hashlib
+    import http.server
+    import io
+    import tarfile
+    import threading
+
+    payload = b"downloaded\n"
+    serve = rb.mkdir()
+    with open(os.path.join(serve, "file.txt"), "wb") as f:
+        f.write(payload)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=serve)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/file.txt"
+        good = "sha256:" + hashlib.sha256(payload).hexdigest()
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            ti = tarfile.TarInfo("inner/x")
+            ti.size = 2
+            tf.addfile(ti, io.BytesIO(b"x\n"))
+        ctx = rb.context({"Containerfile": cf(busybox, f"ADD --checksum={good} {url} /dl/\nADD a.tar.gz /unpacked/\n"),
+                          "a.tar.gz": buf.getvalue()})
+        out = rb.mkdir()
+        rb.build(ctx, "-t", "addurl")
+        rb.run("push", "addurl", f"oci:{out}/l")
+        tree = flatten(f"{out}/l")
+        assert tree["dl/file.txt"] == ("file", payload) and tree["unpacked/inner/x"] == ("file", b"x\n")
+        bad = rb.context({"Containerfile": cf(busybox, f"ADD --checksum=sha256:{'0' * 64} {url} /dl/\n")})
+        _one_error(rb.run("build", bad, check=False), 125, "Containerfile:2", "checksum")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_mount_points_leave_no_trace_on_scratch(rb: Runner) -> None:
     ctx = rb.context({"Containerfile": "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n"})
     shutil.copy("/bin/busybox", os.path.join(ctx, "busybox"))
