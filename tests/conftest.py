@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -302,7 +303,7 @@ def write_oci_layout(path: str, layers: list[bytes], config_extra: dict | None =
         blob = gzip.compress(raw, mtime=0) if compress else raw
         mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if compress else "")
         descs.append({"mediaType": mt, "digest": put(blob), "size": len(blob)})
-    config = {"created": "2024-01-01T00:00:00Z", "architecture": "amd64", "os": "linux",
+    config: dict[str, Any] = {"created": "2024-01-01T00:00:00Z", "architecture": "amd64", "os": "linux",
               "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
                          "Cmd": ["sh"]},
               "rootfs": {"type": "layers", "diff_ids": diff_ids},
