@@ -20,7 +20,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # build from a world-readable copy: the checkout may live where the builder user cannot read
 src=$(mktemp -d /tmp/rbuild-src.XXXXXX)
-trap 'rm -rf "$src"' EXIT
+trap '$sudo rm -rf "$src"' EXIT
 tar -C "$here" --exclude=.git --exclude='*.egg-info' --exclude=build -cf - . | tar -C "$src" -xf -
 chmod -R a+rX "$src"
 $sudo "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "$src[test]" >&2
