@@ -98,6 +98,7 @@ class Executor:
         from rootless.shell import Lexer
 
         self.lexer = Lexer(plan.escape)
+        self.current_shell = DEFAULT_SHELL
         self.epoch = opts.timestamp if opts.timestamp is not None else opts.source_date_epoch
         self.clamp = opts.source_date_epoch if (opts.timestamp is None and opts.rewrite_timestamp) else None
 
@@ -234,6 +235,7 @@ class Executor:
             # an ARG given by --build-arg keeps its default unexpanded (a bad default must not fail it)
             return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state), skip=self.plan.build_args))
         cmd = cmd.expand(self.lexer, self.expand_env(state))
+        self.current_shell = list(state.config["config"].get("Shell") or DEFAULT_SHELL)  # for shell forms
         run_args = self.run_args(state)
         extra: Any = None
         if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
@@ -308,8 +310,6 @@ class Executor:
         shell = self.current_shell
         return list(cmd.args) if not cmd.shell_form else shell + [" ".join(cmd.args)]
 
-    current_shell: list[str] = DEFAULT_SHELL
-
     # -- metadata instructions ---------------------------------------------------------------------------
     def do_arg(self, state: StageState, cmd: Any) -> StageState:
         args = dict(state.args)
@@ -340,7 +340,6 @@ class Executor:
         from rootless import instructions as ins
 
         c = state.config["config"]
-        self.current_shell = list(c.get("Shell") or DEFAULT_SHELL)
         if isinstance(cmd, ins.RunCmd):
             return self.do_run(state, cmd)
         if isinstance(cmd, ins.CopyCmd | ins.AddCmd):

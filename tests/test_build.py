@@ -216,6 +216,7 @@ def test_multistage_copy_from_and_metadata(rb: Runner, busybox: str) -> None:
     assert c["StopSignal"] == "SIGTERM" and c["Shell"] == ["/bin/sh", "-ec"]
     assert c["Healthcheck"]["Test"] == ["CMD-SHELL", "true"] and c["Healthcheck"]["Interval"] == 5_000_000_000
     assert c["OnBuild"] == ["RUN echo triggered"]
+    assert doc["History"][-1]["created_by"] == "RUN /bin/sh -ec id -u > /tmp/whoami # buildkit"  # SHELL applies
     rb.run("push", "multi", f"oci:{out}/l")
     tree = flatten(f"{out}/l")
     assert tree["copied/msg"] == ("file", b"hello world\n")
