@@ -14,7 +14,9 @@ rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the 
 * ``user.rbuild.stat`` = ``UID:GID`` on a regular file or directory: its owner in the image, where
   chown to it was impossible (a single-uid map, or an id outside the mapped range).
 * ``user.rbuild.lstat`` on a directory: the same for those of its children that cannot carry ``user.*``
-  xattrs (symlinks, fifos, whiteouts), as ``NAME\\0UID:GID\\0`` repeated.
+  xattrs (symlinks, fifos, whiteouts), as ``NAME\\0UID:GID:INODE\\0`` repeated. The inode number ties
+  a record to the very child it was made for: overlay copies the directory's xattrs up when a RUN step
+  writes into it, and a symlink that step creates under the same name must not inherit the owner.
 
 Such records are never read from a layer: ``user.rbuild.*`` and ``user.overlay.*`` xattrs in a tar are
 dropped at unpack. Kept xattrs are ``user.*`` and ``security.capability`` (file capabilities); others
@@ -28,6 +30,7 @@ entry and the cause.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -101,13 +104,31 @@ def _parse_ids(value: bytes) -> tuple[int, int]:
     return int(uid), int(gid)
 
 
-def _parse_lstat(value: bytes) -> dict[bytes, tuple[int, int]]:
+def _parse_lstat(value: bytes) -> dict[bytes, tuple[int, int, int]]:
+    """name -> (uid, gid, inode) of a user.rbuild.lstat record."""
     parts = value.split(b"\0")
-    return {parts[i]: _parse_ids(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+    out = {}
+    for i in range(0, len(parts) - 1, 2):
+        uid, gid, ino = parts[i + 1].split(b":")
+        out[parts[i]] = (int(uid), int(gid), int(ino))
+    return out
 
 
-def _fmt_lstat(records: dict[bytes, tuple[int, int]]) -> bytes:
-    return b"".join(b"%s\0%d:%d\0" % (n, u, g) for n, (u, g) in sorted(records.items()))
+def _fmt_lstat(dfd: int, records: dict[bytes, tuple[int, int]]) -> bytes:
+    """The record for children of `dfd`, each stamped with its current inode (missing ones dropped)."""
+    out = []
+    for name, (uid, gid) in sorted(records.items()):
+        try:
+            ino = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            continue
+        out.append(b"%s\0%d:%d:%d\0" % (name, uid, gid, ino))
+    return b"".join(out)
+
+
+def _child_owner(lrec: dict[bytes, tuple[int, int, int]], name: bytes, st: os.stat_result) -> tuple[int, int]:
+    rec = lrec.get(name)
+    return (rec[0], rec[1]) if rec is not None and rec[2] == st.st_ino else (st.st_uid, st.st_gid)
 
 
 def _getxattr(target: int | str | bytes, name: str, **kw: object) -> bytes | None:
@@ -137,12 +158,17 @@ def set_owner(path: str, uid: int, gid: int, *, single_uid: bool = False) -> Non
         finally:
             if fd is not None:
                 os.close(fd)
-        recs = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"")
+        old = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"")
+        recs = {}
+        for n, (u, g, ino) in old.items():  # only records still about the same child survive a rewrite
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(n, dir_fd=pfd, follow_symlinks=False).st_ino == ino:
+                    recs[n] = (u, g)
         if rec is not None:
             recs[bname] = rec
         elif recs.pop(bname, None) is None:
             return
-        os.setxattr(pfd, XATTR_LSTAT, _fmt_lstat(recs))
+        os.setxattr(pfd, XATTR_LSTAT, _fmt_lstat(pfd, recs))
     finally:
         os.close(pfd)
 
@@ -634,7 +660,7 @@ class _Unpacker:
             if fd is None:
                 continue
             if recs:
-                os.setxattr(fd, XATTR_LSTAT, _fmt_lstat(recs))
+                os.setxattr(fd, XATTR_LSTAT, _fmt_lstat(fd, recs))
         for comps, (mode, mtime) in self.dirmeta.items():
             fd = self.parent(comps, create=False)
             if fd is None:
@@ -947,12 +973,12 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
                 os.close(fd)
             continue
         if _is_whiteout(st):  # never a hard link: overlay shares one inode among its whiteouts
-            uid, gid = lrec.get(name, (st.st_uid, st.st_gid))
+            uid, gid = _child_owner(lrec, name, st)
             sink.put(_header(path, perm, uid, gid, 0, mtime, b"0"))
             continue
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in links:
-            uid, gid = lrec.get(name, (st.st_uid, st.st_gid))
+            uid, gid = _child_owner(lrec, name, st)
             if stat.S_ISREG(m):
                 fd = _open_meta(dfd, name)
                 try:
@@ -979,7 +1005,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
             finally:
                 os.close(fd)
             continue
-        uid, gid = lrec.get(name, (st.st_uid, st.st_gid))
+        uid, gid = _child_owner(lrec, name, st)
         if stat.S_ISLNK(m):
             sink.put(_header(path, perm, uid, gid, 0, mtime, b"2", os.readlink(name, dir_fd=dfd)))
         elif stat.S_ISFIFO(m):

@@ -162,7 +162,8 @@ os.mkdir(d)
 with open(sys.argv[1], "rb") as f:
     layers.unpack(f, d)
 print(os.getxattr(d + "/home/app/far", "user.rbuild.stat").decode())
-print(os.getxattr(d + "/home/app", "user.rbuild.lstat"))
+rec = os.getxattr(d + "/home/app", "user.rbuild.lstat")
+print(rec == b"farlink\0" + b"70001:70001:%d\0" % os.lstat(d + "/home/app/farlink").st_ino)
 print(os.getxattr(d + "/dev/null", "user.rbuild.dev").decode(), oct(os.stat(d + "/dev/null").st_mode))
 print(os.getxattr(d + "/bin/ping", "security.capability").hex())
 print(oct(os.stat(d + "/bin/su").st_mode), os.stat(d + "/bin/wall").st_gid)
@@ -173,7 +174,7 @@ print(os.stat(d + "/home/app/.wh.gone" if os.path.exists(d + "/home/app/.wh.gone
     src = rb.write(os.path.join(work, "in.tar"), make_tar(rich_layer))
     lines = in_userns(rb, script, src, work, single=False).splitlines()
     assert lines[0] == "70000:3000000"
-    assert lines[1] == repr(b"farlink\x0070001:70001\x00")
+    assert lines[1] == "True", "symlink owner recorded in the parent, tied to the symlink's inode"
     assert lines[2] == "c:1:3 0o100666"
     assert lines[3] == CAP_NET_RAW.hex(), "file capabilities survive"
     assert lines[4] == "0o104755 5", "setuid kept after chown; gid 5 applied"
@@ -489,3 +490,24 @@ def test_deep_trees_need_no_recursion_and_unpack_bounds_depth(tmp: str) -> None:
         subprocess.run(["rm", "-rf", d], check=True)  # shutil.rmtree recurses too deep
     with pytest.raises(LayerError, match="deeper than 512"):
         unpack_bytes(make_tar(lambda tf: add(tf, "a/" * 512 + "f")), os.path.join(tmp, "u"))
+
+
+def test_symlink_owner_record_follows_the_inode_not_the_name(tmp: str) -> None:
+    """A directory copied up by overlay keeps its record; a new symlink of the same name is not its subject."""
+    d = os.path.join(tmp, "l")
+    os.makedirs(d + "/dir")
+    os.symlink("x", d + "/dir/ln")
+    ino = os.lstat(d + "/dir/ln").st_ino
+    os.setxattr(d + "/dir", "user.rbuild.lstat", b"ln\0" + b"70001:70002:%d\0" % ino)
+
+    def owner() -> tuple[int, int]:
+        with tarfile.open(fileobj=io.BytesIO(tar_of(d))) as tf:
+            m = tf.getmember("dir/ln")
+            return m.uid, m.gid
+    assert owner() == (70001, 70002)
+    os.unlink(d + "/dir/ln")
+    with open(d + "/dir/keep-inode-busy", "w"):
+        pass
+    os.symlink("y", d + "/dir/ln")
+    assert os.lstat(d + "/dir/ln").st_ino != ino
+    assert owner() == (os.getuid(), os.getgid())
