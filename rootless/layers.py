@@ -458,10 +458,12 @@ class _Unpacker:
             if str(e) == "empty file":
                 return
             raise LayerError(f"layer: not a tar archive ({e})") from None
+        except (tarfile.TarError, ValueError, EOFError) as e:  # the first header is read right away
+            raise LayerError(f"layer: corrupt tar ({e})") from None
         while True:
             try:
                 ti = tf.next()
-            except tarfile.TarError as e:
+            except (tarfile.TarError, ValueError, EOFError) as e:  # ValueError: e.g. a bad PAX sparse map
                 raise LayerError(f"layer: corrupt tar ({e})") from None
             if ti is None:
                 break
@@ -476,6 +478,8 @@ class _Unpacker:
                 raise LayerError(msg if msg.startswith("layer") else f"layer entry {ti.name!r}: {msg}") from None
             except OSError as e:
                 raise LayerError(f"layer entry {ti.name!r}: {e.strerror or e}") from None
+            except ValueError as e:  # a NUL byte in a PAX name, an unparsable number
+                raise LayerError(f"layer entry {ti.name!r}: {e}") from None
         while counted.read(CHUNK):  # the rest of the stream, so that digests get verified
             pass
         self.finish()

@@ -511,3 +511,22 @@ def test_symlink_owner_record_follows_the_inode_not_the_name(tmp: str) -> None:
     os.symlink("y", d + "/dir/ln")
     assert os.lstat(d + "/dir/ln").st_ino != ino
     assert owner() == (os.getuid(), os.getgid())
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)),
+                      min_size=1, max_size=6))
+def test_corrupted_tar_bytes_give_layer_errors_only(tmp: str, flips: list[tuple[int, int]]) -> None:
+    """Damaged headers (checksums, sizes, PAX records, sparse maps) end in LayerError, never another error."""
+    data = bytearray(make_tar(rich_layer))
+    for pos, value in flips:
+        data[pos % 6000] = value  # the headers and PAX records are up front
+    for off in range(0, 6144, 512):  # keep checksums valid, so that damage gets past them
+        if data[off + 257:off + 262] == b"ustar":
+            data[off + 148:off + 156] = b"        "
+            data[off + 148:off + 156] = b"%06o\0 " % sum(data[off:off + 512])
+    n = len(os.listdir(tmp))
+    try:
+        unpack_bytes(bytes(data), os.path.join(tmp, f"c{n}"))
+    except LayerError as e:
+        assert "\n" not in str(e)

@@ -102,6 +102,12 @@ def gzip_bomb_layer() -> bytes:
     return tar(*[f(f"zero{i}", bytes(1 << 20)) for i in range(64)])
 
 
+def sparse_map_garbage() -> bytes:
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "sparse",
+           "GNU.sparse.realsize": "1024"}
+    return raw_header(_info("GNUSparseFile.0/sparse", size=1024, pax=pax)) + b"1\nx\n".ljust(1024, b"\0") + bytes(1024)
+
+
 def cases(canary: str) -> list[Case]:
     """The corpus, aimed at `canary` (an absolute directory path holding a file `secret`)."""
     up = "../" * 40
@@ -178,5 +184,8 @@ def cases(canary: str) -> list[Case]:
         Case("declared_size_bomb", [declared_size_bomb()], ref_limit),
         Case("sparse_apparent_size_bomb", [sparse_bomb()], ref_limit),
         Case("gzip_decompression_bomb", [gzip_bomb_layer()], ref_limit, env={"RBUILD_MAX_LAYER_BYTES": str(LIMIT)}),
+        Case("pax_path_with_nul", [tar(f("innocent", pax={"path": "etc\0passwd"}))], r"null byte"),
+        Case("sparse_map_garbage", [sparse_map_garbage()], r"corrupt tar"),
+        Case("not_a_tar", [b"PK\x03\x04" + bytes(2000)], r"not a tar archive|corrupt tar"),
         Case("truncated_layer", [tar(f("big", b"x" * 100_000))[:20_000]], r"truncated|unexpected end|corrupt"),
     ]
