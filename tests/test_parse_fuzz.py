@@ -81,7 +81,8 @@ def test_lexer_raises_only_shell_errors(word: str, escape: str, raw_quotes: bool
 @given(words)
 def test_expand_is_words_joined_when_nothing_is_quoted(word: str) -> None:
     # Without quotes, escapes or substitutions, splitting then joining is splitting the expansion.
-    if any(c in word for c in "'\"\\$"):
+    # (A leading BOM is skipped once per lexer pass, as Go's text/scanner does, so it is left out here.)
+    if any(c in word for c in "'\"\\$") or word.startswith("\ufeff"):
         return
     lexer = Lexer()
     assert lexer.expand_words(word, {}) == lexer.expand_words(lexer.expand(word, {}), {})
