@@ -25,7 +25,7 @@ from typing import Any
 from rootless import copyfiles, overlay, sandbox
 from rootless import image as img
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
-from rootless.fspath import clean_abs, secure_join
+from rootless.fspath import clean_abs, open_beneath, secure_join
 from rootless.planner import PROXY_ARGS, Plan, Stage
 from rootless.store import Store, now_rfc3339
 
@@ -738,23 +738,47 @@ def select_items(src_root: str, src: str, cmd: Any, rules: list[copyfiles.Ignore
 
 
 def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
-    """Drop directories the overlay copied up only because a mount point was made (and removed) in them."""
+    """Drop directories the overlay copied up only because a mount point was made (and removed) in them.
+
+    The upper dir holds what the RUN wrote, so nothing in it is followed: directories are reached by fd
+    without symlinks, and one is removed only if empty and identical to the layer below.
+    """
     for p in sorted(set(paths), key=lambda x: -x.count("/")):
         rel = p.strip("/")
-        up = os.path.join(upper, rel)
         try:
-            st = os.lstat(up)
+            pfd = open_beneath(upper, os.path.dirname(rel))
         except OSError:
             continue
-        if not stat.S_ISDIR(st.st_mode) or os.listdir(up) or "user.overlay.opaque" in os.listxattr(up):
+        try:
+            name = os.path.basename(rel)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
+            try:
+                if os.listdir(dfd) or "user.overlay.opaque" in os.listxattr(dfd):
+                    continue
+            finally:
+                os.close(dfd)
+            for lower in lowers:
+                try:
+                    lfd = open_beneath(lower, os.path.dirname(rel))
+                except OSError:
+                    continue
+                try:
+                    lst = os.stat(name, dir_fd=lfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                finally:
+                    os.close(lfd)
+                if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (lst.st_mode, lst.st_uid, lst.st_gid,
+                                                                          lst.st_mtime_ns):
+                    os.rmdir(name, dir_fd=pfd)
+                break
+        except OSError:
             continue
-        lower = next((os.path.join(lo, rel) for lo in lowers if os.path.lexists(os.path.join(lo, rel))), None)
-        if lower is None:
-            continue
-        lst = os.lstat(lower)
-        if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (lst.st_mode, lst.st_uid, lst.st_gid,
-                                                                  lst.st_mtime_ns):
-            os.rmdir(up)
+        finally:
+            os.close(pfd)
 
 
 def _port(p: str) -> str:

@@ -46,3 +46,20 @@ def clean_abs(path: str, cwd: str = "/") -> str:
     if norm.startswith("//"):
         norm = "/" + norm.lstrip("/")
     return norm
+
+
+def open_beneath(root: str, rel: str) -> int:
+    """An fd of the directory `rel` below root, refusing any symlink on the way (OSError)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, flags)
+    try:
+        for part in [p for p in rel.split("/") if p and p != "."]:
+            if part == "..":
+                raise OSError(22, "'..' in a path", rel)
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -71,10 +71,13 @@ class User:
 def _read_db(root: str, name: str) -> list[list[str]]:
     path = secure_join(root, "/etc/" + name)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return []
+    with open(fd, encoding="utf-8", errors="replace") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device there must not hang the build
+            return []
+        return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
 
 
 def resolve_user(root: str, spec: str) -> User:
@@ -99,7 +102,7 @@ def resolve_user(root: str, spec: str) -> User:
         if group.isdigit():
             gid = int(group)
         else:
-            g = next((e for e in groupdb if len(e) >= 3 and e[0] == group), None)
+            g = next((e for e in groupdb if len(e) >= 3 and e[0] == group and e[2].isdigit()), None)
             if g is None:
                 raise RbuildError(f"unable to find group {group}: no matching entries in group file")
             gid = int(g[2])
@@ -111,33 +114,73 @@ def resolve_user(root: str, spec: str) -> User:
     return User(uid, gid, groups, home)
 
 
-def _ensure(root: str, path: str, is_dir: bool, created: list[str]) -> str:
-    """Make sure a mount point exists in the tree; remember what we had to create (to remove later)."""
-    host = secure_join(root, path)
-    if os.path.lexists(host):
-        return host
-    parent = os.path.dirname(path)
-    if parent != "/":
-        _ensure(root, parent, True, created)
-    host = secure_join(root, path)
-    if is_dir:
-        os.mkdir(host, 0o755)
-    else:
-        os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    created.append(host)
-    return host
+class _Stubs:
+    """Mount points made in the tree for one RUN, removed again afterwards without trusting path names.
 
+    The RUN can rename and replace directories (even with symlinks to host paths) before the cleanup
+    runs, so every entry is remembered as (parent directory fd, name, inode): only that very inode is
+    removed, only inside that very directory, and parent times are restored through the fd.
+    """
 
-def _restore_stubs(created: list[str], parent_times: dict[str, tuple[int, int]]) -> None:
-    for host in reversed(created):
-        with contextlib.suppress(OSError):
-            if os.path.isdir(host) and not os.path.islink(host):
-                os.rmdir(host)
-            elif os.path.isfile(host) and os.path.getsize(host) == 0:
-                os.unlink(host)
-    for d, (atime, mtime) in parent_times.items():
-        with contextlib.suppress(OSError):
-            os.utime(d, ns=(atime, mtime), follow_symlinks=False)
+    _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.made: list[tuple[int, str, tuple[int, int], bool]] = []
+        self.parents: dict[str, tuple[int, int, int]] = {}  # container path -> (fd, atime, mtime)
+        self.fds: list[int] = []
+
+    def _open_dir(self, host: str) -> int:
+        fd = os.open(host, self._DIR_FLAGS)
+        self.fds.append(fd)
+        return fd
+
+    def ensure(self, path: str, is_dir: bool) -> str:
+        """Host path of `path` in the tree, created (with missing parents) when absent."""
+        host = secure_join(self.root, path)
+        if os.path.lexists(host):
+            return host
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        parent_host = self.ensure(parent, True) if parent != "/" else self.root
+        pfd = self._open_dir(parent_host)
+        if parent not in self.parents:
+            st = os.fstat(pfd)
+            self.parents[parent] = (pfd, st.st_atime_ns, st.st_mtime_ns)
+        name = os.path.basename(path.rstrip("/"))
+        if is_dir:
+            os.mkdir(name, 0o755, dir_fd=pfd)
+        else:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=pfd))
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        self.made.append((pfd, name, (st.st_dev, st.st_ino), is_dir))
+        return os.path.join(parent_host, name)
+
+    def restore(self) -> list[str]:
+        """Remove what was made and restore parent times; return the existing parents that were touched."""
+        made_dirs = set()
+        for pfd, name, ino, is_dir in reversed(self.made):
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) != ino:
+                    continue
+                if is_dir:
+                    os.rmdir(name, dir_fd=pfd)
+                    made_dirs.add(ino)
+                elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    os.unlink(name, dir_fd=pfd)
+        touched = []
+        for path, (fd, atime, mtime) in self.parents.items():
+            with contextlib.suppress(OSError):
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) in made_dirs:
+                    continue
+                os.utime(fd, ns=(atime, mtime))
+                if path != "/":
+                    touched.append(path)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        return touched
 
 
 def _try(fn: object, *args: object) -> bool:
@@ -148,6 +191,23 @@ def _try(fn: object, *args: object) -> bool:
         return False
 
 
+def _readonly_tree(top: str) -> None:
+    """Make a bind-mounted tree and every mount below it read-only (keeping their locked flags)."""
+    with open("/proc/self/mountinfo") as f:
+        points = [ln.split()[4].replace("\\040", " ") for ln in f]
+    for point in [p for p in points if p == top or p.startswith(top + "/")]:
+        flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
+        try:
+            st = os.statvfs(point)
+        except OSError:
+            continue
+        for bit, flag in ((os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV),
+                          (os.ST_NOEXEC, linux.MS_NOEXEC)):
+            if st.f_flag & bit:
+                flags |= flag
+        _try(linux.mount, None, point, None, flags)
+
+
 def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) -> None:
     """In pid 1 of the new namespaces: build the container view and exec. Never returns."""
     try:
@@ -156,8 +216,11 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
         proc = secure_join(root, "/proc")
-        if not _try(linux.mount, "proc", proc, "proc", nosuid):
-            linux.mount("/proc", proc, None, linux.MS_BIND | linux.MS_REC)
+        try:
+            linux.mount("proc", proc, "proc", nosuid)
+        except OSError as e:  # never fall back to the host's /proc: it would show every host process
+            raise RbuildError(f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
+                              "rbuild runs (as in an unprivileged container)?") from None
         dev = secure_join(root, "/dev")
         linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
         for name in DEV_NODES:
@@ -182,7 +245,7 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
         _try(linux.mount, "mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid)
         sys_dir = secure_join(root, "/sys")
         if _try(linux.mount, "/sys", sys_dir, None, linux.MS_BIND | linux.MS_REC):
-            _try(linux.mount, None, sys_dir, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
+            _readonly_tree(sys_dir)
         for path, source in files.items():
             linux.mount(source, secure_join(root, path), None, linux.MS_BIND)
         for m in spec.mounts:
@@ -225,6 +288,7 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
                 raise
         os.setresgid(spec.gid, spec.gid, spec.gid)
         os.setresuid(spec.uid, spec.uid, spec.uid)
+        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -256,8 +320,7 @@ def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None
     """
     if not spec.argv:
         raise RbuildError("RUN has no command")
-    created: list[str] = []
-    parent_times: dict[str, tuple[int, int]] = {}
+    stubs = _Stubs(root)
     files: dict[str, str] = {}
     contents = {
         "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{spec.hostname}\n",
@@ -266,13 +329,11 @@ def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None
     }
     try:
         for path in ("/proc", "/dev", "/sys", "/etc"):
-            _note_parent(root, path, parent_times)
-            host = _ensure(root, path, True, created)
-            if not os.path.isdir(host):
+            host = stubs.ensure(path, True)
+            if not os.path.isdir(host) or os.path.islink(host):
                 raise RbuildError(f"{path} in the image is not a directory")
         for path, text in contents.items():
-            _note_parent(root, path, parent_times)
-            host = _ensure(root, path, False, created)
+            host = stubs.ensure(path, False)
             if not stat.S_ISREG(os.stat(host).st_mode):
                 continue
             src = os.path.join(scratch, os.path.basename(path))
@@ -281,22 +342,14 @@ def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None
             os.chmod(src, 0o644)
             files[path] = src
         for m in spec.mounts:
-            _note_parent(root, m.target, parent_times)
-            host = _ensure(root, m.target, not m.is_file, created)
+            host = stubs.ensure(m.target, not m.is_file)
             if os.path.isdir(host) == m.is_file:
                 raise RbuildError(f"--mount target {m.target} is a {'directory' if m.is_file else 'file'} in the image")
         return _fork_run(root, spec, files)
     finally:
-        _restore_stubs(created, parent_times)
+        parents = stubs.restore()
         if touched is not None:
-            touched += ["/" + os.path.relpath(p, root) for p in parent_times if p not in created and p != root]
-
-
-def _note_parent(root: str, path: str, times: dict[str, tuple[int, int]]) -> None:
-    parent = secure_join(root, os.path.dirname(path))
-    if parent not in times and os.path.isdir(parent):
-        st = os.stat(parent)
-        times[parent] = (st.st_atime_ns, st.st_mtime_ns)
+            touched += parents
 
 
 def _resolv_conf() -> str:
@@ -321,7 +374,6 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
     if pid == 0:
         try:
             os.close(errr)
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
             if in_r >= 0:
                 os.close(in_w)
                 os.dup2(in_r, 0)
@@ -337,6 +389,13 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
                 _setup_and_exec(root, spec, files, errw)
             os.close(errw)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+            def end(signum: int, frame: object) -> None:  # pid 1 dies -> its whole pid namespace dies
+                os.kill(inner, signal.SIGKILL)
+
+            # the RUN itself may drop its own death signal; this process (never the RUN's) keeps it
+            signal.signal(signal.SIGTERM, end)
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
             _, status = os.waitpid(inner, 0)
             os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
         except BaseException as e:  # noqa: BLE001
@@ -353,7 +412,7 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
         _, status = os.waitpid(pid, 0)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGTERM)  # the intermediate kills the pid namespace's init, then exits
             os.waitpid(pid, 0)
         raise
     finally:

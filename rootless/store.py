@@ -1,7 +1,9 @@
 """The local content-addressed store: blobs, unpacked layers, image records and the step cache.
 
 Layout under the store root:
-    (locks and mount points live in the runtime dir, $XDG_RUNTIME_DIR/rbuild or /tmp/rbuild-$UID)
+    lock, gc.lock          flock()s guarding the index and garbage collection; they live with the store
+                          (not in the runtime dir) so two processes of one store always see the same lock
+    (mount points live in the runtime dir, $XDG_RUNTIME_DIR/rbuild or /tmp/rbuild-$UID)
     store.json            format version and the uid/gid mapping the store was made under
     blobs/sha256/HEX      configs, manifests, compressed layer blobs
     layers/HEX/           a layer unpacked in overlay lower-dir format (HEX = its diff_id)
@@ -20,6 +22,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -38,10 +41,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def hex_of(digest: str) -> str:
+    """The hex part of a sha256 digest; anything else (it may come from an untrusted image) is refused,
+    since it becomes part of file names in the store."""
     algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or len(hexpart) != 64:
-        raise RbuildError(f"unsupported digest {digest!r}")
+    if algo != "sha256" or not _HEX64.fullmatch(hexpart):
+        raise RbuildError(f"invalid or unsupported digest {digest!r}")
     return hexpart
 
 
@@ -100,20 +108,19 @@ class Store:
         self.root = root
         self.runtime = runtime  # per-user runtime dir for locks and mount points ($XDG_RUNTIME_DIR/rbuild)
 
-    def runtime_path(self, name: str) -> str:
-        """A path for this store's runtime state (lock, mount points), outside the store itself."""
+    def runtime_path(self) -> str:
+        """This store's directory for runtime state (mount points), outside the store itself."""
         if self.runtime is None:
             raise RbuildError("internal error: the store was opened without a runtime directory")
-        base = self.runtime
         tag = hashlib.sha256(os.path.realpath(self.root).encode()).hexdigest()[:16]
-        d = os.path.join(base, tag)
+        d = os.path.join(self.runtime, tag)
         os.makedirs(d, mode=0o700, exist_ok=True)
-        return os.path.join(d, name)
+        return d
 
     @contextlib.contextmanager
     def mountpoints(self) -> Iterator[str]:
         """A private directory for mount points of one step, removed afterwards."""
-        path = tempfile.mkdtemp(prefix="mnt-", dir=os.path.dirname(self.runtime_path("lock")))
+        path = tempfile.mkdtemp(prefix="mnt-", dir=self.runtime_path())
         try:
             yield path
         finally:
@@ -156,7 +163,7 @@ class Store:
     # -- locking and staging ---------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        fd = os.open(self.runtime_path("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -344,7 +351,7 @@ class Store:
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:
         """Held (shared) by every build, pull and push: garbage collection waits for none and skips if any."""
-        fd = os.open(self.runtime_path("gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(self.root, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             yield
@@ -353,7 +360,7 @@ class Store:
 
     def collect_garbage(self) -> tuple[int, int] | None:
         """Remove layers, blobs and cache entries no image needs; (layers, blobs) removed, None when busy."""
-        fd = os.open(self.runtime_path("gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(self.root, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

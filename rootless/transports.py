@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
@@ -61,11 +62,11 @@ class HashingReader(io.RawIOBase, BinaryIO):  # type: ignore[misc]
 
 def copy_verified(src: IO[bytes], dest: str, digest: str, size: int | None, what: str) -> None:
     """Copy a blob to dest (atomically), checking digest and size on the way."""
-    tmp = dest + ".partial"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".partial-")
     sha = hashlib.sha256()
     n = 0
     try:
-        with open(tmp, "wb") as out:
+        with os.fdopen(fd, "wb") as out:
             while chunk := src.read(CHUNK):
                 sha.update(chunk)
                 n += len(chunk)
@@ -135,7 +136,7 @@ def read_layout(path: str, tag: str | None, spec: str) -> Source:
     index = _layout_index(path, spec)
 
     def blob_path(digest: str) -> str:
-        return os.path.join(path, "blobs", *digest.split(":", 1))
+        return os.path.join(path, "blobs", "sha256", hex_of(digest))  # refuses anything but sha256:<hex>
 
     def read(digest: str) -> bytes:
         try:
@@ -333,12 +334,12 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
         if isinstance(data_or_path, bytes):
             atomic_write(dest, data_or_path)
             return
-        tmp = dest + ".partial"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".partial-")
+        os.close(fd)
         try:
             if link:
                 try:
+                    os.unlink(tmp)
                     os.link(data_or_path, tmp)
                 except OSError:
                     shutil.copyfile(data_or_path, tmp)
@@ -393,10 +394,11 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: st
 
 
 def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
-    tmp = path + ".partial"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
     try:
-        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
             write(tf)
+        os.chmod(tmp, 0o644)
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

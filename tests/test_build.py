@@ -532,9 +532,28 @@ def test_containerfile_from_stdin_and_bare_build_arg(rb: Runner, busybox: str) -
     assert ID_RE.match(res.stdout)
 
 
-def test_ctrl_c_leaves_no_mounts_or_staging(rb: Runner, busybox: str) -> None:
-    root = rb.fresh_root()
-    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo started; sleep 60\n")})
+def _processes_of(rb: Runner) -> list[str]:
+    """Live processes running as the builder or as one of its subordinate ids (zombies are already gone)."""
+    uids = {rb.uid}
+    with open("/etc/subuid") as f:
+        for line in f:
+            name, _, rest = line.strip().partition(":")
+            if name == rb.name:
+                start, _, count = rest.partition(":")
+                uids |= set(range(int(start), int(start) + int(count)))
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(ln.split(":", 1) for ln in f if ":" in ln)
+        except OSError:
+            continue
+        if int(status["Uid"].split()[1]) in uids and not status["State"].strip().startswith("Z"):
+            found.append(pid)
+    return found
+
+
+def _interrupt_build(rb: Runner, ctx: str, root: str, sig: int, group: bool) -> None:
     argv = rb._prefix() + [rb.bin, "build", ctx]
     proc = subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -546,25 +565,79 @@ def test_ctrl_c_leaves_no_mounts_or_staging(rb: Runner, busybox: str) -> None:
         time.sleep(0.05)
         seen += proc.stderr.read() or b""
     assert b"started" in seen
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    if group:
+        os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does
+    else:
+        os.kill(proc.pid, sig)
     proc.wait(30)
     assert proc.returncode != 0
-    def leftovers() -> list[str]:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    status = dict(ln.split(":", 1) for ln in f if ":" in ln)
-            except OSError:
-                continue
-            if int(status["Uid"].split()[1]) == rb.uid and not status["State"].strip().startswith("Z"):
-                found.append(pid)  # a zombie waiting for init to reap it is already gone
-        return found
-
     deadline = time.monotonic() + 15
-    while leftovers() and time.monotonic() < deadline:
+    while _processes_of(rb) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert leftovers() == []  # the sandbox (and with it every mount namespace) is gone
+    assert _processes_of(rb) == []  # the sandbox (and with it every mount namespace) is gone
     assert os.listdir(os.path.join(root, "tmp")) == []
+
+
+def test_ctrl_c_leaves_no_mounts_or_staging(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo started; sleep 60\n")})
+    _interrupt_build(rb, ctx, root, signal.SIGINT, group=True)
     with open(os.path.join(root, "images.json")) as f:
         assert len(json.load(f)["images"]) == 1  # only the imported base image; the build recorded nothing
+
+
+def test_sigterm_ends_a_run_as_another_user(rb: Runner, busybox: str) -> None:
+    # a RUN as USER app has other credentials than the builder: its death signal must not depend on it
+    root = rb.fresh_root()
+    ctx = rb.context({"Containerfile": cf(busybox, "USER app\nRUN echo started; sleep 60\n")})
+    _interrupt_build(rb, ctx, root, signal.SIGTERM, group=False)
+
+
+def test_run_cannot_redirect_stub_cleanup_to_host_files(rb: Runner, busybox: str) -> None:
+    # the RUN swaps the directory rbuild made for its mount points for a symlink to a host directory
+    # holding an empty file and an empty directory of the same names as the mount points
+    victim = rb.mkdir("victim")
+    rb.write(os.path.join(victim, "target"), "")
+    os.mkdir(os.path.join(victim, "mnt"))
+    rb.own(victim)
+    run = (f"RUN --mount=type=tmpfs,target=/x/mnt --mount=type=bind,source=f,target=/x/target "
+           f"mv /x /x.old && ln -s {victim} /x\n")
+    ctx = rb.context({"Containerfile": cf(busybox, run), "f": "bound"})
+    rb.build(ctx)
+    assert sorted(os.listdir(victim)) == ["mnt", "target"]
+
+
+def test_image_with_a_path_as_diff_id_is_refused(rb: Runner, busybox: str) -> None:
+    layout = rb.mkdir() + "/evil"
+    write_oci_layout(layout, [busybox_layer()])
+    with open(os.path.join(layout, "index.json")) as f:
+        mdigest = json.load(f)["manifests"][0]["digest"]
+    man_path = os.path.join(layout, "blobs", "sha256", mdigest[7:])
+    man = json.load(open(man_path))
+    cpath = os.path.join(layout, "blobs", "sha256", man["config"]["digest"][7:])
+    config = json.load(open(cpath))
+    evil = "./" * 27 + "../../tmp/"  # 64 characters that walk out of the store
+    assert len(evil) == 64
+    config["rootfs"]["diff_ids"] = ["sha256:" + evil]
+    write_oci_layout(layout, [busybox_layer()], tag="latest")  # fresh, then patch the config in place
+    data = json.dumps(config).encode()
+    import hashlib
+
+    new_digest = hashlib.sha256(data).hexdigest()
+    with open(os.path.join(layout, "blobs", "sha256", new_digest), "wb") as f:
+        f.write(data)
+    with open(os.path.join(layout, "index.json")) as f:
+        mdigest = json.load(f)["manifests"][0]["digest"]
+    man = json.load(open(os.path.join(layout, "blobs", "sha256", mdigest[7:])))
+    man["config"] = {"mediaType": man["config"]["mediaType"], "digest": "sha256:" + new_digest, "size": len(data)}
+    mdata = json.dumps(man).encode()
+    mnew = hashlib.sha256(mdata).hexdigest()
+    with open(os.path.join(layout, "blobs", "sha256", mnew), "wb") as f:
+        f.write(mdata)
+    index = {"schemaVersion": 2, "manifests": [{"mediaType": man["mediaType"], "digest": "sha256:" + mnew,
+                                                "size": len(mdata)}]}
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump(index, f)
+    rb.own(os.path.dirname(layout))
+    ctx = rb.context({"Containerfile": f"FROM oci:{layout}\nRUN true\n"})
+    _one_error(rb.run("build", ctx, check=False), 125, "Containerfile:1", "digest")
