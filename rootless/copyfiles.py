@@ -415,7 +415,9 @@ def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str
     Names and hardlink targets are resolved inside target (symlinks included), device nodes are skipped;
     owner None keeps the archive's ownership where the user namespace can represent it.
     """
+    import lzma
     import tarfile
+    import zlib
 
     try:
         tf = tarfile.open(path)
@@ -469,7 +471,9 @@ def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str
                         dir_times.append((dst, m.mtime))
                     else:
                         os.utime(dst, (m.mtime, m.mtime))
-        except tarfile.TarError as e:
+        except (tarfile.TarError, EOFError, ValueError, zlib.error, lzma.LZMAError, OSError) as e:
+            if isinstance(e, OSError) and e.errno:  # a real I/O error, not a damaged stream
+                raise
             raise RbuildError(f"{what}: archive {os.path.basename(path)} is damaged: {e}") from None
     for d, t in reversed(dir_times):
         os.utime(d, (t, t))

@@ -59,7 +59,6 @@ class StageState:
     key: str
     args: dict[str, str] = field(default_factory=dict)
     cmd_set: bool = False
-    workdir_made: bool = True
 
 
 def _key(*parts: object) -> str:
@@ -176,7 +175,6 @@ class Executor:
     # -- FROM ----------------------------------------------------------------------------------------
     def base_state(self, stage: Stage) -> StageState:
         fc: Any = stage.from_cmd
-        args = {k: v for k, v in self.plan.meta_args.items()}
         if stage.base_stage is not None:
             prev = self.results.get(stage.base_stage)
             if prev is None:
@@ -186,7 +184,6 @@ class Executor:
             config = img.new_config(self.created())
             config["config"]["Env"] = ["PATH=" + sandbox.DEFAULT_PATH]
             return StageState(config, [], _key(CACHE_VERSION, "scratch", self.epoch, self.clamp), {})
-        del args
         image_id = self.resolve_image(stage.base, fc.node)
         config = self.store.read_json(image_id)
         config.setdefault("config", {})
@@ -313,7 +310,6 @@ class Executor:
     # -- metadata instructions ---------------------------------------------------------------------------
     def do_arg(self, state: StageState, cmd: Any) -> StageState:
         args = dict(state.args)
-        parts = []
         for name, default in cmd.args:
             self.used_args.add(name)
             if name in self.plan.build_args:
@@ -322,9 +318,9 @@ class Executor:
                 args[name] = default
             elif name in self.plan.meta_args:
                 args[name] = self.plan.meta_args[name]
-            parts.append(f"{name}={args[name]}" if name in args else name)
-        key = _key(state.key, "arg", parts)
-        return StageState(state.config, state.layers, key, args, state.cmd_set)
+        # values stay out of the chained key: they reach later keys through the expanded instructions
+        # and the build args a RUN sees, so an ARG no step uses does not invalidate the cache
+        return StageState(state.config, state.layers, state.key, args, state.cmd_set)
 
     def run_args(self, state: StageState) -> dict[str, str]:
         """Build args a RUN sees: declared ARGs with values, plus docker's predefined proxy args."""
@@ -480,12 +476,14 @@ class Executor:
         return out
 
     def prepare_mounts(self, cmd: Any, stack: contextlib.ExitStack, mnt: str, env: dict[str, str],
-                       scratch: str) -> list[sandbox.MountSpec]:
+                       scratch: str, workdir: str) -> list[sandbox.MountSpec]:
         """Resolve RUN --mount specs to host paths (views mounted under mnt, kept open by stack)."""
         specs: list[sandbox.MountSpec] = []
         what = f"{self.plan.filename}:{cmd.node.start_line}: RUN --mount"
         for i, m in enumerate(cmd.mount_specs()):
-            target = clean_abs(m.target or "", "/") if m.target else ""
+            target = clean_abs(m.target, workdir) if m.target else ""  # relative to WORKDIR, as BuildKit
+            if target == "/":
+                raise self.err(cmd.node, "RUN --mount cannot be mounted on /")
             if m.type == "bind":
                 if not target:
                     raise self.err(cmd.node, "RUN --mount=type=bind needs a target")
@@ -578,8 +576,8 @@ class Executor:
                 os.chmod(host, 0o755)
                 files[argv[0]] = host
             with contextlib.ExitStack() as stack:
-                mounts = self.prepare_mounts(cmd, stack, os.path.dirname(merged), run_env, scratch) \
-                    if cmd.mounts else []
+                mounts = self.prepare_mounts(cmd, stack, os.path.dirname(merged), run_env, scratch,
+                                             c.get("WorkingDir") or "/") if cmd.mounts else []
                 spec = sandbox.RunSpec(argv, run_env, c.get("WorkingDir") or "/", user.uid, user.gid, user.groups,
                                        dev_files=files, mounts=mounts)
                 if self.opts.quiet:
@@ -813,12 +811,14 @@ def _download(url: str, scratch: str, what: str, checksum: str | None) -> copyfi
     except OSError as e:
         raise RbuildError(f"{what}: cannot download {url}: {e}") from None
     if checksum:
-        algo, _, want = checksum.partition(":")
-        h = hashlib.new(algo if want else "sha256")
+        algo, _, want = checksum.partition(":") if ":" in checksum else ("sha256", "", checksum)
+        if algo not in ("sha256", "sha384", "sha512"):
+            raise RbuildError(f"{what}: unsupported --checksum algorithm {algo!r} (use sha256, sha384 or sha512)")
+        h = hashlib.new(algo)
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        if h.hexdigest() != (want or algo):
+        if h.hexdigest() != want:
             raise RbuildError(f"{what}: {url} does not match --checksum={checksum} (got {h.name}:{h.hexdigest()})")
     os.chmod(path, 0o600)
     if lm:

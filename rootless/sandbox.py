@@ -54,7 +54,6 @@ class RunSpec:
     gid: int = 0
     groups: list[int] = field(default_factory=list)
     hostname: str = HOSTNAME
-    stdin_data: bytes | None = None
     output_fd: int = 2  # where the step's stdout and stderr go
     dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
     mounts: list[MountSpec] = field(default_factory=list)
@@ -365,21 +364,14 @@ def _resolv_conf() -> str:
 
 def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
     errr, errw = os.pipe2(os.O_CLOEXEC)
-    in_r = in_w = -1
-    if spec.stdin_data is not None:
-        in_r, in_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(errr)
-            if in_r >= 0:
-                os.close(in_w)
-                os.dup2(in_r, 0)
-            else:
-                devnull = os.open("/dev/null", os.O_RDONLY)
-                os.dup2(devnull, 0)
+            devnull = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(devnull, 0)
             if spec.output_fd != 2:
                 os.dup2(spec.output_fd, 2)
             os.dup2(2, 1)  # RUN output goes to stderr: stdout is reserved for the image id
@@ -403,11 +395,6 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
                 os.write(errw, f"125 {e}".encode())
             os._exit(125)
     os.close(errw)
-    if in_r >= 0:
-        os.close(in_r)
-        with contextlib.suppress(OSError):
-            os.write(in_w, spec.stdin_data or b"")
-        os.close(in_w)
     try:
         _, status = os.waitpid(pid, 0)
     except BaseException:

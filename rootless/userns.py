@@ -7,7 +7,6 @@ Run as real root, no user namespace is needed: the child only gets a private mou
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -203,7 +202,3 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status)
-
-
-def mapping_json(idmap: IdMap) -> str:
-    return json.dumps(idmap.to_json(), sort_keys=True)

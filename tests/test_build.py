@@ -339,6 +339,17 @@ def test_add_url_and_local_archive(rb: Runner, busybox: str) -> None:
         server.server_close()
 
 
+def test_unused_arg_keeps_the_cache_and_relative_mount_targets(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, "ARG UNUSED\nCOPY f /f\nWORKDIR /app\n"
+                                               "RUN --mount=type=bind,source=f,target=rel/f cat /app/rel/f > /seen\n"),
+                      "f": "bound\n"})
+    rb.build(ctx, "--build-arg", "UNUSED=1")
+    res = rb.run("build", "--build-arg", "UNUSED=2", ctx)
+    # COPY and WORKDIR stay cached; the RUN sees the declared ARG in its environment, so it runs again
+    assert res.stderr.split("STEP 5/5")[0].count("Using cache") == 2 and "Using cache" not in \
+        res.stderr.split("STEP 5/5")[1]
+
+
 def test_mount_points_leave_no_trace_on_scratch(rb: Runner) -> None:
     ctx = rb.context({"Containerfile": "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n"})
     shutil.copy("/bin/busybox", os.path.join(ctx, "busybox"))
