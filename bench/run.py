@@ -40,6 +40,7 @@ BASE_ARG = {"busybox": "BUSYBOX", "bigdir": "BIGDIR", "debian": "DEBIAN"}
 TOP = """# Benchmarks
 
 Numbers for rbuild's claims, measured on this project's machine and reproducible with one command each.
+Each section is owned by the engineer of its area and says how to reproduce its numbers.
 The build comparison (rbuild against `buildah build --layers --isolation chroot`, rootless, overlay
 driver, same unprivileged user, same base images from a loopback registry) comes from
 
