@@ -536,7 +536,7 @@ class Executor:
                     env[m.env] = data.decode(errors="replace")
                     if not m.target:
                         continue
-                copy = os.path.join(scratch, f"secret{i}")
+                copy = os.path.join(self.secret_dir(stack, mnt), f"secret{i}")
                 with open(copy, "wb") as f:
                     f.write(data)
                 os.chmod(copy, m.mode if m.mode is not None else 0o400)
@@ -546,6 +546,18 @@ class Executor:
             else:
                 raise self.err(cmd.node, f"RUN --mount=type={m.type} is not supported")
         return specs
+
+    def secret_dir(self, stack: contextlib.ExitStack, mnt: str) -> str:
+        """A tmpfs in the build's own mount namespace: secrets never touch a disk, and vanish with the
+        namespace even when the build is killed."""
+        d = os.path.join(mnt, "secrets")
+        if not os.path.isdir(d):
+            from rootless import linux
+
+            os.mkdir(d, 0o700)
+            linux.mount("tmpfs", d, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "size=16m,mode=0700")
+            stack.callback(linux.umount, d, linux.MNT_DETACH)
+        return d
 
     def do_run(self, state: StageState, cmd: Any) -> bool:
         if cmd.network not in (None, "default", "host"):

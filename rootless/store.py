@@ -156,6 +156,7 @@ class Store:
                 f"({recorded.describe()}; now {idmap.describe()}); use another --root or remove it "
                 f"with the mapping it was made under"
             )
+        self.sweep_staging()
 
     def exists(self) -> bool:
         return os.path.exists(os.path.join(self.root, "store.json"))
@@ -172,11 +173,44 @@ class Store:
 
     @contextlib.contextmanager
     def staging(self, prefix: str = "stage-") -> Iterator[str]:
-        """A scratch directory inside the store (same filesystem, so results can be renamed into place)."""
+        """A scratch directory inside the store (same filesystem, so results can be renamed into place).
+
+        It holds a locked `.lock` while in use, so a later process can tell a killed build's leftovers
+        (removed by sweep_staging) from a running build's work.
+        """
         path = tempfile.mkdtemp(prefix=prefix, dir=os.path.join(self.root, "tmp"))
+        fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield path
         finally:
+            rmtree(path)
+            os.close(fd)
+
+    def sweep_staging(self, grace: float = 600.0) -> None:
+        """Remove staging dirs left by killed processes: unlocked ones, or lock-less ones older than grace."""
+        tmp = os.path.join(self.root, "tmp")
+        try:
+            names = os.listdir(tmp)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(tmp, name)
+            try:
+                fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                with contextlib.suppress(OSError):
+                    if time.time() - os.lstat(path).st_mtime > grace:
+                        rmtree(path)
+                continue
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live build's
+            finally:
+                os.close(fd)
             rmtree(path)
 
     # -- blobs -----------------------------------------------------------------------------------

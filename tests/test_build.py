@@ -652,3 +652,33 @@ def test_image_with_a_path_as_diff_id_is_refused(rb: Runner, busybox: str) -> No
     rb.own(os.path.dirname(layout))
     ctx = rb.context({"Containerfile": f"FROM oci:{layout}\nRUN true\n"})
     _one_error(rb.run("build", ctx, check=False), 125, "Containerfile:1", "digest")
+
+
+def test_kill_9_leaves_no_secret_and_the_next_build_sweeps(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    secret = rb.write(os.path.join(rb.mkdir(), "tok"), "s3cr3t-token-value", 0o600)
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN --mount=type=secret,id=tok echo started; sleep 60\n")})
+    argv = rb._prefix() + [rb.bin, "build", "--secret", f"id=tok,src={secret}", ctx]
+    proc = subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen, deadline = b"", time.monotonic() + 60
+    while b"started" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen += proc.stderr.read() or b""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 15
+    while _processes_of(rb) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    assert b"s3cr3t-token-value" not in f.read(), path
+    assert os.listdir(os.path.join(root, "tmp"))  # the killed build's staging is still there
+    rb.build(rb.context({"Containerfile": cf(busybox, "ENV A=1\n")}), root=root)
+    assert os.listdir(os.path.join(root, "tmp")) == []
+
