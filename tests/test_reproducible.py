@@ -52,3 +52,49 @@ def test_rewrite_timestamp_false_keeps_newer_mtimes(rb: Any, busybox: str) -> No
     a = build_and_push(rb, busybox, env={"SOURCE_DATE_EPOCH": SDE})
     b = build_and_push(rb, busybox, "--rewrite-timestamp=false", env={"SOURCE_DATE_EPOCH": SDE})
     assert a != b
+
+
+def layer_entries(layout: str, digest_file: str) -> tuple[dict[str, Any], list[list[tuple[str, int, int]]]]:
+    """Config and, per layer, (name, mtime, uid) of every entry of a pushed OCI layout."""
+    import gzip
+    import io
+    import tarfile
+
+    def blob(digest: str) -> bytes:
+        with open(os.path.join(layout, "blobs", "sha256", digest.split(":")[1]), "rb") as f:
+            return f.read()
+    with open(digest_file) as f:
+        manifest = json.loads(blob(f.read().strip()))
+    config = json.loads(blob(manifest["config"]["digest"]))
+    out = []
+    for desc in manifest["layers"]:
+        with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob(desc["digest"])))) as tf:
+            out.append([(m.name, int(m.mtime), m.uid) for m in tf])
+    return config, out
+
+
+def push_layout(runner: Any, image: str) -> tuple[dict[str, Any], list[list[tuple[str, int, int]]]]:
+    out = runner.mkdir()
+    runner.run("push", "-q", "--compression-format", "gzip", "--digestfile", f"{out}/digest", image,
+               f"oci:{out}/layout")
+    return layer_entries(f"{out}/layout", f"{out}/digest")
+
+
+def test_timestamp_sets_every_new_entry_and_created(rb: Any, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY a.txt /a.txt\nRUN mkdir -p /x/y && touch /x/y/z\n",
+                      "a.txt": "a\n"})
+    config, layers = push_layout(rb, rb.build(ctx, "--timestamp", "1234567"))
+    assert config["created"].startswith("1970-01-15T06:56:07")
+    assert all(h["created"].startswith("1970-01-15T06:56:07") for h in config["history"][-2:])
+    new = layers[-2:]
+    assert new[0] and new[1] and {m for layer in new for _, m, _ in layer} == {1234567}
+    assert {m for _, m, _ in layers[0]} != {1234567}, "base layers are untouched"
+
+
+def test_source_date_epoch_clamps_only_newer_mtimes(rb: Any, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY old.txt new.txt /d/\n", "old.txt": "o\n",
+                      "new.txt": "n\n"})
+    os.utime(os.path.join(ctx, "old.txt"), (1000, 1000))
+    _, layers = push_layout(rb, rb.build(ctx, env={"SOURCE_DATE_EPOCH": SDE}))
+    mtimes = dict((n, m) for n, m, _ in layers[-1])
+    assert mtimes["d/old.txt"] == 1000 and mtimes["d/new.txt"] == int(SDE) and mtimes["d"] == int(SDE)
