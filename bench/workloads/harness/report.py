@@ -152,9 +152,11 @@ def markdown(result: dict[str, Any]) -> str:
     if with_data:
         lines += [
             "",
-            "Physical references on the same data (single-threaded tools, warm page cache) and rbuild's "
-            "throughput as a fraction of each: 100% would mean the whole build took as long as that one tool "
-            "pass over the data. *primary* is `cp -a` for COPY cases and `dd` for the RUN writing a file.",
+            "Physical references on the same data (single-threaded: `cp -a` of the tree, busybox `dd` from "
+            "/dev/urandom, and on a tar of the tree `openssl dgst -sha256`, `zstd -3`, `gzip -6`; warm page "
+            "cache) and rbuild's throughput as a fraction of each (reference s / build s): 100% would mean the "
+            "whole build took as long as that one tool's pass over the data. *primary* is `cp -a` for COPY "
+            "cases and `dd` for the RUN writing a file.",
             "",
             "| case | data | cp -a s | dd s | sha256 s | zstd -3 s | gzip -6 s | rbuild MB/s | rbuild vs primary "
             "| vs sha256 | vs zstd -3 | vs gzip -6 | buildah vs primary |",
