@@ -209,6 +209,39 @@ def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple
                 yield from with_parents(os.path.join(dirpath, name), rel)
 
 
+def write_mask(item: SourceItem, root: str, rules: list[IgnoreRule], mask: str) -> bool:
+    """An overlay layer of whiteouts hiding what the ignore rules exclude below item (RUN --mount binds
+    of the context see what COPY would see); False when nothing is excluded."""
+    included = {rel for _, rel in walk(item, root, rules)}
+    hidden = []
+    for dirpath, dirnames, filenames in os.walk(item.host):
+        rel_dir = os.path.relpath(dirpath, item.host)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for name in dirnames + filenames:
+            rel = os.path.join(rel_dir, name)
+            if rel not in included:
+                hidden.append(rel)
+        dirnames[:] = [d for d in dirnames if os.path.join(rel_dir, d) in included]
+    if not hidden:
+        return False
+    os.mkdir(mask, 0o755)
+    for rel in hidden:
+        parent = os.path.dirname(rel)
+        if parent and not os.path.isdir(os.path.join(mask, parent)):
+            parts = parent.split("/")
+            for i in range(len(parts)):
+                sub = "/".join(parts[: i + 1])
+                if not os.path.isdir(os.path.join(mask, sub)):
+                    st = os.lstat(os.path.join(item.host, sub))
+                    os.mkdir(os.path.join(mask, sub))
+                    os.lchown(os.path.join(mask, sub), st.st_uid, st.st_gid)
+                    os.chmod(os.path.join(mask, sub), stat.S_IMODE(st.st_mode))
+        os.mknod(os.path.join(mask, rel), stat.S_IFCHR, os.makedev(0, 0))  # an overlay whiteout
+    st = os.lstat(item.host)
+    os.chmod(mask, stat.S_IMODE(st.st_mode))
+    return True
+
+
 class FileDigests:
     """Content digests of context files, remembered by (size, mtime, ctime, inode) between builds.
 

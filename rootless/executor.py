@@ -495,14 +495,24 @@ class Executor:
                     lowers = [self.store.layer_dir(d) for d in reversed(layer_list or [])]
                     if lowers:
                         stack.enter_context(overlay.mounted(lowers, None, None, view, os.path.join(mnt, f"l{i}")))
-                source = copyfiles.select(view, m.source or ".", [], what)[0].host
-                if not m.readonly and os.path.isdir(source):  # writes are kept apart and thrown away
-                    rw = os.path.join(mnt, f"rw{i}")
-                    upper, work = os.path.join(scratch, f"up{i}"), os.path.join(scratch, f"wk{i}")
-                    for d in (rw, upper, work):
-                        os.mkdir(d)
-                    stack.enter_context(overlay.mounted([source], upper, work, rw, os.path.join(mnt, f"rl{i}")))
-                    source = rw
+                rules = self.ignore_rules if kind == "context" else []
+                item = copyfiles.select(view, m.source or ".", rules, what)[0]
+                source = item.host
+                layers = [source]
+                mask = os.path.join(scratch, f"mask{i}")
+                if rules and os.path.isdir(source) and copyfiles.write_mask(item, view, rules, mask):
+                    layers = [mask, source]  # .dockerignore'd files stay hidden, as from COPY
+                writable = not m.readonly and os.path.isdir(source)
+                if writable or len(layers) > 1:
+                    merged = os.path.join(mnt, f"view{i}")
+                    os.mkdir(merged)
+                    upper = work = None
+                    if writable:  # writes are kept apart and thrown away
+                        upper, work = os.path.join(scratch, f"up{i}"), os.path.join(scratch, f"wk{i}")
+                        os.mkdir(upper)
+                        os.mkdir(work)
+                    stack.enter_context(overlay.mounted(layers, upper, work, merged, os.path.join(mnt, f"vl{i}")))
+                    source = merged
                 specs.append(sandbox.MountSpec("bind", target, source, m.readonly and True,
                                                is_file=not os.path.isdir(source)))
             elif m.type == "cache":

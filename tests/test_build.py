@@ -350,6 +350,15 @@ def test_unused_arg_keeps_the_cache_and_relative_mount_targets(rb: Runner, busyb
         res.stderr.split("STEP 5/5")[1]
 
 
+def test_run_bind_of_the_context_hides_ignored_files(rb: Runner, busybox: str) -> None:
+    run = ("RUN --mount=type=bind,target=/src sh -c "
+           "'test ! -e /src/.env && test ! -e /src/logs/a && cat /src/logs/keep'\n")
+    ctx = rb.context({"Containerfile": cf(busybox, run), ".env": "AWS_SECRET=hunter2\n", "logs/a": "a",
+                      "logs/keep": "kept\n", ".dockerignore": ".env\nlogs\n!logs/keep\n"})
+    res = rb.run("build", ctx)
+    assert "kept" in res.stderr and "hunter2" not in res.stderr
+
+
 def test_mount_points_leave_no_trace_on_scratch(rb: Runner) -> None:
     ctx = rb.context({"Containerfile": "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n"})
     shutil.copy("/bin/busybox", os.path.join(ctx, "busybox"))
