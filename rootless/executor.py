@@ -98,6 +98,9 @@ class Executor:
 
         self.lexer = Lexer(plan.escape)
         self.current_shell = DEFAULT_SHELL
+        self.downloads: dict[str, Download] = {}
+        self.download_dir: str | None = None
+        self.build_stack = contextlib.ExitStack()
         self.epoch = opts.timestamp if opts.timestamp is not None else opts.source_date_epoch
         self.clamp = opts.source_date_epoch if (opts.timestamp is None and opts.rewrite_timestamp) else None
 
@@ -114,6 +117,10 @@ class Executor:
 
     # -- the build -----------------------------------------------------------------------------------
     def run(self) -> str:
+        with contextlib.ExitStack() as self.build_stack:
+            return self._run()
+
+    def _run(self) -> str:
         for idx in self.plan.order:
             self.results[idx] = self.run_stage(self.plan.stages[idx])
         final = self.results[self.plan.target]
@@ -657,7 +664,11 @@ class Executor:
         what = f"{self.plan.filename}:{cmd.node.start_line}: {cmd.node.keyword.upper()}"
         for src in cmd.sources:
             if _is_url(src):
-                h.update(b"url\0" + src.encode())
+                checksum = getattr(cmd, "checksum", None)
+                if checksum:  # the content is pinned: no need to fetch it to know the key
+                    h.update(f"url\0{src}\0{checksum}".encode())
+                else:  # the key is the content, as BuildKit's: a changed file behind the URL is seen
+                    h.update(f"url\0{src}\0{self.download(src, what, None).digest}".encode())
                 continue
             items = select_items(self.plan.context, src, cmd, self.ignore_rules, what)
             copyfiles.hash_sources(items, self.plan.context, self.ignore_rules, h, self.file_digests)
@@ -713,6 +724,18 @@ class Executor:
 
         return self.with_rootfs(state, action)
 
+    def download(self, url: str, what: str, checksum: str | None) -> Download:
+        """A URL's content, fetched once per build into the store's staging area."""
+        got = self.downloads.get(url)
+        if got is None:
+            if self.download_dir is None:
+                self.download_dir = self.build_stack.enter_context(self.store.staging("download-"))
+            got = _download(url, self.download_dir, what)
+            self.downloads[url] = got
+        if checksum:
+            got.check(checksum, url, what)
+        return got
+
     def copy_from(self, merged: str, src_root: str, cmd: Any, dest: str, owner: tuple[int, int] | None,
                   chmod: int | None, what: str, is_add: bool, scratch: str) -> None:
         rules = self.ignore_rules if src_root == self.plan.context else []
@@ -720,7 +743,7 @@ class Executor:
         remote: set[str] = set()
         for src in cmd.sources:
             if is_add and _is_url(src):
-                items.append(_download(src, scratch, what, getattr(cmd, "checksum", None)))
+                items.append(self.download(src, what, getattr(cmd, "checksum", None)).item)
                 remote.add(items[-1].host)  # remote archives are not unpacked (docker's rule)
                 continue
             items += select_items(src_root, src, cmd, rules, what)
@@ -818,30 +841,44 @@ def _is_archive(path: str) -> bool:
         return False
 
 
-def _download(url: str, scratch: str, what: str, checksum: str | None) -> copyfiles.SourceItem:
+@dataclass
+class Download:
+    item: copyfiles.SourceItem
+    digest: str  # sha256 hex of the content
+
+    def check(self, checksum: str, url: str, what: str) -> None:
+        """ADD --checksum=ALGO:HEX (sha256 when no algorithm is named)."""
+        algo, _, want = checksum.partition(":") if ":" in checksum else ("sha256", "", checksum)
+        if algo not in ("sha256", "sha384", "sha512"):
+            raise RbuildError(f"{what}: unsupported --checksum algorithm {algo!r} (use sha256, sha384 or sha512)")
+        if algo == "sha256":
+            got = self.digest
+        else:
+            h = hashlib.new(algo)
+            with open(self.item.host, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            got = h.hexdigest()
+        if got != want:
+            raise RbuildError(f"{what}: {url} does not match --checksum={checksum} (got {algo}:{got})")
+
+
+def _download(url: str, into: str, what: str) -> Download:
     import urllib.parse
     import urllib.request
 
     name = os.path.basename(urllib.parse.urlparse(url).path) or "index.html"
-    d = tempfile.mkdtemp(dir=scratch)
+    d = tempfile.mkdtemp(dir=into)
     path = os.path.join(d, name)
+    h = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(path, "wb") as out:
             while chunk := resp.read(1 << 20):
+                h.update(chunk)
                 out.write(chunk)
             lm = resp.headers.get("Last-Modified")
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise RbuildError(f"{what}: cannot download {url}: {e}") from None
-    if checksum:
-        algo, _, want = checksum.partition(":") if ":" in checksum else ("sha256", "", checksum)
-        if algo not in ("sha256", "sha384", "sha512"):
-            raise RbuildError(f"{what}: unsupported --checksum algorithm {algo!r} (use sha256, sha384 or sha512)")
-        h = hashlib.new(algo)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != want:
-            raise RbuildError(f"{what}: {url} does not match --checksum={checksum} (got {h.name}:{h.hexdigest()})")
     os.chmod(path, 0o600)
     if lm:
         import email.utils
@@ -851,7 +888,7 @@ def _download(url: str, scratch: str, what: str, checksum: str | None) -> copyfi
             os.utime(path, (t, t))
         except (TypeError, ValueError):
             pass
-    return copyfiles.SourceItem(path, name)
+    return Download(copyfiles.SourceItem(path, name), h.hexdigest())
 
 
 def build(plan: Plan, store: Store, opts: BuildOptions) -> str:

@@ -334,6 +334,14 @@ def test_add_url_and_local_archive(rb: Runner, busybox: str) -> None:
         assert tree["dl/file.txt"] == ("file", payload) and tree["unpacked/inner/x"] == ("file", b"x\n")
         bad = rb.context({"Containerfile": cf(busybox, f"ADD --checksum=sha256:{'0' * 64} {url} /dl/\n")})
         _one_error(rb.run("build", bad, check=False), 125, "Containerfile:2", "checksum")
+        # without --checksum the cache key is the content behind the URL: a change there is seen
+        plain = rb.context({"Containerfile": cf(busybox, f"ADD {url} /f\nRUN cat /f\n")})
+        first = rb.run("build", plain)
+        assert "downloaded" in first.stderr
+        with open(os.path.join(serve, "file.txt"), "wb") as f:
+            f.write(b"changed\n")
+        second = rb.run("build", plain)
+        assert "changed" in second.stderr and "Using cache" not in second.stderr
     finally:
         server.shutdown()
         server.server_close()
