@@ -415,10 +415,23 @@ def copy_into(root: str, items: list[SourceItem], src_root: str, rules: list[Ign
         host = item.host  # already resolved inside src_root by select()
         item_dest = os.path.join(dest_clean, item.sub) if item.sub else dest_clean
         if os.path.isdir(host):
-            target = ensure_dir(root, item_dest, uid, gid)
+            # each destination directory is resolved inside root once: a directory the image has as a
+            # symlink (/lib -> usr/lib) is copied into, never replaced and never followed out of root
+            resolved = {"": ensure_dir(root, item_dest, uid, gid)}
             for path, rel in walk(item, src_root, rules):
-                if rel:
-                    copier.entry(path, os.path.join(target, rel))
+                if not rel:
+                    continue
+                parent = os.path.dirname(rel)
+                parent_host = resolved.get(parent) or secure_join(root, os.path.join(item_dest, parent))
+                dst = os.path.join(parent_host, os.path.basename(rel))
+                if os.path.isdir(path) and not os.path.islink(path):
+                    if os.path.islink(dst):
+                        real = secure_join(root, os.path.join(item_dest, rel))
+                        if os.path.isdir(real):
+                            resolved[rel] = real
+                            continue
+                    resolved[rel] = dst
+                copier.entry(path, dst)
             continue
         if dest_is_dir or item.sub or os.path.isdir(secure_join(root, item_dest)):
             target_dir = ensure_dir(root, item_dest, uid, gid)
