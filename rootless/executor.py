@@ -497,11 +497,7 @@ class Executor:
                 kind, layer_list = self.source_of(m.from_, cmd)
                 view = self.plan.context
                 if kind != "context":
-                    view = os.path.join(mnt, f"from{i}")
-                    os.mkdir(view)
-                    lowers = [self.store.layer_dir(d) for d in reversed(layer_list or [])]
-                    if lowers:
-                        stack.enter_context(overlay.mounted(lowers, None, None, view, os.path.join(mnt, f"l{i}")))
+                    view = self.layers_view(layer_list or [], os.path.join(mnt, f"from{i}"), stack)
                 rules = self.ignore_rules if kind == "context" else []
                 item = copyfiles.select(view, m.source or ".", rules, what)[0]
                 source = item.host
@@ -563,6 +559,14 @@ class Executor:
             else:
                 raise self.err(cmd.node, f"RUN --mount=type={m.type} is not supported")
         return specs
+
+    def layers_view(self, diff_ids: list[str], path: str, stack: contextlib.ExitStack) -> str:
+        """A read-only view of a layer list (another stage or image) mounted at path, kept by stack."""
+        os.mkdir(path)
+        lowers = [self.store.layer_dir(d) for d in reversed(diff_ids)]
+        if lowers:
+            stack.enter_context(overlay.mounted(lowers, None, None, path, path + "-links"))
+        return path
 
     def secret_dir(self, stack: contextlib.ExitStack, mnt: str) -> str:
         """A tmpfs in the build's own mount namespace: secrets never touch a disk, and vanish with the
@@ -710,14 +714,9 @@ class Executor:
                     self.copy_from(merged, self.plan.context, cmd, dest_abs, owner, chmod, what,
                                    isinstance(cmd, ins.AddCmd), scratch)
                     return
-                src_mnt = os.path.join(os.path.dirname(merged), "src")
-                os.mkdir(src_mnt)
-                lowers = [self.store.layer_dir(d) for d in reversed(layer_list or [])]
-                if not lowers:
-                    self.copy_from(merged, src_mnt, cmd, dest_abs, owner, chmod, what, False, scratch)
-                    return
-                with overlay.mounted(lowers, None, None, src_mnt, os.path.join(os.path.dirname(merged), "srclinks")):
-                    self.copy_from(merged, src_mnt, cmd, dest_abs, owner, chmod, what, False, scratch)
+                with contextlib.ExitStack() as stack:
+                    view = self.layers_view(layer_list or [], os.path.join(os.path.dirname(merged), "src"), stack)
+                    self.copy_from(merged, view, cmd, dest_abs, owner, chmod, what, False, scratch)
             except OSError as e:
                 raise self.err(cmd.node, f"{cmd.node.keyword.upper()} failed: {e.strerror}: "
                                f"{e.filename or ''}") from None
