@@ -275,6 +275,8 @@ def _split(name: str, what: str = "path") -> tuple[bytes, ...]:
     """Components of an entry name; refuses absolute names and `..` (never cleaned away silently)."""
     raw = os.fsencode(name)
     shown = "" if what == "path" else f" {name!r}"
+    if b"\0" in raw:
+        raise LayerError(f"{what}{shown} contains a null byte")
     if raw.startswith(b"/"):
         raise LayerError(f"absolute {what}{shown}")
     comps = tuple(c for c in raw.split(b"/") if c and c != b".")
