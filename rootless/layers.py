@@ -35,9 +35,11 @@ import errno
 import hashlib
 import io
 import os
+import queue
 import shutil
 import stat
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -1077,7 +1079,10 @@ def _algo(digest: str | None) -> str:
 
 
 class _Blob(io.RawIOBase):
-    """Decompressing reader that verifies the blob digest and the diff_id when it reaches the end."""
+    """Decompressing reader that verifies the blob digest and the diff_id when it reaches the end.
+
+    A thread decompresses up to 4 MiB ahead, so decompression overlaps the consumer's work (unpack).
+    """
 
     def __init__(self, path: str, digest: str | None, diff_id: str | None) -> None:
         self.path, self.digest, self.diff_id = path, digest, diff_id
@@ -1095,28 +1100,53 @@ class _Blob(io.RawIOBase):
         else:
             self.inner = self.raw  # type: ignore[assignment]
         self.out = hashlib.new(_algo(diff_id)) if diff_id else None
-        self.verified = False
+        self.queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=4)
+        self.thread: threading.Thread | None = None
+        self.cur = memoryview(b"")
+        self.done = False
+        self.stop = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._produce, name="rbuild-blob", daemon=True)
+            self.thread.start()
+        while not self.cur:
+            if self.done:
+                return 0
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                self.done = True
+                if isinstance(item, LayerError):
+                    raise item
+                raise LayerError(f"blob {self.digest or self.path}: corrupt compressed data ({item})")
+            if not item:
+                self.done = True
+                return 0
+            self.cur = memoryview(item)
+        n = min(len(b), len(self.cur))
+        b[:n] = self.cur[:n]
+        self.cur = self.cur[n:]
+        return n
+
+    def _produce(self) -> None:
+        """Decompress (and hash) ahead of the reader in a thread: ISA-L, zstd and hashlib release the GIL."""
         try:
-            n = self.inner.readinto(b)  # type: ignore[attr-defined]
-        except LayerError:
-            raise
-        except Exception as e:  # isal, zstandard and gzip each have their own error types
-            raise LayerError(f"blob {self.digest or self.path}: corrupt compressed data ({e})") from None
-        if n:
-            if self.out is not None:
-                self.out.update(memoryview(b)[:n])
-            return n
-        if not self.verified:
-            self._verify()
-        return 0
+            while not self.stop:
+                data = self.inner.read(CHUNK)
+                if not data:
+                    self._verify()
+                    self.queue.put(b"")
+                    return
+                if self.out is not None:
+                    self.out.update(data)
+                self.queue.put(data)
+        except BaseException as e:  # handed to the reader, which raises it as a LayerError
+            self.queue.put(e)
 
     def _verify(self) -> None:
-        self.verified = True
         buf = bytearray(CHUNK)
         while self.raw.readinto(buf):
             pass
@@ -1128,6 +1158,10 @@ class _Blob(io.RawIOBase):
                              f"diff_id {self.diff_id}")
 
     def close(self) -> None:
+        self.stop = True
+        while self.thread is not None and self.thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                self.queue.get(timeout=0.05)
         if self.inner is not self.raw:
             self.inner.close()
         self.raw.close()

@@ -530,3 +530,14 @@ def test_corrupted_tar_bytes_give_layer_errors_only(tmp: str, flips: list[tuple[
         unpack_bytes(bytes(data), os.path.join(tmp, f"c{n}"))
     except LayerError as e:
         assert "\n" not in str(e)
+
+
+def test_open_blob_closed_early_stops_its_read_ahead(tmp: str) -> None:
+    path = os.path.join(tmp, "big.gz")
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(os.urandom(24 << 20))  # more than the read-ahead queue holds
+    r = layers.open_blob(path)
+    assert len(r.read(10)) == 10
+    r.close()
+    raw = r.raw  # type: ignore[attr-defined]
+    assert raw.thread is not None and not raw.thread.is_alive()
