@@ -59,6 +59,7 @@ XATTR_LSTAT = "user.rbuild.lstat"
 CHUNK = 1 << 20  # write_tar emits the stream in blocks of exactly this size (compressor input is fixed)
 MAX_DEPTH = 512  # path components of an unpacked entry; write_tar holds one fd per level
 _META_MAX = 1 << 20  # largest PAX / GNU long-name header accepted (they are read into memory)
+MAX_SPARSE_CHUNKS = 1 << 20  # data chunks of one sparse file (its map is held in memory)
 _DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _WH = b".wh."
 _OPQ = b".wh..wh..opq"
@@ -229,12 +230,36 @@ class _Info(tarfile.TarInfo):
                              f"exceeds the limit of {_META_MAX}")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
 
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str],
+                           tarfile_: tarfile.TarFile) -> None:
+        """PAX 1.0 sparse map, read from the data into memory: its announced length is bounded first."""
+        read = tarfile_.fileobj.read  # type: ignore[union-attr]
+        head, buf = read(tarfile.BLOCKSIZE).split(b"\n", 1)
+        fields = int(head)
+        if fields > MAX_SPARSE_CHUNKS:
+            raise LayerError(f"layer entry {next.name!r}: sparse map of more than {MAX_SPARSE_CHUNKS} chunks")
+        numbers: list[int] = []
+        while len(numbers) < fields * 2:
+            if b"\n" not in buf:
+                more = read(tarfile.BLOCKSIZE)
+                if not more:
+                    raise tarfile.ReadError("unexpected end of data")
+                buf += more
+            number, buf = buf.split(b"\n", 1)
+            numbers.append(int(number))
+        next.offset_data = tarfile_.fileobj.tell()  # type: ignore[union-attr]
+        next.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))  # type: ignore[assignment]
+
     def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         structs, isextended, origsize = self._sparse_structs  # type: ignore[attr-defined]
         del self._sparse_structs  # type: ignore[attr-defined]
         structs = [(o, n) for o, n in structs if o or n]
         while isextended:
             buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            if len(buf) < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("unexpected end of data")
+            if len(structs) > MAX_SPARSE_CHUNKS:
+                raise LayerError(f"layer entry {self.name!r}: sparse map of more than {MAX_SPARSE_CHUNKS} chunks")
             for pos in range(0, 21 * 24, 24):
                 try:
                     offset = tarfile.nti(buf[pos:pos + 12])  # type: ignore[attr-defined]

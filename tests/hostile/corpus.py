@@ -108,6 +108,19 @@ def sparse_map_garbage() -> bytes:
     return raw_header(_info("GNUSparseFile.0/sparse", size=1024, pax=pax)) + b"1\nx\n".ljust(1024, b"\0") + bytes(1024)
 
 
+def sparse_map_truncated() -> bytes:
+    """A PAX 1.0 sparse map that announces more numbers than the stream holds."""
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "sparse",
+           "GNU.sparse.realsize": "1024"}
+    return raw_header(_info("GNUSparseFile.0/sparse", size=1024, pax=pax)) + b"5\n0\n10".ljust(512, b"7")
+
+
+def sparse_map_huge() -> bytes:
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "sparse",
+           "GNU.sparse.realsize": "1024"}
+    return raw_header(_info("GNUSparseFile.0/sparse", size=1024, pax=pax)) + b"999999999999\n".ljust(1024, b"\0")
+
+
 def cases(canary: str) -> list[Case]:
     """The corpus, aimed at `canary` (an absolute directory path holding a file `secret`)."""
     up = "../" * 40
@@ -186,6 +199,8 @@ def cases(canary: str) -> list[Case]:
         Case("gzip_decompression_bomb", [gzip_bomb_layer()], ref_limit, env={"RBUILD_MAX_LAYER_BYTES": str(LIMIT)}),
         Case("pax_path_with_nul", [tar(f("innocent", pax={"path": "etc\0passwd"}))], r"null byte"),
         Case("sparse_map_garbage", [sparse_map_garbage()], r"corrupt tar"),
+        Case("sparse_map_truncated", [sparse_map_truncated()], r"unexpected end of data"),
+        Case("sparse_map_huge", [sparse_map_huge()], r"sparse map of more than \d+ chunks"),
         Case("not_a_tar", [b"PK\x03\x04" + bytes(2000)], r"not a tar archive|corrupt tar"),
         Case("truncated_layer", [tar(f("big", b"x" * 100_000))[:20_000]], r"truncated|unexpected end|corrupt"),
     ]
