@@ -5,6 +5,7 @@ cache key (content, names, modes, resulting owners; never mtimes) and copying th
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import json
@@ -300,6 +301,19 @@ def hash_sources(items: list[SourceItem], root: str, rules: list[IgnoreRule], h:
 # copying
 
 
+def chown(path: str, uid: int, gid: int) -> None:
+    """lchown, or, for ids this user namespace cannot map (a single-uid map, an id beyond the subuid
+    range), the owner recorded the way layers.write_tar emits it."""
+    try:
+        os.lchown(path, uid, gid)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        from rootless import layers
+
+        layers.set_owner(path, uid, gid, single_uid=True)
+
+
 def parse_chmod(value: str | None, what: str) -> int | None:
     if not value:
         return None
@@ -321,7 +335,7 @@ def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
         host = secure_join(root, cur)
         if not os.path.lexists(host):
             os.mkdir(host, 0o755)
-            os.lchown(host, uid, gid)
+            chown(host, uid, gid)
         elif not os.path.isdir(host):
             raise RbuildError(f"cannot create directory {cur}: a file is in the way")
     return secure_join(root, path)
@@ -363,7 +377,7 @@ class _Copier:
         else:
             return  # sockets and device nodes in a build context are skipped, as docker does
         uid, gid = self.owner if self.owner is not None else (st.st_uid, st.st_gid)
-        os.lchown(dst, uid, gid)
+        chown(dst, uid, gid)
         if not stat.S_ISLNK(mode):
             os.chmod(dst, perm)  # after chown, which clears setuid/setgid
         if stat.S_ISDIR(mode):
@@ -451,8 +465,8 @@ def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: int
         os.unlink(path)
     with open(path, "wb") as f:
         f.write(data)
+    chown(path, uid, gid)
     os.chmod(path, chmod if chmod is not None else 0o644)
-    os.lchown(path, uid, gid)
 
 
 def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str) -> None:
@@ -506,11 +520,7 @@ def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str
                 else:
                     continue
                 uid, gid = owner if owner is not None else (m.uid, m.gid)
-                try:
-                    os.lchown(dst, uid, gid)
-                except OSError:
-                    if owner is not None:
-                        raise
+                chown(dst, uid, gid)
                 if not m.issym():
                     os.chmod(dst, m.mode & 0o7777)
                     if m.isdir():

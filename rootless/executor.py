@@ -430,8 +430,6 @@ class Executor:
                 uid, gid = u.uid, u.gid
             except RbuildError:
                 pass
-        if self.opts.single_uid:
-            uid = gid = 0
         copyfiles.ensure_dir(merged, workdir, uid, gid)
 
     def commit_upper(self, upper: str) -> str | None:
@@ -700,10 +698,7 @@ class Executor:
                 except RbuildError as e:
                     raise self.err(cmd.node, f"--chown={cmd.chown}: {e}") from None
                 # docker: a user without a group uses the same numeric value as the gid
-                owner = (u.uid, u.gid if ":" in cmd.chown else u.uid)
-                if self.opts.single_uid and owner != (0, 0):
-                    raise self.err(cmd.node, f"--chown={cmd.chown} needs ids other than 0, but this build has a "
-                                   "single-uid user namespace (no /etc/subuid range)")
+                owner = (u.uid, u.gid if ":" in cmd.chown else u.uid)  # unmappable ids are recorded
             try:
                 if not cmd.sources:
                     for h in cmd.heredocs:

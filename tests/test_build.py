@@ -504,6 +504,22 @@ def test_single_uid_user_builds_with_a_notice(rb_single: Runner, busybox: str) -
     res = rb_single.run("build", "-t", "single", ctx)
     assert "single-uid" in res.stderr
     assert res.stdout.strip().splitlines()[-1].startswith("sha256:")
+    # COPY --chown to ids the single-uid namespace cannot hold is recorded and lands in the layer
+    chowned = rb_single.context({"Containerfile": cf(busybox, "COPY --chown=app:staff f /f\n"), "f": "x"})
+    out = rb_single.mkdir()
+    rb_single.build(chowned, "-t", "single-chown")
+    rb_single.run("push", "single-chown", f"oci:{out}/l")
+    import gzip
+    import io
+    import tarfile
+
+    with open(f"{out}/l/index.json") as f:
+        mdigest = json.load(f)["manifests"][0]["digest"]
+    man = json.load(open(f"{out}/l/blobs/sha256/{mdigest[7:]}"))
+    top = open(f"{out}/l/blobs/sha256/{man['layers'][-1]['digest'][7:]}", "rb").read()
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(top))) as tf:
+        member = tf.getmember("f")
+    assert (member.uid, member.gid) == (1000, 50)
     bad = rb_single.context({"Containerfile": cf(busybox, "USER app\nRUN true\n")})
     res = rb_single.run("build", bad, check=False)
     assert res.returncode == 125 and "Containerfile:3" in res.stderr and "single-uid" in res.stderr
