@@ -7,13 +7,13 @@ sha256 `openssl dgst -sha256` of a tar of the tree (the tar is made first, untim
        sha256sum does not (4x slower here), so sha256sum only when there is no openssl
 zstd3  `zstd -3 -c` of that tar to /dev/null
 gzip6  `gzip -6 -c` of that tar to /dev/null
-Each is the median of a few runs after a `sync`, on a warm page cache (the builders see one too).
+Each is the best of a few runs (what the machine can do: noise only adds time), after a `sync`, on
+a warm page cache (the builders see one too).
 """
 
 from __future__ import annotations
 
 import shutil
-import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -32,7 +32,7 @@ def _timed(argv: list[str], stdout: int | None = subprocess.DEVNULL) -> float:
 
 
 def measure(data: Path, scratch: Path, reps: int, write_bytes: int = 0) -> dict[str, float | int]:
-    """Seconds per reference (medians) plus the data's bytes and file count."""
+    """Seconds per reference (best of reps) plus the data's bytes and file count."""
     scratch.mkdir(parents=True, exist_ok=True)
     nbytes, nfiles = tree_size(data)
     times: dict[str, list[float]] = {t: [] for t in TOOLS}
@@ -43,12 +43,7 @@ def measure(data: Path, scratch: Path, reps: int, write_bytes: int = 0) -> dict[
         subprocess.run(["tar", "-C", str(data), "-cf", str(blob), "."], check=True)
     try:
         for _ in range(max(1, reps)):
-            dst = scratch / "cp-dst"
-            times["cp"].append(_timed(["cp", "-a", str(data), str(dst)]))
-            if dst.is_dir():
-                shutil.rmtree(dst, ignore_errors=True)
-            else:
-                dst.unlink(missing_ok=True)
+            # the write first: right after deleting a big copy, ext4 (mounted with discard) writes slower
             if write_bytes:
                 target = scratch / "write.bin"
                 mib = max(1, write_bytes >> 20)
@@ -58,11 +53,17 @@ def measure(data: Path, scratch: Path, reps: int, write_bytes: int = 0) -> dict[
             times["sha256"].append(_timed(SHA256 + [str(blob)]))
             times["zstd3"].append(_timed(["zstd", "-3", "-q", "-c", str(blob)]))
             times["gzip6"].append(_timed(["gzip", "-6", "-c", str(blob)]))
+            dst = scratch / "cp-dst"
+            times["cp"].append(_timed(["cp", "-a", str(data), str(dst)]))
+            if dst.is_dir():
+                shutil.rmtree(dst, ignore_errors=True)
+            else:
+                dst.unlink(missing_ok=True)
     finally:
         if blob != data:
             blob.unlink(missing_ok=True)
     out: dict[str, float | int] = {"bytes": nbytes, "files": nfiles, "reps": max(1, reps)}
     for tool, values in times.items():
         if values:
-            out[f"{tool}_s"] = round(statistics.median(values), 4)
+            out[f"{tool}_s"] = round(min(values), 4)
     return out

@@ -153,8 +153,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             "Physical references on the same data (single-threaded: `cp -a` of the tree, busybox `dd` from "
-            "/dev/urandom, and on a tar of the tree `openssl dgst -sha256`, `zstd -3`, `gzip -6`; warm page "
-            "cache) and rbuild's throughput as a fraction of each (reference s / build s): 100% would mean the "
+            "/dev/urandom, and on a tar of the tree `openssl dgst -sha256`, `zstd -3`, `gzip -6`; best of 3, warm "
+            "page cache) and rbuild's throughput as a fraction of each (reference s / build s): 100% would mean the "
             "whole build took as long as that one tool's pass over the data. *primary* is `cp -a` for COPY "
             "cases and `dd` for the RUN writing a file.",
             "",
