@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -352,6 +353,10 @@ class RegistryHTTP:
         """The token flow: GET the realm (basic auth if we have credentials), or POST an identity token."""
         if not realm.startswith(("https://", "http://")):
             raise RbuildError(f"{what or host}: bad token realm {realm!r}")
+        realm_host = urllib.parse.urlsplit(realm).hostname or ""
+        if (creds is not None and realm.startswith("http://") and self.host_state(host).base_url.startswith("https://")
+                and realm_host not in ("localhost", "127.0.0.1", "::1")):
+            raise RbuildError(f"{what or host}: the token realm {realm} is plain http: credentials not sent")
         params: list[tuple[str, str]] = [("service", service)] if service else []
         params += [("scope", s) for s in scopes]
         for attempt in range(MAX_ATTEMPTS):
@@ -405,13 +410,21 @@ class RegistryHTTP:
         """
         scopes = list(scopes)
         url = self.url(host, path)
+        # credentials only ever go to the registry itself: an upload Location or a redirect naming another
+        # host (or plain http for an https registry) gets the request without them
+        own = urllib.parse.urlsplit(self.host_state(host).base_url)
+        target = urllib.parse.urlsplit(url)
+        same_origin = (target.scheme, target.netloc) == (own.scheme, own.netloc)
+        if target.scheme == "http" and own.scheme == "https":
+            raise RbuildError(f"{what}: the registry sent rbuild to plain http ({target.netloc}); refused")
         attempt = 0
         refreshed = fresh = False
         challenge: auth.Challenge | None = None
         while True:
             hdrs = dict(headers or {})
-            hdrs.update(self.auth_header(host, scopes, repository=repository, fresh=fresh,
-                                         challenge=challenge, what=what))
+            if same_origin:
+                hdrs.update(self.auth_header(host, scopes, repository=repository, fresh=fresh,
+                                             challenge=challenge, what=what))
             data = None
             if body is not None:
                 data, length = body()
@@ -426,7 +439,10 @@ class RegistryHTTP:
                     raise RbuildError(f"{what}: {describe(e)}") from None
                 time.sleep(backoff(attempt - 1))
                 continue
-            if resp.status_code == 401 and not refreshed:
+            # a challenge counts only when the registry itself sent it, not a host a redirect led to
+            from_registry = same_origin and (urllib.parse.urlsplit(resp.url).scheme,
+                                             urllib.parse.urlsplit(resp.url).netloc) == (own.scheme, own.netloc)
+            if resp.status_code == 401 and not refreshed and from_registry:
                 new = auth.parse_challenge(resp.headers.get("WWW-Authenticate", ""))
                 if new is not None:
                     resp.close()
