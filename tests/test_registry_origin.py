@@ -22,6 +22,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     def _any(self) -> None:
         self.seen.append((self.command, self.path, self.headers.get("Authorization")))
         code, headers = self.reply.get(self.path.split("?")[0], (200, {}))
+        if self.path == "/v2/" and not self.headers.get("Authorization"):
+            code, headers = 401, {"WWW-Authenticate": 'Basic realm="registry"'}  # the registry wants Basic
         self.send_response(code)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -66,6 +68,7 @@ def test_upload_location_on_another_host_gets_no_credentials(two_hosts: tuple) -
     registry, own, other = two_hosts
     http_ = _client()
     http_.request("GET", registry, "/v2/", what="probe")
+    assert own.seen[-1][2] == auth.Credentials("alice", "s3cret").basic()  # Basic is in use for the registry
     http_.request("PUT", registry, f"http://{own.other}/upload/xyz", what="upload")
     assert [h for h in other.seen if h[2] is not None] == []
     assert other.seen and other.seen[0][:2] == ("PUT", "/upload/xyz")
