@@ -34,6 +34,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import math
 import os
 import queue
 import shutil
@@ -507,7 +508,7 @@ class _Unpacker:
                 raise LayerError(msg if msg.startswith("layer") else f"layer entry {ti.name!r}: {msg}") from None
             except OSError as e:
                 raise LayerError(f"layer entry {ti.name!r}: {e.strerror or e}") from None
-            except ValueError as e:  # a NUL byte in a PAX name, an unparsable number
+            except (ValueError, OverflowError) as e:  # a NUL in a PAX name, a number no system call takes
                 raise LayerError(f"layer entry {ti.name!r}: {e}") from None
         while counted.read(CHUNK):  # the rest of the stream, so that digests get verified
             pass
@@ -515,6 +516,7 @@ class _Unpacker:
 
     def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
         comps = _split(ti.name)
+        _check_numbers(ti)
         if ti.isreg():
             self.total += ti.size
             if self.total > self.limits.max_bytes:
@@ -720,6 +722,20 @@ def _copy(src: BinaryIO, fd: int, size: int) -> None:
             view = view[os.write(fd, view):]
 
 
+_MAX_ID = 2**32 - 2
+_MAX_MTIME = 2**62 // 10**9
+
+
+def _check_numbers(ti: tarfile.TarInfo) -> None:
+    """Header numbers a hostile layer may push out of range (PAX and base-256 allow any size)."""
+    if not (0 <= ti.uid <= _MAX_ID and 0 <= ti.gid <= _MAX_ID):
+        raise LayerError(f"owner {ti.uid}:{ti.gid} out of range")
+    if not (isinstance(ti.mtime, int | float) and math.isfinite(ti.mtime) and abs(ti.mtime) <= _MAX_MTIME):
+        raise LayerError(f"modification time {ti.mtime!r} out of range")
+    if (ti.ischr() or ti.isblk()) and not (0 <= ti.devmajor <= 0o7777777 and 0 <= ti.devminor <= 0o7777777):
+        raise LayerError(f"device number {ti.devmajor}:{ti.devminor} out of range")
+
+
 def unpack(stream: BinaryIO, dest: str, *, lowers: Sequence[str] = (), single_uid: bool = False,
            limits: UnpackLimits | None = None) -> None:
     """Unpack an uncompressed tar layer into `dest` (an existing empty dir) as an overlay lower dir.
@@ -733,6 +749,8 @@ def unpack(stream: BinaryIO, dest: str, *, lowers: Sequence[str] = (), single_ui
         u.run(stream)
     except OSError as e:
         raise LayerError(f"layer: {e.strerror or e}") from None
+    except (ValueError, OverflowError) as e:
+        raise LayerError(f"layer: {e}") from None
     finally:
         u.close()
 

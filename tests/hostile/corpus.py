@@ -201,6 +201,10 @@ def cases(canary: str) -> list[Case]:
         Case("sparse_map_garbage", [sparse_map_garbage()], r"corrupt tar"),
         Case("sparse_map_truncated", [sparse_map_truncated()], r"unexpected end of data"),
         Case("sparse_map_huge", [sparse_map_huge()], r"sparse map of more than \d+ chunks"),
+        Case("pax_mtime_infinite", [tar(f("t", pax={"mtime": "1e400"}))], r"modification time .* out of range"),
+        Case("pax_uid_out_of_range", [tar(f("u", pax={"uid": str(2**40)}))], r"owner .* out of range"),
+        Case("device_number_negative", [tar(dev("dv", tarfile.CHRTYPE, -5, 1), fmt=tarfile.GNU_FORMAT)],
+             r"device number .* out of range"),
         Case("not_a_tar", [b"PK\x03\x04" + bytes(2000)], r"not a tar archive|corrupt tar"),
         Case("truncated_layer", [tar(f("big", b"x" * 100_000))[:20_000]], r"truncated|unexpected end|corrupt"),
     ]
