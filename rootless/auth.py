@@ -135,7 +135,9 @@ def _from_entry(entry: object, where: Path, key: str) -> Credentials | None:
     return None
 
 
-def _decode_auth(value: str, where: Path, key: str) -> tuple[str, str]:
+def _decode_auth(value: object, where: Path, key: str) -> tuple[str, str]:
+    if not isinstance(value, str):
+        raise RbuildError(f"{where}: malformed auth entry for {key} (not a string)")
     try:
         user, sep, password = base64.b64decode(value).decode().partition(":")
     except (ValueError, UnicodeDecodeError):

@@ -162,13 +162,19 @@ def _merge(conf: RegistriesConf, data: dict, path: str) -> None:
     if not isinstance(aliases, dict):
         raise RbuildError(f"{path}: [aliases] must be a table")
     conf.aliases.update({str(k): str(v) for k, v in aliases.items()})
-    for table in data.get("registry", []):
+    tables = data.get("registry", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise RbuildError(f"{path}: registry entries must be [[registry]] tables")
+    for table in tables:
         prefix = table.get("prefix") or table.get("location")
         if not isinstance(prefix, str) or not prefix:
             raise RbuildError(f"{path}: [[registry]] needs a prefix or a location")
         digest_only = _bool(table, "mirror-by-digest-only", path)
         mirrors = []
-        for m in table.get("mirror", []):
+        mirror_tables = table.get("mirror", [])
+        if not isinstance(mirror_tables, list) or not all(isinstance(m, dict) for m in mirror_tables):
+            raise RbuildError(f"{path}: mirrors of {prefix} must be [[registry.mirror]] tables")
+        for m in mirror_tables:
             if not isinstance(m.get("location"), str):
                 raise RbuildError(f"{path}: [[registry.mirror]] for {prefix} needs a location")
             mode = m.get("pull-from-mirror", "digest-only" if digest_only else "all")

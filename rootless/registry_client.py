@@ -746,8 +746,11 @@ class RegistryClient:
         resp.close()
         if resp.status_code != 204:
             raise _Corrupt(f"{cause}; upload session lost ({error_detail(resp)})")
-        end = resp.headers.get("Range", "0--1").split("-", 1)[1]
-        return resp.headers.get("Location", location), int(end) + 1
+        end = resp.headers.get("Range", "0--1").removeprefix("bytes=").split("-", 1)[-1]
+        try:
+            return resp.headers.get("Location", location), int(end) + 1
+        except ValueError:
+            raise _Corrupt(f"{cause}; the registry sent an unreadable Range {resp.headers.get('Range')!r}") from None
 
     @staticmethod
     def _check_put(resp: requests.Response, desc: Descriptor, what: str) -> None:
