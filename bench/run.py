@@ -128,6 +128,7 @@ class Run:
         self.builders = builders
         self.scale = scale
         self.reps = args.reps or (1 if args.quick else 5)
+        self.commit = ""  # the rbuild revision under test, when a snapshot
         self.refs: dict[str, str] = {}
         self.pulls: dict[str, dict[str, list[float]]] = {}
         self.logs = workdir / "logs"
@@ -244,8 +245,8 @@ class Run:
         pdir = Path(self.args.profile_dir)
         pdir.mkdir(parents=True, exist_ok=True)
         path = pdir / f"{case.name}.txt"
-        head = (f"rbuild {case.name} ({case.spec.description}) under cProfile, {time.strftime('%Y-%m-%d %H:%M')}; "
-                f"exit {sample.returncode}\n")
+        head = (f"rbuild {self.commit or 'as installed'}: {case.name} ({case.spec.description}) under cProfile, "
+                f"{time.strftime('%Y-%m-%d %H:%M')}; exit {sample.returncode}\n")
         path.write_text(head + text)
         log(f"  profile: {path}")
         return str(path)
@@ -344,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in tools:
             builders.append(Rbuild(user, workdir, rbuild_cmd, pythonpath) if t == "rbuild" else Buildah(user, workdir))
         run = Run(args, user, workdir, builders, scale)
+        run.commit = commit
         cmdline = " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])])
         result = {
             "schema": 1, "date": started.isoformat(timespec="seconds"),
