@@ -237,7 +237,11 @@ def _session() -> Iterator[dict[str, Runner]]:
         yield runners
     finally:
         for r in runners.values():
-            shutil.rmtree(f"/tmp/rbuild-{r.uid}", ignore_errors=True)
+            # runtime dirs rbuild, buildah, skopeo and podman's libraries make for the session's users
+            for path in (f"/tmp/rbuild-{r.uid}", f"/tmp/podman-run-{r.uid}", f"/tmp/containers-user-{r.uid}",
+                         f"/var/tmp/podman-run-{r.uid}", f"/var/tmp/containers-user-{r.uid}"):
+                if IS_ROOT or r.uid == os.getuid():
+                    shutil.rmtree(path, ignore_errors=True)
         if IS_ROOT:
             shutil.rmtree(base, ignore_errors=True)
             for name in made:
