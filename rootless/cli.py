@@ -15,22 +15,12 @@ from typing import Any
 
 from rootless import __version__
 from rootless.errors import RbuildError
+from rootless.flags import attached_flag
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise RbuildError(f"{self.prog}: {message}")
-
-
-def _attached_flag(parser: argparse.ArgumentParser, flag: str, bare: object, values: dict[str, object],
-                   default: object, help: str) -> None:
-    """A flag whose value can only be attached (`--flag=VALUE`), so a bare flag never swallows the context."""
-    dest = flag.lstrip("-").replace("-", "_")
-    parser.add_argument(flag, dest=dest, action="store_const", const=bare, default=default, help=help)
-    for text, value in values.items():
-        for spelling in {text, text.upper(), text.capitalize()}:
-            parser.add_argument(f"{flag}={spelling}", dest=dest, action="store_const", const=value,
-                                help=argparse.SUPPRESS)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -89,7 +79,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true")
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
-    _attached_flag(b, "--rewrite-timestamp", True, {"true": True, "false": False}, True,
+    attached_flag(b, "--rewrite-timestamp", True, {"true": True, "false": False}, True,
                    "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)")
     b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
     b.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rootless.errors import RbuildError
+from rootless.flags import attached_flag
 from rootless.reference import Reference, check_digest, is_qualified, normalize_host, parse_reference
 
 if TYPE_CHECKING:
@@ -276,21 +277,8 @@ def logout(host: str, options: RegistryOptions) -> None:
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
 
 
-def _add_flag(parser: argparse.ArgumentParser, flag: str, bare: object, values: Mapping[str, object],
-              default: object, help: str) -> None:
-    """A flag whose value can only be attached (`--flag=VALUE`), as in podman and docker: a bare
-    `--pull CONTEXT` or `--tls-verify IMAGE` must leave the next word to the positionals, which
-    argparse's nargs="?" would swallow. Each accepted `--flag=VALUE` is its own hidden option."""
-    dest = flag.lstrip("-").replace("-", "_")
-    parser.add_argument(flag, dest=dest, action="store_const", const=bare, default=default, help=help)
-    for text, value in values.items():
-        for spelling in {text, text.upper(), text.capitalize()}:
-            parser.add_argument(f"{flag}={spelling}", dest=dest, action="store_const", const=value,
-                                help=argparse.SUPPRESS)
-
-
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_flag(parser, "--tls-verify", True, _BOOLS, None,
+    attached_flag(parser, "--tls-verify", True, _BOOLS, None,
               "--tls-verify[=BOOL]: require HTTPS and verify certificates (default: true, except on loopback"
               " and for registries.conf insecure registries)")
     parser.add_argument("--cert-dir", metavar="DIR", help="use certificates (*.crt, *.cert, *.key) in DIR")
@@ -310,7 +298,7 @@ def add_pull_argument(parser: argparse.ArgumentParser) -> None:
     docker, and never takes the next word as its value."""
     policies: dict[str, object] = {p: p for p in ("always", "missing", "never", "newer")}
     policies.update({"true": "always", "false": "missing"})
-    _add_flag(parser, "--pull", "always", policies, "missing",
+    attached_flag(parser, "--pull", "always", policies, "missing",
               "--pull[=POLICY]: always, missing (default), never or newer; a bare --pull is always")
 
 
