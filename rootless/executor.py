@@ -274,7 +274,7 @@ class Executor:
 
         kw = cmd.node.keyword.upper()
         if isinstance(cmd, ins.RunCmd):
-            return "RUN " + " ".join(self.run_argv(cmd, {})[0]) + " # buildkit"
+            return "RUN " + " ".join(self.run_argv(cmd)[0]) + " # buildkit"
         if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
             flags = []
             source = cmd.from_ if isinstance(cmd, ins.CopyCmd) else None
@@ -442,7 +442,7 @@ class Executor:
         self.store.add_layer(upper, diff_id, {"diff_id": diff_id, "size": size, "origin": "dir", "blobs": []})
         return diff_id
 
-    def run_argv(self, cmd: Any, env: dict[str, str]) -> tuple[list[str], bytes | None]:
+    def run_argv(self, cmd: Any) -> tuple[list[str], bytes | None]:
         """argv (and stdin) for a RUN, following BuildKit's heredoc rules."""
         shell = self.current_shell
         if cmd.heredocs and cmd.shell_form:
@@ -584,7 +584,7 @@ class Executor:
         run_args = self.run_args(state)
         env = dict(run_args)
         env.update(_env_dict(state.config))
-        argv, script = self.run_argv(cmd, env)
+        argv, script = self.run_argv(cmd)
         status = 0
 
         def action(merged: str, scratch: str) -> None:
