@@ -362,6 +362,33 @@ def _resolv_conf() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _wait_interruptibly(pid: int) -> int:
+    """waitpid that Ctrl-C and SIGTERM always interrupt.
+
+    A signal may be delivered to any thread of the builder (layer and registry code use worker threads);
+    then a main thread blocked in waitpid would never see it until the RUN ends. The signal module's
+    wakeup fd is written whichever thread takes the signal, so waiting on it and on a pidfd together
+    hands the signal to the main thread's Python handler at once.
+    """
+    import select
+
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    pidfd = os.pidfd_open(pid)
+    old = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    try:
+        while True:
+            ready, _, _ = select.select([pidfd, rfd], [], [])
+            if rfd in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(rfd, 512)  # the Python handler (KeyboardInterrupt) runs right after select
+            if pidfd in ready:
+                return os.waitpid(pid, 0)[1]
+    finally:
+        signal.set_wakeup_fd(old)
+        for fd in (rfd, wfd, pidfd):
+            os.close(fd)
+
+
 def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
     errr, errw = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
@@ -396,7 +423,7 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
             os._exit(125)
     os.close(errw)
     try:
-        _, status = os.waitpid(pid, 0)
+        status = _wait_interruptibly(pid)
     except BaseException:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)  # the intermediate kills the pid namespace's init, then exits

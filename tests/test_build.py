@@ -611,10 +611,17 @@ def _processes_of(rb: Runner) -> list[str]:
     return found
 
 
+def _default_signals() -> None:
+    """A terminal's defaults: a shell running the suite in the background hands SIGINT down ignored, and
+    a program started with SIGINT ignored rightly keeps ignoring it (POSIX)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _interrupt_build(rb: Runner, ctx: str, root: str, sig: int, group: bool) -> None:
     argv = rb._prefix() + [rb.bin, "build", ctx]
     proc = subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_default_signals)
     deadline = time.monotonic() + 60
     assert proc.stderr is not None
     seen = b""
@@ -627,7 +634,12 @@ def _interrupt_build(rb: Runner, ctx: str, root: str, sig: int, group: bool) -> 
         os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does
     else:
         os.kill(proc.pid, sig)
-    proc.wait(30)
+    try:
+        proc.wait(30)
+    finally:
+        if proc.returncode is None:  # the test failed: still end what it started (its process group)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode != 0
     deadline = time.monotonic() + 15
     while _processes_of(rb) and time.monotonic() < deadline:
@@ -707,7 +719,7 @@ def test_kill_9_leaves_no_secret_and_the_next_build_sweeps(rb: Runner, busybox: 
     ctx = rb.context({"Containerfile": cf(busybox, "RUN --mount=type=secret,id=tok echo started; sleep 60\n")})
     argv = rb._prefix() + [rb.bin, "build", "--secret", f"id=tok,src={secret}", ctx]
     proc = subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)
+                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_default_signals)
     assert proc.stderr is not None
     os.set_blocking(proc.stderr.fileno(), False)
     seen, deadline = b"", time.monotonic() + 60
