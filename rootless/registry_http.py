@@ -149,12 +149,13 @@ class RegistryHTTP:
     """Requests to registries for one rbuild invocation: safe to share between threads."""
 
     def __init__(self, conf: RegistriesConf, *, tls_verify: bool | None, cert_dir: str | None,
-                 authfile: str | None, creds: auth.Credentials | None) -> None:
+                 authfile: str | None, creds: auth.Credentials | None, creds_hosts: set[str] | None = None) -> None:
         self.conf = conf
         self.tls_verify = tls_verify
         self.cert_dir = cert_dir
         self.authfile = authfile
         self.creds = creds
+        self.creds_hosts = creds_hosts  # where `creds` may be sent; None: every host
         self.tokens = auth.TokenCache()
         self.insecure_hosts: set[str] = set()  # from registries.conf sources (mirrors, rewritten locations)
         self._hosts: dict[str, _HostState] = {}
@@ -306,8 +307,9 @@ class RegistryHTTP:
     # -- authentication ----------------------------------------------------------------
 
     def credentials(self, host: str, repository: str = "") -> auth.Credentials | None:
-        """`--creds`, else the auth files and helpers (looked up once per host and repository)."""
-        if self.creds is not None:
+        """`--creds` (for the hosts it is meant for), else the auth files and helpers (looked up once per
+        host and repository)."""
+        if self.creds is not None and (self.creds_hosts is None or host in self.creds_hosts):
             return self.creds
         key = (host, repository)
         with self._lock:
@@ -460,6 +462,8 @@ class RegistryHTTP:
                 else:
                     verb = "authentication failed" if has_creds else "authentication required"
                 hint = "" if has_creds else f"; run rbuild login {host}"
+                if not has_creds and self.creds is not None:
+                    hint += " (--creds goes only to the registries named on the command line)"
                 raise RegistryAuthError(f"{what}: {verb} ({resp.status_code}){hint}")
             if resp.status_code in RETRY_STATUSES and retry and attempt + 1 < MAX_ATTEMPTS:
                 attempt += 1
