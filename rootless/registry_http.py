@@ -320,6 +320,12 @@ class RegistryHTTP:
             self._creds[key] = found
         return found
 
+    def _login_hint(self, host: str) -> str:
+        """What to do when `host` got no credentials (and why, when --creds was given for other hosts)."""
+        if self.creds is None:
+            return f"; run rbuild login {host}"
+        return f"; run rbuild login {host} (--creds goes only to the registries named on the command line)"
+
     def auth_header(self, host: str, scopes: Iterable[str], *, repository: str = "", fresh: bool = False,
                     challenge: auth.Challenge | None = None, what: str = "") -> dict[str, str]:
         """The `Authorization` header for `scopes` on `host`, from the learnt challenge."""
@@ -330,7 +336,7 @@ class RegistryHTTP:
         creds = self.credentials(host, repository)
         if challenge.scheme == "basic":
             if creds is None:
-                raise RegistryAuthError(f"{what or host}: authentication required (401); run rbuild login {host}")
+                raise RegistryAuthError(f"{what or host}: authentication required (401){self._login_hint(host)}")
             return {"Authorization": creds.basic()}
         if challenge.scheme != "bearer":
             raise RbuildError(f"{what or host}: unsupported authentication scheme {challenge.scheme!r}")
@@ -380,7 +386,7 @@ class RegistryHTTP:
                 continue
             if resp.status_code in (401, 403):
                 raise RegistryAuthError(f"{what or host}: authentication failed: token server answered "
-                                  f"{resp.status_code}" + ("" if creds else f"; run rbuild login {host}"))
+                                  f"{resp.status_code}" + ("" if creds else self._login_hint(host)))
             if resp.status_code != 200:
                 raise RbuildError(f"{what or host}: token server answered {error_detail(resp)}")
             try:
@@ -461,9 +467,7 @@ class RegistryHTTP:
                     verb = "access denied"
                 else:
                     verb = "authentication failed" if has_creds else "authentication required"
-                hint = "" if has_creds else f"; run rbuild login {host}"
-                if not has_creds and self.creds is not None:
-                    hint += " (--creds goes only to the registries named on the command line)"
+                hint = "" if has_creds else self._login_hint(host)
                 raise RegistryAuthError(f"{what}: {verb} ({resp.status_code}){hint}")
             if resp.status_code in RETRY_STATUSES and retry and attempt + 1 < MAX_ATTEMPTS:
                 attempt += 1
