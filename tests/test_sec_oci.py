@@ -368,6 +368,23 @@ def test_registry_image_with_wrong_types_is_refused(rb: Runner, registry: str, r
     images_still_work(rb, root)
 
 
+def test_docker_schema2_image_with_wrong_types_is_refused(rb: Runner, registry: str, root: str) -> None:
+    layer, diff_id = tiny_layer()
+    cfg = base_config(diff_id)
+    cfg["config"]["Cmd"] = "sh -c true"
+    cbytes = json.dumps(cfg).encode()
+    docker_manifest = "application/vnd.docker.distribution.manifest.v2+json"
+    man = {"schemaVersion": 2, "mediaType": docker_manifest,
+           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": sha(cbytes),
+                      "size": len(cbytes)},
+           "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": sha(layer),
+                       "size": len(layer)}]}
+    push_raw(registry, "hostile/docker", "1", [layer, cbytes], json.dumps(man).encode(), docker_manifest)
+    one_error(run_guarded(rb, "pull", f"{registry}/hostile/docker:1", root=root),
+              f"{registry}/hostile/docker:1: config {sha(cbytes)}: .config.Cmd is not an array")
+    images_still_work(rb, root)
+
+
 # -- FIFOs and symlinks where files belong -------------------------------------------------------------------
 
 
