@@ -45,10 +45,14 @@ def _chosen_command(argv: list[str]) -> str | None:
     return None
 
 
-def _registry_options(args: argparse.Namespace) -> Any:
+def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
+    """The registry flags; `--creds` goes only to the registries of `creds_for`, names the command line
+    gave, so a Containerfile cannot send it to a host of its choosing."""
     from rootless.registry import options_from_args
 
-    return options_from_args(args)
+    options = options_from_args(args)
+    options.creds_for = creds_for
+    return options
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -257,6 +261,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         sde = int(raw_sde)
     pull = getattr(args, "pull", "missing")
     secrets = _read_secrets(args.secret)
+    remote_tags = [names.normalize(t) for t in args.tag if not names.normalize(t).startswith("localhost/")]
+    if getattr(args, "creds", None) and not remote_tags:
+        raise RbuildError("--creds goes only to the registries of -t names, and no -t names a registry; "
+                          "use rbuild login for the registries FROM names")
 
     def run(store: Any, idmap: Any) -> int:
         from rootless import executor
@@ -264,7 +272,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         opts = executor.BuildOptions(
             tags=args.tag, labels=labels, no_cache=args.no_cache, fmt=args.format, quiet=args.quiet,
             timestamp=args.timestamp, source_date_epoch=sde, rewrite_timestamp=args.rewrite_timestamp,
-            single_uid=idmap.single, pull=pull, registry_options=_registry_options(args),
+            single_uid=idmap.single, pull=pull, registry_options=_registry_options(args, remote_tags),
             containerfile=cf_path if args.file != "-" else None, secrets=secrets,
         )
         image_id = executor.build(plan, store, opts)
@@ -461,7 +469,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
             fmt = "docker" if store.read_json(rec.manifest).get("mediaType") == img.DOCKER_MANIFEST else "oci"
         digest = transports.export_image(store, rec, dest, fmt, args.compression_format, args.compression_level,
-                                         _registry_options(args))
+                                         _registry_options(args, [dest.removeprefix("docker://")]))
         if args.digestfile:
             from rootless.store import atomic_write
 
@@ -478,7 +486,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     def run(store: Any, idmap: Any) -> int:
         progress = not args.quiet and sys.stderr.isatty()
-        with transports.open_source(args.image, store, _registry_options(args), progress) as src:
+        with transports.open_source(args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]),
+                                    progress) as src:
             names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
             rec = transports.import_image(store, src, names, idmap.single)
         print(rec.id)

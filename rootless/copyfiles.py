@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rootless.errors import RbuildError
-from rootless.fspath import secure_join
+from rootless.fspath import open_regular, secure_join
 
 CHUNK = 1 << 20
 
@@ -77,11 +77,14 @@ def load_ignore(context: str, containerfile: str | None) -> list[IgnoreRule]:
     candidates += [os.path.join(context, ".containerignore"), os.path.join(context, ".dockerignore")]
     for path in candidates:
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
+            with open_regular(path, path) as f:  # a FIFO in the context must not hang the build
+                data = f.read()
         except OSError:
             continue
-        return patterns_to_rules(lines)
+        try:
+            return patterns_to_rules(data.decode().splitlines())
+        except UnicodeDecodeError:
+            raise RbuildError(f"{path}: not UTF-8 text") from None
     return []
 
 
@@ -268,7 +271,7 @@ class FileDigests:
             self.seen[path] = old
             return str(old[4])
         h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with open_regular(path, path, follow=False) as f:  # lstat said so; a swap for a FIFO must not hang
             while chunk := f.read(CHUNK):
                 h.update(chunk)
         self.seen[path] = [*stamp, h.hexdigest()]

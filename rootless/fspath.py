@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
+from typing import BinaryIO
 
 from rootless.errors import RbuildError
 
@@ -63,3 +65,32 @@ def open_beneath(root: str, rel: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+
+
+def open_regular(path: str, shown: str, *, dir_fd: int | None = None, follow: bool = True) -> BinaryIO:
+    """Open for reading a file that must be a regular file: a FIFO planted where rbuild expects a file
+    (in an image layout, an archive, a build context) would block it forever, a device never end.
+
+    Checked before opening (opening a device can have effects) and again on the open descriptor (the
+    path may have changed in between); the open itself never blocks (O_NONBLOCK). `follow=False`
+    refuses a symlink as the last component. An RbuildError names `shown`; other failures are OSError.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+
+    def check(mode: int) -> None:
+        if not stat.S_ISREG(mode):
+            raise RbuildError(f"{shown} is {_KINDS.get(stat.S_IFMT(mode), 'not a file')}, not a regular file")
+
+    check(os.stat(path, dir_fd=dir_fd, follow_symlinks=follow).st_mode)
+    fd = os.open(path, flags, dir_fd=dir_fd)
+    try:
+        check(os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -70,6 +70,8 @@ def find_containerfile(context: str, given: str | None) -> str:
     for name in ("Containerfile", "Dockerfile"):
         p = os.path.join(context, name)
         if os.path.exists(p):
+            if not os.path.isfile(p):  # -f may name a pipe (`-f <(...)`); the context's own must not hang
+                raise RbuildError(f"{p} is not a regular file")
             return p
     raise RbuildError(f"no Containerfile or Dockerfile in the build context {context}")
 

@@ -61,6 +61,9 @@ class RegistryOptions:
     authfile: str | None = None
     platform: str | None = None  # "os/arch[/variant]"; None = host
     creds: str | None = None  # "USER:PASS" from --creds; overrides the auth file
+    # the names on the command line whose registries --creds is for (never one a Containerfile picks);
+    # None: every registry contacted
+    creds_for: list[str] | None = None
 
 
 @dataclass

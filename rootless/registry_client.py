@@ -6,6 +6,7 @@ Loaded only when a registry is contacted (it pulls in the HTTP stack through reg
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
@@ -24,13 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+from rootless import ocischema
 from rootless.errors import RbuildError
+from rootless.ocischema import MAX_CONFIG, MAX_MANIFEST
 from rootless.reference import Reference, check_digest
 from rootless.regconf import RegistriesConf, Source, load_registries_conf
 from rootless.registry import (
-    CONFIG_TYPES,
     INDEX_TYPES,
-    LAYER_TYPES,
     MANIFEST_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -38,6 +39,7 @@ from rootless.registry import (
     RegistryOptions,
     RemoteImage,
     parse_creds,
+    resolve_names,
 )
 from rootless.registry_blobcache import BlobLocations
 from rootless.registry_http import (
@@ -54,8 +56,6 @@ from rootless.registry_progress import Progress
 if TYPE_CHECKING:
     import requests
 
-MAX_MANIFEST = 4 << 20
-MAX_CONFIG = 8 << 20
 PARALLEL = 6
 CHUNK_THRESHOLD = 64 << 20  # larger blobs go up in chunks, so a failure costs one chunk
 CHUNK_SIZE = 32 << 20
@@ -271,9 +271,27 @@ class RegistryClient:
         self.platform = parse_platform(options.platform)
         creds = parse_creds(options.creds) if options.creds else None
         self.http = RegistryHTTP(self.conf, tls_verify=options.tls_verify, cert_dir=options.cert_dir,
-                                 authfile=options.authfile, creds=creds)
+                                 authfile=options.authfile, creds=creds, creds_hosts=self._creds_hosts(options))
         self.locations = BlobLocations()
         self._preferred: dict[Reference, Reference] = {}
+
+    def _creds_hosts(self, options: RegistryOptions) -> set[str] | None:
+        """Where `--creds` may go: the registries of the names the command line gave (`creds_for`) and
+        where registries.conf sends those (mirrors, rewritten locations); None: wherever asked."""
+        if options.creds_for is None:
+            return None
+        hosts: set[str] = set()
+        for name in options.creds_for:
+            try:
+                refs = resolve_names(name, options)
+            except RbuildError:
+                continue
+            for ref in refs:
+                hosts.add(ref.registry)
+                with contextlib.suppress(RbuildError):  # a blocked registry: refused when contacted
+                    hosts.update(s.ref.registry for s in self.conf.pull_sources(ref))
+                    hosts.add(self.conf.push_target(ref).ref.registry)
+        return hosts
 
     # -- pull ------------------------------------------------------------------------------
 
@@ -342,12 +360,7 @@ class RegistryClient:
                     raise RbuildError(f"{what}: manifest digest mismatch (expected {expected}, got {digest})")
                 time.sleep(backoff(attempt))
                 continue
-            try:
-                data = json.loads(body)
-                if not isinstance(data, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                raise RbuildError(f"{what}: manifest is not valid JSON") from None
+            data = ocischema.load(body, f"{what}: manifest {digest}")
             if data.get("schemaVersion") == 1:
                 raise RbuildError(f"{what}: docker schema 1 manifests are not supported")
             return body, digest, _media_type(resp, data), data
@@ -363,20 +376,19 @@ class RegistryClient:
             if depth > 3:
                 raise RbuildError(f"{what}: image indexes nested too deeply")
             index_digest = index_digest or digest
+            ocischema.check_index(data, f"{what}: index {digest}")
             entry = choose_platform(data, self.platform, what)
             body, digest, media_type, data = self._get_manifest(source, entry.digest, what)
             if digest != entry.digest:
                 raise RbuildError(f"{what}: manifest digest mismatch for {entry.digest}")
         if media_type not in MANIFEST_TYPES:
             raise RbuildError(f"{what}: unsupported manifest type {media_type!r}")
-        config_desc = Descriptor.from_json(data.get("config"), what)
-        if config_desc.media_type not in CONFIG_TYPES:
-            raise RbuildError(f"{what}: not a container image (config type {config_desc.media_type!r})")
-        layers = [Descriptor.from_json(d, what) for d in data.get("layers") or []]
-        for layer in layers:
-            if layer.media_type not in LAYER_TYPES:
-                raise RbuildError(f"{what}: unsupported layer type {layer.media_type!r} ({layer.digest})")
+        ocischema.check_manifest(data, f"{what}: manifest {digest}")
+        config_desc = Descriptor.from_json(data["config"], what)
+        layers = [Descriptor.from_json(d, what) for d in data["layers"]]
         config = self._get_small_blob(source, config_desc, what)
+        config_what = f"{what}: config {config_desc.digest}"
+        ocischema.check_config(ocischema.load(config, config_what), config_what)
         if self.options.platform and index_digest is None:
             self._check_config_platform(config, what)
         self.locations.record(source.ref.registry, source.ref.repository,

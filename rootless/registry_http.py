@@ -149,12 +149,13 @@ class RegistryHTTP:
     """Requests to registries for one rbuild invocation: safe to share between threads."""
 
     def __init__(self, conf: RegistriesConf, *, tls_verify: bool | None, cert_dir: str | None,
-                 authfile: str | None, creds: auth.Credentials | None) -> None:
+                 authfile: str | None, creds: auth.Credentials | None, creds_hosts: set[str] | None = None) -> None:
         self.conf = conf
         self.tls_verify = tls_verify
         self.cert_dir = cert_dir
         self.authfile = authfile
         self.creds = creds
+        self.creds_hosts = creds_hosts  # where `creds` may be sent; None: every host
         self.tokens = auth.TokenCache()
         self.insecure_hosts: set[str] = set()  # from registries.conf sources (mirrors, rewritten locations)
         self._hosts: dict[str, _HostState] = {}
@@ -306,8 +307,9 @@ class RegistryHTTP:
     # -- authentication ----------------------------------------------------------------
 
     def credentials(self, host: str, repository: str = "") -> auth.Credentials | None:
-        """`--creds`, else the auth files and helpers (looked up once per host and repository)."""
-        if self.creds is not None:
+        """`--creds` (for the hosts it is meant for), else the auth files and helpers (looked up once per
+        host and repository)."""
+        if self.creds is not None and (self.creds_hosts is None or host in self.creds_hosts):
             return self.creds
         key = (host, repository)
         with self._lock:
@@ -317,6 +319,12 @@ class RegistryHTTP:
         with self._lock:
             self._creds[key] = found
         return found
+
+    def _login_hint(self, host: str) -> str:
+        """What to do when `host` got no credentials (and why, when --creds was given for other hosts)."""
+        if self.creds is None:
+            return f"; run rbuild login {host}"
+        return f"; run rbuild login {host} (--creds goes only to the registries named on the command line)"
 
     def auth_header(self, host: str, scopes: Iterable[str], *, repository: str = "", fresh: bool = False,
                     challenge: auth.Challenge | None = None, what: str = "") -> dict[str, str]:
@@ -328,7 +336,7 @@ class RegistryHTTP:
         creds = self.credentials(host, repository)
         if challenge.scheme == "basic":
             if creds is None:
-                raise RegistryAuthError(f"{what or host}: authentication required (401); run rbuild login {host}")
+                raise RegistryAuthError(f"{what or host}: authentication required (401){self._login_hint(host)}")
             return {"Authorization": creds.basic()}
         if challenge.scheme != "bearer":
             raise RbuildError(f"{what or host}: unsupported authentication scheme {challenge.scheme!r}")
@@ -378,7 +386,7 @@ class RegistryHTTP:
                 continue
             if resp.status_code in (401, 403):
                 raise RegistryAuthError(f"{what or host}: authentication failed: token server answered "
-                                  f"{resp.status_code}" + ("" if creds else f"; run rbuild login {host}"))
+                                  f"{resp.status_code}" + ("" if creds else self._login_hint(host)))
             if resp.status_code != 200:
                 raise RbuildError(f"{what or host}: token server answered {error_detail(resp)}")
             try:
@@ -459,7 +467,7 @@ class RegistryHTTP:
                     verb = "access denied"
                 else:
                     verb = "authentication failed" if has_creds else "authentication required"
-                hint = "" if has_creds else f"; run rbuild login {host}"
+                hint = "" if has_creds else self._login_hint(host)
                 raise RegistryAuthError(f"{what}: {verb} ({resp.status_code}){hint}")
             if resp.status_code in RETRY_STATUSES and retry and attempt + 1 < MAX_ATTEMPTS:
                 attempt += 1

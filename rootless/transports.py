@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from rootless import image as img
+from rootless import ocischema
 from rootless.errors import RbuildError
+from rootless.fspath import open_beneath, open_regular
 from rootless.store import ImageRecord, Store, atomic_write, hex_of, now_rfc3339
 
 CHUNK = 1 << 20
@@ -95,19 +97,69 @@ class Source:
     remote_digest: str = ""
 
 
-def _layout_index(path: str, spec: str) -> dict[str, Any]:
-    try:
-        with open(os.path.join(path, "index.json"), "rb") as f:
-            index: dict[str, Any] = json.load(f)
-            return index
-    except FileNotFoundError:
-        raise RbuildError(f"{spec}: no OCI layout there (index.json missing)") from None
-    except (OSError, ValueError) as e:
-        raise RbuildError(f"{spec}: cannot read index.json: {e}") from None
+class _Layout:
+    """The files of an OCI image layout. Each is opened only if it is a regular file (a FIFO planted as
+    index.json or as a blob would block the import forever); in an unpacked archive, whose members its
+    maker chose, never through a symlink either."""
+
+    def __init__(self, root: str, spec: str, confined: bool) -> None:
+        self.root = root
+        self.spec = spec
+        self.confined = confined
+
+    def _blob_path(self, digest: str) -> str:
+        if not digest.startswith("sha256:"):
+            raise RbuildError(f"{self.spec}: blob {digest}: only sha256 digests are supported")
+        return "blobs/sha256/" + hex_of(digest)
+
+    def _open(self, rel: str) -> BinaryIO:
+        """`rel` opened for reading; FileNotFoundError when it is missing."""
+        shown = f"{self.spec}: {rel}"
+        try:
+            if not self.confined:
+                return open_regular(os.path.join(self.root, rel), shown)
+            dir_fd = open_beneath(self.root, os.path.dirname(rel))
+            try:
+                return open_regular(os.path.basename(rel), shown, dir_fd=dir_fd, follow=False)
+            finally:
+                os.close(dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise RbuildError(f"{shown}: cannot read: {e.strerror or e}") from None
+
+    def read(self, rel: str, limit: int) -> bytes:
+        """The file `rel`, refused when larger than `limit` bytes; FileNotFoundError when it is missing."""
+        with self._open(rel) as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                raise RbuildError(f"{self.spec}: {rel} is larger than {limit} bytes")
+            return f.read(limit + 1)
+
+    def blob(self, desc: dict[str, Any], limit: int) -> bytes:
+        """A manifest or config blob, verified against its (already checked) descriptor."""
+        digest, size = desc["digest"], desc["size"]
+        if size > limit:
+            raise RbuildError(f"{self.spec}: blob {digest} is larger than {limit} bytes")
+        try:
+            data = self.read(self._blob_path(digest), limit)
+        except FileNotFoundError:
+            raise RbuildError(f"{self.spec}: blob {digest} is missing") from None
+        if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise RbuildError(f"{self.spec}: blob {digest} does not match its digest or size")
+        return data
+
+    def open_blob(self, digest: str) -> IO[bytes]:
+        """A layer blob to stream (its reader verifies it)."""
+        try:
+            return self._open(self._blob_path(digest))
+        except FileNotFoundError:
+            raise RbuildError(f"{self.spec}: blob {digest} is missing") from None
 
 
-def _pick_manifest(index: dict[str, Any], tag: str | None, spec: str, read: Callable[[str], bytes]) -> bytes:
-    manifests = index.get("manifests", [])
+def _pick_manifest(layout: _Layout, index: dict[str, Any], tag: str | None) -> tuple[bytes, dict[str, Any]]:
+    """The manifest `tag` names (the only one when no tag is given), through a nested index to the host's."""
+    spec = layout.spec
+    manifests = index["manifests"]
     if tag:
         chosen = [m for m in manifests if m.get("annotations", {}).get(img.REF_NAME) == tag]
         if not chosen:
@@ -115,50 +167,41 @@ def _pick_manifest(index: dict[str, Any], tag: str | None, spec: str, read: Call
     else:
         chosen = manifests
         if len(chosen) != 1:
-            refs = [m.get("annotations", {}).get(img.REF_NAME, m.get("digest")) for m in manifests]
+            refs = [m.get("annotations", {}).get(img.REF_NAME, m["digest"]) for m in manifests]
             if not refs:
                 raise RbuildError(f"{spec}: the layout holds no image")
             raise RbuildError(f"{spec}: the layout holds {len(refs)} images, name one of: {', '.join(refs)}")
     desc = chosen[0]
-    data = read(desc["digest"])
-    doc = json.loads(data)
-    if doc.get("mediaType") in (img.OCI_INDEX, img.DOCKER_LIST) or "manifests" in doc:
+    data = layout.blob(desc, ocischema.MAX_MANIFEST)
+    doc = ocischema.load(data, f"{spec}: manifest {desc['digest']}")
+    if ocischema.is_index(doc):
+        ocischema.check_index(doc, f"{spec}: index {desc['digest']}")
         arch = img.host_arch()
-        subs = [m for m in doc.get("manifests", []) if m.get("platform", {}).get("architecture") == arch
-                and m.get("platform", {}).get("os", "linux") == "linux"]
+        subs = [m for m in doc["manifests"] if m.get("platform", {}).get("architecture") == arch
+                and m.get("platform", {}).get("os") == "linux"]
         if not subs:
             raise RbuildError(f"{spec}: no image for linux/{arch} in the index")
-        return read(subs[0]["digest"])
-    return data
+        desc = subs[0]
+        data = layout.blob(desc, ocischema.MAX_MANIFEST)
+        doc = ocischema.load(data, f"{spec}: manifest {desc['digest']}")
+    ocischema.check_manifest(doc, f"{spec}: manifest {desc['digest']}")
+    return data, doc
 
 
-def read_layout(path: str, tag: str | None, spec: str) -> Source:
-    index = _layout_index(path, spec)
-
-    def blob_path(digest: str) -> str:
-        return os.path.join(path, "blobs", "sha256", hex_of(digest))  # refuses anything but sha256:<hex>
-
-    def read(digest: str) -> bytes:
-        try:
-            with open(blob_path(digest), "rb") as f:
-                data = f.read()
-        except OSError:
-            raise RbuildError(f"{spec}: blob {digest} is missing") from None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise RbuildError(f"{spec}: blob {digest} does not match its digest")
-        return data
-
-    manifest_bytes = _pick_manifest(index, tag, spec, read)
-    manifest = json.loads(manifest_bytes)
-    config = read(manifest["config"]["digest"])
-
-    def opener(digest: str) -> IO[bytes]:
-        try:
-            return open(blob_path(digest), "rb")
-        except OSError:
-            raise RbuildError(f"{spec}: blob {digest} is missing") from None
-
-    return Source(spec, manifest, manifest_bytes, config, opener)
+def read_layout(path: str, tag: str | None, spec: str, confined: bool = False) -> Source:
+    """An image in the OCI layout at `path`, every document checked; `confined`: an unpacked archive."""
+    layout = _Layout(path, spec, confined)
+    try:
+        index_bytes = layout.read("index.json", ocischema.MAX_MANIFEST)
+    except FileNotFoundError:
+        raise RbuildError(f"{spec}: no OCI layout there (index.json missing)") from None
+    index = ocischema.load(index_bytes, f"{spec}: index.json")
+    ocischema.check_index(index, f"{spec}: index.json")
+    manifest_bytes, manifest = _pick_manifest(layout, index, tag)
+    config = layout.blob(manifest["config"], ocischema.MAX_CONFIG)
+    what = f"{spec}: config {manifest['config']['digest']}"
+    ocischema.check_config(ocischema.load(config, what), what)
+    return Source(spec, manifest, manifest_bytes, config, layout.open_blob)
 
 
 def split_spec(rest: str) -> tuple[str, str | None]:
@@ -182,7 +225,7 @@ def open_source(spec: str, store: Store, registry_options: Any = None, progress:
             from rootless.copyfiles import extract_tar
 
             extract_tar(path, tmp, (os.getuid(), os.getgid()), spec)
-            yield read_layout(tmp, tag, spec)
+            yield read_layout(tmp, tag, spec, confined=True)
     else:
         yield from _registry_source(spec, store, registry_options, progress)
 
@@ -357,12 +400,13 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
     put(exp.manifest, exp.manifest_digest)
     index_path = os.path.join(path, "index.json")
     try:
-        with open(index_path, "rb") as f:
-            index = json.load(f)
+        with open_regular(index_path, index_path) as f:
+            index = ocischema.load(f.read(ocischema.MAX_MANIFEST + 1), index_path)
+        ocischema.check_index(index, index_path)
     except FileNotFoundError:
         index = {"schemaVersion": 2, "mediaType": img.OCI_INDEX, "manifests": []}
-    except (OSError, ValueError) as e:
-        raise RbuildError(f"cannot read {index_path}: {e}") from None
+    except OSError as e:
+        raise RbuildError(f"cannot read {index_path}: {e.strerror or e}") from None
     desc: dict[str, Any] = {"mediaType": exp.manifest_media_type, "digest": exp.manifest_digest,
                             "size": len(exp.manifest)}
     if tag:
