@@ -761,7 +761,7 @@ def select_items(src_root: str, src: str, cmd: Any, rules: list[copyfiles.Ignore
     """A COPY/ADD source's items, with --exclude applied and --parents' sub-directories worked out."""
     found = copyfiles.select(src_root, src, rules, what)
     if cmd.exclude:
-        exclude = copyfiles.patterns_to_rules(cmd.exclude)
+        exclude = copyfiles.patterns_to_rules(cmd.exclude, lambda n: f"{what} --exclude")
         found = [it for it in found if not copyfiles.ignored(os.path.basename(it.rel), exclude)]
         for it in found:
             it.exclude = exclude
