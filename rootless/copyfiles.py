@@ -459,6 +459,13 @@ class _Copier:
             os.utime(path, ns=(atime, mtime), follow_symlinks=False)
 
 
+def copy_entry(src: str, dst: str) -> None:
+    """src copied to dst as it is: content, mode, owner and times."""
+    copier = _Copier(None, None)
+    copier.entry(src, dst)
+    copier.finish()
+
+
 def _copy_file(src: str, dst: str, size: int) -> None:
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:

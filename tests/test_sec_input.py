@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 import warnings
@@ -271,3 +272,150 @@ def test_copy_and_bind_of_the_context_keep_symlinks_and_hide_ignored_targets(rb:
         assert tree[link] == ("symlink", target)  # copied as links, not followed
     assert tree["p"] == ("file", b"public\n") and tree["g/pub"] == ("file", b"public\n")
     assert {k for k in tree if k.startswith(("all/secrets", "all/.env"))} == {"all/secrets", "all/secrets/pub"}
+
+
+# --- 2: binds of context files cannot write to the host -----------------------------------------------------
+
+
+def test_rw_file_bind_writes_to_a_throwaway_copy(rb: Runner, busybox: str) -> None:
+    run = ("RUN --mount=type=bind,source=config,target=/cfg,rw --mount=type=bind,source=run.sh,target=/r.sh,rw "
+           "--mount=type=bind,source=ro,target=/ro sh -c '"
+           "echo hijacked >> /cfg && chmod 4755 /cfg /r.sh && echo more > /r.sh && "
+           "grep -q hijacked /cfg && test -u /cfg && cat /r.sh > /seen-r && "  # the step sees its own writes
+           "! chmod 4755 /ro 2>/dev/null && ! sh -c \"echo x >> /ro\" 2>/dev/null && "
+           "grep \" /ro \" /proc/self/mountinfo > /ro-mount'\n")
+    ctx = rb.context({"Containerfile": cf(busybox, run), "config": "[core]\n\tbare = false\n",
+                      "run.sh": "#!/bin/sh\necho hi\n", "ro": "read only\n"})
+    os.chmod(os.path.join(ctx, "run.sh"), 0o755)
+    before = {n: (os.lstat(os.path.join(ctx, n)), open(os.path.join(ctx, n), "rb").read())
+              for n in ("config", "run.sh", "ro")}
+    out = rb.mkdir()
+    rb.run("build", "-t", "rwfile", ctx)
+    for name, (was, data) in before.items():
+        now = os.lstat(os.path.join(ctx, name))
+        assert open(os.path.join(ctx, name), "rb").read() == data, name
+        assert (now.st_mode, now.st_uid, now.st_ino) == (was.st_mode, was.st_uid, was.st_ino), name
+        assert not now.st_mode & (stat.S_ISUID | stat.S_ISGID)
+    rb.run("push", "rwfile", f"oci:{out}/l")
+    tree = flatten(f"{out}/l")
+    assert tree["seen-r"] == ("file", b"more\n")
+    assert "cfg" not in tree and "r.sh" not in tree  # mount points and written copies leave no trace
+    options = tree["ro-mount"][1].split()[5].split(b",")  # the bind's own flags
+    assert b"ro" in options and b"nosuid" in options and b"nodev" in options
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("RUN ln -s /nonexistent /x\nRUN --mount=type=tmpfs,target=/x/y true\n", "/x is a symbolic link to nothing"),
+    ("RUN ln -s /nonexistent /x\nRUN --mount=type=bind,source=f,target=/x true\n", "/x is a symbolic link"),
+    ("RUN ln -s /nope /c\nRUN --mount=type=cache,target=/c/d true\n", "/c is a symbolic link to nothing"),
+    ("RUN --mount=type=tmpfs,target=/etc/passwd/y true\n", "/etc/passwd is not a directory"),
+    ("RUN ln -s /b /a && ln -s /a /b\nRUN --mount=type=tmpfs,target=/a/x true\n", "too many levels of symbolic"),
+    ("RUN --mount=type=bind,source=fifo,target=/f true\n", "only a directory or a regular file"),
+])
+def test_bad_mount_targets_are_one_located_error(rb: Runner, busybox: str, body: str, needle: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, body), "f": "f\n"})
+    os.mkfifo(os.path.join(ctx, "fifo"))
+    rb.own(ctx)
+    line = body.count("\n") + 1
+    one_error(rb.run("build", "--no-cache", ctx, check=False), f"Containerfile:{line}:", needle)
+
+
+# --- 9: the Containerfile and ignore files of the context stay in it; a file outside is never quoted ---------
+
+CREDENTIALS = "[default]\naws_secret_access_key=hunter2hunter2\n"
+
+
+def _leaks(res: subprocess.CompletedProcess) -> bool:
+    return "hunter2" in res.stderr.lower() or "hunter2" in res.stdout.lower() or "default" in res.stderr.lower()
+
+
+@pytest.mark.parametrize("name", ["Containerfile", "Dockerfile", ".dockerignore", ".containerignore"])
+def test_context_files_cannot_lead_out_of_the_context(rb: Runner, busybox: str, name: str) -> None:
+    secret = rb.write(os.path.join(rb.mkdir(), "credentials"), CREDENTIALS, 0o600)
+    files = {"f": "f\n"} if name in ("Containerfile", "Dockerfile") else {"Containerfile": cf(busybox, "COPY f /f\n"),
+                                                                            "f": "f\n"}
+    ctx = rb.context(files)
+    symlinks(rb, ctx, {name: secret})
+    res = rb.run("build", ctx, check=False)
+    one_error(res, name, "symbolic link out of the build context")
+    assert not _leaks(res)
+    if name in ("Containerfile", "Dockerfile"):
+        res = rb.run("parse", ctx, check=False)
+        one_error(res, name, "symbolic link out of the build context")
+        assert not _leaks(res)
+
+
+def test_a_symlink_inside_the_context_is_followed(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"build/Containerfile.real": cf(busybox, "COPY f /f\n"), "f": "f\n", "real.ignore": "f\n"})
+    symlinks(rb, ctx, {"Containerfile": "build/Containerfile.real", ".dockerignore": "real.ignore"})
+    one_error(rb.run("build", ctx, check=False), "Containerfile:2:", "f: no such file")  # f is ignored
+
+
+def test_a_named_file_outside_the_context_is_read_but_never_quoted(rb: Runner, busybox: str) -> None:
+    secret = rb.write(os.path.join(rb.mkdir(), "credentials"), CREDENTIALS, 0o600)
+    ctx = rb.context({"f": "f\n", "skip": "s\n"})
+    symlinks(rb, ctx, {"Containerfile": secret})
+    for named in (os.path.join(ctx, "Containerfile"), secret):  # -f names it: the user's choice, read
+        res = rb.run("build", "-f", named, ctx, check=False)
+        one_error(res, f"{named}:1: not a valid Containerfile", "outside the build context")
+        assert not _leaks(res)
+    # a real Containerfile out there builds, with the ignore file beside it (also outside, also named by -f)
+    outside = rb.mkdir()
+    rb.write(os.path.join(outside, "Containerfile"), cf(busybox, "COPY . /all/\n"))
+    rb.write(os.path.join(outside, "Containerfile.dockerignore"), "skip\n")
+    out = rb.mkdir()
+    rb.run("build", "-t", "outside", "-f", os.path.join(outside, "Containerfile"), ctx)
+    rb.run("push", "outside", f"oci:{out}/l")
+    tree = flatten(f"{out}/l")
+    assert "all/f" in tree and "all/skip" not in tree
+
+
+# --- 14: hostile paths and values are one located error line ------------------------------------------------
+
+HOSTILE = [
+    # (Containerfile body, files, symlinks, line, needle)
+    ("COPY l* /x/\n", {}, {"link": "missing"}, 2, "link is a symbolic link to nothing"),
+    ("COPY a/x /x\n", {}, {"a": "b", "b": "a"}, 2, "too many levels of symbolic links"),
+    ("COPY a/* /x/\n", {}, {"a": "b", "b": "a"}, 2, "too many levels of symbolic links"),
+    ("RUN --mount=type=bind,source=a/x,target=/t true\n", {}, {"a": "b", "b": "a"}, 2, "too many levels"),
+    ("COPY f /etc/passwd/x\n", {"f": "f"}, {}, 2, "COPY: cannot create directory /etc/passwd"),
+    ("COPY d /etc/passwd/\n", {"d/x": "x"}, {}, 2, "cannot create directory /etc/passwd"),
+    ("WORKDIR /etc/passwd\nRUN true\n", {}, {}, 3, "WORKDIR /etc/passwd: cannot create directory"),
+    ("COPY <<.. /x/\nhi\n..\n", {}, {}, 2, "COPY failed: Is a directory: /"),
+    ("COPY f \"/a\x00b\"\n", {"f": "f"}, {}, 2, "NUL byte"),
+    ("ENV A=\"a\x00b\"\nRUN true\n", {}, {}, 2, "NUL byte"),
+    ("ARG A=\"a\x00b\"\nRUN true\n", {}, {}, 3, "NUL byte"),
+    ("WORKDIR \"/a\x00b\"\n", {}, {}, 2, "NUL byte"),
+    ("RUN --mount=type=bind,source=\"a\x00\",target=/t true\n", {}, {}, 2, "NUL byte"),
+    ("RUN --mount=type=tmpfs,target=/t,size=1.1.1 true\n", {}, {}, 2, "invalid value for size"),
+    ("RUN --mount=type=tmpfs,target=/t,size=" + "9" * 400 + " true\n", {}, {}, 2, "invalid value for size"),
+    ("ARG U=\u00b2\nCOPY --chown=$U f /x\n", {"f": "f"}, {}, 3, "unable to find user \u00b2"),
+    ("COPY --chown=99999999999999999999 f /x\n", {"f": "f"}, {}, 2, "ids must be below 4294967295"),
+    ("USER 4294967295\nRUN true\n", {}, {}, 3, "ids must be below 4294967295"),
+    ("ADD http://[::1 /x\n", {}, {}, 2, "cannot download"),
+    ("COPY f /x\n", {"f": "f", ".dockerignore": "ok\n[z-a]\n"}, {}, 2, ".dockerignore:2: invalid pattern '[z-a]'"),
+    ("COPY --exclude=[z-a] f /x\n", {"f": "f"}, {}, 2, "COPY --exclude: invalid pattern"),
+]
+
+
+@pytest.mark.parametrize("body,files,links,line,needle", HOSTILE)
+def test_hostile_input_is_one_located_error(rb: Runner, busybox: str, body: str, files: dict[str, str],
+                                            links: dict[str, str], line: int, needle: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, body), **files})
+    symlinks(rb, ctx, links)
+    res = rb.run("build", "--no-cache", ctx, check=False)
+    error = one_error(res, needle)
+    if ".dockerignore:" not in needle:
+        assert f"Containerfile:{line}: " in error, error
+
+
+def test_ignore_file_names_are_bytes(rb: Runner, busybox: str) -> None:
+    """A .dockerignore that is not UTF-8 still ignores the file it names (and is no traceback)."""
+    ctx = rb.context({"Containerfile": cf(busybox, "COPY . /all/\n"), "keep": "k\n", ".dockerignore": b"\xff*\n"})
+    with open(os.path.join(ctx.encode(), b"\xffsecret"), "wb") as f:
+        f.write(b"hunter2\n")
+    rb.own(ctx)
+    out = rb.mkdir()
+    rb.run("build", "-t", "bytesignore", ctx)
+    rb.run("push", "bytesignore", f"oci:{out}/l")
+    assert b"hunter2" not in layout_bytes(f"{out}/l") and "all/keep" in flatten(f"{out}/l")
