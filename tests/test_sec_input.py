@@ -219,9 +219,10 @@ def symlinks(rb: Runner, ctx: str, links: dict[str, str]) -> None:
 # --- 7: .dockerignore'd files stay invisible through symlinks ----------------------------------------------
 
 SECRETS = {".env": "AWS_SECRET=hunter2\n", "secrets/key": "topsecret\n", "secrets/pub": "public\n",
-           "dir/ok": "ok\n", ".dockerignore": ".env\nsecrets\n!secrets/pub\n"}
+           "dir/ok": "ok\n", "pubdir/ok": "ok\n", "pubdir/secret": "topsecret2\n",
+           ".dockerignore": ".env\nsecrets\n!secrets/pub\npubdir/secret\n"}
 SECRET_LINKS = {"env-link": ".env", "sec-link": "secrets", "abs-link": "/.env", "dir/link": "../.env",
-                "dir/sec": "../secrets"}
+                "dir/sec": "../secrets", "pub-link": "pubdir"}
 
 
 def secret_context(rb: Runner, busybox: str, body: str) -> str:
@@ -256,9 +257,11 @@ def test_copy_and_bind_of_the_context_keep_symlinks_and_hide_ignored_targets(rb:
     probe = ("RUN --mount=type=bind,target=/ctx sh -c 'cat /ctx/env-link /ctx/abs-link /ctx/sec-link/key "
              "/ctx/dir/link /ctx/dir/sec/key; test ! -e /ctx/env-link && test ! -e /ctx/sec-link/key && "
              "test ! -e /ctx/dir/link && cat /ctx/sec-link/pub /ctx/dir/ok > /seen'\n"
-             "RUN --mount=type=bind,source=dir,target=/d,rw sh -c 'cat /d/link /d/sec/key; test ! -e /d/link'\n")
+             "RUN --mount=type=bind,source=dir,target=/d,rw sh -c 'cat /d/link /d/sec/key; test ! -e /d/link'\n"
+             "RUN --mount=type=bind,source=pub-link,target=/pl sh -c 'cat /pl/secret; test ! -e /pl/secret && "
+             "cat /pl/ok > /seen-pl'\n")
     ctx = secret_context(rb, busybox, "COPY . /all/\nCOPY dir/ /d/\nCOPY sec-link/pub /p\nCOPY sec-link/p* /g/\n"
-                         + probe)
+                         "COPY pub-link/ /pl/\nCOPY pub-link/* /pg/\n" + probe)
     out = rb.mkdir()
     res = rb.run("build", "-t", "symsecret", ctx)
     assert "hunter2" not in res.stderr and "topsecret" not in res.stderr
@@ -271,6 +274,8 @@ def test_copy_and_bind_of_the_context_keep_symlinks_and_hide_ignored_targets(rb:
                          ("d/link", b"../.env"), ("d/sec", b"../secrets")):
         assert tree[link] == ("symlink", target)  # copied as links, not followed
     assert tree["p"] == ("file", b"public\n") and tree["g/pub"] == ("file", b"public\n")
+    assert tree["pl/ok"] == tree["pg/ok"] == tree["seen-pl"] == ("file", b"ok\n")
+    assert "pl/secret" not in tree and "pg/secret" not in tree
     assert {k for k in tree if k.startswith(("all/secrets", "all/.env"))} == {"all/secrets", "all/secrets/pub"}
 
 
@@ -405,6 +410,7 @@ def test_hostile_input_is_one_located_error(rb: Runner, busybox: str, body: str,
     symlinks(rb, ctx, links)
     res = rb.run("build", "--no-cache", ctx, check=False)
     error = one_error(res, needle)
+    assert "/tmp/rbuild-" not in error and "merged" not in error  # no host path of the build's own
     if ".dockerignore:" not in needle:
         assert f"Containerfile:{line}: " in error, error
 
