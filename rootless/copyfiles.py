@@ -603,9 +603,10 @@ def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str
                         dir_times.append((dst, m.mtime))
                     else:
                         os.utime(dst, (m.mtime, m.mtime))
-        except (tarfile.TarError, EOFError, ValueError, zlib.error, lzma.LZMAError, OSError) as e:
+            for d, t in reversed(dir_times):
+                os.utime(d, (t, t))
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, zlib.error, lzma.LZMAError, OSError) as e:
             if isinstance(e, OSError) and e.errno:  # a real I/O error, not a damaged stream
                 raise
+            # (OverflowError: an owner id or a time beyond what the system can hold)
             raise RbuildError(f"{what}: archive {os.path.basename(path)} is damaged: {e}") from None
-    for d, t in reversed(dir_times):
-        os.utime(d, (t, t))

@@ -364,6 +364,11 @@ def test_a_named_file_outside_the_context_is_read_but_never_quoted(rb: Runner, b
         res = rb.run("build", "-f", named, ctx, check=False)
         one_error(res, f"{named}:1: not a valid Containerfile", "outside the build context")
         assert not _leaks(res)
+    # its warnings wait until it has proved to be a Containerfile: this one is not
+    warned = rb.write(os.path.join(rb.mkdir(), "Containerfile"), cf(busybox, "RUN echo \\\n\n hunter2\nBOGUS x\n"))
+    res = rb.run("build", "-f", warned, ctx, check=False)
+    one_error(res, f"{warned}:5: not a valid Containerfile")
+    assert not _leaks(res) and "BOGUS" not in res.stderr
     # a real Containerfile out there builds, with the ignore file beside it (also outside, also named by -f)
     outside = rb.mkdir()
     rb.write(os.path.join(outside, "Containerfile"), cf(busybox, "COPY . /all/\n"))
@@ -413,6 +418,22 @@ def test_hostile_input_is_one_located_error(rb: Runner, busybox: str, body: str,
     assert "/tmp/rbuild-" not in error and "merged" not in error  # no host path of the build's own
     if ".dockerignore:" not in needle:
         assert f"Containerfile:{line}: " in error, error
+
+
+def test_add_of_an_archive_with_ids_and_times_out_of_range(rb: Runner, busybox: str) -> None:
+    import io
+    import tarfile
+
+    for name, attrs in (("uid", {"uid": 2**40}), ("mtime", {"mtime": 2**70}), ("dirmtime", {"mtime": 2**70})):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+            ti = tarfile.TarInfo("entry")
+            ti.type = tarfile.DIRTYPE if name == "dirmtime" else tarfile.REGTYPE
+            for k, v in attrs.items():
+                setattr(ti, k, v)
+            tf.addfile(ti, None if ti.isdir() else io.BytesIO(b""))
+        ctx = rb.context({"Containerfile": cf(busybox, "ADD evil.tar /x/\n"), "evil.tar": buf.getvalue()})
+        one_error(rb.run("build", ctx, check=False), "Containerfile:2: ADD: archive evil.tar is damaged")
 
 
 def test_ignore_file_names_are_bytes(rb: Runner, busybox: str) -> None:
