@@ -16,6 +16,7 @@ from typing import Any
 from rootless import __version__
 from rootless.errors import RbuildError
 from rootless.flags import attached_flag
+from rootless.fspath import inside
 
 
 class _Parser(argparse.ArgumentParser):
@@ -252,7 +253,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise RbuildError(f"--push: {t} names no registry (use HOST[:PORT]/REPO[:TAG])")
     if args.push and not args.tag:
         raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
-    plan = planner.plan(data, shown, context, build_args, args.target)
+    outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
+    plan = planner.plan(data, shown, context, build_args, args.target, private=outside)
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
     if raw_sde:

@@ -10,14 +10,14 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from rootless import globmatch
 from rootless.errors import RbuildError
-from rootless.fspath import open_regular, secure_join
+from rootless.fspath import inside, open_regular, secure_join
 
 CHUNK = 1 << 20
 
@@ -28,70 +28,95 @@ CHUNK = 1 << 20
 
 @dataclass
 class IgnoreRule:
-    regex: re.Pattern[str]
+    matcher: globmatch.Pattern
     negate: bool
     pattern: str
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
-    """docker's ignore patterns (Go filepath.Match plus `**`), anchored at the context root."""
-    out = ""
+_NOT_SLASH = ("!", "/")  # Go's [^/]
+_NOT_NEWLINE = ("!", "\n")  # Go's `.`
+
+
+def _compile(pattern: str) -> globmatch.Pattern | None:
+    """docker's ignore patterns (Go filepath.Match plus `**`), anchored at the context root, matching the
+    path or anything below it; None when a [...] class is not valid.  Linear-time, whatever the pattern."""
+    out = globmatch.Pattern()
     i = 0
     while i < len(pattern):
         c = pattern[i]
         if c == "*":
             if pattern.startswith("**", i):
                 i += 2
-                if pattern.startswith("/", i):
+                if pattern.startswith("/", i):  # any number of leading directories, or none
                     i += 1
-                    out += "(?:.*/)?"
+                    out.optional(2)
+                    out.loop(_NOT_NEWLINE)
+                    out.char(("=", "/"))
                 else:
-                    out += ".*"
+                    out.loop(_NOT_NEWLINE)
                 continue
-            out += "[^/]*"
+            out.loop(_NOT_SLASH)
         elif c == "?":
-            out += "[^/]"
+            out.char(_NOT_SLASH)
         elif c == "[":
-            j = pattern.find("]", i + 1)
-            if j < 0:
-                out += re.escape(c)
+            first = i + 2 if pattern[i + 1:i + 2] in ("!", "^") else i + 1
+            j = pattern.find("]", first + 1 if pattern[first:first + 1] == "]" else first)  # []] holds "]"
+            if j < 0:  # no class: a literal "["
+                out.char(("=", c))
             else:
-                body = pattern[i + 1:j].replace("\\", "\\\\")
-                if body.startswith("^"):
-                    body = "!" + body[1:]
-                out += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
+                test = globmatch.parse_class(pattern[i + 1:j])
+                if test is None:
+                    return None
+                out.char(test)
                 i = j
         elif c == "\\" and i + 1 < len(pattern):
             i += 1
-            out += re.escape(pattern[i])
+            out.char(("=", pattern[i]))
         else:
-            out += re.escape(c)
+            out.char(("=", c))
         i += 1
-    return re.compile("^" + out + "(?:/.*)?$")
+    out.optional(2)  # what is below a matching directory matches too
+    out.char(("=", "/"))
+    out.loop(_NOT_NEWLINE)
+    return out.end()
 
 
 def load_ignore(context: str, containerfile: str | None) -> list[IgnoreRule]:
+    """The rules of the ignore file next to the Containerfile (-f FILE.containerignore), else the context's.
+
+    One that lies in the build context must stay there: a symlink out of it is refused, not followed
+    (a file the user named outside the context is theirs to name)."""
     candidates = []
     if containerfile and containerfile != "-":
         candidates += [containerfile + ".containerignore", containerfile + ".dockerignore"]
     candidates += [os.path.join(context, ".containerignore"), os.path.join(context, ".dockerignore")]
     for path in candidates:
-        try:
-            with open_regular(path, path) as f:  # a FIFO in the context must not hang the build
-                data = f.read()
-        except OSError:
-            continue
-        try:
-            return patterns_to_rules(data.decode().splitlines())
-        except UnicodeDecodeError:
-            raise RbuildError(f"{path}: not UTF-8 text") from None
+        if os.path.lexists(path):
+            rules = _read_ignore(path, context)
+            if rules is not None:
+                return rules
     return []
 
 
-def patterns_to_rules(lines: list[str]) -> list[IgnoreRule]:
-    """Ignore-file lines (or COPY --exclude patterns) as rules; `!` lines re-include."""
+def _read_ignore(path: str, context: str) -> list[IgnoreRule] | None:
+    shown = os.path.relpath(path)
+    if inside(os.path.dirname(os.path.abspath(path)), context) and not inside(path, context):
+        raise RbuildError(f"{shown}: the ignore file is a symbolic link out of the build context; rbuild does not "
+                          "follow it")
+    try:
+        with open_regular(path, shown) as f:  # a FIFO in the context must not hang the build
+            data = f.read()
+    except OSError:
+        return None
+    lines = data.decode("utf-8", errors="surrogateescape").splitlines()  # names are bytes, as the paths
+    return patterns_to_rules(lines, lambda n: f"{shown}:{n}")
+
+
+def patterns_to_rules(lines: list[str], where: Callable[[int], str]) -> list[IgnoreRule]:
+    """Ignore-file lines (or COPY --exclude patterns) as rules; `!` lines re-include.  where(n): how an
+    error names line n."""
     rules = []
-    for line in lines:
+    for n, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -101,16 +126,20 @@ def patterns_to_rules(lines: list[str]) -> list[IgnoreRule]:
         norm = os.path.normpath(line).lstrip("/")
         if norm in ("", "."):
             continue
-        rules.append(IgnoreRule(_compile(norm), negate, norm))
+        matcher = _compile(norm)
+        if matcher is None:
+            raise RbuildError(f"{where(n)}: invalid pattern {line!r}: a [...] class is empty or has a range that "
+                              "runs backwards")
+        rules.append(IgnoreRule(matcher, negate, norm))
     return rules
 
 
 def ignored(rel: str, rules: list[IgnoreRule]) -> bool:
-    result = False
-    for r in rules:
-        if r.regex.match(rel):
-            result = not r.negate
-    return result
+    """Whether the last rule matching rel excludes it."""
+    for r in reversed(rules):
+        if r.matcher.fullmatch(rel):
+            return not r.negate
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -131,12 +160,36 @@ def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
+def resolve(root: str, rel: str, rules: list[IgnoreRule], what: str, follow_final: bool = True,
+            through: bool = False) -> str | None:
+    """Host path of rel below root, symlinks resolved inside root; None when the build must not see it.
+
+    Ignored files never reach BuildKit's builder, so there a symlink is followed only within what was
+    sent: rel is hidden when it, or a symlink on its way, or where that leads is ignored.  through: rel is
+    a directory to look into, which an ignored one still is when a `!pattern` may re-include something
+    below it.  The path returned may not exist (a dangling symlink).
+    """
+    links: list[str] = []
+    try:
+        host = secure_join(root, rel, follow_final, links)
+    except RbuildError as e:
+        raise RbuildError(f"{what}: {e}") from None
+    if rules:
+        real = os.path.relpath(host, root)
+        if any(ignored(p, rules) for p in links):
+            return None
+        if real != "." and ignored(real, rules) and not (through and any(r.negate for r in rules)):
+            return None
+    return host
+
+
 def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[SourceItem]:
-    """Sources matching `src` below root (globs allowed); symlinks in the path resolve inside root."""
+    """Sources matching `src` below root (globs allowed); symlinks in the path resolve inside root, and
+    ignored files are not there (see resolve)."""
     clean = os.path.normpath("/" + src).lstrip("/")
     if not _has_glob(clean):
-        host = secure_join(root, clean)
-        if not os.path.lexists(host) or (rules and clean and ignored(clean, rules)):
+        host = resolve(root, clean, rules, what)
+        if host is None or not os.path.lexists(host):
             raise RbuildError(f"{what}: {src}: no such file or directory in the build context")
         return [SourceItem(host, clean)]
     parts = clean.split("/")
@@ -144,7 +197,9 @@ def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[Sour
     for part in parts:
         nxt = []
         for base in found:
-            d = secure_join(root, base) if base else root
+            d = resolve(root, base, rules, what, through=True) if base else root
+            if d is None:
+                continue
             if _has_glob(part):
                 try:
                     names = sorted(os.listdir(d))
@@ -153,10 +208,19 @@ def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[Sour
                 nxt += [os.path.join(base, n) if base else n for n in names if fnmatch.fnmatchcase(n, part)]
             else:
                 cand = os.path.join(base, part) if base else part
-                if os.path.lexists(secure_join(root, cand)):
+                host = resolve(root, cand, rules, what, through=True)
+                if host is not None and os.path.lexists(host):
                     nxt.append(cand)
         found = nxt
-    items = [SourceItem(secure_join(root, rel), rel) for rel in found if not (rules and ignored(rel, rules))]
+    items = []
+    for rel in found:
+        host = resolve(root, rel, rules, what)
+        if host is not None and os.path.lexists(host):
+            items.append(SourceItem(host, rel))
+            continue
+        entry = resolve(root, rel, rules, what, follow_final=False)
+        if entry is not None and os.path.islink(entry):  # (an ignored entry is simply not there)
+            raise RbuildError(f"{what}: {src}: {rel} is a symbolic link to nothing in the build context")
     if not items:
         raise RbuildError(f"{what}: {src}: no source files were specified (the pattern matched nothing)")
     return items
@@ -185,10 +249,13 @@ def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple
             yield os.path.join(item.host, p), p
         yield full, rel
 
+    real = os.path.relpath(item.host, root)  # where the item is, symlinks resolved: what the rules judge
+    real = "" if real == "." else real
+
     def excluded(rel: str) -> bool:
         if item.exclude and ignored(rel, item.exclude):
             return True
-        return bool(rules) and ignored(os.path.join(item.rel, rel) if item.rel else rel, rules)
+        return bool(rules) and ignored(os.path.join(real, rel) if real else rel, rules)
 
     for dirpath, dirnames, filenames in os.walk(item.host):
         rel_dir = os.path.relpath(dirpath, item.host)
@@ -393,6 +460,13 @@ class _Copier:
             os.utime(path, ns=(atime, mtime), follow_symlinks=False)
 
 
+def copy_entry(src: str, dst: str) -> None:
+    """src copied to dst as it is: content, mode, owner and times."""
+    copier = _Copier(None, None)
+    copier.entry(src, dst)
+    copier.finish()
+
+
 def _copy_file(src: str, dst: str, size: int) -> None:
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -530,9 +604,10 @@ def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str
                         dir_times.append((dst, m.mtime))
                     else:
                         os.utime(dst, (m.mtime, m.mtime))
-        except (tarfile.TarError, EOFError, ValueError, zlib.error, lzma.LZMAError, OSError) as e:
+            for d, t in reversed(dir_times):
+                os.utime(d, (t, t))
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, zlib.error, lzma.LZMAError, OSError) as e:
             if isinstance(e, OSError) and e.errno:  # a real I/O error, not a damaged stream
                 raise
+            # (OverflowError: an owner id or a time beyond what the system can hold)
             raise RbuildError(f"{what}: archive {os.path.basename(path)} is damaged: {e}") from None
-    for d, t in reversed(dir_times):
-        os.utime(d, (t, t))

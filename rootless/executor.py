@@ -232,6 +232,24 @@ class Executor:
         return env
 
     def step(self, stage: Stage, state: StageState, cmd: Any) -> StageState:
+        """One instruction; whatever stops it is reported at its line."""
+        try:
+            return self._step(stage, state, cmd)
+        except (ContainerfileError, RunFailed):
+            raise
+        except RbuildError as e:
+            if str(e).startswith(f"{self.plan.filename}:"):
+                raise  # located already
+            located = self.err(cmd.node, f"{cmd.node.keyword.upper()}: {e}")
+            located.exit_code = e.exit_code
+            raise located from None
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            raise self.err(cmd.node, f"{cmd.node.keyword.upper()}: {e.strerror or e}{where}") from None
+
+    def _step(self, stage: Stage, state: StageState, cmd: Any) -> StageState:
         from rootless import instructions as ins
 
         node = cmd.node
@@ -241,12 +259,14 @@ class Executor:
         cmd = cmd.expand(self.lexer, self.expand_env(state))
         self.current_shell = list(state.config["config"].get("Shell") or DEFAULT_SHELL)  # for shell forms
         run_args = self.run_args(state)
+        desc = self.describe(cmd)
+        if _holds_nul(cmd, desc, run_args):
+            raise self.err(node, f"{node.keyword.upper()}: a path, argument or variable holds a NUL byte")
         extra: Any = None
         if isinstance(cmd, ins.CopyCmd | ins.AddCmd):
             extra = self.copy_key(state, cmd)
         elif isinstance(cmd, ins.RunCmd) and cmd.mounts:
             extra = self.mount_key(cmd)
-        desc = self.describe(cmd)
         key = _key(state.key, node.keyword, desc, node.original, run_args if isinstance(cmd, ins.RunCmd) else None,
                    extra,
                    state.config["config"].get("WorkingDir"), state.config["config"].get("User"),
@@ -430,7 +450,10 @@ class Executor:
                 uid, gid = u.uid, u.gid
             except RbuildError:
                 pass
-        copyfiles.ensure_dir(merged, workdir, uid, gid)
+        try:
+            copyfiles.ensure_dir(merged, workdir, uid, gid)
+        except RbuildError as e:
+            raise RbuildError(f"WORKDIR {workdir}: {e}") from None
 
     def commit_upper(self, upper: str) -> str | None:
         from rootless import layers
@@ -480,9 +503,11 @@ class Executor:
         self.file_digests.save()
         return out
 
-    def prepare_mounts(self, cmd: Any, stack: contextlib.ExitStack, mnt: str, env: dict[str, str],
+    def prepare_mounts(self, cmd: Any, stack: contextlib.ExitStack, merged: str, env: dict[str, str],
                        scratch: str, workdir: str) -> list[sandbox.MountSpec]:
-        """Resolve RUN --mount specs to host paths (views mounted under mnt, kept open by stack)."""
+        """Resolve RUN --mount specs to host paths (views mounted next to the tree at merged, kept open by
+        stack), each target checked to be a place a mount point can be made."""
+        mnt = os.path.dirname(merged)
         specs: list[sandbox.MountSpec] = []
         what = f"{self.plan.filename}:{cmd.node.start_line}: RUN --mount"
         for i, m in enumerate(cmd.mount_specs()):
@@ -499,6 +524,13 @@ class Executor:
                 rules = self.ignore_rules if kind == "context" else []
                 item = copyfiles.select(view, m.source or ".", rules, what)[0]
                 source = item.host
+                if not os.path.isdir(source):
+                    if not stat.S_ISREG(os.stat(source).st_mode):
+                        raise self.err(cmd.node, f"RUN --mount: {m.source}: only a directory or a regular file can "
+                                                 "be bound")
+                    if not m.readonly:  # BuildKit's rw: the RUN writes to a copy, thrown away after the step
+                        source = os.path.join(scratch, f"file{i}")
+                        copyfiles.copy_entry(item.host, source)
                 layers = [source]
                 mask = os.path.join(scratch, f"mask{i}")
                 if rules and os.path.isdir(source) and copyfiles.write_mask(item, view, rules, mask):
@@ -556,6 +588,10 @@ class Executor:
                 specs.append(sandbox.MountSpec("bind", target or f"/run/secrets/{sid}", copy, True, is_file=True))
             else:
                 raise self.err(cmd.node, f"RUN --mount=type={m.type} is not supported")
+        for spec in specs:
+            fault = _mount_point_fault(merged, spec.target)
+            if fault:
+                raise self.err(cmd.node, f"RUN --mount target {spec.target}: {fault}")
         return specs
 
     def layers_view(self, diff_ids: list[str], path: str, stack: contextlib.ExitStack) -> str:
@@ -607,7 +643,7 @@ class Executor:
                 os.chmod(host, 0o755)
                 files[argv[0]] = host
             with contextlib.ExitStack() as stack:
-                mounts = self.prepare_mounts(cmd, stack, os.path.dirname(merged), run_env, scratch,
+                mounts = self.prepare_mounts(cmd, stack, merged, run_env, scratch,
                                              c.get("WorkingDir") or "/") if cmd.mounts else []
                 spec = sandbox.RunSpec(argv, run_env, c.get("WorkingDir") or "/", user.uid, user.gid, user.groups,
                                        dev_files=files, mounts=mounts)
@@ -714,7 +750,7 @@ class Executor:
                     self.copy_from(merged, view, cmd, dest_abs, owner, chmod, what, False, scratch)
             except OSError as e:
                 raise self.err(cmd.node, f"{cmd.node.keyword.upper()} failed: {e.strerror}: "
-                               f"{e.filename or ''}") from None
+                               f"{_image_path(e.filename, merged)}") from None
 
         return self.with_rootfs(state, action)
 
@@ -761,7 +797,7 @@ def select_items(src_root: str, src: str, cmd: Any, rules: list[copyfiles.Ignore
     """A COPY/ADD source's items, with --exclude applied and --parents' sub-directories worked out."""
     found = copyfiles.select(src_root, src, rules, what)
     if cmd.exclude:
-        exclude = copyfiles.patterns_to_rules(cmd.exclude)
+        exclude = copyfiles.patterns_to_rules(cmd.exclude, lambda n: f"{what} --exclude")
         found = [it for it in found if not copyfiles.ignored(os.path.basename(it.rel), exclude)]
         for it in found:
             it.exclude = exclude
@@ -772,6 +808,50 @@ def select_items(src_root: str, src: str, cmd: Any, rules: list[copyfiles.Ignore
             kept = os.path.relpath(it.rel, base) if base else it.rel
             it.sub = kept if os.path.isdir(it.host) else os.path.dirname(kept)
     return found
+
+
+def _image_path(path: object, merged: str) -> str:
+    """A host path in the tree mounted at merged as the image names it (other paths as they are)."""
+    if not isinstance(path, str):
+        return ""
+    rel = os.path.relpath(path, merged)
+    if rel == ".." or rel.startswith("../"):
+        return path
+    return "/" if rel == "." else "/" + rel
+
+
+def _holds_nul(cmd: Any, desc: str, run_args: dict[str, str]) -> bool:
+    """Whether an instruction that reaches files or runs a process would pass on a NUL byte, which no path,
+    argument or environment variable can hold."""
+    from rootless import instructions as ins
+
+    if isinstance(cmd, ins.RunCmd):
+        texts = [desc, *cmd.mounts, *run_args, *run_args.values()]
+    elif isinstance(cmd, ins.CopyCmd | ins.AddCmd | ins.WorkdirCmd | ins.EnvCmd | ins.UserCmd):
+        texts = [desc]
+    else:
+        return False
+    return any("\0" in t for t in texts)
+
+
+def _mount_point_fault(root: str, target: str) -> str | None:
+    """Why no mount point can be made at target in the tree at root (a directory on the way is a file, or
+    a symlink leading nowhere), or None."""
+    parts = [p for p in target.split("/") if p]
+    for n in range(1, len(parts) + 1):
+        path = "/" + "/".join(parts[:n])
+        try:
+            host = secure_join(root, path)
+        except RbuildError as e:
+            return str(e)
+        if os.path.lexists(host):
+            if n < len(parts) and not os.path.isdir(host):
+                return f"{path} is not a directory in the image"
+            continue
+        if os.path.islink(secure_join(root, path, follow_final=False)):
+            return f"{path} is a symbolic link to nothing in the image"
+        return None  # the rest is made
+    return None
 
 
 def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
@@ -861,7 +941,12 @@ def _download(url: str, into: str, what: str) -> Download:
     import urllib.parse
     import urllib.request
 
-    name = os.path.basename(urllib.parse.urlparse(url).path) or "index.html"
+    try:
+        name = os.path.basename(urllib.parse.urlparse(url).path)
+    except ValueError as e:  # a malformed URL, such as http://[::1
+        raise RbuildError(f"{what}: cannot download {url}: {e}") from None
+    if name in ("", ".", ".."):
+        name = "index.html"
     d = tempfile.mkdtemp(dir=into)
     path = os.path.join(d, name)
     h = hashlib.sha256()

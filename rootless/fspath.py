@@ -12,11 +12,12 @@ from rootless.errors import RbuildError
 _MAX_LINKS = 255
 
 
-def secure_join(root: str, path: str, follow_final: bool = True) -> str:
+def secure_join(root: str, path: str, follow_final: bool = True, followed: list[str] | None = None) -> str:
     """Host path of `path` in the tree at `root`, following symlinks as if root were "/".
 
     `..` never climbs above root and absolute link targets restart at root, so the result is
     always inside root (unless something swaps a component concurrently, which nothing does in a build).
+    Each symlink followed is appended to `followed` (its path below root), for callers that judge them.
     """
     parts = [p for p in path.split("/") if p and p != "."]
     resolved: list[str] = []
@@ -32,6 +33,8 @@ def secure_join(root: str, path: str, follow_final: bool = True) -> str:
             links += 1
             if links > _MAX_LINKS:
                 raise RbuildError(f"too many levels of symbolic links resolving {path}")
+            if followed is not None:
+                followed.append("/".join([*resolved, part]))
             target = os.readlink(candidate)
             if target.startswith("/"):
                 resolved = []
@@ -94,3 +97,9 @@ def open_regular(path: str, shown: str, *, dir_fd: int | None = None, follow: bo
     except BaseException:
         os.close(fd)
         raise
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether path, all symlinks resolved, is root or below it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip("/") + "/")

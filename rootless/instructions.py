@@ -898,7 +898,11 @@ def _ram_in_bytes(value: str) -> int | None:
     if not m:
         return None
     mult = 1 << (10 * "kmgtp".find(m.group(2).lower()) + 10) if m.group(2) else 1
-    return int(float(m.group(1)) * mult)
+    try:
+        size = float(m.group(1)) * mult  # "1.2.3" fits the pattern but is no number, as in Go
+    except ValueError:
+        return None
+    return int(size) if size < 2**63 else None
 
 
 def parse_mount(value: str, expanded: bool = True) -> Mount:

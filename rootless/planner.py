@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from rootless import image as img
 from rootless.errors import ContainerfileError, RbuildError
+from rootless.fspath import inside
+
+if TYPE_CHECKING:
+    from rootless.containerfile import Containerfile
 
 # ARGs docker predefines: usable without an ARG line, left out of the image history
 PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy",
@@ -64,25 +69,56 @@ def read_containerfile(path: str) -> tuple[bytes, str]:
 
 
 def find_containerfile(context: str, given: str | None) -> str:
-    """-f as given (relative to the current directory, as docker does), else Containerfile then Dockerfile."""
+    """-f as given (relative to the current directory, as docker does: a file the user names is theirs to
+    name), else Containerfile then Dockerfile in the context, which must not lead out of it."""
     if given:
         return given
     for name in ("Containerfile", "Dockerfile"):
         p = os.path.join(context, name)
         if os.path.exists(p):
+            if not inside(p, context):
+                raise RbuildError(f"{os.path.relpath(p)} is a symbolic link out of the build context; rbuild does "
+                                  "not follow it (name the file with -f to use it)")
             if not os.path.isfile(p):  # -f may name a pipe (`-f <(...)`); the context's own must not hang
                 raise RbuildError(f"{p} is not a regular file")
             return p
     raise RbuildError(f"no Containerfile or Dockerfile in the build context {context}")
 
 
-def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], target: str | None) -> Plan:
-    from rootless import containerfile, instructions
+def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], target: str | None,
+         private: bool = False) -> Plan:
+    """The plan for a Containerfile's text.
+
+    private: the file lies outside the build context and may be anything (a credentials file a symlink
+    named as the Containerfile led to), so a fault in it is named by file and line only, without its
+    text, and its warnings wait until it has proved to be a Containerfile.
+    """
+    from rootless import containerfile
+
+    try:
+        cf = containerfile.parse(data, filename)
+        if not private:
+            _warn(cf.warnings)
+        result = _plan(cf, filename, context, build_args, target)
+    except ContainerfileError as e:
+        if not private:
+            raise
+        raise ContainerfileError(f"not a valid Containerfile (its text is not shown: the file is outside the "
+                                 f"build context; `rbuild parse -f {filename}` shows it)", e.filename, e.line) from None
+    if private:
+        _warn(cf.warnings)
+    return result
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        print(w, file=sys.stderr)
+
+
+def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, str], target: str | None) -> Plan:
+    from rootless import instructions
     from rootless.shell import Lexer
 
-    cf = containerfile.parse(data, filename)
-    for w in cf.warnings:
-        print(w, file=sys.stderr)
     lexer = Lexer(cf.escape)
     meta: dict[str, str] = dict(platform_args())
     stages: list[Stage] = []

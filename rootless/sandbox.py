@@ -79,29 +79,37 @@ def _read_db(root: str, name: str) -> list[list[str]]:
         return [line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")]
 
 
+_NO_ID = 2**32 - 1  # (uid_t)-1 means "no change" to chown and setresuid: no process or file has it
+
+
+def _is_number(s: str) -> bool:
+    """ASCII digits only: "²" is a digit to str.isdigit, but no number to int() (or to docker)."""
+    return s.isascii() and s.isdigit()
+
+
 def resolve_user(root: str, spec: str) -> User:
     """docker's USER semantics: name or uid, optional :group; names looked up in the image's files."""
     user, _, group = (spec or "0").partition(":")
     passwd = _read_db(root, "passwd")
     entry = None
-    if user.isdigit():
+    if _is_number(user):
         uid = int(user)
         entry = next((e for e in passwd if len(e) >= 7 and e[2] == user), None)
     else:
         entry = next((e for e in passwd if len(e) >= 7 and e[0] == user), None)
         if entry is None:
             raise RbuildError(f"unable to find user {user}: no matching entries in passwd file")
-        uid = int(entry[2]) if entry[2].isdigit() else 0
-    gid = int(entry[3]) if entry and entry[3].isdigit() else 0
+        uid = int(entry[2]) if _is_number(entry[2]) else 0
+    gid = int(entry[3]) if entry and _is_number(entry[3]) else 0
     home = entry[5] if entry else "/"
     if uid == 0 and not entry:
         home = "/root"
     groupdb = _read_db(root, "group")
     if group:
-        if group.isdigit():
+        if _is_number(group):
             gid = int(group)
         else:
-            g = next((e for e in groupdb if len(e) >= 3 and e[0] == group and e[2].isdigit()), None)
+            g = next((e for e in groupdb if len(e) >= 3 and e[0] == group and _is_number(e[2])), None)
             if g is None:
                 raise RbuildError(f"unable to find group {group}: no matching entries in group file")
             gid = int(g[2])
@@ -109,7 +117,9 @@ def resolve_user(root: str, spec: str) -> User:
     else:
         name = entry[0] if entry else None
         groups = sorted({int(e[2]) for e in groupdb
-                         if len(e) >= 4 and e[2].isdigit() and name and name in e[3].split(",")} - {gid})
+                         if len(e) >= 4 and _is_number(e[2]) and name and name in e[3].split(",")} - {gid})
+    if max(uid, gid, *groups) >= _NO_ID:
+        raise RbuildError(f"user {spec}: user and group ids must be below {_NO_ID}")
     return User(uid, gid, groups, home)
 
 
@@ -207,6 +217,17 @@ def _readonly_tree(top: str) -> None:
         _try(linux.mount, None, point, None, flags)
 
 
+def _restrict_bind(target: str, readonly: bool) -> None:
+    """A RUN --mount bind is nosuid and nodev (and read-only when asked), keeping what its source locks."""
+    flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV
+    st = os.statvfs(target)
+    if readonly or st.f_flag & os.ST_RDONLY:
+        flags |= linux.MS_RDONLY
+    if st.f_flag & os.ST_NOEXEC:
+        flags |= linux.MS_NOEXEC
+    linux.mount(None, target, None, flags)
+
+
 def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) -> None:
     """In pid 1 of the new namespaces: build the container view and exec. Never returns."""
     try:
@@ -254,8 +275,7 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
                 linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts)
                 continue
             linux.mount(m.source, target, None, linux.MS_BIND | linux.MS_REC)
-            if m.readonly:
-                linux.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+            _restrict_bind(target, m.readonly)
         # masks and read-only parts of /proc and /sys
         for path in MASKED_PATHS:
             host = secure_join(root, path)

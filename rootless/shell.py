@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from rootless import globmatch
 from rootless.errors import RbuildError
 
 __all__ = ["ShellError", "Lexer", "go_quote", "GO_SPACES"]
@@ -21,7 +22,7 @@ GO_SPACES = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006
 _SPACE_SET = frozenset(GO_SPACES)
 _EOF = ""  # what _peek()/_next() return at the end of the word
 _SURROGATES = re.compile("[\ud800-\udfff]")
-_REGEX_SPECIAL = frozenset("[]{}.+()|^$")
+_NOT_NEWLINE = ("!", "\n")  # Go's `.`
 _ASCII_SPACE_RUN = re.compile("[\t\n\v\f\r ]+")
 
 
@@ -329,12 +330,12 @@ class _Run:
             value, found = self.get_env(name)
             if skip_unset and not found:
                 return "${" + name + "/" + pattern + "/" + replacement + "}"
-            rx = _shell_pattern_regex(pattern, True, False)
+            rx = _shell_pattern(pattern)
             if replace_all:
                 return _go_replace_all(rx, value, replacement)
             m = rx.search(value)
             if m:
-                value = value[:m.start()] + replacement + value[m.end():]
+                value = value[:m[0]] + replacement + value[m[1]:]
             return value
         raise ShellError(f"unsupported modifier ({chs}) in substitution")
 
@@ -363,22 +364,22 @@ class _Run:
         return src[start:end]
 
 
-def _shell_pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Pattern[str]:
-    """BuildKit's convertShellPatternToRegex: `?` one char, `*` any run, `\\` escapes * ? and \\."""
+def _shell_pattern(pattern: str) -> globmatch.Pattern:
+    """BuildKit's convertShellPatternToRegex, as a linear-time automaton: `?` one character, `*` any run
+    (neither crosses a newline, as Go's `.` does not), `\\` escapes * ? and \\; the rest is literal."""
     if pattern.startswith("\ufeff"):
         pattern = pattern[1:]
-    out = ["^"] if anchored else []
-    star = ".*" if greedy else ".*?"
+    out = globmatch.Pattern()
     i = 0
     n = len(pattern)
     while i < n:
         tok = pattern[i]
         i += 1
         if tok == "*":
-            out.append(star)
+            out.loop(_NOT_NEWLINE)
             continue
         if tok == "?":
-            out.append(".")
+            out.char(_NOT_NEWLINE)
             continue
         if tok == "\\":
             if i < n and pattern[i] in "}/":
@@ -388,10 +389,8 @@ def _shell_pattern_regex(pattern: str, greedy: bool, anchored: bool) -> re.Patte
             if tok not in ("*", "?", "\\") or tok == "":
                 shown = tok or "\ufffd"
                 raise ShellError(f"invalid pattern ({pattern}) in substitution: invalid escape '\\{shown}'")
-            out.append("\\" + tok)
-            continue
-        out.append("\\" + tok if tok in _REGEX_SPECIAL else tok)
-    return re.compile("".join(out))
+        out.char(("=", tok))
+    return out.end()
 
 
 def _reverse_pattern(pattern: str) -> str:
@@ -413,16 +412,16 @@ def _reverse_pattern(pattern: str) -> str:
 
 
 def _trim_prefix(pattern: str, value: str, greedy: bool) -> str:
-    m = _shell_pattern_regex(pattern, greedy, True).search(value)
-    return value[m.end():] if m else value
+    end = _shell_pattern(pattern).prefix(value, longest=greedy)
+    return value if end is None else value[end:]
 
 
 def _trim_suffix(pattern: str, value: str, greedy: bool) -> str:
-    # Regexes cannot find the shortest rightmost match, so BuildKit reverses both sides.
+    # BuildKit finds the shortest rightmost match by reversing both sides; so does this.
     return _trim_prefix(_reverse_pattern(pattern), value[::-1], greedy)[::-1]
 
 
-def _go_replace_all(rx: re.Pattern[str], src: str, template: str) -> str:
+def _go_replace_all(rx: globmatch.Pattern, src: str, template: str) -> str:
     """Go's Regexp.ReplaceAllString: $name/${name} template expansion, Go's empty-match rules."""
     out = []
     last_end = 0
@@ -432,10 +431,10 @@ def _go_replace_all(rx: re.Pattern[str], src: str, template: str) -> str:
         m = rx.search(src, search)
         if m is None:
             break
-        a, b = m.span()
+        a, b = m
         out.append(src[last_end:a])
         if b > last_end or a == 0:
-            out.append(_go_expand(template, m.group(0)))
+            out.append(_go_expand(template, src[a:b]))
         last_end = b
         search = search + 1 if search + 1 > b else b  # always advance at least one character
     out.append(src[last_end:])
