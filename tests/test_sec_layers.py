@@ -341,9 +341,10 @@ DOWNGRADE = r"""
 # manifests naming every layer by its diff_id, uncompressed.
 import gzip, hashlib, json, os, shutil, sys
 from rootless import layers
-from rootless.store import chain_ids
 root = sys.argv[1]
 single = os.environ["SINGLE"] == "1"
+if json.load(open(os.path.join(root, "store.json")))["version"] == 1:
+    sys.exit(0)  # made by an rbuild of format 1 already
 blob = lambda d: os.path.join(root, "blobs", "sha256", d[7:])
 read = lambda d: json.load(open(blob(d), "rb"))
 index = json.load(open(os.path.join(root, "images.json")))
@@ -352,8 +353,9 @@ never_stored, originals = set(), set()
 for rec in index["images"]:
     diff_ids = read(rec["id"])["rootfs"]["diff_ids"]
     manifest = read(rec["manifest"])
-    lowers = []
-    for d, c, desc in zip(diff_ids, chain_ids(diff_ids), manifest["layers"]):
+    lowers, c = [], ""
+    for d, desc in zip(diff_ids, manifest["layers"]):
+        c = d if not c else "sha256:" + hashlib.sha256(f"{c} {d}".encode()).hexdigest()  # the chain id
         dest = os.path.join(root, "layers", d[7:])
         if desc["digest"] == d:  # made by a build
             os.rename(os.path.join(root, "chains", c[7:]), dest)
