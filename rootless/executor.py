@@ -416,7 +416,7 @@ class Executor:
     def with_rootfs(self, state: StageState, action: Callable[[str, str], None], untrusted: bool = False) -> bool:
         """Mount the state's layers with a fresh upper dir, run action(merged, scratch), commit the upper.
 
-        `untrusted`: the action ran a RUN, so rbuild's own records in the upper are checked (`layers.normalize`).
+        `untrusted`: the action runs a RUN, so rbuild's own records in the upper are checked (`layers.normalize`).
         """
         lowers = self.store.layer_dirs(state.layers)
         with self.store.staging("step-") as tmp, self.store.mountpoints() as mnt:
@@ -450,11 +450,11 @@ class Executor:
                 pass
         copyfiles.ensure_dir(merged, workdir, uid, gid)
 
-    def commit_upper(self, upper: str, below: list[str], untrusted_over: list[str] | None) -> str | None:
-        """Make the upper a layer on top of the diff_ids `below`; untrusted_over: the lower dirs of a RUN."""
+    def commit_upper(self, upper: str, below: list[str], run_lowers: list[str] | None) -> str | None:
+        """Make the upper a layer on top of the diff_ids `below`; run_lowers: the lower dirs of a RUN."""
         from rootless import layers
 
-        layers.normalize(upper, set_mtime=self.opts.timestamp, clamp_mtime=self.clamp, lowers=untrusted_over)
+        layers.normalize(upper, set_mtime=self.opts.timestamp, clamp_mtime=self.clamp, run_lowers=run_lowers)
         if not os.listdir(upper):
             return None
         diff_id, size = layers.write_tar(upper, None)

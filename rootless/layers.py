@@ -20,7 +20,7 @@ rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the 
 
 Such records are never read from a layer: ``user.rbuild.*`` and ``user.overlay.*`` xattrs in a tar are
 dropped at unpack. Nor from what a RUN wrote (it can set ``user.*`` xattrs): `normalize` keeps a record
-in a RUN's upper dir only where it is the one overlay copy-up brought from the lower entry at that path.
+in a RUN's upper dir only where the lower layers hold it at the same path (see `_Scrub`).
 A malformed record is a `LayerError`. Kept xattrs are ``user.*`` and ``security.capability`` (file capabilities); others
 (``trusted.*``, ``security.selinux``, ACLs) cannot be set unprivileged and would make output host-dependent.
 
@@ -786,61 +786,100 @@ def unpack(stream: BinaryIO, dest: str, *, lowers: Sequence[str] = (), single_ui
 
 
 def normalize(layer_dir: str, *, set_mtime: int | None = None, clamp_mtime: int | None = None,
-              lowers: Sequence[str] | None = None) -> None:
+              run_lowers: Sequence[str] | None = None) -> None:
     """Make an overlay upper dir a store layer dir: drop overlay-private xattrs, apply mtime policy.
 
     `set_mtime` (--timestamp) gives every entry that mtime; `clamp_mtime` (SOURCE_DATE_EPOCH) lowers
-    newer mtimes to it. Symlinks are never followed.
-
-    `lowers` (top first) is given for an upper a RUN wrote: a RUN may set ``user.*`` xattrs, so rbuild's
-    own records there are only kept where they are what overlay copy-up brought from the lower entry at
-    the same path (see `_Scrub`); every other ``user.rbuild.*`` xattr is removed.
+    newer mtimes to it. Symlinks are never followed. `run_lowers` (top first) is given for an upper a
+    RUN wrote: then rbuild's own records in it are checked against those lowers (see `_Scrub`).
     """
-    scrub = _Scrub(lowers) if lowers is not None else None
+    scrub = _Scrub(run_lowers) if run_lowers is not None else None
     root = os.open(layer_dir, _DIRFLAGS)
     try:
         _depth_first(_normalize_dir(root, set_mtime, clamp_mtime, scrub, (), False))
+        if scrub is not None:
+            scrub.finish(root)
     except OSError as e:
         raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
     finally:
         os.close(root)
 
 
-class _Scrub:
-    """Keeps a record in a RUN's upper only if it equals the record of the entry the merged lowers hold at
-    that path, that entry is of the same type, and (for an owner record) the RUN did not chown the copy.
+_Ref = tuple[int, int, int, dict[str, bytes]]  # an entry's file type, owner and rbuild records
 
-    So a RUN's output never claims more than its lower layers did for that path: it cannot forge a device
-    or an owner, nor copy a valid record onto another file. ``user.rbuild.lstat`` is always removed:
-    copied up with a directory it names the lower's children by their inode, which no entry of the
-    upper can have, so it could only ever be forged. What a RUN can do to a recorded entry is what it
-    could do to a real one: change its mode or content, delete it.
+
+def _records(target: int | bytes, follow_symlinks: bool = True) -> dict[str, bytes]:
+    """The user.rbuild.* xattrs of a file, directory or (not following it) path."""
+    return {n: os.getxattr(target, n, follow_symlinks=follow_symlinks)
+            for n in os.listxattr(target, follow_symlinks=follow_symlinks) if n.startswith("user.rbuild.")}
+
+
+class _Scrub:
+    """rbuild's records in the upper dir of a RUN, which can set ``user.*`` xattrs.
+
+    A record is kept only where the merged lowers hold the same record at the same path (overlay copy-up
+    brought it along), on an entry of the same type, and for an owner record only while the entry's
+    owner is unchanged (a chown since makes it stale). rbuild writes no record into a RUN's upper before
+    it runs (WORKDIR's directories belong to the RUN's user, which the namespace maps). So a RUN's
+    output never claims more for a path than its lowers did: it cannot forge a device or an owner, nor
+    move a valid record to another file; what it can do to a recorded entry is what it could do to a
+    real one (chmod, write, delete). ``user.rbuild.lstat`` names children by inode number, which nothing
+    a RUN makes can match: it is always removed. A hard-linked file keeps what any of its names keeps.
     """
 
     def __init__(self, lowers: Sequence[str]) -> None:
         self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
+        self.links: dict[tuple[int, int], tuple[tuple[bytes, ...], set[str]]] = {}
 
-    def __call__(self, fd: int, comps: tuple[bytes, ...], st: os.stat_result, hidden: bool) -> None:
-        names = [n for n in os.listxattr(fd) if n.startswith("user.rbuild.")]
-        if not names:
+    def scrub(self, fd: int, comps: tuple[bytes, ...], st: os.stat_result, hidden: bool) -> None:
+        """Check the records of the upper's entry `comps` (open as fd); `hidden`: under an opaque dir."""
+        recs = _records(fd)
+        if not recs:
             return
+        ref = None
         lower = None if hidden else _merged_entry(self.lowers, comps)
-        lst = os.lstat(lower) if lower is not None else None
-        for name in names:
-            if not self._copied_up(fd, name, st, lower, lst):
-                os.removexattr(fd, name)
+        if lower is not None:
+            lst = os.lstat(lower)
+            ref = (stat.S_IFMT(lst.st_mode), lst.st_uid, lst.st_gid, _records(lower, follow_symlinks=False))
+        good = {n for n, v in recs.items() if _as_before(n, v, st, ref)}
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:  # decided once every name was seen (`finish`)
+            key = (st.st_dev, st.st_ino)
+            seen = self.links.get(key)
+            self.links[key] = (comps, good | (seen[1] if seen else set()))
+            return
+        for n in recs.keys() - good:
+            os.removexattr(fd, n)
 
-    @staticmethod
-    def _copied_up(fd: int, name: str, st: os.stat_result, lower: bytes | None,
-                   lst: os.stat_result | None) -> bool:
-        if lower is None or lst is None or stat.S_IFMT(st.st_mode) != stat.S_IFMT(lst.st_mode):
-            return False
-        if name == XATTR_STAT:
-            if (st.st_uid, st.st_gid) != (lst.st_uid, lst.st_gid):
-                return False  # chowned since: the record no longer tells the owner
-        elif name != XATTR_DEV or not stat.S_ISREG(st.st_mode):
-            return False
-        return _getxattr(lower, name, follow_symlinks=False) == os.getxattr(fd, name)
+    def finish(self, root: int) -> None:
+        """Remove, from each hard-linked file, the records none of its names kept."""
+        for (dev, ino), (comps, good) in self.links.items():
+            fd = root
+            try:
+                for c in comps[:-1]:
+                    nfd = os.open(c, _DIRFLAGS, dir_fd=fd)
+                    if fd != root:
+                        os.close(fd)
+                    fd = nfd
+                nfd = _open_meta(fd, comps[-1])
+                if fd != root:
+                    os.close(fd)
+                fd = nfd
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    for n in _records(fd).keys() - good:
+                        os.removexattr(fd, n)
+            finally:
+                if fd != root:
+                    os.close(fd)
+
+
+def _as_before(name: str, value: bytes, st: os.stat_result, ref: _Ref | None) -> bool:
+    """The record `name`=`value` on an entry like st is the one the lower entry `ref` had."""
+    if ref is None or ref[0] != stat.S_IFMT(st.st_mode) or ref[3].get(name) != value:
+        return False
+    if name == XATTR_STAT:
+        return (st.st_uid, st.st_gid) == (ref[1], ref[2])  # chowned since: the record no longer tells the owner
+    return name == XATTR_DEV and stat.S_ISREG(st.st_mode)
 
 
 def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | None:
@@ -910,7 +949,7 @@ def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None, scrub: _S
         elif xname.startswith("user.overlay."):
             os.removexattr(dfd, xname)
     if scrub is not None:
-        scrub(dfd, comps, os.fstat(dfd), hidden or opaque)  # an opaque dir is new, not a copy
+        scrub.scrub(dfd, comps, os.fstat(dfd), hidden or opaque)  # an opaque dir is new, not a copy
     with os.scandir(dfd) as it:
         entries = list(it)
     for e in entries:
@@ -930,7 +969,7 @@ def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None, scrub: _S
                     if xname.startswith("user.overlay."):
                         os.removexattr(fd, xname)
                 if scrub is not None:
-                    scrub(fd, comps + (name,), st, hidden or opaque)
+                    scrub.scrub(fd, comps + (name,), st, hidden or opaque)
             finally:
                 os.close(fd)
         _set_time(dfd, e.name, st, set_mtime, clamp)

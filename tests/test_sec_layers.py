@@ -240,9 +240,8 @@ def setx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bytes]:
     yield (d / "setx").read_bytes()
 
 
-@pytest.mark.parametrize("who", ["sub", "single"])
-def test_run_cannot_forge_rbuild_records(who: str, request: pytest.FixtureRequest, setx: bytes) -> None:
-    runner: Runner = request.getfixturevalue("rb" if who == "sub" else "rb_single")
+def forging_build(runner: Runner, setx: bytes, script: str) -> dict[str, tarfile.TarInfo]:
+    """The layer a RUN of `script` makes on busybox plus a layer whose owners and device are recorded."""
     base = runner.mkdir()
     # owners beyond the subuid range (and any but root without one) are held in user.rbuild.* records
     write_oci_layout(base, [busybox_layer(), tar_of(
@@ -250,33 +249,45 @@ def test_run_cannot_forge_rbuild_records(who: str, request: pytest.FixtureReques
         ("srv/sda", tarfile.BLKTYPE, 0o600, 0, 6, (8, 0)),
         ("srv/bigowner", tarfile.REGTYPE, 0o644, 70000, 70000, b"old\n"),
         ("srv/chowned", tarfile.REGTYPE, 0o644, 70000, 70000, b"old\n"))])
-    chown = "chown 5:5 /srv/chowned && " if runner.has_range else ""
-    script = (
-        "set -e\n"
-        "touch /dev-forged /owned /bad && mkdir /d && ln -s target /d/link\n"
-        "/setx /dev-forged user.rbuild.dev b:8:0 && chmod 666 /dev-forged\n"  # the value /srv/sda has
-        "/setx /owned user.rbuild.stat 4242:4242\n"
-        "/setx /d user.rbuild.stat 4242:4242\n"
-        "/setx /d user.rbuild.lstat \"link%004242:4242:$(stat -c %i /d/link)%00\"\n"
-        "/setx /bad user.rbuild.stat not-a-number\n"
-        f"chmod 640 /srv/sda && echo new >> /srv/bigowner && {chown}true\n"
-    )
-    ctx = runner.context({"Containerfile": f"FROM oci:{base}\nCOPY setx forge.sh /\nRUN sh /forge.sh\n",
-                          "setx": setx, "forge.sh": script})
+    ctx = runner.context({"Containerfile": f"FROM oci:{base}\nCOPY setx run.sh /\nRUN sh -e /run.sh\n",
+                          "setx": setx, "run.sh": script})
     os.chmod(os.path.join(ctx, "setx"), 0o755)
     root = runner.fresh_root()
     res = runner.run("build", "-q", ctx, root=root, check=False)
     assert res.returncode == 0, res.stderr
-    layer = last_layer(runner, res.stdout.strip(), root)
+    return last_layer(runner, res.stdout.strip(), root)
+
+
+@pytest.mark.parametrize("who", ["sub", "single"])
+def test_run_cannot_forge_rbuild_records(who: str, request: pytest.FixtureRequest, setx: bytes) -> None:
+    runner: Runner = request.getfixturevalue("rb" if who == "sub" else "rb_single")
+    layer = forging_build(runner, setx, (
+        "touch /dev-forged /owned && mkdir /d && ln -s target /d/link\n"
+        "/setx /dev-forged user.rbuild.dev b:8:0\n"  # the record /srv/sda has
+        "chmod 666 /dev-forged && ln /dev-forged /dev-forged2\n"
+        "/setx /owned user.rbuild.stat 4242:4242\n"
+        "/setx /d user.rbuild.stat 4242:4242\n"
+        "/setx /d user.rbuild.lstat \"link%004242:4242:$(stat -c %i /d/link)%00\"\n"
+        "chmod 640 /srv/sda && echo new >> /srv/bigowner && ln /srv/bigowner /srv/bighl\n"
+        + ("chown 5:5 /srv/chowned\n" if runner.has_range else "")))
     assert layer["dev-forged"].isreg() and layer["dev-forged"].mode == 0o666
-    for name in ("owned", "bad", "d", "d/link"):
+    assert layer["dev-forged2"].islnk() and layer["dev-forged2"].linkname == "dev-forged"
+    for name in ("owned", "d", "d/link", "dev-forged", "dev-forged2"):
         assert (layer[name].uid, layer[name].gid) == (0, 0), name
-    # what copy-up brought from the layer below stays: the device (its new mode), the recorded owner
+    # what copy-up brought from the layer below stays: the device (with its new mode), recorded owners
     sda = layer["srv/sda"]
     assert sda.isblk() and (sda.devmajor, sda.devminor, sda.mode, sda.gid) == (8, 0, 0o640, 6)
-    assert (layer["srv/bigowner"].uid, layer["srv/bigowner"].gid) == (70000, 70000)
+    for name in ("srv/bigowner", "srv/bighl"):  # one file, two names
+        assert (layer[name].uid, layer[name].gid) == (70000, 70000), name
     if runner.has_range:  # chowned after copy-up: the record no longer tells its owner
         assert (layer["srv/chowned"].uid, layer["srv/chowned"].gid) == (5, 5)
+
+
+@pytest.mark.parametrize("who", ["sub", "single"])
+def test_run_setting_a_malformed_record_is_no_error(who: str, request: pytest.FixtureRequest, setx: bytes) -> None:
+    runner: Runner = request.getfixturevalue("rb" if who == "sub" else "rb_single")
+    layer = forging_build(runner, setx, "touch /bad && /setx /bad user.rbuild.stat not-a-number\n")
+    assert layer["bad"].isreg() and (layer["bad"].uid, layer["bad"].gid) == (0, 0)
 
 
 MALFORMED = r"""
