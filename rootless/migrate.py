@@ -13,12 +13,12 @@ tar, taken from (first that works)
 * the blobs format 1 recorded for the diff_id (the first importer's, and compressions rbuild made),
   each verified to decompress to exactly the diff_id, trailing bytes refused.
 
-The new tree is built under tmp/ and renamed to chains/ only when complete; then store.json says format
-2 and layers/ is removed. A crash before that rename leaves the format-1 store as it was (the staging
-directory is swept); after it, the next open finishes the last two steps. An image whose layer has no
-usable tar keeps its record, without that layer: a FROM pulls it again (`transports.complete`). Build
-cache entries (lists of diff_ids) stay valid. Runs inside the user namespace (the files belong to
-subordinate ids), holding the store exclusively.
+The new tree is built under tmp/ and renamed to chains/ only when complete; then the step cache is
+emptied (a step may have run on another image's view of its parent directories), store.json says
+format 2 and layers/ is removed. A crash before that rename leaves the format-1 store as it was (the
+staging directory is swept); after it, the next open finishes the rest. An image whose layer has no
+usable tar keeps its record, without that layer: a FROM pulls it again (`transports.complete`). Runs
+inside the user namespace (the files belong to subordinate ids), holding the store exclusively.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ def upgrade(store: Store, single_uid: bool) -> None:
                 for rec in store.images():
                     _convert_image(store, rec, new, tmp, single_uid, failed)
                 os.rename(new, final)
+        cache = os.path.join(store.root, "cache")
+        for name in os.listdir(cache):
+            if name.endswith(".json") and not name.startswith("files-"):  # files-*: context file digests
+                os.unlink(os.path.join(cache, name))
         store.set_version(STORE_VERSION)
         rmtree(os.path.join(store.root, "layers"))
 
