@@ -20,9 +20,10 @@ rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the 
 
 Such records are never read from a layer: ``user.rbuild.*`` and ``user.overlay.*`` xattrs in a tar are
 dropped at unpack. Nor from what a RUN wrote (it can set ``user.*`` xattrs): `normalize` keeps a record
-in a RUN's upper dir only where the lower layers hold it at the same path (see `_Scrub`).
-A malformed record is a `LayerError`. Kept xattrs are ``user.*`` and ``security.capability`` (file capabilities); others
-(``trusted.*``, ``security.selinux``, ACLs) cannot be set unprivileged and would make output host-dependent.
+in a RUN's upper dir only where the lower layers hold it at the same path (see `_Scrub`). A malformed
+record is a `LayerError`. Kept xattrs are ``user.*`` and ``security.capability`` (file capabilities);
+others (``trusted.*``, ``security.selinux``, ACLs) cannot be set unprivileged and would make output
+host-dependent.
 
 Unpacking never follows a symlink and never touches anything outside `dest`: every path is walked from
 a directory fd with O_NOFOLLOW, a parent that is a symlink (in this layer or in the merged view of the
@@ -1303,7 +1304,7 @@ class _GzipMembers(io.RawIOBase):
                 self.pending, self.dec = self.dec.unused_data, None
                 continue
             data = b""
-            if self.dec.needs_input:
+            if self.pending or self.dec.needs_input:
                 data, self.pending = self.pending or self.raw.read(CHUNK), b""
                 if not data:
                     raise LayerError(f"blob {self.what}: corrupt compressed data: the gzip stream ends inside a "
