@@ -191,17 +191,42 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> in
         raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
 
     def inner() -> int:
-        store.open(idmap)
+        _open_inside(store, idmap)
         with store.in_use():
             return fn(store, idmap)
 
     return userns.run_inside(idmap, lambda: _guard(args, inner))
 
 
+def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
+    """Open the store inside the user namespace; a store of an older format is converted first."""
+    from rootless.store import STORE_VERSION
+
+    store.open(idmap, create)
+    if store.exists() and store.version != STORE_VERSION:
+        from rootless import migrate
+
+        print(f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked "
+              "again, once)", file=sys.stderr)
+        migrate.upgrade(store, idmap.single)
+
+
 def _open_readonly(args: argparse.Namespace) -> Any:
+    from rootless.store import STORE_VERSION
+
     store, idmap = _store_and_map(args, create=False)
     if store.exists():
         store.open(idmap, create=False)
+        if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
+            from rootless import userns
+
+            def convert() -> int:
+                _open_inside(store, idmap, create=False)
+                return 0
+
+            if userns.run_inside(idmap, lambda: _guard(args, convert)):
+                raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
+            store.open(idmap, create=False)
     return store
 
 
@@ -343,6 +368,8 @@ def cmd_parse(args: argparse.Namespace) -> int:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
+    from rootless.store import chain_ids
+
     store = _open_readonly(args)
     records = store.images() if store.exists() else []
     rows = []
@@ -350,8 +377,8 @@ def cmd_images(args: argparse.Namespace) -> int:
         size = 0
         try:
             config = store.read_json(r.id)
-            for d in config.get("rootfs", {}).get("diff_ids", []):
-                size += store.layer_meta(d).get("size", 0)
+            for c in chain_ids(config.get("rootfs", {}).get("diff_ids", [])):
+                size += store.layer_meta(c).get("size", 0)
         except RbuildError:
             pass
         rows.append((r, size))
@@ -383,6 +410,7 @@ def _human(n: int) -> str:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from rootless import image as img
+    from rootless.store import chain_ids
 
     store = _open_readonly(args)
     out = []
@@ -391,7 +419,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if rec is None:
             raise RbuildError(f"{name}: image not known")
         config = store.read_json(rec.id)
-        size = sum(store.layer_meta(d).get("size", 0) for d in config.get("rootfs", {}).get("diff_ids", []))
+        size = sum(store.layer_meta(c).get("size", 0) for c in chain_ids(config.get("rootfs", {}).get("diff_ids", [])))
         repo_digests = [n.rpartition(":")[0] + "@" + rec.digest for n in rec.names] if rec.digest else []
         out.append(img.inspect_doc(rec.id, rec.names, config, rec.digest or rec.manifest, size, repo_digests))
     print(json.dumps(out, indent=4))
@@ -409,7 +437,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
         full = names.normalize(n)
         if not names.valid(full):
             raise RbuildError(f"invalid image name {n!r}")
-        store.tag(rec.id, full)
+        store.tag(rec.id, full, rec.manifest)
     return 0
 
 
@@ -444,7 +472,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
         idmap, _ = userns.host_mapping()
 
         def gc() -> int:
-            store.open(idmap, create=False)
+            _open_inside(store, idmap, create=False)
             store.collect_garbage()
             return 0
 

@@ -27,7 +27,7 @@ from rootless import image as img
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
 from rootless.fspath import clean_abs, open_beneath, secure_join
 from rootless.planner import PROXY_ARGS, Plan, Stage
-from rootless.store import Store, now_rfc3339
+from rootless.store import ImageRecord, Store, chain_ids, now_rfc3339
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 CACHE_VERSION = "rbuild-cache-1"
@@ -59,6 +59,9 @@ class StageState:
     key: str
     args: dict[str, str] = field(default_factory=dict)
     cmd_set: bool = False
+    # (diff_id, descriptor) of the base image's layers, bottom first, from the manifest of the name FROM
+    # used: the built image records (and pushes) these blobs for them, not whichever a store holds
+    base_blobs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def _key(*parts: object) -> str:
@@ -142,9 +145,11 @@ class Executor:
             del config["config"][k]
         config_bytes = img.canonical(config)
         descs = []
-        for d in state.layers:
-            meta = self.store.layer_meta(d)
-            descs.append({"mediaType": img.OCI_LAYER, "digest": d, "size": meta.get("size", 0)})
+        for i, (d, c) in enumerate(zip(state.layers, chain_ids(state.layers), strict=True)):
+            if i < len(state.base_blobs) and state.base_blobs[i][0] == d:
+                descs.append(state.base_blobs[i][1])
+            else:  # a layer made here: compressed when pushed
+                descs.append({"mediaType": img.OCI_LAYER, "digest": d, "size": self.store.layer_meta(c).get("size", 0)})
         manifest = img.manifest(self.opts.fmt, "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
                                 len(config_bytes), descs)
         tags = [names.normalize(t) for t in self.opts.tags]
@@ -186,26 +191,29 @@ class Executor:
             prev = self.results.get(stage.base_stage)
             if prev is None:
                 raise self.err(fc.node, f"stage {stage.base!r} is used before it was built")
-            return StageState(copy.deepcopy(prev.config), list(prev.layers), _key("stage", prev.key), {})
+            return StageState(copy.deepcopy(prev.config), list(prev.layers), _key("stage", prev.key), {},
+                              base_blobs=prev.base_blobs)
         if stage.base.lower() == "scratch":
             config = img.new_config(self.created())
             config["config"]["Env"] = ["PATH=" + sandbox.DEFAULT_PATH]
             return StageState(config, [], _key(CACHE_VERSION, "scratch", self.epoch, self.clamp), {})
-        image_id = self.resolve_image(stage.base, fc.node)
-        config = self.store.read_json(image_id)
+        rec = self.resolve_image(stage.base, fc.node)
+        config = self.store.read_json(rec.id)
         config.setdefault("config", {})
         config.setdefault("history", [])
-        return StageState(config, list(config.get("rootfs", {}).get("diff_ids", [])),
-                          _key(CACHE_VERSION, "image", image_id, self.epoch, self.clamp), {})
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        descs = self.store.read_json(rec.manifest).get("layers", [])
+        return StageState(config, diff_ids, _key(CACHE_VERSION, "image", rec.id, self.epoch, self.clamp), {},
+                          base_blobs=list(zip(diff_ids, descs, strict=False)))
 
-    def resolve_image(self, name: str, node: Any) -> str:
-        """An image id for a FROM / COPY --from reference: local store first, then outside."""
+    def resolve_image(self, name: str, node: Any) -> ImageRecord:
+        """The image a FROM / COPY --from reference names (with that name's manifest): store first, then outside."""
         from rootless import names, transports
 
         if name.startswith(("oci:", "oci-archive:")):
             try:
                 with transports.open_source(name, self.store) as src:
-                    return transports.import_image(self.store, src, [], self.opts.single_uid, self.log).id
+                    return transports.import_image(self.store, src, [], self.opts.single_uid, self.log)
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
         rec = None if self.opts.pull == "always" else self.store.find(names.candidates(name))
@@ -213,15 +221,20 @@ class Executor:
             latest = transports.remote_digest(name, self.opts.registry_options)
             if latest is not None and latest != rec.digest:
                 rec = None  # the registry has a different image under that name: pull it
+        if rec is not None and not transports.complete(self.store, rec):
+            if self.opts.pull == "never":
+                raise self.err(node, f"image {name!r} lacks layers in the local store (an older store's layer that "
+                               "could not be converted?) and --pull=never was given")
+            rec = None  # pulled again
         if rec is not None:
-            return rec.id
+            return rec
         if self.opts.pull == "never":
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
             progress = not self.opts.quiet and sys.stderr.isatty()
             with transports.open_source(name, self.store, self.opts.registry_options, progress) as src:
                 self.log(f"Pulled {src.name}")
-                return transports.import_image(self.store, src, [src.name], self.opts.single_uid, self.log).id
+                return transports.import_image(self.store, src, [src.name], self.opts.single_uid, self.log)
         except RbuildError as e:
             raise self.err(node, f"base image {name}: {e}") from None
 
@@ -275,8 +288,10 @@ class Executor:
             hit = self.store.cache_get(key)
             if hit is not None:
                 self.log(f"--> Using cache {key[:12]}")
-                return StageState(hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set))
-        new = StageState(copy.deepcopy(state.config), list(state.layers), key, state.args, state.cmd_set)
+                return StageState(hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set),
+                                  state.base_blobs)
+        new = StageState(copy.deepcopy(state.config), list(state.layers), key, state.args, state.cmd_set,
+                         state.base_blobs)
         layer_made = self.apply(stage, new, cmd)
         history: dict[str, Any] = {"created": self.created(), "created_by": desc}
         if not layer_made:
@@ -347,7 +362,7 @@ class Executor:
                 args[name] = self.plan.meta_args[name]
         # values stay out of the chained key: they reach later keys through the expanded instructions
         # and the build args a RUN sees, so an ARG no step uses does not invalidate the cache
-        return StageState(state.config, state.layers, state.key, args, state.cmd_set)
+        return StageState(state.config, state.layers, state.key, args, state.cmd_set, state.base_blobs)
 
     def run_args(self, state: StageState) -> dict[str, str]:
         """Build args a RUN sees: declared ARGs with values, plus docker's predefined proxy args."""
@@ -418,9 +433,12 @@ class Executor:
         return False
 
     # -- steps with a root filesystem ----------------------------------------------------------------------
-    def with_rootfs(self, state: StageState, action: Callable[[str, str], None]) -> bool:
-        """Mount the state's layers with a fresh upper dir, run action(merged, scratch), commit the upper."""
-        lowers = [self.store.layer_dir(d) for d in reversed(state.layers)]
+    def with_rootfs(self, state: StageState, action: Callable[[str, str], None], untrusted: bool = False) -> bool:
+        """Mount the state's layers with a fresh upper dir, run action(merged, scratch), commit the upper.
+
+        `untrusted`: the action runs a RUN, so rbuild's own records in the upper are checked (`layers.normalize`).
+        """
+        lowers = self.store.layer_dirs(state.layers)
         with self.store.staging("step-") as tmp, self.store.mountpoints() as mnt:
             upper, work, scratch = (os.path.join(tmp, n) for n in ("upper", "work", "scratch"))
             merged, links = os.path.join(mnt, "merged"), os.path.join(mnt, "links")
@@ -431,7 +449,7 @@ class Executor:
                 self.ensure_workdir(state, merged)
                 action(merged, scratch)
             _prune_copied_up(upper, lowers, self.touched)
-            diff_id = self.commit_upper(upper)
+            diff_id = self.commit_upper(upper, state.layers, lowers if untrusted else None)
         if diff_id is None:
             return False
         state.layers.append(diff_id)
@@ -455,14 +473,17 @@ class Executor:
         except RbuildError as e:
             raise RbuildError(f"WORKDIR {workdir}: {e}") from None
 
-    def commit_upper(self, upper: str) -> str | None:
+    def commit_upper(self, upper: str, below: list[str], run_lowers: list[str] | None) -> str | None:
+        """Make the upper a layer on top of the diff_ids `below`; run_lowers: the lower dirs of a RUN."""
         from rootless import layers
 
-        layers.normalize(upper, set_mtime=self.opts.timestamp, clamp_mtime=self.clamp)
+        layers.normalize(upper, set_mtime=self.opts.timestamp, clamp_mtime=self.clamp, run_lowers=run_lowers)
         if not os.listdir(upper):
             return None
         diff_id, size = layers.write_tar(upper, None)
-        self.store.add_layer(upper, diff_id, {"diff_id": diff_id, "size": size, "origin": "dir", "blobs": []})
+        parent = chain_ids(below)[-1] if below else ""
+        self.store.add_layer(upper, chain_ids([*below, diff_id])[-1],
+                             {"diff_id": diff_id, "parent": parent, "size": size, "origin": "dir", "blobs": []})
         return diff_id
 
     def run_argv(self, cmd: Any) -> tuple[list[str], bytes | None]:
@@ -597,7 +618,7 @@ class Executor:
     def layers_view(self, diff_ids: list[str], path: str, stack: contextlib.ExitStack) -> str:
         """A read-only view of a layer list (another stage or image) mounted at path, kept by stack."""
         os.mkdir(path)
-        lowers = [self.store.layer_dir(d) for d in reversed(diff_ids)]
+        lowers = self.store.layer_dirs(diff_ids)
         if lowers:
             stack.enter_context(overlay.mounted(lowers, None, None, path, path + "-links"))
         return path
@@ -662,7 +683,7 @@ class Executor:
                 raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: process \"{shown}\" did not "
                                 f"complete successfully: exit code: {status}", status)
 
-        return self.with_rootfs(state, action)
+        return self.with_rootfs(state, action, untrusted=True)
 
     def sandbox_run(self, merged: str, spec: sandbox.RunSpec, scratch: str, cmd: Any) -> int:
         try:
@@ -688,8 +709,8 @@ class Executor:
         for s in self.plan.stages:
             if s.name == low or str(s.index) == ref:
                 raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
-        image_id = self.resolve_image(ref, cmd.node)
-        return "image", list(self.store.read_json(image_id).get("rootfs", {}).get("diff_ids", []))
+        rec = self.resolve_image(ref, cmd.node)
+        return "image", list(self.store.read_json(rec.id).get("rootfs", {}).get("diff_ids", []))
 
     def copy_key(self, state: StageState, cmd: Any) -> Any:
         """What COPY/ADD's cache key needs beyond the instruction: its sources' content."""

@@ -19,8 +19,11 @@ rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the 
   writes into it, and a symlink that step creates under the same name must not inherit the owner.
 
 Such records are never read from a layer: ``user.rbuild.*`` and ``user.overlay.*`` xattrs in a tar are
-dropped at unpack. Kept xattrs are ``user.*`` and ``security.capability`` (file capabilities); others
-(``trusted.*``, ``security.selinux``, ACLs) cannot be set unprivileged and would make output host-dependent.
+dropped at unpack. Nor from what a RUN wrote (it can set ``user.*`` xattrs): `normalize` keeps a record
+in a RUN's upper dir only where the lower layers hold it at the same path (see `_Scrub`). A malformed
+record is a `LayerError`. Kept xattrs are ``user.*`` and ``security.capability`` (file capabilities);
+others (``trusted.*``, ``security.selinux``, ACLs) cannot be set unprivileged and would make output
+host-dependent.
 
 Unpacking never follows a symlink and never touches anything outside `dest`: every path is walked from
 a directory fd with O_NOFOLLOW, a parent that is a symlink (in this layer or in the merged view of the
@@ -37,6 +40,7 @@ import io
 import math
 import os
 import queue
+import re
 import shutil
 import stat
 import tarfile
@@ -103,19 +107,43 @@ def _keep_xattr(name: str) -> bool:
     return name == "security.capability"
 
 
-def _parse_ids(value: bytes) -> tuple[int, int]:
-    uid, gid = value.split(b":")
-    return int(uid), int(gid)
+_IDS_RE = re.compile(rb"(\d{1,10}):(\d{1,10})")
+_LSTAT_RE = re.compile(rb"(\d{1,10}):(\d{1,10}):(\d{1,20})")
+_DEV_RE = re.compile(rb"([cb]):(\d{1,7}):(\d{1,7})")
 
 
-def _parse_lstat(value: bytes) -> dict[bytes, tuple[int, int, int]]:
+def _malformed(name: str, value: bytes, where: bytes) -> LayerError:
+    shown = value if len(value) <= 64 else value[:64] + b"..."
+    return LayerError(f"layer entry {os.fsdecode(where) or '.'!r}: malformed {name} record {shown!r}")
+
+
+def _parse_ids(value: bytes, where: bytes) -> tuple[int, int]:
+    m = _IDS_RE.fullmatch(value)
+    if m is None or max(int(m[1]), int(m[2])) > _MAX_ID:
+        raise _malformed(XATTR_STAT, value, where)
+    return int(m[1]), int(m[2])
+
+
+def _parse_lstat(value: bytes, where: bytes) -> dict[bytes, tuple[int, int, int]]:
     """name -> (uid, gid, inode) of a user.rbuild.lstat record."""
     parts = value.split(b"\0")
+    if len(parts) % 2 != 1 or parts[-1]:
+        raise _malformed(XATTR_LSTAT, value, where)
     out = {}
     for i in range(0, len(parts) - 1, 2):
-        uid, gid, ino = parts[i + 1].split(b":")
-        out[parts[i]] = (int(uid), int(gid), int(ino))
+        m = _LSTAT_RE.fullmatch(parts[i + 1])
+        if m is None or not parts[i] or b"/" in parts[i] or max(int(m[1]), int(m[2])) > _MAX_ID:
+            raise _malformed(XATTR_LSTAT, value, where)
+        out[parts[i]] = (int(m[1]), int(m[2]), int(m[3]))
     return out
+
+
+def _parse_dev(value: bytes, where: bytes) -> tuple[bytes, int, int]:
+    """(b"c" or b"b", major, minor) of a user.rbuild.dev record."""
+    m = _DEV_RE.fullmatch(value)
+    if m is None:
+        raise _malformed(XATTR_DEV, value, where)
+    return m[1], int(m[2]), int(m[3])
 
 
 def _fmt_lstat(dfd: int, records: dict[bytes, tuple[int, int]]) -> bytes:
@@ -162,7 +190,7 @@ def set_owner(path: str, uid: int, gid: int, *, single_uid: bool = False) -> Non
         finally:
             if fd is not None:
                 os.close(fd)
-        old = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"")
+        old = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"", os.fsencode(parent))
         recs = {}
         for n, (u, g, ino) in old.items():  # only records still about the same child survive a rewrite
             with contextlib.suppress(FileNotFoundError):
@@ -402,7 +430,7 @@ class _Unpacker:
             if _keep_xattr(name) or name == XATTR_STAT:
                 xattrs[name] = os.getxattr(lower, name, follow_symlinks=False)
         rec = xattrs.pop(XATTR_STAT, None)
-        uid, gid = _parse_ids(rec) if rec else (st.st_uid, st.st_gid)
+        uid, gid = _parse_ids(rec, lower) if rec else (st.st_uid, st.st_gid)
         self._own(prefix[:-1], pfd, prefix[-1], uid, gid, fd=fd)
         for name, value in xattrs.items():
             os.setxattr(fd, name, value)
@@ -758,19 +786,139 @@ def unpack(stream: BinaryIO, dest: str, *, lowers: Sequence[str] = (), single_ui
 # --------------------------------------------------------------------------------------------- normalize
 
 
-def normalize(layer_dir: str, *, set_mtime: int | None = None, clamp_mtime: int | None = None) -> None:
+def normalize(layer_dir: str, *, set_mtime: int | None = None, clamp_mtime: int | None = None,
+              run_lowers: Sequence[str] | None = None) -> None:
     """Make an overlay upper dir a store layer dir: drop overlay-private xattrs, apply mtime policy.
 
     `set_mtime` (--timestamp) gives every entry that mtime; `clamp_mtime` (SOURCE_DATE_EPOCH) lowers
-    newer mtimes to it. Symlinks are never followed.
+    newer mtimes to it. Symlinks are never followed. `run_lowers` (top first) is given for an upper a
+    RUN wrote: then rbuild's own records in it are checked against those lowers (see `_Scrub`).
     """
+    scrub = _Scrub(run_lowers) if run_lowers is not None else None
     root = os.open(layer_dir, _DIRFLAGS)
     try:
-        _depth_first(_normalize_dir(root, set_mtime, clamp_mtime))
+        _depth_first(_normalize_dir(root, set_mtime, clamp_mtime, scrub, (), False))
+        if scrub is not None:
+            scrub.finish(root)
     except OSError as e:
         raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
     finally:
         os.close(root)
+
+
+_Ref = tuple[int, int, int, dict[str, bytes]]  # an entry's file type, owner and rbuild records
+
+
+def _records(target: int | bytes, follow_symlinks: bool = True) -> dict[str, bytes]:
+    """The user.rbuild.* xattrs of a file, directory or (not following it) path."""
+    return {n: os.getxattr(target, n, follow_symlinks=follow_symlinks)
+            for n in os.listxattr(target, follow_symlinks=follow_symlinks) if n.startswith("user.rbuild.")}
+
+
+class _Scrub:
+    """rbuild's records in the upper dir of a RUN, which can set ``user.*`` xattrs.
+
+    A record is kept only where the merged lowers hold the same record at the same path (overlay copy-up
+    brought it along), on an entry of the same type, and for an owner record only while the entry's
+    owner is unchanged (a chown since makes it stale). rbuild writes no record into a RUN's upper before
+    it runs (WORKDIR's directories belong to the RUN's user, which the namespace maps). So a RUN's
+    output never claims more for a path than its lowers did: it cannot forge a device or an owner, nor
+    move a valid record to another file; what it can do to a recorded entry is what it could do to a
+    real one (chmod, write, delete). ``user.rbuild.lstat`` names children by inode number, which nothing
+    a RUN makes can match: it is always removed. A hard-linked file keeps what any of its names keeps.
+    """
+
+    def __init__(self, lowers: Sequence[str]) -> None:
+        self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
+        self.links: dict[tuple[int, int], tuple[tuple[bytes, ...], set[str]]] = {}
+
+    def scrub(self, fd: int, comps: tuple[bytes, ...], st: os.stat_result, hidden: bool) -> None:
+        """Check the records of the upper's entry `comps` (open as fd); `hidden`: under an opaque dir."""
+        recs = _records(fd)
+        if not recs:
+            return
+        ref = None
+        lower = None if hidden else _merged_entry(self.lowers, comps)
+        if lower is not None:
+            lst = os.lstat(lower)
+            ref = (stat.S_IFMT(lst.st_mode), lst.st_uid, lst.st_gid, _records(lower, follow_symlinks=False))
+        good = {n for n, v in recs.items() if _as_before(n, v, st, ref)}
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:  # decided once every name was seen (`finish`)
+            key = (st.st_dev, st.st_ino)
+            seen = self.links.get(key)
+            self.links[key] = (comps, good | (seen[1] if seen else set()))
+            return
+        for n in recs.keys() - good:
+            os.removexattr(fd, n)
+
+    def finish(self, root: int) -> None:
+        """Remove, from each hard-linked file, the records none of its names kept."""
+        for (dev, ino), (comps, good) in self.links.items():
+            fd = root
+            try:
+                for c in comps[:-1]:
+                    nfd = os.open(c, _DIRFLAGS, dir_fd=fd)
+                    if fd != root:
+                        os.close(fd)
+                    fd = nfd
+                nfd = _open_meta(fd, comps[-1])
+                if fd != root:
+                    os.close(fd)
+                fd = nfd
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    for n in _records(fd).keys() - good:
+                        os.removexattr(fd, n)
+            finally:
+                if fd != root:
+                    os.close(fd)
+
+
+def _as_before(name: str, value: bytes, st: os.stat_result, ref: _Ref | None) -> bool:
+    """The record `name`=`value` on an entry like st is the one the lower entry `ref` had."""
+    if ref is None or ref[0] != stat.S_IFMT(st.st_mode) or ref[3].get(name) != value:
+        return False
+    if name == XATTR_STAT:
+        return (st.st_uid, st.st_gid) == (ref[1], ref[2])  # chowned since: the record no longer tells the owner
+    return name == XATTR_DEV and stat.S_ISREG(st.st_mode)
+
+
+def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | None:
+    """Path of the entry at `comps` in the merged view of `lowers` (top first), None where there is none.
+
+    Overlay's lookup: the topmost layer holding the name wins; a whiteout or non-directory hides the
+    layers below, an opaque directory hides deeper ones. Only verified directories are walked through.
+    """
+    if not comps:
+        return lowers[0] if lowers else None
+    active = list(lowers)
+    for i in range(len(comps)):
+        sub = b"/" + b"/".join(comps[:i + 1])
+        last = i == len(comps) - 1
+        found: bytes | None = None
+        nxt = []
+        for layer in active:
+            try:
+                st = os.lstat(layer + sub)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if _is_whiteout(st):
+                break
+            if found is None:
+                found = layer + sub
+                if last or not stat.S_ISDIR(st.st_mode):
+                    break
+            elif not stat.S_ISDIR(st.st_mode):
+                break
+            nxt.append(layer)
+            if _getxattr(layer + sub, XATTR_OPAQUE, follow_symlinks=False) == b"y":
+                break
+        if found is None or last:
+            return found
+        if not nxt:  # a non-directory there: nothing below it
+            return None
+        active = nxt
+    return None
 
 
 def _depth_first(top: Iterator[Any]) -> None:
@@ -792,28 +940,37 @@ def _depth_first(top: Iterator[Any]) -> None:
             gen.close()
 
 
-def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None) -> Iterator[Any]:
+def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None, scrub: _Scrub | None,
+                   comps: tuple[bytes, ...], hidden: bool) -> Iterator[Any]:
+    """`hidden`: an opaque directory above hides the lowers (nothing here was copied up)."""
+    opaque = False
     for xname in os.listxattr(dfd):
-        if xname.startswith("user.overlay.") and not (
-                xname == XATTR_OPAQUE and os.getxattr(dfd, xname) == b"y"):
+        if xname == XATTR_OPAQUE and os.getxattr(dfd, xname) == b"y":
+            opaque = True
+        elif xname.startswith("user.overlay."):
             os.removexattr(dfd, xname)
+    if scrub is not None:
+        scrub.scrub(dfd, comps, os.fstat(dfd), hidden or opaque)  # an opaque dir is new, not a copy
     with os.scandir(dfd) as it:
         entries = list(it)
     for e in entries:
         st = e.stat(follow_symlinks=False)
+        name = os.fsencode(e.name)
         if stat.S_ISDIR(st.st_mode):
             fd = os.open(e.name, _DIRFLAGS, dir_fd=dfd)
             try:
-                yield _normalize_dir(fd, set_mtime, clamp)
+                yield _normalize_dir(fd, set_mtime, clamp, scrub, comps + (name,), hidden or opaque)
             finally:
                 os.close(fd)
             continue
         if stat.S_ISREG(st.st_mode):
-            fd = _open_meta(dfd, os.fsencode(e.name))
+            fd = _open_meta(dfd, name)
             try:
                 for xname in os.listxattr(fd):
                     if xname.startswith("user.overlay."):
                         os.removexattr(fd, xname)
+                if scrub is not None:
+                    scrub.scrub(fd, comps + (name,), st, hidden or opaque)
             finally:
                 os.close(fd)
         _set_time(dfd, e.name, st, set_mtime, clamp)
@@ -992,13 +1149,13 @@ def _kept(xattrs: dict[str, bytes]) -> list[tuple[bytes, bytes]]:
     return sorted((k.encode("utf-8", "surrogateescape"), v) for k, v in xattrs.items() if _keep_xattr(k))
 
 
-def _owner(st: os.stat_result, xattrs: dict[str, bytes]) -> tuple[int, int]:
+def _owner(st: os.stat_result, xattrs: dict[str, bytes], path: bytes) -> tuple[int, int]:
     rec = xattrs.get(XATTR_STAT)
-    return _parse_ids(rec) if rec else (st.st_uid, st.st_gid)
+    return _parse_ids(rec, path) if rec else (st.st_uid, st.st_gid)
 
 
 def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], bytes]) -> Iterator[Any]:
-    lrec = _parse_lstat(_getxattr(dfd, XATTR_LSTAT) or b"")
+    lrec = _parse_lstat(_getxattr(dfd, XATTR_LSTAT) or b"", prefix.rstrip(b"/"))
     items = []
     with os.scandir(dfd) as it:
         for e in it:
@@ -1015,7 +1172,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
             fd = os.open(name, _DIRFLAGS, dir_fd=dfd)
             try:
                 xattrs = _xattrs_of(fd)
-                uid, gid = _owner(st, xattrs)
+                uid, gid = _owner(st, xattrs, path)
                 sink.put(_header(path + b"/", perm, uid, gid, 0, mtime, b"5", xattrs=_kept(xattrs)))
                 if xattrs.get(XATTR_OPAQUE) == b"y":
                     sink.put(_header(path + b"/" + _OPQ, perm, uid, gid, 0, mtime, b"0"))
@@ -1033,7 +1190,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
             if stat.S_ISREG(m):
                 fd = _open_meta(dfd, name)
                 try:
-                    uid, gid = _owner(st, _xattrs_of(fd))
+                    uid, gid = _owner(st, _xattrs_of(fd), path)
                 finally:
                     os.close(fd)
             sink.put(_header(path, perm, uid, gid, 0, mtime, b"1", links[key]))
@@ -1044,12 +1201,12 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             try:
                 xattrs = _xattrs_of(fd)
-                uid, gid = _owner(st, xattrs)
+                uid, gid = _owner(st, xattrs, path)
                 dev = xattrs.get(XATTR_DEV)
                 if dev is not None:
-                    kind, major, minor = dev.split(b":")
+                    kind, major, minor = _parse_dev(dev, path)
                     sink.put(_header(path, perm, uid, gid, 0, mtime, b"3" if kind == b"c" else b"4",
-                                     dev=(int(major), int(minor)), xattrs=_kept(xattrs)))
+                                     dev=(major, minor), xattrs=_kept(xattrs)))
                 else:
                     sink.put(_header(path, perm, uid, gid, st.st_size, mtime, b"0", xattrs=_kept(xattrs)))
                     sink.file(fd, st.st_size, path)
@@ -1114,6 +1271,86 @@ class _HashingFile(io.RawIOBase):
         super().close()
 
 
+class _GzipMembers(io.RawIOBase):
+    """gzip members back to back, read as Go's compress/gzip reads them (what umoci, skopeo and containerd
+    use): each member's CRC and length checked, and bytes after a member that do not start another
+    member refused, zero padding included (zlib and Python's gzip module skip those)."""
+
+    def __init__(self, raw: io.RawIOBase, what: str) -> None:
+        self.raw, self.what = raw, what
+        self.dec: Any = None
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        from isal import igzip_lib
+
+        while True:
+            if self.dec is None:  # between members
+                while len(self.pending) < 2:
+                    more = self.raw.read(CHUNK)
+                    if not more:
+                        break
+                    self.pending += more
+                if not self.pending:
+                    return 0
+                if self.pending[:2] != _GZIP_MAGIC:
+                    raise LayerError(f"blob {self.what}: corrupt compressed data: trailing bytes after the end of "
+                                     "the gzip stream (not another gzip member; Go's gzip reader refuses them)")
+                self.dec = igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_GZIP)
+            if self.dec.eof:
+                self.pending, self.dec = self.dec.unused_data, None
+                continue
+            data = b""
+            if self.pending or self.dec.needs_input:
+                data, self.pending = self.pending or self.raw.read(CHUNK), b""
+                if not data:
+                    raise LayerError(f"blob {self.what}: corrupt compressed data: the gzip stream ends inside a "
+                                     "member (truncated)")
+            out = self.dec.decompress(data, len(b))
+            if out:
+                b[:len(out)] = out
+                return len(out)
+
+
+def _zstd_frames_end(path: str, what: str) -> None:
+    """Refuse anything after the last zstd frame that is not a whole frame: zstandard's reader ignores a
+    partial one at the end, Go's zstd reader refuses it. Walks the frame and block headers (no data)."""
+    trailing = LayerError(f"blob {what}: corrupt compressed data: trailing bytes after the end of the zstd "
+                          "stream (not a whole zstd frame; Go's zstd reader refuses them)")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+
+        def at(n: int) -> int:
+            if pos + n > size:
+                raise trailing
+            f.seek(pos)
+            return int.from_bytes(f.read(n), "little")
+
+        while pos < size:
+            magic = at(4)
+            pos += 4
+            if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
+                pos += 4 + at(4)
+                continue
+            if magic != 0xFD2FB528:
+                raise trailing
+            fhd = at(1)
+            single = fhd >> 5 & 1
+            pos += 1 + (1 - single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+            while True:
+                head = at(3)
+                pos += 3 + (1 if head >> 1 & 3 == 1 else head >> 3)  # an RLE block holds one byte
+                if head & 1:
+                    break
+            pos += 4 * (fhd >> 2 & 1)  # the content checksum
+        if pos != size:
+            raise trailing
+
+
 def _algo(digest: str | None) -> str:
     algo = (digest or "sha256:").partition(":")[0]
     if algo not in ("sha256", "sha384", "sha512"):
@@ -1127,16 +1364,17 @@ class _Blob(io.RawIOBase):
     A thread decompresses up to 4 MiB ahead, so decompression overlaps the consumer's work (unpack).
     """
 
-    def __init__(self, path: str, digest: str | None, diff_id: str | None) -> None:
+    def __init__(self, path: str, digest: str | None, diff_id: str | None, name: str | None) -> None:
         self.path, self.digest, self.diff_id = path, digest, diff_id
+        self.name = name or digest or path  # in error messages
         self.raw = _HashingFile(path, _algo(digest))
         magic = self.raw.f.read(4)
         self.raw.f.seek(0)
         self.inner: BinaryIO
+        self.zstd = magic == _ZSTD_MAGIC
         if magic.startswith(_GZIP_MAGIC):
-            from isal import igzip
-            self.inner = igzip.IGzipFile(fileobj=self.raw, mode="rb")  # type: ignore[assignment]
-        elif magic == _ZSTD_MAGIC:
+            self.inner = _GzipMembers(self.raw, self.name)  # type: ignore[assignment]
+        elif self.zstd:
             import zstandard
             self.inner = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
                 self.raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]
@@ -1164,7 +1402,7 @@ class _Blob(io.RawIOBase):
                 self.done = True
                 if isinstance(item, LayerError):
                     raise item
-                raise LayerError(f"blob {self.digest or self.path}: corrupt compressed data ({item})")
+                raise LayerError(f"blob {self.name}: corrupt compressed data ({item})")
             if not item:
                 self.done = True
                 return 0
@@ -1193,11 +1431,13 @@ class _Blob(io.RawIOBase):
         buf = bytearray(CHUNK)
         while self.raw.readinto(buf):
             pass
+        if self.zstd:
+            _zstd_frames_end(self.path, self.name)
         if self.digest and f"{self.raw.hash.name}:{self.raw.hash.hexdigest()}" != self.digest:
             raise LayerError(f"blob {self.digest}: digest mismatch (content is "
                              f"{self.raw.hash.name}:{self.raw.hash.hexdigest()})")
         if self.out is not None and f"{self.out.name}:{self.out.hexdigest()}" != self.diff_id:
-            raise LayerError(f"blob {self.digest or self.path}: uncompressed content does not match "
+            raise LayerError(f"blob {self.name}: uncompressed content does not match "
                              f"diff_id {self.diff_id}")
 
     def close(self) -> None:
@@ -1211,13 +1451,16 @@ class _Blob(io.RawIOBase):
         super().close()
 
 
-def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = None) -> BinaryIO:
+def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = None,
+              name: str | None = None) -> BinaryIO:
     """Reader of a layer blob's uncompressed tar: gzip (ISA-L), zstd or plain, told by magic bytes.
 
     With `digest` / `diff_id` the compressed / uncompressed bytes are hashed while streaming and
     checked at the end of the stream (LayerError on mismatch): read it to the end (`unpack` does).
+    Bytes after the compressed stream are refused, as Go's readers refuse them. `name` (default: the
+    digest, else the path) names the blob in errors.
     """
     try:
-        return io.BufferedReader(_Blob(path, digest, diff_id), CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_Blob(path, digest, diff_id, name), CHUNK)  # type: ignore[return-value]
     except OSError as e:
         raise LayerError(f"blob {path}: {e.strerror or e}") from None

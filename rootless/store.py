@@ -6,18 +6,25 @@ Layout under the store root:
     (mount points live in the runtime dir, $XDG_RUNTIME_DIR/rbuild or /tmp/rbuild-$UID)
     store.json            format version and the uid/gid mapping the store was made under
     blobs/sha256/HEX      configs, manifests, compressed layer blobs
-    layers/HEX/           a layer unpacked in overlay lower-dir format (HEX = its diff_id)
-    layers/HEX.json       what is known about it: tar size, where its exact tar stream comes from,
-                          compressed blobs already made for it
-    images.json           image records: id (config digest), local manifest digest, names
+    chains/HEX/           a layer unpacked in overlay lower-dir format on top of its parent layers
+                          (HEX = its chain id, see `chain_ids`)
+    chains/HEX.json       what is known about it (see `Store.add_layer`)
+    images.json           image records: id (config digest), local manifest digest(s), names
     cache/HEX.json        step cache: the build state after a step, keyed by the step's cache key
     tmp/                  staging; everything reaches its final place by rename
 Every write is a temporary file or directory plus rename, so a crash never leaves half an entry.
+
+Layers are keyed by chain id, not diff_id (as containers/storage does): unpacking puts directories a
+layer's tar implies but does not list there with the mode and owner of the layers below (as an
+applier working on the parent snapshot keeps them), so the same diff_id unpacked on other parents is
+other content. Format 1 kept `layers/DIFFID/` for whichever image brought a diff_id first; `migrate`
+converts such a store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -27,14 +34,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rootless.errors import RbuildError
 from rootless.userns import IdMap
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 
 
 def sha256_hex(data: bytes) -> str:
@@ -51,6 +58,15 @@ def hex_of(digest: str) -> str:
     if algo != "sha256" or not _HEX64.fullmatch(hexpart):
         raise RbuildError(f"invalid or unsupported digest {digest!r}")
     return hexpart
+
+
+def chain_ids(diff_ids: Sequence[str]) -> list[str]:
+    """The OCI chain id of each layer: the first's diff_id, then sha256 of "PARENT_CHAIN DIFF_ID"."""
+    out: list[str] = []
+    for d in diff_ids:
+        hex_of(d)
+        out.append(d if not out else "sha256:" + sha256_hex(f"{out[-1]} {d}".encode()))
+    return out
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
@@ -95,10 +111,18 @@ class ImageRecord:
     names: list[str] = field(default_factory=list)
     created: str = ""
     digest: str = ""  # manifest digest at the registry it was pulled from, if any
+    # the local manifest each name was given with: two images with one config (so one id) may come with
+    # different layer blobs, and each name pushes its own
+    manifests: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "manifest": self.manifest, "names": self.names, "created": self.created,
-                "digest": self.digest}
+                "digest": self.digest, "manifests": {n: m for n, m in self.manifests.items() if n in self.names}}
+
+    def named(self, name: str) -> ImageRecord:
+        """This record as `name` refers to it: with the manifest that name was given with."""
+        return dataclasses.replace(self, manifest=self.manifests.get(name, self.manifest),
+                                   names=list(self.names), manifests=dict(self.manifests))
 
 
 class Store:
@@ -107,6 +131,7 @@ class Store:
     def __init__(self, root: str, runtime: str | None = None) -> None:
         self.root = root
         self.runtime = runtime  # per-user runtime dir for locks and mount points ($XDG_RUNTIME_DIR/rbuild)
+        self.version = STORE_VERSION  # of the store as opened: an older one needs `migrate.upgrade`
 
     def runtime_path(self) -> str:
         """This store's directory for runtime state (mount points), outside the store itself."""
@@ -138,7 +163,7 @@ class Store:
                 return
             try:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
-                for sub in ("blobs/sha256", "layers", "cache", "tmp"):
+                for sub in ("blobs/sha256", "chains", "cache", "tmp"):
                     os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
                 atomic_write(meta_path, json.dumps({"version": STORE_VERSION, "mapping": idmap.to_json()},
                                                    sort_keys=True).encode(), 0o600)
@@ -147,8 +172,9 @@ class Store:
             return
         except (OSError, ValueError) as e:
             raise RbuildError(f"cannot read {meta_path}: {e}") from None
-        if meta.get("version") != STORE_VERSION:
+        if meta.get("version") not in (1, STORE_VERSION):
             raise RbuildError(f"store {self.root} has unsupported format version {meta.get('version')}")
+        self.version = meta["version"]
         recorded = IdMap.from_json(meta.get("mapping", {}))
         if recorded != idmap:
             raise RbuildError(
@@ -160,6 +186,26 @@ class Store:
 
     def exists(self) -> bool:
         return os.path.exists(os.path.join(self.root, "store.json"))
+
+    def set_version(self, version: int) -> None:
+        """Record the format version (the mapping stays): the last step of an upgrade."""
+        meta_path = os.path.join(self.root, "store.json")
+        with open(meta_path, "rb") as f:
+            meta = json.load(f)
+        meta["version"] = version
+        atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode(), 0o600)
+        self.version = version
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """No other build, pull or push of this store runs meanwhile (for a format upgrade); waits for them."""
+        fd = os.open(os.path.join(self.root, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self.lock():
+                yield
+        finally:
+            os.close(fd)
 
     # -- locking and staging ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -244,42 +290,65 @@ class Store:
         return json.loads(self.read_blob(digest))
 
     # -- layers ----------------------------------------------------------------------------------
-    def layer_dir(self, diff_id: str) -> str:
-        return os.path.join(self.root, "layers", hex_of(diff_id))
+    # Every method takes a layer's chain id (`chain_ids`), never a bare diff_id.
+    def layer_dir(self, chain_id: str) -> str:
+        return os.path.join(self.root, "chains", hex_of(chain_id))
 
-    def has_layer(self, diff_id: str) -> bool:
-        return os.path.exists(self.layer_dir(diff_id) + ".json")
+    def layer_dirs(self, diff_ids: Sequence[str]) -> list[str]:
+        """The directories of an image's layers, top first (overlay's lowerdir order)."""
+        return [self.layer_dir(c) for c in reversed(chain_ids(diff_ids))]
 
-    def layer_meta(self, diff_id: str) -> dict[str, Any]:
+    def has_layer(self, chain_id: str) -> bool:
+        return os.path.exists(self.layer_dir(chain_id) + ".json")
+
+    def layer_meta(self, chain_id: str) -> dict[str, Any]:
         try:
-            with open(self.layer_dir(diff_id) + ".json", "rb") as f:
+            with open(self.layer_dir(chain_id) + ".json", "rb") as f:
                 meta: dict[str, Any] = json.load(f)
                 return meta
         except FileNotFoundError:
-            raise RbuildError(f"layer {diff_id} is missing from the store {self.root}") from None
+            raise RbuildError(f"layer {chain_id} is missing from the store {self.root}") from None
+        except (OSError, ValueError) as e:
+            raise RbuildError(f"cannot read {self.layer_dir(chain_id)}.json: {e}") from None
 
-    def set_layer_meta(self, diff_id: str, meta: dict[str, Any]) -> None:
-        atomic_write(self.layer_dir(diff_id) + ".json", json.dumps(meta, sort_keys=True).encode())
+    def set_layer_meta(self, chain_id: str, meta: dict[str, Any]) -> None:
+        atomic_write(self.layer_dir(chain_id) + ".json", json.dumps(meta, sort_keys=True).encode())
 
-    def add_layer(self, staged_dir: str, diff_id: str, meta: dict[str, Any]) -> None:
-        """Move an unpacked layer into place; a concurrent writer of the same layer wins harmlessly."""
-        final = self.layer_dir(diff_id)
+    def add_layer(self, staged_dir: str, chain_id: str, meta: dict[str, Any]) -> None:
+        """Move an unpacked layer into place; a concurrent writer of the same layer wins harmlessly.
+
+        meta: "diff_id"; "parent" (the parent's chain id, "" for a bottom layer); "size" (tar bytes);
+        "origin": "dir" when `write_tar` of the directory gives the layer's exact tar, "blob" when only a
+        blob holds it; "sources": blobs verified to decompress to exactly the diff_id (for "blob" layers:
+        read to rebuild the tar, never pushed in place of an image's own blob); "blobs": compressed blobs
+        rbuild made of the layer ({mediaType, digest, size, level}), kept so a second push does not
+        compress again.
+        """
+        final = self.layer_dir(chain_id)
         with self.lock():  # check, rename and mark complete as one step against concurrent builds
-            if not self.has_layer(diff_id):
+            if not self.has_layer(chain_id):
                 if os.path.lexists(final):  # left by a crash before its .json was written (which marks completion)
                     rmtree(final)
                 os.rename(staged_dir, final)
-                self.set_layer_meta(diff_id, meta)
+                self.set_layer_meta(chain_id, meta)
                 return
         rmtree(staged_dir)
 
-    def add_layer_blob(self, diff_id: str, blob: dict[str, Any]) -> None:
+    def add_layer_blob(self, chain_id: str, blob: dict[str, Any]) -> None:
         with self.lock():
-            meta = self.layer_meta(diff_id)
+            meta = self.layer_meta(chain_id)
             blobs = [b for b in meta.get("blobs", []) if b["digest"] != blob["digest"]]
             blobs.append(blob)
             meta["blobs"] = blobs
-            self.set_layer_meta(diff_id, meta)
+            self.set_layer_meta(chain_id, meta)
+
+    def add_layer_source(self, chain_id: str, digest: str) -> None:
+        """Record one more blob verified to decompress to the layer's diff_id."""
+        with self.lock():
+            meta = self.layer_meta(chain_id)
+            if digest not in meta.get("sources", []):
+                meta["sources"] = [*meta.get("sources", []), digest]
+                self.set_layer_meta(chain_id, meta)
 
     # -- images ----------------------------------------------------------------------------------
     def _images_path(self) -> str:
@@ -319,9 +388,10 @@ class Store:
             for n in names:
                 if n not in rec.names:
                     rec.names.append(n)
+                rec.manifests[n] = manifest_digest
             # an image that lost all its names stays (as <none>) like docker's dangling images
             self._save_images(records)
-        return rec
+        return dataclasses.replace(rec, names=list(rec.names), manifests=dict(rec.manifests))
 
     def find(self, candidates: list[str]) -> ImageRecord | None:
         """The first record matching one of the names, a full id, or a unique 12+ hex prefix."""
@@ -329,7 +399,7 @@ class Store:
         for cand in candidates:
             for r in records:
                 if cand in r.names:
-                    return r
+                    return r.named(cand)
         for cand in candidates:
             h = cand.removeprefix("sha256:")
             if len(h) >= 12 and all(c in "0123456789abcdef" for c in h):
@@ -340,13 +410,15 @@ class Store:
                     raise RbuildError(f"image id prefix {h} is ambiguous")
         return None
 
-    def tag(self, image_id: str, name: str) -> None:
+    def tag(self, image_id: str, name: str, manifest: str = "") -> None:
+        """Give the image one more name, with `manifest` (default: the image's latest) as that name's."""
         with self.lock():
             records = self.images()
             for r in records:
                 r.names = [n for n in r.names if n != name]
                 if r.id == image_id:
                     r.names.append(name)
+                    r.manifests[name] = manifest or r.manifest
             self._save_images(records)
 
     def untag(self, image_id: str, name: str | None) -> ImageRecord | None:
@@ -373,7 +445,10 @@ class Store:
                 state: dict[str, Any] = json.load(f)
         except (FileNotFoundError, ValueError):
             return None
-        if not all(self.has_layer(d) for d in state.get("layers", [])):
+        try:
+            if not all(self.has_layer(c) for c in chain_ids(state.get("layers", []))):
+                return None
+        except RbuildError:
             return None
         return state
 
@@ -404,13 +479,19 @@ class Store:
                 keep_layers: set[str] = set()
                 keep_blobs: set[str] = set()
                 for r in self.images():
-                    keep_blobs |= {hex_of(r.id), hex_of(r.manifest)}
+                    for m in {r.manifest, *r.manifests.values()}:
+                        keep_blobs.add(hex_of(m))
+                        with contextlib.suppress(RbuildError):  # the layer blobs each name pushes
+                            keep_blobs |= {_blob_hex(d) for d in self.read_json(m).get("layers", [])}
+                    keep_blobs.add(hex_of(r.id))
                     config = self.read_json(r.id)
-                    keep_layers |= {hex_of(d) for d in config.get("rootfs", {}).get("diff_ids", [])}
+                    keep_layers |= {hex_of(c) for c in chain_ids(config.get("rootfs", {}).get("diff_ids", []))}
                 for h in keep_layers:
                     with contextlib.suppress(RbuildError):
-                        keep_blobs |= {hex_of(b["digest"]) for b in self.layer_meta("sha256:" + h).get("blobs", [])}
-                layers_dir = os.path.join(self.root, "layers")
+                        meta = self.layer_meta("sha256:" + h)
+                        keep_blobs |= {hex_of(b["digest"]) for b in meta.get("blobs", [])}
+                        keep_blobs |= {hex_of(d) for d in meta.get("sources", [])}
+                layers_dir = os.path.join(self.root, "chains")
                 removed_layers = 0
                 for name in os.listdir(layers_dir):
                     h = name.removesuffix(".json")
@@ -434,13 +515,21 @@ class Store:
                     try:
                         with open(path, "rb") as f:
                             state = json.load(f)
-                    except (OSError, ValueError):
-                        state = {"layers": [None]}
-                    if not all(d and hex_of(d) in keep_layers for d in state.get("layers", [])):
+                        chains = {hex_of(c) for c in chain_ids(state.get("layers", []))}
+                    except (OSError, ValueError, RbuildError):
+                        chains = {""}
+                    if not chains <= keep_layers:
                         os.unlink(path)
                 return removed_layers, removed_blobs
         finally:
             os.close(fd)
+
+
+def _blob_hex(desc: dict[str, Any]) -> str:
+    """A manifest descriptor's blob name in blobs/sha256 ("" for a digest that cannot be one)."""
+    digest = desc.get("digest")
+    ok = isinstance(digest, str) and digest.startswith("sha256:") and _HEX64.fullmatch(digest[7:])
+    return digest[7:] if ok else ""  # type: ignore[index]
 
 
 def now_rfc3339(epoch: float | None = None) -> str:

@@ -1,8 +1,10 @@
 """Moving images between the local store and the outside: OCI layouts, archives, registries.
 
 Import (FROM, pull): oci:DIR[:TAG], oci-archive:FILE[:TAG], registry references. Every blob is verified
-against its digest, layers are unpacked once into the store (diff_id verified while unpacking) and the
-original compressed blob is kept, so pushing a base layer sends exactly the bytes that were pulled.
+against its digest, layers are unpacked once per chain into the store (diff_id verified while unpacking)
+and every image's own compressed blobs are kept and named by its manifest, so pushing an image (or one
+built on it) sends exactly the bytes that were pulled for it, never another image's blob for the same
+diff_id.
 Export (push): oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME[:TAG]], docker://REF.
 """
 
@@ -24,7 +26,7 @@ from rootless import image as img
 from rootless import ocischema
 from rootless.errors import RbuildError
 from rootless.fspath import open_beneath, open_regular
-from rootless.store import ImageRecord, Store, atomic_write, hex_of, now_rfc3339
+from rootless.store import ImageRecord, Store, atomic_write, chain_ids, hex_of, now_rfc3339
 
 CHUNK = 1 << 20
 
@@ -261,45 +263,67 @@ def remote_digest(spec: str, options: Any) -> str | None:
 
 def import_image(store: Store, source: Source, names: list[str], single_uid: bool,
                  progress: Callable[[str], None] | None = None) -> ImageRecord:
-    """Unpack a source's layers into the store (each once) and record the image."""
-    from rootless import layers
-
+    """Unpack a source's layers into the store (each chain once), keep its own blobs, record the image."""
     config = json.loads(source.config_bytes)
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
     descs = source.manifest.get("layers", [])
     if len(diff_ids) != len(descs):
         raise RbuildError(f"{source.name}: the config lists {len(diff_ids)} layers, the manifest {len(descs)}")
-    lowers: list[str] = []
-    for desc, diff_id in zip(descs, diff_ids, strict=True):
+    chains = chain_ids(diff_ids)
+    for i, (desc, diff_id, chain) in enumerate(zip(descs, diff_ids, chains, strict=True)):
         digest = desc["digest"]
-        if not store.has_layer(diff_id):
-            if not store.has_blob(digest):
-                with source.open_blob(digest) as src:
-                    copy_verified(src, store.blob_path(digest), digest, desc.get("size"), source.name)
+        if not store.has_blob(digest):  # the image's own blob, even where the layer is unpacked already
+            with source.open_blob(digest) as src:
+                copy_verified(src, store.blob_path(digest), digest, desc.get("size"), source.name)
+        if not store.has_layer(chain):
             if progress:
                 progress(f"unpacking layer {digest[:19]}")
             with store.staging("unpack-") as tmp:
                 target = os.path.join(tmp, "diff")
                 os.mkdir(target, 0o755)
-                with layers.open_blob(store.blob_path(digest)) as raw:
-                    reader = HashingReader(raw)
-                    layers.unpack(reader, target, lowers=list(reversed(lowers)), single_uid=single_uid)
-                    reader.drain()
-                if reader.digest() != diff_id:
-                    raise RbuildError(f"{source.name}: layer {digest} does not match its diff_id {diff_id}")
-                meta = {
-                    "diff_id": diff_id,
-                    "size": reader.count,
-                    "origin": "blob",
-                    "blobs": [{"mediaType": desc.get("mediaType", img.OCI_LAYER_GZIP), "digest": digest,
-                               "size": desc.get("size"), "original": True}],
-                }
-                store.add_layer(target, diff_id, meta)
-        lowers.append(store.layer_dir(diff_id))
+                size = unpack_blob(store.blob_path(digest), digest, target, diff_id, store.layer_dirs(diff_ids[:i]),
+                                   single_uid, f"{source.name}: ")
+                store.add_layer(target, chain, {"diff_id": diff_id, "parent": chains[i - 1] if i else "",
+                                                "size": size, "origin": "blob", "sources": [digest], "blobs": []})
+        elif digest not in store.layer_meta(chain).get("sources", []):
+            verify_blob(store.blob_path(digest), digest, diff_id)
+            store.add_layer_source(chain, digest)
     manifest = img.manifest("oci", "sha256:" + hashlib.sha256(source.config_bytes).hexdigest(),
                             len(source.config_bytes), descs)
     return store.add_image(source.config_bytes, img.canonical(manifest), names,
                            config.get("created", now_rfc3339()), source.remote_digest)
+
+
+def unpack_blob(path: str, name: str, target: str, diff_id: str, lowers: list[str], single_uid: bool,
+                where: str = "") -> int:
+    """Unpack the layer blob `name` at path into target on top of lowers (top first); returns its tar size.
+
+    The tar must be diff_id; `where` prefixes that error (the image's name).
+    """
+    from rootless import layers
+
+    with layers.open_blob(path, name=name) as raw:
+        reader = HashingReader(raw)
+        layers.unpack(reader, target, lowers=lowers, single_uid=single_uid)
+        reader.drain()
+    if reader.digest() != diff_id:
+        raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}")
+    return reader.count
+
+
+def verify_blob(path: str, digest: str, diff_id: str) -> None:
+    """Check that a blob decompresses to exactly diff_id (LayerError if not): read to its end."""
+    from rootless import layers
+
+    with layers.open_blob(path, digest=digest, diff_id=diff_id) as f:
+        while f.read(CHUNK):
+            pass
+
+
+def complete(store: Store, rec: ImageRecord) -> bool:
+    """Every layer of the image is unpacked in the store."""
+    diff_ids = store.read_json(rec.id).get("rootfs", {}).get("diff_ids", [])
+    return all(store.has_layer(c) for c in chain_ids(diff_ids))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,31 +336,46 @@ class Blob:
     path: str
 
 
-def layer_blob(store: Store, diff_id: str, fmt: str, compression: str, level: int | None) -> Blob:
-    """A compressed blob for a layer, made once and kept (a second push does not compress again)."""
-    meta = store.layer_meta(diff_id)
+def layer_blob(store: Store, diff_id: str, chain: str, own: dict[str, Any] | None, fmt: str, compression: str,
+               level: int | None) -> Blob:
+    """The blob an image pushes for one layer: `own`, the one its manifest names (pulled with it or with its
+    base image), when that has the compression asked for; else one rbuild compresses from the layer's
+    exact tar, made once and kept (a second push does not compress again)."""
     want = img.layer_media_type(fmt, compression)
+    if own is not None and img.compression_of(str(own.get("mediaType", ""))) == compression:
+        with contextlib.suppress(RbuildError):
+            if store.has_blob(own["digest"]):
+                path = store.blob_path(own["digest"])
+                return Blob({"mediaType": want, "digest": own["digest"], "size": os.path.getsize(path)}, path)
+    meta = store.layer_meta(chain)
     for b in meta.get("blobs", []):
-        if img.compression_of(b["mediaType"]) == compression and (b.get("original") or b.get("level") == level):
-            if store.has_blob(b["digest"]):
-                return Blob({"mediaType": want, "digest": b["digest"], "size": b["size"]}, store.blob_path(b["digest"]))
+        if (img.compression_of(b["mediaType"]), b.get("level")) == (compression, level) and store.has_blob(b["digest"]):
+            return Blob({"mediaType": want, "digest": b["digest"], "size": b["size"]}, store.blob_path(b["digest"]))
     from rootless import compress
 
     with store.staging("compress-") as tmp:
         out = os.path.join(tmp, "blob")
-        if meta.get("origin") == "blob":
-            orig = next(b for b in meta["blobs"] if b.get("original"))
-            digest, size, got_diff = compress.compress_file(store.blob_path(orig["digest"]), out, compression, level)
+        if meta.get("origin") == "dir":
+            digest, size, got_diff = compress.compress_layer(store.layer_dir(chain), out, compression, level)
         else:
-            digest, size, got_diff = compress.compress_layer(store.layer_dir(diff_id), out, compression, level)
+            digest, size, got_diff = compress.compress_file(tar_source(store, meta, own), out, compression, level)
         if got_diff != diff_id:
             raise RbuildError(f"layer {diff_id} no longer reproduces its content (got {got_diff}); "
                               "the store is damaged")
         final = store.blob_path(digest)
         if not os.path.exists(final):
             os.rename(out, final)
-    store.add_layer_blob(diff_id, {"mediaType": want, "digest": digest, "size": size, "level": level})
+    store.add_layer_blob(chain, {"mediaType": want, "digest": digest, "size": size, "level": level})
     return Blob({"mediaType": want, "digest": digest, "size": size}, final)
+
+
+def tar_source(store: Store, meta: dict[str, Any], own: dict[str, Any] | None) -> str:
+    """A stored blob that decompresses to the layer's exact tar: the image's own, else a verified source."""
+    for digest in ([own.get("digest")] if own else []) + list(meta.get("sources", [])):
+        with contextlib.suppress(RbuildError):
+            if isinstance(digest, str) and store.has_blob(digest):
+                return store.blob_path(digest)
+    raise RbuildError(f"layer {meta.get('diff_id')}: no blob holding its tar is left in the store {store.root}")
 
 
 @dataclass
@@ -359,7 +398,11 @@ def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str
         raise RbuildError("the docker image format has no zstd layers: use --format oci or --compression-format gzip")
     config = store.read_blob(record.id)
     diff_ids = json.loads(config).get("rootfs", {}).get("diff_ids", [])
-    blobs = [layer_blob(store, d, fmt, compression, level) for d in diff_ids]
+    own: list[dict[str, Any] | None] = list(store.read_json(record.manifest).get("layers", []))
+    if len(own) != len(diff_ids):
+        own = [None] * len(diff_ids)
+    blobs = [layer_blob(store, d, c, o, fmt, compression, level)
+             for d, c, o in zip(diff_ids, chain_ids(diff_ids), own, strict=True)]
     man = img.manifest(fmt, record.id, len(config), [b.descriptor for b in blobs])
     return Export(img.canonical(man), man["mediaType"], config, record.id, blobs)
 
@@ -481,19 +524,17 @@ def _write_docker_archive(store: Store, path: str, exp: Export, repo_tags: list[
     def write(tf: tarfile.TarFile) -> None:
         layer_names = []
         with store.staging("dockerarchive-") as tmp:
-            for diff_id in diff_ids:
+            for diff_id, chain, blob in zip(diff_ids, chain_ids(diff_ids), exp.layers, strict=True):
                 name = hex_of(diff_id) + "/layer.tar"
                 if name in layer_names:
                     continue
-                meta = store.layer_meta(diff_id)
                 out = os.path.join(tmp, "layer.tar")
-                if meta.get("origin") == "blob":
-                    orig = next(b for b in meta["blobs"] if b.get("original"))
-                    with layers.open_blob(store.blob_path(orig["digest"])) as src, open(out, "wb") as dst:
+                if store.layer_meta(chain).get("origin") == "blob":  # the tar is the exported blob's content
+                    with layers.open_blob(blob.path, diff_id=diff_id) as src, open(out, "wb") as dst:
                         shutil.copyfileobj(src, dst, CHUNK)
                 else:
                     with open(out, "wb") as dst:
-                        layers.write_tar(store.layer_dir(diff_id), dst)
+                        layers.write_tar(store.layer_dir(chain), dst)
                 _tar_add(tf, hex_of(diff_id))
                 _tar_add(tf, name, path=out)
                 os.unlink(out)

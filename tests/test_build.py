@@ -13,6 +13,8 @@ import time
 import pytest
 from conftest import IS_ROOT, Runner, busybox_layer, write_oci_layout
 
+from rootless.store import chain_ids
+
 ID_RE = re.compile(r"^sha256:[0-9a-f]{64}\n$")
 
 
@@ -160,9 +162,10 @@ def test_rmi_frees_layers_no_image_needs(rb: Runner, busybox: str) -> None:
     layers_b = json.loads(rb.run("inspect", b, root=root).stdout)[0]["RootFS"]["Layers"]
     assert layers_a[0] == layers_b[0] and layers_a[1] != layers_b[1]
     rb.run("rmi", "gc-a", root=root)
-    present = set(os.listdir(os.path.join(root, "layers")))
-    assert layers_a[1][7:] not in present and layers_a[1][7:] + ".json" not in present
-    assert {layers_b[0][7:], layers_b[1][7:]} <= present
+    present = set(os.listdir(os.path.join(root, "chains")))  # layers are stored by chain id
+    chains_a, chains_b = (chain_ids(x) for x in (layers_a, layers_b))
+    assert chains_a[1][7:] not in present and chains_a[1][7:] + ".json" not in present
+    assert {chains_b[0][7:], chains_b[1][7:]} <= present
     out = rb.mkdir()
     rb.run("push", "gc-b", f"oci:{out}/l", root=root)
     assert flatten(f"{out}/l")["b"] == ("file", b"b\n")
