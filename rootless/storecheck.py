@@ -75,6 +75,8 @@ def _chains(store: Store, images: list[Any], cache: dict[str, Any]) -> dict[str,
             lists.append(state["layers"])
     out: dict[str, set[tuple[str, ...]]] = {}
     for layers in lists:
+        if not all(isinstance(d, str) for d in layers):
+            continue  # a malformed entry: reported by check itself
         for i, d in enumerate(layers):
             out.setdefault(d, set()).add(tuple(layers[:i]))
     return out
@@ -102,9 +104,11 @@ def _layer_problem(store: Store, key: str, bad_blobs: set[str], chains: set[tupl
         return None
     if origin != "blob":
         return f"its content no longer matches its diff_id (it is now {tree})"
-    original = next((b for b in meta.get("blobs", []) if isinstance(b, dict) and b.get("original")), None)
-    if original is None:
+    blobs = meta.get("blobs")
+    originals = [b for b in blobs if isinstance(b, dict) and b.get("original")] if isinstance(blobs, list) else []
+    if not originals:
         return "it names no original blob"
+    original = originals[0]
     try:
         blob_hex = hex_of(original["digest"])
     except (RbuildError, KeyError, TypeError):

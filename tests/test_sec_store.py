@@ -174,6 +174,21 @@ def test_check_reunpacks_pulled_layers(rb: Runner, busybox: str) -> None:
     assert _check(rb, root).returncode == 0
 
 
+def test_check_sets_an_unreadable_image_index_aside(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    rb.build(rb.context({"Containerfile": cf(busybox, "ENV X=1\n")}), root=root)
+    with open(os.path.join(root, "images.json"), "w") as f:
+        f.write('{"images": [')
+    res = _check(rb, root)
+    assert res.returncode == 1 and res.stdout.startswith("index images.json: cannot read"), res.stdout
+    res = _check(rb, root, "--repair")
+    assert res.returncode == 0 and res.stdout.startswith("moved images.json to "), res.stdout + res.stderr
+    with open(os.path.join(root, "images.json.corrupt")) as f:
+        assert f.read() == '{"images": ['  # kept for recovery by hand
+    assert _check(rb, root).returncode == 0
+    rb.build(rb.context({"Containerfile": cf(busybox, "ENV X=1\n")}), root=root)
+
+
 def test_check_sweeps_leftovers_of_killed_processes(rb: Runner, busybox: str) -> None:
     root = rb.fresh_root()
     rb.build(rb.context({"Containerfile": cf(busybox, "RUN true\n")}), root=root)
