@@ -7,6 +7,7 @@ build does not pay for what it does not use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -144,6 +145,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _registry_args(pl)
     pl.set_defaults(func=cmd_pull)
 
+    ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
+    _common(ck)
+    ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
+    ck.set_defaults(func=cmd_check)
+
     u = sub.add_parser("unshare", help="run a command inside rbuild's user namespace")
     _common(u)
     u.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -168,15 +174,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
+    """The store and the id mapping; `create`: for a command that works in the user namespace, which
+    also gets the runtime directory for its mount points (commands that only read need neither)."""
     from rootless import paths, userns
     from rootless.store import Store
 
     idmap, notice = userns.host_mapping()
-    if notice and create and not getattr(args, "quiet_notice", False):
-        print(notice, file=sys.stderr)
-    # both paths depend on who we are on the host: resolve them before entering the user namespace
-    store = Store(paths.store_root(getattr(args, "root", None)), runtime=paths.runtime_dir())
-    return store, idmap
+    runtime = None
+    if create:
+        # both paths depend on who we are on the host: resolve them before entering the user namespace
+        runtime, runtime_notice = paths.runtime_dir()
+        for line in (notice, runtime_notice):
+            if line and not getattr(args, "quiet_notice", False):
+                print(line, file=sys.stderr)
+    return Store(paths.store_root(getattr(args, "root", None)), runtime=runtime), idmap
 
 
 def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> int:
@@ -212,11 +223,13 @@ def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
 
 
 def _open_readonly(args: argparse.Namespace) -> Any:
+    """The store for commands that read or change only the image index (never layer contents), so they
+    work on a store made under another id mapping too; a store of an older format is converted first."""
     from rootless.store import STORE_VERSION
 
     store, idmap = _store_and_map(args, create=False)
     if store.exists():
-        store.open(idmap, create=False)
+        store.check_format()
         if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
             from rootless import userns
 
@@ -226,7 +239,7 @@ def _open_readonly(args: argparse.Namespace) -> Any:
 
             if userns.run_inside(idmap, lambda: _guard(args, convert)):
                 raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
-            store.open(idmap, create=False)
+            store.check_format()
     return store
 
 
@@ -443,18 +456,19 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     """Remove names (or whole images), then the layers and blobs no image needs any more."""
-    from rootless import names
+    from rootless import names, userns
 
-    store = _open_readonly(args)
+    store, idmap = _store_and_map(args, create=False)
     if not store.exists():
         raise RbuildError(f"{args.names[0]}: image not known")
+    store.check_mapping(idmap)  # freeing layers needs the mapping they were written under: refuse up front
     status = 0
     deleted = False
     for n in args.names:
         rec = store.find(names.candidates(n))
         if rec is None:
             print(f"Error: {n}: image not known", file=sys.stderr)
-            status = 1
+            status = 125
             continue
         full = next((c for c in names.candidates(n) if c in rec.names), None)
         if full is not None and len(rec.names) > 1 and not args.force:
@@ -467,17 +481,51 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             print(f"Deleted: {rec.id}")
             deleted = True
     if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
-        from rootless import userns
-
-        idmap, _ = userns.host_mapping()
 
         def gc() -> int:
             _open_inside(store, idmap, create=False)
             store.collect_garbage()
             return 0
 
-        userns.run_inside(idmap, lambda: _guard(args, gc))
+        gc_status = userns.run_inside(idmap, lambda: _guard(args, gc))
+        status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify the store; with --repair remove what is broken and check again. Exit 1 when problems remain."""
+    from rootless import storecheck, userns
+
+    store, idmap = _store_and_map(args)
+    if not store.exists():
+        print(f"no store at {store.root}: nothing to check", file=sys.stderr)
+        return 0
+
+    def run() -> int:
+        from rootless.store import STORE_VERSION
+
+        store.open(idmap, create=False, sweep=False)
+        if store.version != STORE_VERSION:
+            _open_inside(store, idmap, create=False)
+        with store.exclusive() if args.repair else contextlib.nullcontext():
+            for path in store.sweep(idle=args.repair):
+                print(f"removed leftover of a killed process: {path}")
+            with contextlib.nullcontext() if args.repair else store.in_use():
+                problems = storecheck.check(store, idmap.single)
+                if args.repair and problems:
+                    for line in storecheck.repair(store, problems):
+                        print(line)
+                    problems = storecheck.check(store, idmap.single)
+        for p in problems:
+            print(p)
+        if problems:
+            hint = "" if args.repair else "; `rbuild check --repair` removes what is broken"
+            print(f"rbuild check: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {store.root}{hint}",
+                  file=sys.stderr)
+            return 1
+        return 0
+
+    return userns.run_inside(idmap, lambda: _guard(args, run))
 
 
 def cmd_push(args: argparse.Namespace) -> int:

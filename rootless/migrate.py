@@ -36,7 +36,7 @@ from rootless.transports import unpack_blob
 
 def upgrade(store: Store, single_uid: bool) -> None:
     """Convert a format-1 store (see the module docstring); nothing to do if another process did."""
-    with store.exclusive():
+    with store.exclusive_waiting():
         with open(os.path.join(store.root, "store.json"), "rb") as f:
             if json.load(f).get("version") == STORE_VERSION:
                 store.version = STORE_VERSION

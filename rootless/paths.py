@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import stat
+import tempfile
 
 from rootless.errors import RbuildError
 
@@ -23,18 +25,54 @@ def store_root(cli_root: str | None) -> str:
     return os.path.join(os.path.expanduser("~"), ".local", "share", "rbuild")
 
 
-def runtime_dir() -> str:
-    """$XDG_RUNTIME_DIR/rbuild, else /tmp/rbuild-$UID, created 0700 and checked to be ours."""
+def _unsafe(path: str, uid: int) -> str | None:
+    """Why `path` cannot be our private runtime directory, or None when it can.
+
+    Never followed: a symlink, another user's directory or one others may write into could let them
+    place our mount points (or plant entries in them).
+    """
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != uid:
+        return f"belongs to uid {st.st_uid}"
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def runtime_dir() -> tuple[str, str | None]:
+    """$XDG_RUNTIME_DIR/rbuild, else /tmp/rbuild-$UID: a 0700 directory of ours; plus a notice if it was not.
+
+    In /tmp anyone can take that name first. Then a private `NAME-XXXXXXXX` next to it is used instead
+    (found again by name and ownership on later runs), so another user can never block or redirect builds.
+    """
     uid = os.getuid()
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     path = os.path.join(xdg, "rbuild") if xdg else f"/tmp/rbuild-{uid}"
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
+        os.makedirs(path, 0o700)
+    except FileExistsError:
+        pass
     except OSError as e:
         raise RbuildError(f"cannot create runtime directory {path}: {e.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-        raise RbuildError(f"runtime directory {path} is not a directory owned by uid {uid}; remove it")
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
-    return path
+    try:
+        why = _unsafe(path, uid)
+    except OSError as e:
+        raise RbuildError(f"cannot use runtime directory {path}: {e.strerror}") from None
+    if why is None:
+        return path, None
+    for cand in sorted(glob.glob(glob.escape(path) + "-*")):
+        try:
+            if _unsafe(cand, uid) is None:
+                return cand, f"rbuild: {path} {why}: using {cand} instead (remove {path} to stop this)"
+        except OSError:
+            continue
+    try:
+        fresh = tempfile.mkdtemp(prefix=os.path.basename(path) + "-", dir=os.path.dirname(path))
+    except OSError as e:
+        raise RbuildError(f"runtime directory {path} {why}, and no private one can be made next to it: "
+                          f"{e.strerror}") from None
+    return fresh, f"rbuild: {path} {why}: using {fresh} instead (remove {path} to stop this)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import stat
 import sys
@@ -228,10 +229,15 @@ def _restrict_bind(target: str, readonly: bool) -> None:
     linux.mount(None, target, None, flags)
 
 
-def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) -> None:
-    """In pid 1 of the new namespaces: build the container view and exec. Never returns."""
+def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int, alive: int) -> None:
+    """In pid 1 of the new namespaces: build the container view and exec. Never returns.
+
+    `alive` is a pipe whose other end only the parent holds: readable (at EOF) once the parent is gone.
+    """
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if select.select([alive], [], [], 0)[0]:  # the parent died before the death signal was armed
+            os._exit(125)
         linux.sethostname(spec.hostname)
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
@@ -390,8 +396,6 @@ def _wait_interruptibly(pid: int) -> int:
     wakeup fd is written whichever thread takes the signal, so waiting on it and on a pidfd together
     hands the signal to the main thread's Python handler at once.
     """
-    import select
-
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     pidfd = os.pidfd_open(pid)
     old = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -413,28 +417,40 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
     errr, errw = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
+    builder = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(errr)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until pid 1 exists, dying is all it takes
+            # the RUN itself may drop its own death signal; this process (never the RUN's) keeps it
+            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != builder:  # the builder died before the death signal was armed
+                os._exit(125)
             devnull = os.open("/dev/null", os.O_RDONLY)
             os.dup2(devnull, 0)
             if spec.output_fd != 2:
                 os.dup2(spec.output_fd, 2)
             os.dup2(2, 1)  # RUN output goes to stderr: stdout is reserved for the image id
             linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+            alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
             inner = os.fork()
             if inner == 0:
-                _setup_and_exec(root, spec, files, errw)
+                os.close(alive_w)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
+                _setup_and_exec(root, spec, files, errw, alive_r)
             os.close(errw)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            os.close(alive_r)
 
             def end(signum: int, frame: object) -> None:  # pid 1 dies -> its whole pid namespace dies
                 os.kill(inner, signal.SIGKILL)
 
-            # the RUN itself may drop its own death signal; this process (never the RUN's) keeps it
             signal.signal(signal.SIGTERM, end)
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
+            signal.signal(signal.SIGHUP, end)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
             _, status = os.waitpid(inner, 0)
             os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
         except BaseException as e:  # noqa: BLE001

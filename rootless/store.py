@@ -12,7 +12,11 @@ Layout under the store root:
     images.json           image records: id (config digest), local manifest digest(s), names
     cache/HEX.json        step cache: the build state after a step, keyed by the step's cache key
     tmp/                  staging; everything reaches its final place by rename
-Every write is a temporary file or directory plus rename, so a crash never leaves half an entry.
+Every write is a temporary file or directory plus rename, so a crash never leaves half an entry, and
+each entry is written after everything it refers to (blob before image record, layer directory before
+its .json, layers before the cache entries and images naming them). What a killed process leaves
+(staging and mount-point directories, temporary files, a layer directory without its .json) is
+removed by `sweep`, which every command that opens the store runs.
 
 Layers are keyed by chain id, not diff_id (as containers/storage does): unpacking puts directories a
 layer's tar implies but does not list there with the mode and owner of the layers below (as an
@@ -69,12 +73,20 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     return out
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # atomic_write's, copy_verified's and the registry's
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644, durable: bool = False) -> None:
+    """Write a file by temporary file plus rename; `durable` also syncs the data first, for files whose loss
+    after a power cut would lose more than they hold (the image index)."""
     d = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.rename(tmp, path)
     except BaseException:
@@ -102,6 +114,63 @@ def rmtree(path: str) -> None:
         shutil.rmtree(path, onexc=fix)
     else:
         shutil.rmtree(path, onerror=fix)
+
+
+@contextlib.contextmanager
+def _held_dir(parent: str, prefix: str) -> Iterator[str]:
+    """A fresh directory that holds a locked `.lock` while in use, so `_sweep_dirs` can tell a killed
+    process's leftovers from live work. The lock file gets its name only once locked, and is removed
+    last: a removal cut short (by a signal) still leaves a directory the next sweep knows to be dead."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        fd = os.open(os.path.join(path, ".lock-new"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        rmtree(path)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(os.path.join(path, ".lock-new"), os.path.join(path, ".lock"))
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            for name in os.listdir(path):
+                if name != ".lock":
+                    rmtree(os.path.join(path, name))
+        rmtree(path)
+        os.close(fd)
+
+
+def _sweep_dirs(parent: str, prefix: str, grace: float, all_dead: bool) -> list[str]:
+    """Remove the directories under parent (named prefix*) that nobody holds: their `.lock` is not locked,
+    or they have none and are older than grace; all of them when `all_dead`. Returns what was removed."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = os.path.join(parent, name)
+        if not all_dead:
+            try:
+                fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                try:
+                    if time.time() - os.lstat(path).st_mtime <= grace:
+                        continue
+                except OSError:
+                    continue
+            except OSError:
+                continue
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live process's
+                finally:
+                    os.close(fd)
+        rmtree(path)
+        removed.append(path)
+    return removed
 
 
 @dataclass
@@ -142,18 +211,13 @@ class Store:
         os.makedirs(d, mode=0o700, exist_ok=True)
         return d
 
-    @contextlib.contextmanager
-    def mountpoints(self) -> Iterator[str]:
-        """A private directory for mount points of one step, removed afterwards."""
-        path = tempfile.mkdtemp(prefix="mnt-", dir=self.runtime_path())
-        try:
-            yield path
-        finally:
-            rmtree(path)
+    def mountpoints(self) -> contextlib.AbstractContextManager[str]:
+        """A private directory for mount points of one step, removed afterwards (or by a later sweep)."""
+        return _held_dir(self.runtime_path(), "mnt-")
 
     # -- opening -------------------------------------------------------------------------------
-    def open(self, idmap: IdMap, create: bool = True) -> None:
-        """Create the layout if needed and refuse a store made under another mapping."""
+    def open(self, idmap: IdMap, create: bool = True, sweep: bool = True) -> None:
+        """Create the layout if needed, refuse a store made under another mapping, sweep leftovers."""
         meta_path = os.path.join(self.root, "store.json")
         try:
             with open(meta_path, "rb") as f:
@@ -172,17 +236,44 @@ class Store:
             return
         except (OSError, ValueError) as e:
             raise RbuildError(f"cannot read {meta_path}: {e}") from None
-        if meta.get("version") not in (1, STORE_VERSION):
-            raise RbuildError(f"store {self.root} has unsupported format version {meta.get('version')}")
+        self._check_meta(meta, idmap)
         self.version = meta["version"]
+        if sweep and self.version == STORE_VERSION:  # an older layout is swept once `migrate` converted it
+            self.sweep()
+
+    def check_format(self) -> None:
+        """Check store.json's format version only: enough for commands that never touch layer contents,
+        which therefore also work on a store made under another id mapping."""
+        meta = self._read_meta()
+        self._check_meta(meta, None)
+        self.version = meta["version"]
+
+    def check_mapping(self, idmap: IdMap) -> None:
+        """Refuse (RbuildError) a store made under another mapping: its layer files cannot be written or
+        removed under this one."""
+        self._check_meta(self._read_meta(), idmap)
+
+    def _read_meta(self) -> Any:
+        meta_path = os.path.join(self.root, "store.json")
+        try:
+            with open(meta_path, "rb") as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise RbuildError(f"cannot read {meta_path}: {e}") from None
+
+    def _check_meta(self, meta: Any, idmap: IdMap | None) -> None:
+        if not isinstance(meta, dict) or meta.get("version") not in (1, STORE_VERSION):
+            version = meta.get("version") if isinstance(meta, dict) else None
+            raise RbuildError(f"store {self.root} has unsupported format version {version}")
+        if idmap is None:
+            return
         recorded = IdMap.from_json(meta.get("mapping", {}))
         if recorded != idmap:
             raise RbuildError(
                 f"store {self.root} was created under a different user namespace mapping "
-                f"({recorded.describe()}; now {idmap.describe()}); use another --root or remove it "
-                f"with the mapping it was made under"
+                f"({recorded.describe()}; now {idmap.describe()}); only images, inspect and tag work on it: "
+                f"use another --root, or remove it with the mapping it was made under"
             )
-        self.sweep_staging()
 
     def exists(self) -> bool:
         return os.path.exists(os.path.join(self.root, "store.json"))
@@ -197,7 +288,7 @@ class Store:
         self.version = version
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive_waiting(self) -> Iterator[None]:
         """No other build, pull or push of this store runs meanwhile (for a format upgrade); waits for them."""
         fd = os.open(os.path.join(self.root, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -217,47 +308,77 @@ class Store:
         finally:
             os.close(fd)
 
+    def staging(self, prefix: str = "stage-") -> contextlib.AbstractContextManager[str]:
+        """A scratch directory inside the store (same filesystem, so results can be renamed into place),
+        held (locked) while in use so that only a killed process's leftovers get swept."""
+        return _held_dir(os.path.join(self.root, "tmp"), prefix)
+
     @contextlib.contextmanager
-    def staging(self, prefix: str = "stage-") -> Iterator[str]:
-        """A scratch directory inside the store (same filesystem, so results can be renamed into place).
-
-        It holds a locked `.lock` while in use, so a later process can tell a killed build's leftovers
-        (removed by sweep_staging) from a running build's work.
-        """
-        path = tempfile.mkdtemp(prefix=prefix, dir=os.path.join(self.root, "tmp"))
-        fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _try_exclusive(self) -> Iterator[bool]:
+        """gc.lock taken exclusively if no build, pull or push holds it: yields whether it was."""
+        fd = os.open(os.path.join(self.root, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield path
-        finally:
-            rmtree(path)
-            os.close(fd)
-
-    def sweep_staging(self, grace: float = 600.0) -> None:
-        """Remove staging dirs left by killed processes: unlocked ones, or lock-less ones older than grace."""
-        tmp = os.path.join(self.root, "tmp")
-        try:
-            names = os.listdir(tmp)
-        except OSError:
-            return
-        for name in names:
-            path = os.path.join(tmp, name)
-            try:
-                fd = os.open(os.path.join(path, ".lock"), os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                with contextlib.suppress(OSError):
-                    if time.time() - os.lstat(path).st_mtime > grace:
-                        rmtree(path)
-                continue
-            except OSError:
-                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                continue  # a live build's
-            finally:
-                os.close(fd)
-            rmtree(path)
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The store to ourselves (for repairs): fails rather than wait while another process uses it."""
+        with self._try_exclusive() as got:
+            if not got:
+                raise RbuildError(f"the store {self.root} is in use by another rbuild process; "
+                                  "try again when it has finished")
+            yield
+
+    def sweep(self, idle: bool = False, grace: float = 600.0) -> list[str]:
+        """Remove what killed processes left behind; returns the paths removed.
+
+        Staging and mount-point directories nobody holds; layer directories cut off before their .json
+        (add_layer writes both under the lock, so one seen alone under it is dead); and temporary files
+        when no other process uses the store (`idle`: the caller holds it exclusively, else it is tried).
+        """
+        removed: list[str] = []
+        with contextlib.ExitStack() as stack:
+            if not idle:
+                idle = stack.enter_context(self._try_exclusive())
+            with self.lock():
+                removed += _sweep_dirs(os.path.join(self.root, "tmp"), "", grace, idle)
+                if idle:
+                    removed += self._sweep_temp_files()
+                layers_dir = os.path.join(self.root, "chains")
+                with contextlib.suppress(OSError):
+                    names = set(os.listdir(layers_dir))
+                    for name in sorted(names):
+                        if _HEX64.fullmatch(name) and name + ".json" not in names:
+                            rmtree(os.path.join(layers_dir, name))
+                            removed.append(os.path.join(layers_dir, name))
+            if self.runtime is not None:  # this store's own mount-point dirs: every user of them holds gc.lock
+                removed += _sweep_dirs(self.runtime_path(), "mnt-", grace, idle)
+        return removed
+
+    def _sweep_temp_files(self) -> list[str]:
+        removed = []
+        for d in (self.root, os.path.join(self.root, "blobs"), self.blob_dir(), os.path.join(self.root, "chains"),
+                  os.path.join(self.root, "cache")):
+            try:
+                names = [n for n in os.listdir(d) if n.startswith(TEMP_PREFIXES)]
+            except OSError:
+                continue
+            for name in names:
+                path = os.path.join(d, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    rmtree(path)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                removed.append(path)
+        return removed
 
     # -- blobs -----------------------------------------------------------------------------------
     def blob_dir(self) -> str:
@@ -268,6 +389,17 @@ class Store:
 
     def has_blob(self, digest: str) -> bool:
         return os.path.exists(self.blob_path(digest))
+
+    def blob_names(self) -> list[str]:
+        """Names of the files in blobs/sha256 (temporary files aside): digests' hex, unless damaged."""
+        try:
+            return sorted(n for n in os.listdir(self.blob_dir()) if not n.startswith(TEMP_PREFIXES))
+        except FileNotFoundError:
+            return []
+
+    def remove_blob_file(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.blob_dir(), name))
 
     def put_blob(self, data: bytes) -> str:
         digest = "sha256:" + sha256_hex(data)
@@ -300,6 +432,21 @@ class Store:
 
     def has_layer(self, chain_id: str) -> bool:
         return os.path.exists(self.layer_dir(chain_id) + ".json")
+
+    def layer_keys(self) -> list[str]:
+        """Every complete layer (its .json written), as the key layer_dir and layer_meta take."""
+        try:
+            names = os.listdir(os.path.join(self.root, "chains"))
+        except FileNotFoundError:
+            return []
+        return sorted("sha256:" + n[:-5] for n in names if n.endswith(".json") and _HEX64.fullmatch(n[:-5]))
+
+    def remove_layer(self, chain_id: str) -> None:
+        """The .json first: without it the directory is an incomplete layer that sweep removes."""
+        with self.lock():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layer_dir(chain_id) + ".json")
+            rmtree(self.layer_dir(chain_id))
 
     def layer_meta(self, chain_id: str) -> dict[str, Any]:
         try:
@@ -366,7 +513,18 @@ class Store:
 
     def _save_images(self, records: list[ImageRecord]) -> None:
         data = json.dumps({"images": [r.to_json() for r in records]}, indent=1, sort_keys=True).encode()
-        atomic_write(self._images_path(), data, 0o600)
+        atomic_write(self._images_path(), data, 0o600, durable=True)
+
+    def remove_images(self, ids: set[str]) -> None:
+        with self.lock():
+            self._save_images([r for r in self.images() if r.id not in ids])
+
+    def set_aside_images(self) -> str:
+        """Move an unreadable images.json out of the way (kept for hand recovery); returns its new name."""
+        aside = self._images_path() + ".corrupt"
+        with self.lock():
+            os.replace(self._images_path(), aside)
+        return aside
 
     def add_image(self, config: bytes, manifest: bytes, names: list[str], created: str,
                   digest: str = "") -> ImageRecord:
@@ -455,6 +613,22 @@ class Store:
     def cache_put(self, key: str, state: dict[str, Any]) -> None:
         atomic_write(os.path.join(self.root, "cache", key + ".json"), json.dumps(state, sort_keys=True).encode())
 
+    def cache_keys(self) -> list[str]:
+        """The keys of all step-cache entries."""
+        try:
+            names = os.listdir(os.path.join(self.root, "cache"))
+        except FileNotFoundError:
+            return []
+        return sorted(n[:-5] for n in names if n.endswith(".json") and not n.startswith(("files-", *TEMP_PREFIXES)))
+
+    def cache_entry(self, key: str) -> Any:
+        """An entry as stored, unchecked (cache_get hides a damaged or dangling one): raises OSError/ValueError."""
+        with open(os.path.join(self.root, "cache", key + ".json"), "rb") as f:
+            return json.load(f)
+
+    def remove_cache(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.root, "cache", key + ".json"))
 
     # -- garbage collection ----------------------------------------------------------------------
     @contextlib.contextmanager
@@ -468,37 +642,50 @@ class Store:
             os.close(fd)
 
     def collect_garbage(self) -> tuple[int, int] | None:
-        """Remove layers, blobs and cache entries no image needs; (layers, blobs) removed, None when busy."""
-        fd = os.open(os.path.join(self.root, "gc.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        """Remove layers, blobs and cache entries no image needs; (layers, blobs) removed, None when busy.
+
+        Cache entries go first, then layers (.json before directory), then blobs: killed at any point, it
+        leaves nothing that refers to something already gone.
+        """
+        with self._try_exclusive() as idle:
+            if not idle:
                 return None
             with self.lock():
                 keep_layers: set[str] = set()
                 keep_blobs: set[str] = set()
                 for r in self.images():
-                    for m in {r.manifest, *r.manifests.values()}:
-                        keep_blobs.add(hex_of(m))
-                        with contextlib.suppress(RbuildError):  # the layer blobs each name pushes
-                            keep_blobs |= {_blob_hex(d) for d in self.read_json(m).get("layers", [])}
-                    keep_blobs.add(hex_of(r.id))
-                    config = self.read_json(r.id)
-                    keep_layers |= {hex_of(c) for c in chain_ids(config.get("rootfs", {}).get("diff_ids", []))}
+                    try:
+                        for m in {r.manifest, *r.manifests.values()}:
+                            keep_blobs.add(hex_of(m))
+                            with contextlib.suppress(RbuildError):  # the layer blobs each name pushes
+                                keep_blobs |= {_blob_hex(d) for d in self.read_json(m).get("layers", [])}
+                        keep_blobs.add(hex_of(r.id))
+                        config = self.read_json(r.id)
+                        keep_layers |= {hex_of(c) for c in chain_ids(config.get("rootfs", {}).get("diff_ids", []))}
+                    except (RbuildError, ValueError, AttributeError) as e:
+                        raise RbuildError(f"cannot tell which layers are unused: image {r.id}: {e} "
+                                          "(`rbuild check --repair` removes broken images)") from None
                 for h in keep_layers:
-                    with contextlib.suppress(RbuildError):
+                    with contextlib.suppress(RbuildError, ValueError):
                         meta = self.layer_meta("sha256:" + h)
                         keep_blobs |= {hex_of(b["digest"]) for b in meta.get("blobs", [])}
                         keep_blobs |= {hex_of(d) for d in meta.get("sources", [])}
+                cache_dir = os.path.join(self.root, "cache")
+                for key in self.cache_keys():
+                    try:
+                        state = self.cache_entry(key)
+                        chains = {hex_of(c) for c in chain_ids(state.get("layers", []))}
+                        kept = chains <= keep_layers
+                    except (OSError, ValueError, AttributeError, TypeError, RbuildError):
+                        kept = False
+                    if not kept:
+                        os.unlink(os.path.join(cache_dir, key + ".json"))
                 layers_dir = os.path.join(self.root, "chains")
                 removed_layers = 0
                 for name in os.listdir(layers_dir):
-                    h = name.removesuffix(".json")
-                    if h not in keep_layers:
-                        if name.endswith(".json"):
-                            os.unlink(os.path.join(layers_dir, name))  # the .json first: it marks completeness
-                            removed_layers += 1
+                    if name.endswith(".json") and name.removesuffix(".json") not in keep_layers:
+                        os.unlink(os.path.join(layers_dir, name))  # the .json first: it marks completeness
+                        removed_layers += 1
                 for name in os.listdir(layers_dir):
                     if not name.endswith(".json") and name not in keep_layers:
                         rmtree(os.path.join(layers_dir, name))
@@ -507,22 +694,7 @@ class Store:
                     if name not in keep_blobs:
                         os.unlink(os.path.join(self.blob_dir(), name))
                         removed_blobs += 1
-                cache_dir = os.path.join(self.root, "cache")
-                for name in os.listdir(cache_dir):
-                    if name.startswith("files-") or not name.endswith(".json"):
-                        continue
-                    path = os.path.join(cache_dir, name)
-                    try:
-                        with open(path, "rb") as f:
-                            state = json.load(f)
-                        chains = {hex_of(c) for c in chain_ids(state.get("layers", []))}
-                    except (OSError, ValueError, RbuildError):
-                        chains = {""}
-                    if not chains <= keep_layers:
-                        os.unlink(path)
                 return removed_layers, removed_blobs
-        finally:
-            os.close(fd)
 
 
 def _blob_hex(desc: dict[str, Any]) -> str:

@@ -120,11 +120,14 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
     """Run fn() in a forked child inside the user (and a private mount) namespace; return its exit status.
 
     Mounts made by fn vanish with the child's mount namespace, so even a killed build leaves none behind.
+    SIGTERM and SIGHUP (a closed terminal) end fn the way Ctrl-C does, cleaning up; so does the death of
+    this process, however it dies (the child's death signal).
     """
     sys.stdout.flush()
     sys.stderr.flush()
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # child
         code = 125
@@ -132,7 +135,10 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
             os.close(ready_r)
             os.close(go_w)
             signal.signal(signal.SIGTERM, _terminate)
+            signal.signal(signal.SIGHUP, _terminate)
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() != parent:  # it died before the death signal was armed
+                raise KeyboardInterrupt
             flags = linux.CLONE_NEWNS if idmap.real_root else linux.CLONE_NEWUSER | linux.CLONE_NEWNS
             try:
                 linux.unshare(flags)
@@ -180,6 +186,7 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
             pass
 
     old_term = signal.signal(signal.SIGTERM, forward)
+    old_hup = signal.signal(signal.SIGHUP, forward)
     try:
         state = os.read(ready_r, 1)
         os.close(ready_r)
@@ -199,6 +206,7 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGHUP, old_hup)
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.waitstatus_to_exitcode(status)
