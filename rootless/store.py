@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -108,7 +109,12 @@ def rmtree(path: str) -> None:
             else:
                 os.unlink(p)
 
-    if not os.path.lexists(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):  # shutil.rmtree would open it: a FIFO blocks forever
+        os.unlink(path)
         return
     if sys.version_info >= (3, 12):
         shutil.rmtree(path, onexc=fix)
