@@ -632,8 +632,6 @@ class Executor:
         try:
             return sandbox.run(merged, spec, scratch, self.touched)
         except RbuildError as e:
-            if e.exit_code == 127:
-                raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: {e}", 127) from None
             raise self.err(cmd.node, str(e)) from None
 
     # -- COPY / ADD ---------------------------------------------------------------------------------------

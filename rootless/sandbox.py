@@ -1,15 +1,21 @@
 """Running a RUN step: new mount, pid, ipc and uts namespaces of the build's user namespace.
 
-The build process (already uid 0 in the user namespace) forks; the child unshares the namespaces and
-forks pid 1 of the new pid namespace, which builds the container's view (/proc with docker's masked
-paths, a minimal /dev, read-only /sys, /etc/hosts, /etc/hostname, /etc/resolv.conf), pivots into the
-merged tree, drops to docker's default capability bounding set, sets no_new_privs and execs.
+The build process (already uid 0 in the user namespace) forks; the child leaves the caller's session
+and process group, unshares the namespaces and forks pid 1 of the new pid namespace. That process
+starts a session of its own (so no terminal is its controlling terminal and no signal reaches the
+caller's process group), joins a fresh session keyring, builds the container's view (/proc with
+docker's masked paths, a minimal /dev, read-only /sys, /etc/hosts, /etc/hostname, /etc/resolv.conf),
+pivots into the merged tree, drops to docker's default capability bounding set, sets no_new_privs,
+closes every inherited file descriptor but 0-2, installs the seccomp filter and execs.
+When rbuild's output is a terminal, the RUN writes into a pipe that rbuild copies to it, as docker
+and buildah do: a RUN never holds a descriptor of the user's terminal.
 Mount points that had to be created in the tree are removed again afterwards, so they leave no trace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import stat
@@ -28,7 +34,9 @@ MASKED_PATHS = (
     "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
-DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+# host device nodes bound into /dev, each only if it is that very device (major, minor). /dev/tty
+# (5, 0) opens the opener's controlling terminal, and a RUN has none (its own session): ENXIO.
+DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME = "rbuild"
 
@@ -105,12 +113,13 @@ def resolve_user(root: str, spec: str) -> User:
             if g is None:
                 raise RbuildError(f"unable to find group {group}: no matching entries in group file")
             gid = int(g[2])
-        groups: list[int] = []
+        member: set[int] = set()
     else:
         name = entry[0] if entry else None
-        groups = sorted({int(e[2]) for e in groupdb
-                         if len(e) >= 4 and e[2].isdigit() and name and name in e[3].split(",")} - {gid})
-    return User(uid, gid, groups, home)
+        member = {int(e[2]) for e in groupdb if len(e) >= 4 and e[2].isdigit() and name and name in e[3].split(",")}
+    # supplementary groups: the groups /etc/group lists the user in, and the primary group (buildah and
+    # docker both add it); an explicit group stands alone
+    return User(uid, gid, sorted(member | {gid}), home)
 
 
 class _Stubs:
@@ -207,10 +216,27 @@ def _readonly_tree(top: str) -> None:
         _try(linux.mount, None, point, None, flags)
 
 
-def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) -> None:
-    """In pid 1 of the new namespaces: build the container view and exec. Never returns."""
+def _host_device(name: str) -> bool:
+    try:
+        st = os.stat("/dev/" + name)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == DEV_NODES[name]
+
+
+def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], groups: list[int] | None, errw: int) -> None:
+    """In pid 1 of the new namespaces: build the container view and exec. Never returns.
+
+    groups: the supplementary groups to set, None to keep the builder's (see _settable_groups).
+    """
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setsid()  # no controlling terminal; `kill 0` reaches only the RUN's own processes
+        try:
+            linux.join_session_keyring()  # the caller's keys stay out of reach
+        except OSError as e:
+            if e.errno != errno.ENOSYS:  # a kernel without keyrings has nothing to leak (runc's rule)
+                raise
         linux.sethostname(spec.hostname)
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
         nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
@@ -223,9 +249,10 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
         dev = secure_join(root, "/dev")
         linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
         for name in DEV_NODES:
-            target = os.path.join(dev, name)
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o666))
-            _try(linux.mount, "/dev/" + name, target, None, linux.MS_BIND)
+            if _host_device(name):
+                target = os.path.join(dev, name)
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o666))
+                _try(linux.mount, "/dev/" + name, target, None, linux.MS_BIND)
         for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                              ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx")):
             os.symlink(target, os.path.join(dev, name))
@@ -280,11 +307,8 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
                 _try(linux.prctl, linux.PR_CAPBSET_DROP, cap)
         _try(linux.prctl, linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        try:
-            os.setgroups(spec.groups)
-        except OSError:
-            if spec.groups:
-                raise
+        if groups is not None:
+            os.setgroups(groups)
         os.setresgid(spec.gid, spec.gid, spec.gid)
         os.setresuid(spec.uid, spec.uid, spec.uid)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
@@ -293,10 +317,19 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int) 
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         env = dict(spec.env)
         env.setdefault("PATH", DEFAULT_PATH)
+        # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would
+        # lead out of the sandbox. errw is close-on-exec; it reports a failed exec. (/proc is the RUN's.)
+        for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
+            if fd > 2 and fd != errw:
+                with contextlib.suppress(OSError):  # the listing's own descriptor is already gone
+                    os.close(fd)
+        from rootless import seccomp  # imported by run() already
+
+        seccomp.load()
         try:
             os.execvpe(spec.argv[0], spec.argv, env)
         except OSError as e:
-            os.write(errw, f"127 exec {spec.argv[0]}: {e.strerror}".encode())
+            os.write(errw, f"exec {spec.argv[0]}: {e.strerror}".encode())
             os._exit(127)
     except (OSError, RbuildError) as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -362,8 +395,23 @@ def _resolv_conf() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wait_interruptibly(pid: int) -> int:
-    """waitpid that Ctrl-C and SIGTERM always interrupt.
+def _relay(src: int, dst: int) -> int:
+    """Copy what is waiting in pipe src to dst; return the bytes copied, 0 at end of file, -1 if none."""
+    try:
+        data = os.read(src, 65536)
+    except BlockingIOError:
+        return -1
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(dst, view):]
+        except OSError:  # the terminal went away: the RUN's output is dropped, the RUN goes on
+            break
+    return len(data)
+
+
+def _wait_interruptibly(pid: int, relay: int, out: int) -> int:
+    """waitpid that Ctrl-C and SIGTERM always interrupt, copying the RUN's output from `relay` (if >= 0).
 
     A signal may be delivered to any thread of the builder (layer and registry code use worker threads);
     then a main thread blocked in waitpid would never see it until the RUN ends. The signal module's
@@ -375,13 +423,20 @@ def _wait_interruptibly(pid: int) -> int:
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     pidfd = os.pidfd_open(pid)
     old = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    watched = [pidfd, rfd] + ([relay] if relay >= 0 else [])
     try:
         while True:
-            ready, _, _ = select.select([pidfd, rfd], [], [])
+            ready, _, _ = select.select(watched, [], [])
             if rfd in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rfd, 512)  # the Python handler (KeyboardInterrupt) runs right after select
+            if relay in ready and _relay(relay, out) == 0:
+                watched.remove(relay)
             if pidfd in ready:
+                # the pid namespace is gone, and with it the pipe's writers: copy what they left (not
+                # waiting for end of file: a descriptor sent over a socket may outlive them)
+                while relay in watched and _relay(relay, out) > 0:
+                    pass
                 return os.waitpid(pid, 0)[1]
     finally:
         signal.set_wakeup_fd(old)
@@ -389,23 +444,51 @@ def _wait_interruptibly(pid: int) -> int:
             os.close(fd)
 
 
+def _settable_groups(groups: list[int]) -> list[int] | None:
+    """The supplementary groups this user namespace can hold, or None where setgroups(2) is denied.
+
+    A single-id map (no subgid range) is written with setgroups denied, so the RUN keeps the groups
+    the builder started with; groups the map does not hold are left out (their files show as nogroup).
+    """
+    try:
+        with open("/proc/self/setgroups") as f:
+            if f.read().strip() == "deny":
+                return None
+        with open("/proc/self/gid_map") as f:
+            ranges = [[int(x) for x in ln.split()] for ln in f if ln.strip()]
+    except OSError:
+        return groups
+    return [g for g in groups if any(start <= g < start + count for start, _, count in ranges)]
+
+
 def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
+    from rootless import seccomp
+
+    seccomp.require()  # the library loads here, in the builder, not in each RUN's setup
+    groups = _settable_groups(spec.groups)
+    relay_r = relay_w = -1
+    if os.isatty(spec.output_fd):  # the RUN gets a pipe to it, never the terminal itself
+        relay_r, relay_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     errr, errw = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         try:
+            os.setsid()  # out of the caller's session and process group, with no controlling terminal
             os.close(errr)
             devnull = os.open("/dev/null", os.O_RDONLY)
             os.dup2(devnull, 0)
-            if spec.output_fd != 2:
+            if relay_w >= 0:
+                os.set_blocking(relay_w, True)
+                os.dup2(relay_w, 2)
+            elif spec.output_fd != 2:
                 os.dup2(spec.output_fd, 2)
             os.dup2(2, 1)  # RUN output goes to stderr: stdout is reserved for the image id
             linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
             inner = os.fork()
             if inner == 0:
-                _setup_and_exec(root, spec, files, errw)
+                _setup_and_exec(root, spec, files, groups, errw)
             os.close(errw)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -422,8 +505,10 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
                 os.write(errw, f"125 {e}".encode())
             os._exit(125)
     os.close(errw)
+    if relay_w >= 0:
+        os.close(relay_w)
     try:
-        status = _wait_interruptibly(pid)
+        status = _wait_interruptibly(pid, relay_r, spec.output_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)  # the intermediate kills the pid namespace's init, then exits
@@ -435,9 +520,11 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
             while chunk := os.read(errr, 4096):
                 msg += chunk
         os.close(errr)
+        if relay_r >= 0:
+            os.close(relay_r)
     if msg:
         code, _, text = msg.decode(errors="replace").partition(" ")
-        if code == "125":
-            raise RbuildError(f"cannot set up the RUN sandbox: {text}")
-        raise RbuildError(text, exit_code=int(code) if code.isdigit() else 125)
+        if code == "exec":  # the RUN's program could not be started (its own exit 127 is no message)
+            raise RbuildError("RUN: " + msg.decode(errors="replace"))
+        raise RbuildError(f"cannot set up the RUN sandbox: {text}")
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
