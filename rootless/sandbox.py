@@ -224,10 +224,12 @@ def _host_device(name: str) -> bool:
     return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == DEV_NODES[name]
 
 
-def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], groups: list[int] | None, errw: int) -> None:
+def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes,
+                    errw: int) -> None:
     """In pid 1 of the new namespaces: build the container view and exec. Never returns.
 
-    groups: the supplementary groups to set, None to keep the builder's (see _settable_groups).
+    groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
+    filter_: the compiled seccomp program.
     """
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -323,9 +325,7 @@ def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], groups: lis
             if fd > 2 and fd != errw:
                 with contextlib.suppress(OSError):  # the listing's own descriptor is already gone
                     os.close(fd)
-        from rootless import seccomp  # imported by run() already
-
-        seccomp.load()
+        linux.seccomp_filter(filter_)
         try:
             os.execvpe(spec.argv[0], spec.argv, env)
         except OSError as e:
@@ -464,7 +464,7 @@ def _settable_groups(groups: list[int]) -> list[int] | None:
 def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
     from rootless import seccomp
 
-    seccomp.require()  # the library loads here, in the builder, not in each RUN's setup
+    filter_ = seccomp.program()  # compiled once per build process; each RUN only installs it
     groups = _settable_groups(spec.groups)
     relay_r = relay_w = -1
     if os.isatty(spec.output_fd):  # the RUN gets a pipe to it, never the terminal itself
@@ -488,7 +488,7 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
             linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
             inner = os.fork()
             if inner == 0:
-                _setup_and_exec(root, spec, files, groups, errw)
+                _setup_and_exec(root, spec, files, groups, filter_, errw)
             os.close(errw)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -10,31 +10,28 @@ values other than the few docker allows. clone3 gets ENOSYS, as in docker, so li
 clone, whose flags the filter can see. The rules apply to every ABI the CPU can run (x86 and x32 on
 x86_64, arm on aarch64, s390 on s390x): a 32-bit program must not get around them.
 
-libseccomp (through pyseccomp) turns names into each architecture's numbers.
+libseccomp (Debian: libseccomp2) turns names into each architecture's numbers and compiles the
+rules into a BPF program, once per build process; each RUN only hands those bytes to the kernel.
+The library is called through ctypes directly: a Python binding (pyseccomp) took 30-90 ms to import,
+as it asks ldconfig where the library is.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
+import os
 import platform
-from typing import Any
 
 from rootless.errors import RbuildError
 
-_sc: Any = None
-_missing = ""
-try:
-    import pyseccomp
-
-    _sc = pyseccomp
-except (ImportError, RuntimeError) as e:  # RuntimeError: pyseccomp found no libseccomp.so
-    _missing = str(e)
-
 CLONE_NEWUSER = 0x10000000
+ACT_ALLOW = 0x7FFF0000
+CMP_MASKED_EQ = 7
 
 # docker: "kexec_*, module loading, reboot ... need CAP_SYS_ADMIN/CAP_SYS_BOOT/...", "keyctl, add_key,
-# request_key: the kernel keyring is not namespaced", plus what docker blocks for every container since
-# io_uring's removal from its profile (moby 25)
+# request_key: the kernel keyring is not namespaced", plus io_uring, which docker refuses since moby 25
 DENIED = (
     "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
     "fanotify_init", "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "get_kernel_syms",
@@ -47,43 +44,67 @@ DENIED = (
 )
 # docker's allowed personality(2) values: PER_LINUX, PER_LINUX32, UNAME26, PER_LINUX32|UNAME26, query
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
-# ABIs a CPU of this machine type also runs (docker's "archMap")
-COMPAT_ARCHES = {"x86_64": ("X86", "X32"), "aarch64": ("ARM",), "s390x": ("S390",)}
+# ABIs a CPU of this machine type also runs (docker's "archMap"), as libseccomp names them
+COMPAT_ARCHES = {"x86_64": ("x86", "x32"), "aarch64": ("arm",), "s390x": ("s390",)}
 
 
-def require() -> Any:
-    """pyseccomp's module, or a clear error naming what is missing."""
-    if _sc is None:
-        raise RbuildError(f"the RUN sandbox needs libseccomp (Debian: libseccomp2) and pyseccomp: {_missing}")
-    return _sc
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2")
+    except OSError as e:
+        raise RbuildError(f"the RUN sandbox needs libseccomp (Debian: libseccomp2): {e}") from None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+    lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return lib
 
 
 def syscall_number(name: str) -> int:
     """The native number of system call `name` (for calls libc does not wrap)."""
-    sc = require()
-    nr = sc.resolve_syscall(sc.Arch.NATIVE, name)
+    nr = _lib().seccomp_syscall_resolve_name(name.encode())
     if nr < 0:
         raise RbuildError(f"libseccomp knows no system call {name} on {platform.machine()}")
     return int(nr)
 
 
+def _errno(code: int) -> int:
+    return 0x00050000 | code  # SCMP_ACT_ERRNO
+
+
 def _blocks(lo: int, hi: int) -> list[tuple[int, int]]:
-    """[lo, hi] as aligned power-of-two blocks, each (mask, value) with x in block <=> x & mask == value.
+    """[lo, hi] (32-bit) as aligned power-of-two blocks, each (mask, value): x in it <=> x & mask == value.
 
     libseccomp cannot compare one argument twice in a rule, so a range is a union of such blocks.
     """
     out = []
     while lo <= hi:
-        size = lo & -lo if lo else 1 << 64
+        size = lo & -lo if lo else 1 << 32
         while size > hi - lo + 1:
             size >>= 1
-        out.append(((~(size - 1)) & 0xFFFFFFFFFFFFFFFF, lo))
+        out.append(((~(size - 1)) & 0xFFFFFFFF, lo))
         lo += size
     return out
 
 
 def _personality_denials() -> list[tuple[int, int]]:
-    """(mask, value) blocks covering every 32-bit personality argument docker does not allow."""
+    """(mask, value) blocks covering every personality docker does not allow.
+
+    Only the low 32 bits are compared: the kernel's argument is an unsigned int, so personality(-1)
+    is the query personality(0xffffffff) is.
+    """
     out, lo = [], 0
     for allowed in sorted(PERSONALITIES):
         if allowed > lo:
@@ -92,30 +113,45 @@ def _personality_denials() -> list[tuple[int, int]]:
     return out
 
 
-def load() -> None:
-    """Install the filter on this (single-threaded) process; the exec that follows keeps it."""
-    s = require()
-    eperm = s.ERRNO(errno.EPERM)
-    f = s.SyscallFilter(s.ALLOW)
-    for arch in COMPAT_ARCHES.get(platform.machine(), ()):
-        try:
-            f.add_arch(getattr(s.Arch, arch))
-        except OSError:  # libseccomp without that ABI: the kernel then kills such syscalls (bad arch)
-            pass
-
-    def deny(name: str, action: int, *args: Any) -> None:
-        nr = s.resolve_syscall(s.Arch.NATIVE, name)
-        if nr == -1:  # unknown to this libseccomp (a system call newer than the library)
-            return
-        f.add_rule(action, nr, *args)
-
-    for name in DENIED:
-        deny(name, eperm)
+def _rules() -> list[tuple[str, int, list[tuple[int, int, int, int]]]]:
+    """(system call, action, [(arg, op, a, b)...]) for every rule of the filter."""
+    eperm = _errno(errno.EPERM)
+    rules: list[tuple[str, int, list[tuple[int, int, int, int]]]] = [(name, eperm, []) for name in DENIED]
     flags_arg = 1 if platform.machine().startswith("s390") else 0  # s390's clone takes the stack first
-    deny("clone", eperm, s.Arg(flags_arg, s.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
-    deny("unshare", eperm, s.Arg(0, s.MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER))
-    deny("clone3", s.ERRNO(errno.ENOSYS))
-    deny("personality", eperm, s.Arg(0, s.GT, 0xFFFFFFFF))
-    for mask, value in _personality_denials():
-        deny("personality", eperm, s.Arg(0, s.MASKED_EQ, mask, value))
-    f.load()
+    rules.append(("clone", eperm, [(flags_arg, CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER)]))
+    rules.append(("unshare", eperm, [(0, CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER)]))
+    rules.append(("clone3", _errno(errno.ENOSYS), []))
+    rules += [("personality", eperm, [(0, CMP_MASKED_EQ, mask, value)]) for mask, value in _personality_denials()]
+    return rules
+
+
+@functools.cache
+def program() -> bytes:
+    """The filter compiled to BPF (struct sock_filter[]) for this machine, made once per process."""
+    lib = _lib()
+    ctx = lib.seccomp_init(ACT_ALLOW)
+    if not ctx:
+        raise RbuildError("libseccomp could not start a filter")
+    try:
+        for arch in COMPAT_ARCHES.get(platform.machine(), ()):
+            token = lib.seccomp_arch_resolve_name(arch.encode())
+            if token:  # a libseccomp without that ABI: the kernel kills such calls (a foreign arch)
+                lib.seccomp_arch_add(ctx, token)
+        for name, action, args in _rules():
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr == -1:  # newer than this libseccomp: it cannot be named, so it cannot be refused
+                continue
+            cmp = (_ArgCmp * max(len(args), 1))(*[_ArgCmp(*a) for a in args])
+            rc = lib.seccomp_rule_add_array(ctx, action, nr, len(args), cmp)
+            if rc < 0:
+                raise RbuildError(f"libseccomp refused the rule for {name}: {os.strerror(-rc)}")
+        fd = os.memfd_create("rbuild-seccomp", os.MFD_CLOEXEC)
+        try:
+            rc = lib.seccomp_export_bpf(ctx, fd)
+            if rc < 0:
+                raise RbuildError(f"libseccomp could not compile the filter: {os.strerror(-rc)}")
+            return os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
