@@ -48,6 +48,7 @@ class BuildOptions:
     registry_options: Any = None
     containerfile: str | None = None
     secrets: dict[str, bytes] = field(default_factory=dict)  # id -> value (RUN --mount=type=secret)
+    debug: bool = False  # --log-level debug: show each RUN's sandbox operations
 
 
 @dataclass
@@ -630,7 +631,7 @@ class Executor:
 
     def sandbox_run(self, merged: str, spec: sandbox.RunSpec, scratch: str, cmd: Any) -> int:
         try:
-            return sandbox.run(merged, spec, scratch, self.touched)
+            return sandbox.run(merged, spec, scratch, self.touched, self.log if self.opts.debug else None)
         except RbuildError as e:
             raise self.err(cmd.node, str(e)) from None
 

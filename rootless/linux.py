@@ -3,7 +3,8 @@
 Kept in one place, with errno turned into OSError, so the namespace code reads like the C it replaces.
 Every call goes through a libc symbol: system call numbers differ between architectures, so none is
 written here. keyctl, which glibc does not wrap, gets its number from libseccomp's per-architecture
-tables (the RUN sandbox needs libseccomp for its filter anyway).
+tables (the RUN sandbox needs libseccomp for its filter anyway). Only the standard library is imported:
+runinit.py loads this file in an isolated interpreter.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ def sethostname(name: str) -> None:
     _check(_libc.sethostname(data, len(data)), "sethostname")
 
 
-def join_session_keyring() -> None:
-    """Replace the inherited session keyring with a fresh, empty, anonymous one (as runc does)."""
-    from rootless import seccomp
+def join_session_keyring(nr: int) -> None:
+    """Replace the inherited session keyring with a fresh, empty, anonymous one (as runc does).
 
-    nr = seccomp.syscall_number("keyctl")
+    nr: keyctl's number on this machine (seccomp.syscall_number), as glibc has no wrapper.
+    """
     if _libc.syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")

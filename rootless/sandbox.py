@@ -1,12 +1,14 @@
 """Running a RUN step: new mount, pid, ipc and uts namespaces of the build's user namespace.
 
-The build process (already uid 0 in the user namespace) forks; the child leaves the caller's session
-and process group, unshares the namespaces and forks pid 1 of the new pid namespace. That process
-starts a session of its own (so no terminal is its controlling terminal and no signal reaches the
-caller's process group), joins a fresh session keyring, builds the container's view (/proc with
-docker's masked paths, a minimal /dev, read-only /sys, /etc/hosts, /etc/hostname, /etc/resolv.conf),
-pivots into the merged tree, drops to docker's default capability bounding set, sets no_new_privs,
-closes every inherited file descriptor but 0-2, installs the seccomp filter and execs.
+The sandbox is data: plan() lists the operations (describe() shows each). The build process (already
+uid 0 in the user namespace, maybe with threads) starts runinit.py as a new program in a new session,
+so no Python runs in a fork of the builder, and the RUN leaves the caller's process group and
+controlling terminal behind. runinit unshares the namespaces and forks pid 1 of the new pid
+namespace, which carries out the operations: a session of its own, a fresh session keyring, the
+container's view (/proc with docker's masked paths, a minimal /dev, read-only /sys, /etc/hosts,
+/etc/hostname, /etc/resolv.conf), pivot_root into the merged tree, docker's default capability
+bounding set, no_new_privs, the user's ids and groups, only file descriptors 0-2, the seccomp
+filter, and exec.
 When rbuild's output is a terminal, the RUN writes into a pipe that rbuild copies to it, as docker
 and buildah do: a RUN never holds a descriptor of the user's terminal.
 Mount points that had to be created in the tree are removed again afterwards, so they leave no trace.
@@ -15,12 +17,13 @@ Mount points that had to be created in the tree are removed again afterwards, so
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rootless import linux
 from rootless.errors import RbuildError
@@ -39,6 +42,7 @@ READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysr
 DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME = "rbuild"
+_RUNINIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runinit.py")
 
 
 @dataclass
@@ -191,31 +195,6 @@ class _Stubs:
         return touched
 
 
-def _try(fn: object, *args: object) -> bool:
-    try:
-        fn(*args)  # type: ignore[operator]
-        return True
-    except OSError:
-        return False
-
-
-def _readonly_tree(top: str) -> None:
-    """Make a bind-mounted tree and every mount below it read-only (keeping their locked flags)."""
-    with open("/proc/self/mountinfo") as f:
-        points = [ln.split()[4].replace("\\040", " ") for ln in f]
-    for point in [p for p in points if p == top or p.startswith(top + "/")]:
-        flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
-        try:
-            st = os.statvfs(point)
-        except OSError:
-            continue
-        for bit, flag in ((os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV),
-                          (os.ST_NOEXEC, linux.MS_NOEXEC)):
-            if st.f_flag & bit:
-                flags |= flag
-        _try(linux.mount, None, point, None, flags)
-
-
 def _host_device(name: str) -> bool:
     try:
         st = os.stat("/dev/" + name)
@@ -224,131 +203,89 @@ def _host_device(name: str) -> bool:
     return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == DEV_NODES[name]
 
 
-def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes,
-                    errw: int) -> None:
-    """In pid 1 of the new namespaces: build the container view and exec. Never returns.
+Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 of the RUN's namespaces
+
+
+def plan(root: str, spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes,
+         keyctl: int) -> list[Op]:
+    """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
     groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
-    filter_: the compiled seccomp program.
+    filter_: the compiled seccomp program; keyctl: that system call's number here.
     """
-    try:
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        os.setsid()  # no controlling terminal; `kill 0` reaches only the RUN's own processes
-        try:
-            linux.join_session_keyring()  # the caller's keys stay out of reach
-        except OSError as e:
-            if e.errno != errno.ENOSYS:  # a kernel without keyrings has nothing to leak (runc's rule)
-                raise
-        linux.sethostname(spec.hostname)
-        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-        nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-        proc = secure_join(root, "/proc")
-        try:
-            linux.mount("proc", proc, "proc", nosuid)
-        except OSError as e:  # never fall back to the host's /proc: it would show every host process
-            raise RbuildError(f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
-                              "rbuild runs (as in an unprivileged container)?") from None
-        dev = secure_join(root, "/dev")
-        linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
-        for name in DEV_NODES:
-            if _host_device(name):
-                target = os.path.join(dev, name)
-                os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o666))
-                _try(linux.mount, "/dev/" + name, target, None, linux.MS_BIND)
-        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                             ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx")):
-            os.symlink(target, os.path.join(dev, name))
-        for path, source in spec.dev_files.items():
-            target = os.path.join(dev, os.path.basename(path))
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o755))
-            linux.mount(source, target, None, linux.MS_BIND)
-        os.mkdir(os.path.join(dev, "pts"), 0o755)
-        if not _try(linux.mount, "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-                    "newinstance,ptmxmode=0666,mode=0620,gid=5"):
-            _try(linux.mount, "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-                 "newinstance,ptmxmode=0666,mode=0620")
-        os.mkdir(os.path.join(dev, "shm"), 0o1777)
-        linux.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid, "mode=1777,size=65536k")
-        os.mkdir(os.path.join(dev, "mqueue"), 0o755)
-        _try(linux.mount, "mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid)
-        sys_dir = secure_join(root, "/sys")
-        if _try(linux.mount, "/sys", sys_dir, None, linux.MS_BIND | linux.MS_REC):
-            _readonly_tree(sys_dir)
-        for path, source in files.items():
-            linux.mount(source, secure_join(root, path), None, linux.MS_BIND)
-        for m in spec.mounts:
-            target = secure_join(root, m.target)
-            if m.kind == "tmpfs":
-                opts = "mode=1777" + (f",size={m.size}" if m.size else "")
-                linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts)
-                continue
-            linux.mount(m.source, target, None, linux.MS_BIND | linux.MS_REC)
-            if m.readonly:
-                linux.mount(None, target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
-        # masks and read-only parts of /proc and /sys
-        for path in MASKED_PATHS:
-            host = secure_join(root, path)
-            if os.path.isdir(host) and not os.path.islink(host):
-                _try(linux.mount, "tmpfs", host, "tmpfs", linux.MS_RDONLY | nosuid, "size=0")
-            elif os.path.exists(host):
-                _try(linux.mount, "/dev/null", host, None, linux.MS_BIND)
-        for path in READONLY_PATHS:
-            host = secure_join(root, path)
-            if os.path.exists(host) and _try(linux.mount, host, host, None, linux.MS_BIND | linux.MS_REC):
-                _try(linux.mount, None, host, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
-        os.chdir(root)
-        linux.pivot_root(".", ".")
-        linux.umount(".", linux.MNT_DETACH)
-        os.chdir("/")
-        try:
-            os.chdir(spec.cwd)
-        except OSError as e:
-            raise RbuildError(f"cannot change to working directory {spec.cwd}: {e.strerror}") from None
-        for cap in range(linux.last_cap() + 1):
-            if cap not in DEFAULT_CAPS:
-                _try(linux.prctl, linux.PR_CAPBSET_DROP, cap)
-        _try(linux.prctl, linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
-        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        if groups is not None:
-            os.setgroups(groups)
-        os.setresgid(spec.gid, spec.gid, spec.gid)
-        os.setresuid(spec.uid, spec.uid, spec.uid)
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        env = dict(spec.env)
-        env.setdefault("PATH", DEFAULT_PATH)
-        # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would
-        # lead out of the sandbox. errw is close-on-exec; it reports a failed exec. (/proc is the RUN's.)
-        for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
-            if fd > 2 and fd != errw:
-                with contextlib.suppress(OSError):  # the listing's own descriptor is already gone
-                    os.close(fd)
-        linux.seccomp_filter(filter_)
-        try:
-            os.execvpe(spec.argv[0], spec.argv, env)
-        except OSError as e:
-            os.write(errw, f"exec {spec.argv[0]}: {e.strerror}".encode())
-            os._exit(127)
-    except (OSError, RbuildError) as e:
-        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if isinstance(e, OSError) and e.filename:
-            msg = f"{msg}: {e.filename}"
-        with contextlib.suppress(OSError):
-            os.write(errw, f"125 {msg}".encode())
-        os._exit(125)
-    except BaseException as e:  # noqa: BLE001 - must never return into the builder's code
-        with contextlib.suppress(OSError):
-            os.write(errw, f"125 {type(e).__name__}: {e}".encode())
-        os._exit(125)
+    nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    dev = secure_join(root, "/dev")
+    ops: list[Op] = [
+        ["setsid"],  # no controlling terminal; `kill 0` reaches only the RUN's own processes
+        ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
+        ["hostname", spec.hostname],
+        ["private"],
+        ["proc", secure_join(root, "/proc")],
+        ["mount", "tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
+    ]
+    ops += [["device", "/dev/" + name, os.path.join(dev, name)] for name in DEV_NODES if _host_device(name)]
+    ops += [["symlink", target, os.path.join(dev, name)]
+            for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                                 ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx"))]
+    ops += [["bind-file", source, os.path.join(dev, os.path.basename(path))] for path, source in spec.dev_files.items()]
+    ops += [["mkdir", os.path.join(dev, "pts"), 0o755], ["devpts", os.path.join(dev, "pts")],
+            ["mkdir", os.path.join(dev, "shm"), 0o1777],
+            ["mount", "shm", os.path.join(dev, "shm"), "tmpfs", nosuid, "mode=1777,size=65536k", True],
+            ["mkdir", os.path.join(dev, "mqueue"), 0o755],
+            ["mount", "mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid, None, False],
+            ["sys", secure_join(root, "/sys")]]
+    ops += [["mount", source, secure_join(root, path), None, linux.MS_BIND, None, True]
+            for path, source in files.items()]
+    for m in spec.mounts:
+        target = secure_join(root, m.target)
+        if m.kind == "tmpfs":
+            opts = "mode=1777" + (f",size={m.size}" if m.size else "")
+            ops.append(["mount", "tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts, True])
+            continue
+        ops.append(["mount", m.source, target, None, linux.MS_BIND | linux.MS_REC, None, True])
+        if m.readonly:
+            ops.append(["mount", None, target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY, None, True])
+    ops += [["mask", secure_join(root, path)] for path in MASKED_PATHS]
+    ops += [["readonly", secure_join(root, path)] for path in READONLY_PATHS]
+    ops += [["pivot-root", root], ["chdir", spec.cwd], ["capabilities", list(DEFAULT_CAPS)], ["no-new-privs"]]
+    if groups is not None:
+        ops.append(["groups", groups])
+    env = dict(spec.env)
+    env.setdefault("PATH", DEFAULT_PATH)
+    # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would lead
+    # out of the sandbox; the filter comes last, so the setup itself is not filtered
+    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_.hex()], ["exec", spec.argv, env]]
+    return ops
 
 
-def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None) -> int:
+_MS_NAMES = {linux.MS_RDONLY: "ro", linux.MS_NOSUID: "nosuid", linux.MS_NODEV: "nodev", linux.MS_NOEXEC: "noexec",
+             linux.MS_REMOUNT: "remount", linux.MS_BIND: "bind", linux.MS_REC: "rec"}
+
+
+def describe(op: Op) -> str:
+    """One operation as a line for --log-level debug."""
+    name, args = op[0], op[1:]
+    if name == "mount":
+        source, target, fstype, flags, data, required = args
+        shown = ",".join(n for bit, n in _MS_NAMES.items() if flags & bit)
+        what = f"mount {fstype or ''} {source or ''} on {target} ({shown}{',' + data if data else ''})"
+        return " ".join(what.split()) + ("" if required else " (if possible)")
+    if name == "mkdir":
+        return f"mkdir {args[0]} {args[1]:04o}"
+    if name == "seccomp":
+        return f"seccomp filter ({len(args[0]) // 16} BPF instructions)"
+    if name == "exec":
+        return f"exec {args[0]} (env {sorted(args[1])})"
+    return " ".join([name, *(str(a) for a in args)])
+
+
+def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None,
+        log: Callable[[str], None] | None = None) -> int:
     """Run spec in the tree mounted at root; return the exit status. scratch: a private temp dir.
 
     Existing directories in which mount points had to be created are appended to `touched` (as
     container paths): an overlay copied them up, and the caller may drop those copies again.
+    log, if given, receives the sandbox's operations, one line each (--log-level debug).
     """
     if not spec.argv:
         raise RbuildError("RUN has no command")
@@ -377,7 +314,7 @@ def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None
             host = stubs.ensure(m.target, not m.is_file)
             if os.path.isdir(host) == m.is_file:
                 raise RbuildError(f"--mount target {m.target} is a {'directory' if m.is_file else 'file'} in the image")
-        return _fork_run(root, spec, files)
+        return _spawn_run(root, spec, files, log)
     finally:
         parents = stubs.restore()
         if touched is not None:
@@ -461,58 +398,52 @@ def _settable_groups(groups: list[int]) -> list[int] | None:
     return [g for g in groups if any(start <= g < start + count for start, _, count in ranges)]
 
 
-def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
+def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None) -> int:
+    """Start runinit.py as a new program in a new session, hand it the plan, wait; the RUN's status."""
+    import json
+    import subprocess
+
     from rootless import seccomp
 
-    filter_ = seccomp.program()  # compiled once per build process; each RUN only installs it
-    groups = _settable_groups(spec.groups)
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    specr, specw = os.pipe2(os.O_CLOEXEC)
+    ops = plan(root, spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
+    if log is not None:
+        for op in ops:
+            log("RUN sandbox: " + describe(op))
     relay_r = relay_w = -1
     if os.isatty(spec.output_fd):  # the RUN gets a pipe to it, never the terminal itself
-        relay_r, relay_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    errr, errw = os.pipe2(os.O_CLOEXEC)
+        relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
+    out = relay_w if relay_w >= 0 else spec.output_fd
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()  # out of the caller's session and process group, with no controlling terminal
-            os.close(errr)
-            devnull = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(devnull, 0)
-            if relay_w >= 0:
-                os.set_blocking(relay_w, True)
-                os.dup2(relay_w, 2)
-            elif spec.output_fd != 2:
-                os.dup2(spec.output_fd, 2)
-            os.dup2(2, 1)  # RUN output goes to stderr: stdout is reserved for the image id
-            linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
-            inner = os.fork()
-            if inner == 0:
-                _setup_and_exec(root, spec, files, groups, filter_, errw)
-            os.close(errw)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-            def end(signum: int, frame: object) -> None:  # pid 1 dies -> its whole pid namespace dies
-                os.kill(inner, signal.SIGKILL)
-
-            # the RUN itself may drop its own death signal; this process (never the RUN's) keeps it
-            signal.signal(signal.SIGTERM, end)
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
-            _, status = os.waitpid(inner, 0)
-            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-        except BaseException as e:  # noqa: BLE001
-            with contextlib.suppress(OSError):
-                os.write(errw, f"125 {e}".encode())
-            os._exit(125)
-    os.close(errw)
-    if relay_w >= 0:
-        os.close(relay_w)
     try:
-        status = _wait_interruptibly(pid, relay_r, spec.output_fd)
+        # RUN output goes to stderr: stdout is reserved for the image id; the new session leaves the
+        # caller's process group and controlling terminal behind; only the pipes are passed on
+        proc = subprocess.Popen([sys.executable, "-S", "-I", _RUNINIT, str(specr)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, pass_fds=(specr, errw), start_new_session=True)
+    except OSError as e:
+        for fd in (errr, errw, specr, specw, relay_r, relay_w):
+            if fd >= 0:
+                os.close(fd)
+        raise RbuildError(f"cannot start the RUN sandbox ({sys.executable}): {e.strerror}") from None
+    for fd in (errw, specr, relay_w):
+        if fd >= 0:
+            os.close(fd)
+    try:
+        with open(specw, "wb") as f:
+            f.write(json.dumps({"parent": os.getpid(), "errfd": errw, "ops": ops}).encode())
+    except BrokenPipeError:
+        pass  # runinit is gone already; its status and message say why
+    if relay_r >= 0:
+        os.set_blocking(relay_r, False)
+    try:
+        status = _wait_interruptibly(proc.pid, relay_r, spec.output_fd)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)  # the intermediate kills the pid namespace's init, then exits
-            os.waitpid(pid, 0)
+            proc.terminate()  # runinit kills the pid namespace's init, then exits
+            proc.wait()
         raise
     finally:
         msg = b""

@@ -361,3 +361,33 @@ def test_run_status_passes_through(rb: Runner, busybox: str, body: str, status: 
     assert res.returncode == status, res.stderr
     assert len(errors) == 1 and "Containerfile:2" in errors[0] and f"exit code: {status}" in errors[0], res.stderr
     assert "Traceback" not in res.stderr
+
+
+# -------------------------------------------------------------------------------------------------------
+# the sandbox as data (issue 10)
+
+
+def test_debug_log_lists_the_sandbox_operations(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": cf(busybox, "RUN --mount=type=tmpfs,target=/scratch echo ran\n")})
+    res = rb.run("--log-level", "debug", "build", "--no-cache", ctx, check=False)
+    assert res.returncode == 0, res.stderr
+    ops = [ln.removeprefix("RUN sandbox: ") for ln in res.stderr.splitlines() if ln.startswith("RUN sandbox: ")]
+    assert ops[0] == "setsid" and ops[-1].startswith("exec ['/bin/sh', '-c', 'echo ran']"), ops
+    names = [op.split()[0] for op in ops]
+    for name in ("keyring", "proc", "pivot-root", "capabilities", "no-new-privs", "ids", "close-fds", "seccomp"):
+        assert name in names, (name, ops)
+    assert names.index("pivot-root") < names.index("close-fds") < names.index("seccomp") < len(names) - 1
+    assert any(op.startswith("mount tmpfs tmpfs on ") and op.split()[4].endswith("/scratch") for op in ops), ops
+    assert "ran" in res.stderr.splitlines()
+    quiet = rb.run("build", "--no-cache", ctx)
+    assert "RUN sandbox:" not in quiet.stderr
+
+
+def test_run_starts_with_default_signal_dispositions(rb: Runner, busybox: str) -> None:
+    # Python ignores SIGPIPE and SIGXFSZ, a shell's background job SIGINT and SIGQUIT, and ignored signals
+    # survive exec: the RUN starts with none ignored (the exec form: busybox's shell ignores SIGQUIT itself)
+    ctx = rb.context({"Containerfile": cf(busybox, 'RUN ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]\n')})
+    res = rb.run("build", "--no-cache", ctx, check=False)
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"^SigIgn:\s+0{16}$", res.stderr, re.M), res.stderr
+    assert re.search(r"^SigBlk:\s+0{16}$", res.stderr, re.M), res.stderr
