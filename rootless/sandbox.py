@@ -254,7 +254,7 @@ def plan(root: str, spec: RunSpec, files: dict[str, str], groups: list[int] | No
     env.setdefault("PATH", DEFAULT_PATH)
     # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would lead
     # out of the sandbox; the filter comes last, so the setup itself is not filtered
-    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_.hex()], ["exec", spec.argv, env]]
+    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_], ["exec", spec.argv, env]]
     return ops
 
 
@@ -273,7 +273,7 @@ def describe(op: Op) -> str:
     if name == "mkdir":
         return f"mkdir {args[0]} {args[1]:04o}"
     if name == "seccomp":
-        return f"seccomp filter ({len(args[0]) // 16} BPF instructions)"
+        return f"seccomp filter ({len(args[0]) // 8} BPF instructions)"
     if name == "exec":
         return f"exec {args[0]} (env {sorted(args[1])})"
     return " ".join([name, *(str(a) for a in args)])
@@ -400,7 +400,7 @@ def _settable_groups(groups: list[int]) -> list[int] | None:
 
 def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None) -> int:
     """Start runinit.py as a new program in a new session, hand it the plan, wait; the RUN's status."""
-    import json
+    import marshal
     import subprocess
 
     from rootless import seccomp
@@ -432,7 +432,7 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             os.close(fd)
     try:
         with open(specw, "wb") as f:
-            f.write(json.dumps({"parent": os.getpid(), "errfd": errw, "ops": ops}).encode())
+            f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "ops": ops}))
     except BrokenPipeError:
         pass  # runinit is gone already; its status and message say why
     if relay_r >= 0:
