@@ -8,11 +8,13 @@ data, and json's import alone cost 8 ms a RUN). This process unshares the mount,
 pid, ipc and uts namespaces, forks pid 1 of the new pid namespace (itself single-threaded, so that
 fork is safe), which carries out the operations in order and ends by exec'ing the RUN's command.
 
-Isolated mode puts no directory on sys.path; linux.py, next to this file, is run by its path. Only
-built-in modules and ctypes are imported (signal.py, contextlib and importlib.util would pull in enum
-and functools: 5-10 ms for every RUN); _signal is the C module behind signal. Errors go to the spec's
-error descriptor as one line: "125 MESSAGE" for the sandbox, "exec MESSAGE" when the command cannot be
-started.
+Paths in the tree are container paths, resolved (fspath.secure_join) when their operation runs: a
+mount made earlier, or the fresh /proc, may change what a path leads to. Isolated mode puts no
+directory on sys.path, so the directory holding the rootless package is appended (after the standard
+library). Besides rootless.linux and rootless.fspath, only built-in modules and ctypes are imported
+(signal.py, contextlib and json would pull in enum, functools and re: 5-10 ms for every RUN); _signal
+is the C module behind signal. Errors go to the spec's error descriptor as one line: "125 MESSAGE"
+for the sandbox, "exec MESSAGE" when the command cannot be started.
 """
 
 from __future__ import annotations
@@ -23,19 +25,11 @@ import marshal
 import os
 import sys
 import warnings  # noqa: F401 - os.execvpe imports it, and after pivot_root the standard library is gone
-from types import ModuleType  # ctypes imports it anyway
 
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def _load_linux() -> ModuleType:
-    path = os.path.join(os.path.dirname(__file__), "linux.py")
-    module = ModuleType("rbuild_linux")
-    module.__file__ = path
-    with open(path, "rb") as f:
-        exec(compile(f.read(), path, "exec"), module.__dict__)
-    return module
-
-
-linux = _load_linux()
+from rootless import fspath, linux  # noqa: E402 - needs the path above
+from rootless.errors import RbuildError  # noqa: E402
 
 
 class SetupError(Exception):
@@ -71,10 +65,14 @@ def _empty_file(path: str, mode: int) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode))
 
 
-def _op(op: list, errw: int) -> None:
-    """Carry out one operation of sandbox.plan()'s list (see describe() there for their meaning)."""
+def _op(op: list, root: str, errw: int) -> None:
+    """Carry out one operation of sandbox.plan()'s list in the tree at root (see describe() there)."""
     name, args = op[0], op[1:]
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+
+    def tree(path: str) -> str:  # a container path's host path, as things stand now
+        return fspath.secure_join(root, path)
+
     if name == "setsid":
         os.setsid()
     elif name == "keyring":
@@ -89,47 +87,47 @@ def _op(op: list, errw: int) -> None:
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     elif name == "proc":
         try:
-            linux.mount("proc", args[0], "proc", nosuid)
+            linux.mount("proc", tree(args[0]), "proc", nosuid)
         except OSError as e:  # never fall back to the host's /proc: it would show every host process
             raise SetupError(f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
                              "rbuild runs (as in an unprivileged container)?") from None
     elif name == "mount":
         source, target, fstype, flags, data, required = args
         if required:
-            linux.mount(source, target, fstype, flags, data)
+            linux.mount(source, tree(target), fstype, flags, data)
         else:
-            _try(linux.mount, source, target, fstype, flags, data)
+            _try(linux.mount, source, tree(target), fstype, flags, data)
     elif name == "device":
         source, target = args
-        _empty_file(target, 0o666)
-        _try(linux.mount, source, target, None, linux.MS_BIND)
+        _empty_file(tree(target), 0o666)
+        _try(linux.mount, source, tree(target), None, linux.MS_BIND)
     elif name == "bind-file":
         source, target = args
-        _empty_file(target, 0o755)
-        linux.mount(source, target, None, linux.MS_BIND)
+        _empty_file(tree(target), 0o755)
+        linux.mount(source, tree(target), None, linux.MS_BIND)
     elif name == "symlink":
-        os.symlink(args[0], args[1])
+        os.symlink(args[0], tree(args[1]))
     elif name == "mkdir":
-        os.mkdir(args[0], args[1])
+        os.mkdir(tree(args[0]), args[1])
     elif name == "devpts":
         flags = linux.MS_NOSUID | linux.MS_NOEXEC
-        if not _try(linux.mount, "devpts", args[0], "devpts", flags, "newinstance,ptmxmode=0666,mode=0620,gid=5"):
-            _try(linux.mount, "devpts", args[0], "devpts", flags, "newinstance,ptmxmode=0666,mode=0620")
+        if not _try(linux.mount, "devpts", tree(args[0]), "devpts", flags, "newinstance,ptmxmode=0666,mode=0620,gid=5"):
+            _try(linux.mount, "devpts", tree(args[0]), "devpts", flags, "newinstance,ptmxmode=0666,mode=0620")
     elif name == "sys":
-        if _try(linux.mount, "/sys", args[0], None, linux.MS_BIND | linux.MS_REC):
-            _readonly_tree(args[0])
+        if _try(linux.mount, "/sys", tree(args[0]), None, linux.MS_BIND | linux.MS_REC):
+            _readonly_tree(tree(args[0]))
     elif name == "mask":
-        path = args[0]
+        path = tree(args[0])
         if os.path.isdir(path) and not os.path.islink(path):
             _try(linux.mount, "tmpfs", path, "tmpfs", linux.MS_RDONLY | nosuid, "size=0")
         elif os.path.exists(path):
             _try(linux.mount, "/dev/null", path, None, linux.MS_BIND)
     elif name == "readonly":
-        path = args[0]
+        path = tree(args[0])
         if os.path.exists(path) and _try(linux.mount, path, path, None, linux.MS_BIND | linux.MS_REC):
             _try(linux.mount, None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
     elif name == "pivot-root":
-        os.chdir(args[0])
+        os.chdir(root)
         linux.pivot_root(".", ".")
         linux.umount(".", linux.MNT_DETACH)
         os.chdir("/")
@@ -181,14 +179,14 @@ def _op(op: list, errw: int) -> None:
         raise SetupError(f"unknown sandbox operation {name!r}")
 
 
-def _init(ops: list, errw: int) -> None:
+def _init(root: str, ops: list, errw: int) -> None:
     """pid 1 of the new namespaces: the operations in order, the last one exec's. Never returns."""
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
         for op in ops:
-            _op(op, errw)
+            _op(op, root, errw)
         raise SetupError("the operations end without exec")
-    except (OSError, SetupError) as e:
+    except (OSError, SetupError, RbuildError) as e:
         msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         if isinstance(e, OSError) and e.filename:
             msg = f"{msg}: {e.filename}"
@@ -232,7 +230,7 @@ def main() -> None:
     inner = os.fork()
     if inner == 0:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _init(spec["ops"], errw)
+        _init(spec["root"], spec["ops"], errw)
     os.close(errw)
     _, status = os.waitpid(inner, 0)
     os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))

@@ -206,48 +206,43 @@ def _host_device(name: str) -> bool:
 Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 of the RUN's namespaces
 
 
-def plan(root: str, spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes,
-         keyctl: int) -> list[Op]:
+def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
     """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
+    Paths in the tree are container paths, resolved when their operation runs; sources are host paths.
     groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
     filter_: the compiled seccomp program; keyctl: that system call's number here.
     """
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-    dev = secure_join(root, "/dev")
     ops: list[Op] = [
         ["setsid"],  # no controlling terminal; `kill 0` reaches only the RUN's own processes
         ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
         ["hostname", spec.hostname],
         ["private"],
-        ["proc", secure_join(root, "/proc")],
-        ["mount", "tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
+        ["proc", "/proc"],
+        ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
     ]
-    ops += [["device", "/dev/" + name, os.path.join(dev, name)] for name in DEV_NODES if _host_device(name)]
-    ops += [["symlink", target, os.path.join(dev, name)]
+    ops += [["device", "/dev/" + name, "/dev/" + name] for name in DEV_NODES if _host_device(name)]
+    ops += [["symlink", target, "/dev/" + name]
             for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                                  ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx"))]
-    ops += [["bind-file", source, os.path.join(dev, os.path.basename(path))] for path, source in spec.dev_files.items()]
-    ops += [["mkdir", os.path.join(dev, "pts"), 0o755], ["devpts", os.path.join(dev, "pts")],
-            ["mkdir", os.path.join(dev, "shm"), 0o1777],
-            ["mount", "shm", os.path.join(dev, "shm"), "tmpfs", nosuid, "mode=1777,size=65536k", True],
-            ["mkdir", os.path.join(dev, "mqueue"), 0o755],
-            ["mount", "mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid, None, False],
-            ["sys", secure_join(root, "/sys")]]
-    ops += [["mount", source, secure_join(root, path), None, linux.MS_BIND, None, True]
-            for path, source in files.items()]
+    ops += [["bind-file", source, "/dev/" + os.path.basename(path)] for path, source in spec.dev_files.items()]
+    ops += [["mkdir", "/dev/pts", 0o755], ["devpts", "/dev/pts"], ["mkdir", "/dev/shm", 0o1777],
+            ["mount", "shm", "/dev/shm", "tmpfs", nosuid, "mode=1777,size=65536k", True],
+            ["mkdir", "/dev/mqueue", 0o755], ["mount", "mqueue", "/dev/mqueue", "mqueue", nosuid, None, False],
+            ["sys", "/sys"]]
+    ops += [["mount", source, path, None, linux.MS_BIND, None, True] for path, source in files.items()]
     for m in spec.mounts:
-        target = secure_join(root, m.target)
         if m.kind == "tmpfs":
             opts = "mode=1777" + (f",size={m.size}" if m.size else "")
-            ops.append(["mount", "tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts, True])
+            ops.append(["mount", "tmpfs", m.target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts, True])
             continue
-        ops.append(["mount", m.source, target, None, linux.MS_BIND | linux.MS_REC, None, True])
+        ops.append(["mount", m.source, m.target, None, linux.MS_BIND | linux.MS_REC, None, True])
         if m.readonly:
-            ops.append(["mount", None, target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY, None, True])
-    ops += [["mask", secure_join(root, path)] for path in MASKED_PATHS]
-    ops += [["readonly", secure_join(root, path)] for path in READONLY_PATHS]
-    ops += [["pivot-root", root], ["chdir", spec.cwd], ["capabilities", list(DEFAULT_CAPS)], ["no-new-privs"]]
+            ops.append(["mount", None, m.target, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY, None, True])
+    ops += [["mask", path] for path in MASKED_PATHS]
+    ops += [["readonly", path] for path in READONLY_PATHS]
+    ops += [["pivot-root"], ["chdir", spec.cwd], ["capabilities", list(DEFAULT_CAPS)], ["no-new-privs"]]
     if groups is not None:
         ops.append(["groups", groups])
     env = dict(spec.env)
@@ -407,7 +402,7 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
 
     errr, errw = os.pipe2(os.O_CLOEXEC)
     specr, specw = os.pipe2(os.O_CLOEXEC)
-    ops = plan(root, spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
+    ops = plan(spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
     if log is not None:
         for op in ops:
             log("RUN sandbox: " + describe(op))
@@ -432,7 +427,7 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             os.close(fd)
     try:
         with open(specw, "wb") as f:
-            f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "ops": ops}))
+            f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "root": root, "ops": ops}))
     except BrokenPipeError:
         pass  # runinit is gone already; its status and message say why
     if relay_r >= 0:

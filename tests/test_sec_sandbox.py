@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import Runner
+from conftest import Runner, busybox_layer, write_oci_layout
 
 PROBE_C = r"""
 #define _GNU_SOURCE
@@ -391,3 +391,29 @@ def test_run_starts_with_default_signal_dispositions(rb: Runner, busybox: str) -
     assert res.returncode == 0, res.stderr
     assert re.search(r"^SigIgn:\s+0{16}$", res.stderr, re.M), res.stderr
     assert re.search(r"^SigBlk:\s+0{16}$", res.stderr, re.M), res.stderr
+
+
+def test_masks_hold_against_image_symlinks_under_proc_and_sys(rb: Runner) -> None:
+    # the image ships /sys/firmware and /proc/keys as links to /etc: the masks must land on what the fresh
+    # /proc and the /sys bind put there, not follow the image's links (and hide /etc)
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name in ("sys", "proc"):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o755
+            tf.addfile(ti)
+        for name in ("sys/firmware", "proc/keys"):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.linkname = tarfile.SYMTYPE, "/etc"
+            tf.addfile(ti)
+    layout = rb.mkdir() + "/linked"
+    write_oci_layout(layout, [busybox_layer(), buf.getvalue()])
+    rb.own(os.path.dirname(layout))
+    run = ("RUN test -s /etc/passwd && test -z \"$(ls -A /sys/firmware)\" && test ! -s /proc/keys "
+           "&& echo masks-in-place\n")
+    res = rb.run("build", "--no-cache", rb.context({"Containerfile": f"FROM oci:{layout}\n{run}"}), check=False)
+    assert res.returncode == 0, res.stderr
+    assert "masks-in-place" in res.stderr.splitlines()
