@@ -314,6 +314,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             timestamp=args.timestamp, source_date_epoch=sde, rewrite_timestamp=args.rewrite_timestamp,
             single_uid=idmap.single, pull=pull, registry_options=_registry_options(args, remote_tags),
             containerfile=cf_path if args.file != "-" else None, secrets=secrets,
+            debug=getattr(args, "log_level", None) == "debug",
         )
         image_id = executor.build(plan, store, opts)
         if args.push:

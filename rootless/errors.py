@@ -26,8 +26,8 @@ class ContainerfileError(RbuildError):
 
 
 class RunFailed(RbuildError):
-    """A RUN step exited non-zero; rbuild exits with that status (clamped to 1..125)."""
+    """A RUN step exited non-zero; rbuild exits with that status, as buildah does (127 included)."""
 
     def __init__(self, message: str, status: int) -> None:
-        super().__init__(message, exit_code=min(max(status, 1), 125))
+        super().__init__(message, exit_code=min(max(status, 1), 255))
         self.status = status

@@ -48,6 +48,7 @@ class BuildOptions:
     registry_options: Any = None
     containerfile: str | None = None
     secrets: dict[str, bytes] = field(default_factory=dict)  # id -> value (RUN --mount=type=secret)
+    debug: bool = False  # --log-level debug: show each RUN's sandbox operations
 
 
 @dataclass
@@ -687,10 +688,8 @@ class Executor:
 
     def sandbox_run(self, merged: str, spec: sandbox.RunSpec, scratch: str, cmd: Any) -> int:
         try:
-            return sandbox.run(merged, spec, scratch, self.touched)
+            return sandbox.run(merged, spec, scratch, self.touched, self.log if self.opts.debug else None)
         except RbuildError as e:
-            if e.exit_code == 127:
-                raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: {e}", 127) from None
             raise self.err(cmd.node, str(e)) from None
 
     # -- COPY / ADD ---------------------------------------------------------------------------------------

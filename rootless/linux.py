@@ -1,6 +1,10 @@
-"""Thin ctypes wrappers for the Linux calls Python 3.11 lacks (unshare, mount, pivot_root, prctl).
+"""Thin ctypes wrappers for the Linux calls Python 3.11 lacks (unshare, mount, pivot_root, prctl, keyctl).
 
 Kept in one place, with errno turned into OSError, so the namespace code reads like the C it replaces.
+Every call goes through a libc symbol: system call numbers differ between architectures, so none is
+written here. keyctl, which glibc does not wrap, gets its number from libseccomp's per-architecture
+tables (the RUN sandbox needs libseccomp for its filter anyway). Only the standard library is imported:
+runinit.py loads this file in an isolated interpreter.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
 
-_SYS_PIVOT_ROOT = 155  # x86_64
+KEYCTL_JOIN_SESSION_KEYRING = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -38,6 +44,8 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.pivot_root.argtypes = [ctypes.c_char_p, ctypes.c_char_p]  # exported by glibc, though no header declares it
+_libc.syscall.restype = ctypes.c_long
 
 
 def _check(ret: int, what: str, path: str | None = None) -> None:
@@ -63,7 +71,7 @@ def umount(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(_SYS_PIVOT_ROOT, _b(new_root), _b(put_old)), "pivot_root", new_root)
+    _check(_libc.pivot_root(_b(new_root), _b(put_old)), "pivot_root", new_root)
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
@@ -77,6 +85,30 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 def sethostname(name: str) -> None:
     data = name.encode()
     _check(_libc.sethostname(data, len(data)), "sethostname")
+
+
+def join_session_keyring(nr: int) -> None:
+    """Replace the inherited session keyring with a fresh, empty, anonymous one (as runc does).
+
+    nr: keyctl's number on this machine (seccomp.syscall_number), as glibc has no wrapper.
+    """
+    if _libc.syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_filter(program: bytes) -> None:
+    """Install a compiled BPF program (struct sock_filter[], 8 bytes each) as this thread's seccomp filter.
+
+    no_new_privs must be set already (an unprivileged process may only filter itself then).
+    """
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
 
 
 def last_cap() -> int:

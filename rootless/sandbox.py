@@ -1,9 +1,16 @@
 """Running a RUN step: new mount, pid, ipc and uts namespaces of the build's user namespace.
 
-The build process (already uid 0 in the user namespace) forks; the child unshares the namespaces and
-forks pid 1 of the new pid namespace, which builds the container's view (/proc with docker's masked
-paths, a minimal /dev, read-only /sys, /etc/hosts, /etc/hostname, /etc/resolv.conf), pivots into the
-merged tree, drops to docker's default capability bounding set, sets no_new_privs and execs.
+The sandbox is data: plan() lists the operations (describe() shows each). The build process (already
+uid 0 in the user namespace, maybe with threads) starts runinit.py as a new program in a new session,
+so no Python runs in a fork of the builder, and the RUN leaves the caller's process group and
+controlling terminal behind. runinit unshares the namespaces and forks pid 1 of the new pid
+namespace, which carries out the operations: a session of its own, a fresh session keyring, the
+container's view (/proc with docker's masked paths, a minimal /dev, read-only /sys, /etc/hosts,
+/etc/hostname, /etc/resolv.conf), pivot_root into the merged tree, docker's default capability
+bounding set, no_new_privs, the user's ids and groups, only file descriptors 0-2, the seccomp
+filter, and exec.
+When rbuild's output is a terminal, the RUN writes into a pipe that rbuild copies to it, as docker
+and buildah do: a RUN never holds a descriptor of the user's terminal.
 Mount points that had to be created in the tree are removed again afterwards, so they leave no trace.
 """
 
@@ -15,7 +22,9 @@ import select
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rootless import linux
 from rootless.errors import RbuildError
@@ -29,9 +38,12 @@ MASKED_PATHS = (
     "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
-DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+# host device nodes bound into /dev, each only if it is that very device (major, minor). /dev/tty
+# (5, 0) opens the opener's controlling terminal, and a RUN has none (its own session): ENXIO.
+DEV_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOSTNAME = "rbuild"
+_RUNINIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runinit.py")
 
 
 @dataclass
@@ -114,12 +126,15 @@ def resolve_user(root: str, spec: str) -> User:
             if g is None:
                 raise RbuildError(f"unable to find group {group}: no matching entries in group file")
             gid = int(g[2])
-        groups: list[int] = []
+        member: set[int] = set()
     else:
         name = entry[0] if entry else None
-        groups = sorted({int(e[2]) for e in groupdb
-                         if len(e) >= 4 and _is_number(e[2]) and name and name in e[3].split(",")} - {gid})
-    if max(uid, gid, *groups) >= _NO_ID:
+        member = {int(e[2]) for e in groupdb
+                  if len(e) >= 4 and _is_number(e[2]) and name and name in e[3].split(",")}
+    # supplementary groups: the groups /etc/group lists the user in, and the primary group (buildah and
+    # docker both add it); an explicit group stands alone
+    groups = sorted(member | {gid})
+    if max(uid, *groups) >= _NO_ID:
         raise RbuildError(f"user {spec}: user and group ids must be below {_NO_ID}")
     return User(uid, gid, groups, home)
 
@@ -193,155 +208,91 @@ class _Stubs:
         return touched
 
 
-def _try(fn: object, *args: object) -> bool:
+def _host_device(name: str) -> bool:
     try:
-        fn(*args)  # type: ignore[operator]
-        return True
+        st = os.stat("/dev/" + name)
     except OSError:
         return False
+    return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == DEV_NODES[name]
 
 
-def _readonly_tree(top: str) -> None:
-    """Make a bind-mounted tree and every mount below it read-only (keeping their locked flags)."""
-    with open("/proc/self/mountinfo") as f:
-        points = [ln.split()[4].replace("\\040", " ") for ln in f]
-    for point in [p for p in points if p == top or p.startswith(top + "/")]:
-        flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
-        try:
-            st = os.statvfs(point)
-        except OSError:
-            continue
-        for bit, flag in ((os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV),
-                          (os.ST_NOEXEC, linux.MS_NOEXEC)):
-            if st.f_flag & bit:
-                flags |= flag
-        _try(linux.mount, None, point, None, flags)
+Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 of the RUN's namespaces
 
 
-def _restrict_bind(target: str, readonly: bool) -> None:
-    """A RUN --mount bind is nosuid and nodev (and read-only when asked), keeping what its source locks."""
-    flags = linux.MS_BIND | linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV
-    st = os.statvfs(target)
-    if readonly or st.f_flag & os.ST_RDONLY:
-        flags |= linux.MS_RDONLY
-    if st.f_flag & os.ST_NOEXEC:
-        flags |= linux.MS_NOEXEC
-    linux.mount(None, target, None, flags)
+def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
+    """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
-
-def _setup_and_exec(root: str, spec: RunSpec, files: dict[str, str], errw: int, alive: int) -> None:
-    """In pid 1 of the new namespaces: build the container view and exec. Never returns.
-
-    `alive` is a pipe whose other end only the parent holds: readable (at EOF) once the parent is gone.
+    Paths in the tree are container paths, resolved when their operation runs; sources are host paths.
+    groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
+    filter_: the compiled seccomp program; keyctl: that system call's number here.
     """
-    try:
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if select.select([alive], [], [], 0)[0]:  # the parent died before the death signal was armed
-            os._exit(125)
-        linux.sethostname(spec.hostname)
-        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-        nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-        proc = secure_join(root, "/proc")
-        try:
-            linux.mount("proc", proc, "proc", nosuid)
-        except OSError as e:  # never fall back to the host's /proc: it would show every host process
-            raise RbuildError(f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
-                              "rbuild runs (as in an unprivileged container)?") from None
-        dev = secure_join(root, "/dev")
-        linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
-        for name in DEV_NODES:
-            target = os.path.join(dev, name)
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o666))
-            _try(linux.mount, "/dev/" + name, target, None, linux.MS_BIND)
-        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                             ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx")):
-            os.symlink(target, os.path.join(dev, name))
-        for path, source in spec.dev_files.items():
-            target = os.path.join(dev, os.path.basename(path))
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o755))
-            linux.mount(source, target, None, linux.MS_BIND)
-        os.mkdir(os.path.join(dev, "pts"), 0o755)
-        if not _try(linux.mount, "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-                    "newinstance,ptmxmode=0666,mode=0620,gid=5"):
-            _try(linux.mount, "devpts", os.path.join(dev, "pts"), "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
-                 "newinstance,ptmxmode=0666,mode=0620")
-        os.mkdir(os.path.join(dev, "shm"), 0o1777)
-        linux.mount("shm", os.path.join(dev, "shm"), "tmpfs", nosuid, "mode=1777,size=65536k")
-        os.mkdir(os.path.join(dev, "mqueue"), 0o755)
-        _try(linux.mount, "mqueue", os.path.join(dev, "mqueue"), "mqueue", nosuid)
-        sys_dir = secure_join(root, "/sys")
-        if _try(linux.mount, "/sys", sys_dir, None, linux.MS_BIND | linux.MS_REC):
-            _readonly_tree(sys_dir)
-        for path, source in files.items():
-            linux.mount(source, secure_join(root, path), None, linux.MS_BIND)
-        for m in spec.mounts:
-            target = secure_join(root, m.target)
-            if m.kind == "tmpfs":
-                opts = "mode=1777" + (f",size={m.size}" if m.size else "")
-                linux.mount("tmpfs", target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts)
-                continue
-            linux.mount(m.source, target, None, linux.MS_BIND | linux.MS_REC)
-            _restrict_bind(target, m.readonly)
-        # masks and read-only parts of /proc and /sys
-        for path in MASKED_PATHS:
-            host = secure_join(root, path)
-            if os.path.isdir(host) and not os.path.islink(host):
-                _try(linux.mount, "tmpfs", host, "tmpfs", linux.MS_RDONLY | nosuid, "size=0")
-            elif os.path.exists(host):
-                _try(linux.mount, "/dev/null", host, None, linux.MS_BIND)
-        for path in READONLY_PATHS:
-            host = secure_join(root, path)
-            if os.path.exists(host) and _try(linux.mount, host, host, None, linux.MS_BIND | linux.MS_REC):
-                _try(linux.mount, None, host, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
-        os.chdir(root)
-        linux.pivot_root(".", ".")
-        linux.umount(".", linux.MNT_DETACH)
-        os.chdir("/")
-        try:
-            os.chdir(spec.cwd)
-        except OSError as e:
-            raise RbuildError(f"cannot change to working directory {spec.cwd}: {e.strerror}") from None
-        for cap in range(linux.last_cap() + 1):
-            if cap not in DEFAULT_CAPS:
-                _try(linux.prctl, linux.PR_CAPBSET_DROP, cap)
-        _try(linux.prctl, linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
-        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        try:
-            os.setgroups(spec.groups)
-        except OSError:
-            if spec.groups:
-                raise
-        os.setresgid(spec.gid, spec.gid, spec.gid)
-        os.setresuid(spec.uid, spec.uid, spec.uid)
-        linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        env = dict(spec.env)
-        env.setdefault("PATH", DEFAULT_PATH)
-        try:
-            os.execvpe(spec.argv[0], spec.argv, env)
-        except OSError as e:
-            os.write(errw, f"127 exec {spec.argv[0]}: {e.strerror}".encode())
-            os._exit(127)
-    except (OSError, RbuildError) as e:
-        msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if isinstance(e, OSError) and e.filename:
-            msg = f"{msg}: {e.filename}"
-        with contextlib.suppress(OSError):
-            os.write(errw, f"125 {msg}".encode())
-        os._exit(125)
-    except BaseException as e:  # noqa: BLE001 - must never return into the builder's code
-        with contextlib.suppress(OSError):
-            os.write(errw, f"125 {type(e).__name__}: {e}".encode())
-        os._exit(125)
+    nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    ops: list[Op] = [
+        ["setsid"],  # no controlling terminal; `kill 0` reaches only the RUN's own processes
+        ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
+        ["hostname", spec.hostname],
+        ["private"],
+        ["proc", "/proc"],
+        ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
+    ]
+    ops += [["device", "/dev/" + name, "/dev/" + name] for name in DEV_NODES if _host_device(name)]
+    ops += [["symlink", target, "/dev/" + name]
+            for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                                 ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx"))]
+    ops += [["bind-file", source, "/dev/" + os.path.basename(path)] for path, source in spec.dev_files.items()]
+    ops += [["mkdir", "/dev/pts", 0o755], ["devpts", "/dev/pts"], ["mkdir", "/dev/shm", 0o1777],
+            ["mount", "shm", "/dev/shm", "tmpfs", nosuid, "mode=1777,size=65536k", True],
+            ["mkdir", "/dev/mqueue", 0o755], ["mount", "mqueue", "/dev/mqueue", "mqueue", nosuid, None, False],
+            ["sys", "/sys"]]
+    ops += [["mount", source, path, None, linux.MS_BIND, None, True] for path, source in files.items()]
+    for m in spec.mounts:
+        if m.kind == "tmpfs":
+            opts = "mode=1777" + (f",size={m.size}" if m.size else "")
+            ops.append(["mount", "tmpfs", m.target, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, opts, True])
+            continue
+        ops.append(["mount", m.source, m.target, None, linux.MS_BIND | linux.MS_REC, None, True])
+        ops.append(["restrict-bind", m.target, m.readonly])  # nosuid, nodev (and ro), keeping locked flags
+    ops += [["mask", path] for path in MASKED_PATHS]
+    ops += [["readonly", path] for path in READONLY_PATHS]
+    ops += [["pivot-root"], ["chdir", spec.cwd], ["capabilities", list(DEFAULT_CAPS)], ["no-new-privs"]]
+    if groups is not None:
+        ops.append(["groups", groups])
+    env = dict(spec.env)
+    env.setdefault("PATH", DEFAULT_PATH)
+    # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would lead
+    # out of the sandbox; the filter comes last, so the setup itself is not filtered
+    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_], ["exec", spec.argv, env]]
+    return ops
 
 
-def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None) -> int:
+_MS_NAMES = {linux.MS_RDONLY: "ro", linux.MS_NOSUID: "nosuid", linux.MS_NODEV: "nodev", linux.MS_NOEXEC: "noexec",
+             linux.MS_REMOUNT: "remount", linux.MS_BIND: "bind", linux.MS_REC: "rec"}
+
+
+def describe(op: Op) -> str:
+    """One operation as a line for --log-level debug."""
+    name, args = op[0], op[1:]
+    if name == "mount":
+        source, target, fstype, flags, data, required = args
+        shown = ",".join(n for bit, n in _MS_NAMES.items() if flags & bit)
+        what = f"mount {fstype or ''} {source or ''} on {target} ({shown}{',' + data if data else ''})"
+        return " ".join(what.split()) + ("" if required else " (if possible)")
+    if name == "mkdir":
+        return f"mkdir {args[0]} {args[1]:04o}"
+    if name == "seccomp":
+        return f"seccomp filter ({len(args[0]) // 8} BPF instructions)"
+    if name == "exec":
+        return f"exec {args[0]} (env {sorted(args[1])})"
+    return " ".join([name, *(str(a) for a in args)])
+
+
+def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None,
+        log: Callable[[str], None] | None = None) -> int:
     """Run spec in the tree mounted at root; return the exit status. scratch: a private temp dir.
 
     Existing directories in which mount points had to be created are appended to `touched` (as
     container paths): an overlay copied them up, and the caller may drop those copies again.
+    log, if given, receives the sandbox's operations, one line each (--log-level debug).
     """
     if not spec.argv:
         raise RbuildError("RUN has no command")
@@ -370,7 +321,7 @@ def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None
             host = stubs.ensure(m.target, not m.is_file)
             if os.path.isdir(host) == m.is_file:
                 raise RbuildError(f"--mount target {m.target} is a {'directory' if m.is_file else 'file'} in the image")
-        return _fork_run(root, spec, files)
+        return _spawn_run(root, spec, files, log)
     finally:
         parents = stubs.restore()
         if touched is not None:
@@ -388,8 +339,23 @@ def _resolv_conf() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _wait_interruptibly(pid: int) -> int:
-    """waitpid that Ctrl-C and SIGTERM always interrupt.
+def _relay(src: int, dst: int) -> int:
+    """Copy what is waiting in pipe src to dst; return the bytes copied, 0 at end of file, -1 if none."""
+    try:
+        data = os.read(src, 65536)
+    except BlockingIOError:
+        return -1
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(dst, view):]
+        except OSError:  # the terminal went away: the RUN's output is dropped, the RUN goes on
+            break
+    return len(data)
+
+
+def _wait_interruptibly(pid: int, relay: int, out: int) -> int:
+    """waitpid that Ctrl-C and SIGTERM always interrupt, copying the RUN's output from `relay` (if >= 0).
 
     A signal may be delivered to any thread of the builder (layer and registry code use worker threads);
     then a main thread blocked in waitpid would never see it until the RUN ends. The signal module's
@@ -399,13 +365,20 @@ def _wait_interruptibly(pid: int) -> int:
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     pidfd = os.pidfd_open(pid)
     old = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    watched = [pidfd, rfd] + ([relay] if relay >= 0 else [])
     try:
         while True:
-            ready, _, _ = select.select([pidfd, rfd], [], [])
+            ready, _, _ = select.select(watched, [], [])
             if rfd in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rfd, 512)  # the Python handler (KeyboardInterrupt) runs right after select
+            if relay in ready and _relay(relay, out) == 0:
+                watched.remove(relay)
             if pidfd in ready:
+                # the pid namespace is gone, and with it the pipe's writers: copy what they left (not
+                # waiting for end of file: a descriptor sent over a socket may outlive them)
+                while relay in watched and _relay(relay, out) > 0:
+                    pass
                 return os.waitpid(pid, 0)[1]
     finally:
         signal.set_wakeup_fd(old)
@@ -413,57 +386,69 @@ def _wait_interruptibly(pid: int) -> int:
             os.close(fd)
 
 
-def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
+def _settable_groups(groups: list[int]) -> list[int] | None:
+    """The supplementary groups this user namespace can hold, or None where setgroups(2) is denied.
+
+    A single-id map (no subgid range) is written with setgroups denied, so the RUN keeps the groups
+    the builder started with; groups the map does not hold are left out (their files show as nogroup).
+    """
+    try:
+        with open("/proc/self/setgroups") as f:
+            if f.read().strip() == "deny":
+                return None
+        with open("/proc/self/gid_map") as f:
+            ranges = [[int(x) for x in ln.split()] for ln in f if ln.strip()]
+    except OSError:
+        return groups
+    return [g for g in groups if any(start <= g < start + count for start, _, count in ranges)]
+
+
+def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None) -> int:
+    """Start runinit.py as a new program in a new session, hand it the plan, wait; the RUN's status."""
+    import marshal
+    import subprocess
+
+    from rootless import seccomp
+
     errr, errw = os.pipe2(os.O_CLOEXEC)
+    specr, specw = os.pipe2(os.O_CLOEXEC)
+    ops = plan(spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
+    if log is not None:
+        for op in ops:
+            log("RUN sandbox: " + describe(op))
+    relay_r = relay_w = -1
+    if os.isatty(spec.output_fd):  # the RUN gets a pipe to it, never the terminal itself
+        relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
+    out = relay_w if relay_w >= 0 else spec.output_fd
     sys.stdout.flush()
     sys.stderr.flush()
-    builder = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(errr)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGHUP, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until pid 1 exists, dying is all it takes
-            # the RUN itself may drop its own death signal; this process (never the RUN's) keeps it
-            linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != builder:  # the builder died before the death signal was armed
-                os._exit(125)
-            devnull = os.open("/dev/null", os.O_RDONLY)
-            os.dup2(devnull, 0)
-            if spec.output_fd != 2:
-                os.dup2(spec.output_fd, 2)
-            os.dup2(2, 1)  # RUN output goes to stderr: stdout is reserved for the image id
-            linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
-            alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
-            inner = os.fork()
-            if inner == 0:
-                os.close(alive_w)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
-                _setup_and_exec(root, spec, files, errw, alive_r)
-            os.close(errw)
-            os.close(alive_r)
-
-            def end(signum: int, frame: object) -> None:  # pid 1 dies -> its whole pid namespace dies
-                os.kill(inner, signal.SIGKILL)
-
-            signal.signal(signal.SIGTERM, end)
-            signal.signal(signal.SIGHUP, end)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGHUP})
-            _, status = os.waitpid(inner, 0)
-            os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-        except BaseException as e:  # noqa: BLE001
-            with contextlib.suppress(OSError):
-                os.write(errw, f"125 {e}".encode())
-            os._exit(125)
-    os.close(errw)
     try:
-        status = _wait_interruptibly(pid)
+        # RUN output goes to stderr: stdout is reserved for the image id; the new session leaves the
+        # caller's process group and controlling terminal behind; only the pipes are passed on
+        proc = subprocess.Popen([sys.executable, "-S", "-I", _RUNINIT, str(specr)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, pass_fds=(specr, errw), start_new_session=True)
+    except OSError as e:
+        for fd in (errr, errw, specr, specw, relay_r, relay_w):
+            if fd >= 0:
+                os.close(fd)
+        raise RbuildError(f"cannot start the RUN sandbox ({sys.executable}): {e.strerror}") from None
+    for fd in (errw, specr, relay_w):
+        if fd >= 0:
+            os.close(fd)
+    try:
+        with open(specw, "wb") as f:
+            f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "root": root, "ops": ops}))
+    except BrokenPipeError:
+        pass  # runinit is gone already; its status and message say why
+    if relay_r >= 0:
+        os.set_blocking(relay_r, False)
+    try:
+        status = _wait_interruptibly(proc.pid, relay_r, spec.output_fd)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGTERM)  # the intermediate kills the pid namespace's init, then exits
-            os.waitpid(pid, 0)
+            proc.terminate()  # runinit kills the pid namespace's init, then exits
+            proc.wait()
         raise
     finally:
         msg = b""
@@ -471,9 +456,11 @@ def _fork_run(root: str, spec: RunSpec, files: dict[str, str]) -> int:
             while chunk := os.read(errr, 4096):
                 msg += chunk
         os.close(errr)
+        if relay_r >= 0:
+            os.close(relay_r)
     if msg:
         code, _, text = msg.decode(errors="replace").partition(" ")
-        if code == "125":
-            raise RbuildError(f"cannot set up the RUN sandbox: {text}")
-        raise RbuildError(text, exit_code=int(code) if code.isdigit() else 125)
+        if code == "exec":  # the RUN's program could not be started (its own exit 127 is no message)
+            raise RbuildError("RUN: " + msg.decode(errors="replace"))
+        raise RbuildError(f"cannot set up the RUN sandbox: {text}")
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

@@ -6,7 +6,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${RBUILD_VENV:-/opt/rbuild/env}
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
-packages="uidmap busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc zstd util-linux openssl git"
+# libseccomp2: the RUN sandbox's filter; libc6-dev: static test programs the sandbox tests compile
+packages="uidmap busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc libc6-dev zstd util-linux openssl git libseccomp2"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
