@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${RBUILD_VENV:-/opt/rbuild/env}
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
-packages="uidmap busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc zstd util-linux openssl git"
+packages="uidmap libfuse3-dev fuse3 pkg-config make busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc zstd util-linux openssl git"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
