@@ -14,6 +14,13 @@
 
 #define TIMEOUT 1.0
 
+/* Hard links are separate nodes (one per name), so a non-directory's attributes are never cached: a write
+ * or a link through another name must show at once. */
+static double attr_timeout(const struct stat *st)
+{
+  return S_ISDIR(st->st_mode) ? TIMEOUT : 0.0;
+}
+
 static void reply_entry(fuse_req_t req, struct node *parent, const char *name, const char *path)
 {
   struct resolved res;
@@ -27,7 +34,7 @@ static void reply_entry(fuse_req_t req, struct node *parent, const char *name, c
   struct node *n = node_get(parent, name);
   e.ino = (fuse_ino_t) (uintptr_t) n;
   e.attr = res.st;
-  e.attr_timeout = TIMEOUT;
+  e.attr_timeout = attr_timeout(&res.st);
   e.entry_timeout = TIMEOUT;
   if (fuse_reply_entry(req, &e) != 0)
     node_forget(n, 1);
@@ -69,7 +76,7 @@ static void ovl_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *f
           fuse_reply_err(req, fi == NULL ? ENOENT : errno);
           return;
         }
-      fuse_reply_attr(req, &st, TIMEOUT);
+      fuse_reply_attr(req, &st, attr_timeout(&st));
       return;
     }
   struct resolved res;
@@ -77,7 +84,7 @@ static void ovl_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *f
   if (err < 0)
     fuse_reply_err(req, -err);
   else
-    fuse_reply_attr(req, &res.st, TIMEOUT);
+    fuse_reply_attr(req, &res.st, attr_timeout(&res.st));
 }
 
 static int apply_setattr(const char *path, struct stat *attr, int to_set, struct fuse_file_info *fi)
@@ -166,6 +173,14 @@ static void ovl_readlink(fuse_req_t req, fuse_ino_t ino)
   fuse_reply_readlink(req, target);
 }
 
+/* A directory is "merge" when lower layers show through it. */
+static bool is_merge_dir(const char *path)
+{
+  struct resolved res;
+  return resolve(path, &res) == 0 && S_ISDIR(res.st.st_mode) && (res.dirmask & ~UINT64_C(1)) != 0
+         && (res.dirmask & 1);
+}
+
 /* Get the upper layer ready for a new name: the parent copied up, a whiteout in the way removed. */
 static int prepare_create(struct node *parent, const char *path, bool *had_whiteout)
 {
@@ -194,10 +209,15 @@ static int finish_create(fuse_req_t req, const char *path, bool is_dir, bool had
   cleanup_free char *ppath = xstrdup(path);
   char *slash = strrchr(ppath, '/');
   struct stat pst;
-  if (fstatat(ovl.layers[0].fd, slash ? (*slash = '\0', ppath) : ".", &pst, 0) == 0 && (pst.st_mode & S_ISGID))
+  if (slash != NULL)
+    *slash = '\0';
+  else
+    strcpy(ppath, ".");
+  if (fstatat(ovl.layers[0].fd, ppath, &pst, 0) == 0 && (pst.st_mode & S_ISGID))
     gid = pst.st_gid;
   if (fchownat(ovl.layers[0].fd, path, ctx->uid, gid, AT_SYMLINK_NOFOLLOW) < 0)
     return -errno;
+  /* A new directory where a whiteout was must not show the lower directory it replaces. */
   if (is_dir && had_whiteout)
     return set_opaque(path);
   return 0;
@@ -316,14 +336,6 @@ static void ovl_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
   fuse_reply_err(req, -remove_name(node_of(parent), name, true));
 }
 
-/* A directory is "merge" when lower layers show through it. */
-static bool is_merge_dir(const char *path)
-{
-  struct resolved res;
-  return resolve(path, &res) == 0 && S_ISDIR(res.st.st_mode) && (res.dirmask & ~UINT64_C(1)) != 0
-         && (res.dirmask & 1);
-}
-
 static int do_rename(struct node *op, const char *name, struct node *np, const char *newname, unsigned int flags)
 {
   cleanup_free char *opath = node_path(op);
@@ -362,7 +374,9 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
         return -EISDIR;
       if (!dst_dir && src_dir)
         return -ENOTDIR;
-      if (dst_dir)
+      /* A directory only in the upper layer: its own rename reports ENOTEMPTY (after the opaque marking below,
+       * as kernel overlay does). */
+      if (dst_dir && (dres.dirmask & ~UINT64_C(1)))
         {
           int empty = dir_is_empty(dst, &dres);
           if (empty < 0)
@@ -381,6 +395,12 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
   if (exchange && (err = copy_up(dst)) < 0)
     return err;
   int upper = ovl.layers[0].fd;
+  struct stat sst, dst_st;
+  /* Two names of one file: POSIX rename does nothing. */
+  if (dst_exists && fstatat(upper, src, &sst, AT_SYMLINK_NOFOLLOW) == 0
+      && fstatat(upper, dst, &dst_st, AT_SYMLINK_NOFOLLOW) == 0 && sst.st_dev == dst_st.st_dev
+      && sst.st_ino == dst_st.st_ino)
+    return 0;
   if (!exchange)
     {
       struct stat st;
@@ -395,13 +415,14 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
             return err;
         }
     }
+  /* A directory moving into a merged one becomes opaque, so nothing lower shows through at its new name. */
+  if (src_dir && !src_opaque && is_merge_dir(npath) && (err = set_opaque(src)) < 0)
+    return err;
+  if (exchange && dst_dir && !dst_opaque && is_merge_dir(opath) && (err = set_opaque(dst)) < 0)
+    return err;
   if (renameat2(upper, src, upper, dst, exchange ? RENAME_EXCHANGE : 0) < 0)
     return -errno;
   if (!exchange && src_positive && (err = make_whiteout(src)) < 0)
-    return err;
-  if (src_dir && !src_opaque && is_merge_dir(npath) && (err = set_opaque(dst)) < 0)
-    return err;
-  if (exchange && dst_dir && !dst_opaque && is_merge_dir(opath) && (err = set_opaque(src)) < 0)
     return err;
   node_move(op, name, np, newname, exchange);
   return 0;
@@ -467,7 +488,7 @@ static void ovl_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode
   struct node *n = node_get(p, name);
   e.ino = (fuse_ino_t) (uintptr_t) n;
   e.attr = res.st;
-  e.attr_timeout = TIMEOUT;
+  e.attr_timeout = attr_timeout(&res.st);
   e.entry_timeout = TIMEOUT;
   fi->fh = (uint64_t) fd;
   if (fuse_reply_create(req, &e, fi) != 0)
