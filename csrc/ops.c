@@ -537,6 +537,12 @@ static void ovl_fsync(fuse_req_t req, UNUSED fuse_ino_t ino, int datasync, struc
   fuse_reply_err(req, rc < 0 ? errno : 0);
 }
 
+static void ovl_fallocate(fuse_req_t req, UNUSED fuse_ino_t ino, int mode, off_t offset, off_t length,
+                          struct fuse_file_info *fi)
+{
+  fuse_reply_err(req, fallocate((int) fi->fh, mode, offset, length) < 0 ? errno : 0);
+}
+
 static void ovl_statfs(fuse_req_t req, UNUSED fuse_ino_t ino)
 {
   struct statvfs sv;
@@ -571,6 +577,7 @@ const struct fuse_lowlevel_ops ovl_ops = {
   .readdir = ovl_readdir,
   .releasedir = ovl_releasedir,
   .statfs = ovl_statfs,
+  .fallocate = ovl_fallocate,
   .setxattr = ovl_setxattr,
   .getxattr = ovl_getxattr,
   .listxattr = ovl_listxattr,

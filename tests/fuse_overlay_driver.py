@@ -104,6 +104,14 @@ def _create(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def _fallocate(path: str, off: int, length: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, off, length)
+    finally:
+        os.close(fd)
+
+
 def _rename(src: str, dst: str, flags: int) -> None:
     if flags == 0:
         os.rename(src, dst)
@@ -126,6 +134,8 @@ def apply(mnt: str, op: list) -> str:
             return attempt(_write, p[0], args[1], bytes.fromhex(args[2]))
         case "truncate":
             return attempt(os.truncate, p[0], args[1])
+        case "fallocate":
+            return attempt(_fallocate, p[0], args[1], args[2])
         case "rename":
             return attempt(_rename, p[0], p[1], args[2])
         case "unlink":
@@ -169,7 +179,7 @@ def random_op(rng: random.Random, mnt: str) -> list:
 
     data = rng.randbytes(rng.choice([0, 1, 100, 5000, 70000])).hex()
     kind = rng.choice(["create", "write", "truncate", "rename", "rename", "unlink", "rmdir", "mkdir", "link",
-                       "symlink", "chmod", "setxattr", "removexattr"])
+                       "symlink", "chmod", "setxattr", "removexattr", "fallocate"])
     match kind:
         case "create":
             return [kind, any_path(), data]
@@ -179,6 +189,8 @@ def random_op(rng: random.Random, mnt: str) -> list:
             return [kind, any_path(), rng.choice([0, 1, 10, 9000])]
         case "rename":
             return [kind, any_path(), any_path(), rng.choice([0, 0, 1, 2])]
+        case "fallocate":
+            return [kind, any_path(), rng.choice([0, 100]), rng.choice([1, 8192])]
         case "unlink" | "rmdir":
             return [kind, any_path()]
         case "mkdir":
