@@ -1,7 +1,7 @@
 """Runs one operation script on kernel overlayfs and on rbuild-fuse-overlay, inside a user namespace.
 
-Started by tests/test_fuse_overlay.py as `unshare -Urm python3 fuse_overlay_driver.py SPEC.json` under the
-unprivileged test user. It builds three lower layers (with a whiteout and an opaque directory in them),
+Started by tests/test_fuse_overlay.py as `unshare --map-auto -Urm python3 fuse_overlay_driver.py SPEC.json`
+under the unprivileged test user. It builds three lower layers (with a whiteout and an opaque directory in them),
 mounts kernel overlay (userxattr) and the helper over the same lowers with separate upper directories,
 applies the same operations to both, and prints a JSON report: every operation's outcome on each mount,
 snapshots of both merged views and both upper directories, and the helper's exit status.
@@ -150,6 +150,8 @@ def apply(mnt: str, op: list) -> str:
             return attempt(os.symlink, args[1], p[0])
         case "chmod":
             return attempt(os.chmod, p[0], args[1])
+        case "chown":
+            return attempt(lambda f, u, g: os.chown(f, u, g, follow_symlinks=False), p[0], args[1], args[2])
         case "setxattr":
             return attempt(lambda f, k, v: os.setxattr(f, k, v, follow_symlinks=False), p[0], args[1],
                            bytes.fromhex(args[2]))
@@ -179,7 +181,7 @@ def random_op(rng: random.Random, mnt: str) -> list:
 
     data = rng.randbytes(rng.choice([0, 1, 100, 5000, 70000])).hex()
     kind = rng.choice(["create", "write", "truncate", "rename", "rename", "unlink", "rmdir", "mkdir", "link",
-                       "symlink", "chmod", "setxattr", "removexattr", "fallocate"])
+                       "symlink", "chmod", "setxattr", "removexattr", "fallocate", "chown"])
     match kind:
         case "create":
             return [kind, any_path(), data]
@@ -200,7 +202,9 @@ def random_op(rng: random.Random, mnt: str) -> list:
         case "symlink":
             return [kind, new_path(), rng.choice(["a", "../x", "/abs/t", "d/f2"])]
         case "chmod":
-            return [kind, any_path(), rng.choice([0o600, 0o755, 0o640, 0o4755, 0o700])]
+            return [kind, any_path(), rng.choice([0o600, 0o755, 0o640, 0o4755, 0o2755, 0o700])]
+        case "chown":
+            return [kind, any_path(), rng.choice([0, 1, 1000, -1]), rng.choice([0, 2, 1000, -1])]
         case "setxattr":
             return [kind, any_path(), rng.choice(["user.k1", "user.k2"]), rng.randbytes(rng.choice([1, 50])).hex()]
     return ["removexattr", any_path(), rng.choice(["user.k1", "user.note"])]

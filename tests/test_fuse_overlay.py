@@ -1,6 +1,7 @@
 """rbuild-fuse-overlay (csrc/) against kernel overlayfs: the same operations, the same merged view, the same upper.
 
-Everything runs as the unprivileged test user inside `unshare -Urm`: kernel overlay is mounted with
+Everything runs as the unprivileged test user inside `unshare --map-auto -Urm` (its subuid range mapped,
+so chown works): kernel overlay is mounted with
 userxattr and the helper (built here with ASan+UBSan) over the same three lower layers. A sanitizer
 report fails the test. /dev/fuse is root-only on this machine, so a fixture opens it up for the module
 and restores its mode afterwards.
@@ -95,9 +96,9 @@ def _drive(rb: Runner, work: str, helper: str, **spec) -> dict:
     spec_path = os.path.join(d, "spec.json")
     rb.write(spec_path, json.dumps(spec))
     try:
-        res = subprocess.run(rb._prefix() + ["unshare", "-Urm", sys.executable, os.path.join(work, "driver.py"),
-                                             spec_path], env=rb._env(None), capture_output=True, text=True,
-                             timeout=600, check=False)
+        argv = ["unshare", "--map-auto", "-Urm", sys.executable, os.path.join(work, "driver.py"), spec_path]
+        res = subprocess.run(rb._prefix() + argv, env=rb._env(None), capture_output=True, text=True, timeout=600,
+                             check=False)
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
         _assert_no_sanitizer_reports(logdir)
@@ -121,7 +122,8 @@ def _assert_same(report: dict) -> None:
 
 SCRIPTS = {
     "read": "cat d/f1 d/f2 d/deep/f3 top3 shared; ls -A . d opq x/y; cat gone.txt; test -f dirfile; readlink ln2",
-    "copy-up": "echo more >> d/f2 && chmod 600 e/e2 && chmod 4755 x && truncate -s 5 shared && "
+    "copy-up": "echo more >> d/f2 && chmod 600 e/e2 && chmod 4755 x && chown 1000:2 d/deep/f3 && chown -h 7 ln2 && "
+               "truncate -s 5 shared && "
                "dd if=/dev/zero of=top3 bs=1 seek=1 count=1 conv=notrunc 2>/dev/null && touch -d @0 d/deep/f3 && "
                "cat d/f2 shared top3 | od -c | tail -n 3",
     "whiteouts": "rm d/f1 d/f2 top3 && rm -r e && mkdir e && echo new > e/n && rm -r opq && mkdir opq && "
@@ -132,6 +134,7 @@ SCRIPTS = {
               "mv dirfile dirfile2 && mv d moved && ls -A . moved moved/deep; cat moved/f2 2>&1; "
               "mv e/e2 e/e3 && mv -T e e4 && ls -A e4",
     "cp-a": "cp -a d d2 && cp -a opq opq2 && rm -r d2/deep && cp -a x/y x/y2 && ls -A d2 opq2 x/y2",
+    "chown": "chown -R 1000:1000 . && chmod 2775 e && chown 5 e && mkdir e/sg && ls -ln e | cut -c1-25",
 }
 
 
