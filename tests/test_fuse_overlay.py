@@ -155,6 +155,8 @@ def test_random_operations_same_on_kernel_overlay_and_helper(rb: Runner, dev_fus
     report = _drive(rb, work, asan_helper, seed=seed, steps=400)
     assert len(report["ops"]) > 300
     assert sum(op[1] == "ok" for op in report["ops"]) > 100, "too few operations succeeded to test anything"
+    assert any(op[0][0] == "chown" and op[0][2] not in (0, -1) and op[1] == "ok" for op in report["ops"]), \
+        "no chown to another uid succeeded: the subuid range is not mapped"
     _assert_same(report)
 
 
