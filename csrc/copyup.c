@@ -111,6 +111,9 @@ static int copy_other(int layer, const char *path, const struct stat *st, const 
 int copy_up(const char *path)
 {
   struct resolved res;
+  /* Already in the upper layer (whatever it is, it is on top): nothing to copy. */
+  if (fstatat(ovl.layers[0].fd, path, &res.st, AT_SYMLINK_NOFOLLOW) == 0 && !is_whiteout(&res.st))
+    return 0;
   int err = resolve(path, &res);
   if (err < 0)
     return err;

@@ -250,13 +250,13 @@ bool is_opaque(int layer, const char *path)
   return n == 1 && value[0] == 'y';
 }
 
-/* One path component below a directory merged from the layers in mask. */
-static int resolve_step(uint64_t mask, const char *path, bool stop_at_whiteout_in_upper, struct resolved *res)
+/* One path component below a directory merged from the layers in mask. The opaque marker is only read when a
+ * lower layer has a directory of the same name, so a directory in a single layer costs one fstatat per layer. */
+static int resolve_step(uint64_t mask, const char *path, struct resolved *res)
 {
+  int last_dir = -1;
   res->layer = -1;
   res->dirmask = 0;
-  res->upper_whiteout = false;
-  res->opaque = false;
   for (int i = 0; i < ovl.nlayers; i++)
     {
       struct stat st;
@@ -269,12 +269,7 @@ static int resolve_step(uint64_t mask, const char *path, bool stop_at_whiteout_i
           return -errno;
         }
       if (is_whiteout(&st))
-        {
-          if (i == 0)
-            res->upper_whiteout = true;
-          (void) stop_at_whiteout_in_upper;
-          break;
-        }
+        break;
       if (res->layer < 0)
         {
           res->layer = i;
@@ -282,19 +277,14 @@ static int resolve_step(uint64_t mask, const char *path, bool stop_at_whiteout_i
           res->dirmask = UINT64_C(1) << i;
           if (!S_ISDIR(st.st_mode))
             break;
-          if (is_opaque(i, path))
-            {
-              res->opaque = true;
-              break;
-            }
+          last_dir = i;
         }
       else
         {
-          if (!S_ISDIR(st.st_mode))
+          if (!S_ISDIR(st.st_mode) || is_opaque(last_dir, path))
             break;
           res->dirmask |= UINT64_C(1) << i;
-          if (is_opaque(i, path))
-            break;
+          last_dir = i;
         }
     }
   return res->layer < 0 ? -ENOENT : 0;
@@ -318,12 +308,20 @@ int resolve(const char *path, struct resolved *res)
         return -errno;
       return 0;
     }
+  /* An upper non-directory is on top whatever the lower layers hold: its upper parents are all directories. */
+  if (fstatat(ovl.layers[0].fd, path, &res->st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISDIR(res->st.st_mode)
+      && !is_whiteout(&res->st))
+    {
+      res->layer = 0;
+      res->dirmask = 1;
+      return 0;
+    }
   cleanup_free char *prefix = xstrdup(path);
   for (char *slash = strchr(prefix, '/'); slash != NULL; slash = strchr(slash + 1, '/'))
     {
       struct resolved r;
       *slash = '\0';
-      int err = resolve_step(mask, prefix, false, &r);
+      int err = resolve_step(mask, prefix, &r);
       *slash = '/';
       if (err < 0)
         return err;
@@ -331,7 +329,7 @@ int resolve(const char *path, struct resolved *res)
         return -ENOTDIR;
       mask = r.dirmask;
     }
-  return resolve_step(mask, path, false, res);
+  return resolve_step(mask, path, res);
 }
 
 /* Whether a lower layer would show this name if the upper did not cover it (a whiteout is then needed). */
@@ -351,7 +349,7 @@ int lower_positive(const char *path)
     }
   mask &= ~UINT64_C(1);
   struct resolved r;
-  int err = resolve_step(mask, path, false, &r);
+  int err = resolve_step(mask, path, &r);
   if (err == -ENOENT)
     return 0;
   return err < 0 ? err : 1;

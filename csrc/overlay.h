@@ -48,8 +48,6 @@ struct resolved
   int layer;
   struct stat st;
   uint64_t dirmask;
-  bool upper_whiteout;
-  bool opaque;
 };
 
 extern struct ovl ovl;
