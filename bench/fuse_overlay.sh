@@ -2,7 +2,7 @@
 # FUSE overlay benchmark: untar a ~200 MB tree into the mount, chown -R it, tar the merged view back out,
 # on kernel overlay (userxattr), Debian's fuse-overlayfs and rbuild-fuse-overlay; each in its own
 # `unshare -Urm` as the user running this. Prints "fs step seconds" lines, REPS alternating rounds.
-#   bench/fuse_overlay.sh HELPER [REPS]     (HELPER: path of rbuild-fuse-overlay)
+#   [KINDS="kernel fuse-overlayfs rbuild"] bench/fuse_overlay.sh HELPER [REPS]   (HELPER: rbuild-fuse-overlay)
 # As root it runs as root in the user namespace; /dev/fuse must be open to the user otherwise.
 set -euo pipefail
 helper=$(realpath "$1"); reps=${2:-3}
@@ -29,5 +29,5 @@ rm -rf "$b"
 INNER
 }
 for _ in $(seq "$reps"); do
-    for kind in kernel fuse-overlayfs rbuild; do one "$kind"; done
+    for kind in ${KINDS:-kernel fuse-overlayfs rbuild}; do one "$kind"; done
 done
