@@ -35,12 +35,4 @@ static inline void cleanup_fdp(int *fdp)
 #define cleanup_free __attribute__((cleanup(cleanup_freep)))
 #define cleanup_fd __attribute__((cleanup(cleanup_fdp)))
 
-/* Hand an owned value out of a cleanup-annotated variable. */
-static inline int steal_fd(int *fdp)
-{
-  int fd = *fdp;
-  *fdp = -1;
-  return fd;
-}
-
 #endif
