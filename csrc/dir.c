@@ -1,0 +1,244 @@
+/* Directory listings merged across layers: upper names first, whiteouts and opaque directories hide lower ones. */
+#define _GNU_SOURCE
+#include "overlay.h"
+#include "util.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <string.h>
+
+struct name_set
+{
+  char **slots;
+  size_t size;
+  size_t count;
+};
+
+static size_t name_hash(const char *s)
+{
+  size_t h = 5381;
+  for (; *s; s++)
+    h = h * 33u + (unsigned char) *s;
+  return h;
+}
+
+/* Insert name; false when it was already there. */
+static bool name_set_add(struct name_set *set, const char *name)
+{
+  if ((set->count + 1) * 2 > set->size)
+    {
+      struct name_set bigger = { xcalloc(set->size ? set->size * 2 : 64, sizeof(char *)), set->size ? set->size * 2 : 64, 0 };
+      for (size_t i = 0; i < set->size; i++)
+        if (set->slots[i] != NULL)
+          {
+            size_t j = name_hash(set->slots[i]) % bigger.size;
+            while (bigger.slots[j] != NULL)
+              j = (j + 1) % bigger.size;
+            bigger.slots[j] = set->slots[i];
+            bigger.count++;
+          }
+      free(set->slots);
+      *set = bigger;
+    }
+  size_t j = name_hash(name) % set->size;
+  while (set->slots[j] != NULL)
+    {
+      if (strcmp(set->slots[j], name) == 0)
+        return false;
+      j = (j + 1) % set->size;
+    }
+  set->slots[j] = xstrdup(name);
+  set->count++;
+  return true;
+}
+
+static void name_set_free(struct name_set *set)
+{
+  for (size_t i = 0; i < set->size; i++)
+    free(set->slots[i]);
+  free(set->slots);
+}
+
+static void list_add(struct dir_list *list, size_t *cap, const char *name, ino_t ino, unsigned char type)
+{
+  if (list->count == *cap)
+    {
+      *cap = *cap ? *cap * 2 : 32;
+      list->entries = realloc(list->entries, *cap * sizeof(struct dir_entry));
+      if (list->entries == NULL)
+        die("out of memory");
+    }
+  list->entries[list->count].name = xstrdup(name);
+  list->entries[list->count].ino = ino;
+  list->entries[list->count].type = type;
+  list->count++;
+}
+
+static void closedirp(DIR **d)
+{
+  if (*d != NULL)
+    closedir(*d);
+}
+
+/* Visible names of a merged directory, topmost layer first, without "." and "..". */
+int dir_list_merged(const char *path, const struct resolved *res, struct dir_list *out)
+{
+  struct name_set seen = { NULL, 0, 0 };
+  size_t cap = 0;
+  int err = 0;
+  out->entries = NULL;
+  out->count = 0;
+  for (int i = 0; i < ovl.nlayers && err == 0; i++)
+    {
+      if (!(res->dirmask & (UINT64_C(1) << i)))
+        continue;
+      int fd = openat(ovl.layers[i].fd, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+      if (fd < 0)
+        {
+          err = -errno;
+          break;
+        }
+      __attribute__((cleanup(closedirp))) DIR *d = fdopendir(fd);
+      if (d == NULL)
+        {
+          err = -errno;
+          close(fd);
+          break;
+        }
+      struct dirent *de;
+      errno = 0;
+      while ((de = readdir(d)) != NULL)
+        {
+          if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+          if (!name_set_add(&seen, de->d_name))
+            continue;
+          if (de->d_type == DT_CHR || de->d_type == DT_UNKNOWN)
+            {
+              struct stat st;
+              if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && is_whiteout(&st))
+                continue;
+            }
+          list_add(out, &cap, de->d_name, de->d_ino, de->d_type);
+        }
+      if (errno != 0)
+        err = -errno;
+    }
+  name_set_free(&seen);
+  if (err < 0)
+    dir_list_free(out);
+  return err;
+}
+
+void dir_list_free(struct dir_list *list)
+{
+  for (size_t i = 0; i < list->count; i++)
+    free(list->entries[i].name);
+  free(list->entries);
+  list->entries = NULL;
+  list->count = 0;
+}
+
+/* 1 when the merged directory shows nothing, 0 when it does, -errno on failure. */
+int dir_is_empty(const char *path, const struct resolved *res)
+{
+  struct dir_list list;
+  int err = dir_list_merged(path, res, &list);
+  if (err < 0)
+    return err;
+  int empty = list.count == 0;
+  dir_list_free(&list);
+  return empty;
+}
+
+/* Remove the whiteouts of an upper directory that is empty in the merged view, so it can be removed or replaced. */
+int dir_clear_upper_whiteouts(const char *path)
+{
+  int fd = openat(ovl.layers[0].fd, path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0)
+    return errno == ENOENT ? 0 : -errno;
+  __attribute__((cleanup(closedirp))) DIR *d = fdopendir(fd);
+  if (d == NULL)
+    {
+      int errsv = errno;
+      close(fd);
+      return -errsv;
+    }
+  struct dirent *de;
+  while ((de = readdir(d)) != NULL)
+    {
+      struct stat st;
+      if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+        continue;
+      if (fstatat(dirfd(d), de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && is_whiteout(&st)
+          && unlinkat(dirfd(d), de->d_name, 0) < 0)
+        return -errno;
+    }
+  return 0;
+}
+
+void ovl_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+  cleanup_free char *path = node_path(node_of(ino));
+  struct resolved res;
+  if (path == NULL)
+    {
+      fuse_reply_err(req, ENOENT);
+      return;
+    }
+  int err = resolve(path, &res);
+  if (err == 0 && !S_ISDIR(res.st.st_mode))
+    err = -ENOTDIR;
+  struct dir_list *list = xcalloc(1, sizeof(*list));
+  if (err == 0)
+    err = dir_list_merged(path, &res, list);
+  if (err < 0)
+    {
+      free(list);
+      fuse_reply_err(req, -err);
+      return;
+    }
+  fi->fh = (uint64_t) (uintptr_t) list;
+  if (fuse_reply_open(req, fi) != 0)
+    {
+      dir_list_free(list);
+      free(list);
+    }
+}
+
+void ovl_readdir(fuse_req_t req, UNUSED fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+  struct dir_list *list = (struct dir_list *) (uintptr_t) fi->fh;
+  cleanup_free char *buf = xcalloc(1, size);
+  size_t used = 0;
+  /* Offsets 0 and 1 are "." and ".."; entry i is offset i + 2. */
+  for (size_t i = (size_t) off; i < list->count + 2; i++)
+    {
+      struct stat st = { 0 };
+      const char *name;
+      if (i < 2)
+        {
+          name = i == 0 ? "." : "..";
+          st.st_mode = S_IFDIR;
+        }
+      else
+        {
+          name = list->entries[i - 2].name;
+          st.st_ino = list->entries[i - 2].ino;
+          st.st_mode = (mode_t) DTTOIF(list->entries[i - 2].type);
+        }
+      size_t n = fuse_add_direntry(req, buf + used, size - used, name, &st, (off_t) (i + 1));
+      if (n > size - used)
+        break;
+      used += n;
+    }
+  fuse_reply_buf(req, buf, used);
+}
+
+void ovl_releasedir(fuse_req_t req, UNUSED fuse_ino_t ino, struct fuse_file_info *fi)
+{
+  struct dir_list *list = (struct dir_list *) (uintptr_t) fi->fh;
+  dir_list_free(list);
+  free(list);
+  fuse_reply_err(req, 0);
+}
