@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rootless import copyfiles, overlay, sandbox
 from rootless import image as img
@@ -28,6 +28,9 @@ from rootless.errors import ContainerfileError, RbuildError, RunFailed
 from rootless.fspath import clean_abs, open_beneath, secure_join
 from rootless.planner import PROXY_ARGS, Plan, Stage
 from rootless.store import ImageRecord, Store, chain_ids, now_rfc3339
+
+if TYPE_CHECKING:
+    from rootless.instructions import Command
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 CACHE_VERSION = "rbuild-cache-1"
@@ -304,7 +307,7 @@ class Executor:
         self.log(f"--> {key[:12]}")
         return new
 
-    def describe(self, cmd: Any) -> str:
+    def describe(self, cmd: Command) -> str:
         """The history's created_by, in BuildKit's style."""
         from rootless import instructions as ins
 

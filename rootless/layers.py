@@ -251,18 +251,19 @@ class _Owner:
 class _Info(tarfile.TarInfo):
     """TarInfo that bounds in-memory headers and reads old-GNU sparse maps whose first chunk is at 0."""
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         meta = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                 tarfile.SOLARIS_XHDTYPE)
         if self.type in meta and self.size > _META_MAX:
             raise LayerError(f"layer entry {self.name!r}: extended header of {self.size} bytes "
                              f"exceeds the limit of {_META_MAX}")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]  # private, not in typeshed
+        return member
 
     def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str],
                            tarfile_: tarfile.TarFile) -> None:
         """PAX 1.0 sparse map, read from the data into memory: its announced length is bounded first."""
-        read = tarfile_.fileobj.read  # type: ignore[union-attr]
+        read = tarfile_.fileobj.read
         head, buf = read(tarfile.BLOCKSIZE).split(b"\n", 1)
         fields = int(head)
         if fields > MAX_SPARSE_CHUNKS:
@@ -276,7 +277,7 @@ class _Info(tarfile.TarInfo):
                 buf += more
             number, buf = buf.split(b"\n", 1)
             numbers.append(int(number))
-        next.offset_data = tarfile_.fileobj.tell()  # type: ignore[union-attr]
+        next.offset_data = tarfile_.fileobj.tell()
         next.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))  # type: ignore[assignment]
 
     def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -284,7 +285,7 @@ class _Info(tarfile.TarInfo):
         del self._sparse_structs  # type: ignore[attr-defined]
         structs = [(o, n) for o, n in structs if o or n]
         while isextended:
-            buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
             if len(buf) < tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("unexpected end of data")
             if len(structs) > MAX_SPARSE_CHUNKS:
@@ -299,7 +300,7 @@ class _Info(tarfile.TarInfo):
                     structs.append((offset, numbytes))
             isextended = bool(buf[504])
         self.sparse = structs  # type: ignore[assignment]
-        self.offset_data = tarfile_.fileobj.tell()  # type: ignore[union-attr]
+        self.offset_data = tarfile_.fileobj.tell()
         tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
         self.size = origsize
         return self
@@ -490,7 +491,7 @@ class _Unpacker:
             if want_dir:
                 return "dir"
             self._uncache_under(comps)
-            shutil.rmtree(name, dir_fd=pfd)  # type: ignore[call-arg]
+            shutil.rmtree(name, dir_fd=pfd)
             return "absent"
         os.unlink(name, dir_fd=pfd)
         self.lrec.get(comps[:-1], {}).pop(name, None)
@@ -510,7 +511,7 @@ class _Unpacker:
         counted = _Counted(stream, self.limits.max_bytes)
         try:
             # tarfile's stream buffer is re-sliced on every header read: keep it small (64 KiB)
-            tf = tarfile.open(fileobj=counted, mode="r|", bufsize=1 << 16,  # type: ignore[call-overload]
+            tf = tarfile.open(fileobj=counted, mode="r|", bufsize=1 << 16,
                               tarinfo=_Info, encoding="utf-8", errors="surrogateescape")
         except tarfile.ReadError as e:
             if str(e) == "empty file":
@@ -615,7 +616,7 @@ class _Unpacker:
             src: BinaryIO = tf.fileobj  # type: ignore[assignment]
             sparse: list[tuple[int, int]] | None = ti.sparse  # type: ignore[assignment]
             if sparse is not None:
-                room = tf.offset - ti.offset_data  # type: ignore[attr-defined]
+                room = tf.offset - ti.offset_data
                 for offset, size in sparse:
                     size = min(size, room)
                     room -= size
@@ -1370,16 +1371,17 @@ class _Blob(io.RawIOBase):
         self.raw = _HashingFile(path, _algo(digest))
         magic = self.raw.f.read(4)
         self.raw.f.seek(0)
-        self.inner: BinaryIO
+        self.inner: io.RawIOBase
         self.zstd = magic == _ZSTD_MAGIC
         if magic.startswith(_GZIP_MAGIC):
-            self.inner = _GzipMembers(self.raw, self.name)  # type: ignore[assignment]
+            self.inner = _GzipMembers(self.raw, self.name)
         elif self.zstd:
             import zstandard
+            # zstandard's reader is file-like but no RawIOBase; it reads any object with read(), not only IO[bytes]
             self.inner = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
                 self.raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]
         else:
-            self.inner = self.raw  # type: ignore[assignment]
+            self.inner = self.raw
         self.out = hashlib.new(_algo(diff_id)) if diff_id else None
         self.queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=4)
         self.thread: threading.Thread | None = None
@@ -1461,6 +1463,6 @@ def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = Non
     digest, else the path) names the blob in errors.
     """
     try:
-        return io.BufferedReader(_Blob(path, digest, diff_id, name), CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_Blob(path, digest, diff_id, name), CHUNK)
     except OSError as e:
         raise LayerError(f"blob {path}: {e.strerror or e}") from None

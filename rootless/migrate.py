@@ -99,7 +99,7 @@ def _convert_layer(store: Store, diff_id: str, own: dict[str, Any] | None, targe
         tar = os.path.join(tmp, "layer.tar")
         try:
             with open(tar, "wb") as f:
-                got, size = layers.write_tar(old_dir, f)  # type: ignore[arg-type]
+                got, size = layers.write_tar(old_dir, f)
             if got == diff_id:
                 _fresh(target)
                 unpack_blob(tar, diff_id, target, diff_id, lowers, single_uid)

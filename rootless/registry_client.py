@@ -124,7 +124,7 @@ def _match_rank(want: Platform, have: Platform) -> int | None:
     return None
 
 
-def choose_platform(index: dict, want: Platform, where: str) -> Descriptor:
+def choose_platform(index: dict[str, Any], want: Platform, where: str) -> Descriptor:
     """The index entry that best matches `want`; an error listing what exists when none does."""
     best: tuple[int, int, Descriptor] | None = None
     seen = []
@@ -151,7 +151,7 @@ def _hasher(digest: str) -> Any:
     return hashlib.new(digest.split(":", 1)[0])
 
 
-def _media_type(resp: requests.Response, body: dict) -> str:
+def _media_type(resp: requests.Response, body: dict[str, Any]) -> str:
     header = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
     declared = body.get("mediaType")
     if isinstance(declared, str) and declared:
@@ -330,7 +330,7 @@ class RegistryClient:
             raise RbuildError(errors[0])
         raise RbuildError("image not found in any registry searched: " + "; ".join(errors))
 
-    def _get_manifest(self, source: Source, selector: str, what: str) -> tuple[bytes, str, str, dict]:
+    def _get_manifest(self, source: Source, selector: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
         """GET a manifest or index, verified against its digest; returns (bytes, digest, type, json)."""
         ref = source.ref
         accept = ", ".join(MANIFEST_TYPES + INDEX_TYPES)

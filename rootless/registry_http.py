@@ -72,7 +72,7 @@ def backoff(attempt: int, retry_after: str | None = None) -> float:
             return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER)
         except ValueError:
             pass  # an HTTP date: fall back to our own schedule
-    return BACKOFF_BASE * (2**attempt) * (0.75 + random.random() / 2)
+    return BACKOFF_BASE * (2.0**attempt) * (0.75 + random.random() / 2)
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:

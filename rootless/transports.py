@@ -31,7 +31,7 @@ from rootless.store import ImageRecord, Store, atomic_write, chain_ids, hex_of, 
 CHUNK = 1 << 20
 
 
-class HashingReader(io.RawIOBase, BinaryIO):  # type: ignore[misc]
+class HashingReader(io.RawIOBase, BinaryIO):
     """Wraps a stream and hashes what is read through it (verification while streaming)."""
 
     def __init__(self, raw: IO[bytes]) -> None:
