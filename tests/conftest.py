@@ -206,6 +206,17 @@ def _drop_subid_lines(name: str) -> None:
                     f.writelines(kept)
 
 
+# fixtures that start builders, users or a registry: a test using one (even through another fixture) is e2e
+E2E_FIXTURES = frozenset({"rb", "rb_single", "busybox", "registry", "_session"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test `e2e` (needs the builder users, run as root) or `unit` (`pytest -m unit`: fast, any user)."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.e2e if E2E_FIXTURES.intersection(names) else pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def _session() -> Iterator[dict[str, Runner]]:
     binpath = rbuild_bin()
