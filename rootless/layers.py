@@ -47,7 +47,7 @@ import tarfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -1377,9 +1377,10 @@ class _Blob(io.RawIOBase):
             self.inner = _GzipMembers(self.raw, self.name)
         elif self.zstd:
             import zstandard
-            # zstandard's reader is file-like but no RawIOBase; it reads any object with read(), not only IO[bytes]
-            self.inner = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
-                self.raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]
+            # zstandard reads from any object with read(), not only IO[bytes]; its reader is file-like, no RawIOBase
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                cast(IO[bytes], self.raw), read_size=CHUNK, read_across_frames=True)
+            self.inner = cast(io.RawIOBase, reader)
         else:
             self.inner = self.raw
         self.out = hashlib.new(_algo(diff_id)) if diff_id else None
