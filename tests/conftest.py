@@ -211,8 +211,12 @@ E2E_FIXTURES = frozenset({"rb", "rb_single", "busybox", "registry", "_session"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test `e2e` (needs the builder users, run as root) or `unit` (`pytest -m unit`: fast, any user)."""
+    """Mark each test `e2e` (needs the builder users, run as root) or `unit` (`pytest -m unit`: fast, any user).
+
+    A test that makes its own users or builds without these fixtures says so with @pytest.mark.e2e."""
     for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            continue
         names = getattr(item, "fixturenames", ())
         item.add_marker(pytest.mark.e2e if E2E_FIXTURES.intersection(names) else pytest.mark.unit)
 

@@ -43,6 +43,7 @@ def test_update_docs_keeps_other_sections(tmp_path: Path) -> None:
     assert text.count(report.BEGIN) == 1
 
 
+@pytest.mark.e2e  # builds with rbuild and buildah as a bench user it creates
 def test_quick_run(tmp_path: Path) -> None:
     """bench/run.py --quick on two workloads with both builders: a record per case, no failure."""
     missing = [t for t in ("buildah", "skopeo", "docker-registry", "zstd", "setpriv") if not shutil.which(t)]
