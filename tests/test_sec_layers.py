@@ -258,6 +258,7 @@ def forging_build(runner: Runner, setx: bytes, script: str) -> dict[str, tarfile
     return last_layer(runner, res.stdout.strip(), root)
 
 
+@pytest.mark.e2e  # builds as the session's users (fixtures looked up by name)
 @pytest.mark.parametrize("who", ["sub", "single"])
 def test_run_cannot_forge_rbuild_records(who: str, request: pytest.FixtureRequest, setx: bytes) -> None:
     runner: Runner = request.getfixturevalue("rb" if who == "sub" else "rb_single")
@@ -283,6 +284,7 @@ def test_run_cannot_forge_rbuild_records(who: str, request: pytest.FixtureReques
         assert (layer["srv/chowned"].uid, layer["srv/chowned"].gid) == (5, 5)
 
 
+@pytest.mark.e2e  # builds as the session's users (fixtures looked up by name)
 @pytest.mark.parametrize("who", ["sub", "single"])
 def test_run_setting_a_malformed_record_is_no_error(who: str, request: pytest.FixtureRequest, setx: bytes) -> None:
     runner: Runner = request.getfixturevalue("rb" if who == "sub" else "rb_single")
