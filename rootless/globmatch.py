@@ -192,7 +192,7 @@ def parse_class(body: str) -> Test | None:
     i = 0
     while i < len(body):
         lo = body[i]
-        if body[i + 1:i + 2] != "-":
+        if body[i + 1 : i + 2] != "-":
             ranges.append((lo, lo))
             i += 1
         elif i + 2 < len(body):

@@ -116,7 +116,7 @@ def _rewrite(ref: Reference, prefix: str, location: str) -> Reference:
     """Replace `prefix` in `ref`'s name by `location` (wildcard prefixes keep the name)."""
     if prefix.startswith("*.") or not location or location == prefix:
         return ref
-    name = location + ref.name[len(prefix):]
+    name = location + ref.name[len(prefix) :]
     host, _, repo = name.partition("/")
     if not repo:
         raise RbuildError(f"registries.conf location {location!r} leaves no repository for {ref}")

@@ -84,4 +84,3 @@ class Progress:
             self._drawn = len(lines)
         self.stream.write(out)
         self.stream.flush()
-

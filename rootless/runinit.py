@@ -61,8 +61,11 @@ def _readonly_tree(top: str) -> None:
             st = os.statvfs(point)
         except OSError:
             continue
-        for bit, flag in ((os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV),
-                          (os.ST_NOEXEC, linux.MS_NOEXEC)):
+        for bit, flag in (
+            (os.ST_NOSUID, linux.MS_NOSUID),
+            (os.ST_NODEV, linux.MS_NODEV),
+            (os.ST_NOEXEC, linux.MS_NOEXEC),
+        ):
             if st.f_flag & bit:
                 flags |= flag
         _try(linux.mount, None, point, None, flags)
@@ -96,8 +99,10 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         try:
             linux.mount("proc", tree(args[0]), "proc", nosuid)
         except OSError as e:  # never fall back to the host's /proc: it would show every host process
-            raise SetupError(f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
-                             "rbuild runs (as in an unprivileged container)?") from None
+            raise SetupError(
+                f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
+                "rbuild runs (as in an unprivileged container)?"
+            ) from None
     elif name == "mount":
         source, target, fstype, flags, data, required = args
         if required:

@@ -224,4 +224,3 @@ def repair(store: Store, problems: list[Problem]) -> list[str]:
             continue
         done.append(f"removed {p}")
     return done
-

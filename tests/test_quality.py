@@ -31,6 +31,5 @@ def test_gate(argv: list[str]) -> None:
     if not os.path.exists(exe):
         pytest.fail(f"{argv[0]} is not installed next to {sys.executable} (pip install '.[test]')")
     env = {**os.environ, "PYTHONPATH": ROOT, "MYPY_CACHE_DIR": os.devnull, "RUFF_NO_CACHE": "true"}
-    res = subprocess.run([exe, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
+    res = subprocess.run([exe, *argv[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
