@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rootless.errors import RbuildError
 from rootless.reference import normalize_host
@@ -76,7 +77,7 @@ def normalize_key(key: str) -> str:
     return f"{host}/{path}" if path else host
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -178,7 +179,7 @@ def lookup_credentials(host: str, repository: str | None = None, authfile: str |
     return None
 
 
-def _write(path: Path, data: dict) -> None:
+def _write(path: Path, data: dict[str, Any]) -> None:
     """Atomically replace `path` (mode 0600, directory 0700): a crash never leaves half a file."""
     import tempfile
 
@@ -195,7 +196,7 @@ def _write(path: Path, data: dict) -> None:
         raise
 
 
-def _configured_helper(data: dict, host: str) -> str | None:
+def _configured_helper(data: dict[str, Any], host: str) -> str | None:
     helpers = data.get("credHelpers") or {}
     if isinstance(helpers, dict) and isinstance(helpers.get(host), str):
         return str(helpers[host])
@@ -286,14 +287,17 @@ def parse_challenge(header: str) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
+TokenKey = tuple[str, str, tuple[str, ...], str]  # (realm, service, scopes, who)
+
+
 class TokenCache:
     """Bearer tokens keyed by (realm, service, scopes, who): one token request per scope set."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tokens: dict[tuple, tuple[str, float]] = {}
+        self._tokens: dict[TokenKey, tuple[str, float]] = {}
 
-    def get(self, key: tuple) -> str | None:
+    def get(self, key: TokenKey) -> str | None:
         """A cached token still valid for at least ten seconds."""
         with self._lock:
             hit = self._tokens.get(key)
@@ -301,12 +305,12 @@ class TokenCache:
             return hit[0]
         return None
 
-    def put(self, key: tuple, token: str, lifetime: float) -> None:
+    def put(self, key: TokenKey, token: str, lifetime: float) -> None:
         """Remember `token` for `lifetime` seconds (the spec's default is 60)."""
         with self._lock:
             self._tokens[key] = (token, time.monotonic() + max(lifetime, 60))
 
-    def drop(self, key: tuple) -> None:
+    def drop(self, key: TokenKey) -> None:
         """Forget a token the registry refused."""
         with self._lock:
             self._tokens.pop(key, None)

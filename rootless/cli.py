@@ -85,11 +85,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true")
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
-    attached_flag(b, "--rewrite-timestamp", True, {"true": True, "false": False}, True,
-                   "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)")
+    attached_flag(
+        b,
+        "--rewrite-timestamp",
+        True,
+        {"true": True, "false": False},
+        True,
+        "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)",
+    )
     b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
-    b.add_argument("--secret", action="append", default=[], metavar="id=ID[,src=FILE|,env=VAR]",
-                   help="a secret for RUN --mount=type=secret (never stored in the image or the cache)")
+    b.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=ID[,src=FILE|,env=VAR]",
+        help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
+    )
     _registry_args(b)
     if registry_flags:
         from rootless.registry import add_pull_argument
@@ -217,8 +228,10 @@ def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
     if store.exists() and store.version != STORE_VERSION:
         from rootless import migrate
 
-        print(f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked "
-              "again, once)", file=sys.stderr)
+        print(
+            f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)",
+            file=sys.stderr,
+        )
         migrate.upgrade(store, idmap.single)
 
 
@@ -303,17 +316,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     secrets = _read_secrets(args.secret)
     remote_tags = [names.normalize(t) for t in args.tag if not names.normalize(t).startswith("localhost/")]
     if getattr(args, "creds", None) and not remote_tags:
-        raise RbuildError("--creds goes only to the registries of -t names, and no -t names a registry; "
-                          "use rbuild login for the registries FROM names")
+        raise RbuildError(
+            "--creds goes only to the registries of -t names, and no -t names a registry; "
+            "use rbuild login for the registries FROM names"
+        )
 
     def run(store: Any, idmap: Any) -> int:
         from rootless import executor
 
         opts = executor.BuildOptions(
-            tags=args.tag, labels=labels, no_cache=args.no_cache, fmt=args.format, quiet=args.quiet,
-            timestamp=args.timestamp, source_date_epoch=sde, rewrite_timestamp=args.rewrite_timestamp,
-            single_uid=idmap.single, pull=pull, registry_options=_registry_options(args, remote_tags),
-            containerfile=cf_path if args.file != "-" else None, secrets=secrets,
+            tags=args.tag,
+            labels=labels,
+            no_cache=args.no_cache,
+            fmt=args.format,
+            quiet=args.quiet,
+            timestamp=args.timestamp,
+            source_date_epoch=sde,
+            rewrite_timestamp=args.rewrite_timestamp,
+            single_uid=idmap.single,
+            pull=pull,
+            registry_options=_registry_options(args, remote_tags),
+            containerfile=cf_path if args.file != "-" else None,
+            secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
         )
         image_id = executor.build(plan, store, opts)
@@ -322,8 +346,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
             rec = store.find([image_id])
             for t in args.tag:
-                digest = transports.export_image(store, rec, "docker://" + names.normalize(t), args.format, None,
-                                                 None, opts.registry_options)
+                digest = transports.export_image(
+                    store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
+                )
                 if not args.quiet:
                     print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
         if args.iidfile:
@@ -401,8 +426,10 @@ def cmd_images(args: argparse.Namespace) -> int:
             print(r.id[7:19])
         return 0
     if args.format == "json":
-        out = [{"Id": r.id, "Names": r.names, "Created": r.created, "Size": size, "Digest": r.digest or r.manifest}
-               for r, size in rows]
+        out = [
+            {"Id": r.id, "Names": r.names, "Created": r.created, "Size": size, "Digest": r.digest or r.manifest}
+            for r, size in rows
+        ]
         print(json.dumps(out, indent=2))
         return 0
     print(f"{'REPOSITORY':<40} {'TAG':<15} {'IMAGE ID':<14} {'CREATED':<22} SIZE")
@@ -521,8 +548,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(p)
         if problems:
             hint = "" if args.repair else "; `rbuild check --repair` removes what is broken"
-            print(f"rbuild check: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {store.root}{hint}",
-                  file=sys.stderr)
+            print(
+                f"rbuild check: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {store.root}{hint}",
+                file=sys.stderr,
+            )
             return 1
         return 0
 
@@ -547,8 +576,15 @@ def cmd_push(args: argparse.Namespace) -> int:
             from rootless import image as img
 
             fmt = "docker" if store.read_json(rec.manifest).get("mediaType") == img.DOCKER_MANIFEST else "oci"
-        digest = transports.export_image(store, rec, dest, fmt, args.compression_format, args.compression_level,
-                                         _registry_options(args, [dest.removeprefix("docker://")]))
+        digest = transports.export_image(
+            store,
+            rec,
+            dest,
+            fmt,
+            args.compression_format,
+            args.compression_level,
+            _registry_options(args, [dest.removeprefix("docker://")]),
+        )
         if args.digestfile:
             from rootless.store import atomic_write
 
@@ -565,8 +601,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     def run(store: Any, idmap: Any) -> int:
         progress = not args.quiet and sys.stderr.isatty()
-        with transports.open_source(args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]),
-                                    progress) as src:
+        with transports.open_source(
+            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), progress
+        ) as src:
             names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
             rec = transports.import_image(store, src, names, idmap.single)
         print(rec.id)

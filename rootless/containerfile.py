@@ -14,8 +14,17 @@ from dataclasses import dataclass, field
 from rootless.errors import ContainerfileError
 from rootless.shell import GO_SPACES, Lexer, ShellError, go_quote
 
-__all__ = ["Heredoc", "Node", "Containerfile", "parse", "dump", "parse_heredoc", "chomp_heredoc_content",
-           "go_lower", "quote_instruction"]
+__all__ = [
+    "Heredoc",
+    "Node",
+    "Containerfile",
+    "parse",
+    "dump",
+    "parse_heredoc",
+    "chomp_heredoc_content",
+    "go_lower",
+    "quote_instruction",
+]
 
 MAX_LINE = 65536  # bufio.MaxScanTokenSize: a line, newline included, must fit in it
 
@@ -59,8 +68,7 @@ class Containerfile:
 # --- small Go-compatible helpers ------------------------------------------------------------------
 
 _ASCII_WS_SPLIT = re.compile("[\t\v\f\r ]+")  # BuildKit's reWhitespace
-_DIRECTIVE = re.compile("#[\t\n\f\r ]*([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.+?)[\t\n\f\r ]*\\Z",
-                        re.DOTALL)
+_DIRECTIVE = re.compile("#[\t\n\f\r ]*([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.+?)[\t\n\f\r ]*\\Z", re.DOTALL)
 _HEREDOC = re.compile("([0-9]*)<<(-?)([^<]*)\\Z", re.DOTALL)
 _LEADING_TABS = re.compile("^\t+", re.MULTILINE)
 _SPACE_SET = frozenset(GO_SPACES)
@@ -161,10 +169,10 @@ def _json_string(s: str, i: int) -> tuple[str, int]:
             continue
         if c != "u" or not _HEX4.fullmatch(s, j + 2, j + 6):
             raise _NotJSON
-        r = int(s[j + 2:j + 6], 16)
+        r = int(s[j + 2 : j + 6], 16)
         i = j + 6
         if 0xD800 <= r < 0xDC00 and s.startswith("\\u", i) and _HEX4.fullmatch(s, i + 2, i + 6):
-            r2 = int(s[i + 2:i + 6], 16)
+            r2 = int(s[i + 2 : i + 6], 16)
             if 0xDC00 <= r2 < 0xE000:
                 r = 0x10000 + ((r - 0xD800) << 10) + (r2 - 0xDC00)
                 i += 6
@@ -294,6 +302,7 @@ def _parse_json_array(rest: str) -> list[str] | None:
 
 
 # --- line parsers (BuildKit's line_parsers.go) ------------------------------------------------------
+
 
 class _Parsed:
     """What a line parser returns: the arguments, the JSON attribute, ONBUILD's nested node."""
@@ -617,6 +626,7 @@ def _can_contain_heredoc(node: Node) -> bool:
 
 # --- here-documents ---------------------------------------------------------------------------------
 
+
 def parse_heredoc(word: str) -> Heredoc | None:
     """The here-document a word such as `<<EOF`, `3<<-"EOF"` opens, None for other words.
 
@@ -665,6 +675,7 @@ def chomp_heredoc_content(content: str) -> str:
 
 
 # --- the parser -------------------------------------------------------------------------------------
+
 
 class _Directives:
     """Parser directives (`# escape=`, `# syntax=`, `# check=`): only at the very top of the file."""
@@ -802,7 +813,7 @@ def parse(data: bytes | str, filename: str = "Containerfile") -> Containerfile:
         m = d.continuation.search(s)
         if m is None:
             return s, True
-        return s[:m.start()] + (m.group(1) or ""), False
+        return s[: m.start()] + (m.group(1) or ""), False
 
     while i < n:
         raw = lines[i]
@@ -872,8 +883,11 @@ def parse(data: bytes | str, filename: str = "Containerfile") -> Containerfile:
         raise _err("file with no instructions", filename, current)
     syntax = _frontend_directive("syntax", data, True)
     if syntax is not None:
-        warnings.insert(0, f"{filename}: ignoring the syntax directive {go_quote(syntax)}: "
-                           "rbuild has its own parser (BuildKit's stable Dockerfile syntax)")
+        warnings.insert(
+            0,
+            f"{filename}: ignoring the syntax directive {go_quote(syntax)}: "
+            "rbuild has its own parser (BuildKit's stable Dockerfile syntax)",
+        )
     return Containerfile(nodes, filename, d.escape, syntax, warnings, _frontend_directive("check", data, False))
 
 

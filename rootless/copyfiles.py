@@ -59,12 +59,12 @@ def _compile(pattern: str) -> globmatch.Pattern | None:
         elif c == "?":
             out.char(_NOT_SLASH)
         elif c == "[":
-            first = i + 2 if pattern[i + 1:i + 2] in ("!", "^") else i + 1
-            j = pattern.find("]", first + 1 if pattern[first:first + 1] == "]" else first)  # []] holds "]"
+            first = i + 2 if pattern[i + 1 : i + 2] in ("!", "^") else i + 1
+            j = pattern.find("]", first + 1 if pattern[first : first + 1] == "]" else first)  # []] holds "]"
             if j < 0:  # no class: a literal "["
                 out.char(("=", c))
             else:
-                test = globmatch.parse_class(pattern[i + 1:j])
+                test = globmatch.parse_class(pattern[i + 1 : j])
                 if test is None:
                     return None
                 out.char(test)
@@ -101,8 +101,9 @@ def load_ignore(context: str, containerfile: str | None) -> list[IgnoreRule]:
 def _read_ignore(path: str, context: str) -> list[IgnoreRule] | None:
     shown = os.path.relpath(path)
     if inside(os.path.dirname(os.path.abspath(path)), context) and not inside(path, context):
-        raise RbuildError(f"{shown}: the ignore file is a symbolic link out of the build context; rbuild does not "
-                          "follow it")
+        raise RbuildError(
+            f"{shown}: the ignore file is a symbolic link out of the build context; rbuild does not follow it"
+        )
     try:
         with open_regular(path, shown) as f:  # a FIFO in the context must not hang the build
             data = f.read()
@@ -128,8 +129,9 @@ def patterns_to_rules(lines: list[str], where: Callable[[int], str]) -> list[Ign
             continue
         matcher = _compile(norm)
         if matcher is None:
-            raise RbuildError(f"{where(n)}: invalid pattern {line!r}: a [...] class is empty or has a range that "
-                              "runs backwards")
+            raise RbuildError(
+                f"{where(n)}: invalid pattern {line!r}: a [...] class is empty or has a range that runs backwards"
+            )
         rules.append(IgnoreRule(matcher, negate, norm))
     return rules
 
@@ -160,8 +162,9 @@ def _has_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
-def resolve(root: str, rel: str, rules: list[IgnoreRule], what: str, follow_final: bool = True,
-            through: bool = False) -> str | None:
+def resolve(
+    root: str, rel: str, rules: list[IgnoreRule], what: str, follow_final: bool = True, through: bool = False
+) -> str | None:
     """Host path of rel below root, symlinks resolved inside root; None when the build must not see it.
 
     Ignored files never reach BuildKit's builder, so there a symlink is followed only within what was
@@ -353,8 +356,9 @@ class FileDigests:
                 atomic_write(self.path, json.dumps(merged).encode(), 0o600)
 
 
-def hash_sources(items: list[SourceItem], root: str, rules: list[IgnoreRule], h: hashlib._Hash,
-                 digests: FileDigests) -> None:
+def hash_sources(
+    items: list[SourceItem], root: str, rules: list[IgnoreRule], h: hashlib._Hash, digests: FileDigests
+) -> None:
     """Feed names, types, modes and content digests (never mtimes) into h."""
     for item in items:
         h.update(b"\0item\0" + item.rel.encode(errors="surrogateescape"))
@@ -487,8 +491,16 @@ def _copy_file(src: str, dst: str, size: int) -> None:
         os.close(fin)
 
 
-def copy_into(root: str, items: list[SourceItem], src_root: str, rules: list[IgnoreRule], dest: str,
-              owner: tuple[int, int] | None, chmod: int | None, what: str) -> None:
+def copy_into(
+    root: str,
+    items: list[SourceItem],
+    src_root: str,
+    rules: list[IgnoreRule],
+    dest: str,
+    owner: tuple[int, int] | None,
+    chmod: int | None,
+    what: str,
+) -> None:
     """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest.
 
     Directories COPY has to create belong to the --chown owner (root without one), as in buildah and BuildKit.
@@ -498,8 +510,10 @@ def copy_into(root: str, items: list[SourceItem], src_root: str, rules: list[Ign
     if len(items) > 1 and not dest.endswith("/"):
         host_dest = secure_join(root, dest_clean)
         if not os.path.isdir(host_dest):
-            raise RbuildError(f"{what}: when using COPY with more than one source file, the destination must be "
-                              "a directory and end with a /")
+            raise RbuildError(
+                f"{what}: when using COPY with more than one source file, the destination must be "
+                "a directory and end with a /"
+            )
     uid, gid = owner if owner is not None else (0, 0)
     copier = _Copier(owner, chmod)
     for item in items:
@@ -588,8 +602,9 @@ def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str
                 elif m.islnk():
                     link = secure_join(target, os.path.normpath("/" + m.linkname).lstrip("/"), follow_final=False)
                     if not os.path.isfile(link) or os.path.islink(link):
-                        raise RbuildError(f"{what}: archive entry {m.name} links to {m.linkname}, which is not a file "
-                                          "in the archive")
+                        raise RbuildError(
+                            f"{what}: archive entry {m.name} links to {m.linkname}, which is not a file in the archive"
+                        )
                     os.link(link, dst)
                     continue
                 elif m.isfifo():

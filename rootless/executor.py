@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rootless import copyfiles, overlay, sandbox
 from rootless import image as img
@@ -28,6 +28,9 @@ from rootless.errors import ContainerfileError, RbuildError, RunFailed
 from rootless.fspath import clean_abs, open_beneath, secure_join
 from rootless.planner import PROXY_ARGS, Plan, Stage
 from rootless.store import ImageRecord, Store, chain_ids, now_rfc3339
+
+if TYPE_CHECKING:
+    from rootless.instructions import Command
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 CACHE_VERSION = "rbuild-cache-1"
@@ -128,8 +131,13 @@ class Executor:
         for idx in self.plan.order:
             self.results[idx] = self.run_stage(self.plan.stages[idx])
         final = self.results[self.plan.target]
-        unused = sorted(set(self.plan.build_args) - self.used_args - set(self.plan.meta_args) - set(PROXY_ARGS)
-                        - {"SOURCE_DATE_EPOCH"})
+        unused = sorted(
+            set(self.plan.build_args)
+            - self.used_args
+            - set(self.plan.meta_args)
+            - set(PROXY_ARGS)
+            - {"SOURCE_DATE_EPOCH"}
+        )
         if unused:
             print(f"[Warning] one or more build-args {unused} were not consumed", file=sys.stderr)
         return self.commit_image(final)
@@ -151,8 +159,9 @@ class Executor:
                 descs.append(state.base_blobs[i][1])
             else:  # a layer made here: compressed when pushed
                 descs.append({"mediaType": img.OCI_LAYER, "digest": d, "size": self.store.layer_meta(c).get("size", 0)})
-        manifest = img.manifest(self.opts.fmt, "sha256:" + hashlib.sha256(config_bytes).hexdigest(),
-                                len(config_bytes), descs)
+        manifest = img.manifest(
+            self.opts.fmt, "sha256:" + hashlib.sha256(config_bytes).hexdigest(), len(config_bytes), descs
+        )
         tags = [names.normalize(t) for t in self.opts.tags]
         rec = self.store.add_image(config_bytes, img.canonical(manifest), tags, config.get("created", ""))
         for t in tags:
@@ -192,8 +201,9 @@ class Executor:
             prev = self.results.get(stage.base_stage)
             if prev is None:
                 raise self.err(fc.node, f"stage {stage.base!r} is used before it was built")
-            return StageState(copy.deepcopy(prev.config), list(prev.layers), _key("stage", prev.key), {},
-                              base_blobs=prev.base_blobs)
+            return StageState(
+                copy.deepcopy(prev.config), list(prev.layers), _key("stage", prev.key), {}, base_blobs=prev.base_blobs
+            )
         if stage.base.lower() == "scratch":
             config = img.new_config(self.created())
             config["config"]["Env"] = ["PATH=" + sandbox.DEFAULT_PATH]
@@ -204,8 +214,13 @@ class Executor:
         config.setdefault("history", [])
         diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
         descs = self.store.read_json(rec.manifest).get("layers", [])
-        return StageState(config, diff_ids, _key(CACHE_VERSION, "image", rec.id, self.epoch, self.clamp), {},
-                          base_blobs=list(zip(diff_ids, descs, strict=False)))
+        return StageState(
+            config,
+            diff_ids,
+            _key(CACHE_VERSION, "image", rec.id, self.epoch, self.clamp),
+            {},
+            base_blobs=list(zip(diff_ids, descs, strict=False)),
+        )
 
     def resolve_image(self, name: str, node: Any) -> ImageRecord:
         """The image a FROM / COPY --from reference names (with that name's manifest): store first, then outside."""
@@ -224,8 +239,11 @@ class Executor:
                 rec = None  # the registry has a different image under that name: pull it
         if rec is not None and not transports.complete(self.store, rec):
             if self.opts.pull == "never":
-                raise self.err(node, f"image {name!r} lacks layers in the local store (an older store's layer that "
-                               "could not be converted?) and --pull=never was given")
+                raise self.err(
+                    node,
+                    f"image {name!r} lacks layers in the local store (an older store's layer that "
+                    "could not be converted?) and --pull=never was given",
+                )
             rec = None  # pulled again
         if rec is not None:
             return rec
@@ -281,18 +299,28 @@ class Executor:
             extra = self.copy_key(state, cmd)
         elif isinstance(cmd, ins.RunCmd) and cmd.mounts:
             extra = self.mount_key(cmd)
-        key = _key(state.key, node.keyword, desc, node.original, run_args if isinstance(cmd, ins.RunCmd) else None,
-                   extra,
-                   state.config["config"].get("WorkingDir"), state.config["config"].get("User"),
-                   state.config["config"].get("Env"), state.config["config"].get("Shell"))
+        key = _key(
+            state.key,
+            node.keyword,
+            desc,
+            node.original,
+            run_args if isinstance(cmd, ins.RunCmd) else None,
+            extra,
+            state.config["config"].get("WorkingDir"),
+            state.config["config"].get("User"),
+            state.config["config"].get("Env"),
+            state.config["config"].get("Shell"),
+        )
         if not self.opts.no_cache:
             hit = self.store.cache_get(key)
             if hit is not None:
                 self.log(f"--> Using cache {key[:12]}")
-                return StageState(hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set),
-                                  state.base_blobs)
-        new = StageState(copy.deepcopy(state.config), list(state.layers), key, state.args, state.cmd_set,
-                         state.base_blobs)
+                return StageState(
+                    hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set), state.base_blobs
+                )
+        new = StageState(
+            copy.deepcopy(state.config), list(state.layers), key, state.args, state.cmd_set, state.base_blobs
+        )
         layer_made = self.apply(stage, new, cmd)
         history: dict[str, Any] = {"created": self.created(), "created_by": desc}
         if not layer_made:
@@ -304,7 +332,7 @@ class Executor:
         self.log(f"--> {key[:12]}")
         return new
 
-    def describe(self, cmd: Any) -> str:
+    def describe(self, cmd: Command) -> str:
         """The history's created_by, in BuildKit's style."""
         from rootless import instructions as ins
 
@@ -419,8 +447,13 @@ class Executor:
             c["StopSignal"] = cmd.signal
         elif isinstance(cmd, ins.HealthcheckCmd):
             hc: dict[str, Any] = {"Test": list(cmd.test) if cmd.test else ["NONE"]}
-            for attr, name in (("interval", "Interval"), ("timeout", "Timeout"), ("start_period", "StartPeriod"),
-                               ("start_interval", "StartInterval"), ("retries", "Retries")):
+            for attr, name in (
+                ("interval", "Interval"),
+                ("timeout", "Timeout"),
+                ("start_period", "StartPeriod"),
+                ("start_interval", "StartInterval"),
+                ("retries", "Retries"),
+            ):
                 val = getattr(cmd, attr, None)
                 if val:
                     hc[name] = val
@@ -483,8 +516,11 @@ class Executor:
             return None
         diff_id, size = layers.write_tar(upper, None)
         parent = chain_ids(below)[-1] if below else ""
-        self.store.add_layer(upper, chain_ids([*below, diff_id])[-1],
-                             {"diff_id": diff_id, "parent": parent, "size": size, "origin": "dir", "blobs": []})
+        self.store.add_layer(
+            upper,
+            chain_ids([*below, diff_id])[-1],
+            {"diff_id": diff_id, "parent": parent, "size": size, "origin": "dir", "blobs": []},
+        )
         return diff_id
 
     def run_argv(self, cmd: Any) -> tuple[list[str], bytes | None]:
@@ -493,9 +529,14 @@ class Executor:
         if cmd.heredocs and cmd.shell_form:
             first = cmd.heredocs[0]
             script = " ".join(cmd.args).strip()
-            if len(cmd.heredocs) == 1 and script in (f"<<{first.name}", f"<<-{first.name}",
-                                                     f"<<'{first.name}'", f'<<"{first.name}"',
-                                                     f"<<-'{first.name}'", f'<<-"{first.name}"'):
+            if len(cmd.heredocs) == 1 and script in (
+                f"<<{first.name}",
+                f"<<-{first.name}",
+                f"<<'{first.name}'",
+                f'<<"{first.name}"',
+                f"<<-'{first.name}'",
+                f'<<-"{first.name}"',
+            ):
                 body = first.content
                 if body.startswith("#!"):
                     return ["/dev/.rbuild-heredoc"], body.encode()  # the file is mounted by do_run
@@ -525,8 +566,9 @@ class Executor:
         self.file_digests.save()
         return out
 
-    def prepare_mounts(self, cmd: Any, stack: contextlib.ExitStack, merged: str, env: dict[str, str],
-                       scratch: str, workdir: str) -> list[sandbox.MountSpec]:
+    def prepare_mounts(
+        self, cmd: Any, stack: contextlib.ExitStack, merged: str, env: dict[str, str], scratch: str, workdir: str
+    ) -> list[sandbox.MountSpec]:
         """Resolve RUN --mount specs to host paths (views mounted next to the tree at merged, kept open by
         stack), each target checked to be a place a mount point can be made."""
         mnt = os.path.dirname(merged)
@@ -548,8 +590,9 @@ class Executor:
                 source = item.host
                 if not os.path.isdir(source):
                     if not stat.S_ISREG(os.stat(source).st_mode):
-                        raise self.err(cmd.node, f"RUN --mount: {m.source}: only a directory or a regular file can "
-                                                 "be bound")
+                        raise self.err(
+                            cmd.node, f"RUN --mount: {m.source}: only a directory or a regular file can be bound"
+                        )
                     if not m.readonly:  # BuildKit's rw: the RUN writes to a copy, thrown away after the step
                         source = os.path.join(scratch, f"file{i}")
                         copyfiles.copy_entry(item.host, source)
@@ -568,8 +611,9 @@ class Executor:
                         os.mkdir(work)
                     stack.enter_context(overlay.mounted(layers, upper, work, merged, os.path.join(mnt, f"vl{i}")))
                     source = merged
-                specs.append(sandbox.MountSpec("bind", target, source, m.readonly and True,
-                                               is_file=not os.path.isdir(source)))
+                specs.append(
+                    sandbox.MountSpec("bind", target, source, m.readonly and True, is_file=not os.path.isdir(source))
+                )
             elif m.type == "cache":
                 if not target:
                     raise self.err(cmd.node, "RUN --mount=type=cache needs a target")
@@ -653,8 +697,11 @@ class Executor:
             except RbuildError as e:
                 raise self.err(cmd.node, str(e)) from None
             if self.opts.single_uid and (user.uid != 0 or user.gid != 0):
-                raise self.err(cmd.node, f"USER {c.get('User')} needs uid {user.uid}/gid {user.gid}, but this "
-                               "build has a single-uid user namespace (no /etc/subuid range): only root exists")
+                raise self.err(
+                    cmd.node,
+                    f"USER {c.get('User')} needs uid {user.uid}/gid {user.gid}, but this "
+                    "build has a single-uid user namespace (no /etc/subuid range): only root exists",
+                )
             run_env = dict(env)
             run_env.setdefault("HOME", user.home or "/")
             files = {}
@@ -665,10 +712,21 @@ class Executor:
                 os.chmod(host, 0o755)
                 files[argv[0]] = host
             with contextlib.ExitStack() as stack:
-                mounts = self.prepare_mounts(cmd, stack, merged, run_env, scratch,
-                                             c.get("WorkingDir") or "/") if cmd.mounts else []
-                spec = sandbox.RunSpec(argv, run_env, c.get("WorkingDir") or "/", user.uid, user.gid, user.groups,
-                                       dev_files=files, mounts=mounts)
+                mounts = (
+                    self.prepare_mounts(cmd, stack, merged, run_env, scratch, c.get("WorkingDir") or "/")
+                    if cmd.mounts
+                    else []
+                )
+                spec = sandbox.RunSpec(
+                    argv,
+                    run_env,
+                    c.get("WorkingDir") or "/",
+                    user.uid,
+                    user.gid,
+                    user.groups,
+                    dev_files=files,
+                    mounts=mounts,
+                )
                 if self.opts.quiet:
                     with tempfile.TemporaryFile() as out:
                         spec.output_fd = out.fileno()
@@ -681,8 +739,11 @@ class Executor:
                     status = self.sandbox_run(merged, spec, scratch, cmd)
             if status != 0:
                 shown = " ".join(shlex.quote(a) for a in argv) if not cmd.shell_form else " ".join(argv)
-                raise RunFailed(f"{self.plan.filename}:{cmd.node.start_line}: RUN: process \"{shown}\" did not "
-                                f"complete successfully: exit code: {status}", status)
+                raise RunFailed(
+                    f'{self.plan.filename}:{cmd.node.start_line}: RUN: process "{shown}" did not '
+                    f"complete successfully: exit code: {status}",
+                    status,
+                )
 
         return self.with_rootfs(state, action, untrusted=True)
 
@@ -762,15 +823,25 @@ class Executor:
                         copyfiles.write_file(merged, target, h.content.encode(), *(owner or (0, 0)), chmod)
                     return
                 if kind == "context":
-                    self.copy_from(merged, self.plan.context, cmd, dest_abs, owner, chmod, what,
-                                   isinstance(cmd, ins.AddCmd), scratch)
+                    self.copy_from(
+                        merged,
+                        self.plan.context,
+                        cmd,
+                        dest_abs,
+                        owner,
+                        chmod,
+                        what,
+                        isinstance(cmd, ins.AddCmd),
+                        scratch,
+                    )
                     return
                 with contextlib.ExitStack() as stack:
                     view = self.layers_view(layer_list or [], os.path.join(os.path.dirname(merged), "src"), stack)
                     self.copy_from(merged, view, cmd, dest_abs, owner, chmod, what, False, scratch)
             except OSError as e:
-                raise self.err(cmd.node, f"{cmd.node.keyword.upper()} failed: {e.strerror}: "
-                               f"{_image_path(e.filename, merged)}") from None
+                raise self.err(
+                    cmd.node, f"{cmd.node.keyword.upper()} failed: {e.strerror}: {_image_path(e.filename, merged)}"
+                ) from None
 
         return self.with_rootfs(state, action)
 
@@ -786,8 +857,18 @@ class Executor:
             got.check(checksum, url, what)
         return got
 
-    def copy_from(self, merged: str, src_root: str, cmd: Any, dest: str, owner: tuple[int, int] | None,
-                  chmod: int | None, what: str, is_add: bool, scratch: str) -> None:
+    def copy_from(
+        self,
+        merged: str,
+        src_root: str,
+        cmd: Any,
+        dest: str,
+        owner: tuple[int, int] | None,
+        chmod: int | None,
+        what: str,
+        is_add: bool,
+        scratch: str,
+    ) -> None:
         rules = self.ignore_rules if src_root == self.plan.context else []
         items: list[copyfiles.SourceItem] = []
         remote: set[str] = set()
@@ -812,8 +893,9 @@ class Executor:
         copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what)
 
 
-def select_items(src_root: str, src: str, cmd: Any, rules: list[copyfiles.IgnoreRule],
-                 what: str) -> list[copyfiles.SourceItem]:
+def select_items(
+    src_root: str, src: str, cmd: Any, rules: list[copyfiles.IgnoreRule], what: str
+) -> list[copyfiles.SourceItem]:
     """A COPY/ADD source's items, with --exclude applied and --parents' sub-directories worked out."""
     found = copyfiles.select(src_root, src, rules, what)
     if cmd.exclude:
@@ -908,8 +990,12 @@ def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
                     continue
                 finally:
                     os.close(lfd)
-                if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (lst.st_mode, lst.st_uid, lst.st_gid,
-                                                                          lst.st_mtime_ns):
+                if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (
+                    lst.st_mode,
+                    lst.st_uid,
+                    lst.st_gid,
+                    lst.st_mtime_ns,
+                ):
                     os.rmdir(name, dir_fd=pfd)
                 break
         except OSError:

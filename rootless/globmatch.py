@@ -11,20 +11,25 @@ star is greedy, the longest one there (or the shortest, for ${v#pat}).
 
 from __future__ import annotations
 
+from typing import TypeAlias, cast
+
 # A character test: ("=", c) that character, ("!", c) any other, ("[", negate, ranges) a class.
-Test = tuple
+CharTest: TypeAlias = tuple[str, str]
+ClassTest: TypeAlias = tuple[str, bool, tuple[tuple[str, str], ...]]
+Test: TypeAlias = CharTest | ClassTest
+# A node: (kind, test) for CHAR and LOOP, (OPT, nodes to skip + 1), (MATCH, 0).
+Node: TypeAlias = tuple[int, Test | int]
 
 _CHAR, _LOOP, _OPT, _MATCH = range(4)
 _MAX_STATES = 4096  # cached automaton states per pattern (the cache starts over beyond that)
 
 
 def _accepts(test: Test, ch: str) -> bool:
-    kind = test[0]
-    if kind == "=":
-        return ch == test[1]
-    if kind == "!":
-        return ch != test[1]
-    return any(lo <= ch <= hi for lo, hi in test[2]) != test[1]
+    if len(test) == 2:
+        kind, c = test
+        return ch == c if kind == "=" else ch != c
+    _, negate, ranges = test
+    return any(lo <= ch <= hi for lo, hi in ranges) != negate
 
 
 class Pattern:
@@ -35,7 +40,7 @@ class Pattern:
     """
 
     def __init__(self) -> None:
-        self.nodes: list[tuple] = []
+        self.nodes: list[Node] = []
         self._ids: dict[tuple[frozenset[int], bool], int] = {}
         self._states: list[tuple[frozenset[int], bool]] = []
         self._rows: list[dict[str, int]] = []  # per cached state: character -> next state
@@ -52,7 +57,7 @@ class Pattern:
         self.nodes.append((_OPT, size + 1))
 
     def end(self) -> Pattern:
-        self.nodes.append((_MATCH,))
+        self.nodes.append((_MATCH, 0))
         return self
 
     # -- state sets ------------------------------------------------------------------------------------
@@ -74,7 +79,7 @@ class Pattern:
                 out.add(i)
                 stack.append(i + 1)
             elif kind == _OPT:
-                stack += [i + 1, i + self.nodes[i][1]]
+                stack += [i + 1, i + cast(int, self.nodes[i][1])]
             else:
                 matched = True
         return frozenset(out), matched
@@ -88,7 +93,7 @@ class Pattern:
     def _step(self, i: int, ch: str) -> int | None:
         """Where reading node i goes on ch (None: it does not accept ch)."""
         kind, test = self.nodes[i]
-        if not _accepts(test, ch):
+        if not _accepts(cast(Test, test), ch):
             return None
         return i if kind == _LOOP else i + 1
 
@@ -187,7 +192,7 @@ def parse_class(body: str) -> Test | None:
     i = 0
     while i < len(body):
         lo = body[i]
-        if body[i + 1:i + 2] != "-":
+        if body[i + 1 : i + 2] != "-":
             ranges.append((lo, lo))
             i += 1
         elif i + 2 < len(body):

@@ -19,8 +19,15 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 REF_NAME = "org.opencontainers.image.ref.name"
 
-_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
-         "s390x": "s390x", "riscv64": "riscv64"}
+_ARCH = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "i686": "386",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
+}
 
 
 def host_arch() -> str:
@@ -59,13 +66,21 @@ def compression_of(media_type: str) -> str:
     return "none"
 
 
-def manifest(fmt: str, config_digest: str, config_size: int, layers: list[dict[str, Any]],
-             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def manifest(
+    fmt: str,
+    config_digest: str,
+    config_size: int,
+    layers: list[dict[str, Any]],
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": DOCKER_MANIFEST if fmt == "docker" else OCI_MANIFEST,
-        "config": {"mediaType": DOCKER_CONFIG if fmt == "docker" else OCI_CONFIG, "digest": config_digest,
-                   "size": config_size},
+        "config": {
+            "mediaType": DOCKER_CONFIG if fmt == "docker" else OCI_CONFIG,
+            "digest": config_digest,
+            "size": config_size,
+        },
         "layers": layers,
     }
     if annotations and fmt != "docker":
@@ -73,8 +88,9 @@ def manifest(fmt: str, config_digest: str, config_size: int, layers: list[dict[s
     return doc
 
 
-def inspect_doc(image_id: str, names: list[str], config: dict[str, Any], manifest_digest: str,
-                size: int, repo_digests: list[str]) -> dict[str, Any]:
+def inspect_doc(
+    image_id: str, names: list[str], config: dict[str, Any], manifest_digest: str, size: int, repo_digests: list[str]
+) -> dict[str, Any]:
     """docker inspect's shape for an image."""
     return {
         "Id": image_id,

@@ -36,14 +36,54 @@ if TYPE_CHECKING:
     from typing import Self
 
 __all__ = [
-    "INSTRUCTIONS", "Command", "FromCmd", "RunCmd", "CopyCmd", "AddCmd", "EnvCmd", "LabelCmd", "ArgCmd",
-    "ExposeCmd", "VolumeCmd", "WorkdirCmd", "UserCmd", "CmdCmd", "EntrypointCmd", "ShellCmd", "HealthcheckCmd",
-    "OnbuildCmd", "StopsignalCmd", "MaintainerCmd", "Mount", "parse_instruction", "parse_all", "parse_mount",
-    "parse_duration", "suggest",
+    "INSTRUCTIONS",
+    "Command",
+    "FromCmd",
+    "RunCmd",
+    "CopyCmd",
+    "AddCmd",
+    "EnvCmd",
+    "LabelCmd",
+    "ArgCmd",
+    "ExposeCmd",
+    "VolumeCmd",
+    "WorkdirCmd",
+    "UserCmd",
+    "CmdCmd",
+    "EntrypointCmd",
+    "ShellCmd",
+    "HealthcheckCmd",
+    "OnbuildCmd",
+    "StopsignalCmd",
+    "MaintainerCmd",
+    "Mount",
+    "parse_instruction",
+    "parse_all",
+    "parse_mount",
+    "parse_duration",
+    "suggest",
 ]
 
-INSTRUCTIONS = ("add", "arg", "cmd", "copy", "entrypoint", "env", "expose", "from", "healthcheck", "label",
-                "maintainer", "onbuild", "run", "shell", "stopsignal", "user", "volume", "workdir")
+INSTRUCTIONS = (
+    "add",
+    "arg",
+    "cmd",
+    "copy",
+    "entrypoint",
+    "env",
+    "expose",
+    "from",
+    "healthcheck",
+    "label",
+    "maintainer",
+    "onbuild",
+    "run",
+    "shell",
+    "stopsignal",
+    "user",
+    "volume",
+    "workdir",
+)
 
 
 class _Fault(ValueError):
@@ -55,6 +95,7 @@ def _error(node: Node, filename: str, message: str) -> ContainerfileError:
 
 
 # --- suggestions (BuildKit's util/suggest) ----------------------------------------------------------
+
 
 def _levenshtein(a: str, b: str) -> int:
     prev = list(range(len(b) + 1))
@@ -103,6 +144,7 @@ def _with_suggestion(message: str, value: str, options: Collection[str], case_se
 
 
 # --- flags (BuildKit's BFlags) ------------------------------------------------------------------------
+
 
 class _Flags:
     """The flags one instruction accepts, checked against what was written."""
@@ -166,6 +208,7 @@ class _Flags:
 
 
 # --- commands ------------------------------------------------------------------------------------------
+
 
 class _Expander:
     """Expands words for one command, turning lexer errors into located ContainerfileErrors."""
@@ -304,9 +347,14 @@ class CopyCmd(Command):
     heredocs: list[Heredoc]  # here-document sources, `<<-` tabs already stripped
 
     def _expand(self, x: _Expander) -> Self:
-        return dataclasses.replace(self, chown=x.opt(self.chown), chmod=x.opt(self.chmod),
-                                   sources=[x.word(s) for s in self.sources], dest=x.word(self.dest),
-                                   heredocs=_expand_heredocs(self.heredocs, x))
+        return dataclasses.replace(
+            self,
+            chown=x.opt(self.chown),
+            chmod=x.opt(self.chmod),
+            sources=[x.word(s) for s in self.sources],
+            dest=x.word(self.dest),
+            heredocs=_expand_heredocs(self.heredocs, x),
+        )
 
 
 @dataclass
@@ -324,9 +372,15 @@ class AddCmd(Command):
     unpack: bool | None
 
     def _expand(self, x: _Expander) -> Self:
-        return dataclasses.replace(self, chown=x.opt(self.chown), chmod=x.opt(self.chmod),
-                                   checksum=x.opt(self.checksum), sources=[x.word(s) for s in self.sources],
-                                   dest=x.word(self.dest), heredocs=_expand_heredocs(self.heredocs, x))
+        return dataclasses.replace(
+            self,
+            chown=x.opt(self.chown),
+            chmod=x.opt(self.chmod),
+            checksum=x.opt(self.checksum),
+            sources=[x.word(s) for s in self.sources],
+            dest=x.word(self.dest),
+            heredocs=_expand_heredocs(self.heredocs, x),
+        )
 
 
 @dataclass
@@ -440,6 +494,7 @@ class MaintainerCmd(Command):
 
 # --- per-instruction parsing (BuildKit's instructions/parse.go) -------------------------------------
 
+
 def _exactly_one(node: Node, name: str) -> str:
     if len(node.args) != 1:
         raise _Fault(f"{name} requires exactly one argument")
@@ -488,8 +543,9 @@ def _p_from(node: Node, fl: _Flags, fn: str) -> Command:
     if len(args) == 3 and _equal_fold_as(args[1]):
         name = go_lower(args[2])
         if not _STAGE_NAME.fullmatch(name):
-            raise _Fault(f"invalid name for build stage: {go_quote(args[2])}, "
-                         "name can't start with a number or contain symbols")
+            raise _Fault(
+                f"invalid name for build stage: {go_quote(args[2])}, name can't start with a number or contain symbols"
+            )
     elif len(args) != 1:
         raise _Fault("FROM requires either one or three arguments")
     fl.add_string("platform")
@@ -586,8 +642,9 @@ def _sources_and_dest(node: Node, name: str) -> tuple[list[str], str, list[Hered
 
 def _p_copy(node: Node, fl: _Flags, fn: str) -> Command:
     if len(node.args) < 2:
-        raise _Fault("COPY requires at least two arguments, but only one was provided. "
-                     "Destination could not be determined.")
+        raise _Fault(
+            "COPY requires at least two arguments, but only one was provided. Destination could not be determined."
+        )
     fl.add_strings("exclude")
     fl.add_bool("parents")
     fl.add_string("chown")
@@ -596,14 +653,26 @@ def _p_copy(node: Node, fl: _Flags, fn: str) -> Command:
     fl.add_bool("link")
     fl.parse()
     paths, dest, docs = _sources_and_dest(node, "COPY")
-    return CopyCmd(node, fn, paths, dest, fl.get("from"), fl.get("chown"), fl.get("chmod"), fl.true("link"),
-                   fl.true("parents"), fl.lists["exclude"], docs)
+    return CopyCmd(
+        node,
+        fn,
+        paths,
+        dest,
+        fl.get("from"),
+        fl.get("chown"),
+        fl.get("chmod"),
+        fl.true("link"),
+        fl.true("parents"),
+        fl.lists["exclude"],
+        docs,
+    )
 
 
 def _p_add(node: Node, fl: _Flags, fn: str) -> Command:
     if len(node.args) < 2:
-        raise _Fault("ADD requires at least two arguments, but only one was provided. "
-                     "Destination could not be determined.")
+        raise _Fault(
+            "ADD requires at least two arguments, but only one was provided. Destination could not be determined."
+        )
     fl.add_strings("exclude")
     fl.add_string("chown")
     fl.add_string("chmod")
@@ -614,8 +683,21 @@ def _p_add(node: Node, fl: _Flags, fn: str) -> Command:
     fl.parse()
     paths, dest, docs = _sources_and_dest(node, "ADD")
     unpack = fl.true("unpack") if "unpack" in fl.used else None
-    return AddCmd(node, fn, paths, dest, fl.get("chown"), fl.get("chmod"), fl.true("link"), False,
-                  fl.lists["exclude"], docs, fl.get("checksum"), fl.true("keep-git-dir"), unpack)
+    return AddCmd(
+        node,
+        fn,
+        paths,
+        dest,
+        fl.get("chown"),
+        fl.get("chmod"),
+        fl.true("link"),
+        False,
+        fl.lists["exclude"],
+        docs,
+        fl.get("checksum"),
+        fl.true("keep-git-dir"),
+        unpack,
+    )
 
 
 def _p_env(node: Node, fl: _Flags, fn: str) -> Command:
@@ -722,10 +804,24 @@ def _p_healthcheck(node: Node, fl: _Flags, fn: str) -> Command:
 
 
 _PARSERS: dict[str, Callable[[Node, _Flags, str], Command]] = {
-    "add": _p_add, "arg": _p_arg, "cmd": _p_cmd, "copy": _p_copy, "entrypoint": _p_entrypoint, "env": _p_env,
-    "expose": _p_expose, "from": _p_from, "healthcheck": _p_healthcheck, "label": _p_label,
-    "maintainer": _p_maintainer, "onbuild": _p_onbuild, "run": _p_run, "shell": _p_shell,
-    "stopsignal": _p_stopsignal, "user": _p_user, "volume": _p_volume, "workdir": _p_workdir,
+    "add": _p_add,
+    "arg": _p_arg,
+    "cmd": _p_cmd,
+    "copy": _p_copy,
+    "entrypoint": _p_entrypoint,
+    "env": _p_env,
+    "expose": _p_expose,
+    "from": _p_from,
+    "healthcheck": _p_healthcheck,
+    "label": _p_label,
+    "maintainer": _p_maintainer,
+    "onbuild": _p_onbuild,
+    "run": _p_run,
+    "shell": _p_shell,
+    "stopsignal": _p_stopsignal,
+    "user": _p_user,
+    "volume": _p_volume,
+    "workdir": _p_workdir,
 }
 
 
@@ -770,8 +866,16 @@ def _parse_int(s: str, bits: int) -> int:
     return v
 
 
-_UNITS = {"ns": 1, "us": 1000, "\u00b5s": 1000, "\u03bcs": 1000, "ms": 1_000_000, "s": 1_000_000_000,
-          "m": 60_000_000_000, "h": 3_600_000_000_000}
+_UNITS = {
+    "ns": 1,
+    "us": 1000,
+    "\u00b5s": 1000,
+    "\u03bcs": 1000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
 
 
 def parse_duration(s: str) -> int:
@@ -839,11 +943,42 @@ def parse_duration(s: str) -> int:
 
 # --- RUN --mount ---------------------------------------------------------------------------------
 
-_MOUNT_KEYS = ("type", "from", "source", "target", "readonly", "id", "sharing", "required", "size", "mode",
-               "uid", "gid", "src", "dst", "destination", "ro", "rw", "readwrite", "env")
+_MOUNT_KEYS = (
+    "type",
+    "from",
+    "source",
+    "target",
+    "readonly",
+    "id",
+    "sharing",
+    "required",
+    "size",
+    "mode",
+    "uid",
+    "gid",
+    "src",
+    "dst",
+    "destination",
+    "ro",
+    "rw",
+    "readwrite",
+    "env",
+)
 _MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
-_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
-          "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+_BOOLS = {
+    "1": True,
+    "t": True,
+    "T": True,
+    "TRUE": True,
+    "true": True,
+    "True": True,
+    "0": False,
+    "f": False,
+    "F": False,
+    "FALSE": False,
+    "false": False,
+    "False": False,
+}
 _SIZE = re.compile(r"(\d+(?:\.\d+)*) ?([kKmMgGtTpP])?[iI]?[bB]?")
 
 
@@ -1017,4 +1152,3 @@ def _expand_mount(value: str, x: _Expander) -> str:
             f = key + "=" + x.word(v)
         out.append(_csv_field(f))
     return ",".join(out)
-

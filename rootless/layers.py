@@ -47,7 +47,7 @@ import tarfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -216,8 +216,9 @@ class _Owner:
     def __init__(self, single_uid: bool) -> None:
         self.single_uid = single_uid
 
-    def own(self, uid: int, gid: int, *, pfd: int, name: bytes, fd: int | None,
-            fresh: bool = True) -> tuple[int, int] | None:
+    def own(
+        self, uid: int, gid: int, *, pfd: int, name: bytes, fd: int | None, fresh: bool = True
+    ) -> tuple[int, int] | None:
         """Own `fd` (a file or dir), else `name` in `pfd` (no follow); returns ids to record in the parent.
 
         `fresh`: created by us just now, so it carries no stale record to clear.
@@ -251,18 +252,24 @@ class _Owner:
 class _Info(tarfile.TarInfo):
     """TarInfo that bounds in-memory headers and reads old-GNU sparse maps whose first chunk is at 0."""
 
-    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
-        meta = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
-                tarfile.SOLARIS_XHDTYPE)
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        meta = (
+            tarfile.GNUTYPE_LONGNAME,
+            tarfile.GNUTYPE_LONGLINK,
+            tarfile.XHDTYPE,
+            tarfile.XGLTYPE,
+            tarfile.SOLARIS_XHDTYPE,
+        )
         if self.type in meta and self.size > _META_MAX:
-            raise LayerError(f"layer entry {self.name!r}: extended header of {self.size} bytes "
-                             f"exceeds the limit of {_META_MAX}")
-        return super()._proc_member(tarfile_)  # type: ignore[misc]
+            raise LayerError(
+                f"layer entry {self.name!r}: extended header of {self.size} bytes exceeds the limit of {_META_MAX}"
+            )
+        member: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]  # private, not in typeshed
+        return member
 
-    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str],
-                           tarfile_: tarfile.TarFile) -> None:
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict[str, str], tarfile_: tarfile.TarFile) -> None:
         """PAX 1.0 sparse map, read from the data into memory: its announced length is bounded first."""
-        read = tarfile_.fileobj.read  # type: ignore[union-attr]
+        read = tarfile_.fileobj.read
         head, buf = read(tarfile.BLOCKSIZE).split(b"\n", 1)
         fields = int(head)
         if fields > MAX_SPARSE_CHUNKS:
@@ -276,7 +283,7 @@ class _Info(tarfile.TarInfo):
                 buf += more
             number, buf = buf.split(b"\n", 1)
             numbers.append(int(number))
-        next.offset_data = tarfile_.fileobj.tell()  # type: ignore[union-attr]
+        next.offset_data = tarfile_.fileobj.tell()
         next.sparse = list(zip(numbers[::2], numbers[1::2], strict=True))  # type: ignore[assignment]
 
     def _proc_sparse(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -284,22 +291,22 @@ class _Info(tarfile.TarInfo):
         del self._sparse_structs  # type: ignore[attr-defined]
         structs = [(o, n) for o, n in structs if o or n]
         while isextended:
-            buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+            buf = tarfile_.fileobj.read(tarfile.BLOCKSIZE)
             if len(buf) < tarfile.BLOCKSIZE:
                 raise tarfile.ReadError("unexpected end of data")
             if len(structs) > MAX_SPARSE_CHUNKS:
                 raise LayerError(f"layer entry {self.name!r}: sparse map of more than {MAX_SPARSE_CHUNKS} chunks")
             for pos in range(0, 21 * 24, 24):
                 try:
-                    offset = tarfile.nti(buf[pos:pos + 12])  # type: ignore[attr-defined]
-                    numbytes = tarfile.nti(buf[pos + 12:pos + 24])  # type: ignore[attr-defined]
+                    offset = tarfile.nti(buf[pos : pos + 12])  # type: ignore[attr-defined]
+                    numbytes = tarfile.nti(buf[pos + 12 : pos + 24])  # type: ignore[attr-defined]
                 except ValueError:
                     break
                 if offset or numbytes:
                     structs.append((offset, numbytes))
             isextended = bool(buf[504])
         self.sparse = structs  # type: ignore[assignment]
-        self.offset_data = tarfile_.fileobj.tell()  # type: ignore[union-attr]
+        self.offset_data = tarfile_.fileobj.tell()
         tarfile_.offset = self.offset_data + self._block(self.size)  # type: ignore[attr-defined]
         self.size = origsize
         return self
@@ -318,8 +325,10 @@ class _Counted(io.RawIOBase):
         data = self.stream.read(n if n >= 0 else CHUNK)
         self.count += len(data)
         if self.count > self.limit:
-            raise LayerError(f"layer: uncompressed size exceeds the limit of {self.limit} bytes "
-                             "(a decompression bomb? RBUILD_MAX_LAYER_BYTES)")
+            raise LayerError(
+                f"layer: uncompressed size exceeds the limit of {self.limit} bytes "
+                "(a decompression bomb? RBUILD_MAX_LAYER_BYTES)"
+            )
         return data
 
 
@@ -381,7 +390,7 @@ class _Unpacker:
         fd = self.root
         try:
             for i, c in enumerate(comps):
-                prefix = comps[:i + 1]
+                prefix = comps[: i + 1]
                 try:
                     nfd = os.open(c, _DIRFLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -444,7 +453,7 @@ class _Unpacker:
         active = self.lowers
         found = None
         for i in range(len(prefix)):
-            sub = b"/" + b"/".join(prefix[:i + 1])
+            sub = b"/" + b"/".join(prefix[: i + 1])
             found, nxt = None, []
             for layer in active:
                 try:
@@ -456,8 +465,7 @@ class _Unpacker:
                 if not stat.S_ISDIR(st.st_mode):
                     if found is None:
                         what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                        raise LayerError(f"path component {_show(prefix[:i + 1])!r} is {what} "
-                                         "in a lower layer")
+                        raise LayerError(f"path component {_show(prefix[: i + 1])!r} is {what} in a lower layer")
                     break
                 if found is None:
                     found = layer + sub
@@ -471,8 +479,16 @@ class _Unpacker:
 
     # ----- entries
 
-    def _own(self, pcomps: tuple[bytes, ...], pfd: int, name: bytes, uid: int, gid: int,
-             fd: int | None = None, fresh: bool = True) -> None:
+    def _own(
+        self,
+        pcomps: tuple[bytes, ...],
+        pfd: int,
+        name: bytes,
+        uid: int,
+        gid: int,
+        fd: int | None = None,
+        fresh: bool = True,
+    ) -> None:
         rec = self.owner.own(uid, gid, pfd=pfd, name=name, fd=fd, fresh=fresh)
         if rec is not None:
             self.lrec.setdefault(pcomps, {})[name] = rec
@@ -490,7 +506,7 @@ class _Unpacker:
             if want_dir:
                 return "dir"
             self._uncache_under(comps)
-            shutil.rmtree(name, dir_fd=pfd)  # type: ignore[call-arg]
+            shutil.rmtree(name, dir_fd=pfd)
             return "absent"
         os.unlink(name, dir_fd=pfd)
         self.lrec.get(comps[:-1], {}).pop(name, None)
@@ -510,8 +526,9 @@ class _Unpacker:
         counted = _Counted(stream, self.limits.max_bytes)
         try:
             # tarfile's stream buffer is re-sliced on every header read: keep it small (64 KiB)
-            tf = tarfile.open(fileobj=counted, mode="r|", bufsize=1 << 16,  # type: ignore[call-overload]
-                              tarinfo=_Info, encoding="utf-8", errors="surrogateescape")
+            tf = tarfile.open(
+                fileobj=counted, mode="r|", bufsize=1 << 16, tarinfo=_Info, encoding="utf-8", errors="surrogateescape"
+            )
         except tarfile.ReadError as e:
             if str(e) == "empty file":
                 return
@@ -548,8 +565,9 @@ class _Unpacker:
         if ti.isreg():
             self.total += ti.size
             if self.total > self.limits.max_bytes:
-                raise LayerError(f"data exceeds the layer limit of {self.limits.max_bytes} bytes "
-                                 "(RBUILD_MAX_LAYER_BYTES)")
+                raise LayerError(
+                    f"data exceeds the layer limit of {self.limits.max_bytes} bytes (RBUILD_MAX_LAYER_BYTES)"
+                )
         if not comps:
             if not ti.isdir():
                 raise LayerError("the layer root must be a directory")
@@ -593,8 +611,9 @@ class _Unpacker:
                 os.mkfifo(base, 0o600, dir_fd=pfd)
                 self._special_meta(pfd, comps, ti)
             elif ti.ischr() or ti.isblk():
-                fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o600, dir_fd=pfd)
+                fd = os.open(
+                    base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
+                )
                 try:
                     kind = b"c" if ti.ischr() else b"b"
                     os.setxattr(fd, XATTR_DEV, b"%s:%d:%d" % (kind, ti.devmajor, ti.devminor))
@@ -615,7 +634,7 @@ class _Unpacker:
             src: BinaryIO = tf.fileobj  # type: ignore[assignment]
             sparse: list[tuple[int, int]] | None = ti.sparse  # type: ignore[assignment]
             if sparse is not None:
-                room = tf.offset - ti.offset_data  # type: ignore[attr-defined]
+                room = tf.offset - ti.offset_data
                 for offset, size in sparse:
                     size = min(size, room)
                     room -= size
@@ -661,7 +680,7 @@ class _Unpacker:
             return
         if base.startswith(_WH + _WH):  # aufs metadata (.wh..wh.plnk etc.): nothing to apply
             return
-        name = base[len(_WH):]
+        name = base[len(_WH) :]
         if name in (b"", b".", b".."):
             raise LayerError("whiteout names no entry in its directory")
         pfd = self.parent(comps[:-1])
@@ -747,7 +766,7 @@ def _copy(src: BinaryIO, fd: int, size: int) -> None:
         size -= len(data)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
 
 _MAX_ID = 2**32 - 2
@@ -764,8 +783,14 @@ def _check_numbers(ti: tarfile.TarInfo) -> None:
         raise LayerError(f"device number {ti.devmajor}:{ti.devminor} out of range")
 
 
-def unpack(stream: BinaryIO, dest: str, *, lowers: Sequence[str] = (), single_uid: bool = False,
-           limits: UnpackLimits | None = None) -> None:
+def unpack(
+    stream: BinaryIO,
+    dest: str,
+    *,
+    lowers: Sequence[str] = (),
+    single_uid: bool = False,
+    limits: UnpackLimits | None = None,
+) -> None:
     """Unpack an uncompressed tar layer into `dest` (an existing empty dir) as an overlay lower dir.
 
     Runs as uid 0 of the user namespace. `lowers` are the image's lower layer dirs, top first, so that a
@@ -786,8 +811,13 @@ def unpack(stream: BinaryIO, dest: str, *, lowers: Sequence[str] = (), single_ui
 # --------------------------------------------------------------------------------------------- normalize
 
 
-def normalize(layer_dir: str, *, set_mtime: int | None = None, clamp_mtime: int | None = None,
-              run_lowers: Sequence[str] | None = None) -> None:
+def normalize(
+    layer_dir: str,
+    *,
+    set_mtime: int | None = None,
+    clamp_mtime: int | None = None,
+    run_lowers: Sequence[str] | None = None,
+) -> None:
     """Make an overlay upper dir a store layer dir: drop overlay-private xattrs, apply mtime policy.
 
     `set_mtime` (--timestamp) gives every entry that mtime; `clamp_mtime` (SOURCE_DATE_EPOCH) lowers
@@ -811,8 +841,11 @@ _Ref = tuple[int, int, int, dict[str, bytes]]  # an entry's file type, owner and
 
 def _records(target: int | bytes, follow_symlinks: bool = True) -> dict[str, bytes]:
     """The user.rbuild.* xattrs of a file, directory or (not following it) path."""
-    return {n: os.getxattr(target, n, follow_symlinks=follow_symlinks)
-            for n in os.listxattr(target, follow_symlinks=follow_symlinks) if n.startswith("user.rbuild.")}
+    return {
+        n: os.getxattr(target, n, follow_symlinks=follow_symlinks)
+        for n in os.listxattr(target, follow_symlinks=follow_symlinks)
+        if n.startswith("user.rbuild.")
+    }
 
 
 class _Scrub:
@@ -893,7 +926,7 @@ def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | 
         return lowers[0] if lowers else None
     active = list(lowers)
     for i in range(len(comps)):
-        sub = b"/" + b"/".join(comps[:i + 1])
+        sub = b"/" + b"/".join(comps[: i + 1])
         last = i == len(comps) - 1
         found: bytes | None = None
         nxt = []
@@ -940,8 +973,9 @@ def _depth_first(top: Iterator[Any]) -> None:
             gen.close()
 
 
-def _normalize_dir(dfd: int, set_mtime: int | None, clamp: int | None, scrub: _Scrub | None,
-                   comps: tuple[bytes, ...], hidden: bool) -> Iterator[Any]:
+def _normalize_dir(
+    dfd: int, set_mtime: int | None, clamp: int | None, scrub: _Scrub | None, comps: tuple[bytes, ...], hidden: bool
+) -> Iterator[Any]:
     """`hidden`: an opaque directory above hides the lowers (nothing here was copied up)."""
     opaque = False
     for xname in os.listxattr(dfd):
@@ -1027,7 +1061,7 @@ class _Sink:
             self.write(view)
 
     def flush(self) -> None:
-        view = self.mv[:self.pos]
+        view = self.mv[: self.pos]
         self.size += self.pos
         self.pos = 0
         if self.pending is not None:
@@ -1044,7 +1078,7 @@ class _Sink:
         """Flush the last block and wait for the worker (which re-raises its error, if any)."""
         if self.pool is None:  # the whole stream fit in one block: no thread needed
             self.size += self.pos
-            self._consume(self.mv[:self.pos])
+            self._consume(self.mv[: self.pos])
             self.pos = 0
             return
         self.flush()
@@ -1063,7 +1097,7 @@ class _Sink:
         view = memoryview(data)
         while view:
             k = min(len(view), CHUNK - self.pos)
-            self.mv[self.pos:self.pos + k] = view[:k]
+            self.mv[self.pos : self.pos + k] = view[:k]
             self.pos += k
             view = view[k:]
             if self.pos == CHUNK:
@@ -1073,7 +1107,7 @@ class _Sink:
         left = size
         while left:
             k = min(left, CHUNK - self.pos)
-            n = os.readv(fd, [self.mv[self.pos:self.pos + k]])
+            n = os.readv(fd, [self.mv[self.pos : self.pos + k]])
             if not n:
                 raise LayerError(f"layer entry {os.fsdecode(path)!r}: file shrank while being read")
             self.pos += n
@@ -1081,7 +1115,7 @@ class _Sink:
             if self.pos == CHUNK:
                 self.flush()
         if size % 512:
-            self.put(_ZEROS[:512 - size % 512])
+            self.put(_ZEROS[: 512 - size % 512])
 
 
 def _pax_record(key: bytes, value: bytes) -> bytes:
@@ -1091,19 +1125,52 @@ def _pax_record(key: bytes, value: bytes) -> bytes:
     return b"%d %s=%s\n" % (total, key, value)
 
 
-def _ustar(name: bytes, prefix: bytes, mode: int, uid: int, gid: int, size: int, mtime: int,
-           typeflag: bytes, linkname: bytes, dev: tuple[int, int]) -> bytes:
-    buf = b"".join((
-        name.ljust(100, b"\0"), b"%07o\0" % mode, b"%07o\0" % uid, b"%07o\0" % gid,
-        b"%011o\0" % size, b"%011o\0" % mtime, b"        ", typeflag, linkname.ljust(100, b"\0"),
-        b"ustar\x0000", _ZEROS[:64], b"%07o\0" % dev[0], b"%07o\0" % dev[1], prefix.ljust(155, b"\0"),
-        _ZEROS[:12]))
+def _ustar(
+    name: bytes,
+    prefix: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    typeflag: bytes,
+    linkname: bytes,
+    dev: tuple[int, int],
+) -> bytes:
+    buf = b"".join(
+        (
+            name.ljust(100, b"\0"),
+            b"%07o\0" % mode,
+            b"%07o\0" % uid,
+            b"%07o\0" % gid,
+            b"%011o\0" % size,
+            b"%011o\0" % mtime,
+            b"        ",
+            typeflag,
+            linkname.ljust(100, b"\0"),
+            b"ustar\x0000",
+            _ZEROS[:64],
+            b"%07o\0" % dev[0],
+            b"%07o\0" % dev[1],
+            prefix.ljust(155, b"\0"),
+            _ZEROS[:12],
+        )
+    )
     return buf[:148] + b"%06o\0 " % sum(buf) + buf[156:]
 
 
-def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, typeflag: bytes,
-            linkname: bytes = b"", dev: tuple[int, int] = (0, 0),
-            xattrs: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+def _header(
+    name: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    typeflag: bytes,
+    linkname: bytes = b"",
+    dev: tuple[int, int] = (0, 0),
+    xattrs: Sequence[tuple[bytes, bytes]] = (),
+) -> bytes:
     """One entry's header: ustar (name split into prefix/name when it fits), PAX only when needed."""
     pax: list[tuple[bytes, bytes]] = [(b"SCHILY.xattr." + k, v) for k, v in xattrs]
     prefix, base = b"", name
@@ -1112,7 +1179,7 @@ def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, t
         while 0 <= cut <= 155 and len(name) - cut - 1 > 100:
             cut = name.find(b"/", cut + 1)
         if 0 <= cut <= 155 and len(name) - cut - 1 > 0:
-            prefix, base = name[:cut], name[cut + 1:]
+            prefix, base = name[:cut], name[cut + 1 :]
         else:
             pax.append((b"path", name))
             base = name[:100]
@@ -1137,7 +1204,7 @@ def _header(name: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, t
     if not pax:
         return head
     records = b"".join(_pax_record(k, v) for k, v in sorted(pax))
-    pad = _ZEROS[:-len(records) % 512]
+    pad = _ZEROS[: -len(records) % 512]
     return _ustar(b"././@PaxHeader", b"", 0, 0, 0, len(records), 0, b"x", b"", (0, 0)) + records + pad + head
 
 
@@ -1205,8 +1272,19 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
                 dev = xattrs.get(XATTR_DEV)
                 if dev is not None:
                     kind, major, minor = _parse_dev(dev, path)
-                    sink.put(_header(path, perm, uid, gid, 0, mtime, b"3" if kind == b"c" else b"4",
-                                     dev=(major, minor), xattrs=_kept(xattrs)))
+                    sink.put(
+                        _header(
+                            path,
+                            perm,
+                            uid,
+                            gid,
+                            0,
+                            mtime,
+                            b"3" if kind == b"c" else b"4",
+                            dev=(major, minor),
+                            xattrs=_kept(xattrs),
+                        )
+                    )
                 else:
                     sink.put(_header(path, perm, uid, gid, st.st_size, mtime, b"0", xattrs=_kept(xattrs)))
                     sink.file(fd, st.st_size, path)
@@ -1219,8 +1297,18 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
         elif stat.S_ISFIFO(m):
             sink.put(_header(path, perm, uid, gid, 0, mtime, b"6"))
         elif stat.S_ISCHR(m) or stat.S_ISBLK(m):  # a store written by real root
-            sink.put(_header(path, perm, uid, gid, 0, mtime, b"3" if stat.S_ISCHR(m) else b"4",
-                             dev=(os.major(st.st_rdev), os.minor(st.st_rdev))))
+            sink.put(
+                _header(
+                    path,
+                    perm,
+                    uid,
+                    gid,
+                    0,
+                    mtime,
+                    b"3" if stat.S_ISCHR(m) else b"4",
+                    dev=(os.major(st.st_rdev), os.minor(st.st_rdev)),
+                )
+            )
         # sockets have no tar form: left out, like every other builder does
 
 
@@ -1297,8 +1385,10 @@ class _GzipMembers(io.RawIOBase):
                 if not self.pending:
                     return 0
                 if self.pending[:2] != _GZIP_MAGIC:
-                    raise LayerError(f"blob {self.what}: corrupt compressed data: trailing bytes after the end of "
-                                     "the gzip stream (not another gzip member; Go's gzip reader refuses them)")
+                    raise LayerError(
+                        f"blob {self.what}: corrupt compressed data: trailing bytes after the end of "
+                        "the gzip stream (not another gzip member; Go's gzip reader refuses them)"
+                    )
                 self.dec = igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_GZIP)
             if self.dec.eof:
                 self.pending, self.dec = self.dec.unused_data, None
@@ -1307,19 +1397,22 @@ class _GzipMembers(io.RawIOBase):
             if self.pending or self.dec.needs_input:
                 data, self.pending = self.pending or self.raw.read(CHUNK), b""
                 if not data:
-                    raise LayerError(f"blob {self.what}: corrupt compressed data: the gzip stream ends inside a "
-                                     "member (truncated)")
+                    raise LayerError(
+                        f"blob {self.what}: corrupt compressed data: the gzip stream ends inside a member (truncated)"
+                    )
             out = self.dec.decompress(data, len(b))
             if out:
-                b[:len(out)] = out
+                b[: len(out)] = out
                 return len(out)
 
 
 def _zstd_frames_end(path: str, what: str) -> None:
     """Refuse anything after the last zstd frame that is not a whole frame: zstandard's reader ignores a
     partial one at the end, Go's zstd reader refuses it. Walks the frame and block headers (no data)."""
-    trailing = LayerError(f"blob {what}: corrupt compressed data: trailing bytes after the end of the zstd "
-                          "stream (not a whole zstd frame; Go's zstd reader refuses them)")
+    trailing = LayerError(
+        f"blob {what}: corrupt compressed data: trailing bytes after the end of the zstd "
+        "stream (not a whole zstd frame; Go's zstd reader refuses them)"
+    )
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         pos = 0
@@ -1370,16 +1463,20 @@ class _Blob(io.RawIOBase):
         self.raw = _HashingFile(path, _algo(digest))
         magic = self.raw.f.read(4)
         self.raw.f.seek(0)
-        self.inner: BinaryIO
+        self.inner: io.RawIOBase
         self.zstd = magic == _ZSTD_MAGIC
         if magic.startswith(_GZIP_MAGIC):
-            self.inner = _GzipMembers(self.raw, self.name)  # type: ignore[assignment]
+            self.inner = _GzipMembers(self.raw, self.name)
         elif self.zstd:
             import zstandard
-            self.inner = zstandard.ZstdDecompressor().stream_reader(  # type: ignore[assignment]
-                self.raw, read_size=CHUNK, read_across_frames=True)  # type: ignore[arg-type]
+
+            # zstandard reads from any object with read(), not only IO[bytes]; its reader is file-like, no RawIOBase
+            reader = zstandard.ZstdDecompressor().stream_reader(
+                cast(IO[bytes], self.raw), read_size=CHUNK, read_across_frames=True
+            )
+            self.inner = cast(io.RawIOBase, reader)
         else:
-            self.inner = self.raw  # type: ignore[assignment]
+            self.inner = self.raw
         self.out = hashlib.new(_algo(diff_id)) if diff_id else None
         self.queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=4)
         self.thread: threading.Thread | None = None
@@ -1434,11 +1531,11 @@ class _Blob(io.RawIOBase):
         if self.zstd:
             _zstd_frames_end(self.path, self.name)
         if self.digest and f"{self.raw.hash.name}:{self.raw.hash.hexdigest()}" != self.digest:
-            raise LayerError(f"blob {self.digest}: digest mismatch (content is "
-                             f"{self.raw.hash.name}:{self.raw.hash.hexdigest()})")
+            raise LayerError(
+                f"blob {self.digest}: digest mismatch (content is {self.raw.hash.name}:{self.raw.hash.hexdigest()})"
+            )
         if self.out is not None and f"{self.out.name}:{self.out.hexdigest()}" != self.diff_id:
-            raise LayerError(f"blob {self.name}: uncompressed content does not match "
-                             f"diff_id {self.diff_id}")
+            raise LayerError(f"blob {self.name}: uncompressed content does not match diff_id {self.diff_id}")
 
     def close(self) -> None:
         self.stop = True
@@ -1451,8 +1548,7 @@ class _Blob(io.RawIOBase):
         super().close()
 
 
-def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = None,
-              name: str | None = None) -> BinaryIO:
+def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = None, name: str | None = None) -> BinaryIO:
     """Reader of a layer blob's uncompressed tar: gzip (ISA-L), zstd or plain, told by magic bytes.
 
     With `digest` / `diff_id` the compressed / uncompressed bytes are hashed while streaming and
@@ -1461,6 +1557,6 @@ def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = Non
     digest, else the path) names the blob in errors.
     """
     try:
-        return io.BufferedReader(_Blob(path, digest, diff_id, name), CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(_Blob(path, digest, diff_id, name), CHUNK)
     except OSError as e:
         raise LayerError(f"blob {path}: {e.strerror or e}") from None

@@ -84,8 +84,9 @@ def _convert_image(store: Store, rec: ImageRecord, new: str, tmp: str, single_ui
         atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode())
 
 
-def _convert_layer(store: Store, diff_id: str, own: dict[str, Any] | None, target: str, lowers: list[str],
-                   tmp: str, single_uid: bool) -> dict[str, Any] | None:
+def _convert_layer(
+    store: Store, diff_id: str, own: dict[str, Any] | None, target: str, lowers: list[str], tmp: str, single_uid: bool
+) -> dict[str, Any] | None:
     """Unpack one layer into target from the first source that gives exactly diff_id; its metadata, or None."""
     old_dir = os.path.join(store.root, "layers", hex_of(diff_id))
     try:
@@ -99,7 +100,7 @@ def _convert_layer(store: Store, diff_id: str, own: dict[str, Any] | None, targe
         tar = os.path.join(tmp, "layer.tar")
         try:
             with open(tar, "wb") as f:
-                got, size = layers.write_tar(old_dir, f)  # type: ignore[arg-type]
+                got, size = layers.write_tar(old_dir, f)
             if got == diff_id:
                 _fresh(target)
                 unpack_blob(tar, diff_id, target, diff_id, lowers, single_uid)

@@ -26,8 +26,12 @@ def candidates(name: str) -> list[str]:
     """Names to try in the local store for a user-given name, in order."""
     out: list[str] = []
     base = name if _has_tag(name) else name + ":latest"
-    for cand in (name, base, "localhost/" + base if not _qualified(name) else None,
-                 ("docker.io/" + ("" if "/" in name else "library/") + base) if not _qualified(name) else None):
+    for cand in (
+        name,
+        base,
+        "localhost/" + base if not _qualified(name) else None,
+        ("docker.io/" + ("" if "/" in name else "library/") + base) if not _qualified(name) else None,
+    ):
         if cand and cand not in out:
             out.append(cand)
     return out
@@ -37,5 +41,6 @@ def valid(name: str) -> bool:
     """A conservative check of reference syntax for names the user wants to give an image."""
     import re
 
-    return re.fullmatch(r"[a-z0-9]+([._:/-][a-zA-Z0-9_.-]+)*(@sha256:[0-9a-f]{64})?", name) is not None \
-        and not name.endswith((":", "/"))
+    return re.fullmatch(
+        r"[a-z0-9]+([._:/-][a-zA-Z0-9_.-]+)*(@sha256:[0-9a-f]{64})?", name
+    ) is not None and not name.endswith((":", "/"))

@@ -57,8 +57,16 @@ class _Check:
     def fail(self, path: str, problem: str) -> NoReturn:
         raise RbuildError(f"{self.what}: {path} {problem}")
 
-    def field(self, obj: dict[str, Any], key: str, path: str, check: Callable[[Any, str], Any], *,
-              required: bool = False, null: bool = False) -> None:
+    def field(
+        self,
+        obj: dict[str, Any],
+        key: str,
+        path: str,
+        check: Callable[[Any, str], Any],
+        *,
+        required: bool = False,
+        null: bool = False,
+    ) -> None:
         """Check obj[key] when present (a missing required field, or a null where none is allowed, fails)."""
         sub = f"{path}.{key}" if _KEY.fullmatch(key) else f"{path or '.'}[{json.dumps(key)}]"  # jq's syntax
         if key not in obj:
@@ -167,12 +175,24 @@ class _Check:
     def container_config(self, v: Any, path: str) -> None:
         """The `config` object: what a container runs with (Docker's Healthcheck, OnBuild and Shell too)."""
         conf = self.obj(v, path)
-        for key, check in (("User", self.string), ("ExposedPorts", self.object_map), ("Env", self.strings),
-                           ("Entrypoint", self.strings), ("Cmd", self.strings), ("Volumes", self.object_map),
-                           ("WorkingDir", self.string), ("Labels", self.string_map), ("StopSignal", self.string),
-                           ("ArgsEscaped", self.boolean), ("Memory", self.integer), ("MemorySwap", self.integer),
-                           ("CpuShares", self.integer), ("Healthcheck", self.healthcheck), ("OnBuild", self.strings),
-                           ("Shell", self.strings)):
+        for key, check in (
+            ("User", self.string),
+            ("ExposedPorts", self.object_map),
+            ("Env", self.strings),
+            ("Entrypoint", self.strings),
+            ("Cmd", self.strings),
+            ("Volumes", self.object_map),
+            ("WorkingDir", self.string),
+            ("Labels", self.string_map),
+            ("StopSignal", self.string),
+            ("ArgsEscaped", self.boolean),
+            ("Memory", self.integer),
+            ("MemorySwap", self.integer),
+            ("CpuShares", self.integer),
+            ("Healthcheck", self.healthcheck),
+            ("OnBuild", self.strings),
+            ("Shell", self.strings),
+        ):
             self.field(conf, key, path, check, null=True)
 
     def healthcheck(self, v: Any, path: str) -> None:
@@ -185,7 +205,7 @@ class _Check:
         rootfs = self.obj(v, path)
         self.field(rootfs, "type", path, self.string, required=True)
         if rootfs["type"] != "layers":
-            self.fail(f"{path}.type", f"is {rootfs['type']!r}, not \"layers\"")
+            self.fail(f"{path}.type", f'is {rootfs["type"]!r}, not "layers"')
         # required by the spec, but Docker omits an empty list: absent means no layers
         self.field(rootfs, "diff_ids", path, self.array_of(self.digest))
 
@@ -202,6 +222,7 @@ class _Check:
                 self.fail(path, "is not an array")
             for i, item in enumerate(v):
                 check(item, f"{path}[{i}]")
+
         return each
 
 

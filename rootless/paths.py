@@ -73,6 +73,7 @@ def runtime_dir() -> tuple[str, str | None]:
     try:
         fresh = tempfile.mkdtemp(prefix=os.path.basename(path) + "-", dir=os.path.dirname(path))
     except OSError as e:
-        raise RbuildError(f"runtime directory {path} {why}, and no private one can be made next to it: "
-                          f"{e.strerror}") from None
+        raise RbuildError(
+            f"runtime directory {path} {why}, and no private one can be made next to it: {e.strerror}"
+        ) from None
     return fresh, f"rbuild: {path} {why}: using {fresh} instead (remove {path} to stop this)"

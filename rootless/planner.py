@@ -20,15 +20,33 @@ if TYPE_CHECKING:
     from rootless.containerfile import Containerfile
 
 # ARGs docker predefines: usable without an ARG line, left out of the image history
-PROXY_ARGS = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "FTP_PROXY", "ftp_proxy",
-              "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")
+PROXY_ARGS = (
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 def platform_args() -> dict[str, str]:
     arch = img.host_arch()
     plat = f"linux/{arch}"
-    return {"BUILDPLATFORM": plat, "BUILDOS": "linux", "BUILDARCH": arch, "BUILDVARIANT": "",
-            "TARGETPLATFORM": plat, "TARGETOS": "linux", "TARGETARCH": arch, "TARGETVARIANT": ""}
+    return {
+        "BUILDPLATFORM": plat,
+        "BUILDOS": "linux",
+        "BUILDARCH": arch,
+        "BUILDVARIANT": "",
+        "TARGETPLATFORM": plat,
+        "TARGETOS": "linux",
+        "TARGETARCH": arch,
+        "TARGETVARIANT": "",
+    }
 
 
 @dataclass
@@ -77,16 +95,19 @@ def find_containerfile(context: str, given: str | None) -> str:
         p = os.path.join(context, name)
         if os.path.exists(p):
             if not inside(p, context):
-                raise RbuildError(f"{os.path.relpath(p)} is a symbolic link out of the build context; rbuild does "
-                                  "not follow it (name the file with -f to use it)")
+                raise RbuildError(
+                    f"{os.path.relpath(p)} is a symbolic link out of the build context; rbuild does "
+                    "not follow it (name the file with -f to use it)"
+                )
             if not os.path.isfile(p):  # -f may name a pipe (`-f <(...)`); the context's own must not hang
                 raise RbuildError(f"{p} is not a regular file")
             return p
     raise RbuildError(f"no Containerfile or Dockerfile in the build context {context}")
 
 
-def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], target: str | None,
-         private: bool = False) -> Plan:
+def plan(
+    data: bytes, filename: str, context: str, build_args: dict[str, str], target: str | None, private: bool = False
+) -> Plan:
     """The plan for a Containerfile's text.
 
     private: the file lies outside the build context and may be anything (a credentials file a symlink
@@ -103,8 +124,12 @@ def plan(data: bytes, filename: str, context: str, build_args: dict[str, str], t
     except ContainerfileError as e:
         if not private:
             raise
-        raise ContainerfileError(f"not a valid Containerfile (its text is not shown: the file is outside the "
-                                 f"build context; `rbuild parse -f {filename}` shows it)", e.filename, e.line) from None
+        raise ContainerfileError(
+            f"not a valid Containerfile (its text is not shown: the file is outside the "
+            f"build context; `rbuild parse -f {filename}` shows it)",
+            e.filename,
+            e.line,
+        ) from None
     if private:
         _warn(cf.warnings)
     return result
@@ -136,8 +161,9 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
             fc = cmd.expand(lexer, meta)
             base = fc.image
             if not base:
-                raise ContainerfileError("FROM requires an image name (it expanded to nothing)", filename,
-                                         node.start_line)
+                raise ContainerfileError(
+                    "FROM requires an image name (it expanded to nothing)", filename, node.start_line
+                )
             base_stage: int | None = None
             for s in stages:
                 if s.name and s.name == base.lower():
@@ -150,8 +176,9 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
             stages.append(stage)
             continue
         if not stages:
-            raise ContainerfileError(f"{node.keyword.upper()} before the first FROM: no build stage yet",
-                                     filename, node.start_line)
+            raise ContainerfileError(
+                f"{node.keyword.upper()} before the first FROM: no build stage yet", filename, node.start_line
+            )
         stages[-1].commands.append(cmd)
         for ref in _from_refs(cmd):
             dep = _stage_ref(stages, ref)

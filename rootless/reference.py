@@ -82,7 +82,7 @@ def _split_host(name: str) -> tuple[str | None, str]:
 def is_qualified(text: str) -> bool:
     """True when `text` names its registry (`quay.io/x`, `localhost/x`, `host:5000/x`)."""
     if text.startswith("docker://"):
-        text = text[len("docker://"):]
+        text = text[len("docker://") :]
     return _split_host(text)[0] is not None
 
 
@@ -100,7 +100,7 @@ def parse_reference(text: str, *, default_registry: str = DOCKER_HUB) -> Referen
     """
     original = text
     if text.startswith("docker://"):
-        text = text[len("docker://"):]
+        text = text[len("docker://") :]
     if not text:
         raise RbuildError("invalid reference: empty name")
     remainder, at, digest = text.partition("@")
@@ -112,7 +112,7 @@ def parse_reference(text: str, *, default_registry: str = DOCKER_HUB) -> Referen
     tag: str | None = None
     colon = path.rfind(":")
     if colon != -1:
-        path, tag = path[:colon], path[colon + 1:]
+        path, tag = path[:colon], path[colon + 1 :]
         if not _TAG_RE.fullmatch(tag):
             raise RbuildError(f"invalid reference {original!r}: bad tag {tag!r}")
     if host is not None and not _HOST_RE.fullmatch(host):

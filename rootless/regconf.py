@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rootless.errors import RbuildError
 from rootless.reference import Reference
@@ -115,7 +116,7 @@ def _rewrite(ref: Reference, prefix: str, location: str) -> Reference:
     """Replace `prefix` in `ref`'s name by `location` (wildcard prefixes keep the name)."""
     if prefix.startswith("*.") or not location or location == prefix:
         return ref
-    name = location + ref.name[len(prefix):]
+    name = location + ref.name[len(prefix) :]
     host, _, repo = name.partition("/")
     if not repo:
         raise RbuildError(f"registries.conf location {location!r} leaves no repository for {ref}")
@@ -142,14 +143,14 @@ def conf_files() -> list[str]:
     return files
 
 
-def _bool(table: dict, key: str, where: str) -> bool:
+def _bool(table: dict[str, Any], key: str, where: str) -> bool:
     value = table.get(key, False)
     if not isinstance(value, bool):
         raise RbuildError(f"{where}: {key} must be true or false")
     return value
 
 
-def _merge(conf: RegistriesConf, data: dict, path: str) -> None:
+def _merge(conf: RegistriesConf, data: dict[str, Any], path: str) -> None:
     """Apply one file: search list and short-name aliases replace; entries replace by prefix."""
     if "registries" in data:
         raise RbuildError(f"{path}: v1 format ([registries.*]) is not supported; use the v2 format")

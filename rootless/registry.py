@@ -47,8 +47,15 @@ _TO_DOCKER = {
 }
 _TO_OCI = {v: k for k, v in _TO_DOCKER.items()}
 LAYER_TYPES = frozenset(
-    {_OCI_LAYER, _OCI_LAYER + "+gzip", _OCI_LAYER + "+zstd", _OCI_FOREIGN, _OCI_FOREIGN + "+gzip",
-     _OCI_FOREIGN + "+zstd", *_TO_OCI}
+    {
+        _OCI_LAYER,
+        _OCI_LAYER + "+gzip",
+        _OCI_LAYER + "+zstd",
+        _OCI_FOREIGN,
+        _OCI_FOREIGN + "+gzip",
+        _OCI_FOREIGN + "+zstd",
+        *_TO_OCI,
+    }
 )
 
 
@@ -142,9 +149,16 @@ class Registry:
         A blob several callers (threads or processes) want at once is downloaded once."""
         self.client.fetch_blobs(ref, blobs, dest_dir, progress)
 
-    def push(self, ref: Reference, manifest: bytes, manifest_media_type: str, config: Descriptor,
-             config_bytes: bytes, layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
-             progress: bool = False) -> str:
+    def push(
+        self,
+        ref: Reference,
+        manifest: bytes,
+        manifest_media_type: str,
+        config: Descriptor,
+        config_bytes: bytes,
+        layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
+        progress: bool = False,
+    ) -> str:
         """Upload the blobs the registry lacks (HEAD check, cross-repository mount, chunks for large
         ones), then the manifest; returns the manifest digest."""
         return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, progress)
@@ -174,8 +188,10 @@ def resolve_names(text: str, options: RegistryOptions | None = None) -> list[Ref
         return [parse_reference(alias + suffix)]
     search = conf.search if conf.search is not None else ["docker.io"]
     if not search:
-        raise RbuildError(f"short name {text!r}: no unqualified-search registries are configured "
-                          f"in {', '.join(conf.files) or 'registries.conf'}")
+        raise RbuildError(
+            f"short name {text!r}: no unqualified-search registries are configured "
+            f"in {', '.join(conf.files) or 'registries.conf'}"
+        )
     return [parse_reference(text, default_registry=r) for r in search]
 
 
@@ -253,8 +269,9 @@ def login(host: str, username: str, password: str, options: RegistryOptions) -> 
 
     creds = auth.Credentials(username, password)
     conf = load_registries_conf()
-    http = RegistryHTTP(conf, tls_verify=options.tls_verify, cert_dir=options.cert_dir,
-                        authfile=options.authfile, creds=creds)
+    http = RegistryHTTP(
+        conf, tls_verify=options.tls_verify, cert_dir=options.cert_dir, authfile=options.authfile, creds=creds
+    )
     what = f"login to {host}"
     state = http.host_state(host)
     if state.challenge is not None:
@@ -281,12 +298,21 @@ _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no"
 
 
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    attached_flag(parser, "--tls-verify", True, _BOOLS, None,
-              "--tls-verify[=BOOL]: require HTTPS and verify certificates (default: true, except on loopback"
-              " and for registries.conf insecure registries)")
+    attached_flag(
+        parser,
+        "--tls-verify",
+        True,
+        _BOOLS,
+        None,
+        "--tls-verify[=BOOL]: require HTTPS and verify certificates (default: true, except on loopback"
+        " and for registries.conf insecure registries)",
+    )
     parser.add_argument("--cert-dir", metavar="DIR", help="use certificates (*.crt, *.cert, *.key) in DIR")
-    parser.add_argument("--authfile", metavar="FILE", help="credentials file (default: $REGISTRY_AUTH_FILE"
-                        " or ${XDG_RUNTIME_DIR:-~/.config}/containers/auth.json)")
+    parser.add_argument(
+        "--authfile",
+        metavar="FILE",
+        help="credentials file (default: $REGISTRY_AUTH_FILE or ${XDG_RUNTIME_DIR:-~/.config}/containers/auth.json)",
+    )
 
 
 def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -301,15 +327,25 @@ def add_pull_argument(parser: argparse.ArgumentParser) -> None:
     docker, and never takes the next word as its value."""
     policies: dict[str, object] = {p: p for p in ("always", "missing", "never", "newer")}
     policies.update({"true": "always", "false": "missing"})
-    attached_flag(parser, "--pull", "always", policies, "missing",
-              "--pull[=POLICY]: always, missing (default), never or newer; a bare --pull is always")
+    attached_flag(
+        parser,
+        "--pull",
+        "always",
+        policies,
+        "missing",
+        "--pull[=POLICY]: always, missing (default), never or newer; a bare --pull is always",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> RegistryOptions:
     """RegistryOptions from parsed arguments (any of them may be absent)."""
-    return RegistryOptions(tls_verify=getattr(args, "tls_verify", None), cert_dir=getattr(args, "cert_dir", None),
-                           authfile=getattr(args, "authfile", None), platform=getattr(args, "platform", None),
-                           creds=getattr(args, "creds", None))
+    return RegistryOptions(
+        tls_verify=getattr(args, "tls_verify", None),
+        cert_dir=getattr(args, "cert_dir", None),
+        authfile=getattr(args, "authfile", None),
+        platform=getattr(args, "platform", None),
+        creds=getattr(args, "creds", None),
+    )
 
 
 def add_login_arguments(parser: argparse.ArgumentParser) -> None:

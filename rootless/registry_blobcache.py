@@ -32,8 +32,10 @@ class BlobLocations:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 db = sqlite3.connect(self.path, timeout=5, check_same_thread=False)
-                db.execute("CREATE TABLE IF NOT EXISTS seen (digest TEXT, registry TEXT, repository TEXT,"
-                           " at REAL, PRIMARY KEY (digest, registry, repository))")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS seen (digest TEXT, registry TEXT, repository TEXT,"
+                    " at REAL, PRIMARY KEY (digest, registry, repository))"
+                )
                 self._db = db
             except (OSError, sqlite3.Error):
                 return None  # an unwritable cache only costs mounts, never a pull or a push
@@ -47,8 +49,10 @@ class BlobLocations:
                 return
             try:
                 with db:
-                    db.executemany("INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)",
-                                   [(d, registry, repository, time.time()) for d in digests])
+                    db.executemany(
+                        "INSERT OR REPLACE INTO seen VALUES (?, ?, ?, ?)",
+                        [(d, registry, repository, time.time()) for d in digests],
+                    )
             except sqlite3.Error:
                 pass
 
@@ -60,8 +64,10 @@ class BlobLocations:
                 return
             try:
                 with db:
-                    db.execute("DELETE FROM seen WHERE digest = ? AND registry = ? AND repository = ?",
-                               (digest, registry, repository))
+                    db.execute(
+                        "DELETE FROM seen WHERE digest = ? AND registry = ? AND repository = ?",
+                        (digest, registry, repository),
+                    )
             except sqlite3.Error:
                 pass
 
@@ -72,9 +78,11 @@ class BlobLocations:
             if db is None:
                 return []
             try:
-                rows = db.execute("SELECT repository FROM seen WHERE digest = ? AND registry = ? AND"
-                                  " repository != ? ORDER BY at DESC LIMIT ?",
-                                  (digest, registry, exclude, limit)).fetchall()
+                rows = db.execute(
+                    "SELECT repository FROM seen WHERE digest = ? AND registry = ? AND"
+                    " repository != ? ORDER BY at DESC LIMIT ?",
+                    (digest, registry, exclude, limit),
+                ).fetchall()
             except sqlite3.Error:
                 return []
         return [r[0] for r in rows]

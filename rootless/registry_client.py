@@ -66,8 +66,17 @@ MAX_RESUMES = 20  # Range resumptions of one download, however much each one gai
 
 # -- platforms ---------------------------------------------------------------------------
 
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "i386": "386", "i686": "386",
-                 "armhf": "arm", "armel": "arm", "armv7l": "arm", "armv6l": "arm"}
+_ARCH_ALIASES = {
+    "x86_64": "amd64",
+    "x86-64": "amd64",
+    "aarch64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "armhf": "arm",
+    "armel": "arm",
+    "armv7l": "arm",
+    "armv6l": "arm",
+}
 _ARCH_VARIANT = {"armhf": "v7", "armel": "v6", "armv7l": "v7", "armv6l": "v6"}
 
 
@@ -124,7 +133,7 @@ def _match_rank(want: Platform, have: Platform) -> int | None:
     return None
 
 
-def choose_platform(index: dict, want: Platform, where: str) -> Descriptor:
+def choose_platform(index: dict[str, Any], want: Platform, where: str) -> Descriptor:
     """The index entry that best matches `want`; an error listing what exists when none does."""
     best: tuple[int, int, Descriptor] | None = None
     seen = []
@@ -132,8 +141,7 @@ def choose_platform(index: dict, want: Platform, where: str) -> Descriptor:
         plat = entry.get("platform") if isinstance(entry, dict) else None
         if not isinstance(plat, dict):
             continue
-        have = Platform.make(str(plat.get("os", "")), str(plat.get("architecture", "")),
-                             str(plat.get("variant", "")))
+        have = Platform.make(str(plat.get("os", "")), str(plat.get("architecture", "")), str(plat.get("variant", "")))
         seen.append(str(have))
         rank = _match_rank(want, have)
         if rank is not None and (best is None or (rank, position) < best[:2]):
@@ -151,7 +159,7 @@ def _hasher(digest: str) -> Any:
     return hashlib.new(digest.split(":", 1)[0])
 
 
-def _media_type(resp: requests.Response, body: dict) -> str:
+def _media_type(resp: requests.Response, body: dict[str, Any]) -> str:
     header = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
     declared = body.get("mediaType")
     if isinstance(declared, str) and declared:
@@ -270,8 +278,14 @@ class RegistryClient:
         self.conf: RegistriesConf = load_registries_conf()
         self.platform = parse_platform(options.platform)
         creds = parse_creds(options.creds) if options.creds else None
-        self.http = RegistryHTTP(self.conf, tls_verify=options.tls_verify, cert_dir=options.cert_dir,
-                                 authfile=options.authfile, creds=creds, creds_hosts=self._creds_hosts(options))
+        self.http = RegistryHTTP(
+            self.conf,
+            tls_verify=options.tls_verify,
+            cert_dir=options.cert_dir,
+            authfile=options.authfile,
+            creds=creds,
+            creds_hosts=self._creds_hosts(options),
+        )
         self.locations = BlobLocations()
         self._preferred: dict[Reference, Reference] = {}
 
@@ -330,14 +344,21 @@ class RegistryClient:
             raise RbuildError(errors[0])
         raise RbuildError("image not found in any registry searched: " + "; ".join(errors))
 
-    def _get_manifest(self, source: Source, selector: str, what: str) -> tuple[bytes, str, str, dict]:
+    def _get_manifest(self, source: Source, selector: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
         """GET a manifest or index, verified against its digest; returns (bytes, digest, type, json)."""
         ref = source.ref
         accept = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
         for attempt in range(VERIFY_ATTEMPTS):
-            resp = self.http.request("GET", ref.registry, f"/v2/{ref.repository}/manifests/{selector}",
-                                     scopes=[f"repository:{ref.repository}:pull"], repository=ref.repository,
-                                     what=what, headers={"Accept": accept}, stream=True)
+            resp = self.http.request(
+                "GET",
+                ref.registry,
+                f"/v2/{ref.repository}/manifests/{selector}",
+                scopes=[f"repository:{ref.repository}:pull"],
+                repository=ref.repository,
+                what=what,
+                headers={"Accept": accept},
+                stream=True,
+            )
             with resp:
                 if resp.status_code == 404:
                     raise RbuildError(f"{what}: manifest unknown ({error_detail(resp)})")
@@ -391,11 +412,20 @@ class RegistryClient:
         ocischema.check_config(ocischema.load(config, config_what), config_what)
         if self.options.platform and index_digest is None:
             self._check_config_platform(config, what)
-        self.locations.record(source.ref.registry, source.ref.repository,
-                              [config_desc.digest] + [layer.digest for layer in layers])
-        return RemoteImage(ref=ref, manifest_digest=digest, manifest_media_type=media_type, manifest=body,
-                           config=config, layers=layers, config_descriptor=config_desc,
-                           index_digest=index_digest, source=source.ref)
+        self.locations.record(
+            source.ref.registry, source.ref.repository, [config_desc.digest] + [layer.digest for layer in layers]
+        )
+        return RemoteImage(
+            ref=ref,
+            manifest_digest=digest,
+            manifest_media_type=media_type,
+            manifest=body,
+            config=config,
+            layers=layers,
+            config_descriptor=config_desc,
+            index_digest=index_digest,
+            source=source.ref,
+        )
 
     def _check_config_platform(self, config: bytes, what: str) -> None:
         """An explicit --platform must match a single-platform image's config."""
@@ -419,11 +449,15 @@ class RegistryClient:
         """The digest the registry serves for `ref` now (a HEAD; for `--pull=newer`)."""
         source = self._sources(ref)[-1]
         what = f"checking {ref}"
-        resp = self.http.request("HEAD", source.ref.registry,
-                                 f"/v2/{source.ref.repository}/manifests/{source.ref.selector}",
-                                 scopes=[f"repository:{source.ref.repository}:pull"],
-                                 repository=source.ref.repository, what=what,
-                                 headers={"Accept": ", ".join(MANIFEST_TYPES + INDEX_TYPES)})
+        resp = self.http.request(
+            "HEAD",
+            source.ref.registry,
+            f"/v2/{source.ref.repository}/manifests/{source.ref.selector}",
+            scopes=[f"repository:{source.ref.repository}:pull"],
+            repository=source.ref.repository,
+            what=what,
+            headers={"Accept": ", ".join(MANIFEST_TYPES + INDEX_TYPES)},
+        )
         if resp.status_code == 404:
             raise RbuildError(f"{what}: manifest unknown (404)")
         if resp.status_code != 200:
@@ -451,11 +485,15 @@ class RegistryClient:
         sources = self._sources(ref)
         _sweep(dest)
         what = f"pulling {ref}"
-        _parallel([functools.partial(self._fetch_one, sources, d, dest, what=what) for d in todo.values()],
-                  Progress(progress), "rbuild-pull")
+        _parallel(
+            [functools.partial(self._fetch_one, sources, d, dest, what=what) for d in todo.values()],
+            Progress(progress),
+            "rbuild-pull",
+        )
 
-    def _fetch_one(self, sources: list[Source], desc: Descriptor, dest: Path, prog: Progress,
-                   cancel: threading.Event, *, what: str) -> None:
+    def _fetch_one(
+        self, sources: list[Source], desc: Descriptor, dest: Path, prog: Progress, cancel: threading.Event, *, what: str
+    ) -> None:
         algo, hexd = desc.digest.split(":", 1)
         final = dest / algo / hexd
         if final.exists():
@@ -493,8 +531,9 @@ class RegistryClient:
                 pass
             os.close(lock_fd)
 
-    def _download(self, sources: list[Source], desc: Descriptor, f: BinaryIO, prog: Progress,
-                  cancel: threading.Event, what: str) -> None:
+    def _download(
+        self, sources: list[Source], desc: Descriptor, f: BinaryIO, prog: Progress, cancel: threading.Event, what: str
+    ) -> None:
         """Fill `f` with the verified blob: from its `urls` (non-distributable layers), then the sources."""
         openers: list[tuple[str, Callable[[dict[str, str]], requests.Response]]] = []
         for url in desc.urls:
@@ -514,14 +553,23 @@ class RegistryClient:
                     raise
                 errors.append(str(e).removeprefix(f"{what}: "))
         if desc.urls:
-            raise RbuildError(f"{what}: non-distributable layer {desc.digest} could not be fetched from "
-                              f"its urls or the registry ({'; '.join(errors)})")
+            raise RbuildError(
+                f"{what}: non-distributable layer {desc.digest} could not be fetched from "
+                f"its urls or the registry ({'; '.join(errors)})"
+            )
         raise RbuildError(f"{what}: blob {desc.digest} not found ({'; '.join(errors)})")
 
     def _blob_get(self, ref: Reference, digest: str, headers: dict[str, str], what: str) -> requests.Response:
-        return self.http.request("GET", ref.registry, f"/v2/{ref.repository}/blobs/{digest}",
-                                 scopes=[f"repository:{ref.repository}:pull"], repository=ref.repository,
-                                 what=what, headers=headers, stream=True)
+        return self.http.request(
+            "GET",
+            ref.registry,
+            f"/v2/{ref.repository}/blobs/{digest}",
+            scopes=[f"repository:{ref.repository}:pull"],
+            repository=ref.repository,
+            what=what,
+            headers=headers,
+            stream=True,
+        )
 
     def _plain_get(self, url: str, headers: dict[str, str], what: str) -> requests.Response:
         """GET a foreign layer URL: no registry credentials go there; transient failures retried."""
@@ -540,8 +588,15 @@ class RegistryClient:
             return resp
         raise AssertionError("unreachable")
 
-    def _stream_verified(self, opener: Callable[[dict[str, str]], requests.Response], desc: Descriptor,
-                         f: BinaryIO, prog: Progress, cancel: threading.Event, what: str) -> None:
+    def _stream_verified(
+        self,
+        opener: Callable[[dict[str, str]], requests.Response],
+        desc: Descriptor,
+        f: BinaryIO,
+        prog: Progress,
+        cancel: threading.Event,
+        what: str,
+    ) -> None:
         """Stream one blob into `f`, resuming with Range after a dropped connection and starting over
         when the server ignores Range or the result fails verification."""
         for verify_attempt in range(VERIFY_ATTEMPTS):
@@ -607,9 +662,16 @@ class RegistryClient:
 
     # -- push ------------------------------------------------------------------------------
 
-    def push(self, ref: Reference, manifest: bytes, manifest_media_type: str, config: Descriptor,
-             config_bytes: bytes, layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
-             progress: bool = False) -> str:
+    def push(
+        self,
+        ref: Reference,
+        manifest: bytes,
+        manifest_media_type: str,
+        config: Descriptor,
+        config_bytes: bytes,
+        layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
+        progress: bool = False,
+    ) -> str:
         """Upload blobs the registry lacks (mounting from sibling repositories where possible), then
         the manifest; returns the manifest digest."""
         dest = self.conf.push_target(ref)
@@ -625,12 +687,21 @@ class RegistryClient:
             blobs[config.digest] = (config, lambda: io.BytesIO(config_bytes))
         for desc, opener in layers:
             blobs.setdefault(check_digest(desc.digest), (desc, opener))
-        _parallel([functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()],
-                  Progress(progress, verb="Pushing"), "rbuild-push")
+        _parallel(
+            [functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()],
+            Progress(progress, verb="Pushing"),
+            "rbuild-push",
+        )
         resp = self.http.request(
-            "PUT", target.registry, f"/v2/{target.repository}/manifests/{target.tag or digest}",
-            scopes=[f"repository:{target.repository}:pull,push"], repository=target.repository, what=what,
-            headers={"Content-Type": manifest_media_type}, body=lambda: (manifest, len(manifest)))
+            "PUT",
+            target.registry,
+            f"/v2/{target.repository}/manifests/{target.tag or digest}",
+            scopes=[f"repository:{target.repository}:pull,push"],
+            repository=target.repository,
+            what=what,
+            headers={"Content-Type": manifest_media_type},
+            body=lambda: (manifest, len(manifest)),
+        )
         with resp:
             if resp.status_code not in (200, 201, 202):
                 raise RbuildError(f"{what}: manifest rejected: {error_detail(resp)}")
@@ -640,12 +711,21 @@ class RegistryClient:
         self.locations.record(target.registry, target.repository, list(blobs))
         return digest
 
-    def _push_blob(self, target: Reference, desc: Descriptor, opener: Callable[[], BinaryIO], prog: Progress,
-                   cancel: threading.Event, *, what: str) -> None:
+    def _push_blob(
+        self,
+        target: Reference,
+        desc: Descriptor,
+        opener: Callable[[], BinaryIO],
+        prog: Progress,
+        cancel: threading.Event,
+        *,
+        what: str,
+    ) -> None:
         host, repo = target.registry, target.repository
         scope = f"repository:{repo}:pull,push"
-        resp = self.http.request("HEAD", host, f"/v2/{repo}/blobs/{desc.digest}", scopes=[scope],
-                                 repository=repo, what=what)
+        resp = self.http.request(
+            "HEAD", host, f"/v2/{repo}/blobs/{desc.digest}", scopes=[scope], repository=repo, what=what
+        )
         resp.close()
         if resp.status_code == 200:
             prog.finish(desc.digest, "skipped: already exists")
@@ -660,8 +740,9 @@ class RegistryClient:
             if cancel.is_set():
                 raise RbuildError(f"{what}: cancelled")
             if location is None:
-                resp = self.http.request("POST", host, f"/v2/{repo}/blobs/uploads/", scopes=[scope],
-                                         repository=repo, what=what)
+                resp = self.http.request(
+                    "POST", host, f"/v2/{repo}/blobs/uploads/", scopes=[scope], repository=repo, what=what
+                )
                 resp.close()
                 if resp.status_code != 202 or not resp.headers.get("Location"):
                     raise RbuildError(f"{what}: starting upload of {desc.digest}: {error_detail(resp)}")
@@ -683,9 +764,14 @@ class RegistryClient:
         for source_repo in self.locations.candidates(desc.digest, host, exclude=repo):
             query = urlencode({"mount": desc.digest, "from": source_repo})
             try:
-                resp = self.http.request("POST", host, f"/v2/{repo}/blobs/uploads/?{query}",
-                                         scopes=[f"repository:{repo}:pull,push", f"repository:{source_repo}:pull"],
-                                         repository=repo, what=what)
+                resp = self.http.request(
+                    "POST",
+                    host,
+                    f"/v2/{repo}/blobs/uploads/?{query}",
+                    scopes=[f"repository:{repo}:pull,push", f"repository:{source_repo}:pull"],
+                    repository=repo,
+                    what=what,
+                )
             except RbuildError:
                 continue  # no pull access to the source: upload instead
             resp.close()
@@ -696,8 +782,17 @@ class RegistryClient:
                 return resp.headers["Location"]
         return None
 
-    def _upload(self, host: str, repo: str, location: str, desc: Descriptor, opener: Callable[[], BinaryIO],
-                prog: Progress, cancel: threading.Event, what: str) -> None:
+    def _upload(
+        self,
+        host: str,
+        repo: str,
+        location: str,
+        desc: Descriptor,
+        opener: Callable[[], BinaryIO],
+        prog: Progress,
+        cancel: threading.Event,
+        what: str,
+    ) -> None:
         """Send one blob to an upload session: one PUT when small, PATCH chunks (resumable) when large."""
         scope = [f"repository:{repo}:pull,push"]
         prog.start(desc.digest, desc.size)
@@ -709,13 +804,22 @@ class RegistryClient:
                 src = _position(src, opener, offset)
                 prog.reset(desc.digest, offset)
                 return _Slice(src, length, lambda n: prog.advance(desc.digest, n)), length
+
             return body
 
         def send(method: str, url: str, body: Callable[[], tuple[Any, int]], headers: dict[str, str]) -> Any:
             try:
-                return self.http.request(method, host, url, scopes=scope, repository=repo, what=what, body=body,
-                                         retry=False, headers={"Content-Type": "application/octet-stream",
-                                                               **headers})
+                return self.http.request(
+                    method,
+                    host,
+                    url,
+                    scopes=scope,
+                    repository=repo,
+                    what=what,
+                    body=body,
+                    retry=False,
+                    headers={"Content-Type": "application/octet-stream", **headers},
+                )
             except RegistryAuthError:
                 raise
             except RbuildError as e:  # with retry=False: a transient failure, ours to handle
@@ -723,8 +827,9 @@ class RegistryClient:
 
         try:
             if desc.size <= CHUNK_THRESHOLD:
-                self._check_put(send("PUT", _with_query(location, digest=desc.digest), part(0, desc.size), {}),
-                                desc, what)
+                self._check_put(
+                    send("PUT", _with_query(location, digest=desc.digest), part(0, desc.size), {}), desc, what
+                )
                 return
             offset = failures = 0
             while offset < desc.size:
@@ -732,8 +837,9 @@ class RegistryClient:
                     raise RbuildError(f"{what}: cancelled")
                 length = min(CHUNK_SIZE, desc.size - offset)
                 try:
-                    resp = send("PATCH", location, part(offset, length),
-                                {"Content-Range": f"{offset}-{offset + length - 1}"})
+                    resp = send(
+                        "PATCH", location, part(offset, length), {"Content-Range": f"{offset}-{offset + length - 1}"}
+                    )
                     resp.close()
                     if resp.status_code != 202:
                         raise _Corrupt(f"chunk at {offset}: {error_detail(resp)}")
@@ -746,15 +852,15 @@ class RegistryClient:
                         raise
                     time.sleep(backoff(failures - 1))
                     location, offset = self._upload_status(host, repo, location, what, e)
-            self._check_put(send("PUT", _with_query(location, digest=desc.digest), lambda: (b"", 0), {}),
-                            desc, what)
+            self._check_put(send("PUT", _with_query(location, digest=desc.digest), lambda: (b"", 0), {}), desc, what)
         finally:
             src.close()
 
     def _upload_status(self, host: str, repo: str, location: str, what: str, cause: Exception) -> tuple[str, int]:
         """Where an interrupted chunked upload stands (the registry's `Range: 0-N`), to resume at N+1."""
-        resp = self.http.request("GET", host, location, scopes=[f"repository:{repo}:pull,push"],
-                                 repository=repo, what=what)
+        resp = self.http.request(
+            "GET", host, location, scopes=[f"repository:{repo}:pull,push"], repository=repo, what=what
+        )
         resp.close()
         if resp.status_code != 204:
             raise _Corrupt(f"{cause}; upload session lost ({error_detail(resp)})")

@@ -72,7 +72,7 @@ def backoff(attempt: int, retry_after: str | None = None) -> float:
             return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER)
         except ValueError:
             pass  # an HTTP date: fall back to our own schedule
-    return BACKOFF_BASE * (2**attempt) * (0.75 + random.random() / 2)
+    return BACKOFF_BASE * (2.0**attempt) * (0.75 + random.random() / 2)
 
 
 def transient_errors() -> tuple[type[BaseException], ...]:
@@ -80,8 +80,14 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     import requests
     import urllib3.exceptions
 
-    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-            urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)
+    return (
+        requests.ConnectionError,
+        requests.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.HTTPError,
+        ConnectionError,
+        TimeoutError,
+    )
 
 
 def describe(exc: BaseException) -> str:
@@ -130,8 +136,15 @@ def _adapter(ctx: ssl.SSLContext | None, verify_ctx: bool) -> Any:
             kwargs["blocksize"] = BLOCKSIZE
             super().init_poolmanager(*args, **kwargs)
 
-        def send(self, request: requests.PreparedRequest, stream: bool = False, timeout: Any = None,
-                 verify: bool | str = True, cert: Any = None, proxies: Any = None) -> requests.Response:
+        def send(
+            self,
+            request: requests.PreparedRequest,
+            stream: bool = False,
+            timeout: Any = None,
+            verify: bool | str = True,
+            cert: Any = None,
+            proxies: Any = None,
+        ) -> requests.Response:
             if ctx is not None:
                 verify = verify_ctx  # else urllib3 turns verification back on in our context
             return super().send(request, stream, timeout, verify, cert, proxies)
@@ -148,8 +161,16 @@ class _HostState:
 class RegistryHTTP:
     """Requests to registries for one rbuild invocation: safe to share between threads."""
 
-    def __init__(self, conf: RegistriesConf, *, tls_verify: bool | None, cert_dir: str | None,
-                 authfile: str | None, creds: auth.Credentials | None, creds_hosts: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        conf: RegistriesConf,
+        *,
+        tls_verify: bool | None,
+        cert_dir: str | None,
+        authfile: str | None,
+        creds: auth.Credentials | None,
+        creds_hosts: set[str] | None = None,
+    ) -> None:
         self.conf = conf
         self.tls_verify = tls_verify
         self.cert_dir = cert_dir
@@ -257,8 +278,9 @@ class RegistryHTTP:
                 resp = self._ping(base, retries=0 if skip_verify else MAX_ATTEMPTS)
             except transient_errors() as e:
                 if not skip_verify:
-                    raise RbuildError(f"cannot reach registry {host}: {describe(e)}"
-                                      + self._tls_hint(host, e)) from None
+                    raise RbuildError(
+                        f"cannot reach registry {host}: {describe(e)}" + self._tls_hint(host, e)
+                    ) from None
                 base = f"http://{api_host(host)}"  # containers' rule for insecure registries: then http
                 try:
                     resp = self._ping(base, retries=MAX_ATTEMPTS)
@@ -284,8 +306,9 @@ class RegistryHTTP:
 
     def _tls_hint(self, host: str, exc: BaseException) -> str:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            return (f" (put its CA in ~/.config/containers/certs.d/{host}/ca.crt or --cert-dir,"
-                    " or use --tls-verify=false)")
+            return (
+                f" (put its CA in ~/.config/containers/certs.d/{host}/ca.crt or --cert-dir, or use --tls-verify=false)"
+            )
         return ""
 
     def _ping(self, base: str, retries: int) -> requests.Response:
@@ -326,8 +349,16 @@ class RegistryHTTP:
             return f"; run rbuild login {host}"
         return f"; run rbuild login {host} (--creds goes only to the registries named on the command line)"
 
-    def auth_header(self, host: str, scopes: Iterable[str], *, repository: str = "", fresh: bool = False,
-                    challenge: auth.Challenge | None = None, what: str = "") -> dict[str, str]:
+    def auth_header(
+        self,
+        host: str,
+        scopes: Iterable[str],
+        *,
+        repository: str = "",
+        fresh: bool = False,
+        challenge: auth.Challenge | None = None,
+        what: str = "",
+    ) -> dict[str, str]:
         """The `Authorization` header for `scopes` on `host`, from the learnt challenge."""
         state = self.host_state(host)
         challenge = challenge or state.challenge
@@ -356,22 +387,30 @@ class RegistryHTTP:
                 self.tokens.put(key, token, lifetime)
         return {"Authorization": f"Bearer {token}"}
 
-    def _fetch_token(self, host: str, realm: str, service: str, scopes: list[str],
-                     creds: auth.Credentials | None, what: str) -> tuple[str, float]:
+    def _fetch_token(
+        self, host: str, realm: str, service: str, scopes: list[str], creds: auth.Credentials | None, what: str
+    ) -> tuple[str, float]:
         """The token flow: GET the realm (basic auth if we have credentials), or POST an identity token."""
         if not realm.startswith(("https://", "http://")):
             raise RbuildError(f"{what or host}: bad token realm {realm!r}")
         realm_host = urllib.parse.urlsplit(realm).hostname or ""
-        if (creds is not None and realm.startswith("http://") and self.host_state(host).base_url.startswith("https://")
-                and realm_host not in ("localhost", "127.0.0.1", "::1")):
+        if (
+            creds is not None
+            and realm.startswith("http://")
+            and self.host_state(host).base_url.startswith("https://")
+            and realm_host not in ("localhost", "127.0.0.1", "::1")
+        ):
             raise RbuildError(f"{what or host}: the token realm {realm} is plain http: credentials not sent")
         params: list[tuple[str, str]] = [("service", service)] if service else []
         params += [("scope", s) for s in scopes]
         for attempt in range(MAX_ATTEMPTS):
             try:
                 if creds is not None and creds.identity_token:
-                    form = params + [("grant_type", "refresh_token"), ("client_id", "rbuild"),
-                                     ("refresh_token", creds.identity_token)]
+                    form = params + [
+                        ("grant_type", "refresh_token"),
+                        ("client_id", "rbuild"),
+                        ("refresh_token", creds.identity_token),
+                    ]
                     resp = self.session().post(realm, data=form, timeout=TIMEOUT)
                 else:
                     headers = {"Authorization": creds.basic()} if creds else {}
@@ -385,8 +424,10 @@ class RegistryHTTP:
                 time.sleep(backoff(attempt, resp.headers.get("Retry-After")))
                 continue
             if resp.status_code in (401, 403):
-                raise RegistryAuthError(f"{what or host}: authentication failed: token server answered "
-                                  f"{resp.status_code}" + ("" if creds else self._login_hint(host)))
+                raise RegistryAuthError(
+                    f"{what or host}: authentication failed: token server answered "
+                    f"{resp.status_code}" + ("" if creds else self._login_hint(host))
+                )
             if resp.status_code != 200:
                 raise RbuildError(f"{what or host}: token server answered {error_detail(resp)}")
             try:
@@ -408,9 +449,21 @@ class RegistryHTTP:
             return path
         return self.host_state(host).base_url + path
 
-    def request(self, method: str, host: str, path: str, *, scopes: Iterable[str] = (), repository: str = "",
-                what: str, headers: dict[str, str] | None = None, body: Body | None = None,
-                stream: bool = False, retry: bool = True, allow_redirects: bool = True) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        *,
+        scopes: Iterable[str] = (),
+        repository: str = "",
+        what: str,
+        headers: dict[str, str] | None = None,
+        body: Body | None = None,
+        stream: bool = False,
+        retry: bool = True,
+        allow_redirects: bool = True,
+    ) -> requests.Response:
         """One API request with authentication, retried on 429/5xx and connection failures.
 
         401 and 403 raise an error naming `what`; other statuses are the caller's to judge.
@@ -431,16 +484,24 @@ class RegistryHTTP:
         while True:
             hdrs = dict(headers or {})
             if same_origin:
-                hdrs.update(self.auth_header(host, scopes, repository=repository, fresh=fresh,
-                                             challenge=challenge, what=what))
+                hdrs.update(
+                    self.auth_header(host, scopes, repository=repository, fresh=fresh, challenge=challenge, what=what)
+                )
             data = None
             if body is not None:
                 data, length = body()
                 hdrs["Content-Length"] = str(length)
             try:
-                resp = self.session().request(method, url, headers=hdrs, data=data, stream=stream,
-                                              timeout=TIMEOUT, allow_redirects=allow_redirects,
-                                              proxies=_proxies(url))
+                resp = self.session().request(
+                    method,
+                    url,
+                    headers=hdrs,
+                    data=data,
+                    stream=stream,
+                    timeout=TIMEOUT,
+                    allow_redirects=allow_redirects,
+                    proxies=_proxies(url),
+                )
             except transient_errors() as e:
                 attempt += 1
                 if not retry or attempt >= MAX_ATTEMPTS:
@@ -448,8 +509,10 @@ class RegistryHTTP:
                 time.sleep(backoff(attempt - 1))
                 continue
             # a challenge counts only when the registry itself sent it, not a host a redirect led to
-            from_registry = same_origin and (urllib.parse.urlsplit(resp.url).scheme,
-                                             urllib.parse.urlsplit(resp.url).netloc) == (own.scheme, own.netloc)
+            from_registry = same_origin and (
+                urllib.parse.urlsplit(resp.url).scheme,
+                urllib.parse.urlsplit(resp.url).netloc,
+            ) == (own.scheme, own.netloc)
             if resp.status_code == 401 and not refreshed and from_registry:
                 new = auth.parse_challenge(resp.headers.get("WWW-Authenticate", ""))
                 if new is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
 
 def _size(n: float) -> str:
@@ -26,7 +26,7 @@ class Progress:
         self.live = enabled and self.stream.isatty()
         self.verb = verb
         self._lock = threading.Lock()
-        self._rows: dict[str, list] = {}  # digest -> [done bytes, total, state]
+        self._rows: dict[str, list[Any]] = {}  # digest -> [done bytes, total, state]
         self._drawn = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,4 +84,3 @@ class Progress:
             self._drawn = len(lines)
         self.stream.write(out)
         self.stream.flush()
-

@@ -19,13 +19,19 @@ for the sandbox, "exec MESSAGE" when the command cannot be started.
 
 from __future__ import annotations
 
-import _signal as signal
 import errno
 import marshal
 import os
 import select
 import sys
 import warnings  # noqa: F401 - os.execvpe imports it, and after pivot_root the standard library is gone
+
+TYPE_CHECKING = False  # typing itself is not imported: it costs milliseconds per RUN; mypy reads this as True
+if TYPE_CHECKING:
+    import signal  # the same names, with types (typeshed has no stub for _signal)
+    from typing import Any
+else:
+    import _signal as signal
 
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,8 +61,11 @@ def _readonly_tree(top: str) -> None:
             st = os.statvfs(point)
         except OSError:
             continue
-        for bit, flag in ((os.ST_NOSUID, linux.MS_NOSUID), (os.ST_NODEV, linux.MS_NODEV),
-                          (os.ST_NOEXEC, linux.MS_NOEXEC)):
+        for bit, flag in (
+            (os.ST_NOSUID, linux.MS_NOSUID),
+            (os.ST_NODEV, linux.MS_NODEV),
+            (os.ST_NOEXEC, linux.MS_NOEXEC),
+        ):
             if st.f_flag & bit:
                 flags |= flag
         _try(linux.mount, None, point, None, flags)
@@ -66,7 +75,7 @@ def _empty_file(path: str, mode: int) -> None:
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, mode))
 
 
-def _op(op: list, root: str, errw: int) -> None:
+def _op(op: list[Any], root: str, errw: int) -> None:
     """Carry out one operation of sandbox.plan()'s list in the tree at root (see describe() there)."""
     name, args = op[0], op[1:]
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
@@ -90,8 +99,10 @@ def _op(op: list, root: str, errw: int) -> None:
         try:
             linux.mount("proc", tree(args[0]), "proc", nosuid)
         except OSError as e:  # never fall back to the host's /proc: it would show every host process
-            raise SetupError(f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
-                             "rbuild runs (as in an unprivileged container)?") from None
+            raise SetupError(
+                f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
+                "rbuild runs (as in an unprivileged container)?"
+            ) from None
     elif name == "mount":
         source, target, fstype, flags, data, required = args
         if required:
@@ -189,7 +200,7 @@ def _op(op: list, root: str, errw: int) -> None:
         raise SetupError(f"unknown sandbox operation {name!r}")
 
 
-def _init(root: str, ops: list, errw: int, alive: int) -> None:
+def _init(root: str, ops: list[list[Any]], errw: int, alive: int) -> None:
     """pid 1 of the new namespaces: the operations in order, the last one exec's. Never returns.
 
     `alive`: a pipe whose write end only the parent holds, readable (at EOF) once the parent is gone.

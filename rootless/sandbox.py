@@ -34,8 +34,17 @@ from rootless.fspath import secure_join
 # NET_BIND_SERVICE NET_RAW SYS_CHROOT MKNOD AUDIT_WRITE SETFCAP
 DEFAULT_CAPS = (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31)
 MASKED_PATHS = (
-    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-    "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap",
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 )
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 # host device nodes bound into /dev, each only if it is that very device (major, minor). /dev/tty
@@ -129,8 +138,7 @@ def resolve_user(root: str, spec: str) -> User:
         member: set[int] = set()
     else:
         name = entry[0] if entry else None
-        member = {int(e[2]) for e in groupdb
-                  if len(e) >= 4 and _is_number(e[2]) and name and name in e[3].split(",")}
+        member = {int(e[2]) for e in groupdb if len(e) >= 4 and _is_number(e[2]) and name and name in e[3].split(",")}
     # supplementary groups: the groups /etc/group lists the user in, and the primary group (buildah and
     # docker both add it); an explicit group stands alone
     groups = sorted(member | {gid})
@@ -236,14 +244,27 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
         ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
     ]
     ops += [["device", "/dev/" + name, "/dev/" + name] for name in DEV_NODES if _host_device(name)]
-    ops += [["symlink", target, "/dev/" + name]
-            for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                                 ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"), ("ptmx", "pts/ptmx"))]
+    ops += [
+        ["symlink", target, "/dev/" + name]
+        for name, target in (
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+            ("core", "/proc/kcore"),
+            ("ptmx", "pts/ptmx"),
+        )
+    ]
     ops += [["bind-file", source, "/dev/" + os.path.basename(path)] for path, source in spec.dev_files.items()]
-    ops += [["mkdir", "/dev/pts", 0o755], ["devpts", "/dev/pts"], ["mkdir", "/dev/shm", 0o1777],
-            ["mount", "shm", "/dev/shm", "tmpfs", nosuid, "mode=1777,size=65536k", True],
-            ["mkdir", "/dev/mqueue", 0o755], ["mount", "mqueue", "/dev/mqueue", "mqueue", nosuid, None, False],
-            ["sys", "/sys"]]
+    ops += [
+        ["mkdir", "/dev/pts", 0o755],
+        ["devpts", "/dev/pts"],
+        ["mkdir", "/dev/shm", 0o1777],
+        ["mount", "shm", "/dev/shm", "tmpfs", nosuid, "mode=1777,size=65536k", True],
+        ["mkdir", "/dev/mqueue", 0o755],
+        ["mount", "mqueue", "/dev/mqueue", "mqueue", nosuid, None, False],
+        ["sys", "/sys"],
+    ]
     ops += [["mount", source, path, None, linux.MS_BIND, None, True] for path, source in files.items()]
     for m in spec.mounts:
         if m.kind == "tmpfs":
@@ -265,8 +286,15 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
     return ops
 
 
-_MS_NAMES = {linux.MS_RDONLY: "ro", linux.MS_NOSUID: "nosuid", linux.MS_NODEV: "nodev", linux.MS_NOEXEC: "noexec",
-             linux.MS_REMOUNT: "remount", linux.MS_BIND: "bind", linux.MS_REC: "rec"}
+_MS_NAMES = {
+    linux.MS_RDONLY: "ro",
+    linux.MS_NOSUID: "nosuid",
+    linux.MS_NODEV: "nodev",
+    linux.MS_NOEXEC: "noexec",
+    linux.MS_REMOUNT: "remount",
+    linux.MS_BIND: "bind",
+    linux.MS_REC: "rec",
+}
 
 
 def describe(op: Op) -> str:
@@ -286,8 +314,9 @@ def describe(op: Op) -> str:
     return " ".join([name, *(str(a) for a in args)])
 
 
-def run(root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None,
-        log: Callable[[str], None] | None = None) -> int:
+def run(
+    root: str, spec: RunSpec, scratch: str, touched: list[str] | None = None, log: Callable[[str], None] | None = None
+) -> int:
     """Run spec in the tree mounted at root; return the exit status. scratch: a private temp dir.
 
     Existing directories in which mount points had to be created are appended to `touched` (as
@@ -348,7 +377,7 @@ def _relay(src: int, dst: int) -> int:
     view = memoryview(data)
     while view:
         try:
-            view = view[os.write(dst, view):]
+            view = view[os.write(dst, view) :]
         except OSError:  # the terminal went away: the RUN's output is dropped, the RUN goes on
             break
     return len(data)
@@ -425,8 +454,14 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
     try:
         # RUN output goes to stderr: stdout is reserved for the image id; the new session leaves the
         # caller's process group and controlling terminal behind; only the pipes are passed on
-        proc = subprocess.Popen([sys.executable, "-S", "-I", _RUNINIT, str(specr)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, pass_fds=(specr, errw), start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-S", "-I", _RUNINIT, str(specr)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            pass_fds=(specr, errw),
+            start_new_session=True,
+        )
     except OSError as e:
         for fd in (errr, errw, specr, specw, relay_r, relay_w):
             if fd >= 0:

@@ -17,8 +17,10 @@ from rootless.errors import RbuildError
 __all__ = ["ShellError", "Lexer", "go_quote", "GO_SPACES"]
 
 # Go's unicode.IsSpace set (str.isspace() also accepts U+001C..U+001F, Go does not).
-GO_SPACES = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
-            "\u2028\u2029\u202f\u205f\u3000"
+GO_SPACES = (
+    "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000"
+)
 _SPACE_SET = frozenset(GO_SPACES)
 _EOF = ""  # what _peek()/_next() return at the end of the word
 _SURROGATES = re.compile("[\ud800-\udfff]")
@@ -335,7 +337,7 @@ class _Run:
                 return _go_replace_all(rx, value, replacement)
             m = rx.search(value)
             if m:
-                value = value[:m[0]] + replacement + value[m[1]:]
+                value = value[: m[0]] + replacement + value[m[1] :]
             return value
         raise ShellError(f"unsupported modifier ({chs}) in substitution")
 
@@ -479,8 +481,15 @@ class Lexer:
 
     __slots__ = ("escape", "raw_quotes", "raw_escapes", "skip_process_quotes", "skip_unset_env")
 
-    def __init__(self, escape: str = "\\", *, raw_quotes: bool = False, raw_escapes: bool = False,
-                 skip_process_quotes: bool = False, skip_unset_env: bool = False) -> None:
+    def __init__(
+        self,
+        escape: str = "\\",
+        *,
+        raw_quotes: bool = False,
+        raw_escapes: bool = False,
+        skip_process_quotes: bool = False,
+        skip_unset_env: bool = False,
+    ) -> None:
         self.escape = escape
         self.raw_quotes = raw_quotes
         self.raw_escapes = raw_escapes

@@ -191,13 +191,23 @@ class ImageRecord:
     manifests: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "manifest": self.manifest, "names": self.names, "created": self.created,
-                "digest": self.digest, "manifests": {n: m for n, m in self.manifests.items() if n in self.names}}
+        return {
+            "id": self.id,
+            "manifest": self.manifest,
+            "names": self.names,
+            "created": self.created,
+            "digest": self.digest,
+            "manifests": {n: m for n, m in self.manifests.items() if n in self.names},
+        }
 
     def named(self, name: str) -> ImageRecord:
         """This record as `name` refers to it: with the manifest that name was given with."""
-        return dataclasses.replace(self, manifest=self.manifests.get(name, self.manifest),
-                                   names=list(self.names), manifests=dict(self.manifests))
+        return dataclasses.replace(
+            self,
+            manifest=self.manifests.get(name, self.manifest),
+            names=list(self.names),
+            manifests=dict(self.manifests),
+        )
 
 
 class Store:
@@ -235,8 +245,11 @@ class Store:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
                 for sub in ("blobs/sha256", "chains", "cache", "tmp"):
                     os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
-                atomic_write(meta_path, json.dumps({"version": STORE_VERSION, "mapping": idmap.to_json()},
-                                                   sort_keys=True).encode(), 0o600)
+                atomic_write(
+                    meta_path,
+                    json.dumps({"version": STORE_VERSION, "mapping": idmap.to_json()}, sort_keys=True).encode(),
+                    0o600,
+                )
             except OSError as e:
                 raise RbuildError(f"cannot create store at {self.root}: {e.strerror}") from None
             return
@@ -338,8 +351,9 @@ class Store:
         """The store to ourselves (for repairs): fails rather than wait while another process uses it."""
         with self._try_exclusive() as got:
             if not got:
-                raise RbuildError(f"the store {self.root} is in use by another rbuild process; "
-                                  "try again when it has finished")
+                raise RbuildError(
+                    f"the store {self.root} is in use by another rbuild process; try again when it has finished"
+                )
             yield
 
     def sweep(self, idle: bool = False, grace: float = 600.0) -> list[str]:
@@ -370,8 +384,13 @@ class Store:
 
     def _sweep_temp_files(self) -> list[str]:
         removed = []
-        for d in (self.root, os.path.join(self.root, "blobs"), self.blob_dir(), os.path.join(self.root, "chains"),
-                  os.path.join(self.root, "cache")):
+        for d in (
+            self.root,
+            os.path.join(self.root, "blobs"),
+            self.blob_dir(),
+            os.path.join(self.root, "chains"),
+            os.path.join(self.root, "cache"),
+        ):
             try:
                 names = [n for n in os.listdir(d) if n.startswith(TEMP_PREFIXES)]
             except OSError:
@@ -532,8 +551,9 @@ class Store:
             os.replace(self._images_path(), aside)
         return aside
 
-    def add_image(self, config: bytes, manifest: bytes, names: list[str], created: str,
-                  digest: str = "") -> ImageRecord:
+    def add_image(
+        self, config: bytes, manifest: bytes, names: list[str], created: str, digest: str = ""
+    ) -> ImageRecord:
         """Record an image (its blobs must already be stored) and move `names` onto it."""
         image_id = "sha256:" + sha256_hex(config)
         self.put_blob(config)
@@ -669,8 +689,10 @@ class Store:
                         config = self.read_json(r.id)
                         keep_layers |= {hex_of(c) for c in chain_ids(config.get("rootfs", {}).get("diff_ids", []))}
                     except (RbuildError, ValueError, AttributeError) as e:
-                        raise RbuildError(f"cannot tell which layers are unused: image {r.id}: {e} "
-                                          "(`rbuild check --repair` removes broken images)") from None
+                        raise RbuildError(
+                            f"cannot tell which layers are unused: image {r.id}: {e} "
+                            "(`rbuild check --repair` removes broken images)"
+                        ) from None
                 for h in keep_layers:
                     with contextlib.suppress(RbuildError, ValueError):
                         meta = self.layer_meta("sha256:" + h)

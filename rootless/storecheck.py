@@ -163,11 +163,12 @@ def check(store: Store, single_uid: bool) -> list[Problem]:
         """The first layer (diff_id) of the list that is missing or broken, None when all are sound."""
         if not isinstance(diff_ids, list) or not all(isinstance(d, str) for d in diff_ids):
             return "(malformed layer list)"
+        ids: list[str] = diff_ids
         try:
-            chains = chain_ids(diff_ids)
+            chains = chain_ids(ids)
         except RbuildError:
             return "(invalid digest)"
-        for d, c in zip(diff_ids, chains, strict=True):
+        for d, c in zip(ids, chains, strict=True):
             if c in bad_layers or not store.has_layer(c):
                 return d
         return None
@@ -223,4 +224,3 @@ def repair(store: Store, problems: list[Problem]) -> list[str]:
             continue
         done.append(f"removed {p}")
     return done
-

@@ -31,7 +31,7 @@ from rootless.store import ImageRecord, Store, atomic_write, chain_ids, hex_of, 
 CHUNK = 1 << 20
 
 
-class HashingReader(io.RawIOBase, BinaryIO):  # type: ignore[misc]
+class HashingReader(io.RawIOBase, BinaryIO):
     """Wraps a stream and hashes what is read through it (verification while streaming)."""
 
     def __init__(self, raw: IO[bytes]) -> None:
@@ -179,8 +179,11 @@ def _pick_manifest(layout: _Layout, index: dict[str, Any], tag: str | None) -> t
     if ocischema.is_index(doc):
         ocischema.check_index(doc, f"{spec}: index {desc['digest']}")
         arch = img.host_arch()
-        subs = [m for m in doc["manifests"] if m.get("platform", {}).get("architecture") == arch
-                and m.get("platform", {}).get("os") == "linux"]
+        subs = [
+            m
+            for m in doc["manifests"]
+            if m.get("platform", {}).get("architecture") == arch and m.get("platform", {}).get("os") == "linux"
+        ]
         if not subs:
             raise RbuildError(f"{spec}: no image for linux/{arch} in the index")
         desc = subs[0]
@@ -207,7 +210,7 @@ def read_layout(path: str, tag: str | None, spec: str, confined: bool = False) -
 
 
 def split_spec(rest: str) -> tuple[str, str | None]:
-    """"DIR:TAG" -> (DIR, TAG); a path containing ':' only splits on its last component."""
+    """ "DIR:TAG" -> (DIR, TAG); a path containing ':' only splits on its last component."""
     if ":" in rest:
         head, _, tag = rest.rpartition(":")
         if head and "/" not in tag:
@@ -246,8 +249,9 @@ def _registry_source(spec: str, store: Store, options: Any, progress: bool) -> I
         return open(store.blob_path(digest), "rb")
 
     # the digest a registry serves for the name (an index's, for multi-platform images): --pull=newer compares it
-    yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener,
-                 remote.index_digest or remote.manifest_digest)
+    yield Source(
+        str(remote.ref), manifest, remote.manifest, remote.config, opener, remote.index_digest or remote.manifest_digest
+    )
 
 
 def remote_digest(spec: str, options: Any) -> str | None:
@@ -261,8 +265,9 @@ def remote_digest(spec: str, options: Any) -> str | None:
         return None
 
 
-def import_image(store: Store, source: Source, names: list[str], single_uid: bool,
-                 progress: Callable[[str], None] | None = None) -> ImageRecord:
+def import_image(
+    store: Store, source: Source, names: list[str], single_uid: bool, progress: Callable[[str], None] | None = None
+) -> ImageRecord:
     """Unpack a source's layers into the store (each chain once), keep its own blobs, record the image."""
     config = json.loads(source.config_bytes)
     diff_ids = config.get("rootfs", {}).get("diff_ids", [])
@@ -281,21 +286,41 @@ def import_image(store: Store, source: Source, names: list[str], single_uid: boo
             with store.staging("unpack-") as tmp:
                 target = os.path.join(tmp, "diff")
                 os.mkdir(target, 0o755)
-                size = unpack_blob(store.blob_path(digest), digest, target, diff_id, store.layer_dirs(diff_ids[:i]),
-                                   single_uid, f"{source.name}: ")
-                store.add_layer(target, chain, {"diff_id": diff_id, "parent": chains[i - 1] if i else "",
-                                                "size": size, "origin": "blob", "sources": [digest], "blobs": []})
+                size = unpack_blob(
+                    store.blob_path(digest),
+                    digest,
+                    target,
+                    diff_id,
+                    store.layer_dirs(diff_ids[:i]),
+                    single_uid,
+                    f"{source.name}: ",
+                )
+                store.add_layer(
+                    target,
+                    chain,
+                    {
+                        "diff_id": diff_id,
+                        "parent": chains[i - 1] if i else "",
+                        "size": size,
+                        "origin": "blob",
+                        "sources": [digest],
+                        "blobs": [],
+                    },
+                )
         elif digest not in store.layer_meta(chain).get("sources", []):
             verify_blob(store.blob_path(digest), digest, diff_id)
             store.add_layer_source(chain, digest)
-    manifest = img.manifest("oci", "sha256:" + hashlib.sha256(source.config_bytes).hexdigest(),
-                            len(source.config_bytes), descs)
-    return store.add_image(source.config_bytes, img.canonical(manifest), names,
-                           config.get("created", now_rfc3339()), source.remote_digest)
+    manifest = img.manifest(
+        "oci", "sha256:" + hashlib.sha256(source.config_bytes).hexdigest(), len(source.config_bytes), descs
+    )
+    return store.add_image(
+        source.config_bytes, img.canonical(manifest), names, config.get("created", now_rfc3339()), source.remote_digest
+    )
 
 
-def unpack_blob(path: str, name: str, target: str, diff_id: str, lowers: list[str], single_uid: bool,
-                where: str = "") -> int:
+def unpack_blob(
+    path: str, name: str, target: str, diff_id: str, lowers: list[str], single_uid: bool, where: str = ""
+) -> int:
     """Unpack the layer blob `name` at path into target on top of lowers (top first); returns its tar size.
 
     The tar must be diff_id; `where` prefixes that error (the image's name).
@@ -336,8 +361,9 @@ class Blob:
     path: str
 
 
-def layer_blob(store: Store, diff_id: str, chain: str, own: dict[str, Any] | None, fmt: str, compression: str,
-               level: int | None) -> Blob:
+def layer_blob(
+    store: Store, diff_id: str, chain: str, own: dict[str, Any] | None, fmt: str, compression: str, level: int | None
+) -> Blob:
     """The blob an image pushes for one layer: `own`, the one its manifest names (pulled with it or with its
     base image), when that has the compression asked for; else one rbuild compresses from the layer's
     exact tar, made once and kept (a second push does not compress again)."""
@@ -360,8 +386,9 @@ def layer_blob(store: Store, diff_id: str, chain: str, own: dict[str, Any] | Non
         else:
             digest, size, got_diff = compress.compress_file(tar_source(store, meta, own), out, compression, level)
         if got_diff != diff_id:
-            raise RbuildError(f"layer {diff_id} no longer reproduces its content (got {got_diff}); "
-                              "the store is damaged")
+            raise RbuildError(
+                f"layer {diff_id} no longer reproduces its content (got {got_diff}); the store is damaged"
+            )
         final = store.blob_path(digest)
         if not os.path.exists(final):
             os.rename(out, final)
@@ -401,8 +428,10 @@ def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str
     own: list[dict[str, Any] | None] = list(store.read_json(record.manifest).get("layers", []))
     if len(own) != len(diff_ids):
         own = [None] * len(diff_ids)
-    blobs = [layer_blob(store, d, c, o, fmt, compression, level)
-             for d, c, o in zip(diff_ids, chain_ids(diff_ids), own, strict=True)]
+    blobs = [
+        layer_blob(store, d, c, o, fmt, compression, level)
+        for d, c, o in zip(diff_ids, chain_ids(diff_ids), own, strict=True)
+    ]
     man = img.manifest(fmt, record.id, len(config), [b.descriptor for b in blobs])
     return Export(img.canonical(man), man["mediaType"], config, record.id, blobs)
 
@@ -450,12 +479,16 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
         index = {"schemaVersion": 2, "mediaType": img.OCI_INDEX, "manifests": []}
     except OSError as e:
         raise RbuildError(f"cannot read {index_path}: {e.strerror or e}") from None
-    desc: dict[str, Any] = {"mediaType": exp.manifest_media_type, "digest": exp.manifest_digest,
-                            "size": len(exp.manifest)}
+    desc: dict[str, Any] = {
+        "mediaType": exp.manifest_media_type,
+        "digest": exp.manifest_digest,
+        "size": len(exp.manifest),
+    }
     if tag:
         desc["annotations"] = {img.REF_NAME: tag}
-        index["manifests"] = [m for m in index.get("manifests", [])
-                              if m.get("annotations", {}).get(img.REF_NAME) != tag]
+        index["manifests"] = [
+            m for m in index.get("manifests", []) if m.get("annotations", {}).get(img.REF_NAME) != tag
+        ]
     else:
         index["manifests"] = [m for m in index.get("manifests", []) if m.get("digest") != exp.manifest_digest]
     index["manifests"].append(desc)
@@ -504,8 +537,11 @@ def _write_oci_archive(path: str, exp: Export, tag: str | None) -> None:
                 _tar_add(tf, "blobs/sha256/" + hex_of(b.descriptor["digest"]), path=b.path)
         _tar_add(tf, "blobs/sha256/" + hex_of(exp.config_digest), data=exp.config)
         _tar_add(tf, "blobs/sha256/" + hex_of(exp.manifest_digest), data=exp.manifest)
-        desc: dict[str, Any] = {"mediaType": exp.manifest_media_type, "digest": exp.manifest_digest,
-                                "size": len(exp.manifest)}
+        desc: dict[str, Any] = {
+            "mediaType": exp.manifest_media_type,
+            "digest": exp.manifest_digest,
+            "size": len(exp.manifest),
+        }
         if tag:
             desc["annotations"] = {img.REF_NAME: tag}
         index = {"schemaVersion": 2, "mediaType": img.OCI_INDEX, "manifests": [desc]}
@@ -553,12 +589,19 @@ def _write_docker_archive(store: Store, path: str, exp: Export, repo_tags: list[
     _atomic_tar(path, write)
 
 
-def export_image(store: Store, record: ImageRecord, dest: str, fmt: str, compression: str | None,
-                 level: int | None, registry_options: Any = None) -> str:
+def export_image(
+    store: Store,
+    record: ImageRecord,
+    dest: str,
+    fmt: str,
+    compression: str | None,
+    level: int | None,
+    registry_options: Any = None,
+) -> str:
     """Write the image to dest; returns the manifest digest written."""
     if dest.startswith("docker-archive:"):
         exp = prepare_export(store, record, "docker", compression or "gzip", level)
-        path, _, name = dest[len("docker-archive:"):].partition(":")
+        path, _, name = dest[len("docker-archive:") :].partition(":")
         tags = [name] if name else [n for n in record.names if "@" not in n][:1]
         tags = [t if ":" in t.rsplit("/", 1)[-1] else t + ":latest" for t in tags]
         _write_docker_archive(store, os.path.abspath(path), exp, tags)
@@ -576,13 +619,19 @@ def export_image(store: Store, record: ImageRecord, dest: str, fmt: str, compres
 
         ref = parse_reference(dest.removeprefix("docker://"))
         client = registry.Registry(registry_options or registry.RegistryOptions())
-        config_desc = registry.Descriptor(img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG,
-                                          exp.config_digest, len(exp.config))
+        config_desc = registry.Descriptor(
+            img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG, exp.config_digest, len(exp.config)
+        )
 
         def opener(p: str) -> Callable[[], BinaryIO]:
             return lambda: open(p, "rb")
 
-        layer_list = [(registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
-                       opener(b.path)) for b in exp.layers]
+        layer_list = [
+            (
+                registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
+                opener(b.path),
+            )
+            for b in exp.layers
+        ]
         return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list)
     return exp.manifest_digest

@@ -47,8 +47,11 @@ class IdMap:
     def describe(self) -> str:
         if self.real_root:
             return "real root (no user namespace)"
-        return "uids " + ",".join(f"{a}:{b}:{c}" for a, b, c in self.uids) + " gids " + ",".join(
-            f"{a}:{b}:{c}" for a, b, c in self.gids
+        return (
+            "uids "
+            + ",".join(f"{a}:{b}:{c}" for a, b, c in self.uids)
+            + " gids "
+            + ",".join(f"{a}:{b}:{c}" for a, b, c in self.gids)
         )
 
 
@@ -144,8 +147,10 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
                 linux.unshare(flags)
             except OSError as e:
                 os.write(ready_w, b"E")
-                raise RbuildError(f"cannot create a user namespace: {e.strerror} (are unprivileged user "
-                                  "namespaces enabled? sysctl user.max_user_namespaces)") from None
+                raise RbuildError(
+                    f"cannot create a user namespace: {e.strerror} (are unprivileged user "
+                    "namespaces enabled? sysctl user.max_user_namespaces)"
+                ) from None
             os.write(ready_w, b"R")
             os.close(ready_w)
             if os.read(go_r, 1) != b"G":

@@ -88,7 +88,10 @@ class Runner:
 
     def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
         env = {
-            "HOME": self.home, "USER": self.name, "LOGNAME": self.name, "LANG": "C.UTF-8",
+            "HOME": self.home,
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "LANG": "C.UTF-8",
             "PATH": os.path.dirname(self.bin) + ":/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
             "RBUILD_ROOT": self.root,
         }
@@ -101,24 +104,45 @@ class Runner:
             return []
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", "--"]
 
-    def run(self, *args: str, cwd: str | None = None, input: str | bytes | None = None,
-            env: dict[str, str] | None = None, check: bool = True, root: str | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *args: str,
+        cwd: str | None = None,
+        input: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        root: str | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
         argv = self._prefix() + [self.bin, *args]
         e = self._env(env)
         if root:
             e["RBUILD_ROOT"] = root
         text = not isinstance(input, bytes)
-        res = subprocess.run(argv, cwd=cwd or self.base, input=input, env=e, capture_output=True, text=text,
-                             timeout=timeout, check=False)
+        res = subprocess.run(
+            argv, cwd=cwd or self.base, input=input, env=e, capture_output=True, text=text, timeout=timeout, check=False
+        )
         if check and res.returncode != 0:
             raise AssertionError(f"rbuild {' '.join(args)} failed ({res.returncode}):\n{res.stderr}")
         return res
 
-    def sh(self, script: str, cwd: str | None = None, env: dict[str, str] | None = None, check: bool = True,
-           timeout: float = 300) -> subprocess.CompletedProcess:
-        res = subprocess.run(self._prefix() + ["/bin/sh", "-c", script], cwd=cwd or self.base,
-                             env=self._env(env), capture_output=True, text=True, timeout=timeout, check=False)
+    def sh(
+        self,
+        script: str,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
+        res = subprocess.run(
+            self._prefix() + ["/bin/sh", "-c", script],
+            cwd=cwd or self.base,
+            env=self._env(env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if check and res.returncode != 0:
             raise AssertionError(f"{script!r} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
@@ -153,8 +177,9 @@ class Runner:
         self.own(d)
         return d
 
-    def build(self, ctx: str, *extra: str, check: bool = True, root: str | None = None,
-              env: dict[str, str] | None = None) -> str:
+    def build(
+        self, ctx: str, *extra: str, check: bool = True, root: str | None = None, env: dict[str, str] | None = None
+    ) -> str:
         res = self.run("build", "-q", *extra, ctx, check=check, root=root, env=env)
         return res.stdout.strip()
 
@@ -206,12 +231,30 @@ def _drop_subid_lines(name: str) -> None:
                     f.writelines(kept)
 
 
+# fixtures that start builders, users or a registry: a test using one (even through another fixture) is e2e
+E2E_FIXTURES = frozenset({"rb", "rb_single", "busybox", "registry", "_session"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test `e2e` (needs the builder users, run as root) or `unit` (`pytest -m unit`: fast, any user).
+
+    A test that makes its own users or builds without these fixtures says so with @pytest.mark.e2e."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            continue
+        names = getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.e2e if E2E_FIXTURES.intersection(names) else pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def _session() -> Iterator[dict[str, Runner]]:
     binpath = rbuild_bin()
     if IS_ROOT and not _world_readable(binpath):
-        pytest.exit(f"{binpath} is not readable by other users: install rbuild into a world-readable prefix "
-                    "with /usr/bin/python3 (the README's test command does)", 2)
+        pytest.exit(
+            f"{binpath} is not readable by other users: install rbuild into a world-readable prefix "
+            "with /usr/bin/python3 (the README's test command does)",
+            2,
+        )
     base = tempfile.mkdtemp(prefix="rbtest-", dir="/var/tmp")
     os.chmod(base, 0o755)
     made: list[str] = []
@@ -226,20 +269,27 @@ def _session() -> Iterator[dict[str, Runner]]:
                 ubase = os.path.join(base, kind)
                 os.mkdir(ubase, 0o700)
                 os.chown(ubase, pw.pw_uid, pw.pw_gid)
-                runners[kind] = Runner(name, pw.pw_uid, pw.pw_gid, pw.pw_dir, ubase, os.path.join(ubase, "store"),
-                                       binpath, with_range)
+                runners[kind] = Runner(
+                    name, pw.pw_uid, pw.pw_gid, pw.pw_dir, ubase, os.path.join(ubase, "store"), binpath, with_range
+                )
         else:
             pw = pwd.getpwuid(os.getuid())
             ubase = os.path.join(base, "sub")
             os.mkdir(ubase, 0o700)
-            runners["sub"] = Runner(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, ubase,
-                                    os.path.join(ubase, "store"), binpath, True)
+            runners["sub"] = Runner(
+                pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir, ubase, os.path.join(ubase, "store"), binpath, True
+            )
         yield runners
     finally:
         for r in runners.values():
             # runtime dirs rbuild, buildah, skopeo and podman's libraries make for the session's users
-            for path in (f"/tmp/rbuild-{r.uid}", f"/tmp/podman-run-{r.uid}", f"/tmp/containers-user-{r.uid}",
-                         f"/var/tmp/podman-run-{r.uid}", f"/var/tmp/containers-user-{r.uid}"):
+            for path in (
+                f"/tmp/rbuild-{r.uid}",
+                f"/tmp/podman-run-{r.uid}",
+                f"/tmp/containers-user-{r.uid}",
+                f"/var/tmp/podman-run-{r.uid}",
+                f"/var/tmp/containers-user-{r.uid}",
+            ):
                 if IS_ROOT:  # only for users the session made: a developer's own dirs stay
                     shutil.rmtree(path, ignore_errors=True)
         if IS_ROOT:
@@ -248,8 +298,12 @@ def _session() -> Iterator[dict[str, Runner]]:
                 subprocess.run(["userdel", "-r", name], capture_output=True, check=False)
                 _drop_subid_lines(name)
         else:
-            subprocess.run([binpath, "unshare", "rm", "-rf", base], capture_output=True, check=False,
-                           env={**os.environ, "RBUILD_ROOT": os.path.join(base, "sub", "store")})
+            subprocess.run(
+                [binpath, "unshare", "rm", "-rf", base],
+                capture_output=True,
+                check=False,
+                env={**os.environ, "RBUILD_ROOT": os.path.join(base, "sub", "store")},
+            )
             shutil.rmtree(base, ignore_errors=True)
 
 
@@ -268,8 +322,10 @@ def rb_single(_session: dict[str, Runner]) -> Runner:
 # -------------------------------------------------------------------------------------------------------
 # a base image: Debian's static busybox in an OCI layout, made here with the standard library
 
-PASSWD = "root:x:0:0:root:/root:/bin/sh\nbin:x:1:1:bin:/bin:/bin/false\napp:x:1000:1000:app:/home/app:/bin/sh\n" \
-         "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\nbin:x:1:1:bin:/bin:/bin/false\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+)
 GROUP = "root:x:0:\nbin:x:1:\napp:x:1000:\nstaff:x:50:app\nnogroup:x:65534:\n"
 
 
@@ -277,8 +333,16 @@ def busybox_layer() -> bytes:
     applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        def add(name: str, type_: bytes = tarfile.DIRTYPE, mode: int = 0o755, data: bytes = b"",
-                link: str = "", uid: int = 0, gid: int = 0) -> None:
+
+        def add(
+            name: str,
+            type_: bytes = tarfile.DIRTYPE,
+            mode: int = 0o755,
+            data: bytes = b"",
+            link: str = "",
+            uid: int = 0,
+            gid: int = 0,
+        ) -> None:
             ti = tarfile.TarInfo(name)
             ti.type, ti.mode, ti.mtime, ti.uid, ti.gid, ti.linkname = type_, mode, 1700000000, uid, gid, link
             ti.size = len(data) if type_ == tarfile.REGTYPE else 0
@@ -297,8 +361,9 @@ def busybox_layer() -> bytes:
     return buf.getvalue()
 
 
-def write_oci_layout(path: str, layers: list[bytes], config_extra: dict | None = None, tag: str = "latest",
-                     compress: bool = True) -> str:
+def write_oci_layout(
+    path: str, layers: list[bytes], config_extra: dict | None = None, tag: str = "latest", compress: bool = True
+) -> str:
     """An OCI image layout with the given uncompressed layer tars; returns the manifest digest."""
     os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
 
@@ -314,22 +379,36 @@ def write_oci_layout(path: str, layers: list[bytes], config_extra: dict | None =
         blob = gzip.compress(raw, mtime=0) if compress else raw
         mt = "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if compress else "")
         descs.append({"mediaType": mt, "digest": put(blob), "size": len(blob)})
-    config: dict[str, Any] = {"created": "2024-01-01T00:00:00Z", "architecture": "amd64", "os": "linux",
-              "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                         "Cmd": ["sh"]},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids},
-              "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "test layer"} for _ in layers]}
+    config: dict[str, Any] = {
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "test layer"} for _ in layers],
+    }
     if config_extra:
         config["config"].update(config_extra)
     cbytes = json.dumps(config).encode()
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cbytes),
-                           "size": len(cbytes)}, "layers": descs}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cbytes), "size": len(cbytes)},
+        "layers": descs,
+    }
     mbytes = json.dumps(manifest).encode()
     mdigest = put(mbytes)
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": manifest["mediaType"], "digest": mdigest,
-                                                "size": len(mbytes),
-                                                "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": manifest["mediaType"],
+                "digest": mdigest,
+                "size": len(mbytes),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
     with open(os.path.join(path, "index.json"), "w") as f:
         json.dump(index, f)
     with open(os.path.join(path, "oci-layout"), "w") as f:
@@ -372,8 +451,10 @@ def docker_registry(extra_config: str = "") -> Iterator[str]:
     port = free_port()
     cfg = os.path.join(d, "config.yml")
     with open(cfg, "w") as f:
-        f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
-                f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra_config}")
+        f.write(
+            f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+            f"  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra_config}"
+        )
     log = open(os.path.join(d, "log"), "wb")
     proc = subprocess.Popen([exe, "serve", cfg], stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -59,16 +59,15 @@ Tree = dict[str, Entry]
 
 # the user-facing config keys compared between builders (Shell, Healthcheck and OnBuild exist only in the
 # docker format: buildah drops them from OCI images, so they are compared separately where relevant)
-CONFIG_KEYS = ("User", "Env", "Entrypoint", "Cmd", "WorkingDir", "Labels", "ExposedPorts", "Volumes",
-               "StopSignal")
+CONFIG_KEYS = ("User", "Env", "Entrypoint", "Cmd", "WorkingDir", "Labels", "ExposedPorts", "Volumes", "StopSignal")
 DOCKER_ONLY_KEYS = ("Shell", "Healthcheck", "OnBuild")
 
 
 @dataclass
 class Image:
-    config: dict[str, Any]      # the whole image config document
-    manifest: dict[str, Any]    # the OCI manifest (or the docker-archive manifest.json entry)
-    layers: list[bytes]         # uncompressed layer tars, bottom first
+    config: dict[str, Any]  # the whole image config document
+    manifest: dict[str, Any]  # the OCI manifest (or the docker-archive manifest.json entry)
+    layers: list[bytes]  # uncompressed layer tars, bottom first
 
     @property
     def runtime_config(self) -> dict[str, Any]:
@@ -95,9 +94,11 @@ def decompress(data: bytes) -> bytes:
 
 def _reader(path: str) -> Callable[[str], bytes]:
     if os.path.isdir(path):
+
         def read_dir(name: str) -> bytes:
             with open(os.path.join(path, name), "rb") as f:
                 return f.read()
+
         return read_dir
     with tarfile.open(path) as tf:
         members: dict[str, bytes] = {}
@@ -112,6 +113,7 @@ def _reader(path: str) -> Callable[[str], bytes]:
             return members[posixpath.normpath(name)]
         except KeyError:
             raise FileNotFoundError(name) from None
+
     return read_tar
 
 
@@ -178,8 +180,16 @@ def _under(tree: dict[str, Any], path: str) -> list[str]:
     return [p for p in tree if p.startswith(prefix)]
 
 
-_KIND = {tarfile.DIRTYPE: "dir", tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file",
-         tarfile.SYMTYPE: "symlink", tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}
+_KIND = {
+    tarfile.DIRTYPE: "dir",
+    tarfile.REGTYPE: "file",
+    tarfile.AREGTYPE: "file",
+    tarfile.CONTTYPE: "file",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
 
 
 def flatten(layers: Iterable[bytes]) -> Tree:
@@ -225,8 +235,13 @@ def flatten(layers: Iterable[bytes]) -> Tree:
                         link = m.linkname
                     elif kind in ("char", "block"):
                         link = f"c:{m.devmajor}:{m.devminor}"
-                    xattrs = tuple(sorted((k.removeprefix("SCHILY.xattr."), v) for k, v in m.pax_headers.items()
-                                          if k.startswith("SCHILY.xattr.")))
+                    xattrs = tuple(
+                        sorted(
+                            (k.removeprefix("SCHILY.xattr."), v)
+                            for k, v in m.pax_headers.items()
+                            if k.startswith("SCHILY.xattr.")
+                        )
+                    )
                     next_ino += 1
                     new = (Entry(kind, m.mode & 0o7777, m.uid, m.gid, size, digest, link, xattrs), next_ino)
                 old = nodes.get(name)
@@ -249,8 +264,7 @@ def flatten(layers: Iterable[bytes]) -> Tree:
 # comparing
 
 
-def compared_config(image: Image, keys: Iterable[str] = CONFIG_KEYS,
-                    drop_labels: Iterable[str] = ()) -> dict[str, Any]:
+def compared_config(image: Image, keys: Iterable[str] = CONFIG_KEYS, drop_labels: Iterable[str] = ()) -> dict[str, Any]:
     """The compared runtime config keys; absent, null and empty values are all left out."""
     c = image.runtime_config
     out: dict[str, Any] = {}
@@ -276,8 +290,11 @@ def diff_trees(a: Tree, b: Tree, names: tuple[str, str] = ("A", "B")) -> list[st
 
 
 def diff_configs(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> list[str]:
-    return [f"config {k}:\n    {names[0]}: {a.get(k)!r}\n    {names[1]}: {b.get(k)!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"config {k}:\n    {names[0]}: {a.get(k)!r}\n    {names[1]}: {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def drop_empty_stubs(tree: Tree, stubs: Iterable[str]) -> Tree:

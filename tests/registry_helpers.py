@@ -80,15 +80,55 @@ class CA:
 
 def make_ca(directory: str) -> CA:
     os.makedirs(directory, exist_ok=True)
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=rbuild test CA", cwd=directory)
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=127.0.0.1", cwd=directory)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=rbuild test CA",
+        cwd=directory,
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+        cwd=directory,
+    )
     with open(os.path.join(directory, "ext.cnf"), "w") as f:
-        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                "extendedKeyUsage=serverAuth\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf", cwd=directory)
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        cwd=directory,
+    )
     return CA(directory)
 
 
@@ -97,8 +137,7 @@ def bcrypt_htpasswd(users: dict[str, str]) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import crypt
-    return "".join(f"{u}:{crypt.crypt(p, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n"
-                   for u, p in users.items())
+    return "".join(f"{u}:{crypt.crypt(p, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}\n" for u, p in users.items())
 
 
 @dataclass
@@ -117,15 +156,22 @@ class RegistryServer:
 
 
 @contextlib.contextmanager
-def docker_registry(*, htpasswd: dict[str, str] | None = None, tls: CA | None = None,
-                    token: TokenServer | None = None, url_allow: str | None = None) -> Iterator[RegistryServer]:
+def docker_registry(
+    *,
+    htpasswd: dict[str, str] | None = None,
+    tls: CA | None = None,
+    token: TokenServer | None = None,
+    url_allow: str | None = None,
+) -> Iterator[RegistryServer]:
     """Debian's docker-registry on a free loopback port, configured as asked; stopped by pid."""
     exe = shutil.which("docker-registry")
     assert exe, "docker-registry is not installed"
     d = tempfile.mkdtemp(prefix="rbtest-registry-")
     port = free_port()
-    cfg = [f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
-           f"    rootdirectory: {d}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n"]
+    cfg = [
+        f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n"
+        f"    rootdirectory: {d}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    ]
     if tls:
         cfg.append(f"  tls:\n    certificate: {tls.server_cert}\n    key: {tls.server_key}\n")
     if htpasswd:
@@ -133,8 +179,10 @@ def docker_registry(*, htpasswd: dict[str, str] | None = None, tls: CA | None = 
             f.write(bcrypt_htpasswd(htpasswd))
         cfg.append(f"auth:\n  htpasswd:\n    realm: test\n    path: {d}/htpasswd\n")
     if token:
-        cfg.append(f"auth:\n  token:\n    realm: {token.url}/token\n    service: {token.service}\n"
-                   f"    issuer: {token.issuer}\n    rootcertbundle: {token.cert}\n")
+        cfg.append(
+            f"auth:\n  token:\n    realm: {token.url}/token\n    service: {token.service}\n"
+            f"    issuer: {token.issuer}\n    rootcertbundle: {token.cert}\n"
+        )
     if url_allow:
         cfg.append(f"validation:\n  manifests:\n    urls:\n      allow:\n        - '{url_allow}'\n")
     with open(os.path.join(d, "config.yml"), "w") as f:
@@ -196,14 +244,34 @@ class TokenServer:
         self.acl = acl
         self.requests: list[dict[str, Any]] = []
         self.cert = os.path.join(directory, "token.crt")
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "token.key", "-out", "token.crt",
-                "-days", "2", "-subj", "/CN=rbuild token issuer", cwd=directory)
-        text = subprocess.run(["openssl", "rsa", "-in", "token.key", "-noout", "-text"], cwd=directory,
-                              check=True, capture_output=True, text=True).stdout
+        openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "token.key",
+            "-out",
+            "token.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rbuild token issuer",
+            cwd=directory,
+        )
+        text = subprocess.run(
+            ["openssl", "rsa", "-in", "token.key", "-noout", "-text"],
+            cwd=directory,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         self._n = self._field(text, "modulus")
         self._d = self._field(text, "privateExponent")
-        der = subprocess.run(["openssl", "x509", "-in", "token.crt", "-outform", "DER"], cwd=directory,
-                             check=True, capture_output=True).stdout
+        der = subprocess.run(
+            ["openssl", "x509", "-in", "token.crt", "-outform", "DER"], cwd=directory, check=True, capture_output=True
+        ).stdout
         self._x5c = base64.b64encode(der).decode()
         self.url = ""
 
@@ -231,8 +299,16 @@ class TokenServer:
             access.append({"type": "repository", "name": name, "actions": granted})
         now = int(time.time())
         header = {"alg": "RS256", "typ": "JWT", "x5c": [self._x5c]}
-        claims = {"iss": self.issuer, "sub": user or "", "aud": self.service, "exp": now + 300, "nbf": now - 10,
-                  "iat": now, "jti": uuid.uuid4().hex, "access": access}
+        claims = {
+            "iss": self.issuer,
+            "sub": user or "",
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
         signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         return f"{signing_input}.{_b64url(self._sign(signing_input.encode()))}"
 
@@ -270,8 +346,9 @@ class TokenServer:
 
 
 @contextlib.contextmanager
-def token_server(directory: str, users: dict[str, str],
-                 acl: Callable[[str | None, str], set[str]]) -> Iterator[TokenServer]:
+def token_server(
+    directory: str, users: dict[str, str], acl: Callable[[str | None, str], set[str]]
+) -> Iterator[TokenServer]:
     ts = TokenServer(directory, users, acl)
     with serve(ts.handler()) as server:
         ts.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -318,8 +395,11 @@ class FaultProxy:
     def _fault_for(self, method: str, path: str) -> Fault | None:
         with self.lock:
             for fault in self.faults:
-                if fault.method == method and re.search(fault.path, path) and \
-                        (fault.times is None or fault.hits < fault.times):
+                if (
+                    fault.method == method
+                    and re.search(fault.path, path)
+                    and (fault.times is None or fault.hits < fault.times)
+                ):
                     fault.hits += 1
                     return fault
         return None
@@ -362,8 +442,11 @@ class FaultProxy:
                     resp = conn.getresponse()
                     data = resp.read()
                     status = resp.status
-                    out_headers = [(k, v) for k, v in resp.getheaders()
-                                   if k.lower() not in ("content-length", "connection", "transfer-encoding")]
+                    out_headers = [
+                        (k, v)
+                        for k, v in resp.getheaders()
+                        if k.lower() not in ("content-length", "connection", "transfer-encoding")
+                    ]
                 finally:
                     conn.close()
                 self._record(status)
@@ -377,7 +460,7 @@ class FaultProxy:
                         data = data[: len(data) // 2]
                     elif fault.kind == "flip":
                         i = len(data) // 2
-                        data = data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1:]
+                        data = data[:i] + bytes([data[i] ^ 0x55]) + data[i + 1 :]
                 self.send_response(status)
                 for k, v in out_headers:
                     self.send_header(k, v)
@@ -472,17 +555,32 @@ class SampleImage:
         for digest, data in {**self.blobs, self.digest: self.manifest}.items():
             with open(os.path.join(path, "blobs", "sha256", digest.split(":")[1]), "wb") as f:
                 f.write(data)
-        index = {"schemaVersion": 2, "manifests": [
-            {"mediaType": self.media_type, "digest": self.digest, "size": len(self.manifest),
-             "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+        index = {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": self.media_type,
+                    "digest": self.digest,
+                    "size": len(self.manifest),
+                    "annotations": {"org.opencontainers.image.ref.name": tag},
+                }
+            ],
+        }
         with open(os.path.join(path, "index.json"), "w") as f:
             json.dump(index, f)
         with open(os.path.join(path, "oci-layout"), "w") as f:
             f.write('{"imageLayoutVersion":"1.0.0"}')
 
 
-def make_image(layer_sizes: list[int], *, kinds: list[str] | None = None, arch: str = "amd64",
-               variant: str = "", fmt: str = "oci", seed: int | None = None) -> SampleImage:
+def make_image(
+    layer_sizes: list[int],
+    *,
+    kinds: list[str] | None = None,
+    arch: str = "amd64",
+    variant: str = "",
+    fmt: str = "oci",
+    seed: int | None = None,
+) -> SampleImage:
     """A random image: one layer per size (random, incompressible bytes), compressed as `kinds`."""
     rng = random.Random(seed)
     kinds = kinds or ["gzip"] * len(layer_sizes)
@@ -497,19 +595,36 @@ def make_image(layer_sizes: list[int], *, kinds: list[str] | None = None, arch: 
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         blobs[digest] = blob
         layers.append(Descriptor(media_type, digest, len(blob)))
-    config: dict[str, Any] = {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids},
-                              "config": {"Cmd": ["sh"]}, "created": "2024-01-01T00:00:00Z"}
+    config: dict[str, Any] = {
+        "architecture": arch,
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "config": {"Cmd": ["sh"]},
+        "created": "2024-01-01T00:00:00Z",
+    }
     if variant:
         config["variant"] = variant
     config_bytes = json.dumps(config).encode()
-    config_type = "application/vnd.docker.container.image.v1+json" if fmt == "docker" else \
-        "application/vnd.oci.image.config.v1+json"
+    config_type = (
+        "application/vnd.docker.container.image.v1+json"
+        if fmt == "docker"
+        else "application/vnd.oci.image.config.v1+json"
+    )
     config_desc = Descriptor(config_type, "sha256:" + hashlib.sha256(config_bytes).hexdigest(), len(config_bytes))
     blobs[config_desc.digest] = config_bytes
-    media_type = "application/vnd.docker.distribution.manifest.v2+json" if fmt == "docker" else \
-        "application/vnd.oci.image.manifest.v1+json"
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": media_type, "config": config_desc.to_json(),
-                           "layers": [d.to_json() for d in layers]}).encode()
+    media_type = (
+        "application/vnd.docker.distribution.manifest.v2+json"
+        if fmt == "docker"
+        else "application/vnd.oci.image.manifest.v1+json"
+    )
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": config_desc.to_json(),
+            "layers": [d.to_json() for d in layers],
+        }
+    ).encode()
     return SampleImage(manifest, media_type, config_desc, config_bytes, layers, blobs)
 
 
@@ -533,8 +648,13 @@ def isolate(monkeypatch: Any, base: str) -> str:
     os.makedirs(home, exist_ok=True)
     monkeypatch.setenv("HOME", home)
     monkeypatch.setenv("XDG_CACHE_HOME", os.path.join(base, "cache"))
-    for var in ("XDG_CONFIG_HOME", "XDG_RUNTIME_DIR", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
-                "CONTAINERS_REGISTRIES_CONF"):
+    for var in (
+        "XDG_CONFIG_HOME",
+        "XDG_RUNTIME_DIR",
+        "REGISTRY_AUTH_FILE",
+        "DOCKER_CONFIG",
+        "CONTAINERS_REGISTRIES_CONF",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(regconf, "SYSTEM_CONF", os.path.join(base, "etc", "registries.conf"))
     monkeypatch.setattr(regconf, "SYSTEM_CONF_DIR", os.path.join(base, "etc", "registries.conf.d"))

@@ -24,8 +24,18 @@ from workloads.harness import report  # noqa: E402
 def test_workloads_load() -> None:
     """Every workload directory has a Containerfile and a generator; the issue's cases are all there."""
     names = {c.name for c in load_cases()}
-    for required in ("hello-cold", "hello-cached", "copy10k-cold", "copy10k-touch", "copy10k-byte", "write1g-cold",
-                     "whiteout-cold", "multistage-cold", "fifty-cold", "apt-cold"):
+    for required in (
+        "hello-cold",
+        "hello-cached",
+        "copy10k-cold",
+        "copy10k-touch",
+        "copy10k-byte",
+        "write1g-cold",
+        "whiteout-cold",
+        "multistage-cold",
+        "fifty-cold",
+        "apt-cold",
+    ):
         assert required in names
     fifty = (REPO / "bench/workloads/fifty/Containerfile").read_text().splitlines()
     assert len([ln for ln in fifty if ln.strip() and not ln.startswith("#")]) == 50
@@ -33,8 +43,10 @@ def test_workloads_load() -> None:
 
 def test_update_docs_keeps_other_sections(tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
-    doc.write_text("# Benchmarks\n\nold top\n\n## Layers\n\nlayer numbers\n\n## Builds (rbuild vs buildah)\n\n"
-                   "## Registry\n\nregistry numbers\n")
+    doc.write_text(
+        "# Benchmarks\n\nold top\n\n## Layers\n\nlayer numbers\n\n## Builds (rbuild vs buildah)\n\n"
+        "## Registry\n\nregistry numbers\n"
+    )
     report.update_docs(doc, "first table\n", "# Benchmarks\n\nnew top\n")
     report.update_docs(doc, "second table\n", "# Benchmarks\n\nnew top\n")
     text = doc.read_text()
@@ -43,6 +55,7 @@ def test_update_docs_keeps_other_sections(tmp_path: Path) -> None:
     assert text.count(report.BEGIN) == 1
 
 
+@pytest.mark.e2e  # builds with rbuild and buildah as a bench user it creates
 def test_quick_run(tmp_path: Path) -> None:
     """bench/run.py --quick on two workloads with both builders: a record per case, no failure."""
     missing = [t for t in ("buildah", "skopeo", "docker-registry", "zstd", "setpriv") if not shutil.which(t)]
@@ -51,8 +64,17 @@ def test_quick_run(tmp_path: Path) -> None:
     if os.getuid() != 0 and not os.path.exists("/etc/subuid"):
         pytest.skip("needs root (to create the bench user) or a user with a subuid range")
     out = tmp_path / "result.json"
-    cmd = [sys.executable, str(REPO / "bench/run.py"), "--quick", "--only", "hello,copy10k-byte",
-           "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        str(REPO / "bench/run.py"),
+        "--quick",
+        "--only",
+        "hello,copy10k-byte",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(out.read_text())

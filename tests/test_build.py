@@ -33,7 +33,7 @@ def store_snapshot(root: str) -> tuple[str, list[str]]:
 
 
 def test_hello_quiet_id_everywhere(rb: Runner, busybox: str) -> None:
-    ctx = rb.context({"Containerfile": cf(busybox, "RUN echo hi > /greeting\nCMD [\"cat\", \"/greeting\"]\n")})
+    ctx = rb.context({"Containerfile": cf(busybox, 'RUN echo hi > /greeting\nCMD ["cat", "/greeting"]\n')})
     iid = os.path.join(ctx, "iid")
     res = rb.run("build", "-q", "-t", "hello-q:1.0", "--iidfile", iid, ctx)
     assert ID_RE.match(res.stdout), repr(res.stdout)
@@ -176,8 +176,17 @@ def test_concurrent_builds_share_one_store(rb: Runner, busybox: str) -> None:
     root = rb.fresh_root()
     ctx = rb.context({"Containerfile": cf(busybox, "RUN echo same > /same\nCOPY Containerfile /cf\n")})
     argv = rb._prefix() + [rb.bin, "build", "-q", "--no-cache", ctx]
-    procs = [subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), cwd=rb.base, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            argv,
+            env=rb._env({"RBUILD_ROOT": root}),
+            cwd=rb.base,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     ids = []
     for p in procs:
         out, err = p.communicate(timeout=300)
@@ -200,12 +209,14 @@ def test_root_flag_before_and_after_subcommand(rb: Runner, busybox: str) -> None
 
 
 def test_multistage_copy_from_and_metadata(rb: Runner, busybox: str) -> None:
-    text = (f"ARG BASE=oci:{busybox}\nFROM $BASE AS build\nARG MSG=default\nRUN mkdir /out && echo \"$MSG\" > /out/msg"
-            " && ln -s msg /out/link\n"
-            f"FROM oci:{busybox} AS unused\nRUN exit 99\n"
-            f"FROM oci:{busybox}\nCOPY --from=build /out /copied/\nWORKDIR /work\nUSER app\nEXPOSE 8080 53/udp\n"
-            "VOLUME /data\nENTRYPOINT [\"/bin/sh\"]\nLABEL a=b\nSTOPSIGNAL SIGTERM\nSHELL [\"/bin/sh\", \"-ec\"]\n"
-            "HEALTHCHECK --interval=5s CMD true\nONBUILD RUN echo triggered\nRUN id -u > /tmp/whoami\n")
+    text = (
+        f'ARG BASE=oci:{busybox}\nFROM $BASE AS build\nARG MSG=default\nRUN mkdir /out && echo "$MSG" > /out/msg'
+        " && ln -s msg /out/link\n"
+        f"FROM oci:{busybox} AS unused\nRUN exit 99\n"
+        f"FROM oci:{busybox}\nCOPY --from=build /out /copied/\nWORKDIR /work\nUSER app\nEXPOSE 8080 53/udp\n"
+        'VOLUME /data\nENTRYPOINT ["/bin/sh"]\nLABEL a=b\nSTOPSIGNAL SIGTERM\nSHELL ["/bin/sh", "-ec"]\n'
+        "HEALTHCHECK --interval=5s CMD true\nONBUILD RUN echo triggered\nRUN id -u > /tmp/whoami\n"
+    )
     ctx = rb.context({"Containerfile": text})
     out = rb.mkdir()
     rb.build(ctx, "-t", "multi", "--build-arg", "MSG=hello world", "--label", "extra=1")
@@ -254,22 +265,25 @@ head -c 16 /dev/urandom | wc -c | grep -q 16
 test "$BUILDARG" = yes
 test "$HOME" = /root
 """
-    ctx = rb.context({"Containerfile": cf(busybox, "ARG BUILDARG\nCOPY probe.sh /probe.sh\nRUN sh /probe.sh\n"),
-                      "probe.sh": script})
+    ctx = rb.context(
+        {"Containerfile": cf(busybox, "ARG BUILDARG\nCOPY probe.sh /probe.sh\nRUN sh /probe.sh\n"), "probe.sh": script}
+    )
     res = rb.run("build", "--build-arg", "BUILDARG=yes", ctx, check=False)
     assert res.returncode == 0, res.stderr
 
 
 def test_run_mounts(rb: Runner, busybox: str) -> None:
-    text = (f"FROM oci:{busybox} AS stage\nRUN mkdir /out && echo from-stage > /out/f\n"
-            f"FROM oci:{busybox}\n"
-            "RUN --mount=type=bind,source=data,target=/src cat /src/in > /copied && ! touch /src/x 2>/dev/null\n"
-            "RUN --mount=type=bind,from=stage,source=/out,target=/st,rw cat /st/f > /st-copied && touch /st/x\n"
-            "RUN --mount=type=cache,target=/var/cache/app sh -c 'date +%N >> /var/cache/app/runs; "
-            "wc -l < /var/cache/app/runs > /runs'\n"
-            "RUN --mount=type=tmpfs,target=/scratch touch /scratch/t && test -f /scratch/t\n"
-            "RUN --mount=type=secret,id=token cat /run/secrets/token | wc -c > /secret-len\n"
-            "RUN --mount=type=secret,id=token,env=TOKEN test \"$TOKEN\" = s3cret\n")
+    text = (
+        f"FROM oci:{busybox} AS stage\nRUN mkdir /out && echo from-stage > /out/f\n"
+        f"FROM oci:{busybox}\n"
+        "RUN --mount=type=bind,source=data,target=/src cat /src/in > /copied && ! touch /src/x 2>/dev/null\n"
+        "RUN --mount=type=bind,from=stage,source=/out,target=/st,rw cat /st/f > /st-copied && touch /st/x\n"
+        "RUN --mount=type=cache,target=/var/cache/app sh -c 'date +%N >> /var/cache/app/runs; "
+        "wc -l < /var/cache/app/runs > /runs'\n"
+        "RUN --mount=type=tmpfs,target=/scratch touch /scratch/t && test -f /scratch/t\n"
+        "RUN --mount=type=secret,id=token cat /run/secrets/token | wc -c > /secret-len\n"
+        'RUN --mount=type=secret,id=token,env=TOKEN test "$TOKEN" = s3cret\n'
+    )
     ctx = rb.context({"Containerfile": text, "data/in": "bound\n"})
     secret = rb.write(os.path.join(rb.mkdir(), "token"), "s3cret", 0o600)
     root = rb.fresh_root()
@@ -281,8 +295,12 @@ def test_run_mounts(rb: Runner, busybox: str) -> None:
     assert tree["runs"] == ("file", b"1\n") and tree["secret-len"] == ("file", b"6\n")
     for gone in ("src", "st", "scratch", "run", "var/cache/app", "var/cache/app/runs"):
         assert gone not in tree, gone  # mount points and mounted content leave no trace
-    assert b"s3cret" not in open(f"{out}/l/blobs/sha256/" + json.load(open(f"{out}/l/index.json"))
-                                 ["manifests"][0]["digest"][7:], "rb").read()
+    assert (
+        b"s3cret"
+        not in open(
+            f"{out}/l/blobs/sha256/" + json.load(open(f"{out}/l/index.json"))["manifests"][0]["digest"][7:], "rb"
+        ).read()
+    )
     # the cache mount survives between builds; the step re-runs only when forced
     rb.build(ctx, "--no-cache", "-t", "mounts", "--secret", f"id=token,src={secret}", root=root)
     rb.run("push", "mounts", f"oci:{out}/l2", root=root)
@@ -292,10 +310,19 @@ def test_run_mounts(rb: Runner, busybox: str) -> None:
 
 
 def test_copy_exclude_and_parents(rb: Runner, busybox: str) -> None:
-    text = cf(busybox, "COPY --exclude=*.log --exclude=skip app /app/\n"
-                       "COPY --parents src/a/x.txt src/b/./y.txt /p/\n")
-    ctx = rb.context({"Containerfile": text, "app/keep.txt": "k", "app/debug.log": "l", "app/skip/f": "s",
-                      "app/sub/deep.log": "d", "app/sub/ok": "o", "src/a/x.txt": "x", "src/b/y.txt": "y"})
+    text = cf(busybox, "COPY --exclude=*.log --exclude=skip app /app/\nCOPY --parents src/a/x.txt src/b/./y.txt /p/\n")
+    ctx = rb.context(
+        {
+            "Containerfile": text,
+            "app/keep.txt": "k",
+            "app/debug.log": "l",
+            "app/skip/f": "s",
+            "app/sub/deep.log": "d",
+            "app/sub/ok": "o",
+            "src/a/x.txt": "x",
+            "src/b/y.txt": "y",
+        }
+    )
     out = rb.mkdir()
     rb.build(ctx, "-t", "excl")
     rb.run("push", "excl", f"oci:{out}/l")
@@ -328,8 +355,12 @@ def test_add_url_and_local_archive(rb: Runner, busybox: str) -> None:
             ti = tarfile.TarInfo("inner/x")
             ti.size = 2
             tf.addfile(ti, io.BytesIO(b"x\n"))
-        ctx = rb.context({"Containerfile": cf(busybox, f"ADD --checksum={good} {url} /dl/\nADD a.tar.gz /unpacked/\n"),
-                          "a.tar.gz": buf.getvalue()})
+        ctx = rb.context(
+            {
+                "Containerfile": cf(busybox, f"ADD --checksum={good} {url} /dl/\nADD a.tar.gz /unpacked/\n"),
+                "a.tar.gz": buf.getvalue(),
+            }
+        )
         out = rb.mkdir()
         rb.build(ctx, "-t", "addurl")
         rb.run("push", "addurl", f"oci:{out}/l")
@@ -351,28 +382,47 @@ def test_add_url_and_local_archive(rb: Runner, busybox: str) -> None:
 
 
 def test_unused_arg_keeps_the_cache_and_relative_mount_targets(rb: Runner, busybox: str) -> None:
-    ctx = rb.context({"Containerfile": cf(busybox, "ARG UNUSED\nCOPY f /f\nWORKDIR /app\n"
-                                               "RUN --mount=type=bind,source=f,target=rel/f cat /app/rel/f > /seen\n"),
-                      "f": "bound\n"})
+    ctx = rb.context(
+        {
+            "Containerfile": cf(
+                busybox,
+                "ARG UNUSED\nCOPY f /f\nWORKDIR /app\n"
+                "RUN --mount=type=bind,source=f,target=rel/f cat /app/rel/f > /seen\n",
+            ),
+            "f": "bound\n",
+        }
+    )
     rb.build(ctx, "--build-arg", "UNUSED=1")
     res = rb.run("build", "--build-arg", "UNUSED=2", ctx)
     # COPY and WORKDIR stay cached; the RUN sees the declared ARG in its environment, so it runs again
-    assert res.stderr.split("STEP 5/5")[0].count("Using cache") == 2 and "Using cache" not in \
-        res.stderr.split("STEP 5/5")[1]
+    assert (
+        res.stderr.split("STEP 5/5")[0].count("Using cache") == 2
+        and "Using cache" not in res.stderr.split("STEP 5/5")[1]
+    )
 
 
 def test_run_bind_of_the_context_hides_ignored_files(rb: Runner, busybox: str) -> None:
-    run = ("RUN --mount=type=bind,target=/src sh -c "
-           "'test ! -e /src/.env && test ! -e /src/logs/a && cat /src/logs/keep'\n")
-    ctx = rb.context({"Containerfile": cf(busybox, run), ".env": "AWS_SECRET=hunter2\n", "logs/a": "a",
-                      "logs/keep": "kept\n", ".dockerignore": ".env\nlogs\n!logs/keep\n"})
+    run = (
+        "RUN --mount=type=bind,target=/src sh -c 'test ! -e /src/.env && test ! -e /src/logs/a && cat /src/logs/keep'\n"
+    )
+    ctx = rb.context(
+        {
+            "Containerfile": cf(busybox, run),
+            ".env": "AWS_SECRET=hunter2\n",
+            "logs/a": "a",
+            "logs/keep": "kept\n",
+            ".dockerignore": ".env\nlogs\n!logs/keep\n",
+        }
+    )
     res = rb.run("build", ctx)
     assert "kept" in res.stderr and "hunter2" not in res.stderr
 
 
 def test_copy_into_a_directory_symlink_stays_inside(rb: Runner, busybox: str) -> None:
-    text = cf(busybox, "RUN mkdir -p /usr/lib && echo old > /usr/lib/old && ln -s usr/lib /lib && "
-                       "ln -s /etc /abs\nCOPY rootfs/ /\n")
+    text = cf(
+        busybox,
+        "RUN mkdir -p /usr/lib && echo old > /usr/lib/old && ln -s usr/lib /lib && ln -s /etc /abs\nCOPY rootfs/ /\n",
+    )
     ctx = rb.context({"Containerfile": text, "rootfs/lib/libnew.so": "new\n", "rootfs/abs/planted": "x\n"})
     out = rb.mkdir()
     rb.build(ctx, "-t", "symdirs")
@@ -385,7 +435,7 @@ def test_copy_into_a_directory_symlink_stays_inside(rb: Runner, busybox: str) ->
 
 
 def test_mount_points_leave_no_trace_on_scratch(rb: Runner) -> None:
-    ctx = rb.context({"Containerfile": "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"true\"]\n"})
+    ctx = rb.context({"Containerfile": 'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "true"]\n'})
     shutil.copy("/bin/busybox", os.path.join(ctx, "busybox"))
     rb.own(ctx)
     out = rb.mkdir()
@@ -441,51 +491,84 @@ def test_push_formats_and_compression(rb: Runner, busybox: str) -> None:
     # retagging v1 replaces it and keeps v2
     rb.run("push", "pushme", f"oci:{out}/z:v1")
     with open(f"{out}/z/index.json") as f:
-        assert sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in json.load(f)["manifests"]) == \
-            ["v1", "v2"]
+        assert sorted(m["annotations"]["org.opencontainers.image.ref.name"] for m in json.load(f)["manifests"]) == [
+            "v1",
+            "v2",
+        ]
     rb.run("push", "pushme", f"oci-archive:{out}/a.tar")
     rb.run("push", "pushme", f"docker-archive:{out}/d.tar")
     for spec in (f"oci:{out}/z:v2", f"oci-archive:{out}/a.tar", f"docker-archive:{out}/d.tar"):
         r = subprocess.run(["skopeo", "inspect", "--config", spec], capture_output=True, text=True, check=False)
         assert r.returncode == 0, (spec, r.stderr)
-        assert json.loads(r.stdout)["rootfs"]["diff_ids"] == \
-            json.loads(rb.run("inspect", "pushme").stdout)[0]["RootFS"]["Layers"]
+        assert (
+            json.loads(r.stdout)["rootfs"]["diff_ids"]
+            == json.loads(rb.run("inspect", "pushme").stdout)[0]["RootFS"]["Layers"]
+        )
 
 
 def test_registry_from_and_push(rb: Runner, busybox: str, registry: str) -> None:
-    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{busybox}:latest",
-                    f"docker://{registry}/base/busybox:1"], check=True, capture_output=True)
+    subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{busybox}:latest", f"docker://{registry}/base/busybox:1"],
+        check=True,
+        capture_output=True,
+    )
     ctx = rb.context({"Containerfile": f"FROM {registry}/base/busybox:1\nRUN echo pulled > /p\n"})
     image_id = rb.build(ctx, "-t", "fromreg")
     rb.run("push", "fromreg", f"docker://{registry}/built/app:1")
-    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--config", f"docker://{registry}/built/app:1"],
-                       capture_output=True, text=True, check=True)
-    assert "sha256:" + __import__("hashlib").sha256(
-        subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", "--config",
-                        f"docker://{registry}/built/app:1"], capture_output=True, check=True).stdout).hexdigest() \
+    r = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--config", f"docker://{registry}/built/app:1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert (
+        "sha256:"
+        + __import__("hashlib")
+        .sha256(
+            subprocess.run(
+                ["skopeo", "inspect", "--tls-verify=false", "--raw", "--config", f"docker://{registry}/built/app:1"],
+                capture_output=True,
+                check=True,
+            ).stdout
+        )
+        .hexdigest()
         == image_id
+    )
     assert json.loads(r.stdout)["config"]["Env"]
     pushed = rb.build(ctx, "-t", f"{registry}/built/pushed:2", "--push")
-    r = subprocess.run(["skopeo", "inspect", "--tls-verify=false", "--raw", "--config",
-                        f"docker://{registry}/built/pushed:2"], capture_output=True, check=True)
+    r = subprocess.run(
+        ["skopeo", "inspect", "--tls-verify=false", "--raw", "--config", f"docker://{registry}/built/pushed:2"],
+        capture_output=True,
+        check=True,
+    )
     assert "sha256:" + __import__("hashlib").sha256(r.stdout).hexdigest() == pushed
 
 
 def test_pull_policies(rb: Runner, busybox: str, registry: str) -> None:
     root = rb.fresh_root()
     repo = f"{registry}/policy/base:1"
-    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{busybox}:latest", f"docker://{repo}"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{busybox}:latest", f"docker://{repo}"],
+        check=True,
+        capture_output=True,
+    )
     ctx = rb.context({"Containerfile": f"FROM {repo}\nRUN cat /marker 2>/dev/null || echo none\n"})
     first = rb.run("build", "--no-cache", ctx, root=root)
     assert "none" in first.stderr
     # the registry's image changes; missing (default) and never keep the local one, newer and always pull
     other = rb.mkdir()
     write_oci_layout(other, [busybox_layer(), _marker_layer()])
-    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{other}:latest", f"docker://{repo}"],
-                   check=True, capture_output=True)
-    for policy, expect in (("--pull=missing", "none"), ("--pull=never", "none"), ("--pull=newer", "marked"),
-                           ("--pull", "marked")):
+    subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{other}:latest", f"docker://{repo}"],
+        check=True,
+        capture_output=True,
+    )
+    for policy, expect in (
+        ("--pull=missing", "none"),
+        ("--pull=never", "none"),
+        ("--pull=newer", "marked"),
+        ("--pull", "marked"),
+    ):
         res = rb.run("build", "--no-cache", policy, ctx, root=root)
         assert expect in res.stderr, (policy, res.stderr)
 
@@ -547,7 +630,7 @@ def _one_error(res: subprocess.CompletedProcess, status: int, *needles: str) -> 
         ("FOO bar\n", 125, ["Containerfile:2", "FOO"]),
         ("COPY missing.txt /x\n", 125, ["Containerfile:2", "missing.txt"]),
         ("RUN exit 3\n", 3, ["Containerfile:2", "exit code: 3"]),
-        ("RUN [\"/no/such/binary\"]\n", 125, ["Containerfile:2"]),
+        ('RUN ["/no/such/binary"]\n', 125, ["Containerfile:2"]),
     ],
 )
 def test_bad_input(rb: Runner, busybox: str, body: str, status: int, needles: list[str]) -> None:
@@ -587,9 +670,8 @@ def test_store_from_another_mapping_is_refused(rb: Runner, busybox: str) -> None
 
 def test_containerfile_from_stdin_and_bare_build_arg(rb: Runner, busybox: str) -> None:
     ctx = rb.mkdir()
-    text = cf(busybox, "ARG FROMENV\nRUN test \"$FROMENV\" = set-in-env\n")
-    res = rb.run("build", "-q", "-f", "-", "--build-arg", "FROMENV", ctx, input=text,
-                 env={"FROMENV": "set-in-env"})
+    text = cf(busybox, 'ARG FROMENV\nRUN test "$FROMENV" = set-in-env\n')
+    res = rb.run("build", "-q", "-f", "-", "--build-arg", "FROMENV", ctx, input=text, env={"FROMENV": "set-in-env"})
     assert ID_RE.match(res.stdout)
 
 
@@ -623,8 +705,14 @@ def _default_signals() -> None:
 
 def _interrupt_build(rb: Runner, ctx: str, root: str, sig: int, group: bool) -> None:
     argv = rb._prefix() + [rb.bin, "build", ctx]
-    proc = subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_default_signals)
+    proc = subprocess.Popen(
+        argv,
+        env=rb._env({"RBUILD_ROOT": root}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_default_signals,
+    )
     deadline = time.monotonic() + 60
     assert proc.stderr is not None
     seen = b""
@@ -673,8 +761,10 @@ def test_run_cannot_redirect_stub_cleanup_to_host_files(rb: Runner, busybox: str
     rb.write(os.path.join(victim, "target"), "")
     os.mkdir(os.path.join(victim, "mnt"))
     rb.own(victim)
-    run = (f"RUN --mount=type=tmpfs,target=/x/mnt --mount=type=bind,source=f,target=/x/target "
-           f"mv /x /x.old && ln -s {victim} /x\n")
+    run = (
+        f"RUN --mount=type=tmpfs,target=/x/mnt --mount=type=bind,source=f,target=/x/target "
+        f"mv /x /x.old && ln -s {victim} /x\n"
+    )
     ctx = rb.context({"Containerfile": cf(busybox, run), "f": "bound"})
     rb.build(ctx)
     assert sorted(os.listdir(victim)) == ["mnt", "target"]
@@ -707,8 +797,10 @@ def test_image_with_a_path_as_diff_id_is_refused(rb: Runner, busybox: str) -> No
     mnew = hashlib.sha256(mdata).hexdigest()
     with open(os.path.join(layout, "blobs", "sha256", mnew), "wb") as f:
         f.write(mdata)
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": man["mediaType"], "digest": "sha256:" + mnew,
-                                                "size": len(mdata)}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": man["mediaType"], "digest": "sha256:" + mnew, "size": len(mdata)}],
+    }
     with open(os.path.join(layout, "index.json"), "w") as f:
         json.dump(index, f)
     rb.own(os.path.dirname(layout))
@@ -721,8 +813,14 @@ def test_kill_9_leaves_no_secret_and_the_next_build_sweeps(rb: Runner, busybox: 
     secret = rb.write(os.path.join(rb.mkdir(), "tok"), "s3cr3t-token-value", 0o600)
     ctx = rb.context({"Containerfile": cf(busybox, "RUN --mount=type=secret,id=tok echo started; sleep 60\n")})
     argv = rb._prefix() + [rb.bin, "build", "--secret", f"id=tok,src={secret}", ctx]
-    proc = subprocess.Popen(argv, env=rb._env({"RBUILD_ROOT": root}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_default_signals)
+    proc = subprocess.Popen(
+        argv,
+        env=rb._env({"RBUILD_ROOT": root}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_default_signals,
+    )
     assert proc.stderr is not None
     os.set_blocking(proc.stderr.fileno(), False)
     seen, deadline = b"", time.monotonic() + 60
@@ -743,4 +841,3 @@ def test_kill_9_leaves_no_secret_and_the_next_build_sweeps(rb: Runner, busybox: 
     assert os.listdir(os.path.join(root, "tmp"))  # the killed build's staging is still there
     rb.build(rb.context({"Containerfile": cf(busybox, "ENV A=1\n")}), root=root)
     assert os.listdir(os.path.join(root, "tmp")) == []
-

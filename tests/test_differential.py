@@ -73,9 +73,14 @@ class Buildah:
     def __init__(self, rb: Runner, name: str) -> None:
         self.rb = rb
         self.dir = rb.mkdir(name)
-        self.env = {"BUILDAH_ISOLATION": "chroot", "HOME": self._private("home"),
-                    "XDG_RUNTIME_DIR": self._private("xdg"), "TMPDIR": self._private("tmp"),
-                    "XDG_CONFIG_HOME": self._private("config"), "XDG_DATA_HOME": self._private("data")}
+        self.env = {
+            "BUILDAH_ISOLATION": "chroot",
+            "HOME": self._private("home"),
+            "XDG_RUNTIME_DIR": self._private("xdg"),
+            "TMPDIR": self._private("tmp"),
+            "XDG_CONFIG_HOME": self._private("config"),
+            "XDG_DATA_HOME": self._private("data"),
+        }
         self.store = os.path.join(self.dir, "store")
         self.runroot = os.path.join(self.dir, "run")
 
@@ -101,8 +106,10 @@ class Buildah:
     def import_layout(self, layout: str, name: str) -> str:
         """Put the image of an OCI layout (ref "latest") into the store as `name`:latest, digests kept."""
         archive = os.path.join(self.dir, name.rpartition("/")[2] + ".tar")
-        self.rb.sh(shlex.join(["skopeo", "copy", "-q", f"oci:{layout}:latest",
-                               f"docker-archive:{archive}:{name}:latest"]), env=self.env)
+        self.rb.sh(
+            shlex.join(["skopeo", "copy", "-q", f"oci:{layout}:latest", f"docker-archive:{archive}:{name}:latest"]),
+            env=self.env,
+        )
         self.run("pull", "-q", f"docker-archive:{archive}")
         return f"{name}:latest"
 
@@ -114,8 +121,12 @@ class Buildah:
 
 # runtime dirs buildah's chroot runner falls back to (it drops XDG_RUNTIME_DIR): removed if we made them
 def _fallback_dirs(uid: int) -> list[str]:
-    return [f"/tmp/podman-run-{uid}", f"/tmp/containers-user-{uid}",
-            f"/var/tmp/podman-run-{uid}", f"/var/tmp/containers-user-{uid}"]
+    return [
+        f"/tmp/podman-run-{uid}",
+        f"/tmp/containers-user-{uid}",
+        f"/var/tmp/podman-run-{uid}",
+        f"/var/tmp/containers-user-{uid}",
+    ]
 
 
 @contextlib.contextmanager
@@ -181,8 +192,13 @@ def prepare_context(rb: Runner, name: str, bases: dict[str, str]) -> tuple[str, 
     """
     src = CASES_DIR / name
     ctx = rb.mkdir(f"ctx-{name}-{len(os.listdir(rb.base))}")
-    shutil.copytree(src, ctx, dirs_exist_ok=True, symlinks=True,
-                    ignore=lambda d, names: [n for n in names if Path(d) == src and n in (*CASE_FILES, PARENT)])
+    shutil.copytree(
+        src,
+        ctx,
+        dirs_exist_ok=True,
+        symlinks=True,
+        ignore=lambda d, names: [n for n in names if Path(d) == src and n in (*CASE_FILES, PARENT)],
+    )
     files: dict[str, str] = {}
     for builder in bases:
         files[builder] = os.path.join(ctx, "Containerfile") if builder == "rbuild" else f"{ctx}.{builder}"
@@ -259,8 +275,19 @@ class Builds:
             self.buildah.build(ctx, t, "-f", files["buildah" + suffix], "--format", fmt, *case["buildah"].args)
         bimg = self.export_buildah(tag, fmt, os.path.join(self.out, f"{name}-buildah"))
         for t, suffix in [*steps, (tag, "")]:
-            res = self.rb.run("build", "-q", "-t", t, "-f", files["rbuild" + suffix], "--format", fmt,
-                              *case["rbuild"].args, ctx, check=False)
+            res = self.rb.run(
+                "build",
+                "-q",
+                "-t",
+                t,
+                "-f",
+                files["rbuild" + suffix],
+                "--format",
+                fmt,
+                *case["rbuild"].args,
+                ctx,
+                check=False,
+            )
             if res.returncode != 0:
                 return Result(bimg, None, f"rbuild build of {t} failed ({res.returncode}):\n{res.stderr}")
         dest = os.path.join(self.out, f"{name}-rbuild")
@@ -281,8 +308,10 @@ def builds(rb: Runner, buildah: Buildah, busybox: str) -> Builds:
 
 
 def _params(kind: str) -> list[Any]:
-    return [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[kind, c])) if (kind, c) in XFAIL
-            else c for c in CASES]
+    return [
+        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[kind, c])) if (kind, c) in XFAIL else c
+        for c in CASES
+    ]
 
 
 def _config(image: Image, fmt: str) -> dict[str, Any]:
@@ -321,15 +350,22 @@ OVERLAY_XATTRS = ("user.overlay.", "trusted.overlay.")
 
 def _buildah_tree(image: Image, other: dict[str, Entry]) -> dict[str, Entry]:
     """buildah's tree, normalised where it knowingly departs from docker/BuildKit (docs/differences.md)."""
-    tree = {p: e._replace(xattrs=tuple(x for x in e.xattrs if not x[0].startswith(OVERLAY_XATTRS)))
-            for p, e in _tree(image).items()}
+    tree = {
+        p: e._replace(xattrs=tuple(x for x in e.xattrs if not x[0].startswith(OVERLAY_XATTRS)))
+        for p, e in _tree(image).items()
+    }
     # buildah's RUN mounts an anonymous volume at each VOLUME path declared before it (docker's classic
     # builder does the same): the empty mount point directories, and parents made for them, stay in the
     # image. BuildKit and rbuild treat VOLUME as metadata only. Dropped when the other tree lacks them.
-    for vol in (image.runtime_config.get("Volumes") or {}):
+    for vol in image.runtime_config.get("Volumes") or {}:
         path = os.path.normpath("/" + vol.lstrip("/"))
-        while path != "/" and path not in other and path in tree and tree[path].type == "dir" \
-                and not any(p.startswith(path + "/") for p in tree):
+        while (
+            path != "/"
+            and path not in other
+            and path in tree
+            and tree[path].type == "dir"
+            and not any(p.startswith(path + "/") for p in tree)
+        ):
             del tree[path]
             path = os.path.dirname(path)
     return tree
@@ -420,10 +456,12 @@ def _layer(*entries: tuple[str, str] | tuple[str, str, str]) -> bytes:
 
 
 def test_ocitree_whiteouts_and_opaque() -> None:
-    lower = _layer(("d", "a"), ("f", "a/x", "1"), ("d", "a/sub"), ("f", "a/sub/y"), ("d", "b"), ("f", "b/z"),
-                   ("f", "c", "c"))
-    upper = _layer(("f", "a/.wh.sub"), ("d", "b"), ("f", "b/new"), ("f", "b/.wh..wh..opq"), ("f", ".wh.c"),
-                   ("f", "c", "again"))
+    lower = _layer(
+        ("d", "a"), ("f", "a/x", "1"), ("d", "a/sub"), ("f", "a/sub/y"), ("d", "b"), ("f", "b/z"), ("f", "c", "c")
+    )
+    upper = _layer(
+        ("f", "a/.wh.sub"), ("d", "b"), ("f", "b/new"), ("f", "b/.wh..wh..opq"), ("f", ".wh.c"), ("f", "c", "again")
+    )
     tree = flatten([lower, upper])
     assert sorted(tree) == ["/a", "/a/x", "/b", "/b/new", "/c"]
     assert tree["/c"].size == 5  # a whiteout hides the lower file, not the same layer's new one
@@ -438,8 +476,7 @@ def test_ocitree_type_changes_and_hardlinks() -> None:
     assert tree["/f"].link == tree["/g"].link == "=/f" and tree["/f"].sha256 == tree["/g"].sha256
     assert tree["/h"].link == "" and tree["/h"].size == 3
     # the same link structure stored with the other name first compares equal
-    other = flatten([_layer(("d", "d"), ("f", "d/in"), ("f", "g", "data"), ("h", "f", "g"), ("f", "h", "data")),
-                     upper])
+    other = flatten([_layer(("d", "d"), ("f", "d/in"), ("f", "g", "data"), ("h", "f", "g"), ("f", "h", "data")), upper])
     assert diff_trees(tree, other) == []
     # and a lost link does not
     broken = flatten([_layer(("d", "d"), ("f", "f", "data"), ("f", "g", "data"), ("f", "h", "x")), upper])
@@ -460,7 +497,17 @@ def test_ocitree_xattrs() -> None:
 
 
 def test_ocitree_stubs_only_when_empty() -> None:
-    tree = flatten([_layer(("d", "dev"), ("d", "run"), ("f", "run/x"), ("d", "etc"), ("f", "etc/hosts"),
-                           ("f", "etc/hostname", "name"))])
+    tree = flatten(
+        [
+            _layer(
+                ("d", "dev"),
+                ("d", "run"),
+                ("f", "run/x"),
+                ("d", "etc"),
+                ("f", "etc/hosts"),
+                ("f", "etc/hostname", "name"),
+            )
+        ]
+    )
     kept = drop_empty_stubs(tree, BUILDAH_STUBS)
     assert sorted(kept) == ["/etc", "/etc/hostname", "/run", "/run/x"]

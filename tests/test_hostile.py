@@ -57,8 +57,19 @@ def snapshot(root: str) -> list[tuple[Any, ...]]:
             elif stat.S_ISLNK(st.st_mode):
                 body = os.readlink(p)
             xattrs = sorted(os.listxattr(p, follow_symlinks=False))
-            out.append((os.path.relpath(p, root), st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                        st.st_nlink, body, xattrs))
+            out.append(
+                (
+                    os.path.relpath(p, root),
+                    st.st_mode,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_nlink,
+                    body,
+                    xattrs,
+                )
+            )
     return sorted(out)
 
 
@@ -109,8 +120,9 @@ def test_corpus_unpacked_by_unprivileged_users(who: str, request: pytest.Fixture
     with open(os.path.join(base, "spec.json"), "w") as f:
         json.dump(spec, f)
     runner.own(base)
-    in_userns(runner, UNPACK_ALL, os.path.join(base, "spec.json"), os.path.join(base, "out.json"),
-              single=who == "single")
+    in_userns(
+        runner, UNPACK_ALL, os.path.join(base, "spec.json"), os.path.join(base, "out.json"), single=who == "single"
+    )
     with open(os.path.join(base, "out.json")) as f:
         results = json.load(f)
     for c in corpus:
@@ -136,8 +148,9 @@ def e2e_canary(rb: Any) -> tuple[str, list[tuple[Any, ...]], dict[str, Case]]:
 
 
 @pytest.mark.parametrize("name", _case_ids())
-def test_corpus_as_from_image(name: str, rb: Any, e2e_canary: tuple[str, list[tuple[Any, ...]], dict[str, Case]]
-                              ) -> None:
+def test_corpus_as_from_image(
+    name: str, rb: Any, e2e_canary: tuple[str, list[tuple[Any, ...]], dict[str, Case]]
+) -> None:
     canary, before, by_name = e2e_canary
     c = by_name[name]
     layout = rb.mkdir()

@@ -35,6 +35,7 @@ def expanded(text: str, env: Mapping[str, str], escape: str = "\\") -> ins.Comma
 
 # --- arity ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("keyword", ["MAINTAINER", "WORKDIR", "USER", "STOPSIGNAL"])
 def test_exactly_one_argument(keyword: str) -> None:
     assert f"{keyword} requires exactly one argument" in str(fails(keyword))
@@ -48,45 +49,51 @@ def test_at_least_one_argument(keyword: str) -> None:
 @pytest.mark.parametrize("keyword", ["ADD", "COPY"])
 def test_no_destination(keyword: str) -> None:
     for text in (f"{keyword} arg1", f'{keyword} ["arg1"]', f"{keyword} --chown=1 \t\n"):
-        assert f"{keyword} requires at least two arguments, but only one was provided. Destination could not " \
-               "be determined." in str(fails(text))
+        assert (
+            f"{keyword} requires at least two arguments, but only one was provided. Destination could not "
+            "be determined." in str(fails(text))
+        )
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("ENV =x", "ENV names can not be blank"),
-    ("LABEL =x", "LABEL names can not be blank"),
-    ("ARG =x", "ARG names can not be blank"),
-    ("FROM a b", "FROM requires either one or three arguments"),
-    ("FROM a to b", "FROM requires either one or three arguments"),
-    ("FROM", "FROM requires either one or three arguments"),
-    ("FROM a AS 1b", 'invalid name for build stage: "1b", name can\'t start with a number or contain symbols'),
-    ("FROM a AS b$c", "invalid name for build stage"),
-    ("SHELL sh -c", "SHELL requires the arguments to be in JSON form"),
-    ("SHELL []", "SHELL requires at least one argument"),
-    ('VOLUME ["/a", " "]', "VOLUME specified can not be an empty string"),
-    ("HEALTHCHECK NONE x", "HEALTHCHECK NONE takes no arguments"),
-    ("HEALTHCHECK CONNECT TCP 7000", 'Unknown type "CONNECT" in HEALTHCHECK (try CMD)'),
-    ("HEALTHCHECK CMD", "Missing command after HEALTHCHECK CMD"),
-    ("HEALTHCHECK --interval=5 CMD x", 'time: missing unit in duration "5"'),
-    ("HEALTHCHECK --timeout=1x CMD x", 'time: unknown unit "x" in duration "1x"'),
-    ("HEALTHCHECK --start-period=abc CMD x", 'time: invalid duration "abc"'),
-    ("HEALTHCHECK --start-interval=10us CMD x", 'Interval "start-interval" cannot be less than 1ms'),
-    ("HEALTHCHECK --interval=-1s CMD x", 'Interval "interval" cannot be less than 1ms'),
-    ("HEALTHCHECK --retries=-1 CMD x", "--retries cannot be negative (-1)"),
-    ("HEALTHCHECK --retries=x CMD x", 'strconv.ParseInt: parsing "x": invalid syntax'),
-    ("HEALTHCHECK --retries=2147483648 CMD x", "value out of range"),
-    ("ONBUILD ONBUILD RUN touch foobar", "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed"),
-    ("ONBUILD FROM scratch", "FROM isn't allowed as an ONBUILD trigger"),
-    ("ONBUILD maintainer docker.io", "MAINTAINER isn't allowed as an ONBUILD trigger"),
-    ("COPY <<EOF <<EOF2\nx\nEOF\ny\nEOF2\n", "COPY cannot accept a heredoc as a destination"),
-    ("RUN --network=bridge x", 'invalid network mode "bridge"'),
-    ("RUN --security=weak x", 'security "weak" is not valid'),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ENV =x", "ENV names can not be blank"),
+        ("LABEL =x", "LABEL names can not be blank"),
+        ("ARG =x", "ARG names can not be blank"),
+        ("FROM a b", "FROM requires either one or three arguments"),
+        ("FROM a to b", "FROM requires either one or three arguments"),
+        ("FROM", "FROM requires either one or three arguments"),
+        ("FROM a AS 1b", 'invalid name for build stage: "1b", name can\'t start with a number or contain symbols'),
+        ("FROM a AS b$c", "invalid name for build stage"),
+        ("SHELL sh -c", "SHELL requires the arguments to be in JSON form"),
+        ("SHELL []", "SHELL requires at least one argument"),
+        ('VOLUME ["/a", " "]', "VOLUME specified can not be an empty string"),
+        ("HEALTHCHECK NONE x", "HEALTHCHECK NONE takes no arguments"),
+        ("HEALTHCHECK CONNECT TCP 7000", 'Unknown type "CONNECT" in HEALTHCHECK (try CMD)'),
+        ("HEALTHCHECK CMD", "Missing command after HEALTHCHECK CMD"),
+        ("HEALTHCHECK --interval=5 CMD x", 'time: missing unit in duration "5"'),
+        ("HEALTHCHECK --timeout=1x CMD x", 'time: unknown unit "x" in duration "1x"'),
+        ("HEALTHCHECK --start-period=abc CMD x", 'time: invalid duration "abc"'),
+        ("HEALTHCHECK --start-interval=10us CMD x", 'Interval "start-interval" cannot be less than 1ms'),
+        ("HEALTHCHECK --interval=-1s CMD x", 'Interval "interval" cannot be less than 1ms'),
+        ("HEALTHCHECK --retries=-1 CMD x", "--retries cannot be negative (-1)"),
+        ("HEALTHCHECK --retries=x CMD x", 'strconv.ParseInt: parsing "x": invalid syntax'),
+        ("HEALTHCHECK --retries=2147483648 CMD x", "value out of range"),
+        ("ONBUILD ONBUILD RUN touch foobar", "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed"),
+        ("ONBUILD FROM scratch", "FROM isn't allowed as an ONBUILD trigger"),
+        ("ONBUILD maintainer docker.io", "MAINTAINER isn't allowed as an ONBUILD trigger"),
+        ("COPY <<EOF <<EOF2\nx\nEOF\ny\nEOF2\n", "COPY cannot accept a heredoc as a destination"),
+        ("RUN --network=bridge x", 'invalid network mode "bridge"'),
+        ("RUN --security=weak x", 'security "weak" is not valid'),
+    ],
+)
 def test_instruction_errors(text: str, message: str) -> None:
     assert message in str(fails(text))
 
 
 # --- unknown instructions and flags -------------------------------------------------------------------
+
 
 def test_unknown_instruction() -> None:
     e = fails("FROM a\n\nfoo bar\n")
@@ -98,22 +105,25 @@ def test_unknown_instruction() -> None:
     assert str(fails("FROM a\n\\")).startswith("Containerfile:2: unknown instruction: ")  # an empty line
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("MAINTAINER --boo joe@example.com", "unknown flag: --boo"),
-    ("COPY --form=a b c", "unknown flag: --form (did you mean from?)"),
-    ("COPY --chmon=1 b c", "unknown flag: --chmon (did you mean chmod?)"),
-    ('CMD --doit [ "a", "b" ]', "unknown flag: --doit"),
-    ("ADD --parents a b", "unknown flag: --parents"),
-    ("RUN --device=x a", "unknown flag: --device"),
-    ("ONBUILD --x RUN a", "unknown flag: --x"),
-    ("COPY --chown=1 --chown=2 a b", "duplicate flag specified: --chown"),
-    ("COPY --link --link a b", "duplicate flag specified: --link"),
-    ("FROM --platform=a --platform=b c", "duplicate flag specified: --platform"),
-    ("COPY --chown a b", "missing a value on flag: --chown"),
-    ("RUN --mount x", "missing a value on flag: --mount"),
-    ("COPY --link= a b", "missing a value on flag: --link"),
-    ("COPY --link=yes a b", "expecting boolean value for flag --link, not: yes"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("MAINTAINER --boo joe@example.com", "unknown flag: --boo"),
+        ("COPY --form=a b c", "unknown flag: --form (did you mean from?)"),
+        ("COPY --chmon=1 b c", "unknown flag: --chmon (did you mean chmod?)"),
+        ('CMD --doit [ "a", "b" ]', "unknown flag: --doit"),
+        ("ADD --parents a b", "unknown flag: --parents"),
+        ("RUN --device=x a", "unknown flag: --device"),
+        ("ONBUILD --x RUN a", "unknown flag: --x"),
+        ("COPY --chown=1 --chown=2 a b", "duplicate flag specified: --chown"),
+        ("COPY --link --link a b", "duplicate flag specified: --link"),
+        ("FROM --platform=a --platform=b c", "duplicate flag specified: --platform"),
+        ("COPY --chown a b", "missing a value on flag: --chown"),
+        ("RUN --mount x", "missing a value on flag: --mount"),
+        ("COPY --link= a b", "missing a value on flag: --link"),
+        ("COPY --link=yes a b", "expecting boolean value for flag --link, not: yes"),
+    ],
+)
 def test_flag_errors(text: str, message: str) -> None:
     assert message in str(fails(text))
 
@@ -145,6 +155,7 @@ def test_errors_name_file_line_and_instruction() -> None:
 
 # --- what each instruction holds ------------------------------------------------------------------------
 
+
 def test_from() -> None:
     c = one("FROM --platform=linux/arm64 alpine:3 AS Build-1.x")
     assert isinstance(c, ins.FromCmd)
@@ -160,7 +171,7 @@ def test_arg() -> None:
 
 
 def test_env_and_label() -> None:
-    c = one('ENV a=1 b="2 3"\t c=\'x\'')
+    c = one("ENV a=1 b=\"2 3\"\t c='x'")
     assert isinstance(c, ins.EnvCmd) and c.env == [("a", "1"), ("b", '"2 3"'), ("c", "'x'")]
     c = one("ENV key value with spaces")
     assert isinstance(c, ins.EnvCmd) and c.env == [("key", "value with spaces")]
@@ -192,12 +203,27 @@ def test_run_heredoc() -> None:
 def test_copy_and_add() -> None:
     c = one("COPY --from=build --chown=1:2 --chmod=0755 a b /dst/")
     assert isinstance(c, ins.CopyCmd)
-    assert (c.sources, c.dest, c.from_, c.chown, c.chmod, c.link, c.exclude, c.heredocs) == \
-        (["a", "b"], "/dst/", "build", "1:2", "0755", False, [], [])
+    assert (c.sources, c.dest, c.from_, c.chown, c.chmod, c.link, c.exclude, c.heredocs) == (
+        ["a", "b"],
+        "/dst/",
+        "build",
+        "1:2",
+        "0755",
+        False,
+        [],
+        [],
+    )
     a = one("ADD --checksum=sha256:abc --keep-git-dir --unpack=false --link http://x/y.tgz /d")
     assert isinstance(a, ins.AddCmd)
-    assert (a.sources, a.dest, a.checksum, a.keep_git_dir, a.unpack, a.link, a.parents) == \
-        (["http://x/y.tgz"], "/d", "sha256:abc", True, False, True, False)
+    assert (a.sources, a.dest, a.checksum, a.keep_git_dir, a.unpack, a.link, a.parents) == (
+        ["http://x/y.tgz"],
+        "/d",
+        "sha256:abc",
+        True,
+        False,
+        True,
+        False,
+    )
     assert isinstance(a := one("ADD a b"), ins.AddCmd) and a.unpack is None and a.checksum is None
     c = one('COPY ["with space", "/d"]')
     assert isinstance(c, ins.CopyCmd) and c.sources == ["with space"]
@@ -222,12 +248,19 @@ def test_expose_volume_user_workdir_stopsignal_maintainer() -> None:
 def test_healthcheck() -> None:
     h = one("HEALTHCHECK NONE")
     assert isinstance(h, ins.HealthcheckCmd) and h.test == ["NONE"] and h.interval is None
-    h = one("HEALTHCHECK --interval=1m30s --timeout=3s --start-period=0s --start-interval=5ms --retries=0 "
-            "CMD curl -f http://localhost/")
+    h = one(
+        "HEALTHCHECK --interval=1m30s --timeout=3s --start-period=0s --start-interval=5ms --retries=0 "
+        "CMD curl -f http://localhost/"
+    )
     assert isinstance(h, ins.HealthcheckCmd)
     assert h.test == ["CMD-SHELL", "curl -f http://localhost/"]
-    assert (h.interval, h.timeout, h.start_period, h.start_interval, h.retries) == \
-        (90_000_000_000, 3_000_000_000, 0, 5_000_000, 0)
+    assert (h.interval, h.timeout, h.start_period, h.start_interval, h.retries) == (
+        90_000_000_000,
+        3_000_000_000,
+        0,
+        5_000_000,
+        0,
+    )
     h = one('HEALTHCHECK cmd ["/bin/check", "-q"]')
     assert isinstance(h, ins.HealthcheckCmd) and h.test == ["CMD", "/bin/check", "-q"]
     assert h.interval is None and h.retries is None
@@ -252,6 +285,7 @@ def test_parse_all() -> None:
 
 # --- expansion ----------------------------------------------------------------------------------------------
 
+
 def test_from_expands_with_meta_args() -> None:
     f = expanded("FROM --platform=$P ${IMG:-alpine}:$TAG AS b", {"P": "linux/amd64", "TAG": "3"})
     assert isinstance(f, ins.FromCmd) and (f.image, f.platform, f.name) == ("alpine:3", "linux/amd64", "b")
@@ -262,7 +296,7 @@ def test_from_expands_with_meta_args() -> None:
 
 
 def test_env_sees_values_from_before_the_instruction() -> None:
-    e = expanded("ENV a=1 b=$a $k=x c=\"$a $b\"", {"a": "old", "k": "key"})
+    e = expanded('ENV a=1 b=$a $k=x c="$a $b"', {"a": "old", "k": "key"})
     assert isinstance(e, ins.EnvCmd)
     assert e.env == [("a", "1"), ("b", "old"), ("key", "x"), ("c", "old ")]
     e = expanded("ENV PATH $PATH:/x", {"PATH": "/bin"})
@@ -281,8 +315,10 @@ def test_label_and_arg_expand() -> None:
 
 
 def test_copy_expands_paths_chown_chmod_but_not_from() -> None:
-    c = expanded("COPY --from=$S --chown=$U:$G --chmod=$MODE $SRC/a 'b'c ${DST}/", {
-        "S": "x", "U": "1", "G": "2", "MODE": "0755", "SRC": "/src", "DST": "/dst"})
+    c = expanded(
+        "COPY --from=$S --chown=$U:$G --chmod=$MODE $SRC/a 'b'c ${DST}/",
+        {"S": "x", "U": "1", "G": "2", "MODE": "0755", "SRC": "/src", "DST": "/dst"},
+    )
     assert isinstance(c, ins.CopyCmd)
     assert (c.from_, c.chown, c.chmod, c.sources, c.dest) == ("$S", "1:2", "0755", ["/src/a", "bc"], "/dst/")
     c = expanded('COPY ["$SRC/a b", "$DST"]', {"SRC": "/s", "DST": "/d"})
@@ -296,15 +332,23 @@ def test_copy_expands_paths_chown_chmod_but_not_from() -> None:
 
 
 def test_heredoc_bodies_expand_only_with_unquoted_delimiter() -> None:
-    c = expanded("COPY <<A <<\"B\" <<-C /d\n$v '$v' \"$v\" \\$v \\t\nA\n$v\nB\n\t${v}\nC\n", {"v": "1"})
+    c = expanded('COPY <<A <<"B" <<-C /d\n$v \'$v\' "$v" \\$v \\t\nA\n$v\nB\n\t${v}\nC\n', {"v": "1"})
     assert isinstance(c, ins.CopyCmd)
     assert [h.content for h in c.heredocs] == ["1 '1' \"1\" $v t\n", "$v\n", "1\n"]
 
 
 def test_shell_commands_are_not_expanded() -> None:
     env = {"x": "1"}
-    for text in ("RUN echo $x", 'RUN ["echo", "$x"]', "CMD echo $x", 'ENTRYPOINT ["$x"]', 'SHELL ["$x"]',
-                 "HEALTHCHECK CMD echo $x", "ONBUILD RUN echo $x", "MAINTAINER $x"):
+    for text in (
+        "RUN echo $x",
+        'RUN ["echo", "$x"]',
+        "CMD echo $x",
+        'ENTRYPOINT ["$x"]',
+        'SHELL ["$x"]',
+        "HEALTHCHECK CMD echo $x",
+        "ONBUILD RUN echo $x",
+        "MAINTAINER $x",
+    ):
         c = one(text)
         assert c.expand(Lexer(), env) == c
 
@@ -342,8 +386,10 @@ def test_backtick_escape_in_expansion() -> None:
 def test_expansion_errors_are_located() -> None:
     with pytest.raises(ContainerfileError) as e:
         cmds("FROM a\nENV a=${b:?must_be_set}\n")[1].expand(Lexer(), {})
-    assert str(e.value) == 'Containerfile:2: failed to process "${b:?must_be_set}": b: must_be_set ' \
-                           'in "ENV a=${b:?must_be_set}"'
+    assert (
+        str(e.value) == 'Containerfile:2: failed to process "${b:?must_be_set}": b: must_be_set '
+        'in "ENV a=${b:?must_be_set}"'
+    )
 
 
 def test_expand_returns_a_new_command() -> None:
@@ -354,11 +400,23 @@ def test_expand_returns_a_new_command() -> None:
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "ns"), [
-    ("0", 0), ("1ns", 1), ("1.5h", 5_400_000_000_000), ("1m30s", 90_000_000_000), ("-2ms", -2_000_000),
-    ("+3us", 3000), ("4µs", 4000), ("4μs", 4000), (".5s", 500_000_000), ("1.s", 1_000_000_000),
-    ("2h45m0.5s", 9_900_500_000_000),
-])
+
+@pytest.mark.parametrize(
+    ("text", "ns"),
+    [
+        ("0", 0),
+        ("1ns", 1),
+        ("1.5h", 5_400_000_000_000),
+        ("1m30s", 90_000_000_000),
+        ("-2ms", -2_000_000),
+        ("+3us", 3000),
+        ("4µs", 4000),
+        ("4μs", 4000),
+        (".5s", 500_000_000),
+        ("1.s", 1_000_000_000),
+        ("2h45m0.5s", 9_900_500_000_000),
+    ],
+)
 def test_parse_duration(text: str, ns: int) -> None:
     assert ins.parse_duration(text) == ns
 
@@ -369,36 +427,46 @@ def test_parse_duration_errors(text: str) -> None:
         ins.parse_duration(text)
 
 
-@pytest.mark.parametrize(("value", "mount"), [
-    ("target=/a", ins.Mount(target="/a", readonly=True)),
-    ("type=cache,target=/a,id=x,sharing=LOCKED,mode=0700,uid=1,gid=2",
-     ins.Mount(type="cache", target="/a", cache_id="x", sharing="locked", mode=0o700, uid=1, gid=2)),
-    ("type=tmpfs,dst=/t,size=64m", ins.Mount(type="tmpfs", target="/t", size=64 << 20)),
-    ("type=secret,id=tok,env=TOKEN,required", ins.Mount(type="secret", cache_id="tok", env="TOKEN", required=True,
-                                                        readonly=True)),
-    ("type=bind,from=b,source=/s,target=/t,rw", ins.Mount(from_="b", source="/s", target="/t")),
-    ('"type=bind","target=/a,b",ro=false', ins.Mount(target="/a,b")),
-])
+@pytest.mark.parametrize(
+    ("value", "mount"),
+    [
+        ("target=/a", ins.Mount(target="/a", readonly=True)),
+        (
+            "type=cache,target=/a,id=x,sharing=LOCKED,mode=0700,uid=1,gid=2",
+            ins.Mount(type="cache", target="/a", cache_id="x", sharing="locked", mode=0o700, uid=1, gid=2),
+        ),
+        ("type=tmpfs,dst=/t,size=64m", ins.Mount(type="tmpfs", target="/t", size=64 << 20)),
+        (
+            "type=secret,id=tok,env=TOKEN,required",
+            ins.Mount(type="secret", cache_id="tok", env="TOKEN", required=True, readonly=True),
+        ),
+        ("type=bind,from=b,source=/s,target=/t,rw", ins.Mount(from_="b", source="/s", target="/t")),
+        ('"type=bind","target=/a,b",ro=false', ins.Mount(target="/a,b")),
+    ],
+)
 def test_parse_mount(value: str, mount: ins.Mount) -> None:
     assert ins.parse_mount(value) == mount
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("type=volume,target=/a", 'unsupported mount type "volume"'),
-    ("type=cahce,target=/a", 'unsupported mount type "cahce" (did you mean cache?)'),
-    ("targte=/a", "unexpected key 'targte' in 'targte=/a' (did you mean target?)"),
-    ("target", "invalid field 'target' must be a key=value pair"),
-    ("type=bind,target=/a,mode=0700", 'mode not allowed for "bind" type mounts'),
-    ("type=cache,target=/a,mode=9", "invalid value 9 for mode"),
-    ("type=bind,target=/a,sharing=locked", "invalid cache sharing set for bind mount"),
-    ("type=secret,from=x,id=a", "secret mount should not have a from"),
-    ("type=secret", "invalid secret mount. one of source, target required"),
-    ("type=bind,required", "unexpected key 'required' for mount type 'bind'"),
-    ("type=cache,size=1g", "unexpected key 'size' for mount type 'cache'"),
-    ('target="/a', 'failed to parse csv mounts: bare " in non-quoted-field'),
-    ('"target=/a', 'failed to parse csv mounts: extraneous or missing " in quoted-field'),
-    ("", "failed to parse csv mounts: EOF"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("type=volume,target=/a", 'unsupported mount type "volume"'),
+        ("type=cahce,target=/a", 'unsupported mount type "cahce" (did you mean cache?)'),
+        ("targte=/a", "unexpected key 'targte' in 'targte=/a' (did you mean target?)"),
+        ("target", "invalid field 'target' must be a key=value pair"),
+        ("type=bind,target=/a,mode=0700", 'mode not allowed for "bind" type mounts'),
+        ("type=cache,target=/a,mode=9", "invalid value 9 for mode"),
+        ("type=bind,target=/a,sharing=locked", "invalid cache sharing set for bind mount"),
+        ("type=secret,from=x,id=a", "secret mount should not have a from"),
+        ("type=secret", "invalid secret mount. one of source, target required"),
+        ("type=bind,required", "unexpected key 'required' for mount type 'bind'"),
+        ("type=cache,size=1g", "unexpected key 'size' for mount type 'cache'"),
+        ('target="/a', 'failed to parse csv mounts: bare " in non-quoted-field'),
+        ('"target=/a', 'failed to parse csv mounts: extraneous or missing " in quoted-field'),
+        ("", "failed to parse csv mounts: EOF"),
+    ],
+)
 def test_parse_mount_errors(value: str, message: str) -> None:
     with pytest.raises(ValueError) as e:
         ins.parse_mount(value)
@@ -412,45 +480,62 @@ def test_mount_errors_are_located() -> None:
         r.mount_specs()
 
 
-@pytest.mark.parametrize(("value", "options", "case_sensitive", "expected"), [
-    ("form", ["from", "chown", "chmod"], True, "from"),
-    ("from", ["from", "chown"], True, None),
-    ("zzzzzz", ["from"], True, None),
-    ("RUNN", ["RUN", "COPY"], False, "RUN"),
-    ("runn", ["RUN", "COPY"], False, "run"),
-    ("Runn", ["RUN", "COPY"], False, "run"),
-])
+@pytest.mark.parametrize(
+    ("value", "options", "case_sensitive", "expected"),
+    [
+        ("form", ["from", "chown", "chmod"], True, "from"),
+        ("from", ["from", "chown"], True, None),
+        ("zzzzzz", ["from"], True, None),
+        ("RUNN", ["RUN", "COPY"], False, "RUN"),
+        ("runn", ["RUN", "COPY"], False, "run"),
+        ("Runn", ["RUN", "COPY"], False, "run"),
+    ],
+)
 def test_suggest(value: str, options: list[str], case_sensitive: bool, expected: str | None) -> None:
     assert ins.suggest(value, options, case_sensitive) == expected
 
 
 # instructions/parse_heredoc_test.go
-@pytest.mark.parametrize(("text", "sources", "dest", "docs"), [
-    ("COPY /foo /bar", ["/foo"], "/bar", []),
-    ("COPY <<EOF /bar\nEOF", [], "/bar", [("EOF", "", True)]),
-    ("COPY <<EOF /bar\nTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", True)]),
-    ("COPY <<-EOF /bar\n\tTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", True)]),
-    ("COPY <<'EOF' /bar\nTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", False)]),
-    ("COPY <<EOF1 <<EOF2 /bar\nthis is the first file\nEOF1\nthis is the second file\nEOF2", [], "/bar",
-     [("EOF1", "this is the first file\n", True), ("EOF2", "this is the second file\n", True)]),
-    ("COPY <<EOF foo.txt /bar\nthis is inline\nEOF", ["foo.txt"], "/bar", [("EOF", "this is inline\n", True)]),
-    ('COPY <<EOF /quotes\n"quotes"\nEOF', [], "/quotes", [("EOF", '"quotes"\n', True)]),
-])
+@pytest.mark.parametrize(
+    ("text", "sources", "dest", "docs"),
+    [
+        ("COPY /foo /bar", ["/foo"], "/bar", []),
+        ("COPY <<EOF /bar\nEOF", [], "/bar", [("EOF", "", True)]),
+        ("COPY <<EOF /bar\nTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", True)]),
+        ("COPY <<-EOF /bar\n\tTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", True)]),
+        ("COPY <<'EOF' /bar\nTESTING\nEOF", [], "/bar", [("EOF", "TESTING\n", False)]),
+        (
+            "COPY <<EOF1 <<EOF2 /bar\nthis is the first file\nEOF1\nthis is the second file\nEOF2",
+            [],
+            "/bar",
+            [("EOF1", "this is the first file\n", True), ("EOF2", "this is the second file\n", True)],
+        ),
+        ("COPY <<EOF foo.txt /bar\nthis is inline\nEOF", ["foo.txt"], "/bar", [("EOF", "this is inline\n", True)]),
+        ('COPY <<EOF /quotes\n"quotes"\nEOF', [], "/quotes", [("EOF", '"quotes"\n', True)]),
+    ],
+)
 def test_copy_heredoc_table(text: str, sources: list[str], dest: str, docs: list[tuple[str, str, bool]]) -> None:
     c = one(text)
     assert isinstance(c, ins.CopyCmd)
     assert (c.sources, c.dest, [(h.name, h.content, h.expand) for h in c.heredocs]) == (sources, dest, docs)
 
 
-@pytest.mark.parametrize(("text", "shell", "args", "docs"), [
-    ('RUN ["ls", "/"]', False, ["ls", "/"], []),
-    ('RUN ["<<EOF"]', False, ["<<EOF"], []),
-    ("RUN ls /", True, ["ls /"], []),
-    ("RUN <<EOF\nls /\nwhoami\nEOF", True, ["<<EOF"], [("EOF", "ls /\nwhoami\n", False)]),
-    ("RUN <<'EOF' | python\nprint(\"hello\")\nprint(\"world\")\nEOF", True, ["<<'EOF' | python"],
-     [("EOF", 'print("hello")\nprint("world")\n', False)]),
-    ("RUN <<-EOF\n\techo test\nEOF", True, ["<<-EOF"], [("EOF", "\techo test\n", True)]),
-])
+@pytest.mark.parametrize(
+    ("text", "shell", "args", "docs"),
+    [
+        ('RUN ["ls", "/"]', False, ["ls", "/"], []),
+        ('RUN ["<<EOF"]', False, ["<<EOF"], []),
+        ("RUN ls /", True, ["ls /"], []),
+        ("RUN <<EOF\nls /\nwhoami\nEOF", True, ["<<EOF"], [("EOF", "ls /\nwhoami\n", False)]),
+        (
+            'RUN <<\'EOF\' | python\nprint("hello")\nprint("world")\nEOF',
+            True,
+            ["<<'EOF' | python"],
+            [("EOF", 'print("hello")\nprint("world")\n', False)],
+        ),
+        ("RUN <<-EOF\n\techo test\nEOF", True, ["<<-EOF"], [("EOF", "\techo test\n", True)]),
+    ],
+)
 def test_run_heredoc_table(text: str, shell: bool, args: list[str], docs: list[tuple[str, str, bool]]) -> None:
     r = one(text)
     assert isinstance(r, ins.RunCmd)

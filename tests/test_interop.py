@@ -44,10 +44,10 @@ GREETING = "hi there world from /data as 1000:1000"
 
 @dataclass
 class Exports:
-    image: Image            # as read back from the gzip OCI layout
+    image: Image  # as read back from the gzip OCI layout
     tree: dict[str, Entry]
-    digest: str             # the manifest digest rbuild reported for the OCI layout
-    layout: str             # oci:DIR:TAG transport strings, and the archive paths
+    digest: str  # the manifest digest rbuild reported for the OCI layout
+    layout: str  # oci:DIR:TAG transport strings, and the archive paths
     zstd: str
     oci_archive: str
     docker_archive: str
@@ -61,16 +61,23 @@ def exports(rb: Runner, busybox: str) -> Exports:
     rb.build(ctx, "-t", "localhost/interop:1")
     out = rb.mkdir("interop-out")
     dfile = os.path.join(out, "digest")
-    rb.run("push", "--digestfile", dfile, "--compression-format", "gzip", "localhost/interop:1",
-           f"oci:{out}/layout:v1")
+    rb.run("push", "--digestfile", dfile, "--compression-format", "gzip", "localhost/interop:1", f"oci:{out}/layout:v1")
     with open(dfile) as f:
         digest = f.read().strip()
     rb.run("push", "--compression-format", "zstd", "localhost/interop:1", f"oci:{out}/zstd:v1")
     rb.run("push", "localhost/interop:1", f"oci-archive:{out}/image.oci.tar:v1")
     rb.run("push", "localhost/interop:1", f"docker-archive:{out}/image.docker.tar")
     image = load(f"{out}/layout", "v1")
-    return Exports(image, flatten(image.layers), digest, f"oci:{out}/layout:v1", f"oci:{out}/zstd:v1",
-                   f"oci-archive:{out}/image.oci.tar:v1", f"docker-archive:{out}/image.docker.tar", out)
+    return Exports(
+        image,
+        flatten(image.layers),
+        digest,
+        f"oci:{out}/layout:v1",
+        f"oci:{out}/zstd:v1",
+        f"oci-archive:{out}/image.oci.tar:v1",
+        f"docker-archive:{out}/image.docker.tar",
+        out,
+    )
 
 
 def test_the_image_is_what_was_built(exports: Exports) -> None:
@@ -115,8 +122,9 @@ def test_skopeo_inspect(rb: Runner, exports: Exports, which: str) -> None:
         assert {d["mediaType"] for d in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar+zstd"}
     if which == "docker_archive":  # the archive's layers are the uncompressed diffs, named by RepoTags
         assert info["Layers"] == exports.image.config["rootfs"]["diff_ids"]
-        assert load(exports.docker_archive.removeprefix("docker-archive:")).manifest["RepoTags"] == \
-            ["localhost/interop:1"]
+        assert load(exports.docker_archive.removeprefix("docker-archive:")).manifest["RepoTags"] == [
+            "localhost/interop:1"
+        ]
 
 
 @pytest.mark.parametrize("which", ["layout", "zstd", "oci_archive", "docker_archive"])
@@ -187,8 +195,13 @@ def walk_rootfs(root: str) -> dict[str, Entry]:
             uid, gid = 0, 0
             if ROOTLESS_XATTR in names:
                 uid, gid = _rootless_owner(os.getxattr(host, ROOTLESS_XATTR, follow_symlinks=False))
-            xattrs = tuple(sorted((x, os.getxattr(host, x, follow_symlinks=False).decode("utf-8", "surrogateescape"))
-                                  for x in names if x != ROOTLESS_XATTR))
+            xattrs = tuple(
+                sorted(
+                    (x, os.getxattr(host, x, follow_symlinks=False).decode("utf-8", "surrogateescape"))
+                    for x in names
+                    if x != ROOTLESS_XATTR
+                )
+            )
             size, digest, link = 0, "", ""
             if stat.S_ISDIR(st.st_mode):
                 kind = "dir"
@@ -263,14 +276,22 @@ def test_buildah_from_and_run(buildah: Buildah, exports: Exports, buildah_layout
         # buildah run uses the image's USER, WORKDIR and environment
         out = buildah.run("run", "--isolation", "chroot", ctr, "--", "/usr/local/bin/greet", "world")
         assert out.strip() == GREETING
-        script = ("stat -c '%n %u:%g %a %h' /data/hello /data/hello.hard /data/sub /data/sub/x; "
-                  "cat /data/hello.hard /data/new/y; readlink /data/dangling; "
-                  "for p in /bin/vi /home/app /data/hello.sym /data/empty; do test -e $p && echo present $p; done; "
-                  "true")
+        script = (
+            "stat -c '%n %u:%g %a %h' /data/hello /data/hello.hard /data/sub /data/sub/x; "
+            "cat /data/hello.hard /data/new/y; readlink /data/dangling; "
+            "for p in /bin/vi /home/app /data/hello.sym /data/empty; do test -e $p && echo present $p; done; "
+            "true"
+        )
         out = buildah.run("run", "--isolation", "chroot", "--user", "0:0", ctr, "--", "/bin/sh", "-c", script)
         assert out.splitlines() == [
-            "/data/hello 0:0 4755 2", "/data/hello.hard 0:0 4755 2", "/data/sub 1000:50 750 2",
-            "/data/sub/x 1000:50 644 1", "hello", "y", "/nonexistent"], out
+            "/data/hello 0:0 4755 2",
+            "/data/hello.hard 0:0 4755 2",
+            "/data/sub 1000:50 750 2",
+            "/data/sub/x 1000:50 644 1",
+            "hello",
+            "y",
+            "/nonexistent",
+        ], out
     finally:
         buildah.run("rm", ctr)
 
@@ -282,8 +303,16 @@ def test_buildah_from_and_run(buildah: Buildah, exports: Exports, buildah_layout
 def test_skopeo_reads_what_rbuild_pushed_to_a_registry(rb: Runner, exports: Exports, registry: str) -> None:
     dfile = os.path.join(exports.out, "registry-digest")
     ref = f"{registry}/interop/image:1"
-    rb.run("push", "--tls-verify=false", "--digestfile", dfile, "--compression-format", "gzip",
-           "localhost/interop:1", f"docker://{ref}")
+    rb.run(
+        "push",
+        "--tls-verify=false",
+        "--digestfile",
+        dfile,
+        "--compression-format",
+        "gzip",
+        "localhost/interop:1",
+        f"docker://{ref}",
+    )
     with open(dfile) as f:
         digest = f.read().strip()
     info = json.loads(skopeo(rb, "inspect", "--tls-verify=false", f"docker://{ref}"))

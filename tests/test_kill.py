@@ -74,17 +74,27 @@ def _image(layers: list[bytes], n: int) -> tuple[dict[str, bytes], bytes]:
         blob = gzip.compress(raw, compresslevel=1, mtime=0)
         digest = "sha256:" + hashlib.sha256(blob).hexdigest()
         blobs[digest] = blob
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest,
-                      "size": len(blob)})
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": len(blob)})
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-    config = json.dumps({"architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
-                         "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Labels": {"base": str(n)}},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "2024-01-01T00:00:00Z",
+            "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "Labels": {"base": str(n)}},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    ).encode()
     cdigest = "sha256:" + hashlib.sha256(config).hexdigest()
     blobs[cdigest] = config
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdigest,
-                                      "size": len(config)}, "layers": descs}).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdigest, "size": len(config)},
+            "layers": descs,
+        }
+    ).encode()
     return blobs, manifest
 
 
@@ -104,13 +114,16 @@ def _push(registry: str, repo: str, blobs: dict[str, bytes], manifest: bytes) ->
             assert resp.status == 202, resp.status
             loc = urllib.parse.urlsplit(resp.getheader("Location") or "")
             query = (loc.query + "&" if loc.query else "") + "digest=" + urllib.parse.quote(digest)
-            conn.request("PUT", f"{loc.path}?{query}", body=data,
-                         headers={"Content-Type": "application/octet-stream"})
+            conn.request("PUT", f"{loc.path}?{query}", body=data, headers={"Content-Type": "application/octet-stream"})
             resp = conn.getresponse()
             resp.read()
             assert resp.status == 201, resp.status
-        conn.request("PUT", f"/v2/{repo}/manifests/1", body=manifest,
-                     headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+        conn.request(
+            "PUT",
+            f"/v2/{repo}/manifests/1",
+            body=manifest,
+            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+        )
         resp = conn.getresponse()
         resp.read()
         assert resp.status == 201, resp.status
@@ -123,10 +136,17 @@ def _layout(path: str, blobs: dict[str, bytes], manifest: bytes) -> None:
     for digest, data in {**blobs, "sha256:" + hashlib.sha256(manifest).hexdigest(): manifest}.items():
         with open(os.path.join(path, "blobs", "sha256", digest[7:]), "wb") as f:
             f.write(data)
-    index = {"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json",
-         "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(), "size": len(manifest),
-         "annotations": {"org.opencontainers.image.ref.name": "latest"}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(),
+                "size": len(manifest),
+                "annotations": {"org.opencontainers.image.ref.name": "latest"},
+            }
+        ],
+    }
     with open(os.path.join(path, "index.json"), "w") as f:
         json.dump(index, f)
     with open(os.path.join(path, "oci-layout"), "w") as f:
@@ -190,8 +210,13 @@ def _mounts_under(paths: list[str]) -> list[str]:
 def _leftovers(root: str, runtime: str) -> list[str]:
     """Temporary files and directories in the store and the runtime directory."""
     found = [os.path.join(root, "tmp", n) for n in os.listdir(os.path.join(root, "tmp"))]
-    for d in (root, os.path.join(root, "blobs"), os.path.join(root, "blobs", "sha256"),
-              os.path.join(root, "chains"), os.path.join(root, "cache")):
+    for d in (
+        root,
+        os.path.join(root, "blobs"),
+        os.path.join(root, "blobs", "sha256"),
+        os.path.join(root, "chains"),
+        os.path.join(root, "cache"),
+    ):
         found += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(TEMP_PREFIXES)]
     layers = set(os.listdir(os.path.join(root, "chains")))
     found += [os.path.join(root, "chains", n) for n in layers if not n.endswith(".json") and n + ".json" not in layers]
@@ -244,18 +269,20 @@ def _default_signals() -> None:
 
 
 def _build_argv(rb: Runner, ctx: str, registry: str, n: int, tag: str) -> list[str]:
-    return rb._prefix() + [rb.bin, "build", "--no-cache", "-t", f"{registry}/kill-{tag}/out{n}:1", "--push",
-                           ctx]
+    return rb._prefix() + [rb.bin, "build", "--no-cache", "-t", f"{registry}/kill-{tag}/out{n}:1", "--push", ctx]
 
 
 def _context(rb: Runner, base: str, n: int, rng: random.Random) -> str:
     user = "USER 0" if not rb.has_range else "USER app"
-    return rb.context({
-        "Containerfile": f"FROM {base}\nRUN for i in $(seq 1 150); do echo $i > /n$i; done; "
-                         f"dd if=/dev/urandom of=/big bs=64k count=16 2>/dev/null\nCOPY data /data\n"
-                         f"RUN rm /n1\n{user}\nRUN cat /data/* /opt/base{n}/f1 > /tmp/cat\n",
-        "data/a": "a" * 5000, "data/b": rng.randbytes(100000),
-    })
+    return rb.context(
+        {
+            "Containerfile": f"FROM {base}\nRUN for i in $(seq 1 150); do echo $i > /n$i; done; "
+            f"dd if=/dev/urandom of=/big bs=64k count=16 2>/dev/null\nCOPY data /data\n"
+            f"RUN rm /n1\n{user}\nRUN cat /data/* /opt/base{n}/f1 > /tmp/cat\n",
+            "data/a": "a" * 5000,
+            "data/b": rng.randbytes(100000),
+        }
+    )
 
 
 def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
@@ -270,8 +297,15 @@ def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
     # two whole builds first: the first pulls busybox, the second times a build like those to be killed
     for n in (0, 1):
         started = time.monotonic()
-        res = subprocess.run(_build_argv(rb, _context(rb, bases[n], n, rng), registry, n, tag), env=env,
-                             cwd=rb.base, capture_output=True, text=True, timeout=120, check=False)
+        res = subprocess.run(
+            _build_argv(rb, _context(rb, bases[n], n, rng), registry, n, tag),
+            env=env,
+            cwd=rb.base,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         duration = time.monotonic() - started
         assert res.returncode == 0, res.stderr
     hows = ["parent", "tree", "worker"]
@@ -281,9 +315,15 @@ def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
         how = hows[i % 3]
         where = f"seed {seed}, point {i}: {how} killed at {at:.2f}s of {duration:.2f}s"
         ctx = _context(rb, bases[n], n, rng)
-        proc = subprocess.Popen(_build_argv(rb, ctx, registry, n, tag), env=env, cwd=rb.base,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=_default_signals)
+        proc = subprocess.Popen(
+            _build_argv(rb, ctx, registry, n, tag),
+            env=env,
+            cwd=rb.base,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_default_signals,
+        )
         try:
             time.sleep(at)
             _kill(proc, how)
@@ -302,8 +342,15 @@ def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
         res = rb.run("check", root=root, check=False)
         assert res.returncode == 0, f"{where}: check failed:\n{res.stdout}{res.stderr}\nbuild said: {err!r}"
         assert _leftovers(root, runtime) == [], where
-        res = subprocess.run(_build_argv(rb, ctx, registry, n, tag), env=env, cwd=rb.base, capture_output=True,
-                             text=True, timeout=120, check=False)
+        res = subprocess.run(
+            _build_argv(rb, ctx, registry, n, tag),
+            env=env,
+            cwd=rb.base,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert res.returncode == 0, f"{where}: the next build failed:\n{res.stderr}"
         assert _leftovers(root, runtime) == [], where
     res = rb.run("check", root=root, check=False)

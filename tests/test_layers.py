@@ -40,9 +40,19 @@ def tmp() -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def add(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", mode: int = 0o644,
-        uid: int = 0, gid: int = 0, mtime: int = 1_600_000_000, link: str = "", dev: tuple[int, int] = (0, 0),
-        xattrs: dict[str, bytes] | None = None) -> None:
+def add(
+    tf: tarfile.TarFile,
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    data: bytes = b"",
+    mode: int = 0o644,
+    uid: int = 0,
+    gid: int = 0,
+    mtime: int = 1_600_000_000,
+    link: str = "",
+    dev: tuple[int, int] = (0, 0),
+    xattrs: dict[str, bytes] | None = None,
+) -> None:
     ti = tarfile.TarInfo(name)
     ti.type, ti.mode, ti.uid, ti.gid, ti.mtime, ti.linkname = kind, mode, uid, gid, mtime, link
     ti.uname = ti.gname = ""
@@ -55,8 +65,9 @@ def add(tf: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: byt
 
 def make_tar(build) -> bytes:  # type: ignore[no-untyped-def]
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8",
-                      errors="surrogateescape") as tf:
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tf:
         build(tf)
     return buf.getvalue()
 
@@ -65,8 +76,13 @@ def rich_layer(tf: tarfile.TarFile) -> None:
     """Every entry kind real images carry, with owners outside 0 and outside a 65536 subuid range."""
     D = tarfile.DIRTYPE
     add(tf, "bin", D, mode=0o755, mtime=1000)
-    add(tf, "bin/ping", data=b"\x7fELF ping", mode=0o755,
-        xattrs={"security.capability": CAP_NET_RAW, "user.note": b"kept"})
+    add(
+        tf,
+        "bin/ping",
+        data=b"\x7fELF ping",
+        mode=0o755,
+        xattrs={"security.capability": CAP_NET_RAW, "user.note": b"kept"},
+    )
     add(tf, "bin/su", data=b"su", mode=0o4755)
     add(tf, "bin/wall", data=b"wall", mode=0o2755, gid=5)
     add(tf, "dev", D, mode=0o755, mtime=2000)
@@ -106,9 +122,22 @@ def entries(data: bytes) -> list[tuple]:
             f = tf.extractfile(ti) if ti.isreg() else None
             body = hashlib.sha256(f.read()).hexdigest() if f else ""
             xattrs = sorted((k, v) for k, v in ti.pax_headers.items() if k.startswith("SCHILY.xattr."))
-            out.append((ti.name, ti.type, ti.mode, ti.uid, ti.gid, int(ti.mtime), ti.size, ti.linkname,
-                        ti.devmajor if ti.ischr() or ti.isblk() else 0,
-                        ti.devminor if ti.ischr() or ti.isblk() else 0, xattrs, body))
+            out.append(
+                (
+                    ti.name,
+                    ti.type,
+                    ti.mode,
+                    ti.uid,
+                    ti.gid,
+                    int(ti.mtime),
+                    ti.size,
+                    ti.linkname,
+                    ti.devmajor if ti.ischr() or ti.isblk() else 0,
+                    ti.devminor if ti.ischr() or ti.isblk() else 0,
+                    xattrs,
+                    body,
+                )
+            )
     return sorted(out)
 
 
@@ -237,6 +266,7 @@ def test_same_layer_whiteout_never_removes_what_the_layer_adds(tmp: str) -> None
         add(tf, "dir2", tarfile.DIRTYPE, mode=0o755)
         add(tf, ".wh.dir2")
         add(tf, ".wh.gone")
+
     d = os.path.join(tmp, "l")
     unpack_bytes(make_tar(build), d)
     assert open(d + "/keep", "rb").read() == b"1"
@@ -253,6 +283,7 @@ def test_directory_mtimes_set_after_contents(tmp: str) -> None:
         add(tf, "a", tarfile.DIRTYPE, mode=0o555, mtime=1234)
         add(tf, "a/f", data=b"x", mtime=99)
         add(tf, "a/.wh.old")
+
     d = os.path.join(tmp, "l")
     unpack_bytes(make_tar(build), d)
     assert os.stat(d + "/a").st_mtime == 1234 and os.stat(d + "/a/f").st_mtime == 99
@@ -272,14 +303,14 @@ def test_implicit_parent_copies_lower_dir_and_symlinked_lower_parent_is_refused(
     assert stat.S_IMODE(st.st_mode) == 0o711 and st.st_mtime == 777, "like overlay copy-up"
     for name in ("lib/x", "evil/passwd"):
         with pytest.raises(LayerError, match="is a symlink in a lower layer"):
-            unpack_bytes(make_tar(lambda tf, n=name: add(tf, n, data=b"x")), os.path.join(tmp, "x" + name[:3]),
-                         lowers=[lower])
+            unpack_bytes(
+                make_tar(lambda tf, n=name: add(tf, n, data=b"x")), os.path.join(tmp, "x" + name[:3]), lowers=[lower]
+            )
     # a whiteout in a higher layer hides the symlink: the path is free again
     upper = os.path.join(tmp, "upper")
     os.makedirs(upper)
     os.mknod(upper + "/evil", stat.S_IFCHR, 0)
-    unpack_bytes(make_tar(lambda tf: add(tf, "evil/passwd", data=b"x")), os.path.join(tmp, "ok"),
-                 lowers=[upper, lower])
+    unpack_bytes(make_tar(lambda tf: add(tf, "evil/passwd", data=b"x")), os.path.join(tmp, "ok"), lowers=[upper, lower])
     assert os.path.isfile(os.path.join(tmp, "ok/evil/passwd"))
 
 
@@ -351,8 +382,12 @@ def test_open_blob_formats_and_verification(tmp: str) -> None:
     data = make_tar(lambda tf: add(tf, "f", data=os.urandom(3000)))
     diff_id = "sha256:" + hashlib.sha256(data).hexdigest()
     import zstandard
-    blobs = {"plain": data, "gzip": gzip.compress(data[:1000]) + gzip.compress(data[1000:]),
-             "zstd": zstandard.ZstdCompressor().compress(data)}
+
+    blobs = {
+        "plain": data,
+        "gzip": gzip.compress(data[:1000]) + gzip.compress(data[1000:]),
+        "zstd": zstandard.ZstdCompressor().compress(data),
+    }
     for name, blob in blobs.items():
         path = os.path.join(tmp, name)
         with open(path, "wb") as f:
@@ -381,8 +416,9 @@ def test_compress_layer_deterministic_and_readable(tmp: str) -> None:
         a = compress.compress_layer(d, os.path.join(tmp, fmt + ".1"), fmt)
         b = compress.compress_layer(d, os.path.join(tmp, fmt + ".2"), fmt)
         assert a == b and a[2] == diff_id
-        c = compress.compress_file(os.path.join(tmp, fmt + ".1"), os.path.join(tmp, fmt + ".3"),
-                                   "zstd" if fmt == "gzip" else "gzip")
+        c = compress.compress_file(
+            os.path.join(tmp, fmt + ".1"), os.path.join(tmp, fmt + ".3"), "zstd" if fmt == "gzip" else "gzip"
+        )
         assert c[2] == diff_id
         with layers.open_blob(os.path.join(tmp, fmt + ".1"), digest=a[0], diff_id=diff_id) as r:
             assert hashlib.sha256(r.read()).hexdigest() == diff_id[7:]
@@ -394,12 +430,14 @@ def test_compress_layer_deterministic_and_readable(tmp: str) -> None:
 
 def test_zstd_output_independent_of_threads() -> None:
     import zstandard
-    data = (os.urandom(1 << 16) * 40 + bytes(8 << 20))
+
+    data = os.urandom(1 << 16) * 40 + bytes(8 << 20)
     outs = set()
     for threads in (1, 2, 4):
         c = zstandard.ZstdCompressor(level=3, threads=threads).compressobj()
-        outs.add(b"".join([c.compress(data[i:i + layers.CHUNK]) for i in range(0, len(data), layers.CHUNK)]
-                          + [c.flush()]))
+        outs.add(
+            b"".join([c.compress(data[i : i + layers.CHUNK]) for i in range(0, len(data), layers.CHUNK)] + [c.flush()])
+        )
     assert len(outs) == 1
 
 
@@ -414,6 +452,7 @@ def test_entries_replace_each_other_at_any_depth(tmp: str) -> None:
         add(tf, "a/x/y", tarfile.SYMTYPE, mode=0o777, link="../b")
         add(tf, "a/x/y", data=b"y")  # a symlink replaced by a file: written in place, not through it
         add(tf, "a/h", tarfile.LNKTYPE, link="a/x/y")
+
     d = os.path.join(tmp, "l")
     unpack_bytes(make_tar(build), d)
     assert open(d + "/a/b", "rb").read() == b"now a file"
@@ -433,8 +472,12 @@ def test_random_layers_are_contained_and_round_trip(tmp: str, data: st.DataObjec
     path = st.lists(comp, min_size=1, max_size=3).map("/".join)
     canary = os.path.join(tmp, "canary")
     os.makedirs(canary + "/a", exist_ok=True)
-    entry = st.tuples(st.sampled_from(["file", "dir", "sym", "link", "fifo"]), path,
-                      st.sampled_from(CANARY_TARGETS + [canary, canary + "/a"]), path)
+    entry = st.tuples(
+        st.sampled_from(["file", "dir", "sym", "link", "fifo"]),
+        path,
+        st.sampled_from(CANARY_TARGETS + [canary, canary + "/a"]),
+        path,
+    )
 
     def layer(entries: list[tuple[str, str, str, str]]) -> bytes:
         def build(tf: tarfile.TarFile) -> None:
@@ -449,6 +492,7 @@ def test_random_layers_are_contained_and_round_trip(tmp: str, data: st.DataObjec
                     add(tf, name, tarfile.LNKTYPE, link=other)
                 else:
                     add(tf, name, tarfile.FIFOTYPE)
+
         return make_tar(build)
 
     n = len(os.listdir(tmp))
@@ -504,6 +548,7 @@ def test_symlink_owner_record_follows_the_inode_not_the_name(tmp: str) -> None:
         with tarfile.open(fileobj=io.BytesIO(tar_of(d))) as tf:
             m = tf.getmember("dir/ln")
             return m.uid, m.gid
+
     assert owner() == (70001, 70002)
     os.unlink(d + "/dir/ln")
     with open(d + "/dir/keep-inode-busy", "w"):
@@ -514,17 +559,18 @@ def test_symlink_owner_record_follows_the_inode_not_the_name(tmp: str) -> None:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)),
-                      min_size=1, max_size=6))
+@given(
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), min_size=1, max_size=6)
+)
 def test_corrupted_tar_bytes_give_layer_errors_only(tmp: str, flips: list[tuple[int, int]]) -> None:
     """Damaged headers (checksums, sizes, PAX records, sparse maps) end in LayerError, never another error."""
     data = bytearray(make_tar(rich_layer))
     for pos, value in flips:
         data[pos % 6000] = value  # the headers and PAX records are up front
     for off in range(0, 6144, 512):  # keep checksums valid, so that damage gets past them
-        if data[off + 257:off + 262] == b"ustar":
-            data[off + 148:off + 156] = b"        "
-            data[off + 148:off + 156] = b"%06o\0 " % sum(data[off:off + 512])
+        if data[off + 257 : off + 262] == b"ustar":
+            data[off + 148 : off + 156] = b"        "
+            data[off + 148 : off + 156] = b"%06o\0 " % sum(data[off : off + 512])
     n = len(os.listdir(tmp))
     try:
         unpack_bytes(bytes(data), os.path.join(tmp, f"c{n}"))

@@ -52,8 +52,24 @@ def test_default_registry_for_unqualified_names() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "UPPER", "a//b", "a/", "/a", "a:", "a:-tag", "a@sha256:xyz", f"a@sha256:{'ab' * 31}", "a@md5:" + "ab" * 16,
-     "a b", "host:99999999999x/a", "a/B", "x" * 256, "-a", "a..b"],
+    [
+        "",
+        "UPPER",
+        "a//b",
+        "a/",
+        "/a",
+        "a:",
+        "a:-tag",
+        "a@sha256:xyz",
+        f"a@sha256:{'ab' * 31}",
+        "a@md5:" + "ab" * 16,
+        "a b",
+        "host:99999999999x/a",
+        "a/B",
+        "x" * 256,
+        "-a",
+        "a..b",
+    ],
 )
 def test_bad_references(text: str) -> None:
     with pytest.raises(RbuildError):
@@ -67,8 +83,16 @@ def test_uppercase_repository_message() -> None:
 
 @pytest.mark.parametrize(
     ("text", "qualified"),
-    [("alpine", False), ("alpine:3", False), ("library/alpine", False), ("quay.io/x", True),
-     ("localhost/x", True), ("host:5000/x", True), ("docker://quay.io/x", True), ("localhost", False)],
+    [
+        ("alpine", False),
+        ("alpine:3", False),
+        ("library/alpine", False),
+        ("quay.io/x", True),
+        ("localhost/x", True),
+        ("host:5000/x", True),
+        ("docker://quay.io/x", True),
+        ("localhost", False),
+    ],
 )
 def test_is_qualified(text: str, qualified: bool) -> None:
     assert is_qualified(text) is qualified

@@ -40,8 +40,8 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
 def _push(host: str, name: str, img: SampleImage | None = None, **options: object) -> None:
     img = img or make_image([2_000, 3_000])
     Registry(RegistryOptions(**options)).push(  # type: ignore[arg-type]
-        parse_reference(f"{host}/{name}"), img.manifest, img.media_type, img.config, img.config_bytes,
-        img.openers())
+        parse_reference(f"{host}/{name}"), img.manifest, img.media_type, img.config, img.config_bytes, img.openers()
+    )
 
 
 def _pull(host: str, name: str, dest: str, **options: object) -> None:
@@ -61,8 +61,11 @@ def basic() -> Iterator[RegistryServer]:
 
 def test_basic_auth_login_push_pull_logout(basic: RegistryServer, home: str, tmp_path: Path) -> None:
     authfile = Path(home, ".config", "containers", "auth.json")
-    with pytest.raises(RbuildError, match=rf"pushing {basic.host}/a/b:1: authentication required \(401\); "
-                                          rf"run rbuild login {basic.host}"):
+    with pytest.raises(
+        RbuildError,
+        match=rf"pushing {basic.host}/a/b:1: authentication required \(401\); "
+        rf"run rbuild login {basic.host}",
+    ):
         _push(basic.host, "a/b:1")
     with pytest.raises(RbuildError, match=rf"login to {basic.host}: authentication failed \(401\)") as bad:
         login(basic.host, "alice", "wrong", RegistryOptions())
@@ -92,11 +95,13 @@ def test_creds_option_and_explicit_authfile(basic: RegistryServer, tmp_path: Pat
     _push(basic.host, "c/d:2", authfile=authfile)
 
 
-def test_login_through_a_credential_helper(basic: RegistryServer, home: str, tmp_path: Path,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_login_through_a_credential_helper(
+    basic: RegistryServer, home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PATH", f"{credential_helper(str(tmp_path))}:{os.environ['PATH']}")
-    authfile = write(os.path.join(home, ".config", "containers", "auth.json"),
-                     json.dumps({"credHelpers": {basic.host: "rbtest"}}))
+    authfile = write(
+        os.path.join(home, ".config", "containers", "auth.json"), json.dumps({"credHelpers": {basic.host: "rbtest"}})
+    )
     with pytest.raises(RbuildError, match="authentication failed"):
         login(basic.host, "alice", "bad", RegistryOptions())
     login(basic.host, "alice", PASSWORD, RegistryOptions())
@@ -152,7 +157,9 @@ def test_token_flow_scopes_and_cache(tokens: tuple[TokenServer, RegistryServer],
     ts.requests.clear()
     _push(srv.host, "team/copy:1", img)  # its blobs are mounted: one token covers both repositories
     assert [r["scopes"] for r in ts.requests] == [
-        ["repository:team/copy:pull,push"], ["repository:team/copy:pull,push", "repository:team/other:pull"]]
+        ["repository:team/copy:pull,push"],
+        ["repository:team/copy:pull,push", "repository:team/other:pull"],
+    ]
 
 
 def test_token_anonymous_and_denied(tokens: tuple[TokenServer, RegistryServer], tmp_path: Path) -> None:
@@ -181,8 +188,11 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[CA, Registry
 
 def test_tls_untrusted_by_default(tls: tuple[CA, RegistryServer]) -> None:
     _, srv = tls
-    with pytest.raises(RbuildError, match=rf"cannot reach registry {srv.host}: TLS certificate not trusted "
-                                          rf"\(put its CA in .*certs.d/{srv.host}/ca.crt or --cert-dir"):
+    with pytest.raises(
+        RbuildError,
+        match=rf"cannot reach registry {srv.host}: TLS certificate not trusted "
+        rf"\(put its CA in .*certs.d/{srv.host}/ca.crt or --cert-dir",
+    ):
         _push(srv.host, "t/a:1")
 
 
@@ -199,8 +209,10 @@ def test_tls_cert_dir_and_user_certs_d(tls: tuple[CA, RegistryServer], home: str
 def test_tls_verify_false_and_insecure_registry(tls: tuple[CA, RegistryServer], home: str) -> None:
     _, srv = tls
     _push(srv.host, "t/b:1", tls_verify=False)
-    write(os.path.join(home, ".config", "containers", "registries.conf"),
-          f'[[registry]]\nlocation = "{srv.host}"\ninsecure = true\n')
+    write(
+        os.path.join(home, ".config", "containers", "registries.conf"),
+        f'[[registry]]\nlocation = "{srv.host}"\ninsecure = true\n',
+    )
     _push(srv.host, "t/b:2")
 
 

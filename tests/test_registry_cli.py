@@ -34,8 +34,7 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
 
 
 def skopeo(*args: str) -> str:
-    return subprocess.run(["skopeo", "--insecure-policy", *args], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(["skopeo", "--insecure-policy", *args], check=True, capture_output=True, text=True).stdout
 
 
 def seed_busybox(busybox: str, dest: str, creds: str | None = None) -> None:
@@ -67,15 +66,31 @@ def test_login_build_push_logout(rb: Runner, busybox: str, private: RegistryServ
         image = rb.build(ctx, "-t", f"{host}/app/pushed:1", "--push", root=root)
         assert image.startswith("sha256:")
         digest_file = os.path.join(rb.mkdir(), "digest")
-        res = rb.run("push", "--format", "docker", "--digestfile", digest_file, f"{host}/app/pushed:1",
-                     f"{host}/app/docker:1", root=root)
+        res = rb.run(
+            "push",
+            "--format",
+            "docker",
+            "--digestfile",
+            digest_file,
+            f"{host}/app/pushed:1",
+            f"{host}/app/docker:1",
+            root=root,
+        )
         assert PASSWORD not in res.stdout + res.stderr
-        raw = skopeo("inspect", "--tls-verify=false", f"--creds=alice:{PASSWORD}", "--raw",
-                     f"docker://{host}/app/docker:1").encode()
+        raw = skopeo(
+            "inspect", "--tls-verify=false", f"--creds=alice:{PASSWORD}", "--raw", f"docker://{host}/app/docker:1"
+        ).encode()
         assert json.loads(raw)["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
         assert Path(digest_file).read_text() == "sha256:" + hashlib.sha256(raw).hexdigest()
-        config = json.loads(skopeo("inspect", "--tls-verify=false", f"--creds=alice:{PASSWORD}", "--config",
-                                   f"docker://{host}/app/pushed:1"))
+        config = json.loads(
+            skopeo(
+                "inspect",
+                "--tls-verify=false",
+                f"--creds=alice:{PASSWORD}",
+                "--config",
+                f"docker://{host}/app/pushed:1",
+            )
+        )
         assert config["rootfs"]["diff_ids"]
 
         # Credentials are never written into an image or the store.
@@ -112,15 +127,34 @@ def test_pull_platform(rb: Runner, registry: str) -> None:
     client = Registry(RegistryOptions())
     entries = []
     for arch, img in images.items():
-        client.push(parse_reference(f"{registry}/cli/multi@{img.digest}"), img.manifest, img.media_type, img.config,
-                    img.config_bytes, img.openers())
-        entries.append({"mediaType": img.media_type, "digest": img.digest, "size": len(img.manifest),
-                        "platform": {"os": "linux", "architecture": arch}})
-    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                        "manifests": entries}).encode()
+        client.push(
+            parse_reference(f"{registry}/cli/multi@{img.digest}"),
+            img.manifest,
+            img.media_type,
+            img.config,
+            img.config_bytes,
+            img.openers(),
+        )
+        entries.append(
+            {
+                "mediaType": img.media_type,
+                "digest": img.digest,
+                "size": len(img.manifest),
+                "platform": {"os": "linux", "architecture": arch},
+            }
+        )
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+    ).encode()
     img = images["amd64"]
-    client.push(parse_reference(f"{registry}/cli/multi:1"), index, "application/vnd.oci.image.index.v1+json",
-                img.config, img.config_bytes, [])
+    client.push(
+        parse_reference(f"{registry}/cli/multi:1"),
+        index,
+        "application/vnd.oci.image.index.v1+json",
+        img.config,
+        img.config_bytes,
+        [],
+    )
     root = rb.fresh_root()
     for platform, arch in (("linux/arm64", "arm64"), ("linux/amd64", "amd64")):
         image_id = rb.run("pull", "--platform", platform, f"{registry}/cli/multi:1", root=root).stdout.strip()

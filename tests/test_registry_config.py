@@ -52,7 +52,10 @@ def test_short_names_default_to_docker_hub() -> None:
 def test_unqualified_search_in_order(home: str) -> None:
     write(conf_path(home), 'unqualified-search-registries = ["127.0.0.1:5000", "quay.io", "docker.io"]\n')
     assert [str(r) for r in resolve_names("tools/img:2")] == [
-        "127.0.0.1:5000/tools/img:2", "quay.io/tools/img:2", "docker.io/tools/img:2"]
+        "127.0.0.1:5000/tools/img:2",
+        "quay.io/tools/img:2",
+        "docker.io/tools/img:2",
+    ]
     assert [str(r) for r in resolve_names(f"img@{D}")][2] == f"docker.io/library/img@{D}"
 
 
@@ -64,10 +67,14 @@ def test_empty_search_list_is_an_error(home: str) -> None:
 
 def test_aliases_and_dropins_system_then_user(home: str, tmp_path: Path) -> None:
     write(os.path.join(tmp_path, "etc", "registries.conf"), 'unqualified-search-registries = ["a.example"]\n')
-    write(os.path.join(tmp_path, "etc", "registries.conf.d", "10-aliases.conf"),
-          '[aliases]\n"myimg" = "quay.io/team/myimg"\n"other" = "quay.io/x/other"\n')
-    write(os.path.join(home, ".config", "containers", "registries.conf.d", "20-user.conf"),
-          '[aliases]\n"other" = "ghcr.io/me/other"\n')
+    write(
+        os.path.join(tmp_path, "etc", "registries.conf.d", "10-aliases.conf"),
+        '[aliases]\n"myimg" = "quay.io/team/myimg"\n"other" = "quay.io/x/other"\n',
+    )
+    write(
+        os.path.join(home, ".config", "containers", "registries.conf.d", "20-user.conf"),
+        '[aliases]\n"other" = "ghcr.io/me/other"\n',
+    )
     assert [str(r) for r in resolve_names("myimg:3")] == ["quay.io/team/myimg:3"]
     assert [str(r) for r in resolve_names("other")] == ["ghcr.io/me/other:latest"]
     assert [str(r) for r in resolve_names("third")] == ["a.example/third:latest"]
@@ -81,13 +88,17 @@ def test_user_file_replaces_system_file(home: str, tmp_path: Path) -> None:
 
 def test_env_file_wins(home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(conf_path(home), 'unqualified-search-registries = ["user.example"]\n')
-    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF",
-                       write(os.path.join(tmp_path, "env.conf"), 'unqualified-search-registries = ["env.example"]\n'))
+    monkeypatch.setenv(
+        "CONTAINERS_REGISTRIES_CONF",
+        write(os.path.join(tmp_path, "env.conf"), 'unqualified-search-registries = ["env.example"]\n'),
+    )
     assert str(resolve_names("x")[0]) == "env.example/x:latest"
 
 
 def test_mirrors_rewrites_insecure_and_blocked(home: str) -> None:
-    write(conf_path(home), """
+    write(
+        conf_path(home),
+        """
 [[registry]]
 prefix = "docker.io"
 location = "docker.io"
@@ -110,11 +121,14 @@ blocked = true
 [[registry]]
 prefix = "*.wild.example"
 insecure = true
-""")
+""",
+    )
     conf = regconf.load_registries_conf()
     sources = conf.pull_sources(parse_reference("alpine"))
     assert [(str(s.ref), s.insecure) for s in sources] == [
-        ("mirror.local:5000/hub/library/alpine:latest", True), ("docker.io/library/alpine:latest", False)]
+        ("mirror.local:5000/hub/library/alpine:latest", True),
+        ("docker.io/library/alpine:latest", False),
+    ]
     pinned = conf.pull_sources(parse_reference(f"alpine@{D}"))
     assert [str(s.ref) for s in pinned][1] == f"digests.local/library/alpine@{D}"
     target = conf.push_target(parse_reference("example.com/team/app:1"))
@@ -128,8 +142,15 @@ insecure = true
         conf.push_target(parse_reference("bad.example/x"))
 
 
-@pytest.mark.parametrize("text", ['[registries.search]\nregistries = ["x"]\n', "not toml = = \n",
-                                  '[[registry]]\ninsecure = "yes"\nlocation = "x"\n', "[[registry]]\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[registries.search]\nregistries = ["x"]\n',
+        "not toml = = \n",
+        '[[registry]]\ninsecure = "yes"\nlocation = "x"\n',
+        "[[registry]]\n",
+    ],
+)
 def test_bad_registries_conf(home: str, text: str) -> None:
     write(conf_path(home), text)
     with pytest.raises(RbuildError, match="registries.conf"):
@@ -177,12 +198,21 @@ def test_auth_file_precedence(home: str, tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_lookup_specific_keys_and_docker_fallback(home: str) -> None:
-    write(os.path.join(home, ".docker", "config.json"), json.dumps({"auths": {
-        "https://index.docker.io/v1/": {"auth": _b64("hub:hubpw")},
-        "reg:5000": {"auth": _b64("docker:dpw")}}}))
-    write(os.path.join(home, ".config", "containers", "auth.json"), json.dumps({"auths": {
-        "reg:5000": {"auth": _b64("alice:apw")},
-        "reg:5000/team": {"auth": _b64("team:tpw")}}}))
+    write(
+        os.path.join(home, ".docker", "config.json"),
+        json.dumps(
+            {
+                "auths": {
+                    "https://index.docker.io/v1/": {"auth": _b64("hub:hubpw")},
+                    "reg:5000": {"auth": _b64("docker:dpw")},
+                }
+            }
+        ),
+    )
+    write(
+        os.path.join(home, ".config", "containers", "auth.json"),
+        json.dumps({"auths": {"reg:5000": {"auth": _b64("alice:apw")}, "reg:5000/team": {"auth": _b64("team:tpw")}}}),
+    )
     assert auth.lookup_credentials("docker.io") == auth.Credentials("hub", "hubpw")
     assert auth.lookup_credentials("reg:5000", "other/x") == auth.Credentials("alice", "apw")
     assert auth.lookup_credentials("reg:5000", "team/app") == auth.Credentials("team", "tpw")
@@ -206,8 +236,9 @@ def test_erase_refuses_docker_config_credentials(home: str) -> None:
 
 def test_credential_helper(home: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", f"{credential_helper(str(tmp_path))}:{os.environ['PATH']}")
-    authfile = write(os.path.join(home, ".config", "containers", "auth.json"),
-                     json.dumps({"credHelpers": {"reg:5000": "rbtest"}}))
+    authfile = write(
+        os.path.join(home, ".config", "containers", "auth.json"), json.dumps({"credHelpers": {"reg:5000": "rbtest"}})
+    )
     assert auth.store_credentials("reg:5000", "carol", "cpw") == "docker-credential-rbtest"
     assert "cpw" not in open(authfile).read()
     assert auth.lookup_credentials("reg:5000") == auth.Credentials("carol", "cpw")
@@ -223,8 +254,10 @@ def test_missing_helper_is_a_clear_error(home: str) -> None:
 
 
 def test_parse_challenge() -> None:
-    c = auth.parse_challenge('Bearer realm="https://auth.example/token",service="reg",'
-                             'scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope"')
+    c = auth.parse_challenge(
+        'Bearer realm="https://auth.example/token",service="reg",'
+        'scope="repository:a/b:pull,push repository:c:pull",error="insufficient_scope"'
+    )
     assert c is not None and c.scheme == "bearer"
     assert c.params["realm"] == "https://auth.example/token"
     assert c.params["scope"] == "repository:a/b:pull,push repository:c:pull"
@@ -246,15 +279,27 @@ def test_token_cache() -> None:
 
 
 def _index(*platforms: tuple[str, str, str]) -> dict:
-    return {"manifests": [
-        {"mediaType": OCI_MANIFEST, "digest": f"sha256:{i:064x}", "size": 1,
-         "platform": {"os": o, "architecture": a, **({"variant": v} if v else {})}}
-        for i, (o, a, v) in enumerate(platforms, 1)]}
+    return {
+        "manifests": [
+            {
+                "mediaType": OCI_MANIFEST,
+                "digest": f"sha256:{i:064x}",
+                "size": 1,
+                "platform": {"os": o, "architecture": a, **({"variant": v} if v else {})},
+            }
+            for i, (o, a, v) in enumerate(platforms, 1)
+        ]
+    }
 
 
 def test_platform_choice() -> None:
-    index = _index(("unknown", "unknown", ""), ("linux", "amd64", ""), ("linux", "arm64", "v8"),
-                   ("linux", "arm", "v6"), ("linux", "arm", "v7"))
+    index = _index(
+        ("unknown", "unknown", ""),
+        ("linux", "amd64", ""),
+        ("linux", "arm64", "v8"),
+        ("linux", "arm", "v6"),
+        ("linux", "arm", "v7"),
+    )
     assert choose_platform(index, parse_platform("linux/amd64"), "x").digest.endswith("2")
     assert choose_platform(index, parse_platform("linux/arm64"), "x").digest.endswith("3")
     assert choose_platform(index, parse_platform("linux/aarch64/v8"), "x").digest.endswith("3")
@@ -275,7 +320,9 @@ def test_convert_manifest_round_trip() -> None:
     assert mt == DOCKER_MANIFEST
     data = json.loads(docker)
     assert [layer["mediaType"] for layer in data["layers"]] == [
-        "application/vnd.docker.image.rootfs.diff.tar.gzip", "application/vnd.docker.image.rootfs.diff.tar"]
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.diff.tar",
+    ]
     assert data["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
     assert [layer["digest"] for layer in data["layers"]] == [d.digest for d in img.layers]
     oci, mt = convert_manifest(docker, "oci")
@@ -296,11 +343,28 @@ def test_cli_arguments() -> None:
     p = argparse.ArgumentParser()
     add_registry_arguments(p)
     add_pull_argument(p)
-    args = p.parse_args(["--tls-verify=false", "--cert-dir", "/c", "--authfile", "/a", "--platform",
-                         "linux/arm64", "--creds", "u:p", "--pull"])
+    args = p.parse_args(
+        [
+            "--tls-verify=false",
+            "--cert-dir",
+            "/c",
+            "--authfile",
+            "/a",
+            "--platform",
+            "linux/arm64",
+            "--creds",
+            "u:p",
+            "--pull",
+        ]
+    )
     opts = options_from_args(args)
     assert (opts.tls_verify, opts.cert_dir, opts.authfile, opts.platform, opts.creds) == (
-        False, "/c", "/a", "linux/arm64", "u:p")
+        False,
+        "/c",
+        "/a",
+        "linux/arm64",
+        "u:p",
+    )
     assert args.pull == "always"
     args = p.parse_args(["--tls-verify", "--pull=never"])
     assert args.tls_verify is True and args.pull == "never"

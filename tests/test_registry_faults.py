@@ -71,8 +71,9 @@ def assert_clean(dest: Path, img: SampleImage) -> None:
         assert rel.startswith("sha256/") and img.blobs["sha256:" + rel.split("/")[1]] == data, rel
 
 
-def test_dropped_connection_resumes_with_range(proxy: FaultProxy, pushed: tuple[Reference, SampleImage],
-                                               tmp_path: Path) -> None:
+def test_dropped_connection_resumes_with_range(
+    proxy: FaultProxy, pushed: tuple[Reference, SampleImage], tmp_path: Path
+) -> None:
     ref, img = pushed
     layer = img.layers[1].digest
     proxy.add(Fault("drop", path=layer))
@@ -81,8 +82,9 @@ def test_dropped_connection_resumes_with_range(proxy: FaultProxy, pushed: tuple[
     assert_complete(tmp_path / "b", img)
 
 
-def test_dropped_connection_restarts_when_range_is_ignored(proxy: FaultProxy, pushed: tuple[Reference, SampleImage],
-                                                           tmp_path: Path) -> None:
+def test_dropped_connection_restarts_when_range_is_ignored(
+    proxy: FaultProxy, pushed: tuple[Reference, SampleImage], tmp_path: Path
+) -> None:
     ref, img = pushed
     layer = img.layers[0].digest
     proxy.add(Fault("drop", path=layer))
@@ -109,8 +111,9 @@ def test_429_with_retry_after(proxy: FaultProxy, pushed: tuple[Reference, Sample
 
 
 @pytest.mark.parametrize("kind", ["truncate", "flip"])
-def test_corruption_once_is_refetched(proxy: FaultProxy, pushed: tuple[Reference, SampleImage], tmp_path: Path,
-                                      kind: str) -> None:
+def test_corruption_once_is_refetched(
+    proxy: FaultProxy, pushed: tuple[Reference, SampleImage], tmp_path: Path, kind: str
+) -> None:
     ref, img = pushed
     proxy.add(Fault(kind, path=img.layers[2].digest))
     pull(ref, tmp_path / "b")
@@ -119,8 +122,9 @@ def test_corruption_once_is_refetched(proxy: FaultProxy, pushed: tuple[Reference
 
 
 @pytest.mark.parametrize(("kind", "message"), [("truncate", "200000|bytes"), ("flip", "digest mismatch")])
-def test_persistent_corruption_is_a_clear_error(proxy: FaultProxy, pushed: tuple[Reference, SampleImage],
-                                                tmp_path: Path, kind: str, message: str) -> None:
+def test_persistent_corruption_is_a_clear_error(
+    proxy: FaultProxy, pushed: tuple[Reference, SampleImage], tmp_path: Path, kind: str, message: str
+) -> None:
     ref, img = pushed
     bad = img.layers[1].digest
     proxy.add(Fault(kind, path=bad, times=None))
@@ -139,8 +143,9 @@ def test_tampered_manifest(proxy: FaultProxy, pushed: tuple[Reference, SampleIma
         Registry(RegistryOptions()).resolve(ref)
 
 
-def test_persistent_500_names_reference_and_status(proxy: FaultProxy, pushed: tuple[Reference, SampleImage],
-                                                   tmp_path: Path) -> None:
+def test_persistent_500_names_reference_and_status(
+    proxy: FaultProxy, pushed: tuple[Reference, SampleImage], tmp_path: Path
+) -> None:
     ref, img = pushed
     r = Registry(RegistryOptions())
     remote = r.resolve(ref)
@@ -172,6 +177,5 @@ def test_push_persistent_failure_is_clear(proxy: FaultProxy) -> None:
     proxy.add(Fault("status", path="/blobs/uploads/", method="PUT", status=500, times=None))
     ref = parse_reference(f"{proxy.host}/faults/pushfail:v1")
     with pytest.raises(RbuildError, match=rf"pushing {ref}: uploading blob sha256:[0-9a-f]+: .*500"):
-        Registry(RegistryOptions()).push(ref, img.manifest, img.media_type, img.config, img.config_bytes,
-                                         img.openers())
+        Registry(RegistryOptions()).push(ref, img.manifest, img.media_type, img.config, img.config_bytes, img.openers())
     assert proxy.requests("PUT", "/manifests/") == []  # the manifest never goes up without its blobs

@@ -46,8 +46,9 @@ def test_rbuild_pushes_skopeo_pulls(server: RegistryServer, tmp_path: Path, fmt:
     manifest, media_type = convert_manifest(img.manifest, fmt)
     config = Descriptor(json.loads(manifest)["config"]["mediaType"], img.config.digest, img.config.size)
     ref = f"{server.host}/interop/rb-{fmt}:v1"
-    digest = Registry(RegistryOptions()).push(parse_reference(ref), manifest, media_type, config,
-                                              img.config_bytes, img.openers())
+    digest = Registry(RegistryOptions()).push(
+        parse_reference(ref), manifest, media_type, config, img.config_bytes, img.openers()
+    )
     assert skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{ref}").encode() == manifest
     inspect = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{ref}"))
     assert inspect["Digest"] == digest
@@ -73,13 +74,15 @@ def test_skopeo_pushes_rbuild_pulls(server: RegistryServer, tmp_path: Path, fmt:
     assert remote.manifest_digest == skopeo_digest
     assert json.loads(remote.config) == json.loads(img.config_bytes)
     r.fetch_blobs(parse_reference(ref), remote.layers, str(tmp_path / "blobs"))
-    assert blob_files(str(tmp_path / "blobs")) == {
-        d.digest.replace(":", "/"): img.blobs[d.digest] for d in img.layers}
+    assert blob_files(str(tmp_path / "blobs")) == {d.digest.replace(":", "/"): img.blobs[d.digest] for d in img.layers}
 
 
 def _images() -> dict[str, SampleImage]:
-    return {"amd64": make_image([3_000], arch="amd64"), "arm64": make_image([3_000], arch="arm64", variant="v8"),
-            "arm": make_image([3_000], arch="arm", variant="v7")}
+    return {
+        "amd64": make_image([3_000], arch="amd64"),
+        "arm64": make_image([3_000], arch="arm64", variant="v8"),
+        "arm": make_image([3_000], arch="arm", variant="v7"),
+    }
 
 
 def _check_platforms(host: str, name: str, images: dict[str, SampleImage], list_digest: str) -> None:
@@ -95,19 +98,27 @@ def _check_platforms(host: str, name: str, images: dict[str, SampleImage], list_
 @pytest.mark.parametrize("fmt", ["v2s2", "oci"])
 def test_buildah_manifest_list_by_platform(server: RegistryServer, tmp_path: Path, fmt: str) -> None:
     images = _images()
-    store = ["buildah", "--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"),
-             "--storage-driver", "vfs"]
+    store = ["buildah", "--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), "--storage-driver", "vfs"]
     run(*store, "manifest", "create", "mylist")
     for arch, img in images.items():
         img.write_layout(str(tmp_path / arch))
         variant = ["--variant", {"arm64": "v8", "arm": "v7"}[arch]] if arch != "amd64" else []
-        run(*store, "manifest", "add", "--os", "linux", "--arch", arch, *variant, "mylist",
-            f"oci:{tmp_path / arch}:latest")
+        run(
+            *store,
+            "manifest",
+            "add",
+            "--os",
+            "linux",
+            "--arch",
+            arch,
+            *variant,
+            "mylist",
+            f"oci:{tmp_path / arch}:latest",
+        )
     ref = f"{server.host}/interop/buildah-{fmt}:v1"
     run(*store, "manifest", "push", "--all", "--tls-verify=false", "--format", fmt, "mylist", f"docker://{ref}")
     raw = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{ref}").encode()
-    assert json.loads(raw)["mediaType"].endswith(
-        "manifest.list.v2+json" if fmt == "v2s2" else "image.index.v1+json")
+    assert json.loads(raw)["mediaType"].endswith("manifest.list.v2+json" if fmt == "v2s2" else "image.index.v1+json")
     _check_platforms(server.host, f"interop/buildah-{fmt}:v1", images, "sha256:" + hashlib.sha256(raw).hexdigest())
 
 
@@ -120,16 +131,29 @@ def test_skopeo_copies_a_hand_written_index(server: RegistryServer, tmp_path: Pa
         platform = {"os": "linux", "architecture": arch}
         if arch != "amd64":
             platform["variant"] = {"arm64": "v8", "arm": "v7"}[arch]
-        entries.append({"mediaType": img.media_type, "digest": img.digest, "size": len(img.manifest),
-                        "platform": platform})
-    index = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                        "manifests": entries}).encode()
+        entries.append(
+            {"mediaType": img.media_type, "digest": img.digest, "size": len(img.manifest), "platform": platform}
+        )
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+    ).encode()
     index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
     (layout / "blobs" / "sha256" / index_digest.split(":")[1]).write_bytes(index)
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.index.v1+json", "digest": index_digest, "size": len(index),
-         "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
+    (layout / "index.json").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": "application/vnd.oci.image.index.v1+json",
+                        "digest": index_digest,
+                        "size": len(index),
+                        "annotations": {"org.opencontainers.image.ref.name": "multi"},
+                    }
+                ],
+            }
+        )
+    )
     ref = f"{server.host}/interop/handmade:v1"
-    skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false", f"oci:{layout}:multi",
-           f"docker://{ref}")
+    skopeo("copy", "--all", "--preserve-digests", "--dest-tls-verify=false", f"oci:{layout}:multi", f"docker://{ref}")
     _check_platforms(server.host, "interop/handmade:v1", images, index_digest)

@@ -60,8 +60,9 @@ def two_hosts() -> Iterator[tuple[str, type[_Recorder], type[_Recorder]]]:
 
 
 def _client() -> RegistryHTTP:
-    return RegistryHTTP(RegistriesConf(), tls_verify=False, cert_dir=None, authfile=None,
-                        creds=auth.Credentials("alice", "s3cret"))
+    return RegistryHTTP(
+        RegistriesConf(), tls_verify=False, cert_dir=None, authfile=None, creds=auth.Credentials("alice", "s3cret")
+    )
 
 
 def test_upload_location_on_another_host_gets_no_credentials(two_hosts: tuple) -> None:
@@ -78,8 +79,7 @@ def test_token_realm_named_by_a_redirect_target_gets_nothing(two_hosts: tuple) -
     registry, own, other = two_hosts
     http_ = _client()
     with pytest.raises(RbuildError):
-        resp = http_.request("GET", registry, "/other", what="blob", scopes=["repository:x/y:pull"],
-                             repository="x/y")
+        resp = http_.request("GET", registry, "/other", what="blob", scopes=["repository:x/y:pull"], repository="x/y")
         if resp.status_code == 401:
             raise RbuildError("refused")
     assert all(path.split("?")[0] != "/token" for _, path, _ in other.seen)

@@ -59,8 +59,12 @@ def home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
 
 def push(host: str, name: str, img: SampleImage, **options: object) -> Reference:
     ref = parse_reference(f"{host}/{name}")
-    assert Registry(RegistryOptions(**options)).push(  # type: ignore[arg-type]
-        ref, img.manifest, img.media_type, img.config, img.config_bytes, img.openers()) == img.digest
+    assert (
+        Registry(RegistryOptions(**options)).push(  # type: ignore[arg-type]
+            ref, img.manifest, img.media_type, img.config, img.config_bytes, img.openers()
+        )
+        == img.digest
+    )
     return ref
 
 
@@ -95,17 +99,28 @@ def test_docker_v2s2_manifest(server: RegistryServer) -> None:
 
 @pytest.mark.parametrize("index_type", [OCI_INDEX, DOCKER_LIST])
 def test_index_platform_selection(server: RegistryServer, index_type: str) -> None:
-    images = {"amd64": make_image([1000], arch="amd64"), "arm64": make_image([1000], arch="arm64", variant="v8"),
-              "arm": make_image([1000], arch="arm", variant="v7")}
+    images = {
+        "amd64": make_image([1000], arch="amd64"),
+        "arm64": make_image([1000], arch="arm64", variant="v8"),
+        "arm": make_image([1000], arch="arm", variant="v7"),
+    }
     r = Registry(RegistryOptions())
     entries = []
     for arch, img in images.items():
-        r.push(parse_reference(f"{server.host}/multi/app@{img.digest}"), img.manifest, img.media_type,
-               img.config, img.config_bytes, img.openers())
-        plat = {"os": "linux", "architecture": arch, **({"variant": "v8" if arch == "arm64" else "v7"}
-                                                          if arch != "amd64" else {})}
-        entries.append({"mediaType": img.media_type, "digest": img.digest, "size": len(img.manifest),
-                        "platform": plat})
+        r.push(
+            parse_reference(f"{server.host}/multi/app@{img.digest}"),
+            img.manifest,
+            img.media_type,
+            img.config,
+            img.config_bytes,
+            img.openers(),
+        )
+        plat = {
+            "os": "linux",
+            "architecture": arch,
+            **({"variant": "v8" if arch == "arm64" else "v7"} if arch != "amd64" else {}),
+        }
+        entries.append({"mediaType": img.media_type, "digest": img.digest, "size": len(img.manifest), "platform": plat})
     index = json.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": entries}).encode()
     ref = parse_reference(f"{server.host}/multi/app:{'oci' if index_type == OCI_INDEX else 'docker'}")
     r.push(ref, index, index_type, images["amd64"].config, images["amd64"].config_bytes, [])
@@ -169,9 +184,11 @@ def test_concurrent_processes_share_downloads(proxy: FaultProxy, tmp_path: Path)
     ref = push(proxy.host, "pull/procs:v1", img)
     dest = str(tmp_path / "blobs")
     layers = json.dumps([d.__dict__ for d in img.layers])
-    code = ("import json, sys; from rootless.registry import *; from rootless.reference import parse_reference;"
-            f"Registry(RegistryOptions()).fetch_blobs(parse_reference({str(ref)!r}),"
-            f"[Descriptor(**d) for d in json.loads({layers!r})], {dest!r})")
+    code = (
+        "import json, sys; from rootless.registry import *; from rootless.reference import parse_reference;"
+        f"Registry(RegistryOptions()).fetch_blobs(parse_reference({str(ref)!r}),"
+        f"[Descriptor(**d) for d in json.loads({layers!r})], {dest!r})"
+    )
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(3)]
     assert [p.wait(60) for p in procs] == [0, 0, 0]
     for layer in img.layers:
@@ -230,15 +247,27 @@ def test_chunked_upload_for_large_blobs(proxy: FaultProxy, monkeypatch: pytest.M
 def test_push_by_digest_must_match(server: RegistryServer) -> None:
     img = make_image([100])
     with pytest.raises(RbuildError, match="does not match the reference"):
-        Registry(RegistryOptions()).push(parse_reference(f"{server.host}/x/y@sha256:{'0' * 64}"), img.manifest,
-                                         img.media_type, img.config, img.config_bytes, img.openers())
+        Registry(RegistryOptions()).push(
+            parse_reference(f"{server.host}/x/y@sha256:{'0' * 64}"),
+            img.manifest,
+            img.media_type,
+            img.config,
+            img.config_bytes,
+            img.openers(),
+        )
 
 
 def test_push_rejects_unknown_blob_clearly(server: RegistryServer) -> None:
     img = make_image([100, 100])
     with pytest.raises(RbuildError, match=r"pushing .*push/missing:v1: manifest rejected: 400"):
-        Registry(RegistryOptions()).push(parse_reference(f"{server.host}/push/missing:v1"), img.manifest,
-                                         img.media_type, img.config, img.config_bytes, img.openers()[:1])
+        Registry(RegistryOptions()).push(
+            parse_reference(f"{server.host}/push/missing:v1"),
+            img.manifest,
+            img.media_type,
+            img.config,
+            img.config_bytes,
+            img.openers()[:1],
+        )
 
 
 def test_non_distributable_layer_from_urls(server: RegistryServer, tmp_path: Path) -> None:
@@ -246,10 +275,20 @@ def test_non_distributable_layer_from_urls(server: RegistryServer, tmp_path: Pat
     foreign = make_image([7_000], seed=3).layers[0]
     foreign_bytes = make_image([7_000], seed=3).blobs[foreign.digest]
     with file_server({"/layer.tar.gz": foreign_bytes}) as url:
-        layer = Descriptor("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", foreign.digest,
-                           foreign.size, urls=[f"{url}/missing", f"{url}/layer.tar.gz"])
-        manifest = json.dumps({"schemaVersion": 2, "mediaType": base.media_type, "config": base.config.to_json(),
-                               "layers": [layer.to_json()]}).encode()
+        layer = Descriptor(
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            foreign.digest,
+            foreign.size,
+            urls=[f"{url}/missing", f"{url}/layer.tar.gz"],
+        )
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": base.media_type,
+                "config": base.config.to_json(),
+                "layers": [layer.to_json()],
+            }
+        ).encode()
         ref = parse_reference(f"{server.host}/foreign/img:v1")
         r = Registry(RegistryOptions())
         r.push(ref, manifest, base.media_type, base.config, base.config_bytes, [])
@@ -293,14 +332,17 @@ def test_mirror_then_primary_and_search_order(server: RegistryServer, home: str)
     img = make_image([1_000])
     push(server.host, "mirrored/app:v1", img)
     with docker_registry() as mirror:
-        write(os.path.join(home, ".config", "containers", "registries.conf"), f"""
+        write(
+            os.path.join(home, ".config", "containers", "registries.conf"),
+            f"""
 unqualified-search-registries = ["{mirror.host}", "{server.host}"]
 [[registry]]
 prefix = "{server.host}/mirrored"
 location = "{server.host}/mirrored"
 [[registry.mirror]]
 location = "{mirror.host}/copy"
-""")
+""",
+        )
         remote = Registry(RegistryOptions()).resolve(parse_reference(f"{server.host}/mirrored/app:v1"))
         assert remote.source == parse_reference(f"{server.host}/mirrored/app:v1")
         push(mirror.host, "copy/app:v1", img)
@@ -335,10 +377,12 @@ def test_progress_lines() -> None:
 
 
 def test_registry_import_is_lazy() -> None:
-    code = ("import sys, rootless.registry, rootless.reference;"
-            "bad = [m for m in ('requests', 'urllib3', 'oras', 'jsonschema', 'ssl', 'rootless.registry_client')"
-            " if m in sys.modules];"
-            "assert not bad, bad")
+    code = (
+        "import sys, rootless.registry, rootless.reference;"
+        "bad = [m for m in ('requests', 'urllib3', 'oras', 'jsonschema', 'ssl', 'rootless.registry_client')"
+        " if m in sys.modules];"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

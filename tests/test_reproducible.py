@@ -23,16 +23,21 @@ ENV GREETING=hi
 
 
 def build_and_push(runner: Any, base: str, *extra: str, env: dict[str, str] | None = None) -> dict[str, str]:
-    ctx = runner.context({"Containerfile": CONTAINERFILE.format(base=base), "files/a.txt": "a\n",
-                          "files/dir/b.bin": bytes(range(256)) * 100, "files/script.sh": "#!/bin/sh\necho\n"})
+    ctx = runner.context(
+        {
+            "Containerfile": CONTAINERFILE.format(base=base),
+            "files/a.txt": "a\n",
+            "files/dir/b.bin": bytes(range(256)) * 100,
+            "files/script.sh": "#!/bin/sh\necho\n",
+        }
+    )
     os.chmod(os.path.join(ctx, "files/script.sh"), 0o755)
     image = runner.build(ctx, *extra, env=env)
     digests = {}
     for fmt in ("gzip", "zstd"):
         out = runner.mkdir()
         digestfile = os.path.join(out, "digest")
-        runner.run("push", "-q", "--compression-format", fmt, "--digestfile", digestfile, image,
-                   f"oci:{out}/layout")
+        runner.run("push", "-q", "--compression-format", fmt, "--digestfile", digestfile, image, f"oci:{out}/layout")
         with open(digestfile) as f:
             digests[fmt] = f.read().strip()
         with open(os.path.join(out, "layout", "index.json")) as f:
@@ -63,6 +68,7 @@ def layer_entries(layout: str, digest_file: str) -> tuple[dict[str, Any], list[l
     def blob(digest: str) -> bytes:
         with open(os.path.join(layout, "blobs", "sha256", digest.split(":")[1]), "rb") as f:
             return f.read()
+
     with open(digest_file) as f:
         manifest = json.loads(blob(f.read().strip()))
     config = json.loads(blob(manifest["config"]["digest"]))
@@ -75,14 +81,16 @@ def layer_entries(layout: str, digest_file: str) -> tuple[dict[str, Any], list[l
 
 def push_layout(runner: Any, image: str) -> tuple[dict[str, Any], list[list[tuple[str, int, int]]]]:
     out = runner.mkdir()
-    runner.run("push", "-q", "--compression-format", "gzip", "--digestfile", f"{out}/digest", image,
-               f"oci:{out}/layout")
+    runner.run(
+        "push", "-q", "--compression-format", "gzip", "--digestfile", f"{out}/digest", image, f"oci:{out}/layout"
+    )
     return layer_entries(f"{out}/layout", f"{out}/digest")
 
 
 def test_timestamp_sets_every_new_entry_and_created(rb: Any, busybox: str) -> None:
-    ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY a.txt /a.txt\nRUN mkdir -p /x/y && touch /x/y/z\n",
-                      "a.txt": "a\n"})
+    ctx = rb.context(
+        {"Containerfile": f"FROM oci:{busybox}\nCOPY a.txt /a.txt\nRUN mkdir -p /x/y && touch /x/y/z\n", "a.txt": "a\n"}
+    )
     config, layers = push_layout(rb, rb.build(ctx, "--timestamp", "1234567"))
     assert config["created"].startswith("1970-01-15T06:56:07")
     assert all(h["created"].startswith("1970-01-15T06:56:07") for h in config["history"][-2:])
@@ -92,8 +100,9 @@ def test_timestamp_sets_every_new_entry_and_created(rb: Any, busybox: str) -> No
 
 
 def test_source_date_epoch_clamps_only_newer_mtimes(rb: Any, busybox: str) -> None:
-    ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY old.txt new.txt /d/\n", "old.txt": "o\n",
-                      "new.txt": "n\n"})
+    ctx = rb.context(
+        {"Containerfile": f"FROM oci:{busybox}\nCOPY old.txt new.txt /d/\n", "old.txt": "o\n", "new.txt": "n\n"}
+    )
     os.utime(os.path.join(ctx, "old.txt"), (1000, 1000))
     _, layers = push_layout(rb, rb.build(ctx, env={"SOURCE_DATE_EPOCH": SDE}))
     mtimes = dict((n, m) for n, m, _ in layers[-1])

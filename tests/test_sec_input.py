@@ -74,7 +74,7 @@ def _old_ignore_regex(pattern: str) -> re.Pattern[str]:
             if j < 0:
                 out += re.escape(c)
             else:
-                body = pattern[i + 1:j].replace("\\", "\\\\")
+                body = pattern[i + 1 : j].replace("\\", "\\\\")
                 if body.startswith("^"):
                     body = "!" + body[1:]
                 out += "[" + ("^" + body[1:] if body.startswith("!") else body) + "]"
@@ -90,8 +90,14 @@ def _old_ignore_regex(pattern: str) -> re.Pattern[str]:
 
 def test_ignore_class_with_a_closing_bracket_first() -> None:
     rules = copyfiles.patterns_to_rules(["[]x]", "[!]a-z]y"], lambda n: "x")
-    assert [copyfiles.ignored(p, rules) for p in ("]", "x", "[]x]", "By", "]y", "by")] == [True, True, False, True,
-                                                                                          False, False]
+    assert [copyfiles.ignored(p, rules) for p in ("]", "x", "[]x]", "By", "]y", "by")] == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
     with pytest.raises(copyfiles.RbuildError, match="^where: invalid pattern"):
         copyfiles.patterns_to_rules(["ok", "[z-a]"], lambda n: "where")
 
@@ -110,13 +116,13 @@ def test_shell_trims_match_the_regex(pattern: str, value: str, greedy: bool) -> 
             shell._trim_prefix(pattern, value, greedy)
         return
     m = rx.search(value)
-    assert shell._trim_prefix(pattern, value, greedy) == (value[m.end():] if m else value)
+    assert shell._trim_prefix(pattern, value, greedy) == (value[m.end() :] if m else value)
     rev = shell._reverse_pattern(pattern)
     try:
         m = _old_shell_regex(rev, greedy, True).search(value[::-1])
     except shell.ShellError:
         return
-    want = (value[::-1][m.end():] if m else value[::-1])[::-1]
+    want = (value[::-1][m.end() :] if m else value[::-1])[::-1]
     assert shell._trim_suffix(pattern, value, greedy) == want
 
 
@@ -171,8 +177,13 @@ print("done")
 
 def test_crafted_patterns_finish() -> None:
     """A hang guard, not a timing: the old regexes took hours on these; 20 s is plenty for linear work."""
-    res = subprocess.run([sys.executable, "-c", _HANG], capture_output=True, text=True, timeout=20,
-                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    res = subprocess.run(
+        [sys.executable, "-c", _HANG],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert res.returncode == 0 and res.stdout.strip() == "done", res.stderr
 
 
@@ -218,11 +229,23 @@ def symlinks(rb: Runner, ctx: str, links: dict[str, str]) -> None:
 
 # --- 7: .dockerignore'd files stay invisible through symlinks ----------------------------------------------
 
-SECRETS = {".env": "AWS_SECRET=hunter2\n", "secrets/key": "topsecret\n", "secrets/pub": "public\n",
-           "dir/ok": "ok\n", "pubdir/ok": "ok\n", "pubdir/secret": "topsecret2\n",
-           ".dockerignore": ".env\nsecrets\n!secrets/pub\npubdir/secret\n"}
-SECRET_LINKS = {"env-link": ".env", "sec-link": "secrets", "abs-link": "/.env", "dir/link": "../.env",
-                "dir/sec": "../secrets", "pub-link": "pubdir"}
+SECRETS = {
+    ".env": "AWS_SECRET=hunter2\n",
+    "secrets/key": "topsecret\n",
+    "secrets/pub": "public\n",
+    "dir/ok": "ok\n",
+    "pubdir/ok": "ok\n",
+    "pubdir/secret": "topsecret2\n",
+    ".dockerignore": ".env\nsecrets\n!secrets/pub\npubdir/secret\n",
+}
+SECRET_LINKS = {
+    "env-link": ".env",
+    "sec-link": "secrets",
+    "abs-link": "/.env",
+    "dir/link": "../.env",
+    "dir/sec": "../secrets",
+    "pub-link": "pubdir",
+}
 
 
 def secret_context(rb: Runner, busybox: str, body: str) -> str:
@@ -231,21 +254,24 @@ def secret_context(rb: Runner, busybox: str, body: str) -> str:
     return ctx
 
 
-@pytest.mark.parametrize("body", [
-    "COPY env-link /x\n",
-    "COPY abs-link /x\n",
-    "COPY sec-link/ /x/\n",
-    "COPY sec-link/key /x\n",
-    "COPY sec-l*/key /x\n",
-    "COPY sec-link/k* /x/\n",
-    "COPY dir/sec/key /x\n",
-    "COPY env-l* /x/\n",
-    "COPY --parents sec-link/key /x/\n",
-    "ADD env-link /x\n",
-    "RUN --mount=type=bind,source=env-link,target=/s cat /s\n",
-    "RUN --mount=type=bind,source=sec-link,target=/s cat /s/key\n",
-    "RUN --mount=type=bind,source=dir/sec/key,target=/s cat /s\n",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "COPY env-link /x\n",
+        "COPY abs-link /x\n",
+        "COPY sec-link/ /x/\n",
+        "COPY sec-link/key /x\n",
+        "COPY sec-l*/key /x\n",
+        "COPY sec-link/k* /x/\n",
+        "COPY dir/sec/key /x\n",
+        "COPY env-l* /x/\n",
+        "COPY --parents sec-link/key /x/\n",
+        "ADD env-link /x\n",
+        "RUN --mount=type=bind,source=env-link,target=/s cat /s\n",
+        "RUN --mount=type=bind,source=sec-link,target=/s cat /s/key\n",
+        "RUN --mount=type=bind,source=dir/sec/key,target=/s cat /s\n",
+    ],
+)
 def test_a_symlink_cannot_reach_an_ignored_file(rb: Runner, busybox: str, body: str) -> None:
     ctx = secret_context(rb, busybox, body)
     res = rb.run("build", "--no-cache", ctx, check=False)
@@ -254,14 +280,20 @@ def test_a_symlink_cannot_reach_an_ignored_file(rb: Runner, busybox: str, body: 
 
 
 def test_copy_and_bind_of_the_context_keep_symlinks_and_hide_ignored_targets(rb: Runner, busybox: str) -> None:
-    probe = ("RUN --mount=type=bind,target=/ctx sh -c 'cat /ctx/env-link /ctx/abs-link /ctx/sec-link/key "
-             "/ctx/dir/link /ctx/dir/sec/key; test ! -e /ctx/env-link && test ! -e /ctx/sec-link/key && "
-             "test ! -e /ctx/dir/link && cat /ctx/sec-link/pub /ctx/dir/ok > /seen'\n"
-             "RUN --mount=type=bind,source=dir,target=/d,rw sh -c 'cat /d/link /d/sec/key; test ! -e /d/link'\n"
-             "RUN --mount=type=bind,source=pub-link,target=/pl sh -c 'cat /pl/secret; test ! -e /pl/secret && "
-             "cat /pl/ok > /seen-pl'\n")
-    ctx = secret_context(rb, busybox, "COPY . /all/\nCOPY dir/ /d/\nCOPY sec-link/pub /p\nCOPY sec-link/p* /g/\n"
-                         "COPY pub-link/ /pl/\nCOPY pub-link/* /pg/\n" + probe)
+    probe = (
+        "RUN --mount=type=bind,target=/ctx sh -c 'cat /ctx/env-link /ctx/abs-link /ctx/sec-link/key "
+        "/ctx/dir/link /ctx/dir/sec/key; test ! -e /ctx/env-link && test ! -e /ctx/sec-link/key && "
+        "test ! -e /ctx/dir/link && cat /ctx/sec-link/pub /ctx/dir/ok > /seen'\n"
+        "RUN --mount=type=bind,source=dir,target=/d,rw sh -c 'cat /d/link /d/sec/key; test ! -e /d/link'\n"
+        "RUN --mount=type=bind,source=pub-link,target=/pl sh -c 'cat /pl/secret; test ! -e /pl/secret && "
+        "cat /pl/ok > /seen-pl'\n"
+    )
+    ctx = secret_context(
+        rb,
+        busybox,
+        "COPY . /all/\nCOPY dir/ /d/\nCOPY sec-link/pub /p\nCOPY sec-link/p* /g/\n"
+        "COPY pub-link/ /pl/\nCOPY pub-link/* /pg/\n" + probe,
+    )
     out = rb.mkdir()
     res = rb.run("build", "-t", "symsecret", ctx)
     assert "hunter2" not in res.stderr and "topsecret" not in res.stderr
@@ -270,8 +302,13 @@ def test_copy_and_bind_of_the_context_keep_symlinks_and_hide_ignored_targets(rb:
     assert b"hunter2" not in data and b"topsecret" not in data
     tree = flatten(f"{out}/l")
     assert tree["seen"] == ("file", b"public\nok\n")
-    for link, target in (("all/env-link", b".env"), ("all/sec-link", b"secrets"), ("all/dir/link", b"../.env"),
-                         ("d/link", b"../.env"), ("d/sec", b"../secrets")):
+    for link, target in (
+        ("all/env-link", b".env"),
+        ("all/sec-link", b"secrets"),
+        ("all/dir/link", b"../.env"),
+        ("d/link", b"../.env"),
+        ("d/sec", b"../secrets"),
+    ):
         assert tree[link] == ("symlink", target)  # copied as links, not followed
     assert tree["p"] == ("file", b"public\n") and tree["g/pub"] == ("file", b"public\n")
     assert tree["pl/ok"] == tree["pg/ok"] == tree["seen-pl"] == ("file", b"ok\n")
@@ -283,17 +320,26 @@ def test_copy_and_bind_of_the_context_keep_symlinks_and_hide_ignored_targets(rb:
 
 
 def test_rw_file_bind_writes_to_a_throwaway_copy(rb: Runner, busybox: str) -> None:
-    run = ("RUN --mount=type=bind,source=config,target=/cfg,rw --mount=type=bind,source=run.sh,target=/r.sh,rw "
-           "--mount=type=bind,source=ro,target=/ro sh -c '"
-           "echo hijacked >> /cfg && chmod 4755 /cfg /r.sh && echo more > /r.sh && "
-           "grep -q hijacked /cfg && test -u /cfg && cat /r.sh > /seen-r && "  # the step sees its own writes
-           "! chmod 4755 /ro 2>/dev/null && ! sh -c \"echo x >> /ro\" 2>/dev/null && "
-           "grep \" /ro \" /proc/self/mountinfo > /ro-mount'\n")
-    ctx = rb.context({"Containerfile": cf(busybox, run), "config": "[core]\n\tbare = false\n",
-                      "run.sh": "#!/bin/sh\necho hi\n", "ro": "read only\n"})
+    run = (
+        "RUN --mount=type=bind,source=config,target=/cfg,rw --mount=type=bind,source=run.sh,target=/r.sh,rw "
+        "--mount=type=bind,source=ro,target=/ro sh -c '"
+        "echo hijacked >> /cfg && chmod 4755 /cfg /r.sh && echo more > /r.sh && "
+        "grep -q hijacked /cfg && test -u /cfg && cat /r.sh > /seen-r && "  # the step sees its own writes
+        '! chmod 4755 /ro 2>/dev/null && ! sh -c "echo x >> /ro" 2>/dev/null && '
+        'grep " /ro " /proc/self/mountinfo > /ro-mount\'\n'
+    )
+    ctx = rb.context(
+        {
+            "Containerfile": cf(busybox, run),
+            "config": "[core]\n\tbare = false\n",
+            "run.sh": "#!/bin/sh\necho hi\n",
+            "ro": "read only\n",
+        }
+    )
     os.chmod(os.path.join(ctx, "run.sh"), 0o755)
-    before = {n: (os.lstat(os.path.join(ctx, n)), open(os.path.join(ctx, n), "rb").read())
-              for n in ("config", "run.sh", "ro")}
+    before = {
+        n: (os.lstat(os.path.join(ctx, n)), open(os.path.join(ctx, n), "rb").read()) for n in ("config", "run.sh", "ro")
+    }
     out = rb.mkdir()
     rb.run("build", "-t", "rwfile", ctx)
     for name, (was, data) in before.items():
@@ -309,14 +355,17 @@ def test_rw_file_bind_writes_to_a_throwaway_copy(rb: Runner, busybox: str) -> No
     assert b"ro" in options and b"nosuid" in options and b"nodev" in options
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("RUN ln -s /nonexistent /x\nRUN --mount=type=tmpfs,target=/x/y true\n", "/x is a symbolic link to nothing"),
-    ("RUN ln -s /nonexistent /x\nRUN --mount=type=bind,source=f,target=/x true\n", "/x is a symbolic link"),
-    ("RUN ln -s /nope /c\nRUN --mount=type=cache,target=/c/d true\n", "/c is a symbolic link to nothing"),
-    ("RUN --mount=type=tmpfs,target=/etc/passwd/y true\n", "/etc/passwd is not a directory"),
-    ("RUN ln -s /b /a && ln -s /a /b\nRUN --mount=type=tmpfs,target=/a/x true\n", "too many levels of symbolic"),
-    ("RUN --mount=type=bind,source=fifo,target=/f true\n", "only a directory or a regular file"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("RUN ln -s /nonexistent /x\nRUN --mount=type=tmpfs,target=/x/y true\n", "/x is a symbolic link to nothing"),
+        ("RUN ln -s /nonexistent /x\nRUN --mount=type=bind,source=f,target=/x true\n", "/x is a symbolic link"),
+        ("RUN ln -s /nope /c\nRUN --mount=type=cache,target=/c/d true\n", "/c is a symbolic link to nothing"),
+        ("RUN --mount=type=tmpfs,target=/etc/passwd/y true\n", "/etc/passwd is not a directory"),
+        ("RUN ln -s /b /a && ln -s /a /b\nRUN --mount=type=tmpfs,target=/a/x true\n", "too many levels of symbolic"),
+        ("RUN --mount=type=bind,source=fifo,target=/f true\n", "only a directory or a regular file"),
+    ],
+)
 def test_bad_mount_targets_are_one_located_error(rb: Runner, busybox: str, body: str, needle: str) -> None:
     ctx = rb.context({"Containerfile": cf(busybox, body), "f": "f\n"})
     os.mkfifo(os.path.join(ctx, "fifo"))
@@ -337,8 +386,11 @@ def _leaks(res: subprocess.CompletedProcess) -> bool:
 @pytest.mark.parametrize("name", ["Containerfile", "Dockerfile", ".dockerignore", ".containerignore"])
 def test_context_files_cannot_lead_out_of_the_context(rb: Runner, busybox: str, name: str) -> None:
     secret = rb.write(os.path.join(rb.mkdir(), "credentials"), CREDENTIALS, 0o600)
-    files = {"f": "f\n"} if name in ("Containerfile", "Dockerfile") else {"Containerfile": cf(busybox, "COPY f /f\n"),
-                                                                            "f": "f\n"}
+    files = (
+        {"f": "f\n"}
+        if name in ("Containerfile", "Dockerfile")
+        else {"Containerfile": cf(busybox, "COPY f /f\n"), "f": "f\n"}
+    )
     ctx = rb.context(files)
     symlinks(rb, ctx, {name: secret})
     res = rb.run("build", ctx, check=False)
@@ -392,11 +444,11 @@ HOSTILE = [
     ("COPY d /etc/passwd/\n", {"d/x": "x"}, {}, 2, "cannot create directory /etc/passwd"),
     ("WORKDIR /etc/passwd\nRUN true\n", {}, {}, 3, "WORKDIR /etc/passwd: cannot create directory"),
     ("COPY <<.. /x/\nhi\n..\n", {}, {}, 2, "COPY failed: Is a directory: /"),
-    ("COPY f \"/a\x00b\"\n", {"f": "f"}, {}, 2, "NUL byte"),
-    ("ENV A=\"a\x00b\"\nRUN true\n", {}, {}, 2, "NUL byte"),
-    ("ARG A=\"a\x00b\"\nRUN true\n", {}, {}, 3, "NUL byte"),
-    ("WORKDIR \"/a\x00b\"\n", {}, {}, 2, "NUL byte"),
-    ("RUN --mount=type=bind,source=\"a\x00\",target=/t true\n", {}, {}, 2, "NUL byte"),
+    ('COPY f "/a\x00b"\n', {"f": "f"}, {}, 2, "NUL byte"),
+    ('ENV A="a\x00b"\nRUN true\n', {}, {}, 2, "NUL byte"),
+    ('ARG A="a\x00b"\nRUN true\n', {}, {}, 3, "NUL byte"),
+    ('WORKDIR "/a\x00b"\n', {}, {}, 2, "NUL byte"),
+    ('RUN --mount=type=bind,source="a\x00",target=/t true\n', {}, {}, 2, "NUL byte"),
     ("RUN --mount=type=tmpfs,target=/t,size=1.1.1 true\n", {}, {}, 2, "invalid value for size"),
     ("RUN --mount=type=tmpfs,target=/t,size=" + "9" * 400 + " true\n", {}, {}, 2, "invalid value for size"),
     ("ARG U=\u00b2\nCOPY --chown=$U f /x\n", {"f": "f"}, {}, 3, "unable to find user \u00b2"),
@@ -409,8 +461,9 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize("body,files,links,line,needle", HOSTILE)
-def test_hostile_input_is_one_located_error(rb: Runner, busybox: str, body: str, files: dict[str, str],
-                                            links: dict[str, str], line: int, needle: str) -> None:
+def test_hostile_input_is_one_located_error(
+    rb: Runner, busybox: str, body: str, files: dict[str, str], links: dict[str, str], line: int, needle: str
+) -> None:
     ctx = rb.context({"Containerfile": cf(busybox, body), **files})
     symlinks(rb, ctx, links)
     res = rb.run("build", "--no-cache", ctx, check=False)

@@ -61,18 +61,30 @@ def layout_with_blobs(path: str, layers: list[tuple[bytes, bytes, str]], cmd: st
             f.write(data)
         return "sha256:" + h
 
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": [cmd]},
-                         "rootfs": {"type": "layers",
-                                    "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest() for raw, _, _ in layers]}
-                         }).encode()
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": OCI_CONFIG, "digest": put(config), "size": len(config)},
-                           "layers": [{"mediaType": mt, "digest": put(blob), "size": len(blob)}
-                                      for _, blob, mt in layers]}).encode()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": [cmd]},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest() for raw, _, _ in layers],
+            },
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": put(config), "size": len(config)},
+            "layers": [{"mediaType": mt, "digest": put(blob), "size": len(blob)} for _, blob, mt in layers],
+        }
+    ).encode()
     digest = put(manifest)
     with open(os.path.join(path, "index.json"), "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [{"mediaType": OCI_MANIFEST, "digest": digest,
-                                                      "size": len(manifest)}]}, f)
+        json.dump(
+            {"schemaVersion": 2, "manifests": [{"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest)}]}, f
+        )
     with open(os.path.join(path, "oci-layout"), "w") as f:
         f.write('{"imageLayoutVersion":"1.0.0"}')
     return digest
@@ -103,15 +115,22 @@ def shared_layer_images(rb: Runner) -> tuple[str, str]:
     victim, hostile = rb.mkdir("victim"), rb.mkdir("hostile")
     bb = busybox_layer()
     write_oci_layout(victim, [bb, tar_of(*dirs, ("usr/local/bin", tarfile.DIRTYPE, 0o755, 0, 0)), shared])
-    write_oci_layout(hostile, [bb, tar_of(*dirs, ("usr/local/bin", tarfile.DIRTYPE, 0o777, 1000, 1000)), shared],
-                     config_extra={"Cmd": ["hostile"]})
+    write_oci_layout(
+        hostile,
+        [bb, tar_of(*dirs, ("usr/local/bin", tarfile.DIRTYPE, 0o777, 1000, 1000)), shared],
+        config_extra={"Cmd": ["hostile"]},
+    )
     return victim, hostile
 
 
 def test_shared_layer_keeps_its_own_parents(rb: Runner) -> None:
     victim, hostile = shared_layer_images(rb)
-    ctx = rb.context({"Containerfile": f"FROM oci:{victim}\nRUN touch /usr/local/bin/new && "
-                                       "stat -c '%a %u:%g' /usr/local/bin > /seen\n"})
+    ctx = rb.context(
+        {
+            "Containerfile": f"FROM oci:{victim}\nRUN touch /usr/local/bin/new && "
+            "stat -c '%a %u:%g' /usr/local/bin > /seen\n"
+        }
+    )
     root = rb.fresh_root()
     rb.run("pull", f"oci:{hostile}", root=root)  # the first importer of the shared diff_id
     poisoned = tree_of(rb, rb.build(ctx, root=root), root)
@@ -134,15 +153,29 @@ def registry_client(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Registry
 def upload(client: Registry, ref: str, config: bytes, layers: list[bytes]) -> None:
     config_desc = Descriptor(OCI_CONFIG, "sha256:" + hashlib.sha256(config).hexdigest(), len(config))
     descs = [Descriptor(GZIP_LAYER, "sha256:" + hashlib.sha256(b).hexdigest(), len(b)) for b in layers]
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc.to_json(),
-                           "layers": [d.to_json() for d in descs]}).encode()
-    client.push(parse_reference(ref), manifest, OCI_MANIFEST, config_desc, config,
-                [(d, lambda b=b: io.BytesIO(b)) for d, b in zip(descs, layers, strict=True)])
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config_desc.to_json(),
+            "layers": [d.to_json() for d in descs],
+        }
+    ).encode()
+    client.push(
+        parse_reference(ref),
+        manifest,
+        OCI_MANIFEST,
+        config_desc,
+        config,
+        [(d, lambda b=b: io.BytesIO(b)) for d, b in zip(descs, layers, strict=True)],
+    )
 
 
 def pushed_layers(registry: str, repo: str, tag: str) -> list[str]:
-    req = urllib.request.Request(f"http://{registry}/v2/{repo}/manifests/{tag}", headers={
-        "Accept": f"{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"})
+    req = urllib.request.Request(
+        f"http://{registry}/v2/{repo}/manifests/{tag}",
+        headers={"Accept": f"{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         return [d["digest"] for d in json.load(resp)["layers"]]
 
@@ -155,8 +188,14 @@ def test_each_image_pushes_its_own_layer_blobs(rb: Runner, registry: str, regist
     own_digest, other_digest = ("sha256:" + hashlib.sha256(b).hexdigest() for b in (own, other))
 
     def config(cmd: str) -> bytes:
-        return json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": [cmd]},
-                           "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+        return json.dumps(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Cmd": [cmd]},
+                "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            }
+        ).encode()
 
     upload(registry_client, f"{registry}/sec/hostile:1", config("hostile"), [other])
     upload(registry_client, f"{registry}/sec/victim:1", config("sh"), [own])
@@ -194,8 +233,9 @@ def test_layer_blob_with_trailing_bytes_is_refused(rb: Runner, kind: str, tail: 
     assert res.returncode == 125, res.stderr
     lines = res.stderr.strip().splitlines()
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    assert len(lines) == 1 and lines[0].startswith("Error:") and "trailing bytes" in lines[0] and \
-        digest in lines[0], res.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error:") and "trailing bytes" in lines[0] and digest in lines[0], (
+        res.stderr
+    )
 
 
 def test_gzip_members_back_to_back_are_one_layer(rb: Runner) -> None:
@@ -235,8 +275,7 @@ def setx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bytes]:
     """A static setxattr(2) tool (busybox has no setfattr)."""
     d = tmp_path_factory.mktemp("setx")
     (d / "setx.c").write_text(SETX_C)
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "setx"), str(d / "setx.c")], check=True,
-                   capture_output=True)
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(d / "setx"), str(d / "setx.c")], check=True, capture_output=True)
     yield (d / "setx").read_bytes()
 
 
@@ -244,13 +283,21 @@ def forging_build(runner: Runner, setx: bytes, script: str) -> dict[str, tarfile
     """The layer a RUN of `script` makes on busybox plus a layer whose owners and device are recorded."""
     base = runner.mkdir()
     # owners beyond the subuid range (and any but root without one) are held in user.rbuild.* records
-    write_oci_layout(base, [busybox_layer(), tar_of(
-        ("srv", tarfile.DIRTYPE, 0o755, 0, 0),
-        ("srv/sda", tarfile.BLKTYPE, 0o600, 0, 6, (8, 0)),
-        ("srv/bigowner", tarfile.REGTYPE, 0o644, 70000, 70000, b"old\n"),
-        ("srv/chowned", tarfile.REGTYPE, 0o644, 70000, 70000, b"old\n"))])
-    ctx = runner.context({"Containerfile": f"FROM oci:{base}\nCOPY setx run.sh /\nRUN sh -e /run.sh\n",
-                          "setx": setx, "run.sh": script})
+    write_oci_layout(
+        base,
+        [
+            busybox_layer(),
+            tar_of(
+                ("srv", tarfile.DIRTYPE, 0o755, 0, 0),
+                ("srv/sda", tarfile.BLKTYPE, 0o600, 0, 6, (8, 0)),
+                ("srv/bigowner", tarfile.REGTYPE, 0o644, 70000, 70000, b"old\n"),
+                ("srv/chowned", tarfile.REGTYPE, 0o644, 70000, 70000, b"old\n"),
+            ),
+        ],
+    )
+    ctx = runner.context(
+        {"Containerfile": f"FROM oci:{base}\nCOPY setx run.sh /\nRUN sh -e /run.sh\n", "setx": setx, "run.sh": script}
+    )
     os.chmod(os.path.join(ctx, "setx"), 0o755)
     root = runner.fresh_root()
     res = runner.run("build", "-q", ctx, root=root, check=False)
@@ -258,18 +305,24 @@ def forging_build(runner: Runner, setx: bytes, script: str) -> dict[str, tarfile
     return last_layer(runner, res.stdout.strip(), root)
 
 
+@pytest.mark.e2e  # builds as the session's users (fixtures looked up by name)
 @pytest.mark.parametrize("who", ["sub", "single"])
 def test_run_cannot_forge_rbuild_records(who: str, request: pytest.FixtureRequest, setx: bytes) -> None:
     runner: Runner = request.getfixturevalue("rb" if who == "sub" else "rb_single")
-    layer = forging_build(runner, setx, (
-        "touch /dev-forged /owned && mkdir /d && ln -s target /d/link\n"
-        "/setx /dev-forged user.rbuild.dev b:8:0\n"  # the record /srv/sda has
-        "chmod 666 /dev-forged && ln /dev-forged /dev-forged2\n"
-        "/setx /owned user.rbuild.stat 4242:4242\n"
-        "/setx /d user.rbuild.stat 4242:4242\n"
-        "/setx /d user.rbuild.lstat \"link%004242:4242:$(stat -c %i /d/link)%00\"\n"
-        "chmod 640 /srv/sda && echo new >> /srv/bigowner && ln /srv/bigowner /srv/bighl\n"
-        + ("chown 5:5 /srv/chowned\n" if runner.has_range else "")))
+    layer = forging_build(
+        runner,
+        setx,
+        (
+            "touch /dev-forged /owned && mkdir /d && ln -s target /d/link\n"
+            "/setx /dev-forged user.rbuild.dev b:8:0\n"  # the record /srv/sda has
+            "chmod 666 /dev-forged && ln /dev-forged /dev-forged2\n"
+            "/setx /owned user.rbuild.stat 4242:4242\n"
+            "/setx /d user.rbuild.stat 4242:4242\n"
+            '/setx /d user.rbuild.lstat "link%004242:4242:$(stat -c %i /d/link)%00"\n'
+            "chmod 640 /srv/sda && echo new >> /srv/bigowner && ln /srv/bigowner /srv/bighl\n"
+            + ("chown 5:5 /srv/chowned\n" if runner.has_range else "")
+        ),
+    )
     assert layer["dev-forged"].isreg() and layer["dev-forged"].mode == 0o666
     assert layer["dev-forged2"].islnk() and layer["dev-forged2"].linkname == "dev-forged"
     for name in ("owned", "d", "d/link", "dev-forged", "dev-forged2"):
@@ -283,6 +336,7 @@ def test_run_cannot_forge_rbuild_records(who: str, request: pytest.FixtureReques
         assert (layer["srv/chowned"].uid, layer["srv/chowned"].gid) == (5, 5)
 
 
+@pytest.mark.e2e  # builds as the session's users (fixtures looked up by name)
 @pytest.mark.parametrize("who", ["sub", "single"])
 def test_run_setting_a_malformed_record_is_no_error(who: str, request: pytest.FixtureRequest, setx: bytes) -> None:
     runner: Runner = request.getfixturevalue("rb" if who == "sub" else "rb_single")

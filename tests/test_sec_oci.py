@@ -45,20 +45,29 @@ EXCEPTION_NAME = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception)\b|Traceback")
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def run_guarded(rb: Runner, *args: str, root: str, cwd: str | None = None, timeout: float = 60,
-                input: bytes | None = None) -> subprocess.CompletedProcess:
+def run_guarded(
+    rb: Runner, *args: str, root: str, cwd: str | None = None, timeout: float = 60, input: bytes | None = None
+) -> subprocess.CompletedProcess:
     """rbuild in its own session; on a hang, the whole group is killed and the test fails."""
     argv = rb._prefix() + [rb.bin, *args]
-    proc = subprocess.Popen(argv, cwd=cwd or rb.base, env=rb._env({"RBUILD_ROOT": root}), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd or rb.base,
+        env=rb._env({"RBUILD_ROOT": root}),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail(f"rbuild {' '.join(args)} hung (killed after {timeout}s)")
-    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(errors="replace"),
-                                       err.decode(errors="replace"))
+    return subprocess.CompletedProcess(
+        argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )
 
 
 def one_error(res: subprocess.CompletedProcess, *needles: str) -> str:
@@ -95,10 +104,14 @@ def sha(data: bytes) -> str:
 
 
 def base_config(diff_id: str) -> dict[str, Any]:
-    return {"created": "2024-01-01T00:00:00Z", "architecture": img.host_arch(), "os": "linux",
-            "config": {"Env": ["PATH=/bin", "A=1", "B=2"], "Cmd": ["sh"], "Labels": {"a": "b"}},
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-            "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "test"}]}
+    return {
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": img.host_arch(),
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin", "A=1", "B=2"], "Cmd": ["sh"], "Labels": {"a": "b"}},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "test"}],
+    }
 
 
 DELETE = object()
@@ -106,6 +119,7 @@ DELETE = object()
 
 def mutation(path: tuple[Any, ...], value: Any) -> Callable[[Any], None]:
     """Set (or, for DELETE, remove) the field at `path` of a document."""
+
     def apply(doc: Any) -> None:
         for key in path[:-1]:
             doc = doc[key]
@@ -113,13 +127,19 @@ def mutation(path: tuple[Any, ...], value: Any) -> Callable[[Any], None]:
             del doc[path[-1]]
         else:
             doc[path[-1]] = value
+
     return apply
 
 
-
-def write_layout(path: str, *, config: Callable[[Any], None] | None = None,
-                 manifest: Callable[[Any], None] | None = None, index: Callable[[Any], None] | None = None,
-                 nested: Callable[[Any], None] | None = None, raw_index: bytes | None = None) -> dict[str, str]:
+def write_layout(
+    path: str,
+    *,
+    config: Callable[[Any], None] | None = None,
+    manifest: Callable[[Any], None] | None = None,
+    index: Callable[[Any], None] | None = None,
+    nested: Callable[[Any], None] | None = None,
+    raw_index: bytes | None = None,
+) -> dict[str, str]:
     """A one-layer OCI layout whose documents the callbacks may spoil; `nested` puts an index between
     index.json and the manifest. Returns the digests of what it wrote ("config", "manifest", "index")."""
     blobs = os.path.join(path, "blobs", "sha256")
@@ -135,17 +155,23 @@ def write_layout(path: str, *, config: Callable[[Any], None] | None = None,
     if config:
         config(cfg)
     cbytes = json.dumps(cfg).encode()
-    man: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": OCI_CONFIG, "digest": put(cbytes), "size": len(cbytes)},
-                           "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": put(layer), "size": len(layer)}]}
+    man: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": put(cbytes), "size": len(cbytes)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": put(layer), "size": len(layer)}],
+    }
     if manifest:
         manifest(man)
     mbytes = json.dumps(man).encode()
     out = {"config": sha(cbytes), "manifest": put(mbytes)}
     top: dict[str, Any] = {"mediaType": OCI_MANIFEST, "digest": out["manifest"], "size": len(mbytes)}
     if nested is not None:
-        inner = {"schemaVersion": 2, "mediaType": OCI_INDEX,
-                 "manifests": [{**top, "platform": {"architecture": img.host_arch(), "os": "linux"}}]}
+        inner = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [{**top, "platform": {"architecture": img.host_arch(), "os": "linux"}}],
+        }
         nested(inner)
         ibytes = json.dumps(inner).encode()
         out["index"] = put(ibytes)
@@ -220,8 +246,7 @@ CASES: list[tuple[str, tuple[Any, ...], Any, str]] = [
     ("index.json", ("schemaVersion",), DELETE, ".schemaVersion is missing"),
     ("index", ("manifests",), {}, ".manifests is not an array"),
     ("index", ("manifests", 0, "platform"), "linux/amd64", ".manifests[0].platform is not an object"),
-    ("index", ("manifests", 0, "platform", "architecture"), 64, ".manifests[0].platform.architecture is not a "
-                                                                "string"),
+    ("index", ("manifests", 0, "platform", "architecture"), 64, ".manifests[0].platform.architecture is not a string"),
 ]
 
 
@@ -236,8 +261,7 @@ def _layout_for(path: str, case: tuple[str, tuple[Any, ...], Any, str]) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}:{c[3]}" for c in CASES])
-def test_layout_with_wrong_types_is_refused(rb: Runner, root: str, case: tuple[str, tuple[Any, ...], Any, str]
-                                            ) -> None:
+def test_layout_with_wrong_types_is_refused(rb: Runner, root: str, case: tuple[str, tuple[Any, ...], Any, str]) -> None:
     layout = rb.mkdir() + "/layout"
     named = _layout_for(layout, case)
     rb.own(os.path.dirname(layout))
@@ -245,25 +269,41 @@ def test_layout_with_wrong_types_is_refused(rb: Runner, root: str, case: tuple[s
     images_still_work(rb, root)
 
 
-ARCHIVE_CASES = [c for c in CASES if c[3] in (".config.Env[2] is not a string", ".layers is not an array",
-                                               ".manifests is not an array", ".created is not a string")]
+ARCHIVE_CASES = [
+    c
+    for c in CASES
+    if c[3]
+    in (
+        ".config.Env[2] is not a string",
+        ".layers is not an array",
+        ".manifests is not an array",
+        ".created is not a string",
+    )
+]
 
 
 @pytest.mark.parametrize("case", ARCHIVE_CASES, ids=[f"{c[0]}:{c[3]}" for c in ARCHIVE_CASES])
-def test_oci_archive_with_wrong_types_is_refused(rb: Runner, root: str,
-                                                 case: tuple[str, tuple[Any, ...], Any, str]) -> None:
+def test_oci_archive_with_wrong_types_is_refused(
+    rb: Runner, root: str, case: tuple[str, tuple[Any, ...], Any, str]
+) -> None:
     d = rb.mkdir()
     named = _layout_for(d + "/layout", case)
     archive = tar_dir(d + "/layout", d + "/image.tar")
     rb.own(d)
-    one_error(run_guarded(rb, "pull", f"oci-archive:{archive}", root=root),
-              f"oci-archive:{archive}: {named}: {case[3]}")
+    one_error(
+        run_guarded(rb, "pull", f"oci-archive:{archive}", root=root), f"oci-archive:{archive}: {named}: {case[3]}"
+    )
     images_still_work(rb, root)
 
 
-@pytest.mark.parametrize("raw,message", [(b"[1, 2]", "index.json: not a JSON object"),
-                                         (b'{"schemaVersion": 2, "manifests": [', "index.json: not valid JSON"),
-                                         (b"[" * 100_000 + b"]" * 100_000, "index.json: not valid JSON")])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (b"[1, 2]", "index.json: not a JSON object"),
+        (b'{"schemaVersion": 2, "manifests": [', "index.json: not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "index.json: not valid JSON"),
+    ],
+)
 def test_layout_index_that_is_not_an_object(rb: Runner, root: str, raw: bytes, message: str) -> None:
     layout = rb.mkdir() + "/layout"
     write_layout(layout, raw_index=raw)
@@ -275,8 +315,11 @@ def test_from_a_layout_with_a_bad_config_names_the_line_and_the_field(rb: Runner
     layout = rb.mkdir() + "/layout"
     digests = write_layout(layout, config=mutation(("config", "Env"), ["PATH=/bin", "A=1", {"B": 2}]))
     ctx = rb.context({"Containerfile": f"FROM oci:{layout}\nRUN true\n"})
-    one_error(run_guarded(rb, "build", ctx, root=root),
-              "Containerfile:1", f"config {digests['config']}: .config.Env[2] is not a string")
+    one_error(
+        run_guarded(rb, "build", ctx, root=root),
+        "Containerfile:1",
+        f"config {digests['config']}: .config.Env[2] is not a string",
+    )
     images_still_work(rb, root)
 
 
@@ -285,13 +328,25 @@ def test_docker_style_nulls_and_unknown_fields_are_accepted(rb: Runner, busybox:
     layout = rb.mkdir() + "/layout"
 
     def docker_config(cfg: dict[str, Any]) -> None:
-        cfg["config"].update({"Entrypoint": None, "Volumes": None, "OnBuild": None, "Labels": None,
-                              "Healthcheck": {"Test": ["NONE"]}, "Hostname": "", "AttachStdin": False})
+        cfg["config"].update(
+            {
+                "Entrypoint": None,
+                "Volumes": None,
+                "OnBuild": None,
+                "Labels": None,
+                "Healthcheck": {"Test": ["NONE"]},
+                "Hostname": "",
+                "AttachStdin": False,
+            }
+        )
         cfg.update({"container_config": {"Cmd": None}, "docker_version": "24.0.0", "x-unknown": [1, {"a": None}]})
 
-    write_layout(layout, config=docker_config,
-                 manifest=lambda m: m.update({"x-extra": {"any": ["thing"]}, "annotations": {"k": "v"}}),
-                 index=lambda i: i.update({"x-extra": 1}))
+    write_layout(
+        layout,
+        config=docker_config,
+        manifest=lambda m: m.update({"x-extra": {"any": ["thing"]}, "annotations": {"k": "v"}}),
+        index=lambda i: i.update({"x-extra": 1}),
+    )
     rb.own(os.path.dirname(layout))
     image = run_guarded(rb, "pull", f"oci:{layout}", root=root)
     assert image.returncode == 0, image.stderr
@@ -306,8 +361,9 @@ def test_docker_style_nulls_and_unknown_fields_are_accepted(rb: Runner, busybox:
 # -- through a real registry -------------------------------------------------------------------------------
 
 
-def _request(host: str, method: str, path: str, body: bytes | None = None,
-             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def _request(
+    host: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(host, timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -317,8 +373,9 @@ def _request(host: str, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
-def push_raw(host: str, repo: str, tag: str, blobs: list[bytes], manifest: bytes,
-             media_type: str = OCI_MANIFEST) -> None:
+def push_raw(
+    host: str, repo: str, tag: str, blobs: list[bytes], manifest: bytes, media_type: str = OCI_MANIFEST
+) -> None:
     """Blobs and a manifest exactly as given, past any client-side checks."""
     for data in blobs:
         status, headers, _ = _request(host, "POST", f"/v2/{repo}/blobs/uploads/")
@@ -326,8 +383,9 @@ def push_raw(host: str, repo: str, tag: str, blobs: list[bytes], manifest: bytes
         location = headers["Location"]
         location = location.split(host, 1)[-1] if "://" in location else location
         sep = "&" if "?" in location else "?"
-        status, _, body = _request(host, "PUT", f"{location}{sep}digest={sha(data)}", data,
-                                   {"Content-Type": "application/octet-stream"})
+        status, _, body = _request(
+            host, "PUT", f"{location}{sep}digest={sha(data)}", data, {"Content-Type": "application/octet-stream"}
+        )
         assert status == 201, (status, body)
     status, _, body = _request(host, "PUT", f"/v2/{repo}/manifests/{tag}", manifest, {"Content-Type": media_type})
     assert status == 201, (status, body)
@@ -346,25 +404,28 @@ REGISTRY_CASES: list[tuple[str, tuple[Any, ...], Any, str]] = [
 
 
 @pytest.mark.parametrize("case", REGISTRY_CASES, ids=[f"{c[0]}:{c[3]}" for c in REGISTRY_CASES])
-def test_registry_image_with_wrong_types_is_refused(rb: Runner, registry: str, root: str,
-                                                    case: tuple[str, tuple[Any, ...], Any, str]) -> None:
+def test_registry_image_with_wrong_types_is_refused(
+    rb: Runner, registry: str, root: str, case: tuple[str, tuple[Any, ...], Any, str]
+) -> None:
     doc, field, value, message = case
     layer, diff_id = tiny_layer()
     cfg = base_config(diff_id)
     if doc == "config":
         mutation(field, value)(cfg)
     cbytes = json.dumps(cfg).encode()
-    man: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                           "config": {"mediaType": OCI_CONFIG, "digest": sha(cbytes), "size": len(cbytes)},
-                           "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha(layer), "size": len(layer)}]}
+    man: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": sha(cbytes), "size": len(cbytes)},
+        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": sha(layer), "size": len(layer)}],
+    }
     if doc == "manifest":
         mutation(field, value)(man)
     mbytes = json.dumps(man).encode()
     repo = "hostile/" + re.sub(r"[^a-z0-9]+", "-", message.lower()).strip("-")
     push_raw(registry, repo, "1", [layer, cbytes], mbytes)
     named = f"config {sha(cbytes)}" if doc == "config" else f"manifest {sha(mbytes)}"
-    one_error(run_guarded(rb, "pull", f"{registry}/{repo}:1", root=root),
-              f"{registry}/{repo}:1: {named}: {message}")
+    one_error(run_guarded(rb, "pull", f"{registry}/{repo}:1", root=root), f"{registry}/{repo}:1: {named}: {message}")
     images_still_work(rb, root)
 
 
@@ -374,14 +435,23 @@ def test_docker_schema2_image_with_wrong_types_is_refused(rb: Runner, registry: 
     cfg["config"]["Cmd"] = "sh -c true"
     cbytes = json.dumps(cfg).encode()
     docker_manifest = "application/vnd.docker.distribution.manifest.v2+json"
-    man = {"schemaVersion": 2, "mediaType": docker_manifest,
-           "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": sha(cbytes),
-                      "size": len(cbytes)},
-           "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": sha(layer),
-                       "size": len(layer)}]}
+    man = {
+        "schemaVersion": 2,
+        "mediaType": docker_manifest,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": sha(cbytes),
+            "size": len(cbytes),
+        },
+        "layers": [
+            {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": sha(layer), "size": len(layer)}
+        ],
+    }
     push_raw(registry, "hostile/docker", "1", [layer, cbytes], json.dumps(man).encode(), docker_manifest)
-    one_error(run_guarded(rb, "pull", f"{registry}/hostile/docker:1", root=root),
-              f"{registry}/hostile/docker:1: config {sha(cbytes)}: .config.Cmd is not an array")
+    one_error(
+        run_guarded(rb, "pull", f"{registry}/hostile/docker:1", root=root),
+        f"{registry}/hostile/docker:1: config {sha(cbytes)}: .config.Cmd is not an array",
+    )
     images_still_work(rb, root)
 
 
@@ -403,8 +473,10 @@ def test_fifo_in_a_layout_is_refused_not_waited_on(rb: Runner, which: str) -> No
     os.unlink(target)
     os.mkfifo(target)
     rb.own(os.path.dirname(layout))
-    one_error(run_guarded(rb, "pull", f"oci:{layout}", root=root),
-              f"{os.path.relpath(target, layout)} is a FIFO, not a regular file")
+    one_error(
+        run_guarded(rb, "pull", f"oci:{layout}", root=root),
+        f"{os.path.relpath(target, layout)} is a FIFO, not a regular file",
+    )
 
 
 def test_fifo_oci_layout_file_is_never_opened(rb: Runner, root: str) -> None:
@@ -435,20 +507,25 @@ def test_oci_archive_with_a_fifo_index_is_refused(rb: Runner, root: str) -> None
     member.type = tarfile.FIFOTYPE
     archive = _archive_with(d, member)
     rb.own(d)
-    one_error(run_guarded(rb, "pull", f"oci-archive:{archive}", root=root),
-              f"oci-archive:{archive}: index.json is a FIFO, not a regular file")
+    one_error(
+        run_guarded(rb, "pull", f"oci-archive:{archive}", root=root),
+        f"oci-archive:{archive}: index.json is a FIFO, not a regular file",
+    )
 
 
 def test_oci_archive_member_symlinked_out_of_the_archive_is_refused(rb: Runner, root: str) -> None:
     d = rb.mkdir()
-    outside = rb.write(os.path.join(d, "outside.json"), json.dumps(
-        {"schemaVersion": 2, "manifests": [], "secret": "do-not-read"}))
+    outside = rb.write(
+        os.path.join(d, "outside.json"), json.dumps({"schemaVersion": 2, "manifests": [], "secret": "do-not-read"})
+    )
     member = tarfile.TarInfo("index.json")
     member.type, member.linkname = tarfile.SYMTYPE, outside
     archive = _archive_with(d, member)
     rb.own(d)
-    one_error(run_guarded(rb, "pull", f"oci-archive:{archive}", root=root),
-              f"oci-archive:{archive}: index.json is a symbolic link, not a regular file")
+    one_error(
+        run_guarded(rb, "pull", f"oci-archive:{archive}", root=root),
+        f"oci-archive:{archive}: index.json is a symbolic link, not a regular file",
+    )
 
 
 @pytest.mark.parametrize("name", ["Containerfile", ".dockerignore", ".containerignore"])
@@ -515,34 +592,53 @@ def recording_registry() -> Iterator[tuple[str, list[tuple[str, str, str | None]
 
 
 def seed(busybox: str, dest: str) -> None:
-    subprocess.run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
-                    f"--dest-creds=alice:{PASSWORD}", f"oci:{busybox}:latest", f"docker://{dest}"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--dest-tls-verify=false",
+            f"--dest-creds=alice:{PASSWORD}",
+            f"oci:{busybox}:latest",
+            f"docker://{dest}",
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
-def test_creds_are_not_sent_to_a_registry_the_containerfile_picks(rb: Runner, private: RegistryServer,
-                                                                   root: str) -> None:
+def test_creds_are_not_sent_to_a_registry_the_containerfile_picks(
+    rb: Runner, private: RegistryServer, root: str
+) -> None:
     with recording_registry() as (evil, seen):
         ctx = rb.context({"Containerfile": f"FROM {evil}/lure/base:1\nRUN true\n"})
-        res = run_guarded(rb, "build", "--creds", f"alice:{PASSWORD}", "-t", f"{private.host}/app/x:1", "--push",
-                          ctx, root=root)
-        one_error(res, "Containerfile:1", f"authentication required (401); run rbuild login {evil}",
-                  "--creds goes only to the registries named on the command line")
+        res = run_guarded(
+            rb, "build", "--creds", f"alice:{PASSWORD}", "-t", f"{private.host}/app/x:1", "--push", ctx, root=root
+        )
+        one_error(
+            res,
+            "Containerfile:1",
+            f"authentication required (401); run rbuild login {evil}",
+            "--creds goes only to the registries named on the command line",
+        )
     assert seen, "the FROM registry was never contacted"
     assert [s for s in seen if s[2] is not None] == []
     assert PASSWORD not in res.stdout + res.stderr
 
 
-def test_creds_go_to_the_push_registry_and_from_images_on_it(rb: Runner, busybox: str, private: RegistryServer,
-                                                             root: str) -> None:
+def test_creds_go_to_the_push_registry_and_from_images_on_it(
+    rb: Runner, busybox: str, private: RegistryServer, root: str
+) -> None:
     seed(busybox, f"{private.host}/base/busybox:1")
     ctx = rb.context({"Containerfile": f"FROM {private.host}/base/busybox:1\nCOPY a /a\n", "a": "a"})
-    res = run_guarded(rb, "build", "-q", "--creds", f"alice:{PASSWORD}", "-t", f"{private.host}/app/y:1",
-                      "--push", ctx, root=root)
+    res = run_guarded(
+        rb, "build", "-q", "--creds", f"alice:{PASSWORD}", "-t", f"{private.host}/app/y:1", "--push", ctx, root=root
+    )
     assert res.returncode == 0, res.stderr
     auth = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
-    status, _, _ = _request(private.host, "HEAD", "/v2/app/y/manifests/1",
-                            headers={"Authorization": auth, "Accept": OCI_MANIFEST})
+    status, _, _ = _request(
+        private.host, "HEAD", "/v2/app/y/manifests/1", headers={"Authorization": auth, "Accept": OCI_MANIFEST}
+    )
     assert status == 200
     pulled = run_guarded(rb, "pull", "--creds", f"alice:{PASSWORD}", f"{private.host}/app/y:1", root=rb.fresh_root())
     assert pulled.returncode == 0, pulled.stderr
@@ -550,8 +646,10 @@ def test_creds_go_to_the_push_registry_and_from_images_on_it(rb: Runner, busybox
 
 def test_build_creds_without_a_registry_to_use_them_for_is_refused(rb: Runner, busybox: str, root: str) -> None:
     ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\n"})
-    one_error(run_guarded(rb, "build", "--creds", "alice:pw", "-t", "app:1", ctx, root=root),
-              "--creds goes only to the registries of -t names")
+    one_error(
+        run_guarded(rb, "build", "--creds", "alice:pw", "-t", "app:1", ctx, root=root),
+        "--creds goes only to the registries of -t names",
+    )
 
 
 def test_pull_sends_creds_to_the_registry_it_names(rb: Runner, root: str) -> None:
@@ -578,8 +676,7 @@ def test_gzip_level_9_pushes_and_decompresses_to_the_diff_id(rb: Runner, busybox
     image = rb.build(ctx, "--timestamp", "1700000000", root=root)
     layers = {}
     for level in ("9", "1"):
-        rb.run("push", "-q", "--compression-level", level, image, f"docker://{registry}/gzip/levels:{level}",
-               root=root)
+        rb.run("push", "-q", "--compression-level", level, image, f"docker://{registry}/gzip/levels:{level}", root=root)
         manifest = json.loads(_get(registry, f"/v2/gzip/levels/manifests/{level}", OCI_MANIFEST))
         config = json.loads(_get(registry, f"/v2/gzip/levels/blobs/{manifest['config']['digest']}"))
         desc = manifest["layers"][-1]
@@ -598,5 +695,7 @@ def test_gzip_level_9_pushes_and_decompresses_to_the_diff_id(rb: Runner, busybox
     manifest = json.load(open(f"{out}/l/blobs/sha256/{index['manifests'][0]['digest'][7:]}"))
     assert manifest["layers"][-1]["digest"] == layers["9"]["digest"]
 
-    one_error(rb.run("push", "--compression-level", "10", image, f"oci:{out}/bad", root=root, check=False),
-              "gzip level 10 out of range 0..9")
+    one_error(
+        rb.run("push", "--compression-level", "10", image, f"oci:{out}/bad", root=root, check=False),
+        "gzip level 10 out of range 0..9",
+    )

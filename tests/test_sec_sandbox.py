@@ -106,8 +106,12 @@ def probe() -> Iterator[bytes]:
     try:
         with open(os.path.join(d, "probe.c"), "w") as f:
             f.write(PROBE_C)
-        res = subprocess.run(["gcc", "-static", "-O2", "-o", os.path.join(d, "probe"), os.path.join(d, "probe.c")],
-                             capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            ["gcc", "-static", "-O2", "-o", os.path.join(d, "probe"), os.path.join(d, "probe.c")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if res.returncode != 0:
             pytest.fail(f"cannot compile the static probe (scripts/setup.sh installs gcc and libc6-dev):\n{res.stderr}")
         with open(os.path.join(d, "probe"), "rb") as f:
@@ -158,16 +162,26 @@ def _read_all(fd: int) -> bytes:
 
 
 @pytest.mark.parametrize("user", USERS)
-def test_run_cannot_reach_the_callers_terminal(request: pytest.FixtureRequest, user: str, busybox: str,
-                                                probe: bytes) -> None:
+def test_run_cannot_reach_the_callers_terminal(
+    request: pytest.FixtureRequest, user: str, busybox: str, probe: bytes
+) -> None:
     runner: Runner = request.getfixturevalue(user)
-    body = ("RUN read -r pid comm state ppid pgrp sid tty rest < /proc/self/stat; "
-            "echo \"stat pid=$pid sid=$sid tty=$tty\"; [ -t 1 ] || [ -t 2 ]; echo \"output-tty-$?\"; "
-            "/probe tty\n")
+    body = (
+        "RUN read -r pid comm state ppid pgrp sid tty rest < /proc/self/stat; "
+        'echo "stat pid=$pid sid=$sid tty=$tty"; [ -t 1 ] || [ -t 2 ]; echo "output-tty-$?"; '
+        "/probe tty\n"
+    )
     ctx = probe_context(runner, busybox, body, probe)
     master, slave = os.openpty()
-    proc = subprocess.Popen(runner._prefix() + [runner.bin, "build", "--no-cache", ctx], stdin=slave, stdout=slave,
-                            stderr=slave, env=runner._env(None), cwd=runner.base, preexec_fn=_controlling_tty)
+    proc = subprocess.Popen(
+        runner._prefix() + [runner.bin, "build", "--no-cache", ctx],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=runner._env(None),
+        cwd=runner.base,
+        preexec_fn=_controlling_tty,
+    )
     out = b""
     try:
         deadline = time.monotonic() + 120
@@ -210,16 +224,23 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("user", USERS)
-def test_run_cannot_signal_the_callers_process_group(request: pytest.FixtureRequest, user: str,
-                                                      busybox: str) -> None:
+def test_run_cannot_signal_the_callers_process_group(request: pytest.FixtureRequest, user: str, busybox: str) -> None:
     runner: Runner = request.getfixturevalue(user)
     ctx = runner.context({"Containerfile": cf(busybox, "RUN kill -KILL 0; kill -9 -1; echo survived\n")})
     pidfile = os.path.join(runner.mkdir(), "sibling")
     # rbuild runs in a process group of its own (the test's is not risked) next to a sibling process
     wrapper = f'sleep 300 >/dev/null 2>&1 & echo $! > {pidfile}; exec "$@"'
     argv = runner._prefix() + ["/bin/sh", "-c", wrapper, "sh", runner.bin, "build", "--no-cache", ctx]
-    proc = subprocess.Popen(argv, env=runner._env(None), cwd=runner.base, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv,
+        env=runner._env(None),
+        cwd=runner.base,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     sibling = 0
     try:
         _, err = proc.communicate(timeout=120)
@@ -249,11 +270,21 @@ def test_run_gets_only_fds_0_to_2(request: pytest.FixtureRequest, user: str, bus
     runner.write(os.path.join(host_dir, "secret.txt"), "host-secret-xyzzy\n", 0o600)
     fd = os.open(host_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        run = (f"RUN echo fds-begin; ls /proc/$$/fd; echo fds-end; cat /proc/$$/fd/{fd}/secret.txt || true; "
-               f"cat /proc/self/fd/{fd}/secret.txt || true\n")
+        run = (
+            f"RUN echo fds-begin; ls /proc/$$/fd; echo fds-end; cat /proc/$$/fd/{fd}/secret.txt || true; "
+            f"cat /proc/self/fd/{fd}/secret.txt || true\n"
+        )
         ctx = runner.context({"Containerfile": cf(busybox, run)})
-        res = subprocess.run(runner._prefix() + [runner.bin, "build", "--no-cache", ctx], env=runner._env(None),
-                             cwd=runner.base, capture_output=True, text=True, timeout=120, pass_fds=(fd,), check=False)
+        res = subprocess.run(
+            runner._prefix() + [runner.bin, "build", "--no-cache", ctx],
+            env=runner._env(None),
+            cwd=runner.base,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            pass_fds=(fd,),
+            check=False,
+        )
     finally:
         os.close(fd)
     assert res.returncode == 0, res.stderr
@@ -284,8 +315,9 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 
 @pytest.mark.parametrize("user", USERS)
-def test_run_cannot_read_the_callers_session_keyring(request: pytest.FixtureRequest, user: str, busybox: str,
-                                                     probe: bytes) -> None:
+def test_run_cannot_read_the_callers_session_keyring(
+    request: pytest.FixtureRequest, user: str, busybox: str, probe: bytes
+) -> None:
     runner: Runner = request.getfixturevalue(user)
     ctx = probe_context(runner, busybox, "RUN /probe key\n", probe)
     python = os.path.join(os.path.dirname(runner.bin), "python")
@@ -294,8 +326,9 @@ def test_run_cannot_read_the_callers_session_keyring(request: pytest.FixtureRequ
     res = subprocess.run(check, env=runner._env(None), cwd=runner.base, capture_output=True, text=True, check=False)
     assert res.returncode == 0 and "rbuild-test" in res.stdout, res.stdout + res.stderr
     argv = runner._prefix() + [python, "-c", KEYRING_WRAPPER, runner.bin, "build", "--no-cache", ctx]
-    res = subprocess.run(argv, env=runner._env(None), cwd=runner.base, capture_output=True, text=True, timeout=120,
-                         check=False)
+    res = subprocess.run(
+        argv, env=runner._env(None), cwd=runner.base, capture_output=True, text=True, timeout=120, check=False
+    )
     assert res.returncode == 0, res.stderr
     assert "key-s3cret-value" not in res.stderr
     assert results(res.stderr)["search"] in ("EPERM", "ENOKEY"), res.stderr
@@ -306,11 +339,16 @@ def test_run_cannot_read_the_callers_session_keyring(request: pytest.FixtureRequ
 
 
 @pytest.mark.parametrize("user", USERS)
-def test_seccomp_refuses_what_dockers_profile_refuses(request: pytest.FixtureRequest, user: str, busybox: str,
-                                                      probe: bytes) -> None:
+def test_seccomp_refuses_what_dockers_profile_refuses(
+    request: pytest.FixtureRequest, user: str, busybox: str, probe: bytes
+) -> None:
     runner: Runner = request.getfixturevalue(user)
-    ctx = probe_context(runner, busybox, "RUN /probe sys; unshare -U true; echo \"unshare-status-$?\"; "
-                        "grep Seccomp: /proc/self/status\n", probe)
+    ctx = probe_context(
+        runner,
+        busybox,
+        'RUN /probe sys; unshare -U true; echo "unshare-status-$?"; grep Seccomp: /proc/self/status\n',
+        probe,
+    )
     res = runner.run("build", "--no-cache", ctx, check=False)
     assert res.returncode == 0, res.stderr
     got = results(res.stderr)
@@ -330,10 +368,12 @@ def test_seccomp_refuses_what_dockers_profile_refuses(request: pytest.FixtureReq
 
 def test_run_gets_the_images_supplementary_groups(rb: Runner, busybox: str) -> None:
     # conftest's /etc/group: staff:x:50:app; docker and buildah add the primary group to the list
-    body = ("RUN echo 'wheel:x:10:root' >> /etc/group\n"
-            "RUN echo \"root-$(grep Groups: /proc/self/status)\"\n"
-            "USER app\nRUN echo \"app-$(grep Groups: /proc/self/status)\"\n"
-            "USER app:staff\nRUN echo \"explicit-$(grep Groups: /proc/self/status)\"\n")
+    body = (
+        "RUN echo 'wheel:x:10:root' >> /etc/group\n"
+        'RUN echo "root-$(grep Groups: /proc/self/status)"\n'
+        'USER app\nRUN echo "app-$(grep Groups: /proc/self/status)"\n'
+        'USER app:staff\nRUN echo "explicit-$(grep Groups: /proc/self/status)"\n'
+    )
     res = rb.run("build", "--no-cache", rb.context({"Containerfile": cf(busybox, body)}), check=False)
     assert res.returncode == 0, res.stderr
     assert re.search(r"^root-Groups:\s+0 10\s*$", res.stderr, re.M), res.stderr
@@ -353,8 +393,15 @@ def test_single_uid_build_with_group_members_runs(rb_single: Runner, busybox: st
 # exit status
 
 
-@pytest.mark.parametrize("body,status", [("RUN exit 127\n", 127), ("RUN no-such-command-here\n", 127),
-                                         ("RUN exit 200\n", 200), ("RUN sh -c 'kill -9 $$'; exit $?\n", 137)])
+@pytest.mark.parametrize(
+    "body,status",
+    [
+        ("RUN exit 127\n", 127),
+        ("RUN no-such-command-here\n", 127),
+        ("RUN exit 200\n", 200),
+        ("RUN sh -c 'kill -9 $$'; exit $?\n", 137),
+    ],
+)
 def test_run_status_passes_through(rb: Runner, busybox: str, body: str, status: int) -> None:
     res = rb.run("build", "--no-cache", rb.context({"Containerfile": cf(busybox, body)}), check=False)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
@@ -412,8 +459,7 @@ def test_masks_hold_against_image_symlinks_under_proc_and_sys(rb: Runner) -> Non
     layout = rb.mkdir() + "/linked"
     write_oci_layout(layout, [busybox_layer(), buf.getvalue()])
     rb.own(os.path.dirname(layout))
-    run = ("RUN test -s /etc/passwd && test -z \"$(ls -A /sys/firmware)\" && test ! -s /proc/keys "
-           "&& echo masks-in-place\n")
+    run = 'RUN test -s /etc/passwd && test -z "$(ls -A /sys/firmware)" && test ! -s /proc/keys && echo masks-in-place\n'
     res = rb.run("build", "--no-cache", rb.context({"Containerfile": f"FROM oci:{layout}\n{run}"}), check=False)
     assert res.returncode == 0, res.stderr
     assert "masks-in-place" in res.stderr.splitlines()

@@ -82,9 +82,15 @@ def _default_signals() -> None:
 
 def _start_until(rb: Runner, argv: list[str], root: str, word: bytes) -> subprocess.Popen:
     """Start rbuild in its own session and wait until its stderr shows `word`."""
-    proc = subprocess.Popen(rb._prefix() + [rb.bin, *argv], env=rb._env({"RBUILD_ROOT": root}), cwd=rb.base,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=_default_signals)
+    proc = subprocess.Popen(
+        rb._prefix() + [rb.bin, *argv],
+        env=rb._env({"RBUILD_ROOT": root}),
+        cwd=rb.base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_default_signals,
+    )
     assert proc.stderr is not None
     os.set_blocking(proc.stderr.fileno(), False)
     seen, deadline = b"", time.monotonic() + 60
@@ -210,8 +216,12 @@ def test_check_sweeps_leftovers_of_killed_processes(rb: Runner, busybox: str) ->
     dead += [os.path.join(root, "tmp", "step-lockless"), os.path.join(runtime, "mnt-lockless")]
     for d in dead[2:]:
         os.makedirs(os.path.join(d, "merged"))
-    files = [os.path.join(root, "blobs", "sha256", ".tmp-dead"), os.path.join(root, "blobs", ".partial-dead"),
-             os.path.join(root, "cache", ".tmp-dead"), os.path.join(root, ".tmp-dead")]
+    files = [
+        os.path.join(root, "blobs", "sha256", ".tmp-dead"),
+        os.path.join(root, "blobs", ".partial-dead"),
+        os.path.join(root, "cache", ".tmp-dead"),
+        os.path.join(root, ".tmp-dead"),
+    ]
     for path in files:
         open(path, "w").close()
     cut = os.path.join(root, "chains", "e" * 64)  # a layer directory whose .json was never written
@@ -223,8 +233,9 @@ def test_check_sweeps_leftovers_of_killed_processes(rb: Runner, busybox: str) ->
             os.chown(path, rb.uid, rb.gid)
     res = _check(rb, root)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert sorted(res.stdout.splitlines()) == sorted(f"removed leftover of a killed process: {p}"
-                                                     for p in dead + files + [cut])
+    assert sorted(res.stdout.splitlines()) == sorted(
+        f"removed leftover of a killed process: {p}" for p in dead + files + [cut]
+    )
     assert [p for p in dead + files + [cut] if os.path.lexists(p)] == []
     assert os.path.isdir(runtime)
 

@@ -106,15 +106,34 @@ MATCH_CASES: list[tuple[str, dict[str, str], str | None, set[str], set[str]]] = 
     ("${FOO:##}", {}, None, set(), set()),
     ("${FOO:%}", {}, None, set(), set()),
     ("${FOO:%%}", {}, None, set(), set()),
-    ("${FOO/$NEEDLE/.} - ${FOO//$NEEDLE/.}", {"FOO": "/foo*/*/*.txt", "NEEDLE": "\\*/"},
-     "/foo.*/*.txt - /foo..*.txt", {"FOO", "NEEDLE"}, set()),
-    ("${FOO/$NEEDLE/} - ${FOO//$NEEDLE/}", {"FOO": "/tmp/tmp/bar.txt", "NEEDLE": "/tmp"},
-     "/tmp/bar.txt - /bar.txt", {"FOO", "NEEDLE"}, set()),
-    ("${FOO/$NEEDLE/$REPLACEMENT} - ${FOO//$NEEDLE/$REPLACEMENT}",
-     {"FOO": "/a/foo/b/c.txt", "NEEDLE": "/?/", "REPLACEMENT": "/"}, "/foo/b/c.txt - /foo/c.txt",
-     {"FOO", "NEEDLE", "REPLACEMENT"}, set()),
-    ("${FOO/$NEEDLE/$REPLACEMENT}", {"FOO": "http://google.de", "NEEDLE": "http://", "REPLACEMENT": "https://"},
-     "https://google.de", {"FOO", "NEEDLE", "REPLACEMENT"}, set()),
+    (
+        "${FOO/$NEEDLE/.} - ${FOO//$NEEDLE/.}",
+        {"FOO": "/foo*/*/*.txt", "NEEDLE": "\\*/"},
+        "/foo.*/*.txt - /foo..*.txt",
+        {"FOO", "NEEDLE"},
+        set(),
+    ),
+    (
+        "${FOO/$NEEDLE/} - ${FOO//$NEEDLE/}",
+        {"FOO": "/tmp/tmp/bar.txt", "NEEDLE": "/tmp"},
+        "/tmp/bar.txt - /bar.txt",
+        {"FOO", "NEEDLE"},
+        set(),
+    ),
+    (
+        "${FOO/$NEEDLE/$REPLACEMENT} - ${FOO//$NEEDLE/$REPLACEMENT}",
+        {"FOO": "/a/foo/b/c.txt", "NEEDLE": "/?/", "REPLACEMENT": "/"},
+        "/foo/b/c.txt - /foo/c.txt",
+        {"FOO", "NEEDLE", "REPLACEMENT"},
+        set(),
+    ),
+    (
+        "${FOO/$NEEDLE/$REPLACEMENT}",
+        {"FOO": "http://google.de", "NEEDLE": "http://", "REPLACEMENT": "https://"},
+        "https://google.de",
+        {"FOO", "NEEDLE", "REPLACEMENT"},
+        set(),
+    ),
     ("${FOO//\\//\\/}", {"FOO": "/tmp/foo.txt"}, "\\/tmp\\/foo.txt", {"FOO"}, set()),
     ("${FOO/$BAR/ww}", {"FOO": "xxyy", "BAR": ""}, "wwxxyy", {"FOO", "BAR"}, set()),
     ("${FOO//ww}", {"FOO": "xxyy"}, None, set(), set()),
@@ -125,8 +144,9 @@ MATCH_CASES: list[tuple[str, dict[str, str], str | None, set[str], set[str]]] = 
 
 
 @pytest.mark.parametrize(("word", "env", "expected", "matched", "unmatched"), MATCH_CASES)
-def test_process_with_matches(word: str, env: dict[str, str], expected: str | None, matched: set[str],
-                              unmatched: set[str]) -> None:
+def test_process_with_matches(
+    word: str, env: dict[str, str], expected: str | None, matched: set[str], unmatched: set[str]
+) -> None:
     lexer = Lexer("\\")
     if expected is None:
         with pytest.raises(ShellError):
@@ -136,13 +156,20 @@ def test_process_with_matches(word: str, env: dict[str, str], expected: str | No
     assert (result, got_matched, got_unmatched) == (expected, matched, unmatched)
 
 
-@pytest.mark.parametrize(("envs", "expected"), [
-    ({"VERSION": "v1.2.3", "TARGETOS": "linux", "TARGETARCH": "arm", "TARGETVARIANT": "v7"},
-     "something-v1.2.3.linux-arm-v7.tar.gz"),
-    ({"VERSION": "v1.2.3", "TARGETOS": "linux", "TARGETARCH": "arm64", "TARGETVARIANT": ""},
-     "something-v1.2.3.linux-arm64.tar.gz"),
-    ({"VERSION": "v1.2.3", "TARGETOS": "linux", "TARGETARCH": "arm64"}, "something-v1.2.3.linux-arm64.tar.gz"),
-])
+@pytest.mark.parametrize(
+    ("envs", "expected"),
+    [
+        (
+            {"VERSION": "v1.2.3", "TARGETOS": "linux", "TARGETARCH": "arm", "TARGETVARIANT": "v7"},
+            "something-v1.2.3.linux-arm-v7.tar.gz",
+        ),
+        (
+            {"VERSION": "v1.2.3", "TARGETOS": "linux", "TARGETARCH": "arm64", "TARGETVARIANT": ""},
+            "something-v1.2.3.linux-arm64.tar.gz",
+        ),
+        ({"VERSION": "v1.2.3", "TARGETOS": "linux", "TARGETARCH": "arm64"}, "something-v1.2.3.linux-arm64.tar.gz"),
+    ],
+)
 def test_platform_style_name(envs: dict[str, str], expected: str) -> None:
     word = "something-${VERSION}.${TARGETOS}-${TARGETARCH}${TARGETVARIANT:+-${TARGETVARIANT}}.tar.gz"
     assert Lexer().expand(word, envs) == expected
@@ -163,21 +190,24 @@ def test_mandatory_variables_messages() -> None:
         lexer.expand("${VAR:?}", {"VAR": ""})
 
 
-@pytest.mark.parametrize(("word", "message"), [
-    ("${}", "bad substitution"),
-    ("${:-x}", "bad substitution"),
-    ("${v", "unsupported modifier"),
-    ("${v:=x}", "unsupported modifier (:=) in substitution"),
-    ("${v:x}", "unsupported modifier (:x) in substitution"),
-    ("${v:#x}", "unsupported modifier (:#) in substitution"),
-    ("${v:-x", "syntax error: missing '}'"),
-    ("${v/a", "syntax error: missing '/' in ${}"),
-    ("${v/a/b", "syntax error: missing '}'"),
-    ("${", "syntax error: missing '}'"),
-    ("'abc", "matching single-quote"),
-    ('"abc', "matching double-quote"),
-    ("${v#\\x}", "invalid pattern (\\x) in substitution: invalid escape '\\x'"),
-])
+@pytest.mark.parametrize(
+    ("word", "message"),
+    [
+        ("${}", "bad substitution"),
+        ("${:-x}", "bad substitution"),
+        ("${v", "unsupported modifier"),
+        ("${v:=x}", "unsupported modifier (:=) in substitution"),
+        ("${v:x}", "unsupported modifier (:x) in substitution"),
+        ("${v:#x}", "unsupported modifier (:#) in substitution"),
+        ("${v:-x", "syntax error: missing '}'"),
+        ("${v/a", "syntax error: missing '/' in ${}"),
+        ("${v/a/b", "syntax error: missing '}'"),
+        ("${", "syntax error: missing '}'"),
+        ("'abc", "matching single-quote"),
+        ('"abc', "matching double-quote"),
+        ("${v#\\x}", "invalid pattern (\\x) in substitution: invalid escape '\\x'"),
+    ],
+)
 def test_errors(word: str, message: str) -> None:
     with pytest.raises(ShellError) as e:
         Lexer().expand(word, {"v": "abc"})
@@ -186,11 +216,22 @@ def test_errors(word: str, message: str) -> None:
     assert isinstance(e.value, RbuildError)
 
 
-@pytest.mark.parametrize(("word", "expected"), [
-    ("${v#a*}", "bcabc"), ("${v##a*}", ""), ("${v%b*}", "abca"), ("${v%%b*}", "a"),
-    ("${v/b/X}", "aXcabc"), ("${v//b/X}", "aXcaXc"), ("${v//?/.}", "......"), ("${v/*/Z}", "Z"),
-    ("${v//x*/Z}", "abcabc"), ("${v#\\*}", "abcabc"), ("${s//\\//-}", "-a-b"),
-])
+@pytest.mark.parametrize(
+    ("word", "expected"),
+    [
+        ("${v#a*}", "bcabc"),
+        ("${v##a*}", ""),
+        ("${v%b*}", "abca"),
+        ("${v%%b*}", "a"),
+        ("${v/b/X}", "aXcabc"),
+        ("${v//b/X}", "aXcaXc"),
+        ("${v//?/.}", "......"),
+        ("${v/*/Z}", "Z"),
+        ("${v//x*/Z}", "abcabc"),
+        ("${v#\\*}", "abcabc"),
+        ("${s//\\//-}", "-a-b"),
+    ],
+)
 def test_pattern_operators(word: str, expected: str) -> None:
     assert Lexer().expand(word, {"v": "abcabc", "s": "/a/b"}) == expected
 
@@ -226,8 +267,15 @@ def test_words_buffer_is_shared_with_nested_substitutions() -> None:
 
 def test_modes_used_for_heredoc_detection() -> None:
     raw = Lexer("\\", raw_quotes=True, raw_escapes=True, skip_unset_env=True)
-    assert raw.expand_words("RUN <<'EOF' \"x y\" a\\ b $U ${U:-d} ${U/a/b}", {}) == \
-        ["RUN", "<<'EOF'", '"x y"', "a\\ b", "$U", "${U:-d}", "${U/a/b}"]
+    assert raw.expand_words("RUN <<'EOF' \"x y\" a\\ b $U ${U:-d} ${U/a/b}", {}) == [
+        "RUN",
+        "<<'EOF'",
+        '"x y"',
+        "a\\ b",
+        "$U",
+        "${U:-d}",
+        "${U/a/b}",
+    ]
     skip_quotes = Lexer("\\", skip_process_quotes=True)
     assert skip_quotes.expand("'$a' \"$a\" \\$a \\t", {"a": "1"}) == "'1' \"1\" $a t"
 
@@ -241,10 +289,18 @@ def test_non_ascii_and_odd_input() -> None:
     assert lexer.expand_words("a\x1cb", {}) == ["a\x1cb"]  # ... which does not include U+001C
 
 
-@pytest.mark.parametrize(("s", "expected"), [
-    ("abc", '"abc"'), ('a"b\\c', '"a\\"b\\\\c"'), ("\x00\x07\x1b\x7f", '"\\x00\\a\\x1b\\x7f"'),
-    ("\t\n\r\v\f\b", '"\\t\\n\\r\\v\\f\\b"'), ("♥ é", '"♥ é"'), ("\u00a0\u200b", '"\\u00a0\\u200b"'),
-    ("\U0001f600\U000e0001", '"\U0001f600\\U000e0001"'), ("\udcff\udc80", '"\\xff\\x80"'),
-])
+@pytest.mark.parametrize(
+    ("s", "expected"),
+    [
+        ("abc", '"abc"'),
+        ('a"b\\c', '"a\\"b\\\\c"'),
+        ("\x00\x07\x1b\x7f", '"\\x00\\a\\x1b\\x7f"'),
+        ("\t\n\r\v\f\b", '"\\t\\n\\r\\v\\f\\b"'),
+        ("♥ é", '"♥ é"'),
+        ("\u00a0\u200b", '"\\u00a0\\u200b"'),
+        ("\U0001f600\U000e0001", '"\U0001f600\\U000e0001"'),
+        ("\udcff\udc80", '"\\xff\\x80"'),
+    ],
+)
 def test_go_quote(s: str, expected: str) -> None:
     assert go_quote(s) == expected

@@ -21,6 +21,11 @@ def in_userns(runner: Any, script: str, *args: str, single: bool, env: dict[str,
     with open(path, "w") as f:
         f.write(script)
     runner.own(work)
-    res = runner.run("unshare", "/usr/bin/python3", path, *args,
-                     env={"PYTHONPATH": pkg, "SINGLE": "1" if single else "0", **(env or {})})
+    res = runner.run(
+        "unshare",
+        "/usr/bin/python3",
+        path,
+        *args,
+        env={"PYTHONPATH": pkg, "SINGLE": "1" if single else "0", **(env or {})},
+    )
     return res.stdout
