@@ -99,6 +99,8 @@ def _helper(name: str, action: str, payload: str) -> str | None:
         proc = subprocess.run([binary, action], input=payload.encode(), capture_output=True, timeout=60)
     except FileNotFoundError:
         raise RbuildError(f"credential helper {binary} not found in PATH") from None
+    except OSError as e:  # e.g. a PATH directory that cannot be searched
+        raise RbuildError(f"cannot run credential helper {binary}: {e.strerror}") from None
     except subprocess.TimeoutExpired:
         raise RbuildError(f"credential helper {binary} {action} timed out") from None
     out = proc.stdout.decode(errors="replace")

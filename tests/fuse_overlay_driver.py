@@ -26,12 +26,38 @@ def build_lowers(base: str) -> list[str]:
     """Three lowers, topmost first: l1 whites out l2's gone.txt and makes opq/ opaque over l2 and l3."""
     l1, l2, l3 = (os.path.join(base, n) for n in ("l1", "l2", "l3"))
     tree: dict[str, dict[str, str | None]] = {
-        l3: {"d/": None, "d/deep/": None, "d/deep/f3": "three", "opq/": None, "opq/hidden3": "h3", "top3": "t3",
-             "shared": "from l3", "dirfile/": None, "dirfile/in3": "i3"},
-        l2: {"d/": None, "d/f2": "two" * 100, "gone.txt": "gone", "opq/": None, "opq/hidden2": "h2",
-             "shared": "from l2", "e/": None, "e/e2": "e", "ln2": "@d/f2"},
-        l1: {"d/": None, "d/f1": "one", "opq/": None, "opq/visible1": "v1", "x/": None, "x/y/": None,
-             "x/y/z": "zz", "dirfile": "now a file"},
+        l3: {
+            "d/": None,
+            "d/deep/": None,
+            "d/deep/f3": "three",
+            "opq/": None,
+            "opq/hidden3": "h3",
+            "top3": "t3",
+            "shared": "from l3",
+            "dirfile/": None,
+            "dirfile/in3": "i3",
+        },
+        l2: {
+            "d/": None,
+            "d/f2": "two" * 100,
+            "gone.txt": "gone",
+            "opq/": None,
+            "opq/hidden2": "h2",
+            "shared": "from l2",
+            "e/": None,
+            "e/e2": "e",
+            "ln2": "@d/f2",
+        },
+        l1: {
+            "d/": None,
+            "d/f1": "one",
+            "opq/": None,
+            "opq/visible1": "v1",
+            "x/": None,
+            "x/y/": None,
+            "x/y/z": "zz",
+            "dirfile": "now a file",
+        },
     }
     for layer, entries in tree.items():
         os.makedirs(layer)
@@ -117,6 +143,7 @@ def _rename(src: str, dst: str, flags: int) -> None:
         os.rename(src, dst)
         return
     import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     at_fdcwd = -100
     if libc.renameat2(at_fdcwd, src.encode(), at_fdcwd, dst.encode(), flags) != 0:
@@ -153,8 +180,9 @@ def apply(mnt: str, op: list) -> str:
         case "chown":
             return attempt(lambda f, u, g: os.chown(f, u, g, follow_symlinks=False), p[0], args[1], args[2])
         case "setxattr":
-            return attempt(lambda f, k, v: os.setxattr(f, k, v, follow_symlinks=False), p[0], args[1],
-                           bytes.fromhex(args[2]))
+            return attempt(
+                lambda f, k, v: os.setxattr(f, k, v, follow_symlinks=False), p[0], args[1], bytes.fromhex(args[2])
+            )
         case "removexattr":
             return attempt(lambda f, k: os.removexattr(f, k, follow_symlinks=False), p[0], args[1])
     raise ValueError(kind)
@@ -180,8 +208,25 @@ def random_op(rng: random.Random, mnt: str) -> list:
         return os.path.join(rng.choice(dirs), rng.choice(NAMES))
 
     data = rng.randbytes(rng.choice([0, 1, 100, 5000, 70000])).hex()
-    kind = rng.choice(["create", "write", "truncate", "rename", "rename", "unlink", "rmdir", "mkdir", "link",
-                       "symlink", "chmod", "setxattr", "removexattr", "fallocate", "chown"])
+    kind = rng.choice(
+        [
+            "create",
+            "write",
+            "truncate",
+            "rename",
+            "rename",
+            "unlink",
+            "rmdir",
+            "mkdir",
+            "link",
+            "symlink",
+            "chmod",
+            "setxattr",
+            "removexattr",
+            "fallocate",
+            "chown",
+        ]
+    )
     match kind:
         case "create":
             return [kind, any_path(), data]
@@ -225,13 +270,31 @@ def main() -> int:
     for n in ("kup", "kwork", "kmnt", "fup", "fwork", "fmnt"):
         os.makedirs(os.path.join(base, n))
     kmnt, fmnt = os.path.join(base, "kmnt"), os.path.join(base, "fmnt")
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                    f"userxattr,lowerdir={':'.join(lowers)},upperdir={base}/kup,workdir={base}/kwork", kmnt],
-                   check=True)
+    subprocess.run(
+        [
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            f"userxattr,lowerdir={':'.join(lowers)},upperdir={base}/kup,workdir={base}/kwork",
+            kmnt,
+        ],
+        check=True,
+    )
     rfd, wfd = os.pipe()
-    helper = subprocess.Popen([spec["helper"], "--ready-fd", str(wfd), "-o",
-                               f"lowerdir={':'.join(lowers)},upperdir={base}/fup,workdir={base}/fwork", fmnt],
-                              pass_fds=(wfd,), env=spec["env"])
+    helper = subprocess.Popen(
+        [
+            spec["helper"],
+            "--ready-fd",
+            str(wfd),
+            "-o",
+            f"lowerdir={':'.join(lowers)},upperdir={base}/fup,workdir={base}/fwork",
+            fmnt,
+        ],
+        pass_fds=(wfd,),
+        env=spec["env"],
+    )
     os.close(wfd)
     ready = os.read(rfd, 1)
     os.close(rfd)

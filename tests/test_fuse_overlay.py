@@ -37,8 +37,12 @@ def _require_fuse3() -> None:
 
 
 def _make(out: str, extra_cflags: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "-s", "-B", "-C", CSRC, f"OUT={out}", f"EXTRA_CFLAGS={extra_cflags}"],
-                          capture_output=True, text=True, check=False)
+    return subprocess.run(
+        ["make", "-s", "-B", "-C", CSRC, f"OUT={out}", f"EXTRA_CFLAGS={extra_cflags}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +83,10 @@ def asan_helper(work: str) -> str:
 
 
 def _sanitizer_env(logdir: str) -> dict[str, str]:
-    return {"ASAN_OPTIONS": f"log_path={logdir}/asan:detect_leaks=1:abort_on_error=0",
-            "UBSAN_OPTIONS": f"log_path={logdir}/ubsan:print_stacktrace=1:halt_on_error=1"}
+    return {
+        "ASAN_OPTIONS": f"log_path={logdir}/asan:detect_leaks=1:abort_on_error=0",
+        "UBSAN_OPTIONS": f"log_path={logdir}/ubsan:print_stacktrace=1:halt_on_error=1",
+    }
 
 
 def _assert_no_sanitizer_reports(logdir: str) -> None:
@@ -97,8 +103,9 @@ def _drive(rb: Runner, work: str, helper: str, **spec) -> dict:
     rb.write(spec_path, json.dumps(spec))
     try:
         argv = ["unshare", "--map-auto", "-Urm", sys.executable, os.path.join(work, "driver.py"), spec_path]
-        res = subprocess.run(rb._prefix() + argv, env=rb._env(None), capture_output=True, text=True, timeout=600,
-                             check=False)
+        res = subprocess.run(
+            rb._prefix() + argv, env=rb._env(None), capture_output=True, text=True, timeout=600, check=False
+        )
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
         _assert_no_sanitizer_reports(logdir)
@@ -123,24 +130,25 @@ def _assert_same(report: dict) -> None:
 SCRIPTS = {
     "read": "cat d/f1 d/f2 d/deep/f3 top3 shared; ls -A . d opq x/y; cat gone.txt; test -f dirfile; readlink ln2",
     "copy-up": "echo more >> d/f2 && chmod 600 e/e2 && chmod 4755 x && chown 1000:2 d/deep/f3 && chown -h 7 ln2 && "
-               "truncate -s 5 shared && "
-               "dd if=/dev/zero of=top3 bs=1 seek=1 count=1 conv=notrunc 2>/dev/null && touch -d @0 d/deep/f3 && "
-               "cat d/f2 shared top3 | od -c | tail -n 3",
+    "truncate -s 5 shared && "
+    "dd if=/dev/zero of=top3 bs=1 seek=1 count=1 conv=notrunc 2>/dev/null && touch -d @0 d/deep/f3 && "
+    "cat d/f2 shared top3 | od -c | tail -n 3",
     "whiteouts": "rm d/f1 d/f2 top3 && rm -r e && mkdir e && echo new > e/n && rm -r opq && mkdir opq && "
-                 "rmdir d/deep 2>&1; rm -r d/deep; ls -A . d e opq; echo back > gone.txt; cat gone.txt",
+    "rmdir d/deep 2>&1; rm -r d/deep; ls -A . d e opq; echo back > gone.txt; cat gone.txt",
     "create": "mkdir -p n/m/o && echo a > n/m/o/f && ln -s ../x n/lnk && ln n/m/o/f n/hard && mkfifo n/fifo && "
-              "mkdir x/y/new && echo 1 > x/y/new/one && ls -A n n/m/o x/y",
+    "mkdir x/y/new && echo 1 > x/y/new/one && ls -A n n/m/o x/y",
     "rename": "mv d/f2 top && mv shared d/shared2 && mkdir n && mv n d/n2 && mv x/y/z x/zz && mv top3 d/deep/t3 && "
-              "mv dirfile dirfile2 && mv d moved && ls -A . moved moved/deep; cat moved/f2 2>&1; "
-              "mv e/e2 e/e3 && mv -T e e4 && ls -A e4",
+    "mv dirfile dirfile2 && mv d moved && ls -A . moved moved/deep; cat moved/f2 2>&1; "
+    "mv e/e2 e/e3 && mv -T e e4 && ls -A e4",
     "cp-a": "cp -a d d2 && cp -a opq opq2 && rm -r d2/deep && cp -a x/y x/y2 && ls -A d2 opq2 x/y2",
     "chown": "chown -R 1000:1000 . && chmod 2775 e && chown 5 e && mkdir e/sg && ls -ln e | cut -c1-25",
 }
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_shell_script_same_on_kernel_overlay_and_helper(rb: Runner, dev_fuse: None, work: str, asan_helper: str,
-                                                        name: str) -> None:
+def test_shell_script_same_on_kernel_overlay_and_helper(
+    rb: Runner, dev_fuse: None, work: str, asan_helper: str, name: str
+) -> None:
     report = _drive(rb, work, asan_helper, script=SCRIPTS[name])
     assert report["script_kernel"] == report["script_fuse"], (report["script_kernel"], report["script_fuse"])
     _assert_same(report)
@@ -150,13 +158,15 @@ FUZZ_SEEDS = [11, 22, 33] if os.environ.get("CI") else [random.randrange(1 << 30
 
 
 @pytest.mark.parametrize("seed", FUZZ_SEEDS)
-def test_random_operations_same_on_kernel_overlay_and_helper(rb: Runner, dev_fuse: None, work: str,
-                                                             asan_helper: str, seed: int) -> None:
+def test_random_operations_same_on_kernel_overlay_and_helper(
+    rb: Runner, dev_fuse: None, work: str, asan_helper: str, seed: int
+) -> None:
     report = _drive(rb, work, asan_helper, seed=seed, steps=400)
     assert len(report["ops"]) > 300
     assert sum(op[1] == "ok" for op in report["ops"]) > 100, "too few operations succeeded to test anything"
-    assert any(op[0][0] == "chown" and op[0][2] not in (0, -1) and op[1] == "ok" for op in report["ops"]), \
+    assert any(op[0][0] == "chown" and op[0][2] not in (0, -1) and op[1] == "ok" for op in report["ops"]), (
         "no chown to another uid succeeded: the subuid range is not mapped"
+    )
     _assert_same(report)
 
 
@@ -174,8 +184,13 @@ def test_compiles_with_werror(work: str) -> None:
 def test_installed_helper_is_found() -> None:
     """`pip install .` built the helper into the package; the locator finds it; bad usage exits 2."""
     _require_fuse3()
-    res = subprocess.run([sys.executable, "-c", "from rootless.fusehelper import helper_path; print(helper_path())"],
-                         cwd="/", capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", "from rootless.fusehelper import helper_path; print(helper_path())"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     path = res.stdout.strip()
     assert path.endswith("/rootless/libexec/rbuild-fuse-overlay") and os.access(path, os.X_OK), path
     usage = subprocess.run([path, "-o", "lowerdir=/nonexistent"], capture_output=True, text=True, check=False)
@@ -186,12 +201,19 @@ def test_failed_mount_exits_1_without_ready_byte(rb: Runner, dev_fuse: None, asa
     d = rb.mkdir()
     logdir = rb.mkdir()
     try:
-        script = (f"mkdir {d}/u {d}/w {d}/m && "
-                  f"{asan_helper} --ready-fd 3 -o lowerdir={d}/missing,upperdir={d}/u,workdir={d}/w {d}/m "
-                  f"3>{d}/ready; echo status=$?; wc -c < {d}/ready")
-        res = subprocess.run(rb._prefix() + ["unshare", "-Urm", "/bin/sh", "-c", script],
-                             env={**rb._env(None), **_sanitizer_env(logdir)}, capture_output=True, text=True,
-                             timeout=60, check=False)
+        script = (
+            f"mkdir {d}/u {d}/w {d}/m && "
+            f"{asan_helper} --ready-fd 3 -o lowerdir={d}/missing,upperdir={d}/u,workdir={d}/w {d}/m "
+            f"3>{d}/ready; echo status=$?; wc -c < {d}/ready"
+        )
+        res = subprocess.run(
+            rb._prefix() + ["unshare", "-Urm", "/bin/sh", "-c", script],
+            env={**rb._env(None), **_sanitizer_env(logdir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert res.stdout.split() == ["status=1", "0"], res.stdout + res.stderr
         assert "cannot open layer directory" in res.stderr or "cannot resolve" in res.stderr, res.stderr
         _assert_no_sanitizer_reports(logdir)
@@ -205,12 +227,17 @@ def test_helper_ends_with_its_parent(rb: Runner, dev_fuse: None, asan_helper: st
     d = rb.mkdir()
     logdir = rb.mkdir()
     rb.mkdir(os.path.join(d, "l"))
-    script = (f"mkdir {d}/u {d}/w {d}/m; "
-              f"{asan_helper} --ready-fd 3 -o lowerdir={d}/l,upperdir={d}/u,workdir={d}/w {d}/m 3>{d}/ready & "
-              f"echo $! > {d}/pid; exec sleep 600")
-    parent = subprocess.Popen(rb._prefix() + ["unshare", "-Urm", "/bin/sh", "-c", script],
-                              env={**rb._env(None), **_sanitizer_env(logdir)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    script = (
+        f"mkdir {d}/u {d}/w {d}/m; "
+        f"{asan_helper} --ready-fd 3 -o lowerdir={d}/l,upperdir={d}/u,workdir={d}/w {d}/m 3>{d}/ready & "
+        f"echo $! > {d}/pid; exec sleep 600"
+    )
+    parent = subprocess.Popen(
+        rb._prefix() + ["unshare", "-Urm", "/bin/sh", "-c", script],
+        env={**rb._env(None), **_sanitizer_env(logdir)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while not (os.path.exists(f"{d}/ready") and os.path.getsize(f"{d}/ready") == 1):
