@@ -359,6 +359,13 @@ int make_whiteout(const char *path)
 {
   if (mknodat(ovl.layers[0].fd, path, S_IFCHR | 0000, makedev(0, 0)) < 0)
     return -errno;
+  /* 0:0 as the kernel makes them: in a setgid directory the node would otherwise take the directory's group */
+  if (fchownat(ovl.layers[0].fd, path, 0, 0, AT_SYMLINK_NOFOLLOW) < 0)
+    {
+      int err = -errno;
+      unlinkat(ovl.layers[0].fd, path, 0);
+      return err;
+    }
   return 0;
 }
 

@@ -154,7 +154,9 @@ def test_shell_script_same_on_kernel_overlay_and_helper(
     _assert_same(report)
 
 
-FUZZ_SEEDS = [11, 22, 33] if os.environ.get("CI") else [random.randrange(1 << 30) for _ in range(3)]
+# fixed seeds in CI, plus seeds that once found a difference (696432130: a whiteout in a setgid directory
+# took the directory's group); new random ones on a developer's run
+FUZZ_SEEDS = [11, 22, 33, 696432130] if os.environ.get("CI") else [random.randrange(1 << 30) for _ in range(3)]
 
 
 @pytest.mark.parametrize("seed", FUZZ_SEEDS)
