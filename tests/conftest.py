@@ -183,6 +183,26 @@ class Runner:
         res = self.run("build", "-q", *extra, ctx, check=check, root=root, env=env)
         return res.stdout.strip()
 
+    def processes(self) -> list[str]:
+        """Live processes ("PID NAME") running as this user or one of its subordinate ids (zombies are gone)."""
+        uids = {self.uid}
+        with open("/etc/subuid") as f:
+            for line in f:
+                name, _, rest = line.strip().partition(":")
+                if name == self.name:
+                    start, _, count = rest.partition(":")
+                    uids |= set(range(int(start), int(start) + int(count)))
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    status = dict(ln.split(":", 1) for ln in f if ":" in ln)
+            except OSError:
+                continue
+            if int(status["Uid"].split()[1]) in uids and not status["State"].strip().startswith("Z"):
+                found.append(f"{pid} {status['Name'].strip()}")
+        return found
+
     def fresh_root(self) -> str:
         return self.mkdir() + "/store"
 

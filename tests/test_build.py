@@ -675,27 +675,6 @@ def test_containerfile_from_stdin_and_bare_build_arg(rb: Runner, busybox: str) -
     assert ID_RE.match(res.stdout)
 
 
-def _processes_of(rb: Runner) -> list[str]:
-    """Live processes running as the builder or as one of its subordinate ids (zombies are already gone)."""
-    uids = {rb.uid}
-    with open("/etc/subuid") as f:
-        for line in f:
-            name, _, rest = line.strip().partition(":")
-            if name == rb.name:
-                start, _, count = rest.partition(":")
-                uids |= set(range(int(start), int(start) + int(count)))
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(ln.split(":", 1) for ln in f if ":" in ln)
-        except OSError:
-            continue
-        if int(status["Uid"].split()[1]) in uids and not status["State"].strip().startswith("Z"):
-            found.append(pid)
-    return found
-
-
 def _default_signals() -> None:
     """A terminal's defaults: a shell running the suite in the background hands SIGINT down ignored, and
     a program started with SIGINT ignored rightly keeps ignoring it (POSIX)."""
@@ -733,9 +712,9 @@ def _interrupt_build(rb: Runner, ctx: str, root: str, sig: int, group: bool) -> 
             proc.wait()
     assert proc.returncode != 0
     deadline = time.monotonic() + 15
-    while _processes_of(rb) and time.monotonic() < deadline:
+    while rb.processes() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_of(rb) == []  # the sandbox (and with it every mount namespace) is gone
+    assert rb.processes() == []  # the sandbox (and with it every mount namespace) is gone
     assert os.listdir(os.path.join(root, "tmp")) == []
 
 
@@ -830,7 +809,7 @@ def test_kill_9_leaves_no_secret_and_the_next_build_sweeps(rb: Runner, busybox: 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     deadline = time.monotonic() + 15
-    while _processes_of(rb) and time.monotonic() < deadline:
+    while rb.processes() and time.monotonic() < deadline:
         time.sleep(0.1)
     for dirpath, _, files in os.walk(root):
         for name in files:

@@ -177,30 +177,6 @@ def _bases(rb: Runner, registry: str, count: int, rng: random.Random, tag: str) 
 # what a killed build may not leave behind
 
 
-def _uids(rb: Runner) -> set[int]:
-    uids = {rb.uid}
-    with open("/etc/subuid") as f:
-        for line in f:
-            name, _, rest = line.strip().partition(":")
-            if name == rb.name:
-                start, _, count = rest.partition(":")
-                uids |= set(range(int(start), int(start) + int(count)))
-    return uids
-
-
-def _processes(uids: set[int]) -> list[str]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(ln.split(":", 1) for ln in f if ":" in ln)
-        except OSError:
-            continue
-        if int(status["Uid"].split()[1]) in uids and not status["State"].strip().startswith("Z"):
-            found.append(f"{pid} {status['Name'].strip()}")
-    return found
-
-
 def _mounts_under(paths: list[str]) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         points = [ln.split()[4] for ln in f]
@@ -290,7 +266,6 @@ def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
     rng = random.Random(seed)
     root = rb.fresh_root()
     runtime = f"/tmp/rbuild-{rb.uid}"
-    uids = _uids(rb)
     bases = _bases(rb, registry, points + 2, rng, tag)
     env = rb._env({"RBUILD_ROOT": root})
 
@@ -335,9 +310,9 @@ def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
             _end(proc)
         where += f" (its last words: {(err or b'').decode(errors='replace').strip().splitlines()[-1:]})"
         deadline = time.monotonic() + 15
-        while _processes(uids) and time.monotonic() < deadline:
+        while rb.processes() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _processes(uids) == [], where
+        assert rb.processes() == [], where
         assert _mounts_under([root, runtime]) == [], where
         res = rb.run("check", root=root, check=False)
         assert res.returncode == 0, f"{where}: check failed:\n{res.stdout}{res.stderr}\nbuild said: {err!r}"

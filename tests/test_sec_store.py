@@ -44,34 +44,13 @@ def _check(rb: Runner, root: str, *extra: str) -> subprocess.CompletedProcess:
     return rb.run("check", *extra, root=root, check=False)
 
 
-def _uids(rb: Runner) -> set[int]:
-    uids = {rb.uid}
-    with open("/etc/subuid") as f:
-        for line in f:
-            name, _, rest = line.strip().partition(":")
-            if name == rb.name:
-                start, _, count = rest.partition(":")
-                uids |= set(range(int(start), int(start) + int(count)))
-    return uids
-
-
 def _no_processes(rb: Runner) -> bool:
-    uids, deadline = _uids(rb), time.monotonic() + 15
-    while True:
-        alive = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{pid}/status") as f:
-                    status = dict(ln.split(":", 1) for ln in f if ":" in ln)
-            except OSError:
-                continue
-            if int(status["Uid"].split()[1]) in uids and not status["State"].strip().startswith("Z"):
-                alive.append(pid)
-        if not alive:
-            return True
+    deadline = time.monotonic() + 15
+    while rb.processes():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+    return True
 
 
 def _default_signals() -> None:
