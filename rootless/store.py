@@ -684,7 +684,7 @@ class Store:
                         for m in {r.manifest, *r.manifests.values()}:
                             keep_blobs.add(hex_of(m))
                             with contextlib.suppress(RbuildError):  # the layer blobs each name pushes
-                                keep_blobs |= {_blob_hex(d) for d in self.read_json(m).get("layers", [])}
+                                keep_blobs |= {blob_name(d.get("digest")) for d in self.read_json(m).get("layers", [])}
                         keep_blobs.add(hex_of(r.id))
                         config = self.read_json(r.id)
                         keep_layers |= {hex_of(c) for c in chain_ids(config.get("rootfs", {}).get("diff_ids", []))}
@@ -725,9 +725,8 @@ class Store:
                 return removed_layers, removed_blobs
 
 
-def _blob_hex(desc: dict[str, Any]) -> str:
-    """A manifest descriptor's blob name in blobs/sha256 ("" for a digest that cannot be one)."""
-    digest = desc.get("digest")
+def blob_name(digest: object) -> str:
+    """A digest's file name in blobs/sha256 ("" for a value that cannot be one: data from outside)."""
     ok = isinstance(digest, str) and digest.startswith("sha256:") and _HEX64.fullmatch(digest[7:])
     return digest[7:] if ok else ""  # type: ignore[index]
 

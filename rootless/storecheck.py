@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from rootless.errors import RbuildError
-from rootless.store import Store, chain_ids, hex_of
-
-CHUNK = 1 << 20
+from rootless.store import Store, blob_name, chain_ids
 
 
 @dataclass(frozen=True)
@@ -37,14 +36,6 @@ class Problem:
         return f"{self.kind} {self.name}: {self.why}"
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_blobs(store: Store) -> list[Problem]:
     out = []
     for name in store.blob_names():
@@ -53,7 +44,8 @@ def _check_blobs(store: Store) -> list[Problem]:
             if os.path.islink(path) or not os.path.isfile(path):
                 out.append(Problem("blob", name, "not a regular file"))
                 continue
-            got = _file_sha256(path)
+            with open(path, "rb") as f:
+                got = hashlib.file_digest(f, "sha256").hexdigest()
         except OSError as e:
             out.append(Problem("blob", name, f"unreadable ({e.strerror})"))
             continue
@@ -76,7 +68,7 @@ def _lowers(store: Store, meta: dict[str, Any]) -> list[str] | None:
     return out
 
 
-def _layer_problem(store: Store, key: str, bad_blobs: set[str], single_uid: bool) -> str | None:
+def _layer_problem(store: Store, key: str, blob_ok: Callable[[object], bool], single_uid: bool) -> str | None:
     """Why the layer (keyed by its chain id) is broken, or None."""
     from rootless import layers
 
@@ -98,8 +90,7 @@ def _layer_problem(store: Store, key: str, bad_blobs: set[str], single_uid: bool
     if origin != "blob":
         return f"its content no longer matches its diff_id (it is now {tree})"
     sources = meta.get("sources")
-    sound = [d for d in sources if isinstance(d, str)] if isinstance(sources, list) else []
-    sound = [d for d in sound if _blob_hex(d) not in bad_blobs and _blob_hex(d) and store.has_blob(d)]
+    sound = [d for d in sources if blob_ok(d)] if isinstance(sources, list) else []
     if not sound:
         return "no sound blob holds its original tar"
     try:
@@ -121,24 +112,14 @@ def _layer_problem(store: Store, key: str, bad_blobs: set[str], single_uid: bool
     return "its directory differs from its original blob's content"
 
 
-def _blob_hex(digest: str) -> str:
-    try:
-        return hex_of(digest)
-    except RbuildError:
-        return ""
-
-
 def check(store: Store, single_uid: bool) -> list[Problem]:
     """Every inconsistency in the store, one Problem each (empty: the store is sound)."""
     problems = _check_blobs(store)
     bad_blobs = {p.name for p in problems}
 
-    def blob_ok(digest: str) -> bool:
-        try:
-            h = hex_of(digest)
-        except RbuildError:
-            return False
-        return h not in bad_blobs and store.has_blob(digest)
+    def blob_ok(digest: object) -> bool:
+        name = blob_name(digest)
+        return bool(name) and name not in bad_blobs and store.has_blob(f"sha256:{name}")
 
     try:
         images = store.images()
@@ -154,7 +135,7 @@ def check(store: Store, single_uid: bool) -> list[Problem]:
 
     bad_layers = set()
     for key in store.layer_keys():
-        why = _layer_problem(store, key, bad_blobs, single_uid)
+        why = _layer_problem(store, key, blob_ok, single_uid)
         if why is not None:
             problems.append(Problem("layer", key, why))
             bad_layers.add(key)
