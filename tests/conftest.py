@@ -26,6 +26,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -205,6 +206,21 @@ class Runner:
 
     def fresh_root(self) -> str:
         return self.mkdir() + "/store"
+
+
+def default_signals() -> None:
+    """preexec_fn: a terminal's defaults. A shell running the suite in the background hands SIGINT down
+    ignored, and a program started with SIGINT ignored rightly keeps ignoring it (POSIX)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def end_session(proc: subprocess.Popen) -> None:
+    """End what a test started in its own session (start_new_session=True), if anything of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _make_user(name: str, with_range: bool) -> pwd.struct_passwd:

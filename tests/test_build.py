@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import IS_ROOT, Runner, busybox_layer, write_oci_layout
+from conftest import IS_ROOT, Runner, busybox_layer, default_signals, write_oci_layout
 
 from rootless.store import chain_ids
 
@@ -675,13 +675,6 @@ def test_containerfile_from_stdin_and_bare_build_arg(rb: Runner, busybox: str) -
     assert ID_RE.match(res.stdout)
 
 
-def _default_signals() -> None:
-    """A terminal's defaults: a shell running the suite in the background hands SIGINT down ignored, and
-    a program started with SIGINT ignored rightly keeps ignoring it (POSIX)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _interrupt_build(rb: Runner, ctx: str, root: str, sig: int, group: bool) -> None:
     argv = rb._prefix() + [rb.bin, "build", ctx]
     proc = subprocess.Popen(
@@ -690,7 +683,7 @@ def _interrupt_build(rb: Runner, ctx: str, root: str, sig: int, group: bool) -> 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_default_signals,
+        preexec_fn=default_signals,
     )
     deadline = time.monotonic() + 60
     assert proc.stderr is not None
@@ -798,7 +791,7 @@ def test_kill_9_leaves_no_secret_and_the_next_build_sweeps(rb: Runner, busybox: 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_default_signals,
+        preexec_fn=default_signals,
     )
     assert proc.stderr is not None
     os.set_blocking(proc.stderr.fileno(), False)

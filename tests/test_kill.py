@@ -22,7 +22,7 @@ import subprocess
 import time
 import urllib.parse
 
-from conftest import Runner, busybox_layer
+from conftest import Runner, busybox_layer, default_signals, end_session
 
 TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # temporary files in the store (rootless.store's)
 
@@ -230,20 +230,6 @@ def _kill(proc: subprocess.Popen, how: str) -> None:
         pass
 
 
-def _end(proc: subprocess.Popen) -> None:
-    """End what the test started (its session) if it is still there."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def _default_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 def _build_argv(rb: Runner, ctx: str, registry: str, n: int, tag: str) -> list[str]:
     return rb._prefix() + [rb.bin, "build", "--no-cache", "-t", f"{registry}/kill-{tag}/out{n}:1", "--push", ctx]
 
@@ -297,7 +283,7 @@ def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=_default_signals,
+            preexec_fn=default_signals,
         )
         try:
             time.sleep(at)
@@ -307,7 +293,7 @@ def _kill_run(rb: Runner, registry: str, points: int, tag: str) -> None:
             except subprocess.TimeoutExpired:
                 raise AssertionError(f"{where}: rbuild did not end") from None
         finally:
-            _end(proc)
+            end_session(proc)
         where += f" (its last words: {(err or b'').decode(errors='replace').strip().splitlines()[-1:]})"
         deadline = time.monotonic() + 15
         while rb.processes() and time.monotonic() < deadline:

@@ -4,7 +4,6 @@ points), a runtime directory another user took first, SIGHUP, stores made under 
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -15,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Runner
+from conftest import Runner, default_signals, end_session
 
 
 def cf(busybox: str, body: str) -> str:
@@ -53,12 +52,6 @@ def _no_processes(rb: Runner) -> bool:
     return True
 
 
-def _default_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
-
-
 def _start_until(rb: Runner, argv: list[str], root: str, word: bytes) -> subprocess.Popen:
     """Start rbuild in its own session and wait until its stderr shows `word`."""
     proc = subprocess.Popen(
@@ -68,7 +61,7 @@ def _start_until(rb: Runner, argv: list[str], root: str, word: bytes) -> subproc
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_default_signals,
+        preexec_fn=default_signals,
     )
     assert proc.stderr is not None
     os.set_blocking(proc.stderr.fileno(), False)
@@ -77,16 +70,9 @@ def _start_until(rb: Runner, argv: list[str], root: str, word: bytes) -> subproc
         time.sleep(0.05)
         seen += proc.stderr.read() or b""
     if word not in seen:
-        _end(proc)
+        end_session(proc)
         raise AssertionError(f"{word!r} never came: {seen!r}")
     return proc
-
-
-def _end(proc: subprocess.Popen) -> None:
-    """End what the test started (the session it made for rbuild), if anything of it is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -229,7 +215,7 @@ def test_check_leaves_a_running_build_alone(rb: Runner, busybox: str) -> None:
         assert _check(rb, root, "--repair").returncode == 125  # it needs the store to itself: refused, not waited
         out, err = proc.communicate(timeout=60)
     finally:
-        _end(proc)
+        end_session(proc)
     assert proc.returncode == 0, err
     assert _check(rb, root).returncode == 0
 
@@ -260,7 +246,7 @@ def test_sighup_ends_a_build_cleanly(rb: Runner, busybox: str) -> None:
     try:
         _, err = proc.communicate(timeout=30)
     finally:
-        _end(proc)
+        end_session(proc)
     assert proc.returncode == 130, (proc.returncode, err)
     assert err.decode().strip().splitlines()[-1] == "Error: interrupted"
     assert _no_processes(rb)
