@@ -88,14 +88,25 @@ def write_layout(path: str, layer: bytes) -> None:
 
     blob = gzip.compress(layer, compresslevel=6, mtime=0)
     diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
-    config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
-              "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }
     cdesc = {"mediaType": "application/vnd.oci.image.config.v1+json", **put(json.dumps(config).encode())}
     ldesc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **put(blob)}
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": cdesc, "layers": [ldesc]}
-    mdesc = {"mediaType": manifest["mediaType"], **put(json.dumps(manifest).encode()),
-             "annotations": {"org.opencontainers.image.ref.name": "latest"}}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cdesc,
+        "layers": [ldesc],
+    }
+    mdesc = {
+        "mediaType": manifest["mediaType"],
+        **put(json.dumps(manifest).encode()),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"},
+    }
     with open(os.path.join(path, "index.json"), "w") as f:
         json.dump({"schemaVersion": 2, "manifests": [mdesc]}, f)
     with open(os.path.join(path, "oci-layout"), "w") as f:
@@ -148,8 +159,17 @@ class Bench:
         return sh(self.args.rbuild, "--root", root, *argv, env=self.env)
 
     def buildah(self, *argv: str, root: str) -> str:
-        return sh("buildah", "--root", root + "/root", "--runroot", root + "/run", "--storage-driver", "overlay",
-                  *argv, env=self.env)
+        return sh(
+            "buildah",
+            "--root",
+            root + "/root",
+            "--runroot",
+            root + "/run",
+            "--storage-driver",
+            "overlay",
+            *argv,
+            env=self.env,
+        )
 
     def fresh(self, name: str) -> str:
         path = os.path.join(self.work, name)
@@ -170,12 +190,25 @@ class Bench:
 
     def build_pair(self, key: str, ctx: str) -> None:
         store = os.path.join(self.work, "store-" + key)
-        got = alternate({
-            "rbuild": lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store),
-            # chroot isolation: buildah's OCI runtime cannot run rootless under this host's cgroup setup
-            "buildah": lambda: self.buildah("build", "-q", "--layers=false", "--isolation", "chroot", "-f",
-                                            os.path.join(ctx, "Containerfile"), ctx, root=store),
-        }, self.args.runs, setup=lambda: self.cleanup_store(store))
+        got = alternate(
+            {
+                "rbuild": lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store),
+                # chroot isolation: buildah's OCI runtime cannot run rootless under this host's cgroup setup
+                "buildah": lambda: self.buildah(
+                    "build",
+                    "-q",
+                    "--layers=false",
+                    "--isolation",
+                    "chroot",
+                    "-f",
+                    os.path.join(ctx, "Containerfile"),
+                    ctx,
+                    root=store,
+                ),
+            },
+            self.args.runs,
+            setup=lambda: self.cleanup_store(store),
+        )
         self.results.update({f"{key}.{k}": v for k, v in got.items()})
         self.cleanup_store(store)
 
@@ -192,7 +225,8 @@ class Bench:
         dd_dir = os.path.join(self.work, "dd")
         os.makedirs(dd_dir)
         self.results["run1g.dd_alone"] = best(
-            lambda: sh("dd", "if=/dev/zero", f"of={dd_dir}/big", "bs=1M", "count=1024"), self.args.runs)
+            lambda: sh("dd", "if=/dev/zero", f"of={dd_dir}/big", "bs=1M", "count=1024"), self.args.runs
+        )
         big = os.path.join(dd_dir, "big")
         self.results["run1g.sha256sum"] = best(lambda: sh("sha256sum", big), self.args.runs)
         self.layer_micro("1g", big_dir=dd_dir)
@@ -207,8 +241,11 @@ class Bench:
                 f.write(os.urandom(64) * 64)
         self.build_pair("copy10k", ctx)
         dst = os.path.join(self.work, "cpa")
-        self.results["copy10k.cp_a"] = best(lambda: sh("cp", "-a", os.path.join(ctx, "files"), dst), self.args.runs,
-                                            setup=lambda: shutil.rmtree(dst, ignore_errors=True))
+        self.results["copy10k.cp_a"] = best(
+            lambda: sh("cp", "-a", os.path.join(ctx, "files"), dst),
+            self.args.runs,
+            setup=lambda: shutil.rmtree(dst, ignore_errors=True),
+        )
         self.layer_micro("10k", big_dir=dst)
         shutil.rmtree(dst, ignore_errors=True)
         # 200 MB base unpack
@@ -222,20 +259,27 @@ class Bench:
         del layer
         ctx = self.context("base", f"FROM oci:{layout}\nLABEL bench=unpack\n")
         store = os.path.join(self.work, "store-base")
-        got = alternate({"rbuild": lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store),
-                         "buildah": lambda: self.buildah("from", f"oci:{layout}", root=store)},
-                        self.args.runs, setup=lambda: self.cleanup_store(store))
+        got = alternate(
+            {
+                "rbuild": lambda: self.rbuild("build", "-q", "--no-cache", ctx, root=store),
+                "buildah": lambda: self.buildah("from", f"oci:{layout}", root=store),
+            },
+            self.args.runs,
+            setup=lambda: self.cleanup_store(store),
+        )
         self.results.update({f"base.{k}": v for k, v in got.items()})
         self.cleanup_store(store)
         self.results["base.sha256sum"] = best(lambda: sh("sha256sum", tarpath), self.args.runs)
-        self.results["base.zstd3"] = best(lambda: sh("zstd", "-3", "-q", "-f", "-T1", tarpath, "-o", tarpath + ".zst"),
-                                          self.args.runs)
+        self.results["base.zstd3"] = best(
+            lambda: sh("zstd", "-3", "-q", "-f", "-T1", tarpath, "-o", tarpath + ".zst"), self.args.runs
+        )
         tree = os.path.join(self.work, "tree")
         os.makedirs(tree)
         sh("tar", "-xf", tarpath, "-C", tree)
         dst = os.path.join(self.work, "tree2")
-        self.results["base.cp_a"] = best(lambda: sh("cp", "-a", tree, dst), self.args.runs,
-                                         setup=lambda: shutil.rmtree(dst, ignore_errors=True))
+        self.results["base.cp_a"] = best(
+            lambda: sh("cp", "-a", tree, dst), self.args.runs, setup=lambda: shutil.rmtree(dst, ignore_errors=True)
+        )
         self.layer_micro("base", big_dir=tree)
         self.results["loadavg.end"] = os.getloadavg()[0]
 
@@ -254,7 +298,8 @@ class Bench:
 
 MICRO = r"""
 import json, os, time, shutil
-from rootless import layers, compress
+from rootless.layer import layers
+from rootless.blob import compress
 d, out, runs = "@DIR@", "@OUT@", @RUNS@
 def best(fn):
     ts = []
@@ -302,34 +347,56 @@ def report(r: dict[str, float]) -> str:
 
     def row(label: str, key: str, baseline: str) -> str:
         rb, bh = r[f"{key}.rbuild"], r[f"{key}.buildah"]
-        return (f"| {label} | {rb:.2f} s | {bh:.2f} s | **{rb / bh:.2f}** | "
-                f"{r[key + '.rbuild_cpu']:.2f} / {r[key + '.buildah_cpu']:.2f} | {baseline} |")
+        return (
+            f"| {label} | {rb:.2f} s | {bh:.2f} s | **{rb / bh:.2f}** | "
+            f"{r[key + '.rbuild_cpu']:.2f} / {r[key + '.buildah_cpu']:.2f} | {baseline} |"
+        )
 
-    lines = ["| measurement (whole build, best of runs) | rbuild | buildah | rbuild / buildah | "
-             "CPU s rbuild / buildah | machine baseline |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| measurement (whole build, best of runs) | rbuild | buildah | rbuild / buildah | "
+        "CPU s rbuild / buildah | machine baseline |",
+        "|---|---|---|---|---|---|",
+    ]
     lines.append(row("no-op `RUN true` (fixed cost)", "noop", ""))
-    lines.append(row("`RUN dd` writing a 1 GiB file", "run1g", f"`dd` alone {r['run1g.dd_alone']:.2f} s, "
-                     f"`sha256sum` {r['run1g.sha256sum']:.2f} s"))
+    lines.append(
+        row(
+            "`RUN dd` writing a 1 GiB file",
+            "run1g",
+            f"`dd` alone {r['run1g.dd_alone']:.2f} s, `sha256sum` {r['run1g.sha256sum']:.2f} s",
+        )
+    )
     lines.append(row("`COPY` of 10,000 files (40 MB)", "copy10k", f"`cp -a` {r['copy10k.cp_a']:.2f} s"))
-    lines.append(row(f"`FROM` a {r['base.tar_bytes'] / 1e6:.0f} MB gzip base (unpack)", "base",
-                     f"`sha256sum` {r['base.sha256sum']:.2f} s, `zstd -3` {r['base.zstd3']:.2f} s, "
-                     f"`cp -a` {r['base.cp_a']:.2f} s"))
+    lines.append(
+        row(
+            f"`FROM` a {r['base.tar_bytes'] / 1e6:.0f} MB gzip base (unpack)",
+            "base",
+            f"`sha256sum` {r['base.sha256sum']:.2f} s, `zstd -3` {r['base.zstd3']:.2f} s, "
+            f"`cp -a` {r['base.cp_a']:.2f} s",
+        )
+    )
     lines.append(f"\nload average (1 min) at start / end: {r['loadavg.start']:.1f} / {r['loadavg.end']:.1f}")
     lines += ["", "| layer code, in process | 1 GiB file | 10,000 files | 200 MB base |", "|---|---|---|---|"]
-    for k, label in (("write_tar_hash", "write_tar, diff_id only"), ("write_tar_file", "write_tar to a file"),
-                     ("compress_gzip", "compress_layer gzip (ISA-L level 1)"),
-                     ("compress_zstd", "compress_layer zstd (level 3)"),
-                     ("decompress_isal", "open_blob gzip (ISA-L), read through"),
-                     ("decompress_zlib", "gzip.open (zlib), read through"),
-                     ("decompress_zstd", "open_blob zstd, read through"),
-                     ("unpack_gzip", "open_blob + unpack (gzip)")):
+    for k, label in (
+        ("write_tar_hash", "write_tar, diff_id only"),
+        ("write_tar_file", "write_tar to a file"),
+        ("compress_gzip", "compress_layer gzip (ISA-L level 1)"),
+        ("compress_zstd", "compress_layer zstd (level 3)"),
+        ("decompress_isal", "open_blob gzip (ISA-L), read through"),
+        ("decompress_zlib", "gzip.open (zlib), read through"),
+        ("decompress_zstd", "open_blob zstd, read through"),
+        ("unpack_gzip", "open_blob + unpack (gzip)"),
+    ):
         cells = [mbs(r[f"{key}.tar_bytes"], r[f"{key}.{k}"]) for key in ("1g", "10k", "base")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"| baseline: `sha256sum` | {mbs(1 << 30, r['run1g.sha256sum'])} | | "
-                 f"{mbs(r['base.tar_bytes'], r['base.sha256sum'])} |")
+    lines.append(
+        f"| baseline: `sha256sum` | {mbs(1 << 30, r['run1g.sha256sum'])} | | "
+        f"{mbs(r['base.tar_bytes'], r['base.sha256sum'])} |"
+    )
     lines.append(f"| baseline: `zstd -3 -T1` | | | {mbs(r['base.tar_bytes'], r['base.zstd3'])} |")
-    lines.append(f"| baseline: `cp -a` | | {mbs(r['10k.tar_bytes'], r['copy10k.cp_a'])} | "
-                 f"{mbs(r['base.tar_bytes'], r['base.cp_a'])} |")
+    lines.append(
+        f"| baseline: `cp -a` | | {mbs(r['10k.tar_bytes'], r['copy10k.cp_a'])} | "
+        f"{mbs(r['base.tar_bytes'], r['base.cp_a'])} |"
+    )
     return "\n".join(lines)
 
 
@@ -349,12 +416,20 @@ def main() -> None:
         if not args.user:
             raise SystemExit("started as root: say which unprivileged user runs the benchmark (--user)")
         pw = pwd.getpwnam(args.user)
-        argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
-                "/usr/bin/python3", os.path.abspath(__file__), *sys.argv[1:]]
+        argv = [
+            "setpriv",
+            f"--reuid={pw.pw_uid}",
+            f"--regid={pw.pw_gid}",
+            "--init-groups",
+            "--",
+            "/usr/bin/python3",
+            os.path.abspath(__file__),
+            *sys.argv[1:],
+        ]
         argv = [a for a in argv if a != f"--user={args.user}"]
         if "--user" in argv:
             i = argv.index("--user")
-            del argv[i:i + 2]
+            del argv[i : i + 2]
         res = subprocess.run(argv, check=False)
         raise SystemExit(res.returncode)
     b = Bench(args)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 import time
 
-from rootless.containerfile import dump, parse
-from rootless.instructions import parse_instruction
-from rootless.shell import Lexer
+from rootless.frontend.containerfile import dump, parse
+from rootless.frontend.instructions import parse_instruction
+from rootless.frontend.shell import Lexer
 
 # A realistic mix: continuations, comments, JSON and shell forms, flags, ENV/LABEL pairs, heredocs.
 BLOCK = """\
@@ -62,8 +62,13 @@ def main() -> None:
     cf = parse(text)
     nodes = len(cf.nodes)
     lexer = Lexer(cf.escape)
-    env = {"BUILDPLATFORM": "linux/amd64", "TARGETOS": "linux", "TARGETARCH": "amd64", "PATH": "/usr/bin",
-           "VERSION": "1"}
+    env = {
+        "BUILDPLATFORM": "linux/amd64",
+        "TARGETOS": "linux",
+        "TARGETARCH": "amd64",
+        "PATH": "/usr/bin",
+        "VERSION": "1",
+    }
 
     def instructions() -> None:
         for n in cf.nodes:

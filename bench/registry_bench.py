@@ -37,8 +37,8 @@ from registry_helpers import SampleImage, docker_registry, make_image  # noqa: E
 
 PULL = """
 import json, os, sys
-from rootless.reference import parse_reference
-from rootless.registry import Registry, RegistryOptions
+from rootless.oci.reference import parse_reference
+from rootless.registry.api import Registry, RegistryOptions
 ref, dest = parse_reference(sys.argv[1]), sys.argv[2]
 r = Registry(RegistryOptions())
 img = r.resolve(ref)
@@ -50,8 +50,8 @@ for digest, data in ((img.manifest_digest, img.manifest), (img.config_descriptor
 
 PUSH = """
 import json, os, sys
-from rootless.reference import parse_reference
-from rootless.registry import Descriptor, Registry, RegistryOptions
+from rootless.oci.reference import parse_reference
+from rootless.registry.api import Descriptor, Registry, RegistryOptions
 layout, ref = sys.argv[1], parse_reference(sys.argv[2])
 blob = lambda d: os.path.join(layout, "blobs", "sha256", d.split(":")[1])
 index = json.load(open(os.path.join(layout, "index.json")))
@@ -82,8 +82,10 @@ def interleaved(runs: int, tools: dict[str, Callable[[int], tuple[float, float]]
         order = list(tools) if i % 2 == 0 else list(reversed(tools))
         for name in order:
             samples[name].append(tools[name](i))
-    return {name: (statistics.median(w for w, _ in got), statistics.median(c for _, c in got))
-            for name, got in samples.items()}
+    return {
+        name: (statistics.median(w for w, _ in got), statistics.median(c for _, c in got))
+        for name, got in samples.items()
+    }
 
 
 def main() -> int:
@@ -104,13 +106,31 @@ def main() -> int:
         results: dict[str, tuple[float, float]] = {}
         with docker_registry() as src:
             ref = f"{src.host}/bench/img:1"
-            subprocess.run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{layout}:latest",
-                            f"docker://{ref}"], check=True, capture_output=True)
+            subprocess.run(
+                [
+                    "skopeo",
+                    "--insecure-policy",
+                    "copy",
+                    "--dest-tls-verify=false",
+                    f"oci:{layout}:latest",
+                    f"docker://{ref}",
+                ],
+                check=True,
+                capture_output=True,
+            )
 
             def pull_skopeo(i: int) -> tuple[float, float]:
                 dest = os.path.join(work, f"sk-pull-{i}")
-                t = timed(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false", f"docker://{ref}",
-                           f"oci:{dest}:latest"])
+                t = timed(
+                    [
+                        "skopeo",
+                        "--insecure-policy",
+                        "copy",
+                        "--src-tls-verify=false",
+                        f"docker://{ref}",
+                        f"oci:{dest}:latest",
+                    ]
+                )
                 shutil.rmtree(dest)
                 return t
 
@@ -121,33 +141,56 @@ def main() -> int:
                 return t
 
             pull_skopeo(-1)  # warm the registry's page cache for both
-            results.update({f"pull_{k}": v for k, v in
-                            interleaved(args.runs, {"skopeo": pull_skopeo, "rbuild": pull_rbuild}).items()})
+            results.update(
+                {
+                    f"pull_{k}": v
+                    for k, v in interleaved(args.runs, {"skopeo": pull_skopeo, "rbuild": pull_rbuild}).items()
+                }
+            )
 
         def push_with(tool: str) -> Callable[[int], tuple[float, float]]:
             def run(i: int) -> tuple[float, float]:
                 with docker_registry() as dst:
                     target = f"{dst.host}/bench/pushed:1"
                     if tool == "skopeo":
-                        return timed(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
-                                      f"oci:{layout}:latest", f"docker://{target}"])
+                        return timed(
+                            [
+                                "skopeo",
+                                "--insecure-policy",
+                                "copy",
+                                "--dest-tls-verify=false",
+                                f"oci:{layout}:latest",
+                                f"docker://{target}",
+                            ]
+                        )
                     return timed([py, "-c", PUSH, layout, target], env)
+
             return run
 
-        results.update({f"push_{k}": v for k, v in
-                        interleaved(args.runs, {"skopeo": push_with("skopeo"), "rbuild": push_with("rbuild")}).items()})
+        results.update(
+            {
+                f"push_{k}": v
+                for k, v in interleaved(
+                    args.runs, {"skopeo": push_with("skopeo"), "rbuild": push_with("rbuild")}
+                ).items()
+            }
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     mb = total / 1e6
-    print(f"Image: {mb:.0f} MB in {len(img.layers)} gzip layers; docker-registry 2.8 on loopback; "
-          f"median of {args.runs}, the tools alternating; {os.cpu_count()} CPUs; "
-          f"load average {os.getloadavg()[0]:.1f} at the end.\n")
+    print(
+        f"Image: {mb:.0f} MB in {len(img.layers)} gzip layers; docker-registry 2.8 on loopback; "
+        f"median of {args.runs}, the tools alternating; {os.cpu_count()} CPUs; "
+        f"load average {os.getloadavg()[0]:.1f} at the end.\n"
+    )
     print("| operation | skopeo copy | rbuild | rbuild / skopeo (wall) | CPU s: skopeo / rbuild |")
     print("|---|---|---|---|---|")
     for op in ("pull", "push"):
         (sk, sk_cpu), (rb, rb_cpu) = results[f"{op}_skopeo"], results[f"{op}_rbuild"]
-        print(f"| {op} | {sk:.2f} s ({mb / sk:.0f} MB/s) | {rb:.2f} s ({mb / rb:.0f} MB/s) | {rb / sk:.2f} "
-              f"| {sk_cpu:.2f} / {rb_cpu:.2f} |")
+        print(
+            f"| {op} | {sk:.2f} s ({mb / sk:.0f} MB/s) | {rb:.2f} s ({mb / rb:.0f} MB/s) | {rb / sk:.2f} "
+            f"| {sk_cpu:.2f} / {rb_cpu:.2f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mb": mb, "runs": args.runs, **results}, f, indent=1)

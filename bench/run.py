@@ -34,8 +34,9 @@ from workloads.harness import images, physical, report  # noqa: E402
 from workloads.harness.builders import Buildah, Builder, Rbuild, check_usable, find_rbuild, snapshot  # noqa: E402
 from workloads.harness.proc import IS_ROOT, User, drop_user, take_user  # noqa: E402
 
-DEFAULT_CACHE = os.environ.get("RBUILD_BENCH_CACHE", "/var/cache/rbuild-bench" if IS_ROOT else
-                               os.path.expanduser("~/.cache/rbuild-bench"))
+DEFAULT_CACHE = os.environ.get(
+    "RBUILD_BENCH_CACHE", "/var/cache/rbuild-bench" if IS_ROOT else os.path.expanduser("~/.cache/rbuild-bench")
+)
 BASE_ARG = {"busybox": "BUSYBOX", "bigdir": "BIGDIR", "debian": "DEBIAN"}
 TOP = """# Benchmarks
 
@@ -63,32 +64,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark rbuild against buildah (see bench/README.md)")
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition, no network cases")
     p.add_argument("--reps", type=int, help="repetitions per case (default 5; --quick: 1)")
-    p.add_argument("--only", action="append", default=[],
-                   help="case or workload names, comma-separated (repeatable); e.g. hello,copy10k-cold")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="case or workload names, comma-separated (repeatable); e.g. hello,copy10k-cold",
+    )
     p.add_argument("--skip", action="append", default=[], help="case or workload names to leave out")
     p.add_argument("--no-network", action="store_true", help="leave out the cases that need the Debian mirror")
     p.add_argument("--tools", default="rbuild,buildah", help="builders to run (default rbuild,buildah)")
     p.add_argument("--user", help="existing unprivileged user to build as (default: a new one, removed after)")
-    p.add_argument("--rev", default="HEAD",
-                   help="benchmark rootless/ of this git revision (a snapshot run with this python; default "
-                   "HEAD), or 'installed' for the rbuild script as installed (an editable install runs the "
-                   "working tree, uncommitted edits included)")
-    p.add_argument("--rbuild", help="with --rev installed: the rbuild executable (default: the one beside "
-                   "this python)")
+    p.add_argument(
+        "--rev",
+        default="HEAD",
+        help="benchmark rootless/ of this git revision (a snapshot run with this python; default "
+        "HEAD), or 'installed' for the rbuild script as installed (an editable install runs the "
+        "working tree, uncommitted edits included)",
+    )
+    p.add_argument("--rbuild", help="with --rev installed: the rbuild executable (default: the one beside this python)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE, help=f"base images are kept here (default {DEFAULT_CACHE})")
     p.add_argument("--workdir", default="/var/tmp", help="where the run's temporary tree goes (default /var/tmp)")
-    p.add_argument("--out", help="JSON result file (default: bench/results/latest.json and a dated copy; "
-                   "--quick: rbuild-bench-quick.json in --workdir)")
+    p.add_argument(
+        "--out",
+        help="JSON result file (default: bench/results/latest.json and a dated copy; "
+        "--quick: rbuild-bench-quick.json in --workdir)",
+    )
     p.add_argument("--docs", action="store_true", help="rewrite the builds section of docs/benchmarks.md")
-    p.add_argument("--profile", action="store_true",
-                   help="after each case, one more rbuild build under cProfile; reports go to --profile-dir")
-    p.add_argument("--profile-dir", default=str(BENCH / "results" / "profiles"),
-                   help="where --profile writes CASE.txt (default bench/results/profiles)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each case, one more rbuild build under cProfile; reports go to --profile-dir",
+    )
+    p.add_argument(
+        "--profile-dir",
+        default=str(BENCH / "results" / "profiles"),
+        help="where --profile writes CASE.txt (default bench/results/profiles)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary tree (contexts, logs)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one build may take (default 1800)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
-    p.add_argument("--render", metavar="JSON", help="build nothing: print (and with --docs, write) the tables "
-                   "of an earlier run's JSON")
+    p.add_argument(
+        "--render",
+        metavar="JSON",
+        help="build nothing: print (and with --docs, write) the tables of an earlier run's JSON",
+    )
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="build nothing: compare two runs' JSON")
     return p.parse_args(argv)
 
@@ -120,8 +139,9 @@ def select(cases: list[Case], args: argparse.Namespace) -> list[Case]:
 class Run:
     """One benchmark run: its user, temporary tree, registry, builders and results."""
 
-    def __init__(self, args: argparse.Namespace, user: User, workdir: Path, builders: list[Builder],
-                 scale: Scale) -> None:
+    def __init__(
+        self, args: argparse.Namespace, user: User, workdir: Path, builders: list[Builder], scale: Scale
+    ) -> None:
         self.args = args
         self.user = user
         self.workdir = workdir
@@ -224,13 +244,21 @@ class Run:
         for name in report.TOOLS:
             tools.setdefault(name, {"n": 0, "ok": False, "runs": []})
         rb, ba = tools["rbuild"].get("median_s"), tools["buildah"].get("median_s")
-        return {"name": case.name, "workload": case.workload, "mode": mode, "description": case.spec.description,
-                "network": case.spec.network, "bases": list(case.bases), "primary": case.primary,
-                "tools": tools, "ratio": round(rb / ba, 3) if rb and ba else None}
+        return {
+            "name": case.name,
+            "workload": case.workload,
+            "mode": mode,
+            "description": case.spec.description,
+            "network": case.spec.network,
+            "bases": list(case.bases),
+            "primary": case.primary,
+            "tools": tools,
+            "ratio": round(rb / ba, 3) if rb and ba else None,
+        }
 
-
-    def profile(self, case: Case, ctx: Path, gen: Generated, b: Rbuild, store: Path | None,
-                build_args: dict[str, str], tag: str) -> str:
+    def profile(
+        self, case: Case, ctx: Path, gen: Generated, b: Rbuild, store: Path | None, build_args: dict[str, str], tag: str
+    ) -> str:
         """One more rbuild build in the case's state, under cProfile; returns the report's path."""
         if store is None:
             store = b.new_store(self.workdir / "stores" / f"{case.name}-rbuild-profile")
@@ -245,8 +273,10 @@ class Run:
         pdir = Path(self.args.profile_dir)
         pdir.mkdir(parents=True, exist_ok=True)
         path = pdir / f"{case.name}.txt"
-        head = (f"rbuild {self.commit or 'as installed'}: {case.name} ({case.spec.description}) under cProfile, "
-                f"{time.strftime('%Y-%m-%d %H:%M')}; exit {sample.returncode}\n")
+        head = (
+            f"rbuild {self.commit or 'as installed'}: {case.name} ({case.spec.description}) under cProfile, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}; exit {sample.returncode}\n"
+        )
         path.write_text(head + text)
         log(f"  profile: {path}")
         return str(path)
@@ -313,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     if not set(tools) <= set(report.TOOLS) or not tools:
         raise SystemExit(f"--tools takes {', '.join(report.TOOLS)}")
-    for exe in ("skopeo", "docker-registry", "zstd", "gzip", "sha256sum", "setpriv", "/bin/busybox") + \
-            (("buildah",) if "buildah" in tools else ()):
+    for exe in ("skopeo", "docker-registry", "zstd", "gzip", "sha256sum", "setpriv", "/bin/busybox") + (
+        ("buildah",) if "buildah" in tools else ()
+    ):
         if not shutil.which(exe):
-            raise SystemExit(f"{exe} is missing (Debian: apt-get install buildah skopeo docker-registry zstd "
-                             "busybox-static util-linux)")
+            raise SystemExit(
+                f"{exe} is missing (Debian: apt-get install buildah skopeo docker-registry zstd "
+                "busybox-static util-linux)"
+            )
     if args.rev == "installed" or not (REPO / ".git").exists():
         rbuild_cmd = [find_rbuild(args.rbuild)] if "rbuild" in tools else []
     else:
@@ -330,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     user = take_user(args.user)
     workdir = Path(tempfile.mkdtemp(prefix="rbuild-bench-", dir=args.workdir))
     os.chmod(workdir, 0o755)
-    log(f"{len(cases)} cases as user {user.name} (uid {user.uid}{', created for this run' if user.created else ''}); "
-        f"temporary tree {workdir}")
+    log(
+        f"{len(cases)} cases as user {user.name} (uid {user.uid}{', created for this run' if user.created else ''}); "
+        f"temporary tree {workdir}"
+    )
     result: dict[str, Any] = {}
     out_paths: list[Path] = []
     try:
@@ -348,13 +383,22 @@ def main(argv: list[str] | None = None) -> int:
         run.commit = commit
         cmdline = " ".join(["bench/run.py", *(argv if argv is not None else sys.argv[1:])])
         result = {
-            "schema": 1, "date": started.isoformat(timespec="seconds"),
+            "schema": 1,
+            "date": started.isoformat(timespec="seconds"),
             "machine": report.machine_info(REPO, commit),
             "versions": {b.name: b.version() for b in builders},
-            "config": {"reps": run.reps, "quick": args.quick, "user": user.name, "command": cmdline,
-                       "rbuild": " ".join(rbuild_cmd), "rev": args.rev if commit else "installed",
-                       "load_start": report.load_avg()},
-            "bases": {}, "pulls": {}, "cases": [],
+            "config": {
+                "reps": run.reps,
+                "quick": args.quick,
+                "user": user.name,
+                "command": cmdline,
+                "rbuild": " ".join(rbuild_cmd),
+                "rev": args.rev if commit else "installed",
+                "load_start": report.load_avg(),
+            },
+            "bases": {},
+            "pulls": {},
+            "cases": [],
         }
         if args.out:
             out_paths = [Path(args.out)]
@@ -362,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
             out_paths = [Path(args.workdir) / "rbuild-bench-quick.json"]
         else:
             stamp = started.strftime("%Y%m%d-%H%M")
-            out_paths = [BENCH / "results" / "latest.json",
-                         BENCH / "results" / f"{stamp}-{result['machine']['rbuild_commit'].replace('+', '-')}.json"]
+            out_paths = [
+                BENCH / "results" / "latest.json",
+                BENCH / "results" / f"{stamp}-{result['machine']['rbuild_commit'].replace('+', '-')}.json",
+            ]
         with images.registry(workdir) as addr:
             result["bases"] = prepare_bases(run, cases, Path(args.cache_dir), addr)
             generated: dict[str, tuple[Path, Generated]] = {}
@@ -384,25 +430,36 @@ def main(argv: list[str] | None = None) -> int:
                 if case.workload not in refs_done:
                     refs_done[case.workload] = None
                     if gen.data is not None:
-                        refs_done[case.workload] = physical.measure(gen.data, ctx.parent / "scratch",
-                                                                    min(run.reps, 3), gen.write_bytes)
+                        refs_done[case.workload] = physical.measure(
+                            gen.data, ctx.parent / "scratch", min(run.reps, 3), gen.write_bytes
+                        )
                         shutil.rmtree(ctx.parent / "ref", ignore_errors=True)
                 load0 = report.load_avg()
                 try:
                     rec = run.run_case(case, ctx, gen)
                 except Exception:  # one broken case must not lose the others
-                    rec = {"name": case.name, "workload": case.workload, "mode": case.spec.mode,
-                           "description": case.spec.description, "network": case.spec.network,
-                           "bases": list(case.bases), "primary": case.primary, "ratio": None,
-                           "tools": {t: {"n": 1, "ok": False, "error": traceback.format_exc(limit=3)}
-                                     for t in report.TOOLS}}
+                    rec = {
+                        "name": case.name,
+                        "workload": case.workload,
+                        "mode": case.spec.mode,
+                        "description": case.spec.description,
+                        "network": case.spec.network,
+                        "bases": list(case.bases),
+                        "primary": case.primary,
+                        "ratio": None,
+                        "tools": {
+                            t: {"n": 1, "ok": False, "error": traceback.format_exc(limit=3)} for t in report.TOOLS
+                        },
+                    }
                     log(f"  harness error: {traceback.format_exc(limit=3)}")
                 rec["data"] = refs_done[case.workload]
                 rec["load"] = [load0, report.load_avg()]
                 result["cases"].append(rec)
                 ratio = f"ratio {rec['ratio']:.2f}" if rec.get("ratio") else "no ratio"
-                log(f"  {case.name}: rbuild {rec['tools']['rbuild'].get('median_s')} s, "
-                    f"buildah {rec['tools']['buildah'].get('median_s')} s, {ratio}")
+                log(
+                    f"  {case.name}: rbuild {rec['tools']['rbuild'].get('median_s')} s, "
+                    f"buildah {rec['tools']['buildah'].get('median_s')} s, {ratio}"
+                )
                 result["pulls"] = _pulls(run, result["bases"])
                 result["config"]["load_end"] = report.load_avg()
                 for p in out_paths:
@@ -425,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         log("docs/benchmarks.md updated")
     for p in out_paths:
         log(f"results: {p}")
-    failed = [c["name"] for c in result["cases"]
-              if any(c["tools"][t].get("n") and not c["tools"][t].get("ok") for t in report.TOOLS)]
+    failed = [
+        c["name"]
+        for c in result["cases"]
+        if any(c["tools"][t].get("n") and not c["tools"][t].get("ok") for t in report.TOOLS)
+    ]
     return 1 if failed else 0
 
 

@@ -23,7 +23,7 @@ fi
 # build from a world-readable copy: the checkout may live where the builder user cannot read
 src=$(mktemp -d /tmp/rbuild-src.XXXXXX)
 trap '$sudo rm -rf "$src"' EXIT
-tar -C "$here" --exclude=.git --exclude='*.egg-info' --exclude=build -cf - . | tar -C "$src" -xf -
+tar -C "$here" --exclude=.git --exclude='*.egg-info' --exclude=./build -cf - . | tar -C "$src" -xf -
 chmod -R a+rX "$src"
 $sudo "$venv/bin/pip" install -q --disable-pip-version-check --upgrade "$src[test]" >&2
 $sudo chmod -R a+rX "$venv"

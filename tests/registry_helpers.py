@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from rootless.registry import Descriptor
+from rootless.registry.api import Descriptor
 
 
 def free_port() -> int:
@@ -642,7 +642,7 @@ def blob_files(dest: str) -> dict[str, bytes]:
 def isolate(monkeypatch: Any, base: str) -> str:
     """Point every configuration lookup (HOME, XDG dirs, auth, registries.conf, certs.d, blob cache)
     into `base`, so a test sees only what it writes there; returns the fake HOME."""
-    from rootless import regconf
+    from rootless.registry import conf as regconf
 
     home = os.path.join(base, "home")
     os.makedirs(home, exist_ok=True)

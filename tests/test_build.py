@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import IS_ROOT, Runner, busybox_layer, default_signals, write_oci_layout
 
-from rootless.store import chain_ids
+from rootless.store.store import chain_ids
 
 ID_RE = re.compile(r"^sha256:[0-9a-f]{64}\n$")
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rootless.containerfile import (
+from rootless.errors import ContainerfileError
+from rootless.frontend.containerfile import (
     MAX_LINE,
     Containerfile,
     Heredoc,
@@ -19,7 +20,6 @@ from rootless.containerfile import (
     parse,
     parse_heredoc,
 )
-from rootless.errors import ContainerfileError
 
 PARSER_DIR = Path(__file__).parent / "conformance" / "buildkit" / "parser"
 POSITIVE = sorted(p.name for p in (PARSER_DIR / "testfiles").iterdir())
@@ -546,7 +546,7 @@ def test_str_input_is_accepted() -> None:
 
 def _has_parse_command() -> bool:
     try:
-        from rootless import cli
+        from rootless.cli import main as cli
     except ImportError:
         return False
     return "parse" in cli.build_parser().format_help()

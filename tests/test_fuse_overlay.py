@@ -187,7 +187,7 @@ def test_installed_helper_is_found() -> None:
     """`pip install .` built the helper into the package; the locator finds it; bad usage exits 2."""
     _require_fuse3()
     res = subprocess.run(
-        [sys.executable, "-c", "from rootless.fusehelper import helper_path; print(helper_path())"],
+        [sys.executable, "-c", "from rootless.rootfs.fusehelper import helper_path; print(helper_path())"],
         cwd="/",
         capture_output=True,
         text=True,

@@ -21,7 +21,7 @@ from hostile.userns import in_userns
 
 UNPACK_ALL = r"""
 import json, os, sys
-from rootless import layers
+from rootless.layer import layers
 out = {}
 for case in json.load(open(sys.argv[1])):
     dirs, err = [], None

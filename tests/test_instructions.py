@@ -7,10 +7,10 @@ from collections.abc import Mapping
 
 import pytest
 
-from rootless import instructions as ins
-from rootless.containerfile import Heredoc, parse
 from rootless.errors import ContainerfileError
-from rootless.shell import Lexer
+from rootless.frontend import instructions as ins
+from rootless.frontend.containerfile import Heredoc, parse
+from rootless.frontend.shell import Lexer
 
 
 def cmds(text: str) -> list[ins.Command]:

@@ -24,7 +24,7 @@ import urllib.parse
 
 from conftest import Runner, busybox_layer, default_signals, end_session
 
-TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # temporary files in the store (rootless.store's)
+TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # temporary files in the store (rootless.store.store's)
 
 
 def _seed() -> int:
@@ -44,7 +44,7 @@ def _unique_layer(rng: random.Random, n: int) -> bytes:
     import shutil
     import tempfile
 
-    from rootless import layers
+    from rootless.layer import layers
 
     top = tempfile.mkdtemp(prefix="rbtest-kill-")
     try:

@@ -24,8 +24,9 @@ from hostile.userns import in_userns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rootless import compress, layers
-from rootless.layers import LayerError
+from rootless.blob import compress
+from rootless.layer import layers
+from rootless.layer.layers import LayerError
 
 # security.capability v2: cap_net_raw (bit 13) permitted+effective, as ping carries it
 CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
@@ -146,7 +147,7 @@ def entries(data: bytes) -> list[tuple]:
 
 ROUNDTRIP = r"""
 import os, sys
-from rootless import layers
+from rootless.layer import layers
 src, work = sys.argv[1], sys.argv[2]
 for i, out in ((1, "t1.tar"), (2, "t2.tar")):
     d = os.path.join(work, f"l{i}")
@@ -185,7 +186,7 @@ def test_roundtrip_exact_with_subuid_and_single_uid(rb, rb_single) -> None:  # t
 def test_unpack_records_unmappable_owners(rb) -> None:  # type: ignore[no-untyped-def]
     script = r"""
 import os, sys, tarfile
-from rootless import layers
+from rootless.layer import layers
 d = os.path.join(sys.argv[2], "l")
 os.mkdir(d)
 with open(sys.argv[1], "rb") as f:

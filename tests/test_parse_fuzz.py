@@ -6,10 +6,10 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rootless.containerfile import dump, parse
 from rootless.errors import ContainerfileError
-from rootless.instructions import RunCmd, parse_instruction
-from rootless.shell import Lexer, ShellError
+from rootless.frontend.containerfile import dump, parse
+from rootless.frontend.instructions import RunCmd, parse_instruction
+from rootless.frontend.shell import Lexer, ShellError
 
 # Pieces that steer random text into the parser's and lexer's interesting corners.
 TOKENS = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rootless.errors import RbuildError
-from rootless.reference import Reference, is_qualified, parse_reference
+from rootless.oci.reference import Reference, is_qualified, parse_reference
 
 D = "sha256:" + "ab" * 32
 

@@ -24,10 +24,10 @@ from registry_helpers import (
     write,
 )
 
-from rootless import auth
 from rootless.errors import RbuildError
-from rootless.reference import parse_reference
-from rootless.registry import Registry, RegistryOptions, login, logout
+from rootless.oci.reference import parse_reference
+from rootless.registry import auth
+from rootless.registry.api import Registry, RegistryOptions, login, logout
 
 PASSWORD = "pa55-w0rd:with-colon"
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import Runner
 from registry_helpers import Fault, RegistryServer, docker_registry, fault_proxy, isolate, make_image
 
-from rootless.reference import parse_reference
-from rootless.registry import Registry, RegistryOptions
+from rootless.oci.reference import parse_reference
+from rootless.registry.api import Registry, RegistryOptions
 
 PASSWORD = "cli-s3cret-pw"
 

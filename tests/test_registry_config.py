@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from registry_helpers import credential_helper, isolate, make_image, write
 
-from rootless import auth, regconf
 from rootless.errors import RbuildError
-from rootless.reference import parse_reference
-from rootless.registry import (
+from rootless.oci.reference import parse_reference
+from rootless.registry import auth
+from rootless.registry import conf as regconf
+from rootless.registry.api import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
     add_login_arguments,
@@ -27,7 +28,7 @@ from rootless.registry import (
     push_destination,
     resolve_names,
 )
-from rootless.registry_client import Platform, choose_platform, parse_platform
+from rootless.registry.client import Platform, choose_platform, parse_platform
 
 D = "sha256:" + "cd" * 32
 

@@ -20,10 +20,10 @@ from registry_helpers import (
     make_image,
 )
 
-from rootless import registry_client as reg_mod
 from rootless.errors import RbuildError
-from rootless.reference import Reference, parse_reference
-from rootless.registry import Registry, RegistryOptions
+from rootless.oci.reference import Reference, parse_reference
+from rootless.registry import client as reg_mod
+from rootless.registry.api import Registry, RegistryOptions
 
 BLOB = r"/blobs/sha256:"
 

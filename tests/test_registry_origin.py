@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from rootless import auth
 from rootless.errors import RbuildError
-from rootless.regconf import RegistriesConf
-from rootless.registry_http import RegistryHTTP
+from rootless.registry import auth
+from rootless.registry.conf import RegistriesConf
+from rootless.registry.http import RegistryHTTP
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):

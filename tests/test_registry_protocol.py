@@ -26,10 +26,10 @@ from registry_helpers import (
     write,
 )
 
-from rootless import registry_client as reg_mod
 from rootless.errors import RbuildError
-from rootless.reference import Reference, parse_reference
-from rootless.registry import (
+from rootless.oci.reference import Reference, parse_reference
+from rootless.registry import client as reg_mod
+from rootless.registry.api import (
     DOCKER_LIST,
     OCI_INDEX,
     Descriptor,
@@ -37,7 +37,7 @@ from rootless.registry import (
     RegistryOptions,
     resolve_names,
 )
-from rootless.registry_progress import Progress
+from rootless.registry.progress import Progress
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_concurrent_processes_share_downloads(proxy: FaultProxy, tmp_path: Path)
     dest = str(tmp_path / "blobs")
     layers = json.dumps([d.__dict__ for d in img.layers])
     code = (
-        "import json, sys; from rootless.registry import *; from rootless.reference import parse_reference;"
+        "import json, sys; from rootless.registry.api import *; from rootless.oci.reference import parse_reference;"
         f"Registry(RegistryOptions()).fetch_blobs(parse_reference({str(ref)!r}),"
         f"[Descriptor(**d) for d in json.loads({layers!r})], {dest!r})"
     )
@@ -378,8 +378,8 @@ def test_progress_lines() -> None:
 
 def test_registry_import_is_lazy() -> None:
     code = (
-        "import sys, rootless.registry, rootless.reference;"
-        "bad = [m for m in ('requests', 'urllib3', 'oras', 'jsonschema', 'ssl', 'rootless.registry_client')"
+        "import sys, rootless.registry.api, rootless.oci.reference;"
+        "bad = [m for m in ('requests', 'urllib3', 'oras', 'jsonschema', 'ssl', 'rootless.registry.client')"
         " if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -21,7 +21,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_build import flatten
 
-from rootless import copyfiles, shell
+from rootless.build import copyfiles
+from rootless.frontend import shell
 
 # --- the regular expressions the matchers replace (the old code, kept here as the oracle) --------------
 
@@ -158,8 +159,8 @@ def test_ignore_patterns_match_the_regex(pattern: str, path: str) -> None:
 
 _HANG = r"""
 import sys
-from rootless import copyfiles
-from rootless.shell import Lexer
+from rootless.build import copyfiles
+from rootless.frontend.shell import Lexer
 v = "a" * 5000
 env = {"V": v}
 lex = Lexer()

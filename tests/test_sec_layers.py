@@ -26,8 +26,8 @@ from hostile.userns import in_userns
 from ocitree import Tree, diff_trees, flatten, load
 from registry_helpers import isolate
 
-from rootless.reference import parse_reference
-from rootless.registry import Descriptor, Registry, RegistryOptions
+from rootless.oci.reference import parse_reference
+from rootless.registry.api import Descriptor, Registry, RegistryOptions
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -346,7 +346,7 @@ def test_run_setting_a_malformed_record_is_no_error(who: str, request: pytest.Fi
 
 MALFORMED = r"""
 import os, sys
-from rootless import layers
+from rootless.layer import layers
 base = sys.argv[1]
 out = []
 def attempt(what, fn):
@@ -405,7 +405,7 @@ DOWNGRADE = r"""
 # later images with that diff_id were never stored); built layers as their upper dirs, built images'
 # manifests naming every layer by its diff_id, uncompressed.
 import gzip, hashlib, json, os, shutil, sys
-from rootless import layers
+from rootless.layer import layers
 root = sys.argv[1]
 single = os.environ["SINGLE"] == "1"
 if json.load(open(os.path.join(root, "store.json")))["version"] == 1:

@@ -32,7 +32,7 @@ import pytest
 from conftest import Runner
 from registry_helpers import RegistryServer, docker_registry, serve
 
-from rootless import image as img
+from rootless.oci import image as img
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

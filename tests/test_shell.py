@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rootless.errors import RbuildError
-from rootless.shell import Lexer, ShellError, go_quote
+from rootless.frontend.shell import Lexer, ShellError, go_quote
 
 SHELL_DIR = Path(__file__).parent / "conformance" / "buildkit" / "shell"
 ENV_VAR_TEST_ENV = {"PWD": "/home", "SHELL": "bash", "KOREAN": "한국어", "NULL": ""}

@@ -94,8 +94,7 @@ def load_cases() -> list[Case]:
         for cs in mod.CASES:
             if cs.mode not in MODES:
                 raise ValueError(f"{d.name}: unknown mode {cs.mode!r}")
-            cases.append(Case(cs, d.name, d / "Containerfile", bases, mod.generate,
-                              getattr(mod, "PRIMARY", "cp")))
+            cases.append(Case(cs, d.name, d / "Containerfile", bases, mod.generate, getattr(mod, "PRIMARY", "cp")))
     return cases
 
 
@@ -115,8 +114,9 @@ def install_containerfile(ctx: Path, workload_dir: Path) -> None:
 def file_bytes(rnd: random.Random, size: int) -> bytes:
     """Deterministic content that compresses about 2:1 (half random, half repetitive text)."""
     half = size // 2
-    text = b"".join(b"line %d of some rather ordinary text, key=%d\n" % (i, rnd.randrange(100))
-                    for i in range(half // 40 + 1))
+    text = b"".join(
+        b"line %d of some rather ordinary text, key=%d\n" % (i, rnd.randrange(100)) for i in range(half // 40 + 1)
+    )
     return rnd.randbytes(size - half) + text[:half]
 
 

@@ -8,8 +8,7 @@ from workloads import CaseSpec, Generated, Scale, install_containerfile
 
 BASES = ("debian",)
 PRIMARY = ""
-CASES = [CaseSpec("apt-cold", "cold", "Debian minbase: apt-get update && install ca-certificates curl",
-                  network=True)]
+CASES = [CaseSpec("apt-cold", "cold", "Debian minbase: apt-get update && install ca-certificates curl", network=True)]
 
 
 def generate(ctx: Path, work: Path, scale: Scale) -> Generated:

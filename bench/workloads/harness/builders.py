@@ -29,8 +29,10 @@ def _world_usable(path: str) -> bool:
 def check_usable(path: str) -> None:
     """Builds run as another user: refuse an interpreter or script only root can read."""
     if IS_ROOT and not _world_usable(path):
-        raise RuntimeError(f"{path} is not usable by other users (the builds run unprivileged): use a "
-                           "world-readable venv such as /opt/rbuild/venv or /opt/rbuild/env")
+        raise RuntimeError(
+            f"{path} is not usable by other users (the builds run unprivileged): use a "
+            "world-readable venv such as /opt/rbuild/venv or /opt/rbuild/env"
+        )
 
 
 def find_rbuild(explicit: str | None) -> str:
@@ -40,8 +42,9 @@ def find_rbuild(explicit: str | None) -> str:
         beside = os.path.join(os.path.dirname(sys.executable), "rbuild")
         cand = beside if os.path.exists(beside) else shutil.which("rbuild")
     if not cand or not os.path.exists(cand):
-        raise RuntimeError("rbuild not found: run bench/run.py with a python that has rbuild installed, "
-                           "or pass --rbuild PATH")
+        raise RuntimeError(
+            "rbuild not found: run bench/run.py with a python that has rbuild installed, or pass --rbuild PATH"
+        )
     check_usable(cand)
     return os.path.abspath(cand)
 
@@ -79,8 +82,7 @@ class Builder:
         argv = self.user.prefix() + self._argv_pull(store, ref)
         return run_measured(argv, self._env(store), str(store), timeout=900, log=log)
 
-    def build(self, store: Path, ctx: Path, args: dict[str, str], tag: str, log: str,
-              timeout: float = 3600) -> Sample:
+    def build(self, store: Path, ctx: Path, args: dict[str, str], tag: str, log: str, timeout: float = 3600) -> Sample:
         argv = self.user.prefix() + self._argv_build(store, ctx, args, tag)
         return run_measured(argv, self._env(store), str(ctx), timeout=timeout, log=log)
 
@@ -180,20 +182,41 @@ class Buildah(Builder):
         return run(["buildah", "--version"], check=False).stdout.strip()
 
     def _global(self, store: Path) -> list[str]:
-        return ["buildah", "--root", str(store / "root"), "--runroot", str(store / "run"),
-                "--storage-driver", "overlay"]
+        return [
+            "buildah",
+            "--root",
+            str(store / "root"),
+            "--runroot",
+            str(store / "run"),
+            "--storage-driver",
+            "overlay",
+        ]
 
     def _argv_pull(self, store: Path, ref: str) -> list[str]:
         return self._global(store) + ["pull", "-q", "--tls-verify=false", ref]
 
     def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
         # --pull=false: pull the base only if missing (the semantics of rbuild's default --pull=missing)
-        argv = self._global(store) + ["build", "--layers", "--isolation", "chroot", "--tls-verify=false",
-                                      "--pull=false", "-q", "-t", tag, "-f", str(ctx / "Containerfile")]
+        argv = self._global(store) + [
+            "build",
+            "--layers",
+            "--isolation",
+            "chroot",
+            "--tls-verify=false",
+            "--pull=false",
+            "-q",
+            "-t",
+            tag,
+            "-f",
+            str(ctx / "Containerfile"),
+        ]
         for k, v in args.items():
             argv += ["--build-arg", f"{k}={v}"]
         return argv + [str(ctx)]
 
     def _unshare_rm(self, path: Path) -> None:
-        run(self._global(path) + ["unshare", "rm", "-rf", str(path / "root"), str(path / "run")],
-            env=self._env(path), check=False)
+        run(
+            self._global(path) + ["unshare", "rm", "-rf", str(path / "root"), str(path / "run")],
+            env=self._env(path),
+            check=False,
+        )

@@ -32,8 +32,10 @@ from .proc import run
 
 BUSYBOX = "/bin/busybox"
 MTIME = 1700000000
-PASSWD = ("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
-          "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+)
 GROUP = "root:x:0:\napp:x:1000:\nnogroup:x:65534:\n"
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = os.environ.get("RBUILD_BENCH_MIRROR", "http://deb.debian.org/debian")
@@ -41,8 +43,16 @@ DEBIAN_MIRROR = os.environ.get("RBUILD_BENCH_MIRROR", "http://deb.debian.org/deb
 APT_CONF = b'Acquire::Check-Valid-Until "false";\nAcquire::Check-Date "false";\nAcquire::Languages "none";\n'
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, type_: bytes = tarfile.DIRTYPE, mode: int = 0o755, data: bytes = b"",
-             link: str = "", uid: int = 0, gid: int = 0) -> None:
+def _tar_add(
+    tf: tarfile.TarFile,
+    name: str,
+    type_: bytes = tarfile.DIRTYPE,
+    mode: int = 0o755,
+    data: bytes = b"",
+    link: str = "",
+    uid: int = 0,
+    gid: int = 0,
+) -> None:
     ti = tarfile.TarInfo(name)
     ti.type, ti.mode, ti.mtime, ti.uid, ti.gid, ti.linkname = type_, mode, MTIME, uid, gid, link
     ti.size = len(data) if type_ == tarfile.REGTYPE else 0
@@ -97,20 +107,36 @@ def write_layout(path: Path, layers: list[Path | bytes], cmd: list[str], tag: st
         raw = layer if isinstance(layer, bytes) else layer.read_bytes()
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
         blob = gzip.compress(raw, compresslevel=6, mtime=0)
-        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(blob),
-                      "size": len(blob)})
-    config = {"created": "2024-01-01T00:00:00Z", "architecture": "amd64", "os": "linux",
-              "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd},
-              "rootfs": {"type": "layers", "diff_ids": diff_ids},
-              "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "rbuild bench base"} for _ in layers]}
+        descs.append(
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(blob), "size": len(blob)}
+        )
+    config = {
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], "Cmd": cmd},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "rbuild bench base"} for _ in layers],
+    }
     cbytes = json.dumps(config).encode()
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cbytes),
-                           "size": len(cbytes)}, "layers": descs}
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(cbytes), "size": len(cbytes)},
+        "layers": descs,
+    }
     mbytes = json.dumps(manifest).encode()
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": manifest["mediaType"], "digest": put(mbytes),
-                                                "size": len(mbytes),
-                                                "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": manifest["mediaType"],
+                "digest": put(mbytes),
+                "size": len(mbytes),
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }
+        ],
+    }
     (tmp / "index.json").write_text(json.dumps(index))
     (tmp / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     for dirpath, _, filenames in os.walk(tmp):
@@ -172,8 +198,22 @@ def debian_image(cache: Path, log: list[str]) -> Path:
             if entry.is_file() and entry.name != "lock":
                 entry.unlink()
     layer = work / "layer.tar"
-    run(["tar", "--numeric-owner", "--xattrs", "--sort=name", "--exclude=./proc/*", "--exclude=./sys/*",
-         "--exclude=./dev/*", "-C", str(rootfs), "-cf", str(layer), "."])
+    run(
+        [
+            "tar",
+            "--numeric-owner",
+            "--xattrs",
+            "--sort=name",
+            "--exclude=./proc/*",
+            "--exclude=./sys/*",
+            "--exclude=./dev/*",
+            "-C",
+            str(rootfs),
+            "-cf",
+            str(layer),
+            ".",
+        ]
+    )
     write_layout(path, [layer], ["bash"])
     layer.unlink()
     return path
@@ -199,11 +239,14 @@ def registry(workdir: Path) -> Iterator[str]:
     d.mkdir()
     port = _free_port()
     cfg = d / "config.yml"
-    cfg.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
-                   f"http:\n  addr: 127.0.0.1:{port}\n")
+    cfg.write_text(
+        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {d}/data\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
     with open(d / "log", "wb") as logf:
-        proc = subprocess.Popen([exe, "serve", str(cfg)], stdout=logf, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [exe, "serve", str(cfg)], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -225,6 +268,7 @@ def registry(workdir: Path) -> Iterator[str]:
 def push(layout: Path, addr: str, repo: str) -> str:
     """Copy an OCI layout into the registry with skopeo; returns the reference builders pull."""
     ref = f"{addr}/bench/{repo}"
-    run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:latest", f"docker://{ref}"],
-        timeout=600)
+    run(
+        ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:latest", f"docker://{ref}"], timeout=600
+    )
     return ref

@@ -47,8 +47,11 @@ def measure(data: Path, scratch: Path, reps: int, write_bytes: int = 0) -> dict[
             if write_bytes:
                 target = scratch / "write.bin"
                 mib = max(1, write_bytes >> 20)
-                times["write"].append(_timed(["/bin/busybox", "dd", "if=/dev/urandom", f"of={target}", "bs=1M",
-                                              f"count={mib}"], stdout=None))
+                times["write"].append(
+                    _timed(
+                        ["/bin/busybox", "dd", "if=/dev/urandom", f"of={target}", "bs=1M", f"count={mib}"], stdout=None
+                    )
+                )
                 target.unlink()
             times["sha256"].append(_timed(SHA256 + [str(blob)]))
             times["zstd3"].append(_timed(["zstd", "-3", "-q", "-c", str(blob)]))

@@ -42,8 +42,13 @@ class User:
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         """A clean login-like environment (no XDG_RUNTIME_DIR: both builders fall back to /tmp)."""
-        env = {"HOME": self.home, "USER": self.name, "LOGNAME": self.name, "LANG": "C.UTF-8",
-               "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"}
+        env = {
+            "HOME": self.home,
+            "USER": self.name,
+            "LOGNAME": self.name,
+            "LANG": "C.UTF-8",
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        }
         for k in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
             if k in os.environ:
                 env[k] = os.environ[k]
@@ -102,8 +107,13 @@ def drop_user(user: User) -> None:
     """Remove a user this run created: its processes must be gone; home, runtime dirs and subid lines go."""
     if not user.created:
         return
-    for d in (f"/tmp/rbuild-{user.uid}", f"/tmp/containers-user-{user.uid}", f"/tmp/storage-run-{user.uid}",
-              f"/tmp/podman-run-{user.uid}", f"/run/user/{user.uid}"):
+    for d in (
+        f"/tmp/rbuild-{user.uid}",
+        f"/tmp/containers-user-{user.uid}",
+        f"/tmp/storage-run-{user.uid}",
+        f"/tmp/podman-run-{user.uid}",
+        f"/run/user/{user.uid}",
+    ):
         if os.path.isdir(d) and os.stat(d).st_uid == user.uid:
             subprocess.run(["rm", "-rf", "--one-file-system", d], check=False)
     subprocess.run(["userdel", "-r", user.name], capture_output=True, check=False)
@@ -159,7 +169,7 @@ def _stat(pid: str) -> tuple[int, int] | None:
             data = f.read()
     except OSError:
         return None
-    rest = data[data.rfind(b")") + 2:].split()
+    rest = data[data.rfind(b")") + 2 :].split()
     return int(rest[1]), int(rest[3])
 
 
@@ -231,8 +241,9 @@ class _Sampler(threading.Thread):
             self.stop.wait(0.01 if now - start < 2 else 0.05)
 
 
-def run_measured(argv: list[str], env: dict[str, str], cwd: str, timeout: float = 3600,
-                 log: str | None = None) -> Sample:
+def run_measured(
+    argv: list[str], env: dict[str, str], cwd: str, timeout: float = 3600, log: str | None = None
+) -> Sample:
     """Run argv to completion; wall time, CPU time of the reaped tree, peak memory; output kept in log."""
     with tempfile.TemporaryFile() as tmp:
         out = open(log, "ab") if log else tmp  # noqa: SIM115
@@ -240,8 +251,15 @@ def run_measured(argv: list[str], env: dict[str, str], cwd: str, timeout: float 
             out.write(("$ " + " ".join(argv) + "\n").encode())
             out.flush()
             t0 = time.perf_counter()
-            proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             sampler = _Sampler(proc.pid, time.monotonic() + timeout)
             sampler.start()
             _, status, ru = os.wait4(proc.pid, 0)
@@ -260,8 +278,17 @@ def run_measured(argv: list[str], env: dict[str, str], cwd: str, timeout: float 
         finally:
             if log:
                 out.close()
-    return Sample(wall, ru.ru_utime, ru.ru_stime, sampler.peak_pss / 1024, sampler.peak_rss / 1024,
-                  ru.ru_maxrss / 1024, proc.returncode, error, sampler.count)
+    return Sample(
+        wall,
+        ru.ru_utime,
+        ru.ru_stime,
+        sampler.peak_pss / 1024,
+        sampler.peak_rss / 1024,
+        ru.ru_maxrss / 1024,
+        proc.returncode,
+        error,
+        sampler.count,
+    )
 
 
 def _tail(log: str | None, tmp: object, lines: int = 12) -> str:
@@ -279,11 +306,17 @@ def _tail(log: str | None, tmp: object, lines: int = 12) -> str:
     return "\n".join(text[-lines:])
 
 
-def run(argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None, check: bool = True,
-        timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    check: bool = True,
+    timeout: float = 3600,
+) -> subprocess.CompletedProcess[str]:
     """Run quietly; on failure raise with the output."""
-    res = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
-                         stdin=subprocess.DEVNULL)
+    res = subprocess.run(
+        argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL
+    )
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-4000:]}")
     return res

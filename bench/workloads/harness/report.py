@@ -58,9 +58,14 @@ def machine_info(repo: Path, commit: str = "") -> dict[str, Any]:
         dirty = git("status", "--porcelain", "--untracked-files=no", "--", "rootless")
         commit = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     return {
-        "hostname": platform.node(), "kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
-        "mem_gib": round(mem_kib / 1048576, 1), "python": platform.python_version(),
-        "os": _os_release(), "rbuild_commit": commit,
+        "hostname": platform.node(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem_kib / 1048576, 1),
+        "python": platform.python_version(),
+        "os": _os_release(),
+        "rbuild_commit": commit,
     }
 
 
@@ -145,9 +150,11 @@ def markdown(result: dict[str, Any]) -> str:
     network = [c for c in cases if c["network"]]
     for c in offline:
         rb, ba = c["tools"]["rbuild"], c["tools"]["buildah"]
-        lines.append(f"| {c['name']} | {c['description']} | {_tool_cell(rb)} | {_tool_cell(ba)} | {_ratio(c)} "
-                     f"| {_s(rb.get('cpu_s'))} | {_s(ba.get('cpu_s'))} | {_mib(rb.get('peak_pss_mib'))} "
-                     f"| {_mib(ba.get('peak_pss_mib'))} | {_load(c)} |")
+        lines.append(
+            f"| {c['name']} | {c['description']} | {_tool_cell(rb)} | {_tool_cell(ba)} | {_ratio(c)} "
+            f"| {_s(rb.get('cpu_s'))} | {_s(ba.get('cpu_s'))} | {_mib(rb.get('peak_pss_mib'))} "
+            f"| {_mib(ba.get('peak_pss_mib'))} | {_load(c)} |"
+        )
     with_data = [c for c in cases if c.get("data")]
     if with_data:
         lines += [
@@ -172,25 +179,39 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {c['name']} | {d['bytes'] / 1e6:.1f} MB, {d['files']} files | {_s(d.get('cp_s'))} "
                 f"| {_s(d.get('write_s'))} | {_s(d.get('sha256_s'))} | {_s(d.get('zstd3_s'))} "
                 f"| {_s(d.get('gzip6_s'))} | {mbs} | {_pct(primary, rb)} | {_pct(d.get('sha256_s'), rb)} "
-                f"| {_pct(d.get('zstd3_s'), rb)} | {_pct(d.get('gzip6_s'), rb)} | {_pct(primary, ba)} |")
+                f"| {_pct(d.get('zstd3_s'), rb)} | {_pct(d.get('gzip6_s'), rb)} | {_pct(primary, ba)} |"
+            )
     pulls = result.get("pulls") or {}
     if pulls:
-        lines += ["", "Base image pulls from the loopback registry into an empty store (the cold cases do this "
-                  "before the timed build):", "",
-                  "| base image | compressed MB | rbuild pull s | buildah pull s | rbuild/buildah |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "Base image pulls from the loopback registry into an empty store (the cold cases do this "
+            "before the timed build):",
+            "",
+            "| base image | compressed MB | rbuild pull s | buildah pull s | rbuild/buildah |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
         for base, p in pulls.items():
             rb, ba = p.get("rbuild"), p.get("buildah")
             ratio = f"{rb / ba:.2f}" if rb and ba else "—"
             lines.append(f"| {base} | {p.get('compressed_mb', 0):.1f} | {_s(rb)} | {_s(ba)} | {ratio} |")
     if network:
-        lines += ["", "Network-bound (the Debian mirror's speed dominates; not part of any claim):", "",
-                  "| case | what | rbuild s | buildah s | rbuild/buildah |", "| --- | --- | ---: | ---: | ---: |"]
+        lines += [
+            "",
+            "Network-bound (the Debian mirror's speed dominates; not part of any claim):",
+            "",
+            "| case | what | rbuild s | buildah s | rbuild/buildah |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
         for c in network:
             rb, ba = c["tools"]["rbuild"], c["tools"]["buildah"]
             lines.append(f"| {c['name']} | {c['description']} | {_tool_cell(rb)} | {_tool_cell(ba)} | {_ratio(c)} |")
-    fails = [(c["name"], tool, c["tools"][tool].get("error", "")) for c in cases for tool in TOOLS
-             if c["tools"][tool].get("n") and not c["tools"][tool].get("ok")]
+    fails = [
+        (c["name"], tool, c["tools"][tool].get("error", ""))
+        for c in cases
+        for tool in TOOLS
+        if c["tools"][tool].get("n") and not c["tools"][tool].get("ok")
+    ]
     if fails:
         lines += ["", "Failures:", ""]
         for name, tool, err in fails:
@@ -202,10 +223,13 @@ def markdown(result: dict[str, Any]) -> str:
 def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Per-case medians of two runs side by side (new/old below 1: faster now)."""
     before = {c["name"]: c for c in old.get("cases", [])}
-    lines = [f"Old: {old.get('date', '?')} rbuild {old.get('machine', {}).get('rbuild_commit', '?')}; "
-             f"new: {new.get('date', '?')} rbuild {new.get('machine', {}).get('rbuild_commit', '?')}", "",
-             "| case | tool | old s | new s | new/old | old peak MiB | new peak MiB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"Old: {old.get('date', '?')} rbuild {old.get('machine', {}).get('rbuild_commit', '?')}; "
+        f"new: {new.get('date', '?')} rbuild {new.get('machine', {}).get('rbuild_commit', '?')}",
+        "",
+        "| case | tool | old s | new s | new/old | old peak MiB | new peak MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for c in new.get("cases", []):
         o = before.get(c["name"])
         if o is None:
@@ -214,8 +238,10 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
             a, b = o["tools"].get(tool, {}), c["tools"].get(tool, {})
             ta, tb = a.get("median_s"), b.get("median_s")
             ratio = f"{tb / ta:.2f}" if ta and tb else "—"
-            lines.append(f"| {c['name']} | {tool} | {_s(ta)} | {_s(tb)} | {ratio} | {_mib(a.get('peak_pss_mib'))} "
-                         f"| {_mib(b.get('peak_pss_mib'))} |")
+            lines.append(
+                f"| {c['name']} | {tool} | {_s(ta)} | {_s(tb)} | {ratio} | {_mib(a.get('peak_pss_mib'))} "
+                f"| {_mib(b.get('peak_pss_mib'))} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +257,7 @@ def update_docs(doc: Path, section: str, top: str) -> None:
         rest = text
         if rest.startswith("# "):  # an old top of the file: ours, replaced
             idx = rest.find("\n## ")
-            rest = rest[idx + 1:] if idx >= 0 else ""
+            rest = rest[idx + 1 :] if idx >= 0 else ""
         text = f"{top}\n## Builds (rbuild vs buildah)\n\n{block}\n" + ("\n" + rest if rest else "")
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)

@@ -18,6 +18,9 @@ def generate(ctx: Path, work: Path, scale: Scale) -> Generated:
     size_mb = scale.pick(1024, 32)
     work.mkdir(parents=True, exist_ok=True)
     data = work / "big.bin"
-    subprocess.run(["/bin/busybox", "dd", "if=/dev/urandom", f"of={data}", "bs=1M", f"count={size_mb}"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["/bin/busybox", "dd", "if=/dev/urandom", f"of={data}", "bs=1M", f"count={size_mb}"],
+        check=True,
+        capture_output=True,
+    )
     return Generated(data=data, write_bytes=size_mb << 20, build_args={"SIZE_MB": str(size_mb)})

@@ -1,0 +1,1 @@
+"""Blobs: compression algorithms (and, next, the one verifying reader and digest parsing)."""

@@ -1,0 +1,628 @@
+"""COPY and ADD file operations: selecting sources (globs, .containerignore), hashing them for the
+cache key (content, names, modes, resulting owners; never mtimes) and copying them into the tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from rootless.errors import RbuildError
+from rootless.frontend import globmatch
+from rootless.kernel.fspath import inside, open_regular, secure_join
+
+CHUNK = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# .containerignore / .dockerignore
+
+
+@dataclass
+class IgnoreRule:
+    matcher: globmatch.Pattern
+    negate: bool
+    pattern: str
+
+
+_NOT_SLASH = ("!", "/")  # Go's [^/]
+_NOT_NEWLINE = ("!", "\n")  # Go's `.`
+
+
+def _compile(pattern: str) -> globmatch.Pattern | None:
+    """docker's ignore patterns (Go filepath.Match plus `**`), anchored at the context root, matching the
+    path or anything below it; None when a [...] class is not valid.  Linear-time, whatever the pattern."""
+    out = globmatch.Pattern()
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            if pattern.startswith("**", i):
+                i += 2
+                if pattern.startswith("/", i):  # any number of leading directories, or none
+                    i += 1
+                    out.optional(2)
+                    out.loop(_NOT_NEWLINE)
+                    out.char(("=", "/"))
+                else:
+                    out.loop(_NOT_NEWLINE)
+                continue
+            out.loop(_NOT_SLASH)
+        elif c == "?":
+            out.char(_NOT_SLASH)
+        elif c == "[":
+            first = i + 2 if pattern[i + 1 : i + 2] in ("!", "^") else i + 1
+            j = pattern.find("]", first + 1 if pattern[first : first + 1] == "]" else first)  # []] holds "]"
+            if j < 0:  # no class: a literal "["
+                out.char(("=", c))
+            else:
+                test = globmatch.parse_class(pattern[i + 1 : j])
+                if test is None:
+                    return None
+                out.char(test)
+                i = j
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.char(("=", pattern[i]))
+        else:
+            out.char(("=", c))
+        i += 1
+    out.optional(2)  # what is below a matching directory matches too
+    out.char(("=", "/"))
+    out.loop(_NOT_NEWLINE)
+    return out.end()
+
+
+def load_ignore(context: str, containerfile: str | None) -> list[IgnoreRule]:
+    """The rules of the ignore file next to the Containerfile (-f FILE.containerignore), else the context's.
+
+    One that lies in the build context must stay there: a symlink out of it is refused, not followed
+    (a file the user named outside the context is theirs to name)."""
+    candidates = []
+    if containerfile and containerfile != "-":
+        candidates += [containerfile + ".containerignore", containerfile + ".dockerignore"]
+    candidates += [os.path.join(context, ".containerignore"), os.path.join(context, ".dockerignore")]
+    for path in candidates:
+        if os.path.lexists(path):
+            rules = _read_ignore(path, context)
+            if rules is not None:
+                return rules
+    return []
+
+
+def _read_ignore(path: str, context: str) -> list[IgnoreRule] | None:
+    shown = os.path.relpath(path)
+    if inside(os.path.dirname(os.path.abspath(path)), context) and not inside(path, context):
+        raise RbuildError(
+            f"{shown}: the ignore file is a symbolic link out of the build context; rbuild does not follow it"
+        )
+    try:
+        with open_regular(path, shown) as f:  # a FIFO in the context must not hang the build
+            data = f.read()
+    except OSError:
+        return None
+    lines = data.decode("utf-8", errors="surrogateescape").splitlines()  # names are bytes, as the paths
+    return patterns_to_rules(lines, lambda n: f"{shown}:{n}")
+
+
+def patterns_to_rules(lines: list[str], where: Callable[[int], str]) -> list[IgnoreRule]:
+    """Ignore-file lines (or COPY --exclude patterns) as rules; `!` lines re-include.  where(n): how an
+    error names line n."""
+    rules = []
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        if negate:
+            line = line[1:].strip()
+        norm = os.path.normpath(line).lstrip("/")
+        if norm in ("", "."):
+            continue
+        matcher = _compile(norm)
+        if matcher is None:
+            raise RbuildError(
+                f"{where(n)}: invalid pattern {line!r}: a [...] class is empty or has a range that runs backwards"
+            )
+        rules.append(IgnoreRule(matcher, negate, norm))
+    return rules
+
+
+def ignored(rel: str, rules: list[IgnoreRule]) -> bool:
+    """Whether the last rule matching rel excludes it."""
+    for r in reversed(rules):
+        if r.matcher.fullmatch(rel):
+            return not r.negate
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sources
+
+
+@dataclass
+class SourceItem:
+    """One matched source: host path and the name it is copied under."""
+
+    host: str
+    rel: str  # path relative to the source root (for hashing and messages)
+    exclude: list[IgnoreRule] = field(default_factory=list)  # COPY --exclude, matched below the item
+    sub: str = ""  # COPY --parents: the directory under the destination this item goes to
+
+
+def _has_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def resolve(
+    root: str, rel: str, rules: list[IgnoreRule], what: str, follow_final: bool = True, through: bool = False
+) -> str | None:
+    """Host path of rel below root, symlinks resolved inside root; None when the build must not see it.
+
+    Ignored files never reach BuildKit's builder, so there a symlink is followed only within what was
+    sent: rel is hidden when it, or a symlink on its way, or where that leads is ignored.  through: rel is
+    a directory to look into, which an ignored one still is when a `!pattern` may re-include something
+    below it.  The path returned may not exist (a dangling symlink).
+    """
+    links: list[str] = []
+    try:
+        host = secure_join(root, rel, follow_final, links)
+    except RbuildError as e:
+        raise RbuildError(f"{what}: {e}") from None
+    if rules:
+        real = os.path.relpath(host, root)
+        if any(ignored(p, rules) for p in links):
+            return None
+        if real != "." and ignored(real, rules) and not (through and any(r.negate for r in rules)):
+            return None
+    return host
+
+
+def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[SourceItem]:
+    """Sources matching `src` below root (globs allowed); symlinks in the path resolve inside root, and
+    ignored files are not there (see resolve)."""
+    clean = os.path.normpath("/" + src).lstrip("/")
+    if not _has_glob(clean):
+        host = resolve(root, clean, rules, what)
+        if host is None or not os.path.lexists(host):
+            raise RbuildError(f"{what}: {src}: no such file or directory in the build context")
+        return [SourceItem(host, clean)]
+    parts = clean.split("/")
+    found = [""]
+    for part in parts:
+        nxt = []
+        for base in found:
+            d = resolve(root, base, rules, what, through=True) if base else root
+            if d is None:
+                continue
+            if _has_glob(part):
+                try:
+                    names = sorted(os.listdir(d))
+                except OSError:
+                    continue
+                nxt += [os.path.join(base, n) if base else n for n in names if fnmatch.fnmatchcase(n, part)]
+            else:
+                cand = os.path.join(base, part) if base else part
+                host = resolve(root, cand, rules, what, through=True)
+                if host is not None and os.path.lexists(host):
+                    nxt.append(cand)
+        found = nxt
+    items = []
+    for rel in found:
+        host = resolve(root, rel, rules, what)
+        if host is not None and os.path.lexists(host):
+            items.append(SourceItem(host, rel))
+            continue
+        entry = resolve(root, rel, rules, what, follow_final=False)
+        if entry is not None and os.path.islink(entry):  # (an ignored entry is simply not there)
+            raise RbuildError(f"{what}: {src}: {rel} is a symbolic link to nothing in the build context")
+    if not items:
+        raise RbuildError(f"{what}: {src}: no source files were specified (the pattern matched nothing)")
+    return items
+
+
+def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple[str, str]]:
+    """(host path, path relative to the item) for the item and, for a directory, everything below it.
+
+    An excluded directory is still entered when a `!pattern` may re-include something below it; then it
+    is emitted (before that entry) only if something inside it is, as BuildKit does.
+    """
+    yield item.host, ""
+    if not os.path.isdir(item.host):
+        return
+    negations = any(r.negate for r in rules + item.exclude)
+    emitted: set[str] = {""}
+
+    def with_parents(full: str, rel: str) -> Iterator[tuple[str, str]]:
+        parent = os.path.dirname(rel)
+        missing = []
+        while parent not in emitted:
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for p in reversed(missing):
+            emitted.add(p)
+            yield os.path.join(item.host, p), p
+        yield full, rel
+
+    real = os.path.relpath(item.host, root)  # where the item is, symlinks resolved: what the rules judge
+    real = "" if real == "." else real
+
+    def excluded(rel: str) -> bool:
+        if item.exclude and ignored(rel, item.exclude):
+            return True
+        return bool(rules) and ignored(os.path.join(real, rel) if real else rel, rules)
+
+    for dirpath, dirnames, filenames in os.walk(item.host):
+        rel_dir = os.path.relpath(dirpath, item.host)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        dirnames.sort()
+        keep = []
+        for d in dirnames:
+            rel = os.path.join(rel_dir, d)
+            full = os.path.join(dirpath, d)
+            out = excluded(rel)
+            if out and not negations:
+                continue
+            if not os.path.islink(full):
+                keep.append(d)
+            if not out:
+                emitted.add(rel)
+                yield from with_parents(full, rel)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            rel = os.path.join(rel_dir, name)
+            if not excluded(rel):
+                yield from with_parents(os.path.join(dirpath, name), rel)
+
+
+def write_mask(item: SourceItem, root: str, rules: list[IgnoreRule], mask: str) -> bool:
+    """An overlay layer of whiteouts hiding what the ignore rules exclude below item (RUN --mount binds
+    of the context see what COPY would see); False when nothing is excluded."""
+    included = {rel for _, rel in walk(item, root, rules)}
+    hidden = []
+    for dirpath, dirnames, filenames in os.walk(item.host):
+        rel_dir = os.path.relpath(dirpath, item.host)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for name in dirnames + filenames:
+            rel = os.path.join(rel_dir, name)
+            if rel not in included:
+                hidden.append(rel)
+        dirnames[:] = [d for d in dirnames if os.path.join(rel_dir, d) in included]
+    if not hidden:
+        return False
+    os.mkdir(mask, 0o755)
+    for rel in hidden:
+        parent = os.path.dirname(rel)
+        if parent and not os.path.isdir(os.path.join(mask, parent)):
+            parts = parent.split("/")
+            for i in range(len(parts)):
+                sub = "/".join(parts[: i + 1])
+                if not os.path.isdir(os.path.join(mask, sub)):
+                    st = os.lstat(os.path.join(item.host, sub))
+                    os.mkdir(os.path.join(mask, sub))
+                    os.lchown(os.path.join(mask, sub), st.st_uid, st.st_gid)
+                    os.chmod(os.path.join(mask, sub), stat.S_IMODE(st.st_mode))
+        os.mknod(os.path.join(mask, rel), stat.S_IFCHR, os.makedev(0, 0))  # an overlay whiteout
+    st = os.lstat(item.host)
+    os.chmod(mask, stat.S_IMODE(st.st_mode))
+    return True
+
+
+class FileDigests:
+    """Content digests of context files, remembered by (size, mtime, ctime, inode) between builds.
+
+    The cache key never contains mtimes; this only saves re-reading a file whose stat is unchanged
+    (ctime changes with any write, even one that restores the mtime).
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.known: dict[str, list[int | str]] = {}
+        self.seen: dict[str, list[int | str]] = {}
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    self.known = json.load(f)
+            except (OSError, ValueError):
+                self.known = {}
+
+    def digest(self, path: str, st: os.stat_result) -> str:
+        stamp: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        old = self.known.get(path)
+        if old is not None and old[:4] == stamp:
+            self.seen[path] = old
+            return str(old[4])
+        h = hashlib.sha256()
+        with open_regular(path, path, follow=False) as f:  # lstat said so; a swap for a FIFO must not hang
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        self.seen[path] = [*stamp, h.hexdigest()]
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if self.path and self.seen != {k: self.known.get(k) for k in self.seen}:
+            merged = {**self.known, **self.seen}
+            with contextlib.suppress(OSError):
+                from rootless.store.store import atomic_write
+
+                atomic_write(self.path, json.dumps(merged).encode(), 0o600)
+
+
+def hash_sources(
+    items: list[SourceItem], root: str, rules: list[IgnoreRule], h: hashlib._Hash, digests: FileDigests
+) -> None:
+    """Feed names, types, modes and content digests (never mtimes) into h."""
+    for item in items:
+        h.update(b"\0item\0" + item.rel.encode(errors="surrogateescape"))
+        for path, rel in walk(item, root, rules):
+            st = os.lstat(path)
+            h.update(f"\0{rel}\0{st.st_mode:o}\0".encode(errors="surrogateescape"))
+            if stat.S_ISLNK(st.st_mode):
+                h.update(os.readlink(path).encode(errors="surrogateescape"))
+            elif stat.S_ISREG(st.st_mode):
+                h.update(f"{st.st_size}:{digests.digest(path, st)}".encode())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# copying
+
+
+def chown(path: str, uid: int, gid: int) -> None:
+    """lchown, or, for ids this user namespace cannot map (a single-uid map, an id beyond the subuid
+    range), the owner recorded the way layers.write_tar emits it."""
+    try:
+        os.lchown(path, uid, gid)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        from rootless.layer import layers
+
+        layers.set_owner(path, uid, gid, single_uid=True)
+
+
+def parse_chmod(value: str | None, what: str) -> int | None:
+    if not value:
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise RbuildError(f"{what}: invalid --chmod value {value!r}: use an octal mode such as 755") from None
+    if mode > 0o7777:
+        raise RbuildError(f"{what}: invalid --chmod value {value!r}")
+    return mode
+
+
+def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
+    """Create the container directory `path` (and parents, all owned by uid:gid) inside root; return its host path."""
+    parts = [p for p in path.split("/") if p]
+    cur = "/"
+    for p in parts:
+        cur = os.path.join(cur, p)
+        host = secure_join(root, cur)
+        if not os.path.lexists(host):
+            os.mkdir(host, 0o755)
+            chown(host, uid, gid)
+        elif not os.path.isdir(host):
+            raise RbuildError(f"cannot create directory {cur}: a file is in the way")
+    return secure_join(root, path)
+
+
+class _Copier:
+    """Copies entries with docker's ownership rules, keeping hardlinks and setting directory times last."""
+
+    def __init__(self, owner: tuple[int, int] | None, chmod: int | None) -> None:
+        self.owner = owner  # None: keep the source's ownership (COPY --from without --chown)
+        self.chmod = chmod
+        self.links: dict[tuple[int, int], str] = {}
+        self.dir_times: list[tuple[str, int, int]] = []
+
+    def entry(self, src: str, dst: str) -> None:
+        st = os.lstat(src)
+        mode = st.st_mode
+        if os.path.lexists(dst) and not (stat.S_ISDIR(mode) and os.path.isdir(dst) and not os.path.islink(dst)):
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+            else:
+                os.unlink(dst)
+        if stat.S_ISREG(mode) and st.st_nlink > 1:
+            first = self.links.get((st.st_dev, st.st_ino))
+            if first is not None:
+                os.link(first, dst)
+                return
+            self.links[(st.st_dev, st.st_ino)] = dst
+        perm = self.chmod if self.chmod is not None else stat.S_IMODE(mode)
+        if stat.S_ISDIR(mode):
+            if not os.path.isdir(dst):
+                os.mkdir(dst, 0o700)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+        elif stat.S_ISREG(mode):
+            _copy_file(src, dst, st.st_size)
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(dst, 0o600)
+        else:
+            return  # sockets and device nodes in a build context are skipped, as docker does
+        uid, gid = self.owner if self.owner is not None else (st.st_uid, st.st_gid)
+        chown(dst, uid, gid)
+        if not stat.S_ISLNK(mode):
+            os.chmod(dst, perm)  # after chown, which clears setuid/setgid
+        if stat.S_ISDIR(mode):
+            self.dir_times.append((dst, st.st_atime_ns, st.st_mtime_ns))
+        else:
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+    def finish(self) -> None:
+        for path, atime, mtime in reversed(self.dir_times):
+            os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+
+
+def copy_entry(src: str, dst: str) -> None:
+    """src copied to dst as it is: content, mode, owner and times."""
+    copier = _Copier(None, None)
+    copier.entry(src, dst)
+    copier.finish()
+
+
+def _copy_file(src: str, dst: str, size: int) -> None:
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            left = size
+            while left > 0:
+                try:
+                    n = os.copy_file_range(fin, fout, min(left, 1 << 30))
+                except OSError:
+                    n = os.sendfile(fout, fin, None, min(left, 1 << 30))
+                if n == 0:
+                    break
+                left -= n
+        finally:
+            os.close(fout)
+    finally:
+        os.close(fin)
+
+
+def copy_into(
+    root: str,
+    items: list[SourceItem],
+    src_root: str,
+    rules: list[IgnoreRule],
+    dest: str,
+    owner: tuple[int, int] | None,
+    chmod: int | None,
+    what: str,
+) -> None:
+    """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest.
+
+    Directories COPY has to create belong to the --chown owner (root without one), as in buildah and BuildKit.
+    """
+    dest_is_dir = dest.endswith("/") or len(items) > 1
+    dest_clean = os.path.normpath(dest) if dest not in ("", "/") else "/"
+    if len(items) > 1 and not dest.endswith("/"):
+        host_dest = secure_join(root, dest_clean)
+        if not os.path.isdir(host_dest):
+            raise RbuildError(
+                f"{what}: when using COPY with more than one source file, the destination must be "
+                "a directory and end with a /"
+            )
+    uid, gid = owner if owner is not None else (0, 0)
+    copier = _Copier(owner, chmod)
+    for item in items:
+        host = item.host  # already resolved inside src_root by select()
+        item_dest = os.path.join(dest_clean, item.sub) if item.sub else dest_clean
+        if os.path.isdir(host):
+            # each destination directory is resolved inside root once: a directory the image has as a
+            # symlink (/lib -> usr/lib) is copied into, never replaced and never followed out of root
+            resolved = {"": ensure_dir(root, item_dest, uid, gid)}
+            for path, rel in walk(item, src_root, rules):
+                if not rel:
+                    continue
+                parent = os.path.dirname(rel)
+                parent_host = resolved.get(parent) or secure_join(root, os.path.join(item_dest, parent))
+                dst = os.path.join(parent_host, os.path.basename(rel))
+                if os.path.isdir(path) and not os.path.islink(path):
+                    if os.path.islink(dst):
+                        real = secure_join(root, os.path.join(item_dest, rel))
+                        if os.path.isdir(real):
+                            resolved[rel] = real
+                            continue
+                    resolved[rel] = dst
+                copier.entry(path, dst)
+            continue
+        if dest_is_dir or item.sub or os.path.isdir(secure_join(root, item_dest)):
+            target_dir = ensure_dir(root, item_dest, uid, gid)
+            copier.entry(host, os.path.join(target_dir, os.path.basename(item.rel or host)))
+        else:
+            target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid)
+            copier.entry(host, os.path.join(target_dir, os.path.basename(dest_clean)))
+    copier.finish()
+
+
+def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: int | None) -> None:
+    """COPY <<EOF /file: a heredoc body becomes a file."""
+    dest_clean = os.path.normpath(dest)
+    target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid)
+    path = os.path.join(target_dir, os.path.basename(dest_clean))
+    if os.path.lexists(path) and not os.path.isdir(path):
+        os.unlink(path)
+    with open(path, "wb") as f:
+        f.write(data)
+    chown(path, uid, gid)
+    os.chmod(path, chmod if chmod is not None else 0o644)
+
+
+def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str) -> None:
+    """Unpack a (possibly compressed) tar archive under target; no entry can leave it.
+
+    Names and hardlink targets are resolved inside target (symlinks included), device nodes are skipped;
+    owner None keeps the archive's ownership where the user namespace can represent it.
+    """
+    import lzma
+    import tarfile
+    import zlib
+
+    try:
+        tf = tarfile.open(path)
+    except (tarfile.TarError, OSError) as e:
+        raise RbuildError(f"{what}: cannot read archive {os.path.basename(path)}: {e}") from None
+    dir_times: list[tuple[str, float]] = []
+    with tf:
+        try:
+            for m in tf:
+                name = os.path.normpath("/" + m.name).lstrip("/")
+                if not name or name == ".":
+                    continue
+                parent = secure_join(target, os.path.dirname(name))
+                os.makedirs(parent, exist_ok=True)
+                dst = os.path.join(parent, os.path.basename(name))
+                if os.path.lexists(dst) and not (m.isdir() and os.path.isdir(dst) and not os.path.islink(dst)):
+                    if os.path.isdir(dst) and not os.path.islink(dst):
+                        shutil.rmtree(dst)
+                    else:
+                        os.unlink(dst)
+                if m.isdir():
+                    if not os.path.isdir(dst):
+                        os.mkdir(dst, 0o700)
+                elif m.isreg():
+                    src = tf.extractfile(m)
+                    with open(dst, "wb") as out:
+                        if src is not None:
+                            shutil.copyfileobj(src, out, CHUNK)
+                elif m.issym():
+                    os.symlink(m.linkname, dst)
+                elif m.islnk():
+                    link = secure_join(target, os.path.normpath("/" + m.linkname).lstrip("/"), follow_final=False)
+                    if not os.path.isfile(link) or os.path.islink(link):
+                        raise RbuildError(
+                            f"{what}: archive entry {m.name} links to {m.linkname}, which is not a file in the archive"
+                        )
+                    os.link(link, dst)
+                    continue
+                elif m.isfifo():
+                    os.mkfifo(dst, 0o600)
+                else:
+                    continue
+                uid, gid = owner if owner is not None else (m.uid, m.gid)
+                chown(dst, uid, gid)
+                if not m.issym():
+                    os.chmod(dst, m.mode & 0o7777)
+                    if m.isdir():
+                        dir_times.append((dst, m.mtime))
+                    else:
+                        os.utime(dst, (m.mtime, m.mtime))
+            for d, t in reversed(dir_times):
+                os.utime(d, (t, t))
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, zlib.error, lzma.LZMAError, OSError) as e:
+            if isinstance(e, OSError) and e.errno:  # a real I/O error, not a damaged stream
+                raise
+            # (OverflowError: an owner id or a time beyond what the system can hold)
+            raise RbuildError(f"{what}: archive {os.path.basename(path)} is damaged: {e}") from None

@@ -1,0 +1,1 @@
+"""The command line: argparse, dispatch, and the only code that prints."""

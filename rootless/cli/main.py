@@ -1,0 +1,681 @@
+"""The `rbuild` command line: parses arguments, reports errors as one `Error:` line, dispatches.
+
+Heavy modules are imported inside the command functions, so `rbuild images` or a fully cached
+build does not pay for what it does not use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rootless import __version__
+from rootless.cli.flags import attached_flag
+from rootless.errors import RbuildError
+from rootless.kernel.fspath import inside
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise RbuildError(f"{self.prog}: {message}")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=argparse.SUPPRESS, help="store directory")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warn", "error"])
+
+
+_GLOBAL_WITH_VALUE = ("--root", "--log-level")
+_REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in argv (so only its parser pays for the registry module's import)."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
+def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
+    """The registry flags; `--creds` goes only to the registries of `creds_for`, names the command line
+    gave, so a Containerfile cannot send it to a host of its choosing."""
+    from rootless.registry.api import options_from_args
+
+    options = options_from_args(args)
+    options.creds_for = creds_for
+    return options
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; registry flags are defined only when `command` needs them (or is unknown)."""
+    registry_flags = command is None or command in _REGISTRY_COMMANDS
+
+    def _registry_args(p: argparse.ArgumentParser) -> None:
+        if registry_flags:
+            from rootless.registry.api import add_registry_arguments
+
+            add_registry_arguments(p)
+
+    parser = _Parser(prog="rbuild", description="Rootless, daemonless OCI image builder")
+    parser.add_argument("--version", action="version", version=f"rbuild version {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    b = sub.add_parser("build", aliases=["bud"], help="build an image from a Containerfile")
+    _common(b)
+    b.add_argument("context", nargs="?", default=".")
+    b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
+    b.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
+    b.add_argument("--build-arg", action="append", default=[], metavar="K[=V]")
+    b.add_argument("--label", action="append", default=[], metavar="K=V")
+    b.add_argument("--no-cache", action="store_true")
+    b.add_argument("--format", choices=["oci", "docker"], default="oci")
+    b.add_argument("--iidfile")
+    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("--target", help="build up to this stage")
+    b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
+    attached_flag(
+        b,
+        "--rewrite-timestamp",
+        True,
+        {"true": True, "false": False},
+        True,
+        "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)",
+    )
+    b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
+    b.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="id=ID[,src=FILE|,env=VAR]",
+        help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
+    )
+    _registry_args(b)
+    if registry_flags:
+        from rootless.registry.api import add_pull_argument
+
+        add_pull_argument(b)
+    b.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("parse", help="print the Containerfile's syntax tree (BuildKit's dump format)")
+    _common(p)
+    p.add_argument("-f", "--file")
+    p.add_argument("context", nargs="?", default=".")
+    p.set_defaults(func=cmd_parse)
+
+    i = sub.add_parser("images", help="list images")
+    _common(i)
+    i.add_argument("--format", choices=["table", "json"], default="table")
+    i.add_argument("-q", "--quiet", action="store_true")
+    i.set_defaults(func=cmd_images)
+
+    ins = sub.add_parser("inspect", help="show an image's details (docker's shape)")
+    _common(ins)
+    ins.add_argument("names", nargs="+")
+    ins.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("tag", help="add names to an image")
+    _common(t)
+    t.add_argument("image")
+    t.add_argument("names", nargs="+")
+    t.set_defaults(func=cmd_tag)
+
+    r = sub.add_parser("rmi", help="remove image names or images")
+    _common(r)
+    r.add_argument("names", nargs="+")
+    r.add_argument("-f", "--force", action="store_true")
+    r.set_defaults(func=cmd_rmi)
+
+    pu = sub.add_parser("push", help="write an image to oci:, oci-archive:, docker-archive: or a registry")
+    _common(pu)
+    pu.add_argument("image")
+    pu.add_argument("dest", nargs="?")
+    pu.add_argument("--format", choices=["oci", "docker"])
+    pu.add_argument("--compression-format", choices=["gzip", "zstd"])
+    pu.add_argument("--compression-level", type=int)
+    pu.add_argument("--digestfile")
+    pu.add_argument("-q", "--quiet", action="store_true")
+    _registry_args(pu)
+    pu.set_defaults(func=cmd_push)
+
+    pl = sub.add_parser("pull", help="copy an image into the local store")
+    _common(pl)
+    pl.add_argument("image")
+    pl.add_argument("-q", "--quiet", action="store_true")
+    _registry_args(pl)
+    pl.set_defaults(func=cmd_pull)
+
+    ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
+    _common(ck)
+    ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
+    ck.set_defaults(func=cmd_check)
+
+    u = sub.add_parser("unshare", help="run a command inside rbuild's user namespace")
+    _common(u)
+    u.add_argument("cmd", nargs=argparse.REMAINDER)
+    u.set_defaults(func=cmd_unshare)
+
+    li = sub.add_parser("login", help="log in to a registry")
+    lo = sub.add_parser("logout", help="log out of a registry")
+    _common(li)
+    _common(lo)
+    if registry_flags:
+        from rootless.registry import api as registry
+
+        registry.add_login_arguments(li)
+        li.set_defaults(func=registry.login_command)
+        registry.add_logout_arguments(lo)
+        lo.set_defaults(func=registry.logout_command)
+    return parser
+
+
+# -------------------------------------------------------------------------------------------------------
+# plumbing
+
+
+def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
+    """The store and the id mapping; `create`: for a command that works in the user namespace, which
+    also gets the runtime directory for its mount points (commands that only read need neither)."""
+    from rootless.env import paths, userns
+    from rootless.store.store import Store
+
+    idmap, notice = userns.host_mapping()
+    runtime = None
+    if create:
+        # both paths depend on who we are on the host: resolve them before entering the user namespace
+        runtime, runtime_notice = paths.runtime_dir()
+        for line in (notice, runtime_notice):
+            if line and not getattr(args, "quiet_notice", False):
+                print(line, file=sys.stderr)
+    return Store(paths.store_root(getattr(args, "root", None)), runtime=runtime), idmap
+
+
+def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> int:
+    """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there."""
+    from rootless.env import userns
+
+    store, idmap = _store_and_map(args)
+    parent = os.path.dirname(store.root)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
+
+    def inner() -> int:
+        _open_inside(store, idmap)
+        with store.in_use():
+            return fn(store, idmap)
+
+    return userns.run_inside(idmap, lambda: _guard(args, inner))
+
+
+def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
+    """Open the store inside the user namespace; a store of an older format is converted first."""
+    from rootless.store.store import STORE_VERSION
+
+    store.open(idmap, create)
+    if store.exists() and store.version != STORE_VERSION:
+        from rootless.store import migrate
+
+        print(
+            f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)",
+            file=sys.stderr,
+        )
+        migrate.upgrade(store, idmap.single)
+
+
+def _open_readonly(args: argparse.Namespace) -> Any:
+    """The store for commands that read or change only the image index (never layer contents), so they
+    work on a store made under another id mapping too; a store of an older format is converted first."""
+    from rootless.store.store import STORE_VERSION
+
+    store, idmap = _store_and_map(args, create=False)
+    if store.exists():
+        store.check_format()
+        if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
+            from rootless.env import userns
+
+            def convert() -> int:
+                _open_inside(store, idmap, create=False)
+                return 0
+
+            if userns.run_inside(idmap, lambda: _guard(args, convert)):
+                raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
+            store.check_format()
+    return store
+
+
+def _find(store: Any, name: str) -> Any:
+    from rootless.oci import names
+
+    rec = store.find(names.candidates(name))
+    if rec is None:
+        raise RbuildError(f"{name}: image not known")
+    return rec
+
+
+# -------------------------------------------------------------------------------------------------------
+# commands
+
+
+def _parse_kv(items: list[str], what: str, env_fallback: bool) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not k:
+            raise RbuildError(f"invalid {what} {item!r}")
+        if not sep:
+            if not env_fallback:
+                v = ""
+            elif k in os.environ:
+                v = os.environ[k]
+            else:
+                continue
+        out[k] = v
+    return out
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from rootless.build import planner
+    from rootless.oci import names
+
+    context = os.path.abspath(args.context)
+    if not os.path.isdir(context):
+        raise RbuildError(f"build context {args.context} is not a directory")
+    cf_path = planner.find_containerfile(context, args.file)
+    data, shown = planner.read_containerfile(cf_path)
+    shown = args.file or os.path.relpath(cf_path) if shown != "<stdin>" else shown
+    build_args = _parse_kv(args.build_arg, "--build-arg", env_fallback=True)
+    labels = _parse_kv(args.label, "--label", env_fallback=False)
+    for t in args.tag:
+        if not names.valid(names.normalize(t)):
+            raise RbuildError(f"invalid image name {t!r}")
+        if args.push and names.normalize(t).startswith("localhost/"):
+            raise RbuildError(f"--push: {t} names no registry (use HOST[:PORT]/REPO[:TAG])")
+    if args.push and not args.tag:
+        raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
+    outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
+    plan = planner.plan(data, shown, context, build_args, args.target, private=outside)
+    sde: int | None = None
+    raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
+    if raw_sde:
+        if not raw_sde.isdigit():
+            raise RbuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, not {raw_sde!r}")
+        sde = int(raw_sde)
+    pull = getattr(args, "pull", "missing")
+    secrets = _read_secrets(args.secret)
+    remote_tags = [names.normalize(t) for t in args.tag if not names.normalize(t).startswith("localhost/")]
+    if getattr(args, "creds", None) and not remote_tags:
+        raise RbuildError(
+            "--creds goes only to the registries of -t names, and no -t names a registry; "
+            "use rbuild login for the registries FROM names"
+        )
+
+    def run(store: Any, idmap: Any) -> int:
+        from rootless.build import executor
+
+        opts = executor.BuildOptions(
+            tags=args.tag,
+            labels=labels,
+            no_cache=args.no_cache,
+            fmt=args.format,
+            quiet=args.quiet,
+            timestamp=args.timestamp,
+            source_date_epoch=sde,
+            rewrite_timestamp=args.rewrite_timestamp,
+            single_uid=idmap.single,
+            pull=pull,
+            registry_options=_registry_options(args, remote_tags),
+            containerfile=cf_path if args.file != "-" else None,
+            secrets=secrets,
+            debug=getattr(args, "log_level", None) == "debug",
+        )
+        image_id = executor.build(plan, store, opts)
+        if args.push:
+            from rootless.oci import transports
+
+            rec = store.find([image_id])
+            for t in args.tag:
+                digest = transports.export_image(
+                    store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
+                )
+                if not args.quiet:
+                    print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
+        if args.iidfile:
+            from rootless.store.store import atomic_write
+
+            atomic_write(os.path.abspath(args.iidfile), image_id.encode())
+        print(image_id, flush=True)
+        return 0
+
+    return _in_namespace(args, run)
+
+
+def _read_secrets(specs: list[str]) -> dict[str, bytes]:
+    """--secret id=ID[,src=FILE|,env=VAR] (docker's syntax; type=file|env also accepted), read up front."""
+    out: dict[str, bytes] = {}
+    for spec in specs:
+        fields = dict(f.partition("=")[::2] for f in spec.split(","))
+        sid = fields.get("id", "")
+        src = fields.get("src") or fields.get("source")
+        env = fields.get("env")
+        if fields.get("type") == "env" and not env:
+            env = src or sid
+            src = None
+        if not sid:
+            sid = os.path.basename(src) if src else (env or "")
+        if not sid:
+            raise RbuildError(f"--secret {spec!r}: no id")
+        if src:
+            try:
+                with open(os.path.expanduser(src), "rb") as f:
+                    out[sid] = f.read()
+            except OSError as e:
+                raise RbuildError(f"--secret id={sid}: cannot read {src}: {e.strerror}") from None
+        else:
+            name = env or sid
+            if name not in os.environ:
+                raise RbuildError(f"--secret id={sid}: environment variable {name} is not set")
+            out[sid] = os.environ[name].encode()
+    return out
+
+
+def cmd_parse(args: argparse.Namespace) -> int:
+    from rootless.build import planner
+    from rootless.frontend import containerfile
+
+    path = planner.find_containerfile(os.path.abspath(args.context), args.file)
+    data, shown = planner.read_containerfile(path)
+    try:
+        cf = containerfile.parse(data, shown if args.file == "-" else (args.file or shown))
+    except RbuildError as e:
+        e.exit_code = 1
+        raise
+    for w in cf.warnings:
+        print(w, file=sys.stderr)
+    sys.stdout.write(containerfile.dump(cf))
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from rootless.store.store import chain_ids
+
+    store = _open_readonly(args)
+    records = store.images() if store.exists() else []
+    rows = []
+    for r in records:
+        size = 0
+        try:
+            config = store.read_json(r.id)
+            for c in chain_ids(config.get("rootfs", {}).get("diff_ids", [])):
+                size += store.layer_meta(c).get("size", 0)
+        except RbuildError:
+            pass
+        rows.append((r, size))
+    if args.quiet:
+        for r, _ in rows:
+            print(r.id[7:19])
+        return 0
+    if args.format == "json":
+        out = [
+            {"Id": r.id, "Names": r.names, "Created": r.created, "Size": size, "Digest": r.digest or r.manifest}
+            for r, size in rows
+        ]
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'REPOSITORY':<40} {'TAG':<15} {'IMAGE ID':<14} {'CREATED':<22} SIZE")
+    for r, size in rows:
+        for name in r.names or ["<none>:<none>"]:
+            repo, _, tag = name.rpartition(":")
+            print(f"{repo:<40} {tag:<15} {r.id[7:19]:<14} {r.created[:19]:<22} {_human(size)}")
+    return 0
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:.3g} TB"
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from rootless.oci import image as img
+    from rootless.store.store import chain_ids
+
+    store = _open_readonly(args)
+    out = []
+    for name in args.names:
+        rec = _find(store, name) if store.exists() else None
+        if rec is None:
+            raise RbuildError(f"{name}: image not known")
+        config = store.read_json(rec.id)
+        size = sum(store.layer_meta(c).get("size", 0) for c in chain_ids(config.get("rootfs", {}).get("diff_ids", [])))
+        repo_digests = [n.rpartition(":")[0] + "@" + rec.digest for n in rec.names] if rec.digest else []
+        out.append(img.inspect_doc(rec.id, rec.names, config, rec.digest or rec.manifest, size, repo_digests))
+    print(json.dumps(out, indent=4))
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from rootless.oci import names
+
+    store = _open_readonly(args)
+    if not store.exists():
+        raise RbuildError(f"{args.image}: image not known")
+    rec = _find(store, args.image)
+    for n in args.names:
+        full = names.normalize(n)
+        if not names.valid(full):
+            raise RbuildError(f"invalid image name {n!r}")
+        store.tag(rec.id, full, rec.manifest)
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    """Remove names (or whole images), then the layers and blobs no image needs any more."""
+    from rootless.env import userns
+    from rootless.oci import names
+
+    store, idmap = _store_and_map(args, create=False)
+    if not store.exists():
+        raise RbuildError(f"{args.names[0]}: image not known")
+    store.check_mapping(idmap)  # freeing layers needs the mapping they were written under: refuse up front
+    status = 0
+    deleted = False
+    for n in args.names:
+        rec = store.find(names.candidates(n))
+        if rec is None:
+            print(f"Error: {n}: image not known", file=sys.stderr)
+            status = 125
+            continue
+        full = next((c for c in names.candidates(n) if c in rec.names), None)
+        if full is not None and len(rec.names) > 1 and not args.force:
+            store.untag(rec.id, full)
+            print(f"Untagged: {full}")
+        else:
+            store.untag(rec.id, None)
+            for name in rec.names:
+                print(f"Untagged: {name}")
+            print(f"Deleted: {rec.id}")
+            deleted = True
+    if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
+
+        def gc() -> int:
+            _open_inside(store, idmap, create=False)
+            store.collect_garbage()
+            return 0
+
+        gc_status = userns.run_inside(idmap, lambda: _guard(args, gc))
+        status = status or gc_status  # the child printed its Error: line; the exit status must say so too
+    return status
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Verify the store; with --repair remove what is broken and check again. Exit 1 when problems remain."""
+    from rootless.env import userns
+    from rootless.store import check as storecheck
+
+    store, idmap = _store_and_map(args)
+    if not store.exists():
+        print(f"no store at {store.root}: nothing to check", file=sys.stderr)
+        return 0
+
+    def run() -> int:
+        from rootless.store.store import STORE_VERSION
+
+        store.open(idmap, create=False, sweep=False)
+        if store.version != STORE_VERSION:
+            _open_inside(store, idmap, create=False)
+        with store.exclusive() if args.repair else contextlib.nullcontext():
+            for path in store.sweep(idle=args.repair):
+                print(f"removed leftover of a killed process: {path}")
+            with contextlib.nullcontext() if args.repair else store.in_use():
+                problems = storecheck.check(store, idmap.single)
+                if args.repair and problems:
+                    for line in storecheck.repair(store, problems):
+                        print(line)
+                    problems = storecheck.check(store, idmap.single)
+        for p in problems:
+            print(p)
+        if problems:
+            hint = "" if args.repair else "; `rbuild check --repair` removes what is broken"
+            print(
+                f"rbuild check: {len(problems)} problem{'s' if len(problems) > 1 else ''} in {store.root}{hint}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+
+    return userns.run_inside(idmap, lambda: _guard(args, run))
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from rootless.oci import transports
+
+    dest = args.dest
+    if dest is None:
+        if args.image.startswith("localhost/") or "/" not in args.image:
+            raise RbuildError(f"{args.image}: a local name needs a destination (docker://HOST/REPO:TAG, oci:DIR, ...)")
+        dest = "docker://" + args.image
+    if not dest.startswith(("oci:", "oci-archive:", "docker-archive:", "docker://")):
+        dest = "docker://" + dest
+
+    def run(store: Any, idmap: Any) -> int:
+        rec = _find(store, args.image)
+        fmt = args.format
+        if fmt is None:
+            from rootless.oci import image as img
+
+            fmt = "docker" if store.read_json(rec.manifest).get("mediaType") == img.DOCKER_MANIFEST else "oci"
+        digest = transports.export_image(
+            store,
+            rec,
+            dest,
+            fmt,
+            args.compression_format,
+            args.compression_level,
+            _registry_options(args, [dest.removeprefix("docker://")]),
+        )
+        if args.digestfile:
+            from rootless.store.store import atomic_write
+
+            atomic_write(os.path.abspath(args.digestfile), digest.encode())
+        if not args.quiet:
+            print(f"Pushed {rec.id[7:19]} to {dest} ({digest})", file=sys.stderr)
+        return 0
+
+    return _in_namespace(args, run)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from rootless.oci import transports
+
+    def run(store: Any, idmap: Any) -> int:
+        progress = not args.quiet and sys.stderr.isatty()
+        with transports.open_source(
+            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), progress
+        ) as src:
+            names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
+            rec = transports.import_image(store, src, names, idmap.single)
+        print(rec.id)
+        return 0
+
+    return _in_namespace(args, run)
+
+
+def cmd_unshare(args: argparse.Namespace) -> int:
+    argv = list(args.cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        argv = [os.environ.get("SHELL", "/bin/sh")]
+
+    def run(store: Any, idmap: Any) -> int:
+        import subprocess
+
+        env = dict(os.environ)
+        env["RBUILD_STORE"] = store.root
+        try:
+            return subprocess.run(argv, env=env, check=False).returncode
+        except FileNotFoundError:
+            raise RbuildError(f"{argv[0]}: command not found", exit_code=127) from None
+
+    return _in_namespace(args, run)
+
+
+# -------------------------------------------------------------------------------------------------------
+
+
+def _guard(args: argparse.Namespace, fn: Callable[[], int]) -> int:
+    """Turn every failure into one `Error:` line and an exit status (a traceback only at debug level)."""
+    debug = getattr(args, "log_level", None) == "debug"
+    try:
+        return fn()
+    except RbuildError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"Error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"Error: {e.strerror or e}{where}", file=sys.stderr)
+        return 125
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen_command(argv))
+    holder = argparse.Namespace()
+    try:
+        args = parser.parse_args(argv, namespace=holder)
+    except RbuildError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 125
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 125
+    return _guard(args, lambda: int(args.func(args) or 0))

@@ -1,0 +1,1 @@
+"""The environment: what this machine allows (probes), the strategy chosen from it, user namespaces, paths."""

@@ -1,0 +1,1 @@
+"""Thin, typed wrappers over Linux system calls and confined path resolution."""

@@ -1,0 +1,1 @@
+"""OCI and Docker image documents, references, local names and image transports."""

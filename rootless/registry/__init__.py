@@ -1,0 +1,1 @@
+"""The registry client: HTTP, auth, registries.conf, verified pulls and pushes."""

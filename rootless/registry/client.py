@@ -1,0 +1,880 @@
+"""The registry client behind rootless.registry.api: verified parallel pulls with resume, pushes with
+HEAD checks, cross-repository mounts and chunked uploads, platform choice in indexes.
+
+Loaded only when a registry is contacted (it pulls in the HTTP stack through registry_http).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
+import io
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from rootless.errors import RbuildError
+from rootless.oci import schema as ocischema
+from rootless.oci.reference import Reference, check_digest
+from rootless.oci.schema import MAX_CONFIG, MAX_MANIFEST
+from rootless.registry.api import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    RegistryOptions,
+    RemoteImage,
+    parse_creds,
+    resolve_names,
+)
+from rootless.registry.blobcache import BlobLocations
+from rootless.registry.conf import RegistriesConf, Source, load_registries_conf
+from rootless.registry.http import (
+    MAX_ATTEMPTS,
+    RegistryAuthError,
+    RegistryHTTP,
+    backoff,
+    describe,
+    error_detail,
+    transient_errors,
+)
+from rootless.registry.progress import Progress
+
+if TYPE_CHECKING:
+    import requests
+
+PARALLEL = 6
+CHUNK_THRESHOLD = 64 << 20  # larger blobs go up in chunks, so a failure costs one chunk
+CHUNK_SIZE = 32 << 20
+READ_SIZE = 1 << 20
+VERIFY_ATTEMPTS = 3  # a blob that fails verification is fetched again, at most this often
+MAX_RESUMES = 20  # Range resumptions of one download, however much each one gained
+
+
+# -- platforms ---------------------------------------------------------------------------
+
+_ARCH_ALIASES = {
+    "x86_64": "amd64",
+    "x86-64": "amd64",
+    "aarch64": "arm64",
+    "i386": "386",
+    "i686": "386",
+    "armhf": "arm",
+    "armel": "arm",
+    "armv7l": "arm",
+    "armv6l": "arm",
+}
+_ARCH_VARIANT = {"armhf": "v7", "armel": "v6", "armv7l": "v7", "armv6l": "v6"}
+
+
+@dataclass(frozen=True)
+class Platform:
+    """os/arch/variant, normalised as containerd does (arm64/v8 is arm64, arm is arm/v7)."""
+
+    os: str
+    architecture: str
+    variant: str = ""
+
+    @classmethod
+    def make(cls, os_: str, arch: str, variant: str = "") -> Platform:
+        """Normalise aliases (`x86_64`, `aarch64`, `armhf`) and default variants."""
+        os_, raw = os_.lower(), arch.lower()
+        arch = _ARCH_ALIASES.get(raw, raw)
+        variant = (variant or _ARCH_VARIANT.get(raw, "")).lower()
+        if variant and not variant.startswith("v") and variant.isdigit():
+            variant = "v" + variant
+        if arch == "arm64" and variant == "v8":
+            variant = ""
+        if arch == "arm" and not variant:
+            variant = "v7"
+        return cls(os_, arch, variant)
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
+
+
+def parse_platform(text: str | None) -> Platform:
+    """`os/arch[/variant]`, or the host's platform for None."""
+    if not text:
+        return host_platform()
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise RbuildError(f"invalid platform {text!r}: want os/arch[/variant]")
+    return Platform.make(*parts)
+
+
+def host_platform() -> Platform:
+    """The platform this machine runs natively."""
+    return Platform.make("linux", platform.machine() or "amd64")
+
+
+def _match_rank(want: Platform, have: Platform) -> int | None:
+    """0 for an exact match, higher for worse fallbacks (arm/v7 runs v6 and v5), None for no match."""
+    if want.os != have.os or want.architecture != have.architecture:
+        return None
+    if want.variant == have.variant:
+        return 0
+    if want.architecture == "arm" and have.variant[1:].isdigit() and want.variant[1:].isdigit():
+        gap = int(want.variant[1:]) - int(have.variant[1:])
+        return gap if gap > 0 else None
+    return None
+
+
+def choose_platform(index: dict[str, Any], want: Platform, where: str) -> Descriptor:
+    """The index entry that best matches `want`; an error listing what exists when none does."""
+    best: tuple[int, int, Descriptor] | None = None
+    seen = []
+    for position, entry in enumerate(index.get("manifests") or []):
+        plat = entry.get("platform") if isinstance(entry, dict) else None
+        if not isinstance(plat, dict):
+            continue
+        have = Platform.make(str(plat.get("os", "")), str(plat.get("architecture", "")), str(plat.get("variant", "")))
+        seen.append(str(have))
+        rank = _match_rank(want, have)
+        if rank is not None and (best is None or (rank, position) < best[:2]):
+            best = (rank, position, Descriptor.from_json(entry, where))
+    if best is None:
+        listed = ", ".join(sorted(set(seen))) or "none"
+        raise RbuildError(f"{where}: no image for platform {want} (available: {listed})")
+    return best[2]
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _hasher(digest: str) -> Any:
+    return hashlib.new(digest.split(":", 1)[0])
+
+
+def _media_type(resp: requests.Response, body: dict[str, Any]) -> str:
+    header = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
+    declared = body.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if header in MANIFEST_TYPES + INDEX_TYPES:
+        return header
+    return OCI_INDEX if "manifests" in body else OCI_MANIFEST
+
+
+def _with_query(url: str, **params: str) -> str:
+    """Add query parameters to an upload Location, which may already carry its own."""
+    parts = urlsplit(url)
+    query = parts.query + ("&" if parts.query else "") + urlencode(params)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+class _Slice(io.RawIOBase):
+    """`length` bytes of `f` from its current position, with a len() so requests sends Content-Length;
+    reports each read to `on_read` (progress)."""
+
+    def __init__(self, f: BinaryIO, length: int, on_read: Callable[[int], None]) -> None:
+        self._f = f
+        self._left = length
+        self._length = length
+        self._on_read = on_read
+
+    def __len__(self) -> int:
+        return self._length
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._length - self._left  # requests sizes the body as len() - tell()
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0 or n > self._left:
+            n = self._left
+        data = self._f.read(n) if n else b""
+        self._left -= len(data)
+        self._on_read(len(data))
+        return data
+
+
+class _Corrupt(Exception):
+    """A blob arrived but failed verification (wrong size or digest): worth one more fetch."""
+
+
+class _Missing(Exception):
+    """A source does not have the blob (404): try the next source."""
+
+
+def _position(f: BinaryIO, opener: Callable[[], BinaryIO], offset: int) -> BinaryIO:
+    """`f` positioned at `offset`, reopening (and skipping) when it cannot seek."""
+    try:
+        f.seek(offset)
+        return f
+    except (OSError, io.UnsupportedOperation):
+        f.close()
+        f = opener()
+        left = offset
+        while left:
+            skipped = f.read(min(left, READ_SIZE))
+            if not skipped:
+                raise RbuildError("layer source ended before its declared size") from None
+            left -= len(skipped)
+        return f
+
+
+def _parallel(jobs: list[Callable[[Progress, threading.Event], None]], prog: Progress, name: str) -> None:
+    """Run blob transfers on a few threads; the first failure (or a Ctrl-C) cancels the rest, which
+    stop within one read and clean up before this returns, then it is raised."""
+    cancel = threading.Event()
+    try:
+        with ThreadPoolExecutor(min(PARALLEL, len(jobs) or 1), thread_name_prefix=name) as pool:
+            futures = [pool.submit(job, prog, cancel) for job in jobs]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:
+                cancel.set()
+                raise
+            failed = [f for f in done if f.exception() is not None]
+            if failed:
+                cancel.set()
+                wait(futures)
+                raise failed[0].exception()  # type: ignore[misc]
+    finally:
+        prog.close()
+
+
+STALE_SECONDS = 3600.0
+
+
+def _sweep(dest: Path) -> None:
+    """Remove temp and lock files a killed rbuild left behind (untouched for an hour: a live download
+    writes its temp file continuously, and a lock file that old is only a missed dedup at worst)."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(dest))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.startswith((".partial-", ".lock-")):
+            try:
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_SECONDS:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
+class RegistryClient:
+    """The implementation behind rootless.registry.api.Registry (thread-safe, reusable)."""
+
+    def __init__(self, options: RegistryOptions) -> None:
+        self.options = options
+        self.conf: RegistriesConf = load_registries_conf()
+        self.platform = parse_platform(options.platform)
+        creds = parse_creds(options.creds) if options.creds else None
+        self.http = RegistryHTTP(
+            self.conf,
+            tls_verify=options.tls_verify,
+            cert_dir=options.cert_dir,
+            authfile=options.authfile,
+            creds=creds,
+            creds_hosts=self._creds_hosts(options),
+        )
+        self.locations = BlobLocations()
+        self._preferred: dict[Reference, Reference] = {}
+
+    def _creds_hosts(self, options: RegistryOptions) -> set[str] | None:
+        """Where `--creds` may go: the registries of the names the command line gave (`creds_for`) and
+        where registries.conf sends those (mirrors, rewritten locations); None: wherever asked."""
+        if options.creds_for is None:
+            return None
+        hosts: set[str] = set()
+        for name in options.creds_for:
+            try:
+                refs = resolve_names(name, options)
+            except RbuildError:
+                continue
+            for ref in refs:
+                hosts.add(ref.registry)
+                with contextlib.suppress(RbuildError):  # a blocked registry: refused when contacted
+                    hosts.update(s.ref.registry for s in self.conf.pull_sources(ref))
+                    hosts.add(self.conf.push_target(ref).ref.registry)
+        return hosts
+
+    # -- pull ------------------------------------------------------------------------------
+
+    def _sources(self, ref: Reference) -> list[Source]:
+        sources = self.conf.pull_sources(ref)
+        self.http.insecure_hosts.update(s.ref.registry for s in sources if s.insecure)
+        preferred = self._preferred.get(ref.with_tag(None))
+        sources.sort(key=lambda s: s.ref.name != (preferred.name if preferred else s.ref.name))
+        return sources
+
+    def resolve(self, ref: Reference) -> RemoteImage:
+        """Manifest (for this platform) and verified config of `ref`, trying mirrors before the registry."""
+        error: RbuildError | None = None
+        for source in self._sources(ref):
+            try:
+                image = self._resolve_at(ref, source)
+            except RbuildError as e:
+                error = e
+                continue
+            self._preferred[ref.with_tag(None)] = source.ref
+            return image
+        assert error is not None
+        raise error
+
+    def resolve_any(self, refs: list[Reference]) -> RemoteImage:
+        """The first of `refs` (short-name candidates) that resolves; all failures reported otherwise."""
+        if not refs:
+            raise RbuildError("no registries to search")
+        errors = []
+        for ref in refs:
+            try:
+                return self.resolve(ref)
+            except RbuildError as e:
+                errors.append(str(e))
+        if len(errors) == 1:
+            raise RbuildError(errors[0])
+        raise RbuildError("image not found in any registry searched: " + "; ".join(errors))
+
+    def _get_manifest(self, source: Source, selector: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
+        """GET a manifest or index, verified against its digest; returns (bytes, digest, type, json)."""
+        ref = source.ref
+        accept = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
+        for attempt in range(VERIFY_ATTEMPTS):
+            resp = self.http.request(
+                "GET",
+                ref.registry,
+                f"/v2/{ref.repository}/manifests/{selector}",
+                scopes=[f"repository:{ref.repository}:pull"],
+                repository=ref.repository,
+                what=what,
+                headers={"Accept": accept},
+                stream=True,
+            )
+            with resp:
+                if resp.status_code == 404:
+                    raise RbuildError(f"{what}: manifest unknown ({error_detail(resp)})")
+                if resp.status_code != 200:
+                    raise RbuildError(f"{what}: {error_detail(resp)}")
+                try:
+                    body = resp.raw.read(MAX_MANIFEST + 1, decode_content=True)
+                except transient_errors() as e:
+                    if attempt + 1 >= VERIFY_ATTEMPTS:
+                        raise RbuildError(f"{what}: {describe(e)}") from None
+                    time.sleep(backoff(attempt))
+                    continue
+            if len(body) > MAX_MANIFEST:
+                raise RbuildError(f"{what}: manifest larger than {MAX_MANIFEST} bytes")
+            expected = selector if ":" in selector else resp.headers.get("Docker-Content-Digest", "")
+            algo = expected.split(":", 1)[0] if expected.startswith(("sha256:", "sha512:")) else "sha256"
+            digest = f"{algo}:{hashlib.new(algo, body).hexdigest()}"
+            if expected and digest != expected:
+                if attempt + 1 >= VERIFY_ATTEMPTS:
+                    raise RbuildError(f"{what}: manifest digest mismatch (expected {expected}, got {digest})")
+                time.sleep(backoff(attempt))
+                continue
+            data = ocischema.load(body, f"{what}: manifest {digest}")
+            if data.get("schemaVersion") == 1:
+                raise RbuildError(f"{what}: docker schema 1 manifests are not supported")
+            return body, digest, _media_type(resp, data), data
+        raise AssertionError("unreachable")
+
+    def _resolve_at(self, ref: Reference, source: Source) -> RemoteImage:
+        what = f"pulling {ref}" if source.ref == ref else f"pulling {ref} from {source.ref.name}"
+        body, digest, media_type, data = self._get_manifest(source, source.ref.selector, what)
+        index_digest = None
+        depth = 0
+        while media_type in INDEX_TYPES:
+            depth += 1
+            if depth > 3:
+                raise RbuildError(f"{what}: image indexes nested too deeply")
+            index_digest = index_digest or digest
+            ocischema.check_index(data, f"{what}: index {digest}")
+            entry = choose_platform(data, self.platform, what)
+            body, digest, media_type, data = self._get_manifest(source, entry.digest, what)
+            if digest != entry.digest:
+                raise RbuildError(f"{what}: manifest digest mismatch for {entry.digest}")
+        if media_type not in MANIFEST_TYPES:
+            raise RbuildError(f"{what}: unsupported manifest type {media_type!r}")
+        ocischema.check_manifest(data, f"{what}: manifest {digest}")
+        config_desc = Descriptor.from_json(data["config"], what)
+        layers = [Descriptor.from_json(d, what) for d in data["layers"]]
+        config = self._get_small_blob(source, config_desc, what)
+        config_what = f"{what}: config {config_desc.digest}"
+        ocischema.check_config(ocischema.load(config, config_what), config_what)
+        if self.options.platform and index_digest is None:
+            self._check_config_platform(config, what)
+        self.locations.record(
+            source.ref.registry, source.ref.repository, [config_desc.digest] + [layer.digest for layer in layers]
+        )
+        return RemoteImage(
+            ref=ref,
+            manifest_digest=digest,
+            manifest_media_type=media_type,
+            manifest=body,
+            config=config,
+            layers=layers,
+            config_descriptor=config_desc,
+            index_digest=index_digest,
+            source=source.ref,
+        )
+
+    def _check_config_platform(self, config: bytes, what: str) -> None:
+        """An explicit --platform must match a single-platform image's config."""
+        try:
+            data = json.loads(config)
+            have = Platform.make(data.get("os", ""), data.get("architecture", ""), data.get("variant", ""))
+        except (ValueError, AttributeError):
+            return
+        if have.architecture and _match_rank(self.platform, have) is None:
+            raise RbuildError(f"{what}: image is for {have}, not the requested {self.platform}")
+
+    def _get_small_blob(self, source: Source, desc: Descriptor, what: str) -> bytes:
+        """A config blob, in memory, verified like any other blob."""
+        if desc.size > MAX_CONFIG:
+            raise RbuildError(f"{what}: config blob of {desc.size} bytes is too large")
+        buf = io.BytesIO()
+        self._download([source], desc, buf, Progress(False), threading.Event(), what)
+        return buf.getvalue()
+
+    def remote_digest(self, ref: Reference) -> str:
+        """The digest the registry serves for `ref` now (a HEAD; for `--pull=newer`)."""
+        source = self._sources(ref)[-1]
+        what = f"checking {ref}"
+        resp = self.http.request(
+            "HEAD",
+            source.ref.registry,
+            f"/v2/{source.ref.repository}/manifests/{source.ref.selector}",
+            scopes=[f"repository:{source.ref.repository}:pull"],
+            repository=source.ref.repository,
+            what=what,
+            headers={"Accept": ", ".join(MANIFEST_TYPES + INDEX_TYPES)},
+        )
+        if resp.status_code == 404:
+            raise RbuildError(f"{what}: manifest unknown (404)")
+        if resp.status_code != 200:
+            raise RbuildError(f"{what}: {error_detail(resp)}")
+        digest = resp.headers.get("Docker-Content-Digest")
+        if digest:
+            return check_digest(digest)
+        return self._get_manifest(source, source.ref.selector, what)[1]
+
+    def fetch_blobs(self, ref: Reference, blobs: list[Descriptor], dest_dir: str, progress: bool = False) -> None:
+        """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified before
+        it is renamed into place; on any error nothing partial remains and the first error is raised.
+
+        A blob wanted by several callers at once (threads or processes) is downloaded once: the
+        others wait on its lock file and find it present.
+        """
+        dest = Path(dest_dir)
+        todo: dict[str, Descriptor] = {}
+        for desc in blobs:
+            check_digest(desc.digest)
+            if desc.digest not in todo and not (dest / desc.digest.replace(":", "/", 1)).exists():
+                todo[desc.digest] = desc
+        if not todo:
+            return
+        sources = self._sources(ref)
+        _sweep(dest)
+        what = f"pulling {ref}"
+        _parallel(
+            [functools.partial(self._fetch_one, sources, d, dest, what=what) for d in todo.values()],
+            Progress(progress),
+            "rbuild-pull",
+        )
+
+    def _fetch_one(
+        self, sources: list[Source], desc: Descriptor, dest: Path, prog: Progress, cancel: threading.Event, *, what: str
+    ) -> None:
+        algo, hexd = desc.digest.split(":", 1)
+        final = dest / algo / hexd
+        if final.exists():
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = dest / f".lock-{algo}-{hexd}"
+        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if cancel.wait(0.05):
+                        return
+            if final.exists():  # someone else fetched it while we waited
+                prog.finish(desc.digest, "skipped: already exists")
+                return
+            fd, tmp = tempfile.mkstemp(prefix=f".partial-{hexd[:16]}-", dir=dest)
+            try:
+                with os.fdopen(fd, "wb", buffering=0) as f:
+                    self._download(sources, desc, f, prog, cancel, what)
+                    os.fchmod(f.fileno(), 0o644)
+                os.rename(tmp, final)
+            finally:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+            prog.finish(desc.digest, "done")
+        finally:
+            try:
+                os.unlink(lock_path)
+            except FileNotFoundError:
+                pass
+            os.close(lock_fd)
+
+    def _download(
+        self, sources: list[Source], desc: Descriptor, f: BinaryIO, prog: Progress, cancel: threading.Event, what: str
+    ) -> None:
+        """Fill `f` with the verified blob: from its `urls` (non-distributable layers), then the sources."""
+        openers: list[tuple[str, Callable[[dict[str, str]], requests.Response]]] = []
+        for url in desc.urls:
+            if url.startswith(("http://", "https://")):
+                openers.append((url, functools.partial(self._plain_get, url, what=what)))
+        for source in sources:
+            openers.append((source.ref.name, functools.partial(self._blob_get, source.ref, desc.digest, what=what)))
+        errors: list[str] = []
+        for name, opener in openers:
+            try:
+                self._stream_verified(opener, desc, f, prog, cancel, what)
+                return
+            except _Missing as e:
+                errors.append(f"{name}: {e}")
+            except RbuildError as e:
+                if len(openers) == 1 or cancel.is_set():
+                    raise
+                errors.append(str(e).removeprefix(f"{what}: "))
+        if desc.urls:
+            raise RbuildError(
+                f"{what}: non-distributable layer {desc.digest} could not be fetched from "
+                f"its urls or the registry ({'; '.join(errors)})"
+            )
+        raise RbuildError(f"{what}: blob {desc.digest} not found ({'; '.join(errors)})")
+
+    def _blob_get(self, ref: Reference, digest: str, headers: dict[str, str], what: str) -> requests.Response:
+        return self.http.request(
+            "GET",
+            ref.registry,
+            f"/v2/{ref.repository}/blobs/{digest}",
+            scopes=[f"repository:{ref.repository}:pull"],
+            repository=ref.repository,
+            what=what,
+            headers=headers,
+            stream=True,
+        )
+
+    def _plain_get(self, url: str, headers: dict[str, str], what: str) -> requests.Response:
+        """GET a foreign layer URL: no registry credentials go there; transient failures retried."""
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                resp = self.http.session().get(url, headers=headers, stream=True, timeout=(15, 60))
+            except transient_errors() as e:
+                if attempt + 1 >= MAX_ATTEMPTS:
+                    raise RbuildError(f"{what}: {url}: {describe(e)}") from None
+                time.sleep(backoff(attempt))
+                continue
+            if resp.status_code in (429, 500, 502, 503, 504) and attempt + 1 < MAX_ATTEMPTS:
+                resp.close()
+                time.sleep(backoff(attempt, resp.headers.get("Retry-After")))
+                continue
+            return resp
+        raise AssertionError("unreachable")
+
+    def _stream_verified(
+        self,
+        opener: Callable[[dict[str, str]], requests.Response],
+        desc: Descriptor,
+        f: BinaryIO,
+        prog: Progress,
+        cancel: threading.Event,
+        what: str,
+    ) -> None:
+        """Stream one blob into `f`, resuming with Range after a dropped connection and starting over
+        when the server ignores Range or the result fails verification."""
+        for verify_attempt in range(VERIFY_ATTEMPTS):
+            f.seek(0)
+            f.truncate()
+            prog.start(desc.digest, desc.size)
+            hasher = _hasher(desc.digest)
+            written = failures = resumes = 0
+            try:
+                while True:
+                    if cancel.is_set():
+                        raise RbuildError(f"{what}: cancelled")
+                    headers = {"Accept-Encoding": "identity"}
+                    if written:
+                        headers["Range"] = f"bytes={written}-"
+                    progressed = False
+                    try:
+                        with opener(headers) as resp:
+                            if resp.status_code == 404:
+                                raise _Missing(error_detail(resp))
+                            if resp.status_code == 206 and written:
+                                start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+                                if start != str(written):
+                                    raise _Corrupt("bad Content-Range")
+                            elif resp.status_code == 200:
+                                if written:  # Range ignored: start over, quietly
+                                    f.seek(0)
+                                    f.truncate()
+                                    hasher, written = _hasher(desc.digest), 0
+                                    prog.reset(desc.digest, 0)
+                            else:
+                                raise RbuildError(f"{what}: blob {desc.digest}: {error_detail(resp)}")
+                            for chunk in resp.raw.stream(READ_SIZE, decode_content=False):
+                                if written + len(chunk) > desc.size:
+                                    raise _Corrupt(f"more than the expected {desc.size} bytes")
+                                f.write(chunk)
+                                hasher.update(chunk)
+                                written += len(chunk)
+                                progressed = True
+                                prog.advance(desc.digest, len(chunk))
+                                if cancel.is_set():
+                                    raise RbuildError(f"{what}: cancelled")
+                    except transient_errors() as e:
+                        # Interruptions that made progress are resumed (up to MAX_RESUMES in all); a
+                        # connection that keeps failing without progress gives up after MAX_ATTEMPTS.
+                        failures = 0 if progressed else failures + 1
+                        resumes += 1
+                        if failures >= MAX_ATTEMPTS or resumes > MAX_RESUMES:
+                            raise RbuildError(f"{what}: blob {desc.digest}: {describe(e)}") from None
+                        time.sleep(backoff(failures))
+                        continue
+                    if written < desc.size:
+                        raise _Corrupt(f"{written} of {desc.size} bytes")
+                    break
+                got = f"{desc.digest.split(':', 1)[0]}:{hasher.hexdigest()}"
+                if got != desc.digest:
+                    raise _Corrupt(f"digest mismatch (got {got})")
+                return
+            except _Corrupt as e:
+                if verify_attempt + 1 >= VERIFY_ATTEMPTS:
+                    raise RbuildError(f"{what}: blob {desc.digest} failed verification: {e}") from None
+                time.sleep(backoff(verify_attempt))
+
+    # -- push ------------------------------------------------------------------------------
+
+    def push(
+        self,
+        ref: Reference,
+        manifest: bytes,
+        manifest_media_type: str,
+        config: Descriptor,
+        config_bytes: bytes,
+        layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
+        progress: bool = False,
+    ) -> str:
+        """Upload blobs the registry lacks (mounting from sibling repositories where possible), then
+        the manifest; returns the manifest digest."""
+        dest = self.conf.push_target(ref)
+        target = dest.ref
+        if dest.insecure:
+            self.http.insecure_hosts.add(target.registry)
+        what = f"pushing {ref}"
+        digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        if target.digest and target.digest != digest:
+            raise RbuildError(f"{what}: manifest digest {digest} does not match the reference")
+        blobs: dict[str, tuple[Descriptor, Callable[[], BinaryIO]]] = {}
+        if manifest_media_type not in INDEX_TYPES:  # an index has no config: its manifests are pushed first
+            blobs[config.digest] = (config, lambda: io.BytesIO(config_bytes))
+        for desc, opener in layers:
+            blobs.setdefault(check_digest(desc.digest), (desc, opener))
+        _parallel(
+            [functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()],
+            Progress(progress, verb="Pushing"),
+            "rbuild-push",
+        )
+        resp = self.http.request(
+            "PUT",
+            target.registry,
+            f"/v2/{target.repository}/manifests/{target.tag or digest}",
+            scopes=[f"repository:{target.repository}:pull,push"],
+            repository=target.repository,
+            what=what,
+            headers={"Content-Type": manifest_media_type},
+            body=lambda: (manifest, len(manifest)),
+        )
+        with resp:
+            if resp.status_code not in (200, 201, 202):
+                raise RbuildError(f"{what}: manifest rejected: {error_detail(resp)}")
+            served = resp.headers.get("Docker-Content-Digest")
+        if served and served != digest:
+            raise RbuildError(f"{what}: registry stored the manifest as {served}, expected {digest}")
+        self.locations.record(target.registry, target.repository, list(blobs))
+        return digest
+
+    def _push_blob(
+        self,
+        target: Reference,
+        desc: Descriptor,
+        opener: Callable[[], BinaryIO],
+        prog: Progress,
+        cancel: threading.Event,
+        *,
+        what: str,
+    ) -> None:
+        host, repo = target.registry, target.repository
+        scope = f"repository:{repo}:pull,push"
+        resp = self.http.request(
+            "HEAD", host, f"/v2/{repo}/blobs/{desc.digest}", scopes=[scope], repository=repo, what=what
+        )
+        resp.close()
+        if resp.status_code == 200:
+            prog.finish(desc.digest, "skipped: already exists")
+            return
+        if resp.status_code != 404:
+            raise RbuildError(f"{what}: checking blob {desc.digest}: {error_detail(resp)}")
+        location = self._try_mount(target, desc, what)
+        if location == "":
+            prog.finish(desc.digest, "mounted")
+            return
+        for attempt in range(MAX_ATTEMPTS):
+            if cancel.is_set():
+                raise RbuildError(f"{what}: cancelled")
+            if location is None:
+                resp = self.http.request(
+                    "POST", host, f"/v2/{repo}/blobs/uploads/", scopes=[scope], repository=repo, what=what
+                )
+                resp.close()
+                if resp.status_code != 202 or not resp.headers.get("Location"):
+                    raise RbuildError(f"{what}: starting upload of {desc.digest}: {error_detail(resp)}")
+                location = resp.headers["Location"]
+            try:
+                self._upload(host, repo, location, desc, opener, prog, cancel, what)
+                prog.finish(desc.digest, "done")
+                return
+            except _Corrupt as e:
+                if attempt + 1 >= MAX_ATTEMPTS:
+                    raise RbuildError(f"{what}: uploading blob {desc.digest}: {e}") from None
+                time.sleep(backoff(attempt))
+                location = None  # start a fresh upload session
+
+    def _try_mount(self, target: Reference, desc: Descriptor, what: str) -> str | None:
+        """Mount `desc` from another repository of the registry: "" when mounted, else the upload
+        Location the registry opened instead (or None)."""
+        host, repo = target.registry, target.repository
+        for source_repo in self.locations.candidates(desc.digest, host, exclude=repo):
+            query = urlencode({"mount": desc.digest, "from": source_repo})
+            try:
+                resp = self.http.request(
+                    "POST",
+                    host,
+                    f"/v2/{repo}/blobs/uploads/?{query}",
+                    scopes=[f"repository:{repo}:pull,push", f"repository:{source_repo}:pull"],
+                    repository=repo,
+                    what=what,
+                )
+            except RbuildError:
+                continue  # no pull access to the source: upload instead
+            resp.close()
+            if resp.status_code == 201:
+                return ""
+            if resp.status_code == 202 and resp.headers.get("Location"):
+                self.locations.forget(host, source_repo, desc.digest)
+                return resp.headers["Location"]
+        return None
+
+    def _upload(
+        self,
+        host: str,
+        repo: str,
+        location: str,
+        desc: Descriptor,
+        opener: Callable[[], BinaryIO],
+        prog: Progress,
+        cancel: threading.Event,
+        what: str,
+    ) -> None:
+        """Send one blob to an upload session: one PUT when small, PATCH chunks (resumable) when large."""
+        scope = [f"repository:{repo}:pull,push"]
+        prog.start(desc.digest, desc.size)
+        src = opener()
+
+        def part(offset: int, length: int) -> Callable[[], tuple[Any, int]]:
+            def body() -> tuple[Any, int]:  # called again for every attempt: a fresh, positioned reader
+                nonlocal src
+                src = _position(src, opener, offset)
+                prog.reset(desc.digest, offset)
+                return _Slice(src, length, lambda n: prog.advance(desc.digest, n)), length
+
+            return body
+
+        def send(method: str, url: str, body: Callable[[], tuple[Any, int]], headers: dict[str, str]) -> Any:
+            try:
+                return self.http.request(
+                    method,
+                    host,
+                    url,
+                    scopes=scope,
+                    repository=repo,
+                    what=what,
+                    body=body,
+                    retry=False,
+                    headers={"Content-Type": "application/octet-stream", **headers},
+                )
+            except RegistryAuthError:
+                raise
+            except RbuildError as e:  # with retry=False: a transient failure, ours to handle
+                raise _Corrupt(str(e).removeprefix(f"{what}: ")) from None
+
+        try:
+            if desc.size <= CHUNK_THRESHOLD:
+                self._check_put(
+                    send("PUT", _with_query(location, digest=desc.digest), part(0, desc.size), {}), desc, what
+                )
+                return
+            offset = failures = 0
+            while offset < desc.size:
+                if cancel.is_set():
+                    raise RbuildError(f"{what}: cancelled")
+                length = min(CHUNK_SIZE, desc.size - offset)
+                try:
+                    resp = send(
+                        "PATCH", location, part(offset, length), {"Content-Range": f"{offset}-{offset + length - 1}"}
+                    )
+                    resp.close()
+                    if resp.status_code != 202:
+                        raise _Corrupt(f"chunk at {offset}: {error_detail(resp)}")
+                    location = resp.headers.get("Location", location)
+                    offset += length
+                    failures = 0
+                except _Corrupt as e:
+                    failures += 1
+                    if failures >= MAX_ATTEMPTS:
+                        raise
+                    time.sleep(backoff(failures - 1))
+                    location, offset = self._upload_status(host, repo, location, what, e)
+            self._check_put(send("PUT", _with_query(location, digest=desc.digest), lambda: (b"", 0), {}), desc, what)
+        finally:
+            src.close()
+
+    def _upload_status(self, host: str, repo: str, location: str, what: str, cause: Exception) -> tuple[str, int]:
+        """Where an interrupted chunked upload stands (the registry's `Range: 0-N`), to resume at N+1."""
+        resp = self.http.request(
+            "GET", host, location, scopes=[f"repository:{repo}:pull,push"], repository=repo, what=what
+        )
+        resp.close()
+        if resp.status_code != 204:
+            raise _Corrupt(f"{cause}; upload session lost ({error_detail(resp)})")
+        end = resp.headers.get("Range", "0--1").removeprefix("bytes=").split("-", 1)[-1]
+        try:
+            return resp.headers.get("Location", location), int(end) + 1
+        except ValueError:
+            raise _Corrupt(f"{cause}; the registry sent an unreadable Range {resp.headers.get('Range')!r}") from None
+
+    @staticmethod
+    def _check_put(resp: requests.Response, desc: Descriptor, what: str) -> None:
+        resp.close()
+        if resp.status_code in (201, 204):
+            return
+        if resp.status_code == 400 or resp.status_code >= 500:  # bytes lost on the way, or a hiccup
+            raise _Corrupt(error_detail(resp))
+        raise RbuildError(f"{what}: uploading blob {desc.digest}: {error_detail(resp)}")

@@ -1,0 +1,1 @@
+"""The RUN sandbox: the plan as data, the fresh-process init that carries it out, seccomp."""

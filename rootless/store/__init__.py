@@ -1,0 +1,1 @@
+"""The content-addressed store: blobs, chain-id layer dirs, images, cache, locks, check, migration."""
