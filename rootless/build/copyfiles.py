@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from rootless.errors import RbuildError
 from rootless.frontend import globmatch
 from rootless.kernel.fspath import inside, open_regular, secure_join
+from rootless.layer.format import FORMAT
+from rootless.layer.ownership import Ownership
 
 CHUNK = 1 << 20
 
@@ -310,7 +312,7 @@ def write_mask(item: SourceItem, root: str, rules: list[IgnoreRule], mask: str) 
                     os.mkdir(os.path.join(mask, sub))
                     os.lchown(os.path.join(mask, sub), st.st_uid, st.st_gid)
                     os.chmod(os.path.join(mask, sub), stat.S_IMODE(st.st_mode))
-        os.mknod(os.path.join(mask, rel), stat.S_IFCHR, os.makedev(0, 0))  # an overlay whiteout
+        FORMAT.make_whiteout(os.path.join(mask, rel))
     st = os.lstat(item.host)
     os.chmod(mask, stat.S_IMODE(st.st_mode))
     return True
@@ -385,7 +387,7 @@ def chown(path: str, uid: int, gid: int) -> None:
             raise
         from rootless.layer import layers
 
-        layers.set_owner(path, uid, gid, single_uid=True)
+        layers.set_owner(path, uid, gid, ownership=Ownership.RECORDED)
 
 
 def parse_chmod(value: str | None, what: str) -> int | None:

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from rootless.build import copyfiles
 from rootless.build.planner import PROXY_ARGS, Plan, Stage
+from rootless.env.strategy import Strategy
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
-from rootless.kernel.fspath import clean_abs, open_beneath, secure_join
+from rootless.kernel.fspath import clean_abs, secure_join
+from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
-from rootless.rootfs import overlay
 from rootless.sandbox import spec as sandbox
 from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
 
@@ -48,7 +49,6 @@ class BuildOptions:
     timestamp: int | None = None
     source_date_epoch: int | None = None
     rewrite_timestamp: bool = True
-    single_uid: bool = False
     pull: str = "missing"
     registry_options: Any = None
     containerfile: str | None = None
@@ -94,10 +94,13 @@ def _set_env(config: dict[str, Any], key: str, value: str) -> None:
 
 
 class Executor:
-    def __init__(self, plan: Plan, store: Store, opts: BuildOptions) -> None:
+    def __init__(self, plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy) -> None:
         self.plan = plan
         self.store = store
         self.opts = opts
+        self.strategy = strategy
+        self.driver = strategy.rootfs
+        self.recorded = strategy.ownership is Ownership.RECORDED  # one uid: owners live in records
         self.results: dict[int, StageState] = {}
         self.used_args: set[str] = set()
         self.ignore_rules = copyfiles.load_ignore(plan.context, opts.containerfile)
@@ -231,7 +234,7 @@ class Executor:
         if name.startswith(("oci:", "oci-archive:")):
             try:
                 with transports.open_source(name, self.store) as src:
-                    return transports.import_image(self.store, src, [], self.opts.single_uid, self.log)
+                    return transports.import_image(self.store, src, [], self.strategy.ownership, self.log)
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
         rec = None if self.opts.pull == "always" else self.store.find(names.candidates(name))
@@ -255,7 +258,7 @@ class Executor:
             progress = not self.opts.quiet and sys.stderr.isatty()
             with transports.open_source(name, self.store, self.opts.registry_options, progress) as src:
                 self.log(f"Pulled {src.name}")
-                return transports.import_image(self.store, src, [src.name], self.opts.single_uid, self.log)
+                return transports.import_image(self.store, src, [src.name], self.strategy.ownership, self.log)
         except RbuildError as e:
             raise self.err(node, f"base image {name}: {e}") from None
 
@@ -476,16 +479,14 @@ class Executor:
         """
         lowers = self.store.layer_dirs(state.layers)
         with self.store.staging("step-") as tmp, self.store.mountpoints() as mnt:
-            upper, work, scratch = (os.path.join(tmp, n) for n in ("upper", "work", "scratch"))
-            merged, links = os.path.join(mnt, "merged"), os.path.join(mnt, "links")
-            for d in (upper, work, merged, scratch):
-                os.mkdir(d, 0o755 if d == upper else 0o700)
-            self.touched: list[str] = []
-            with overlay.mounted(lowers, upper, work, merged, links):
-                self.ensure_workdir(state, merged)
-                action(merged, scratch)
-            _prune_copied_up(upper, lowers, self.touched)
-            diff_id = self.commit_upper(upper, state.layers, lowers if untrusted else None)
+            scratch, merged = os.path.join(tmp, "scratch"), os.path.join(mnt, "merged")
+            os.mkdir(scratch, 0o700)
+            os.mkdir(merged, 0o700)
+            with self.driver.writable(lowers, tmp, merged) as root:
+                self.touched = root.touched
+                self.ensure_workdir(state, root.path)
+                action(root.path, scratch)
+            diff_id = self.commit_upper(root.diff(), state.layers, lowers if untrusted else None)
         if diff_id is None:
             return False
         state.layers.append(diff_id)
@@ -606,12 +607,12 @@ class Executor:
                 if writable or len(layers) > 1:
                     merged = os.path.join(mnt, f"view{i}")
                     os.mkdir(merged)
-                    upper = work = None
-                    if writable:  # writes are kept apart and thrown away
-                        upper, work = os.path.join(scratch, f"up{i}"), os.path.join(scratch, f"wk{i}")
-                        os.mkdir(upper)
-                        os.mkdir(work)
-                    stack.enter_context(overlay.mounted(layers, upper, work, merged, os.path.join(mnt, f"vl{i}")))
+                    if writable:  # writes are kept apart and thrown away with the scratch dir
+                        work = os.path.join(scratch, f"rw{i}")
+                        os.mkdir(work, 0o700)
+                        stack.enter_context(self.driver.writable(layers, work, merged))
+                    else:
+                        stack.enter_context(self.driver.view(layers, merged))
                     source = merged
                 specs.append(
                     sandbox.MountSpec("bind", target, source, m.readonly and True, is_file=not os.path.isdir(source))
@@ -624,7 +625,7 @@ class Executor:
                 if not os.path.isdir(d):
                     os.makedirs(d, exist_ok=True)
                     os.chmod(d, m.mode if m.mode is not None else 0o755)
-                    if not self.opts.single_uid:
+                    if not self.recorded:
                         os.chown(d, m.uid or 0, m.gid or 0)
                 if m.sharing == "locked":
                     import fcntl
@@ -651,7 +652,7 @@ class Executor:
                 with open(copy, "wb") as f:
                     f.write(data)
                 os.chmod(copy, m.mode if m.mode is not None else 0o400)
-                if not self.opts.single_uid:
+                if not self.recorded:
                     os.chown(copy, m.uid or 0, m.gid or 0)
                 specs.append(sandbox.MountSpec("bind", target or f"/run/secrets/{sid}", copy, True, is_file=True))
             else:
@@ -665,9 +666,7 @@ class Executor:
     def layers_view(self, diff_ids: list[str], path: str, stack: contextlib.ExitStack) -> str:
         """A read-only view of a layer list (another stage or image) mounted at path, kept by stack."""
         os.mkdir(path)
-        lowers = self.store.layer_dirs(diff_ids)
-        if lowers:
-            stack.enter_context(overlay.mounted(lowers, None, None, path, path + "-links"))
+        stack.enter_context(self.driver.view(self.store.layer_dirs(diff_ids), path))
         return path
 
     def secret_dir(self, stack: contextlib.ExitStack, mnt: str) -> str:
@@ -698,7 +697,7 @@ class Executor:
                 user = sandbox.resolve_user(merged, c.get("User") or "0")
             except RbuildError as e:
                 raise self.err(cmd.node, str(e)) from None
-            if self.opts.single_uid and (user.uid != 0 or user.gid != 0):
+            if self.recorded and (user.uid != 0 or user.gid != 0):
                 raise self.err(
                     cmd.node,
                     f"USER {c.get('User')} needs uid {user.uid}/gid {user.gid}, but this "
@@ -958,54 +957,6 @@ def _mount_point_fault(root: str, target: str) -> str | None:
     return None
 
 
-def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
-    """Drop directories the overlay copied up only because a mount point was made (and removed) in them.
-
-    The upper dir holds what the RUN wrote, so nothing in it is followed: directories are reached by fd
-    without symlinks, and one is removed only if empty and identical to the layer below.
-    """
-    for p in sorted(set(paths), key=lambda x: -x.count("/")):
-        rel = p.strip("/")
-        try:
-            pfd = open_beneath(upper, os.path.dirname(rel))
-        except OSError:
-            continue
-        try:
-            name = os.path.basename(rel)
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            if not stat.S_ISDIR(st.st_mode):
-                continue
-            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
-            try:
-                if os.listdir(dfd) or "user.overlay.opaque" in os.listxattr(dfd):
-                    continue
-            finally:
-                os.close(dfd)
-            for lower in lowers:
-                try:
-                    lfd = open_beneath(lower, os.path.dirname(rel))
-                except OSError:
-                    continue
-                try:
-                    lst = os.stat(name, dir_fd=lfd, follow_symlinks=False)
-                except OSError:
-                    continue
-                finally:
-                    os.close(lfd)
-                if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (
-                    lst.st_mode,
-                    lst.st_uid,
-                    lst.st_gid,
-                    lst.st_mtime_ns,
-                ):
-                    os.rmdir(name, dir_fd=pfd)
-                break
-        except OSError:
-            continue
-        finally:
-            os.close(pfd)
-
-
 def _port(p: str) -> str:
     return p if "/" in p else p + "/tcp"
 
@@ -1078,10 +1029,10 @@ def _download(url: str, into: str, what: str) -> Download:
     return Download(copyfiles.SourceItem(path, name), h.hexdigest())
 
 
-def build(plan: Plan, store: Store, opts: BuildOptions) -> str:
-    """Run the plan; return the image id."""
+def build(plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy) -> str:
+    """Run the plan with the environment `strategy` gives; return the image id."""
     start = time.monotonic()
-    image_id = Executor(plan, store, opts).run()
+    image_id = Executor(plan, store, opts, strategy).run()
     if not opts.quiet:
         print(f"--> built in {time.monotonic() - start:.2f}s", file=sys.stderr)
     return image_id

@@ -18,6 +18,7 @@ from rootless import __version__
 from rootless.cli.flags import attached_flag
 from rootless.errors import RbuildError
 from rootless.kernel.fspath import inside
+from rootless.layer.ownership import Ownership
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,7 +233,7 @@ def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
             f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)",
             file=sys.stderr,
         )
-        migrate.upgrade(store, idmap.single)
+        migrate.upgrade(store, Ownership.for_mapping(idmap.single))
 
 
 def _open_readonly(args: argparse.Namespace) -> Any:
@@ -324,6 +325,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     def run(store: Any, idmap: Any) -> int:
         from rootless.build import executor
+        from rootless.env import strategy
 
         opts = executor.BuildOptions(
             tags=args.tag,
@@ -334,14 +336,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             timestamp=args.timestamp,
             source_date_epoch=sde,
             rewrite_timestamp=args.rewrite_timestamp,
-            single_uid=idmap.single,
             pull=pull,
             registry_options=_registry_options(args, remote_tags),
             containerfile=cf_path if args.file != "-" else None,
             secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
         )
-        image_id = executor.build(plan, store, opts)
+        chosen = strategy.choose(idmap)
+        store.record_strategy(chosen.to_json())
+        image_id = executor.build(plan, store, opts, chosen)
         if args.push:
             from rootless.oci import transports
 
@@ -543,11 +546,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             for path in store.sweep(idle=args.repair):
                 print(f"removed leftover of a killed process: {path}")
             with contextlib.nullcontext() if args.repair else store.in_use():
-                problems = storecheck.check(store, idmap.single)
+                problems = storecheck.check(store, Ownership.for_mapping(idmap.single))
                 if args.repair and problems:
                     for line in storecheck.repair(store, problems):
                         print(line)
-                    problems = storecheck.check(store, idmap.single)
+                    problems = storecheck.check(store, Ownership.for_mapping(idmap.single))
         for p in problems:
             print(p)
         if problems:
@@ -609,7 +612,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), progress
         ) as src:
             names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
-            rec = transports.import_image(store, src, names, idmap.single)
+            rec = transports.import_image(store, src, names, Ownership.for_mapping(idmap.single))
         print(rec.id)
         return 0
 

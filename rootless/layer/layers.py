@@ -3,7 +3,8 @@
 The local store keeps every layer unpacked, in kernel-overlay lower-dir format (`userxattr` mode):
 
 * a whiteout is a 0:0 character device (mknod of 0:0 works in a user namespace);
-* an opaque directory carries the xattr ``user.overlay.opaque`` = ``y``.
+* an opaque directory carries the xattr ``user.overlay.opaque`` = ``y``
+(`rootless.layer.format` is the one place that knows this).
 
 Some things a layer holds cannot be created by an unprivileged user, so they are recorded in xattrs of
 rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the original tar entry:
@@ -53,10 +54,12 @@ if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
 from rootless.errors import RbuildError
+from rootless.layer.format import FORMAT
+from rootless.layer.ownership import Ownership
 
 __all__ = ["LayerError", "UnpackLimits", "unpack", "normalize", "write_tar", "open_blob", "set_owner"]
 
-XATTR_OPAQUE = "user.overlay.opaque"
+XATTR_OPAQUE = FORMAT.opaque_xattr
 XATTR_DEV = "user.rbuild.dev"
 XATTR_STAT = "user.rbuild.stat"
 XATTR_LSTAT = "user.rbuild.lstat"
@@ -94,10 +97,6 @@ class UnpackLimits:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _keep_xattr(name: str) -> bool:
@@ -172,7 +171,7 @@ def _getxattr(target: int | str | bytes, name: str, **kw: object) -> bytes | Non
         raise
 
 
-def set_owner(path: str, uid: int, gid: int, *, single_uid: bool = False) -> None:
+def set_owner(path: str, uid: int, gid: int, *, ownership: Ownership = Ownership.MAPPED) -> None:
     """chown without following symlinks, or record the owner where the user namespace cannot map it.
 
     For COPY --chown and the like: `write_tar` emits the recorded owner. A symlink's or fifo's
@@ -186,7 +185,7 @@ def set_owner(path: str, uid: int, gid: int, *, single_uid: bool = False) -> Non
         can_xattr = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
         fd = _open_meta(pfd, bname) if can_xattr else None
         try:
-            rec = _Owner(single_uid).own(uid, gid, pfd=pfd, name=bname, fd=fd, fresh=False)
+            rec = _Owner(ownership).own(uid, gid, pfd=pfd, name=bname, fd=fd, fresh=False)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -213,8 +212,8 @@ def _open_meta(pfd: int, name: bytes) -> int:
 class _Owner:
     """Applies owners: chown where the namespace maps the ids, else a user.rbuild.* record."""
 
-    def __init__(self, single_uid: bool) -> None:
-        self.single_uid = single_uid
+    def __init__(self, ownership: Ownership) -> None:
+        self.ownership = ownership
 
     def own(
         self, uid: int, gid: int, *, pfd: int, name: bytes, fd: int | None, fresh: bool = True
@@ -229,7 +228,7 @@ class _Owner:
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.ENOTSUP):
                     raise
-        want = (0, 0) if self.single_uid else (uid, gid)
+        want = (0, 0) if self.ownership is Ownership.RECORDED else (uid, gid)
         try:
             if fd is not None:
                 os.chown(fd, *want)
@@ -355,10 +354,10 @@ def _show(comps: tuple[bytes, ...]) -> str:
 
 
 class _Unpacker:
-    def __init__(self, dest: str, lowers: Sequence[str], single_uid: bool, limits: UnpackLimits) -> None:
+    def __init__(self, dest: str, lowers: Sequence[str], ownership: Ownership, limits: UnpackLimits) -> None:
         self.root = os.open(dest, _DIRFLAGS)
         self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
-        self.owner = _Owner(single_uid)
+        self.owner = _Owner(ownership)
         self.limits = limits
         self.total = 0
         self.entries = 0
@@ -403,7 +402,7 @@ class _Unpacker:
                     st = os.stat(c, dir_fd=fd, follow_symlinks=False)
                     if stat.S_ISLNK(st.st_mode):
                         raise LayerError(f"path component {_show(prefix)!r} is a symlink") from None
-                    if not _is_whiteout(st):
+                    if not FORMAT.is_whiteout(st):
                         raise LayerError(f"path component {_show(prefix)!r} is not a directory") from None
                     if not create:
                         raise _Missing from None
@@ -428,7 +427,7 @@ class _Unpacker:
         os.mkdir(prefix[-1], 0o700, dir_fd=pfd)
         fd = os.open(prefix[-1], _DIRFLAGS, dir_fd=pfd)
         if whiteout:
-            os.setxattr(fd, XATTR_OPAQUE, b"y")
+            FORMAT.set_opaque(fd)
             self.opaque.add(prefix)
         if lower is None:
             self.dirmeta[prefix] = (0o755, 0)
@@ -460,7 +459,7 @@ class _Unpacker:
                     st = os.lstat(layer + sub)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
-                if _is_whiteout(st):
+                if FORMAT.is_whiteout(st):
                     break
                 if not stat.S_ISDIR(st.st_mode):
                     if found is None:
@@ -510,7 +509,7 @@ class _Unpacker:
             return "absent"
         os.unlink(name, dir_fd=pfd)
         self.lrec.get(comps[:-1], {}).pop(name, None)
-        return "whiteout" if _is_whiteout(st) else "absent"
+        return "whiteout" if FORMAT.is_whiteout(st) else "absent"
 
     def _uncache_under(self, comps: tuple[bytes, ...]) -> None:
         """Forget what was under a removed directory (the cached fd too, but never its parent's)."""
@@ -590,7 +589,7 @@ class _Unpacker:
             fd = os.open(base, _DIRFLAGS, dir_fd=pfd)
             try:
                 if state == "whiteout":
-                    os.setxattr(fd, XATTR_OPAQUE, b"y")
+                    FORMAT.set_opaque(fd)
                     self.opaque.add(comps)
                 self._own(comps[:-1], pfd, base, ti.uid, ti.gid, fd=fd, fresh=state != "dir")
                 self._xattrs(fd, ti)
@@ -675,7 +674,7 @@ class _Unpacker:
         if base == _OPQ:
             fd = self.parent(comps[:-1])
             assert fd is not None
-            os.setxattr(fd, XATTR_OPAQUE, b"y")
+            FORMAT.set_opaque(fd)
             self.opaque.add(comps[:-1])
             return
         if base.startswith(_WH + _WH):  # aufs metadata (.wh..wh.plnk etc.): nothing to apply
@@ -688,13 +687,13 @@ class _Unpacker:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=pfd)
+            FORMAT.make_whiteout(name, dir_fd=pfd)
             self._special_meta(pfd, comps[:-1] + (name,), ti)
             return
         if stat.S_ISDIR(st.st_mode):  # added by this layer: stays, but hides what lower layers had
             fd = os.open(name, _DIRFLAGS, dir_fd=pfd)
             try:
-                os.setxattr(fd, XATTR_OPAQUE, b"y")
+                FORMAT.set_opaque(fd)
             finally:
                 os.close(fd)
             self.opaque.add(comps[:-1] + (name,))
@@ -711,7 +710,7 @@ class _Unpacker:
                 tst = os.stat(tcomps[-1], dir_fd=tfd, follow_symlinks=False)
             except FileNotFoundError:
                 pass
-        if tst is None or _is_whiteout(tst):
+        if tst is None or FORMAT.is_whiteout(tst):
             if tparent is not None:
                 os.close(tfd)
             raise LayerError(f"hard link target {_show(tcomps)!r} is not in this layer")
@@ -788,16 +787,16 @@ def unpack(
     dest: str,
     *,
     lowers: Sequence[str] = (),
-    single_uid: bool = False,
+    ownership: Ownership = Ownership.MAPPED,
     limits: UnpackLimits | None = None,
 ) -> None:
     """Unpack an uncompressed tar layer into `dest` (an existing empty dir) as an overlay lower dir.
 
     Runs as uid 0 of the user namespace. `lowers` are the image's lower layer dirs, top first, so that a
-    symlink planted by an earlier layer is seen and never followed. With `single_uid` (no subuid range)
-    foreign owners are recorded in xattrs instead of chowned; so are ids the namespace does not map.
+    symlink planted by an earlier layer is seen and never followed. With `Ownership.RECORDED` (no subuid
+    range) foreign owners are recorded in xattrs instead of chowned; so are ids the namespace does not map.
     """
-    u = _Unpacker(dest, lowers, single_uid, limits or UnpackLimits())
+    u = _Unpacker(dest, lowers, ownership, limits or UnpackLimits())
     try:
         u.run(stream)
     except OSError as e:
@@ -935,7 +934,7 @@ def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | 
                 st = os.lstat(layer + sub)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if _is_whiteout(st):
+            if FORMAT.is_whiteout(st):
                 break
             if found is None:
                 found = layer + sub
@@ -1228,7 +1227,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
         for e in it:
             name = os.fsencode(e.name)
             st = e.stat(follow_symlinks=False)
-            items.append((_WH + name if _is_whiteout(st) else name, name, st))
+            items.append((_WH + name if FORMAT.is_whiteout(st) else name, name, st))
     items.sort(key=lambda t: (t[0], t[1]))
     for out_name, name, st in items:
         path = prefix + out_name
@@ -1247,7 +1246,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
             finally:
                 os.close(fd)
             continue
-        if _is_whiteout(st):  # never a hard link: overlay shares one inode among its whiteouts
+        if FORMAT.is_whiteout(st):  # never a hard link: overlay shares one inode among its whiteouts
             uid, gid = _child_owner(lrec, name, st)
             sink.put(_header(path, perm, uid, gid, 0, mtime, b"0"))
             continue

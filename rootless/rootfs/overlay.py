@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterator
 
 from rootless.errors import RbuildError
 from rootless.kernel import linux
+from rootless.kernel.fspath import open_beneath
+from rootless.layer.format import FORMAT
+from rootless.rootfs.driver import RootfsDriver, WritableRoot
 
 
 @contextlib.contextmanager
@@ -55,3 +59,82 @@ def mounted(lowers: list[str], upper: str | None, work: str | None, target: str,
         for name in names:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(links, name))
+
+
+class OverlayDriver(RootfsDriver):
+    """Kernel overlayfs in the build's user namespace: the upper dir is the step's layer, no copy."""
+
+    name = "overlay"
+
+    def view(self, lowers: list[str], target: str) -> contextlib.AbstractContextManager[str]:
+        if not lowers:
+            return contextlib.nullcontext(target)
+        return mounted(lowers, None, None, target, target + "-links")
+
+    @contextlib.contextmanager
+    def writable(self, lowers: list[str], workdir: str, target: str) -> Iterator[WritableRoot]:
+        upper, work = os.path.join(workdir, "upper"), os.path.join(workdir, "work")
+        os.mkdir(upper, 0o755)
+        os.mkdir(work, 0o700)
+        root = _OverlayRoot(target, upper, lowers)
+        with mounted(lowers, upper, work, target, target + "-links"):
+            yield root
+
+
+class _OverlayRoot(WritableRoot):
+    def __init__(self, path: str, upper: str, lowers: list[str]) -> None:
+        super().__init__(path)
+        self.upper = upper
+        self.lowers = lowers
+
+    def diff(self) -> str:
+        _prune_copied_up(self.upper, self.lowers, self.touched)
+        return self.upper
+
+
+def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
+    """Drop directories the overlay copied up only because a mount point was made (and removed) in them.
+
+    The upper dir holds what the RUN wrote, so nothing in it is followed: directories are reached by fd
+    without symlinks, and one is removed only if empty and identical to the layer below.
+    """
+    for p in sorted(set(paths), key=lambda x: -x.count("/")):
+        rel = p.strip("/")
+        try:
+            pfd = open_beneath(upper, os.path.dirname(rel))
+        except OSError:
+            continue
+        try:
+            name = os.path.basename(rel)
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
+            try:
+                if os.listdir(dfd) or FORMAT.is_opaque(dfd):
+                    continue
+            finally:
+                os.close(dfd)
+            for lower in lowers:
+                try:
+                    lfd = open_beneath(lower, os.path.dirname(rel))
+                except OSError:
+                    continue
+                try:
+                    lst = os.stat(name, dir_fd=lfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                finally:
+                    os.close(lfd)
+                if (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns) == (
+                    lst.st_mode,
+                    lst.st_uid,
+                    lst.st_gid,
+                    lst.st_mtime_ns,
+                ):
+                    os.rmdir(name, dir_fd=pfd)
+                break
+        except OSError:
+            continue
+        finally:
+            os.close(pfd)

@@ -47,6 +47,7 @@ from rootless.errors import RbuildError
 from rootless.idmap import IdMap
 
 STORE_VERSION = 2
+LAYER_FORMAT_V2 = "overlay-userxattr"  # the layer format of stores that predate the `strategy` record
 
 
 def sha256_hex(data: bytes) -> str:
@@ -296,6 +297,22 @@ class Store:
 
     def exists(self) -> bool:
         return os.path.exists(os.path.join(self.root, "store.json"))
+
+    def record_strategy(self, strategy: dict[str, str]) -> None:
+        """Record the strategy a build uses (`rbuild doctor` and `inspect` of the store show it); refuse
+        one whose layer format differs from the store's layers (they could not be mounted or written)."""
+        meta_path = os.path.join(self.root, "store.json")
+        meta = self._read_meta()
+        old = meta.get("strategy") or {"layer_format": LAYER_FORMAT_V2}
+        if old.get("layer_format") != strategy["layer_format"]:
+            raise RbuildError(
+                f"store {self.root} holds layers in the {old.get('layer_format')} format, and this build "
+                f"({strategy.get('isolation')}, {strategy.get('rootfs')}) writes {strategy['layer_format']}: "
+                "use another --root for it"
+            )
+        if old != strategy:
+            meta["strategy"] = strategy
+            atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode(), 0o600)
 
     def set_version(self, version: int) -> None:
         """Record the format version (the mapping stays): the last step of an upgrade."""
