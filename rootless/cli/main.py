@@ -325,9 +325,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     def run(store: Any, idmap: Any) -> int:
         from rootless.build import executor
+        from rootless.build.state import BuildOptions
         from rootless.env import strategy
 
-        opts = executor.BuildOptions(
+        opts = BuildOptions(
             tags=args.tag,
             labels=labels,
             no_cache=args.no_cache,
