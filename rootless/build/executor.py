@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from rootless.build import copyfiles, meta_steps
 from rootless.build.copy_step import CopyStep
@@ -23,6 +23,9 @@ from rootless.build.planner import PROXY_ARGS, Plan, Stage
 from rootless.build.run_step import RunStep
 from rootless.build.state import BuildOptions, ContainerConfig, ImageConfig, StageState, env_dict, key_of
 from rootless.build.step import Step
+
+if TYPE_CHECKING:
+    from rootless.build.regcache import RegistryCache
 from rootless.env.strategy import Strategy
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
 from rootless.frontend import instructions as ins
@@ -45,7 +48,9 @@ class Executor:
         self.strategy = strategy
         self.driver = strategy.rootfs
         self.recorded = strategy.ownership is Ownership.RECORDED  # one uid: owners live in records
-        self.touched: list[str] = []  # the current step's directories where mount points were made
+        self.touched: list[str] = []
+        self.step_keys: list[tuple[int, str]] = []  # (stage index, key) of every step, cached or made
+        self._registry_cache: RegistryCache | None = None  # the current step's directories where mount points were made
         self.steps: dict[type[ins.Command], Step[Any]] = {
             ins.RunCmd: RunStep(self),
             ins.CopyCmd: (copy_step := CopyStep(self)),
@@ -263,9 +268,12 @@ class Executor:
             state.config["config"].get("Shell"),
         )
         if not self.opts.no_cache:
-            hit = self.store.cache_get(key)
+            hit, where = self.store.cache_get(key), ""
+            if hit is None and self.opts.cache_from:
+                hit, where = self.registry_cache().get(key), " from the registry cache"
             if hit is not None:
-                self.log(f"--> Using cache {key[:12]}")
+                self.log(f"--> Using cache {key[:12]}{where}")
+                self.step_keys.append((stage.index, key))
                 return StageState(
                     hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set), state.base_blobs
                 )
@@ -280,8 +288,29 @@ class Executor:
         new.config["created"] = history["created"]
         new.config["rootfs"] = {"type": "layers", "diff_ids": list(new.layers)}
         self.store.cache_put(key, {"config": new.config, "layers": new.layers, "cmd_set": new.cmd_set})
+        self.step_keys.append((stage.index, key))
         self.log(f"--> {key[:12]}")
         return new
+
+    def registry_cache(self) -> RegistryCache:
+        """The --cache-from caches, read at the first local miss (a fully cached build never asks)."""
+        if self._registry_cache is None:
+            from rootless.build.regcache import RegistryCache
+
+            self._registry_cache = RegistryCache(
+                self.store, self.strategy.ownership, self.opts.registry_options, self.log
+            )
+            self._registry_cache.load(self.opts.cache_from)
+        return self._registry_cache
+
+    def export_cache(self) -> None:
+        """Push the build's steps to each --cache-to (mode=min: the final stage's steps only)."""
+        from rootless.build import regcache
+
+        for spec in self.opts.cache_to:
+            keys = [k for idx, k in self.step_keys if spec.mode == "max" or idx == self.plan.target]
+            digest = regcache.export(self.store, spec, keys, self.opts.registry_options)
+            self.log(f"--> exported the cache to {spec.ref} ({len(keys)} steps, {digest})")
 
     def do_arg(self, state: StageState, cmd: ins.ArgCmd) -> StageState:
         args = dict(state.args)
@@ -397,7 +426,9 @@ def _holds_nul(cmd: ins.Command, desc: str, run_args: dict[str, str]) -> bool:
 def build(plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy) -> str:
     """Run the plan with the environment `strategy` gives; return the image id."""
     start = time.monotonic()
-    image_id = Executor(plan, store, opts, strategy).run()
+    ex = Executor(plan, store, opts, strategy)
+    image_id = ex.run()
+    ex.export_cache()
     if not opts.quiet:
         print(f"--> built in {time.monotonic() - start:.2f}s", file=sys.stderr)
     return image_id

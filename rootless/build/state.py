@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
+
+if TYPE_CHECKING:
+    from rootless.build.regcache import CacheSpec
 
 
 class ContainerConfig(TypedDict, total=False):
@@ -58,6 +61,8 @@ class BuildOptions:
     containerfile: str | None = None
     secrets: dict[str, bytes] = field(default_factory=dict)  # id -> value (RUN --mount=type=secret)
     debug: bool = False  # --log-level debug: show each RUN's sandbox operations
+    cache_from: list[CacheSpec] = field(default_factory=list)  # registry caches to read steps from
+    cache_to: list[CacheSpec] = field(default_factory=list)  # registry caches to write the build's steps to
 
 
 @dataclass

@@ -102,6 +102,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="id=ID[,src=FILE|,env=VAR]",
         help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
     )
+    b.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="read build steps from this registry cache (repeatable; type=registry,ref=REF accepted)",
+    )
+    b.add_argument(
+        "--cache-to",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="push this build's steps to a registry cache (type=registry,ref=REF,mode=max|min accepted)",
+    )
     _registry_args(b)
     if registry_flags:
         from rootless.registry.api import add_pull_argument
@@ -316,7 +330,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         sde = int(raw_sde)
     pull = getattr(args, "pull", "missing")
     secrets = _read_secrets(args.secret)
+    from rootless.build.regcache import parse_spec
+
+    cache_from = [parse_spec(v, "--cache-from") for v in args.cache_from]
+    cache_to = [parse_spec(v, "--cache-to") for v in args.cache_to]
     remote_tags = [names.normalize(t) for t in args.tag if not names.normalize(t).startswith("localhost/")]
+    remote_tags += [c.ref.removeprefix("docker://") for c in cache_from + cache_to]  # --creds go there too
     if getattr(args, "creds", None) and not remote_tags:
         raise RbuildError(
             "--creds goes only to the registries of -t names, and no -t names a registry; "
@@ -342,6 +361,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             containerfile=cf_path if args.file != "-" else None,
             secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
+            cache_from=cache_from,
+            cache_to=cache_to,
         )
         chosen = strategy.choose(idmap)
         store.record_strategy(chosen.to_json())
