@@ -171,6 +171,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _registry_args(pl)
     pl.set_defaults(func=cmd_pull)
 
+    pr = sub.add_parser("prune", help="remove what no named image needs: build cache, unused layers, unnamed images")
+    _common(pr)
+    pr.set_defaults(func=cmd_prune)
+    df = sub.add_parser("df", help="show the store's disk usage and limits")
+    _common(df)
+    df.set_defaults(func=cmd_df)
     ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
     _common(ck)
     ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
@@ -216,8 +222,13 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
     return Store(paths.store_root(getattr(args, "root", None)), runtime=runtime), idmap
 
 
-def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> int:
-    """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there."""
+def _notice(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False) -> int:
+    """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there; `limited`: a
+    build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size)."""
     from rootless.env import userns
 
     store, idmap = _store_and_map(args)
@@ -229,8 +240,31 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> in
 
     def inner() -> int:
         _open_inside(store, idmap)
-        with store.in_use():
-            return fn(store, idmap)
+        if not limited:
+            with store.in_use():
+                return fn(store, idmap)
+        from rootless.env import limits
+
+        lim = limits.load()
+        slots = (
+            store.build_slot(
+                lim.concurrent_builds,
+                lambda: _notice(
+                    f"rbuild: waiting for one of the {lim.concurrent_builds} concurrent builds this user may run"
+                ),
+            )
+            if lim.concurrent_builds
+            else contextlib.nullcontext()
+        )
+        with slots:
+            with store.in_use():
+                status = fn(store, idmap)
+            if lim.store_size is not None and store.usage() > lim.store_size:
+                for line in store.prune(lim.store_size):
+                    _notice(f"rbuild: store over its limit of {lim.store_size} bytes: {line}")
+                if store.usage() > lim.store_size:
+                    _notice(f"rbuild: store {store.root} is still over its limit: named images fill it (rbuild rmi)")
+        return status
 
     return userns.run_inside(idmap, lambda: _guard(args, inner))
 
@@ -384,7 +418,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(image_id, flush=True)
         return 0
 
-    return _in_namespace(args, run)
+    return _in_namespace(args, run, limited=True)
 
 
 def _read_secrets(specs: list[str]) -> dict[str, bytes]:
@@ -546,6 +580,66 @@ def cmd_rmi(args: argparse.Namespace) -> int:
         gc_status = userns.run_inside(idmap, lambda: _guard(args, gc))
         status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove the build cache, layers and blobs no image needs, and images without a name."""
+    from rootless.env import userns
+
+    store, idmap = _store_and_map(args)
+    if not store.exists():
+        print(f"no store at {store.root}: nothing to prune", file=sys.stderr)
+        return 0
+
+    def run() -> int:  # inside the namespace: layer directories of other ids are readable only there
+        _open_inside(store, idmap, create=False)
+        before = store.usage()
+        with store.exclusive():
+            pass  # refuse clearly while a build runs (prune would skip silently)
+        for line in store.prune(None):
+            print(line)
+        after = store.usage()
+        print(f"freed {_size(before - after)}; the store {store.root} holds {_size(after)}")
+        return 0
+
+    return userns.run_inside(idmap, lambda: _guard(args, run))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_df(args: argparse.Namespace) -> int:
+    """The store's size by part, and this user's limits."""
+    from rootless.env import limits, userns
+    from rootless.store.store import Store
+
+    store, idmap = _store_and_map(args)
+    lim = limits.load()
+
+    def run() -> int:  # inside the namespace: layer directories of other ids are readable only there
+        parts = {
+            "chains": "images and layers",
+            "blobs": "blobs",
+            "cache": "build cache",
+            "cache-mounts": "cache mounts",
+        }
+        print(f"store              {store.root}")
+        print(f"images             {len(store.images()) if store.exists() else 0}")
+        for sub, label in parts.items():
+            path = os.path.join(store.root, sub)
+            print(f"{label:<18} {_size(Store(path).usage() if os.path.isdir(path) else 0)}")
+        limit = f" (limit {_size(lim.store_size)})" if lim.store_size else ""
+        print(f"{'total':<18} {_size(store.usage() if store.exists() else 0)}{limit}")
+        if lim.concurrent_builds:
+            print(f"concurrent builds  at most {lim.concurrent_builds}")
+        return 0
+
+    return userns.run_inside(idmap, lambda: _guard(args, run))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
