@@ -71,9 +71,7 @@ OVERLAY_REMEDY = (
     "put the store on a volume that is not overlayfs/NFS/FUSE: --root DIR (docker -v /host/dir:/store, "
     "Kubernetes an emptyDir volume) or RBUILD_ROOT"
 )
-FUSE_REMEDY = (
-    "chmod 0666 /dev/fuse (docker/podman: --device /dev/fuse; Kubernetes: a device plugin exposing /dev/fuse)"
-)
+FUSE_REMEDY = "chmod 0666 /dev/fuse (docker/podman: --device /dev/fuse; Kubernetes: a device plugin exposing /dev/fuse)"
 
 
 @dataclass(frozen=True)
@@ -512,19 +510,24 @@ def _probe(storage: str) -> Probe:
 
     if userns:
         m = str(ns.get("mount", ""))
-        checks.append(Check("mount", not m, f"mount in a user namespace: {m or 'allowed'}", MOUNT_REMEDY if m else ""))
-        o = str(ns.get("overlay", "n/a: no mounts"))
         checks.append(
-            Check("overlay", not o, f"overlay on {fs} ({base}): {o or 'works'}", OVERLAY_REMEDY if o else "")
+            Check("mount", not m, f"mount(2) in the build's namespace: {m or 'allowed'}", MOUNT_REMEDY if m else "")
         )
-        p = str(ns.get("proc", "n/a: no mounts"))
-        detail = f"a fresh /proc in a new pid namespace: {p or 'mountable'}"
-        if p:
-            detail += " (RUN shares this /proc: its processes see the container's)"
-        checks.append(Check("proc", not p, detail, PROC_REMEDY if p else ""))
+        for name, what, remedy in (
+            ("overlay", f"overlay on {fs} ({base})", OVERLAY_REMEDY),
+            ("proc", "a fresh /proc in a new pid namespace", PROC_REMEDY),
+        ):
+            if m:
+                checks.append(Check(name, False, f"{what}: not tried (mount(2) is refused)"))
+                continue
+            err = str(ns.get(name, ""))
+            detail = f"{what}: {err or 'works'}"
+            if err and name == "proc":
+                detail += " (RUN shares this /proc: its processes see the container's)"
+            checks.append(Check(name, not err, detail, remedy if err else ""))
     else:
         for name in ("mount", "overlay", "proc"):
-            checks.append(Check(name, False, "needs a user namespace", ""))
+            checks.append(Check(name, False, "needs a user namespace"))
 
     helper = fusehelper.helper_path()
     try:
