@@ -106,7 +106,8 @@ class Probe:
     @staticmethod
     def from_json(data: dict[str, object]) -> Probe:
         raw = data["checks"]
-        assert isinstance(raw, list)
+        if not isinstance(raw, list | tuple):
+            raise ValueError("checks is not a list")
         return Probe(
             tuple(Check(**c) for c in raw),
             bool(data["real_root"]),
@@ -197,6 +198,9 @@ def _cache_key(storage: str) -> str:
         st.get("Seccomp", ""),
         st.get("Seccomp_filters", ""),
         _read("/proc/self/uid_map"),
+        os.environ.get("PATH", ""),  # which newuidmap
+        os.environ.get("XDG_RUNTIME_DIR", ""),
+        str(fusehelper.helper_path()),
     ]
     for ns in ("user", "mnt", "pid"):
         try:
@@ -439,6 +443,10 @@ def _cache_path() -> str | None:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     d = os.path.join(xdg, "rbuild") if xdg else f"/tmp/rbuild-{os.getuid()}"
     try:
+        os.mkdir(d, 0o700)  # where builds would make it; a name someone else took stays theirs
+    except OSError:
+        pass
+    try:
         st = os.lstat(d)
     except OSError:
         return None
@@ -457,7 +465,7 @@ def probe(storage: str, use_cache: bool = True) -> Probe:
                 data = json.load(f)
             if data.get("key") == key:
                 return Probe.from_json(data["probe"])
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        except (OSError, ValueError, KeyError, TypeError):
             pass
     result = _probe(storage)
     if cache:

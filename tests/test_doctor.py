@@ -11,7 +11,7 @@ import pytest
 from conftest import IS_ROOT, Runner
 from envsim import EnvSim, EnvSpec
 
-pytestmark = pytest.mark.e2e
+from rootless.probe import Check, Probe, choose
 
 
 def doctor(res_stdout: str) -> dict[str, Any]:
@@ -109,6 +109,7 @@ def test_doctor_in_environment(rb: Runner, case: str) -> None:
             root = env.overlay_dir + "/store"
         else:
             root = rb.mkdir() + "/store"
+        rb.run("doctor", "--json", root=root, check=False)  # the host's answer, cached: the environment must not get it
         if as_root:
             res = env.run([rb.bin, "doctor", "--json", "--root", root], env={"PATH": "/usr/bin:/bin"})
         else:
@@ -147,3 +148,33 @@ def test_doctor_small_range(rb: Runner) -> None:
     bad = check(doc, "subuid")
     assert not bad["ok"] and "1000 ids" in bad["detail"] and f"'{user.name}:" in bad["remedy"]
     assert check(doc, "id_mapping")["ok"]  # the small range still maps
+
+
+def probe_of(failing: set[str], **facts: bool) -> Probe:
+    names = ("storage", "user_namespace", "mount", "overlay", "proc", "fuse", "capabilities")
+    checks = tuple(Check(n, n not in failing, f"{n} {'fails' if n in failing else 'works'}") for n in names)
+    args = {"real_root": False, "userns": True, "root_caps": False, "storage_writable": True, **facts}
+    return Probe(checks, **args)
+
+
+def test_choose_ladder() -> None:
+    """choose() is a pure function of the probe: the best rung left, and why each better one was skipped."""
+    assert choose(probe_of(set())) == choose(probe_of(set())) and choose(probe_of(set())).rung == 1
+    c = choose(probe_of({"overlay"}))
+    assert (c.rung, c.run_possible) == (2, True) and c.skipped == (
+        "rung 1 (user namespace + kernel overlay): overlay: overlay fails",
+    )
+    c = choose(probe_of({"overlay", "fuse"}))
+    assert c.rung == 3 and [s.split(":")[0] for s in c.skipped] == [
+        "rung 1 (user namespace + kernel overlay)",
+        "rung 2 (user namespace + FUSE overlay helper)",
+    ]
+    assert choose(probe_of({"mount", "overlay"})).rung == 3
+    c = choose(probe_of({"user_namespace"}, userns=False, root_caps=True))
+    assert (c.rung, c.run_possible) == (4, True) and all("user_namespace fails" in s for s in c.skipped)
+    c = choose(probe_of({"user_namespace"}, userns=False))
+    assert (c.rung, c.run_possible) == (5, False) and "CAP_SYS_CHROOT" in c.skipped[-1]
+    assert choose(probe_of({"storage"}, storage_writable=False)).rung == 5
+    assert choose(probe_of(set(), userns=False, real_root=True)).rung == 1
+    round_trip = Probe.from_json(probe_of({"proc"}).to_json())
+    assert round_trip == probe_of({"proc"})
