@@ -251,9 +251,10 @@ def _errno_name(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
-def _namespace_probe(base: str, real_root: bool) -> dict[str, object]:
+def _namespace_probe(base: str | None, real_root: bool) -> dict[str, object]:
     """In the child: a user namespace (single-uid map), then a mount, overlay on the storage filesystem
-    and a fresh procfs in a new pid namespace; each result as an errno string or ""."""
+    and a fresh procfs in a new pid namespace (base None: no writable storage, the namespace alone);
+    each result as an errno string or ""."""
     out: dict[str, object] = {}
     uid, gid = os.getuid(), os.getgid()
     try:
@@ -268,6 +269,8 @@ def _namespace_probe(base: str, real_root: bool) -> dict[str, object]:
             f.write(f"0 {uid} 1\n")
         with open("/proc/self/gid_map", "w") as f:
             f.write(f"0 {gid} 1\n")
+    if base is None:
+        return out
     tmp = tempfile.mkdtemp(prefix=".rbuild-probe-", dir=base)
     try:
         for d in ("l", "u", "w", "m", "p"):
@@ -504,7 +507,7 @@ def _probe(storage: str) -> Probe:
             "" if writable else "--root DIR on a writable volume (or RBUILD_ROOT)",
         )
     )
-    ns = _in_child(lambda: _namespace_probe(base, real_root)) if writable else {"userns": errno.EACCES}
+    ns = _in_child(lambda: _namespace_probe(base if writable else None, real_root))
     err = ns.get("userns")
     userns = err == 0
     if "error" in ns:
@@ -516,7 +519,10 @@ def _probe(storage: str) -> Probe:
         gate, remedy = _userns_gate(int(err) if isinstance(err, int) else 0, seccomp)
         checks.append(Check("user_namespace", False, f"refused: {gate}", remedy))
 
-    if userns:
+    if not userns or not writable:
+        why = "needs a user namespace" if not userns else "not tried: the storage is not writable"
+        checks.extend(Check(name, False, why) for name in ("mount", "overlay", "proc"))
+    else:
         m = str(ns.get("mount", ""))
         checks.append(
             Check("mount", not m, f"mount(2) in the build's namespace: {m or 'allowed'}", MOUNT_REMEDY if m else "")
@@ -533,9 +539,6 @@ def _probe(storage: str) -> Probe:
             if err and name == "proc":
                 detail += " (RUN shares this /proc: its processes see the container's)"
             checks.append(Check(name, not err, detail, remedy if err else ""))
-    else:
-        for name in ("mount", "overlay", "proc"):
-            checks.append(Check(name, False, "needs a user namespace"))
 
     helper = fusehelper.helper_path()
     try:

@@ -71,6 +71,8 @@ def test_doctor_storage_not_writable(rb: Runner) -> None:
     assert res.returncode == 2, res.stderr
     doc = doctor(res.stdout)
     assert doc["rung"] == 5 and not check(doc, "storage")["ok"] and "--root" in check(doc, "storage")["remedy"]
+    assert check(doc, "user_namespace")["ok"]  # tried all the same: only the store is the problem
+    assert check(doc, "overlay")["detail"] == "not tried: the storage is not writable"
 
 
 # (spec, as root?, rung, failing check, words of its remedy, exit status)
