@@ -191,7 +191,7 @@ def _cache_key(storage: str) -> str:
     parts = [
         str(CACHE_VERSION),
         os.uname().release,
-        f"{os.stat(base).st_dev}:{_fs_type(base)}:{base}",
+        f"{os.stat(base).st_dev}:{_fs_type(base)}:{base}:{os.access(base, os.W_OK | os.X_OK)}",
         str(os.getuid()),
         st.get("CapEff", ""),
         st.get("NoNewPrivs", ""),
@@ -263,12 +263,12 @@ def _namespace_probe(base: str | None, real_root: bool) -> dict[str, object]:
         return {"userns": e.errno}
     out["userns"] = 0
     if not real_root:
-        with open("/proc/self/setgroups", "w") as f:
-            f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"0 {uid} 1\n")
-        with open("/proc/self/gid_map", "w") as f:
-            f.write(f"0 {gid} 1\n")
+        try:  # AppArmor's restrict_unprivileged_userns lets unshare through but denies what follows
+            for name, line in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1\n"), ("gid_map", f"0 {gid} 1\n")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(line)
+        except OSError as e:
+            return {"userns": e.errno}
     if base is None:
         return out
     tmp = tempfile.mkdtemp(prefix=".rbuild-probe-", dir=base)
