@@ -187,6 +187,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     u.add_argument("cmd", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_unshare)
 
+    dr = sub.add_parser("doctor", help="what this environment allows, the strategy rung a build uses, and fixes")
+    _common(dr)
+    dr.add_argument("--json", action="store_true", help="print rung, run_possible and checks as JSON")
+    dr.set_defaults(func=cmd_doctor)
+
     li = sub.add_parser("login", help="log in to a registry")
     lo = sub.add_parser("logout", help="log out of a registry")
     _common(li)
@@ -753,6 +758,29 @@ def cmd_unshare(args: argparse.Namespace) -> int:
             raise RbuildError(f"{argv[0]}: command not found", exit_code=127) from None
 
     return _in_namespace(args, run)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0 when RUN works here, 1 when only RUN-less builds do, 2 when nothing does."""
+    from rootless.env import paths, probe
+
+    result = probe.probe(paths.store_root(getattr(args, "root", None)))
+    choice = probe.choose(result)
+    status = 0 if choice.run_possible else (1 if result.storage_writable else 2)
+    if args.json:
+        checks = [{"name": c.name, "ok": c.ok, "detail": c.detail, "remedy": c.remedy} for c in result.checks]
+        doc = {"rung": choice.rung, "run_possible": choice.run_possible, "skipped": list(choice.skipped)}
+        print(json.dumps({**doc, "checks": checks}, indent=2))
+        return status
+    run = "RUN works" if choice.run_possible else "RUN is not possible"
+    print(f"rung {choice.rung}: {probe.RUNGS[choice.rung]} ({run})")
+    for c in result.checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        if c.remedy:
+            print(f"     fix: {c.remedy}")
+    for why in choice.skipped:
+        print(f"skipped {why}")
+    return status
 
 
 # -------------------------------------------------------------------------------------------------------
