@@ -193,13 +193,14 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
 
     idmap, notice = userns.host_mapping()
     runtime = None
+    root = paths.store_root(getattr(args, "root", None))
     if create:
         # both paths depend on who we are on the host: resolve them before entering the user namespace
-        runtime, runtime_notice = paths.runtime_dir()
+        runtime, runtime_notice = paths.runtime_dir(root)
         for line in (notice, runtime_notice):
             if line and not getattr(args, "quiet_notice", False):
                 print(line, file=sys.stderr)
-    return Store(paths.store_root(getattr(args, "root", None)), runtime=runtime), idmap
+    return Store(root, runtime=runtime), idmap
 
 
 def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> int:
@@ -213,12 +214,12 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> in
     except OSError as e:
         raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
 
-    def inner() -> int:
-        _open_inside(store, idmap)
+    def inner(got: Any) -> int:
+        _open_inside(store, got)
         with store.in_use():
-            return fn(store, idmap)
+            return fn(store, got)
 
-    return userns.run_inside(idmap, lambda: _guard(args, inner))
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: inner(got)))
 
 
 def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
@@ -247,11 +248,11 @@ def _open_readonly(args: argparse.Namespace) -> Any:
         if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
             from rootless.env import userns
 
-            def convert() -> int:
-                _open_inside(store, idmap, create=False)
+            def convert(got: Any) -> int:
+                _open_inside(store, got, create=False)
                 return 0
 
-            if userns.run_inside(idmap, lambda: _guard(args, convert)):
+            if userns.run_inside(idmap, lambda got: _guard(args, lambda: convert(got))):
                 raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
             store.check_format()
     return store
@@ -343,6 +344,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             debug=getattr(args, "log_level", None) == "debug",
         )
         chosen = strategy.choose(idmap)
+        blocked = strategy.runs_possible(chosen)
+        if blocked is not None:
+            _refuse_run(plan, blocked)
         store.record_strategy(chosen.to_json())
         image_id = executor.build(plan, store, opts, chosen)
         if args.push:
@@ -363,6 +367,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
 
     return _in_namespace(args, run)
+
+
+def _refuse_run(plan: Any, why: str) -> None:
+    """Before the build starts: a RUN in a stage to be built cannot run here (no user namespace)."""
+    from rootless.frontend import instructions
+
+    for index in plan.order:
+        for cmd in plan.stages[index].commands:
+            if isinstance(cmd, instructions.RunCmd):
+                raise RbuildError(
+                    f"{cmd.filename}:{cmd.node.start_line}: RUN needs a user namespace, and none can be made "
+                    f"here: {why} (FROM, COPY, ADD, ENV, LABEL and the like build without one)"
+                )
 
 
 def _read_secrets(specs: list[str]) -> dict[str, bytes]:
@@ -516,12 +533,12 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             deleted = True
     if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
 
-        def gc() -> int:
-            _open_inside(store, idmap, create=False)
+        def gc(got: Any) -> int:
+            _open_inside(store, got, create=False)
             store.collect_garbage()
             return 0
 
-        gc_status = userns.run_inside(idmap, lambda: _guard(args, gc))
+        gc_status = userns.run_inside(idmap, lambda got: _guard(args, lambda: gc(got)))
         status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
 
@@ -536,7 +553,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"no store at {store.root}: nothing to check", file=sys.stderr)
         return 0
 
-    def run() -> int:
+    def run(idmap: Any) -> int:
         from rootless.store.store import STORE_VERSION
 
         store.open(idmap, create=False, sweep=False)
@@ -562,7 +579,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
         return 0
 
-    return userns.run_inside(idmap, lambda: _guard(args, run))
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
 
 
 def cmd_push(args: argparse.Namespace) -> int:

@@ -227,12 +227,16 @@ def _host_device(name: str) -> bool:
 Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 of the RUN's namespaces
 
 
-def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
+def plan(
+    spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int, fresh_proc: bool = True
+) -> list[Op]:
     """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
     Paths in the tree are container paths, resolved when their operation runs; sources are host paths.
     groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
     filter_: the compiled seccomp program; keyctl: that system call's number here.
+    fresh_proc False: the RUN shares the builder's pid namespace and gets its /proc bound recursively
+    (its masks included), for where a fresh procfs cannot be mounted (see _SharedPid).
     """
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     ops: list[Op] = [
@@ -240,7 +244,7 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
         ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
         ["hostname", spec.hostname],
         ["private"],
-        ["proc", "/proc"],
+        ["proc", "/proc"] if fresh_proc else ["proc-bind", "/proc"],
         ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
     ]
     ops += [["device", "/dev/" + name, "/dev/" + name] for name in DEV_NODES if _host_device(name)]
@@ -432,8 +436,37 @@ def _settable_groups(groups: list[int]) -> list[int] | None:
     return [g for g in groups if any(start <= g < start + count for start, _, count in ranges)]
 
 
+class _SharedPid:
+    """Whether RUNs of this build share its pid namespace: set once a fresh /proc was refused.
+
+    The kernel refuses a new procfs in a user namespace when the visible /proc has mounts over parts of
+    it (runc's masked paths in a container). Then, as BuildKit's --oci-worker-no-process-sandbox does,
+    the RUN keeps the builder's pid namespace and sees its /proc (masks included, bound recursively): lost
+    is the RUN's own pid space (it sees and may signal the builder's other processes of its uid), not the
+    mount, ipc or uts isolation. Processes it leaves behind are still ended (runinit is their subreaper).
+    """
+
+    shared = False
+
+
 def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None) -> int:
     """Start runinit.py as a new program in a new session, hand it the plan, wait; the RUN's status."""
+    try:
+        return _spawn_once(root, spec, files, log, _SharedPid.shared)
+    except _NoFreshProc as e:
+        _SharedPid.shared = True
+        if log is not None:
+            log(f"RUN sandbox: {e}; RUN steps share the builder's pid namespace and its /proc from now on")
+        return _spawn_once(root, spec, files, log, True)
+
+
+class _NoFreshProc(Exception):
+    """The sandbox could not mount a fresh /proc (nothing of the RUN ran yet: it can be started again)."""
+
+
+def _spawn_once(
+    root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None, shared_pid: bool
+) -> int:
     import marshal
     import subprocess
 
@@ -441,7 +474,8 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
 
     errr, errw = os.pipe2(os.O_CLOEXEC)
     specr, specw = os.pipe2(os.O_CLOEXEC)
-    ops = plan(spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
+    groups = _settable_groups(spec.groups)
+    ops = plan(spec, files, groups, seccomp.program(), seccomp.syscall_number("keyctl"), fresh_proc=not shared_pid)
     if log is not None:
         for op in ops:
             log("RUN sandbox: " + describe(op))
@@ -472,7 +506,9 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             os.close(fd)
     try:
         with open(specw, "wb") as f:
-            f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "root": root, "ops": ops}))
+            f.write(
+                marshal.dumps({"parent": os.getpid(), "errfd": errw, "root": root, "ops": ops, "share_pid": shared_pid})
+            )
     except BrokenPipeError:
         pass  # runinit is gone already; its status and message say why
     if relay_r >= 0:
@@ -497,5 +533,7 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
         code, _, text = msg.decode(errors="replace").partition(" ")
         if code == "exec":  # the RUN's program could not be started (its own exit 127 is no message)
             raise RbuildError("RUN: " + msg.decode(errors="replace"))
+        if code == "noproc" and not shared_pid:
+            raise _NoFreshProc(text)
         raise RbuildError(f"cannot set up the RUN sandbox: {text}")
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
