@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 
 import pytest
 
@@ -26,7 +27,7 @@ pytestmark = [
     pytest.mark.skipif(platform.machine() != "x86_64", reason="the test's seccomp filter is written for x86_64"),
 ]
 
-LAUNCHER = r'''
+LAUNCHER = r"""
 import ctypes, json, os, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -83,7 +84,7 @@ if "uid" in cfg:
 if cfg.get("no_new_privs"):
     check(libc.prctl(38, 1, 0, 0, 0), "no_new_privs")
 os.execve(sys.argv[2], sys.argv[2:], cfg["env"])
-'''
+"""
 
 RUNC_MASKS = ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list", "/proc/scsi"]
 # docker's default capabilities: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE
@@ -92,9 +93,16 @@ DOCKER_CAPS = [0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31]
 
 
 def launch(
-    tmp: str, cfg: dict[str, object], args: list[str], user: Runner | None, env: dict[str, str], check: bool = True
+    tmp: str,
+    cfg: Mapping[str, object],
+    args: list[str],
+    user: Runner | None,
+    env: dict[str, str],
+    check: bool = True,
+    python: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `rbuild ARGS` in the environment `cfg` describes, as `user` (None: container root)."""
+    """Run `rbuild ARGS` (`python ARGS`: rbuild's python) in the environment `cfg` describes, as `user`
+    (None: container root)."""
     launcher = os.path.join(tmp, "launch.py")
     if not os.path.exists(launcher):
         with open(launcher, "w") as f:
@@ -107,6 +115,8 @@ def launch(
         base_env = {"HOME": "/root", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8", **env}
     full["env"] = base_env
     binpath = user.bin if user is not None else _bin()
+    if python:
+        binpath = os.path.join(os.path.dirname(binpath), "python")
     res = subprocess.run(
         ["/usr/bin/python3", "-I", launcher, json.dumps(full), binpath, *args],
         capture_output=True,
@@ -226,7 +236,9 @@ def test_blocked_user_namespaces_pull_push_and_refuse_run_up_front(rb: Runner, b
     env = {"RBUILD_ROOT": store}
     cfg = {"seccomp": ["userns"]}
     pulled = launch(rb.base, cfg, ["pull", "-q", f"oci:{busybox}"], rb, env).stdout.strip()
-    assert "seccomp filter blocks CLONE_NEWUSER" in launch(rb.base, cfg, ["pull", "-q", f"oci:{busybox}"], rb, env).stderr
+    assert (
+        "seccomp filter blocks CLONE_NEWUSER" in launch(rb.base, cfg, ["pull", "-q", f"oci:{busybox}"], rb, env).stderr
+    )
     listed = launch(rb.base, cfg, ["images"], rb, env).stdout
     assert pulled[7:19] in listed, listed
     layout = os.path.join(rb.mkdir(), "layout")
@@ -277,3 +289,52 @@ def test_nested_in_rbuild_unshare_needs_no_settings(rb: Runner, busybox: str) ->
     got = _tree_and_config(os.path.join(out, "layout"))
     assert ocitree.diff_trees(want[0], got[0], ("baseline", "nested")) == []
     assert got[1] == want[1]
+
+
+CHROOT_RUNS = r"""
+import json, sys
+from rootless.sandbox import spec
+
+root, scratch = sys.argv[1], sys.argv[2]
+
+
+def run(cmd, uid=0, gid=0):
+    return spec.run(root, spec.RunSpec(["/bin/sh", "-c", cmd], {}, "/", uid, gid, [gid], namespaces=False), scratch)
+
+
+print(json.dumps({
+    "chown": run("echo x > /owned && chown 1000:1000 /owned && echo y > /dev/null && test -c /dev/urandom"),
+    "user": run("id -u > /tmp/uid && id -g >> /tmp/uid", 1000, 1000),
+    "no-proc": run("test ! -e /proc/self/status"),
+    "chroot-again": run("mkdir -p /x && chroot /x /bin/true"),
+    "bg": run("(sleep 4242 &) ; true"),
+}))
+"""
+
+
+def test_none_privileged_run_is_chrooted_without_mounts(busybox: str, tmp_path: object) -> None:
+    """Rung 4 (container root, docker's caps, user namespaces blocked): RUN without any mount -- chroot into
+    the step's tree with mknod'd devices, real chown, the user's ids, no way to chroot out again, nothing
+    left behind in the tree or running."""
+    import tarfile
+
+    base = str(tmp_path)
+    tree, scratch = os.path.join(base, "tree"), os.path.join(base, "scratch")
+    os.makedirs(scratch)
+    with tarfile.open(fileobj=__import__("io").BytesIO(ocitree.load(busybox).layers[0])) as tf:
+        tf.extractall(tree, numeric_owner=True)  # noqa: S202 - our own busybox layer
+    before = sorted(os.listdir(tree))
+    script = os.path.join(base, "runs.py")
+    with open(script, "w") as f:
+        f.write(CHROOT_RUNS)
+    cfg = {"seccomp": ["userns"], "caps": DOCKER_CAPS}
+    res = launch(base, cfg, ["-I", script, tree, scratch], None, {"PYTHONPATH": ""}, python=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["chown"] == 0 and got["user"] == 0 and got["no-proc"] == 0 and got["bg"] == 0, (got, res.stderr)
+    assert got["chroot-again"] != 0, got
+    st = os.lstat(os.path.join(tree, "owned"))
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    with open(os.path.join(tree, "tmp", "uid")) as f:
+        assert f.read().split() == ["1000", "1000"]
+    assert sorted(os.listdir(tree)) == sorted([*before, "owned", "x"])  # no /dev, /proc or /etc stubs left
+    _no_leftover_sleep()

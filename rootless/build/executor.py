@@ -727,6 +727,7 @@ class Executor:
                     user.groups,
                     dev_files=files,
                     mounts=mounts,
+                    namespaces=self.strategy.isolation != "none-privileged",
                 )
                 if self.opts.quiet:
                     with tempfile.TemporaryFile() as out:

@@ -146,6 +146,9 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         path = tree(args[0])
         if os.path.exists(path) and _try(linux.mount, path, path, None, linux.MS_BIND | linux.MS_REC):
             _try(linux.mount, None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
+    elif name == "chroot":  # no mount namespace: the tree is only a view (see sandbox.plan_chroot)
+        os.chdir(root)
+        os.chroot(".")
     elif name == "pivot-root":
         os.chdir(root)
         linux.pivot_root(".", ".")
@@ -172,6 +175,10 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         os.setresuid(uid, uid, uid)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
     elif name == "close-fds":
+        if not os.path.isdir("/proc/self/fd"):  # chroot'ed without /proc: every number (close_range)
+            os.closerange(3, errw)
+            os.closerange(errw + 1, os.sysconf("SC_OPEN_MAX"))
+            return
         for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
             if fd > 2 and fd != errw:
                 try:
@@ -239,7 +246,8 @@ def main() -> None:
     shared = spec.get("share_pid", False)
     try:
         pid_ns = 0 if shared else linux.CLONE_NEWPID
-        linux.unshare(linux.CLONE_NEWNS | pid_ns | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        if spec.get("namespaces", True):
+            linux.unshare(linux.CLONE_NEWNS | pid_ns | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
         if shared:  # no pid namespace ends what the RUN leaves behind: orphans come back to this process
             linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     except OSError as e:
