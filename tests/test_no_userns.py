@@ -338,3 +338,23 @@ def test_none_privileged_run_is_chrooted_without_mounts(busybox: str, tmp_path: 
         assert f.read().split() == ["1000", "1000"]
     assert sorted(os.listdir(tree)) == sorted([*before, "owned", "x"])  # no /dev, /proc or /etc stubs left
     _no_leftover_sleep()
+
+
+def test_store_on_overlayfs_names_the_filesystem_and_the_remedy(rb: Runner, busybox: str) -> None:
+    """The store on overlayfs (any container's root): kernel overlay refuses it as upper; the one error line
+    names the step, the store's filesystem and the remedy."""
+    base = rb.mkdir()
+    dirs = {k: os.path.join(base, k) for k in ("l", "u", "w", "m")}
+    for d in dirs.values():
+        os.mkdir(d)
+    opts = f"lowerdir={dirs['l']},upperdir={dirs['u']},workdir={dirs['w']}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, dirs["m"]], check=True)
+    try:
+        os.chown(dirs["m"], rb.uid, rb.gid)
+        ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY Containerfile /c\n"})
+        res = rb.run("build", ctx, root=os.path.join(dirs["m"], "store"), check=False)
+    finally:
+        subprocess.run(["umount", dirs["m"]], check=True)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert res.returncode == 125 and len(errors) == 1, res.stderr
+    assert "Containerfile:2: COPY" in errors[0] and "(overlay)" in errors[0] and "--root" in errors[0], errors
