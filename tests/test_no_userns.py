@@ -358,3 +358,66 @@ def test_store_on_overlayfs_names_the_filesystem_and_the_remedy(rb: Runner, busy
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
     assert res.returncode == 125 and len(errors) == 1, res.stderr
     assert "Containerfile:2: COPY" in errors[0] and "(overlay)" in errors[0] and "--root" in errors[0], errors
+
+
+def _copy_driver() -> None:
+    """The mount-free rungs build through the copy rootfs driver, which another change brings."""
+    import importlib.util
+
+    if importlib.util.find_spec("rootless.rootfs.copy") is None:
+        pytest.skip("the copy rootfs driver (rootless/rootfs/copy.py) is not in this tree yet: rungs 4 and 5 need it")
+
+
+MULTI = """FROM oci:{busybox} AS stage
+RUN mkdir -p /out/sub && echo s > /out/sub/f && ln -s sub/f /out/link && chown -R 1000:1000 /out
+FROM oci:{busybox}
+COPY --chown=1000:1000 a.txt /home/app/a.txt
+COPY --from=stage /out /copied/
+ADD a.txt /added
+ENV A=1
+LABEL x=y
+"""
+
+
+def test_container_root_with_user_namespaces_blocked_builds_with_real_chown(
+    rb: Runner, busybox: str, ctroot_dirs: dict[str, str]
+) -> None:
+    """Rung 4: root of a container (docker's caps), CLONE_NEWUSER blocked, masked /proc: no mounts, real
+    chown, RUN chroot'ed; the image equals the baseline."""
+    _copy_driver()
+    cf = FULL.format(busybox=busybox)
+    files = {"a.txt": "a\n"}
+    want = _baseline(rb, cf, files)
+    for name, text in {"Containerfile": cf, **files}.items():
+        with open(os.path.join(ctroot_dirs["ctx"], name), "w") as f:
+            f.write(text)
+    cfg = {"mountns": True, "mask": RUNC_MASKS, "caps": DOCKER_CAPS, "seccomp": ["userns"]}
+    env = {"RBUILD_ROOT": ctroot_dirs["store"], "XDG_RUNTIME_DIR": ctroot_dirs["run"]}
+    image = launch(ctroot_dirs["out"], cfg, ["build", "-q", ctroot_dirs["ctx"]], None, env).stdout.strip()
+    _no_leftover_sleep()
+    layout = os.path.join(ctroot_dirs["out"], "layout")
+    launch(ctroot_dirs["out"], cfg, ["push", image, f"oci:{layout}"], None, env)
+    got = _tree_and_config(layout)
+    assert ocitree.diff_trees(want[0], got[0], ("baseline", "rung 4")) == []
+    assert got[1] == want[1]
+
+
+def test_blocked_user_namespaces_copy_add_and_copy_from(rb: Runner, busybox: str) -> None:
+    """Rung 5: COPY --chown, ADD and multi-stage COPY --from (from a stage without RUN) give
+    the baseline's image, owners recorded."""
+    _copy_driver()
+    cf = (
+        f"FROM oci:{busybox} AS stage\nCOPY --chown=1000:1000 a.txt /out/sub/f\n"
+        + MULTI.format(busybox=busybox).split("\n", 2)[2]
+    )
+    files = {"a.txt": "a\n"}
+    want = _baseline(rb, cf, files)
+    store = os.path.join(rb.mkdir(), "store")
+    ctx = rb.context({"Containerfile": cf, **files})
+    cfg = {"seccomp": ["userns"]}
+    image = launch(rb.base, cfg, ["build", "-q", ctx], rb, {"RBUILD_ROOT": store}).stdout.strip()
+    layout = os.path.join(rb.mkdir(), "layout")
+    launch(rb.base, cfg, ["push", image, f"oci:{layout}"], rb, {"RBUILD_ROOT": store})
+    got = _tree_and_config(layout)
+    assert ocitree.diff_trees(want[0], got[0], ("baseline", "rung 5")) == []
+    assert got[1] == want[1]
