@@ -275,17 +275,17 @@ def test_mount_denied_names_the_step_and_the_remedy(rb: Runner, busybox: str) ->
 
 
 def test_nested_in_rbuild_unshare_needs_no_settings(rb: Runner, busybox: str) -> None:
-    """uid 0 of `rbuild unshare` is not real root: its own store and runtime dir, a namespace it maps itself."""
+    """uid 0 of `rbuild unshare` is not real root: it maps a namespace itself, shares the outer store (the
+    same files under the same host ids), and keeps its runtime dir in that store, not in /tmp/rbuild-0."""
     cf = FULL.format(busybox=busybox)
     files = {"a.txt": "a\n"}
     want = _baseline(rb, cf, files)
     ctx = rb.context({"Containerfile": cf, **files})
     out = rb.mkdir()
-    home = rb.mkdir("home")
-    script = f'unset RBUILD_ROOT XDG_RUNTIME_DIR; id=$(rbuild build -q {ctx}) && rbuild push "$id" oci:{out}/layout'
-    res = rb.run("unshare", "sh", "-c", script, env={"HOME": home}, check=False)
+    script = f'unset XDG_RUNTIME_DIR; id=$(rbuild build -q --no-cache {ctx}) && rbuild push "$id" oci:{out}/layout'
+    res = rb.run("unshare", "sh", "-c", script, check=False)
     assert res.returncode == 0, res.stderr
-    assert os.path.isdir(os.path.join(home, ".local/share/rbuild/run")), os.listdir(home)
+    assert os.path.isdir(os.path.join(rb.root, "run")), os.listdir(rb.root)
     got = _tree_and_config(os.path.join(out, "layout"))
     assert ocitree.diff_trees(want[0], got[0], ("baseline", "nested")) == []
     assert got[1] == want[1]

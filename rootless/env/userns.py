@@ -149,23 +149,20 @@ def isolation(idmap: IdMap) -> str:
     return "userns-single" if idmap.single else "userns"
 
 
-def _inner_ranges(kind: str) -> tuple[Range, ...]:
-    """The ids of this process's own namespace, mapped to themselves (for a root that maps them itself)."""
-    return tuple((inside, inside, count) for inside, _, count in own_map(kind))
-
-
 def host_mapping() -> tuple[IdMap, str | None]:
     """The mapping this user gets, plus a one-line notice when it is the degraded single-uid map."""
     uid, gid = os.getuid(), os.getgid()
     if real_root():
         return IdMap(IDENTITY, IDENTITY, real_root=True), None
     if uid == 0 and has_caps(CAP_SETUID, CAP_SETGID):
-        # root of a container or of a user namespace: a new namespace gets every id of this one
-        inner_uids, inner_gids = _inner_ranges("uid_map"), _inner_ranges("gid_map")
+        # root of a container or of a user namespace: a new namespace gets every id of this one, mapped
+        # to itself (_write_maps); recorded as this namespace's own map, so rbuild inside `rbuild unshare`
+        # describes the store's files exactly as the rbuild outside does, and shares its store
+        own = own_map("uid_map"), own_map("gid_map")
         if userns_blocked() is None:
-            return IdMap(inner_uids, inner_gids), None
+            return IdMap(*own), None
         if has_caps(*PRIVILEGED_CAPS):  # rung 4: the current namespace, real chown, no mounts
-            return IdMap(inner_uids, inner_gids, real_root=True), None
+            return IdMap(*own, real_root=True), None
     blocked = userns_blocked()
     if blocked is not None:  # rung 5: this namespace, this uid, owners recorded
         return single_map(), f"rbuild: no user namespace here: {blocked}; builds without RUN still work"
@@ -208,14 +205,14 @@ def _write_file(path: str, text: str) -> None:
 
 def _write_maps(pid: int, idmap: IdMap) -> IdMap:
     """Map the child's namespace; returns the mapping it got (the single-uid map when the helpers fail)."""
-    if idmap.single:
+    if idmap.single:  # the caller's own ids, as this namespace numbers them
         _write_file(f"/proc/{pid}/setgroups", "deny")
-        _write_file(f"/proc/{pid}/uid_map", f"0 {idmap.uids[0][1]} 1\n")
-        _write_file(f"/proc/{pid}/gid_map", f"0 {idmap.gids[0][1]} 1\n")
+        _write_file(f"/proc/{pid}/uid_map", f"0 {os.getuid()} 1\n")
+        _write_file(f"/proc/{pid}/gid_map", f"0 {os.getgid()} 1\n")
         return idmap
-    if os.getuid() == 0 and has_caps(CAP_SETUID, CAP_SETGID):  # root of this namespace: no helper needed
-        _write_file(f"/proc/{pid}/gid_map", "".join(f"{a} {b} {c}\n" for a, b, c in idmap.gids))
-        _write_file(f"/proc/{pid}/uid_map", "".join(f"{a} {b} {c}\n" for a, b, c in idmap.uids))
+    if os.getuid() == 0 and has_caps(CAP_SETUID, CAP_SETGID):  # root of this namespace: its ids, as they are
+        _write_file(f"/proc/{pid}/gid_map", "".join(f"{a} {a} {c}\n" for a, _, c in idmap.gids))
+        _write_file(f"/proc/{pid}/uid_map", "".join(f"{a} {a} {c}\n" for a, _, c in idmap.uids))
         return idmap
     for n, (tool, ranges) in enumerate((("newgidmap", idmap.gids), ("newuidmap", idmap.uids))):
         argv = [tool, str(pid)] + [str(x) for r in ranges for x in r]
