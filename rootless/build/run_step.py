@@ -229,6 +229,7 @@ class RunStep(Step[ins.RunCmd]):
                     user.groups,
                     dev_files=files,
                     mounts=mounts,
+                    namespaces=self.ex.strategy.isolation != "none-privileged",
                 )
                 if self.ex.opts.quiet:
                     with tempfile.TemporaryFile() as out:

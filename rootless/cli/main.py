@@ -218,13 +218,14 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
 
     idmap, notice = userns.host_mapping()
     runtime = None
+    root = paths.store_root(getattr(args, "root", None))
     if create:
         # both paths depend on who we are on the host: resolve them before entering the user namespace
-        runtime, runtime_notice = paths.runtime_dir()
+        runtime, runtime_notice = paths.runtime_dir(root)
         for line in (notice, runtime_notice):
             if line and not getattr(args, "quiet_notice", False):
                 print(line, file=sys.stderr)
-    return Store(paths.store_root(getattr(args, "root", None)), runtime=runtime), idmap
+    return Store(root, runtime=runtime), idmap
 
 
 def _notice(line: str) -> None:
@@ -243,11 +244,11 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limit
     except OSError as e:
         raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
 
-    def inner() -> int:
-        _open_inside(store, idmap)
+    def inner(got: Any) -> int:
+        _open_inside(store, got)
         if not limited:
             with store.in_use():
-                return fn(store, idmap)
+                return fn(store, got)
         from rootless.env import limits
 
         lim = limits.load()
@@ -263,7 +264,7 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limit
         )
         with slots:
             with store.in_use():
-                status = fn(store, idmap)
+                status = fn(store, got)
             if lim.store_size is not None and store.usage() > lim.store_size:
                 for line in store.prune(lim.store_size):
                     _notice(f"rbuild: store over its limit of {lim.store_size} bytes: {line}")
@@ -271,7 +272,7 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limit
                     _notice(f"rbuild: store {store.root} is still over its limit: named images fill it (rbuild rmi)")
         return status
 
-    return userns.run_inside(idmap, lambda: _guard(args, inner))
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: inner(got)))
 
 
 def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
@@ -300,11 +301,11 @@ def _open_readonly(args: argparse.Namespace) -> Any:
         if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
             from rootless.env import userns
 
-            def convert() -> int:
-                _open_inside(store, idmap, create=False)
+            def convert(got: Any) -> int:
+                _open_inside(store, got, create=False)
                 return 0
 
-            if userns.run_inside(idmap, lambda: _guard(args, convert)):
+            if userns.run_inside(idmap, lambda got: _guard(args, lambda: convert(got))):
                 raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
             store.check_format()
     return store
@@ -404,6 +405,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_to=cache_to,
         )
         chosen = strategy.choose(idmap)
+        blocked = strategy.runs_possible(chosen)
+        if blocked is not None:
+            _refuse_run(plan, blocked)
         store.record_strategy(chosen.to_json())
         image_id = executor.build(plan, store, opts, chosen)
         if args.push:
@@ -424,6 +428,19 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
 
     return _in_namespace(args, run, limited=True)
+
+
+def _refuse_run(plan: Any, why: str) -> None:
+    """Before the build starts: a RUN in a stage to be built cannot run here (no user namespace)."""
+    from rootless.frontend import instructions
+
+    for index in plan.order:
+        for cmd in plan.stages[index].commands:
+            if isinstance(cmd, instructions.RunCmd):
+                raise RbuildError(
+                    f"{cmd.filename}:{cmd.node.start_line}: RUN needs a user namespace, and none can be made "
+                    f"here: {why} (FROM, COPY, ADD, ENV, LABEL and the like build without one)"
+                )
 
 
 def _read_secrets(specs: list[str]) -> dict[str, bytes]:
@@ -577,12 +594,12 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             deleted = True
     if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
 
-        def gc() -> int:
-            _open_inside(store, idmap, create=False)
+        def gc(got: Any) -> int:
+            _open_inside(store, got, create=False)
             store.collect_garbage()
             return 0
 
-        gc_status = userns.run_inside(idmap, lambda: _guard(args, gc))
+        gc_status = userns.run_inside(idmap, lambda got: _guard(args, lambda: gc(got)))
         status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
 
@@ -596,8 +613,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"no store at {store.root}: nothing to prune", file=sys.stderr)
         return 0
 
-    def run() -> int:  # inside the namespace: layer directories of other ids are readable only there
-        _open_inside(store, idmap, create=False)
+    def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
+        _open_inside(store, got, create=False)
         before = store.usage()
         with store.exclusive():
             pass  # refuse clearly while a build runs (prune would skip silently)
@@ -607,7 +624,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"freed {_size(before - after)}; the store {store.root} holds {_size(after)}")
         return 0
 
-    return userns.run_inside(idmap, lambda: _guard(args, run))
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
 
 
 def _size(n: int) -> str:
@@ -626,7 +643,7 @@ def cmd_df(args: argparse.Namespace) -> int:
     store, idmap = _store_and_map(args)
     lim = limits.load()
 
-    def run() -> int:  # inside the namespace: layer directories of other ids are readable only there
+    def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
         parts = {
             "chains": "images and layers",
             "blobs": "blobs",
@@ -644,7 +661,7 @@ def cmd_df(args: argparse.Namespace) -> int:
             print(f"concurrent builds  at most {lim.concurrent_builds}")
         return 0
 
-    return userns.run_inside(idmap, lambda: _guard(args, run))
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -657,7 +674,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"no store at {store.root}: nothing to check", file=sys.stderr)
         return 0
 
-    def run() -> int:
+    def run(idmap: Any) -> int:
         from rootless.store.store import STORE_VERSION
 
         store.open(idmap, create=False, sweep=False)
@@ -683,7 +700,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
         return 0
 
-    return userns.run_inside(idmap, lambda: _guard(args, run))
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
 
 
 def cmd_push(args: argparse.Namespace) -> int:

@@ -18,7 +18,9 @@ from rootless.rootfs.driver import RootfsDriver
 
 @dataclass(frozen=True)
 class Strategy:
-    isolation: str  # "userns" (a subuid map), "userns-single" (one uid), "host-root" (real root, no userns)
+    # "userns" (a subuid map), "userns-single" (one uid), "host-root" (real root, no userns); without a
+    # user namespace: "none-privileged" (root of a container: real chown, no mounts), "none" (no RUN)
+    isolation: str
     rootfs: RootfsDriver
     ownership: Ownership
     layer_format: LayerFormat
@@ -34,10 +36,16 @@ class Strategy:
 
 def choose(idmap: IdMap) -> Strategy:
     """The strategy for a build under `idmap` (the mapping the user namespace was given)."""
+    from rootless.env import userns
     from rootless.rootfs.overlay import OverlayDriver
 
-    if idmap.real_root:
-        isolation = "host-root"
-    else:
-        isolation = "userns-single" if idmap.single else "userns"
-    return Strategy(isolation, OverlayDriver(), Ownership.for_mapping(idmap.single), FORMAT)
+    return Strategy(userns.isolation(idmap), OverlayDriver(), Ownership.for_mapping(idmap.single), FORMAT)
+
+
+def runs_possible(chosen: Strategy) -> str | None:
+    """None when RUN steps can run under `chosen`, else why not and the remedy (one clause)."""
+    if chosen.isolation != "none":
+        return None
+    from rootless.env import userns
+
+    return userns.userns_blocked() or "no user namespace can be created here"

@@ -157,9 +157,16 @@ def _fmt_lstat(dfd: int, records: dict[bytes, tuple[int, int]]) -> bytes:
     return b"".join(out)
 
 
+def disk_owner(st: os.stat_result) -> tuple[int, int]:
+    """The image owner a file's on-disk owner stands for: its own ids, except that without a user
+    namespace (rung 5, owners recorded) the caller's own uid and gid stand for 0, as they do in one."""
+    euid, egid = os.geteuid(), os.getegid()
+    return (0 if euid and st.st_uid == euid else st.st_uid, 0 if euid and st.st_gid == egid else st.st_gid)
+
+
 def _child_owner(lrec: dict[bytes, tuple[int, int, int]], name: bytes, st: os.stat_result) -> tuple[int, int]:
     rec = lrec.get(name)
-    return (rec[0], rec[1]) if rec is not None and rec[2] == st.st_ino else (st.st_uid, st.st_gid)
+    return (rec[0], rec[1]) if rec is not None and rec[2] == st.st_ino else disk_owner(st)
 
 
 def _getxattr(target: int | str | bytes, name: str, **kw: object) -> bytes | None:
@@ -228,13 +235,15 @@ class _Owner:
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.ENOTSUP):
                     raise
-        want = (0, 0) if self.ownership is Ownership.RECORDED else (uid, gid)
+        # recorded: every file is the caller's (0:0 in its single-uid namespace, its own ids without one)
+        recorded = self.ownership is Ownership.RECORDED
+        want = (os.geteuid(), os.getegid()) if recorded else (uid, gid)
         try:
             if fd is not None:
                 os.chown(fd, *want)
             else:
                 os.chown(name, *want, dir_fd=pfd, follow_symlinks=False)
-            if want == (uid, gid):
+            if (uid, gid) == ((0, 0) if recorded else want):
                 return None
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EPERM):
@@ -438,7 +447,7 @@ class _Unpacker:
             if _keep_xattr(name) or name == XATTR_STAT:
                 xattrs[name] = os.getxattr(lower, name, follow_symlinks=False)
         rec = xattrs.pop(XATTR_STAT, None)
-        uid, gid = _parse_ids(rec, lower) if rec else (st.st_uid, st.st_gid)
+        uid, gid = _parse_ids(rec, lower) if rec else disk_owner(st)
         self._own(prefix[:-1], pfd, prefix[-1], uid, gid, fd=fd)
         for name, value in xattrs.items():
             os.setxattr(fd, name, value)
@@ -1217,7 +1226,7 @@ def _kept(xattrs: dict[str, bytes]) -> list[tuple[bytes, bytes]]:
 
 def _owner(st: os.stat_result, xattrs: dict[str, bytes], path: bytes) -> tuple[int, int]:
     rec = xattrs.get(XATTR_STAT)
-    return _parse_ids(rec, path) if rec else (st.st_uid, st.st_gid)
+    return _parse_ids(rec, path) if rec else disk_owner(st)
 
 
 def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], bytes]) -> Iterator[Any]:

@@ -8,6 +8,7 @@ uses with its l/ links): a 100-layer image needs about 400 bytes of options.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -49,7 +50,8 @@ def mounted(lowers: list[str], upper: str | None, work: str | None, target: str,
             finally:
                 os.fchdir(cwd)
     except OSError as e:
-        raise RbuildError(f"cannot mount the build's root filesystem at {target}: {e.strerror}") from None
+        store = os.path.dirname(upper) if upper is not None else (os.path.dirname(lowers[0]) if lowers else target)
+        raise RbuildError(mount_failure(e, target, store)) from None
     finally:
         os.close(cwd)
     try:
@@ -138,3 +140,33 @@ def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
             continue
         finally:
             os.close(pfd)
+
+
+def _filesystem(path: str) -> str:
+    """The type of the filesystem holding `path` (the longest mount point above it in mountinfo)."""
+    best, kind = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                point = fields[4].replace("\\040", " ")
+                sep = fields.index("-")
+                if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, kind = point, fields[sep + 1]
+    except (OSError, ValueError, IndexError):
+        pass
+    return kind
+
+
+def mount_failure(e: OSError, target: str, store: str) -> str:
+    """One line for a failed overlay mount: what, where (the store's filesystem), why, and the remedy."""
+    fs = _filesystem(store)
+    what = f"cannot mount overlay (the step's root filesystem) at {target} over layers in {store} ({fs}): {e.strerror}"
+    if e.errno == errno.EPERM:
+        return what + "; mounts are not permitted here (no user namespace of rbuild's own, or a seccomp/LSM policy)"
+    if e.errno == errno.EINVAL and (fs in ("overlay", "nfs", "nfs4") or fs.startswith("fuse")):
+        return (
+            what + f"; kernel overlay cannot use {fs} for its layers here: put the store on a local disk (--root DIR)"
+        )
+    return what

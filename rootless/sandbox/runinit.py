@@ -98,11 +98,10 @@ def _op(op: list[Any], root: str, errw: int) -> None:
     elif name == "proc":
         try:
             linux.mount("proc", tree(args[0]), "proc", nosuid)
-        except OSError as e:  # never fall back to the host's /proc: it would show every host process
-            raise SetupError(
-                f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
-                "rbuild runs (as in an unprivileged container)?"
-            ) from None
+        except OSError as e:  # never the builder's /proc in a new pid namespace: the builder asks for a
+            _report(errw, f"noproc cannot mount a fresh /proc ({e.strerror})")  # shared one instead
+    elif name == "proc-bind":  # the pid namespace is the builder's: its /proc, with what masks it
+        linux.mount("/proc", tree(args[0]), None, linux.MS_BIND | linux.MS_REC)
     elif name == "mount":
         source, target, fstype, flags, data, required = args
         if required:
@@ -147,6 +146,9 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         path = tree(args[0])
         if os.path.exists(path) and _try(linux.mount, path, path, None, linux.MS_BIND | linux.MS_REC):
             _try(linux.mount, None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
+    elif name == "chroot":  # no mount namespace: the tree is only a view (see sandbox.plan_chroot)
+        os.chdir(root)
+        os.chroot(".")
     elif name == "pivot-root":
         os.chdir(root)
         linux.pivot_root(".", ".")
@@ -173,6 +175,10 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         os.setresuid(uid, uid, uid)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
     elif name == "close-fds":
+        if not os.path.isdir("/proc/self/fd"):  # chroot'ed without /proc: every number (close_range)
+            os.closerange(3, errw)
+            os.closerange(errw + 1, os.sysconf("SC_OPEN_MAX"))
+            return
         for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
             if fd > 2 and fd != errw:
                 try:
@@ -237,8 +243,13 @@ def main() -> None:
         os._exit(125)
     errw = spec["errfd"]
     os.set_inheritable(errw, False)  # it must not reach the RUN; a failed exec still writes to it
+    shared = spec.get("share_pid", False)
     try:
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        pid_ns = 0 if shared else linux.CLONE_NEWPID
+        if spec.get("namespaces", True):
+            linux.unshare(linux.CLONE_NEWNS | pid_ns | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        if shared:  # no pid namespace ends what the RUN leaves behind: orphans come back to this process
+            linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     except OSError as e:
         os.write(errw, f"125 {e.strerror}".encode())
         os._exit(125)
@@ -255,6 +266,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, end)
     signal.signal(signal.SIGHUP, end)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children = -1
+    if shared:
+        me = os.getpid()
+        children = os.open(f"/proc/{me}/task/{me}/children", os.O_RDONLY | os.O_CLOEXEC)
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)  # at EOF for pid 1 once this process is gone
     inner = os.fork()
     if inner == 0:
@@ -265,7 +280,27 @@ def main() -> None:
     os.close(alive_r)
     os.close(errw)
     _, status = os.waitpid(inner, 0)
+    if children >= 0:
+        _end_descendants(children)
     os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
+def _end_descendants(children: int) -> None:
+    """Kill and reap every process the RUN left behind (they were reparented to this subreaper).
+
+    `children`: this process's /proc/PID/task/PID/children, opened before the RUN could touch /proc.
+    """
+    while True:
+        try:
+            kids = [int(k) for k in os.pread(children, 1 << 16, 0).split()]
+        except OSError:
+            kids = []
+        for kid in kids:
+            _try(os.kill, kid, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 if __name__ == "__main__":

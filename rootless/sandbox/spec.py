@@ -79,6 +79,7 @@ class RunSpec:
     output_fd: int = 2  # where the step's stdout and stderr go
     dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
     mounts: list[MountSpec] = field(default_factory=list)
+    namespaces: bool = True  # False: no namespace can be made (rung 4), the RUN is chroot'ed (see plan_chroot)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class _Stubs:
     def __init__(self, root: str) -> None:
         self.root = root
         self.made: list[tuple[int, str, tuple[int, int], bool]] = []
+        self.ours: set[tuple[int, int]] = set()  # files made with content (device nodes, scripts): removed as they are
         self.parents: dict[str, tuple[int, int, int]] = {}  # container path -> (fd, atime, mtime)
         self.fds: list[int] = []
 
@@ -188,6 +190,36 @@ class _Stubs:
         self.made.append((pfd, name, (st.st_dev, st.st_ino), is_dir))
         return os.path.join(parent_host, name)
 
+    def device(self, path: str, major: int, minor: int) -> None:
+        """A character device at `path` (absent so far), for a RUN without mounts; removed afterwards."""
+        if os.path.lexists(secure_join(self.root, path)):
+            return  # the image's own entry stays
+        self.ensure(path, False)
+        pfd, name, _, _ = self.made[-1]
+        os.unlink(name, dir_fd=pfd)
+        os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=pfd)
+        os.chmod(name, 0o666, dir_fd=pfd, follow_symlinks=False)
+        self._take_last(pfd, name)
+
+    def file(self, path: str, source: str) -> None:
+        """A copy of the host file `source` at `path` (absent so far); removed afterwards."""
+        host = secure_join(self.root, path)
+        if os.path.lexists(host):
+            raise RbuildError(f"{path} exists in the image")
+        self.ensure(path, False)
+        pfd, name, _, _ = self.made[-1]
+        with open(source, "rb") as src:
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            with open(fd, "wb") as dst:
+                dst.write(src.read())
+                os.fchmod(dst.fileno(), 0o755)
+        self._take_last(pfd, name)
+
+    def _take_last(self, pfd: int, name: str) -> None:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        self.made[-1] = (pfd, name, (st.st_dev, st.st_ino), False)
+        self.ours.add((st.st_dev, st.st_ino))
+
     def restore(self) -> list[str]:
         """Remove what was made and restore parent times; return the existing parents that were touched."""
         made_dirs = set()
@@ -199,7 +231,7 @@ class _Stubs:
                 if is_dir:
                     os.rmdir(name, dir_fd=pfd)
                     made_dirs.add(ino)
-                elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                elif ino in self.ours or (stat.S_ISREG(st.st_mode) and st.st_size == 0):
                     os.unlink(name, dir_fd=pfd)
         touched = []
         for path, (fd, atime, mtime) in self.parents.items():
@@ -227,12 +259,16 @@ def _host_device(name: str) -> bool:
 Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 of the RUN's namespaces
 
 
-def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
+def plan(
+    spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int, fresh_proc: bool = True
+) -> list[Op]:
     """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
     Paths in the tree are container paths, resolved when their operation runs; sources are host paths.
     groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
     filter_: the compiled seccomp program; keyctl: that system call's number here.
+    fresh_proc False: the RUN shares the builder's pid namespace and gets its /proc bound recursively
+    (its masks included), for where a fresh procfs cannot be mounted (see _SharedPid).
     """
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     ops: list[Op] = [
@@ -240,7 +276,7 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
         ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
         ["hostname", spec.hostname],
         ["private"],
-        ["proc", "/proc"],
+        ["proc", "/proc"] if fresh_proc else ["proc-bind", "/proc"],
         ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
     ]
     ops += [["device", "/dev/" + name, "/dev/" + name] for name in DEV_NODES if _host_device(name)]
@@ -286,6 +322,32 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
     return ops
 
 
+# a RUN without mounts keeps CAP_SYS_CHROOT out of docker's set: root that may chroot again walks out of one
+CHROOT_CAPS = tuple(c for c in DEFAULT_CAPS if c != 18)
+CHROOT_DEV_NODES = ("null", "zero", "full", "random", "urandom")  # no tty: a RUN has no terminal
+
+
+def plan_chroot(spec: RunSpec, groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
+    """The RUN where no namespace can be made (rung 4: root of a container without CAP_SYS_ADMIN).
+
+    No mounts at all: the step's tree gets the standard device nodes by mknod (removed afterwards), no
+    /proc, /sys, /dev/pts or /dev/shm, and the image's own /etc/hosts, /etc/hostname and
+    /etc/resolv.conf; then chroot, docker's capabilities without CAP_SYS_CHROOT (the classic way out of
+    a chroot), no_new_privs, the user's ids, fds 0-2, the seccomp filter, in a new session. Lost
+    against the namespace sandbox: the pid namespace (the RUN sees no /proc, but may signal the
+    builder's processes of its uid), the mount namespace (chroot is the only view), ipc and uts (the
+    hostname is the container's). rbuild in a CI job runs inside the job's container already.
+    """
+    ops: list[Op] = [["setsid"], ["keyring", keyctl], ["chroot"], ["chdir", spec.cwd]]
+    ops += [["capabilities", list(CHROOT_CAPS)], ["no-new-privs"]]
+    if groups is not None:
+        ops.append(["groups", groups])
+    env = dict(spec.env)
+    env.setdefault("PATH", DEFAULT_PATH)
+    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_], ["exec", spec.argv, env]]
+    return ops
+
+
 _MS_NAMES = {
     linux.MS_RDONLY: "ro",
     linux.MS_NOSUID: "nosuid",
@@ -326,6 +388,25 @@ def run(
     if not spec.argv:
         raise RbuildError("RUN has no command")
     stubs = _Stubs(root)
+    if not spec.namespaces:
+        if spec.mounts:
+            raise RbuildError(
+                "RUN --mount needs a mount namespace, and none can be made here (no user namespace, no "
+                "CAP_SYS_ADMIN); allow user namespaces for rbuild to use it"
+            )
+        try:
+            host = stubs.ensure("/dev", True)
+            if not os.path.isdir(host) or os.path.islink(host):
+                raise RbuildError("/dev in the image is not a directory")
+            for name in CHROOT_DEV_NODES:
+                stubs.device("/dev/" + name, *DEV_NODES[name])
+            for path, source in spec.dev_files.items():
+                stubs.file(path, source)
+            return _spawn_once(root, spec, {}, log, True)
+        finally:
+            parents = stubs.restore()
+            if touched is not None:
+                touched += parents
     files: dict[str, str] = {}
     contents = {
         "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{spec.hostname}\n",
@@ -432,8 +513,37 @@ def _settable_groups(groups: list[int]) -> list[int] | None:
     return [g for g in groups if any(start <= g < start + count for start, _, count in ranges)]
 
 
+class _SharedPid:
+    """Whether RUNs of this build share its pid namespace: set once a fresh /proc was refused.
+
+    The kernel refuses a new procfs in a user namespace when the visible /proc has mounts over parts of
+    it (runc's masked paths in a container). Then, as BuildKit's --oci-worker-no-process-sandbox does,
+    the RUN keeps the builder's pid namespace and sees its /proc (masks included, bound recursively): lost
+    is the RUN's own pid space (it sees and may signal the builder's other processes of its uid), not the
+    mount, ipc or uts isolation. Processes it leaves behind are still ended (runinit is their subreaper).
+    """
+
+    shared = False
+
+
 def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None) -> int:
     """Start runinit.py as a new program in a new session, hand it the plan, wait; the RUN's status."""
+    try:
+        return _spawn_once(root, spec, files, log, _SharedPid.shared)
+    except _NoFreshProc as e:
+        _SharedPid.shared = True
+        if log is not None:
+            log(f"RUN sandbox: {e}; RUN steps share the builder's pid namespace and its /proc from now on")
+        return _spawn_once(root, spec, files, log, True)
+
+
+class _NoFreshProc(Exception):
+    """The sandbox could not mount a fresh /proc (nothing of the RUN ran yet: it can be started again)."""
+
+
+def _spawn_once(
+    root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None, shared_pid: bool
+) -> int:
     import marshal
     import subprocess
 
@@ -441,7 +551,11 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
 
     errr, errw = os.pipe2(os.O_CLOEXEC)
     specr, specw = os.pipe2(os.O_CLOEXEC)
-    ops = plan(spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
+    groups = _settable_groups(spec.groups)
+    if spec.namespaces:
+        ops = plan(spec, files, groups, seccomp.program(), seccomp.syscall_number("keyctl"), fresh_proc=not shared_pid)
+    else:
+        ops = plan_chroot(spec, groups, seccomp.program(), seccomp.syscall_number("keyctl"))
     if log is not None:
         for op in ops:
             log("RUN sandbox: " + describe(op))
@@ -472,7 +586,18 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             os.close(fd)
     try:
         with open(specw, "wb") as f:
-            f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "root": root, "ops": ops}))
+            f.write(
+                marshal.dumps(
+                    {
+                        "parent": os.getpid(),
+                        "errfd": errw,
+                        "root": root,
+                        "ops": ops,
+                        "share_pid": shared_pid,
+                        "namespaces": spec.namespaces,
+                    }
+                )
+            )
     except BrokenPipeError:
         pass  # runinit is gone already; its status and message say why
     if relay_r >= 0:
@@ -497,5 +622,7 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
         code, _, text = msg.decode(errors="replace").partition(" ")
         if code == "exec":  # the RUN's program could not be started (its own exit 127 is no message)
             raise RbuildError("RUN: " + msg.decode(errors="replace"))
+        if code == "noproc" and not shared_pid:
+            raise _NoFreshProc(text)
         raise RbuildError(f"cannot set up the RUN sandbox: {text}")
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
