@@ -130,6 +130,9 @@ class Executor:
     # -- the build -----------------------------------------------------------------------------------
     def run(self) -> str:
         with contextlib.ExitStack() as self.build_stack:
+            if self.driver.keeps_trees:
+                home = self.build_stack.enter_context(self.store.staging("trees-"))
+                self.build_stack.enter_context(self.driver.session(home))
             return self._run()
 
     def _run(self) -> str:
@@ -605,15 +608,14 @@ class Executor:
                     layers = [mask, source]  # .dockerignore'd files stay hidden, as from COPY
                 writable = not m.readonly and os.path.isdir(source)
                 if writable or len(layers) > 1:
-                    merged = os.path.join(mnt, f"view{i}")
-                    os.mkdir(merged)
+                    at = os.path.join(mnt, f"view{i}")
+                    os.mkdir(at)
                     if writable:  # writes are kept apart and thrown away with the scratch dir
                         work = os.path.join(scratch, f"rw{i}")
                         os.mkdir(work, 0o700)
-                        stack.enter_context(self.driver.writable(layers, work, merged))
+                        source = stack.enter_context(self.driver.writable(layers, work, at)).path
                     else:
-                        stack.enter_context(self.driver.view(layers, merged))
-                    source = merged
+                        source = stack.enter_context(self.driver.view(layers, at))
                 specs.append(
                     sandbox.MountSpec("bind", target, source, m.readonly and True, is_file=not os.path.isdir(source))
                 )
@@ -666,8 +668,7 @@ class Executor:
     def layers_view(self, diff_ids: list[str], path: str, stack: contextlib.ExitStack) -> str:
         """A read-only view of a layer list (another stage or image) mounted at path, kept by stack."""
         os.mkdir(path)
-        stack.enter_context(self.driver.view(self.store.layer_dirs(diff_ids), path))
-        return path
+        return stack.enter_context(self.driver.view(self.store.layer_dirs(diff_ids), path))
 
     def secret_dir(self, stack: contextlib.ExitStack, mnt: str) -> str:
         """A tmpfs in the build's own mount namespace: secrets never touch a disk, and vanish with the

@@ -29,9 +29,16 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=argparse.SUPPRESS, help="store directory")
     p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warn", "error"])
+    p.add_argument(
+        "--storage-driver",
+        default=argparse.SUPPRESS,
+        metavar="DRIVER",
+        help="how a step gets its tree: overlay, fuse or copy (vfs: copy); default: RBUILD_STORAGE_DRIVER, "
+        "else the best that works here",
+    )
 
 
-_GLOBAL_WITH_VALUE = ("--root", "--log-level")
+_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
 
@@ -342,7 +349,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
         )
-        chosen = strategy.choose(idmap)
+        forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
+        chosen = strategy.choose(idmap, store.root, forced)
         store.record_strategy(chosen.to_json())
         image_id = executor.build(plan, store, opts, chosen)
         if args.push:

@@ -240,6 +240,7 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
         ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
         ["hostname", spec.hostname],
         ["private"],
+        ["root-mount"],  # a tree that is a plain directory (the copy rung) becomes a mount for pivot_root
         ["proc", "/proc"],
         ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
     ]
