@@ -91,9 +91,13 @@ def _build(runner: Any, base: str, driver: str, via_env: bool = False) -> tuple[
     """Build in a fresh store with `driver`; return the image id and the store's recorded strategy."""
     root = runner.fresh_root()
     if via_env:
-        image = runner.build(_context(runner, base), root=root, env={"SOURCE_DATE_EPOCH": SDE, "RBUILD_STORAGE_DRIVER": driver})
+        image = runner.build(
+            _context(runner, base), root=root, env={"SOURCE_DATE_EPOCH": SDE, "RBUILD_STORAGE_DRIVER": driver}
+        )
     else:
-        image = runner.build(_context(runner, base), "--storage-driver", driver, root=root, env={"SOURCE_DATE_EPOCH": SDE})
+        image = runner.build(
+            _context(runner, base), "--storage-driver", driver, root=root, env={"SOURCE_DATE_EPOCH": SDE}
+        )
     with open(os.path.join(root, "store.json")) as f:
         return image, json.load(f)["strategy"]
 
@@ -149,7 +153,8 @@ def overlay_store(rb: Any) -> Any:
 
 
 def test_overlay_store_forced_overlay_fails_automatic_copies(rb: Any, base: str, overlay_store: str) -> None:
-    ctx = rb.context({"Containerfile": f"FROM oci:{base}\nRUN echo x > /x && rm /etc/group\n"})
+    # no removal: a layer dir on overlayfs cannot hold the 0:0 device that marks one (a second layer format would)
+    ctx = rb.context({"Containerfile": f"FROM oci:{base}\nRUN echo x > /x && chmod 0600 /etc/group\n"})
     res = rb.run("build", "-q", "--storage-driver", "overlay", ctx, root=overlay_store, check=False)
     assert res.returncode == 125
     assert res.stderr.strip() == (
@@ -160,3 +165,11 @@ def test_overlay_store_forced_overlay_fails_automatic_copies(rb: Any, base: str,
     with open(os.path.join(overlay_store, "store.json")) as f:
         assert json.load(f)["strategy"]["rootfs"] == "copy"
     assert image == rb.build(ctx, "--storage-driver", "copy", root=overlay_store)  # the step cache holds it
+    removal = rb.context({"Containerfile": f"FROM oci:{base}\nRUN rm /etc/group\n"})
+    res = rb.run("build", "-q", removal, root=overlay_store, check=False)
+    assert res.returncode == 125
+    assert res.stderr.strip() == (
+        f"Error: {os.path.basename(removal)}/Containerfile:2: RUN: cannot record that /etc/group was removed: the "
+        "store's filesystem refuses the 0:0 character device that marks a removal in a layer (as an overlayfs "
+        "store does in a user namespace)"
+    )

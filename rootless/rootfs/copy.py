@@ -380,8 +380,18 @@ class _Diff:
             for name in os.listdir(os.path.join(self.parent, rel)):
                 if name not in names:
                     self._ensure(rel)
-                    FORMAT.make_whiteout(os.path.join(self.out, rel, name))
-                    os.chmod(os.path.join(self.out, rel, name), 0)  # as overlay makes it (the tar keeps modes)
+                    self._whiteout(os.path.join(rel, name))
+
+    def _whiteout(self, rel: str) -> None:
+        path = os.path.join(self.out, rel)
+        try:
+            FORMAT.make_whiteout(path)
+        except PermissionError:
+            raise RbuildError(
+                f"cannot record that /{rel} was removed: the store's filesystem refuses the 0:0 character device "
+                "that marks a removal in a layer (as an overlayfs store does in a user namespace)"
+            ) from None
+        os.chmod(path, 0)  # as overlay makes it (the tar keeps modes)
 
     def _parent_stat(self, rel: str) -> os.stat_result | None:
         try:
