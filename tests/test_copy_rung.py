@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 from typing import Any
 
+import ocitree
 import pytest
 from conftest import busybox_layer, write_oci_layout
 
@@ -173,3 +174,24 @@ def test_overlay_store_forced_overlay_fails_automatic_copies(rb: Any, base: str,
         "store's filesystem refuses the 0:0 character device that marks a removal in a layer (as an overlayfs "
         "store does in a user namespace)"
     )
+
+
+def _pushed(runner: Any, root: str, image: str) -> Any:
+    out = runner.mkdir()
+    runner.run("push", "-q", image, f"oci:{out}/layout", root=root)
+    return ocitree.load(f"{out}/layout")
+
+
+def test_unchanged_rewrite_is_no_layer_but_the_same_tree(rb: Any, base: str) -> None:
+    """A RUN that writes a file back as it was: overlay copied it up, so its layer holds it; the copy rung
+    finds nothing changed (metadata and bytes equal) and makes no layer. The images differ by that layer,
+    their trees do not: a legitimate digest difference between the rungs."""
+    script = 's=$(cat /etc/same) && echo "$s" > /etc/same && touch -d @1700000000 /etc/same'
+    ctx = rb.context({"Containerfile": f"FROM oci:{base}\nRUN {script}\n"})
+    images = {}
+    for driver in ("overlay", "copy"):
+        root = rb.fresh_root()
+        images[driver] = _pushed(rb, root, rb.build(ctx, "--storage-driver", driver, root=root))
+    assert len(images["overlay"].layers) == len(images["copy"].layers) + 1
+    trees = [ocitree.flatten(images[d].layers) for d in ("overlay", "copy")]
+    assert ocitree.diff_trees(*trees, names=("overlay", "copy")) == []
