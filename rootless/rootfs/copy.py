@@ -301,6 +301,8 @@ class CopyDriver(RootfsDriver):
             copier = _Copier()
             for layer in reversed(key[: len(key) - len(best.key)]):
                 _apply(copier, layer, best.path)
+            if key and key != best.key:  # the root as a fresh merge has it: the top layer's
+                copier.meta(key[0], os.lstat(key[0]), best.path, replace_xattrs=True)
             best.key = key
             self._trees.remove(best)
             self._trees.append(best)
