@@ -3,7 +3,10 @@ walk of the two finds changed. No mount at all, so it works wherever files can b
 
 Trees: the parent tree of a step is kept in the build's directory (`session`) and brought up to date by
 applying the layers committed since (as the store keeps them), so a step copies one tree instead of
-merging every lower. Each step copies it (a reflink where the filesystem can) to the tree it writes.
+merging every lower. Kept trees are only read, so their files are hard links to the store's layer files;
+each step copies the kept tree (a reflink where the filesystem can) to the tree it writes, and its layer
+takes the changed inodes of that tree by hard links (the tree is thrown away after): the one data copy
+of a step is the copy of its parent.
 
 The diff is exact. After the copy a mark is stamped (a fresh file's ctime) and the clock is waited past
 it: every change to an inode (content, mode, owner, times, xattrs, links) sets its ctime to now, and no
@@ -71,15 +74,28 @@ def _remove(path: str) -> None:
 
 
 class _Copier:
-    """Copies entries with everything a layer keeps; names of one source inode become hard links."""
+    """Copies entries with everything a layer keeps; names of one source inode become hard links.
 
-    def __init__(self) -> None:
+    `link`: a non-directory becomes a hard link to its source where the filesystem allows (for trees
+    nothing writes to, and for a layer taken from a tree thrown away after): no data is copied, and the
+    inode numbers that `user.rbuild.lstat` records name stay true."""
+
+    def __init__(self, link: bool = False) -> None:
+        self.link = link
         self.reflink = True
         self.links: dict[tuple[int, int], str] = {}
+        self.seen: set[tuple[int, int]] = set()  # every source inode given a name
 
     def entry(self, src: str, st: os.stat_result, dst: str) -> None:
         """Copy the non-directory `src` (lstat `st`) to the new name `dst`."""
         key = (st.st_dev, st.st_ino)
+        self.seen.add(key)
+        if self.link:
+            try:
+                os.link(src, dst, follow_symlinks=False)
+                return
+            except OSError:
+                self.link = False  # another filesystem, or links refused here: copy from now on
         if st.st_nlink > 1:
             first = self.links.get(key)
             if first is not None:
@@ -213,9 +229,10 @@ def _apply(copier: _Copier, layer: str, tree: str) -> None:
         copier.meta(e.path, st, d, replace_xattrs=True)
 
 
-def materialise(lowers: list[str], dst: str, dirs: dict[str, int] | None = None) -> None:
-    """The merged tree of `lowers` (top first) in the existing empty directory `dst`."""
-    copier = _Copier()
+def materialise(lowers: list[str], dst: str, dirs: dict[str, int] | None = None, link: bool = False) -> None:
+    """The merged tree of `lowers` (top first) in the existing empty directory `dst`; `link`: of hard links
+    to their files where possible (a tree that is only read)."""
+    copier = _Copier(link)
     _merge(copier, lowers, dst, dirs, "")
     if lowers:
         copier.meta(lowers[0], os.lstat(lowers[0]), dst)
@@ -265,7 +282,7 @@ class CopyDriver(RootfsDriver):
             yield lowers[0]
             return
         try:
-            materialise(lowers, target)
+            materialise(lowers, target, link=True)
             yield target
         finally:
             for name in os.listdir(target):
@@ -298,7 +315,7 @@ class CopyDriver(RootfsDriver):
             if not t.in_use and key[len(key) - n :] == t.key and (best is None or n > len(best.key)):
                 best = t
         if best is not None:
-            copier = _Copier()
+            copier = _Copier(link=True)
             for layer in reversed(key[: len(key) - len(best.key)]):
                 _apply(copier, layer, best.path)
             if key and key != best.key:  # the root as a fresh merge has it: the top layer's
@@ -310,10 +327,10 @@ class CopyDriver(RootfsDriver):
         if self._home is None:
             path = os.path.join(workdir, "parent")
             os.mkdir(path, 0o700)
-            materialise(lowers, path)
+            materialise(lowers, path, link=True)
             return _Tree(key, path)
         best = _Tree(key, tempfile.mkdtemp(prefix="tree-", dir=self._home))
-        materialise(lowers, best.path)
+        materialise(lowers, best.path, link=True)
         self._trees.append(best)
         for old in [t for t in self._trees if not t.in_use][:-_KEPT_TREES]:
             self._trees.remove(old)
@@ -340,14 +357,14 @@ class _Diff:
     def __init__(self, root: _CopyRoot) -> None:
         self.tree, self.parent, self.out = root.path, root.parent, root.layer
         self.mark, self.dirs = root.mark, root.dirs
-        self.copier = _Copier()
+        self.copier = _Copier(link=True)  # the tree is thrown away after: its inodes become the layer's
         self.made: list[str] = []  # directories made in the layer, parents first
         self.linked: list[tuple[str, os.stat_result]] = []  # names of inodes with more than one
 
     def walk(self, rel: str) -> None:
         self._walk(rel)
         for crel, st in self.linked:  # the other names of an inode that went in go in as links to it
-            if (st.st_dev, st.st_ino) in self.copier.links and not os.path.lexists(os.path.join(self.out, crel)):
+            if (st.st_dev, st.st_ino) in self.copier.seen and not os.path.lexists(os.path.join(self.out, crel)):
                 self._ensure(os.path.dirname(crel))
                 self.copier.entry(os.path.join(self.tree, crel), st, os.path.join(self.out, crel))
         for d in reversed(self.made):  # children before parents: their times stay as the tree has them
