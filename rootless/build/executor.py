@@ -84,6 +84,9 @@ class Executor:
     # -- the build -----------------------------------------------------------------------------------
     def run(self) -> str:
         with contextlib.ExitStack() as self.build_stack:
+            if self.driver.keeps_trees:
+                home = self.build_stack.enter_context(self.store.staging("trees-"))
+                self.build_stack.enter_context(self.driver.session(home))
             return self._run()
 
     def _run(self) -> str:
@@ -392,8 +395,7 @@ class Executor:
     def layers_view(self, diff_ids: list[str], path: str, stack: contextlib.ExitStack) -> str:
         """A read-only view of a layer list (another stage or image) mounted at path, kept by stack."""
         os.mkdir(path)
-        stack.enter_context(self.driver.view(self.store.layer_dirs(diff_ids), path))
-        return path
+        return stack.enter_context(self.driver.view(self.store.layer_dirs(diff_ids), path))
 
     # -- COPY / ADD ---------------------------------------------------------------------------------------
     def source_of(self, ref: str | None, cmd: ins.Command) -> tuple[str, list[str] | None]:

@@ -111,15 +111,14 @@ class RunStep(Step[ins.RunCmd]):
                     layers = [mask, source]  # .dockerignore'd files stay hidden, as from COPY
                 writable = not m.readonly and os.path.isdir(source)
                 if writable or len(layers) > 1:
-                    merged = os.path.join(mnt, f"view{i}")
-                    os.mkdir(merged)
+                    at = os.path.join(mnt, f"view{i}")
+                    os.mkdir(at)
                     if writable:  # writes are kept apart and thrown away with the scratch dir
                         work = os.path.join(scratch, f"rw{i}")
                         os.mkdir(work, 0o700)
-                        stack.enter_context(self.ex.driver.writable(layers, work, merged))
+                        source = stack.enter_context(self.ex.driver.writable(layers, work, at)).path
                     else:
-                        stack.enter_context(self.ex.driver.view(layers, merged))
-                    source = merged
+                        source = stack.enter_context(self.ex.driver.view(layers, at))
                 specs.append(
                     sandbox.MountSpec("bind", target, source, m.readonly and True, is_file=not os.path.isdir(source))
                 )

@@ -29,9 +29,16 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=argparse.SUPPRESS, help="store directory")
     p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warn", "error"])
+    p.add_argument(
+        "--storage-driver",
+        default=argparse.SUPPRESS,
+        metavar="DRIVER",
+        help="how a step gets its tree: overlay, fuse or copy (vfs: copy); default: RBUILD_STORAGE_DRIVER, "
+        "else the best that works here",
+    )
 
 
-_GLOBAL_WITH_VALUE = ("--root", "--log-level")
+_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
 
@@ -404,7 +411,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_from=cache_from,
             cache_to=cache_to,
         )
-        chosen = strategy.choose(idmap)
+        forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
+        chosen = strategy.choose(idmap, store.root, forced)
         blocked = strategy.runs_possible(chosen)
         if blocked is not None:
             _refuse_run(plan, blocked)

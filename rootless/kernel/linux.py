@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -47,6 +48,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.pivot_root.argtypes = [ctypes.c_char_p, ctypes.c_char_p]  # exported by glibc, though no header declares it
 _libc.syscall.restype = ctypes.c_long
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
 
 
 def _check(ret: int, what: str, path: str | None = None) -> None:
@@ -118,3 +120,22 @@ def last_cap() -> int:
             return int(f.read())
     except OSError:
         return 40
+
+
+_STATX_BTIME = 0x800
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_SIZE = 256  # struct statx; stx_mask at 0, stx_btime {i64 tv_sec; u32 tv_nsec} at 80
+
+
+def birth_time_ns(path: str) -> int | None:
+    """An inode's creation time (statx's btime, not following a symlink), None where the filesystem has
+    none. Unlike an inode number, which a filesystem may give again to a file made after one was removed,
+    it tells a directory made again from the one that was there."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    ret = _libc.statx(-100, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf)  # -100: AT_FDCWD
+    _check(ret, "statx", path)
+    if not int.from_bytes(buf.raw[0:4], sys.byteorder) & _STATX_BTIME:
+        return None
+    return int.from_bytes(buf.raw[80:88], sys.byteorder, signed=True) * 1_000_000_000 + int.from_bytes(
+        buf.raw[88:92], sys.byteorder
+    )

@@ -2,7 +2,8 @@
 
 One driver is chosen per build (by the strategy, `rootless.env.strategy`); the build asks it for
 - `view(lowers, target)`: a read-only tree of a layer list (COPY --from, RUN --mount=from=...);
-- `writable(lowers, workdir, target)`: a writable tree at `target`. When the context closes,
+- `writable(lowers, workdir, target)`: a writable tree (at `target` for a driver that mounts, elsewhere
+  for one that does not: callers use the path it gives). When the context closes,
   `WritableRoot.diff()` is the step's layer directory in the store's on-disk layer format
   (`rootless.layer.format`): for kernel overlay the upper dir itself (no copy), for a copy root the
   result of comparing the tree with its parent.
@@ -35,12 +36,21 @@ class RootfsDriver(abc.ABC):
     """Assembles trees from unpacked layer directories."""
 
     name: ClassVar[str]
+    keeps_trees: ClassVar[bool] = False  # wants a directory for the whole build (`session`)
+
+    def session(self, home: str) -> contextlib.AbstractContextManager[None]:
+        """The build's lifetime; `home`: a private directory on the store's filesystem, held (and removed)
+        by the caller, where a driver with `keeps_trees` keeps trees from one step to the next."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def view(self, lowers: list[str], target: str) -> contextlib.AbstractContextManager[str]:
-        """A read-only tree of `lowers` at the existing empty directory `target`, removed on exit."""
+        """A read-only tree of `lowers`, removed on exit: its path (`target`, an existing empty directory,
+        or another that holds the same tree)."""
 
     @abc.abstractmethod
     def writable(self, lowers: list[str], workdir: str, target: str) -> contextlib.AbstractContextManager[WritableRoot]:
-        """A writable tree over `lowers` at the existing empty directory `target`; `workdir` is an existing
-        private directory on the store's filesystem for the driver's own files (the layer dir among them)."""
+        """A writable tree over `lowers` at `WritableRoot.path`: the existing empty directory `target` for a
+        driver that mounts, else a directory of its own; `workdir` is an existing private directory on the
+        store's filesystem for the driver's own files (the layer dir among them). `diff()` is called before
+        the driver is asked for another tree."""

@@ -95,6 +95,9 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         linux.sethostname(args[0])
     elif name == "private":
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    elif name == "root-mount":
+        if not os.path.ismount(root):
+            linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     elif name == "proc":
         try:
             linux.mount("proc", tree(args[0]), "proc", nosuid)

@@ -276,6 +276,7 @@ def plan(
         ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
         ["hostname", spec.hostname],
         ["private"],
+        ["root-mount"],  # a tree that is a plain directory (the copy rung) becomes a mount for pivot_root
         ["proc", "/proc"] if fresh_proc else ["proc-bind", "/proc"],
         ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
     ]
