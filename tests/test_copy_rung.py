@@ -160,7 +160,8 @@ def test_overlay_store_forced_overlay_fails_automatic_copies(rb: Any, base: str,
     assert res.returncode == 125
     assert res.stderr.strip() == (
         f"Error: storage driver overlay cannot be used: kernel overlayfs cannot mount on {overlay_store} "
-        "(filesystem type overlay): Invalid argument"
+        "(filesystem type overlay): Invalid argument "
+        "(give the store a local filesystem with --root, or use --storage-driver copy)"
     )
     image = rb.build(ctx, root=overlay_store)
     with open(os.path.join(overlay_store, "store.json")) as f:

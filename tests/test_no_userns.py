@@ -340,9 +340,9 @@ def test_none_privileged_run_is_chrooted_without_mounts(busybox: str, tmp_path: 
     _no_leftover_sleep()
 
 
-def test_store_on_overlayfs_names_the_filesystem_and_the_remedy(rb: Runner, busybox: str) -> None:
-    """The store on overlayfs (any container's root): kernel overlay refuses it as upper; the one error line
-    names the step, the store's filesystem and the remedy."""
+def test_store_on_overlayfs_falls_back_or_names_the_filesystem_and_the_remedy(rb: Runner, busybox: str) -> None:
+    """The store on overlayfs (any container's root): kernel overlay refuses it as upper. The automatic
+    choice builds on the copy rung; a forced overlay is one error line naming the filesystem and the remedy."""
     base = rb.mkdir()
     dirs = {k: os.path.join(base, k) for k in ("l", "u", "w", "m")}
     for d in dirs.values():
@@ -352,12 +352,14 @@ def test_store_on_overlayfs_names_the_filesystem_and_the_remedy(rb: Runner, busy
     try:
         os.chown(dirs["m"], rb.uid, rb.gid)
         ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY Containerfile /c\n"})
-        res = rb.run("build", ctx, root=os.path.join(dirs["m"], "store"), check=False)
+        auto = rb.run("build", ctx, root=os.path.join(dirs["m"], "store"), check=False)
+        forced = rb.run("build", "--storage-driver", "overlay", ctx, root=os.path.join(dirs["m"], "s2"), check=False)
     finally:
         subprocess.run(["umount", dirs["m"]], check=True)
-    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
-    assert res.returncode == 125 and len(errors) == 1, res.stderr
-    assert "Containerfile:2: COPY" in errors[0] and "(overlay)" in errors[0] and "--root" in errors[0], errors
+    assert auto.returncode == 0, auto.stderr
+    errors = [ln for ln in forced.stderr.splitlines() if ln.startswith("Error:")]
+    assert forced.returncode == 125 and len(errors) == 1, forced.stderr
+    assert "(filesystem type overlay)" in errors[0] and "--root" in errors[0], errors
 
 
 def _copy_driver() -> None:

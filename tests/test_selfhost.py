@@ -207,6 +207,7 @@ def test_recipe_runs_inside_own_image(own_image: str, registry: str, name: str) 
     with open(os.path.join(home, ".config/containers/registries.conf"), "w") as f:
         f.write(f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n')
     _app(own_image)
+    env["RBUILD_ROOT"] = f"/var/lib/rbuild/{name}"  # each job's own store (a pod's emptyDir)
     res = _inside(own_image, ["sh", "-c", f"set -e\ncd /home/build/app\n{script}"], env, nnp)
     assert res.returncode == 0, res.stderr
     out = subprocess.run(

@@ -92,7 +92,10 @@ def overlay_fault(storage: str) -> str | None:
         except OSError as e:
             fs = _fs_type(storage)
             where = f"{storage} (filesystem type {fs})" if fs else storage
-            return f"kernel overlayfs cannot mount on {where}: {os.strerror(e.errno or 0)}"
+            return (
+                f"kernel overlayfs cannot mount on {where}: {os.strerror(e.errno or 0)} "
+                "(give the store a local filesystem with --root, or use --storage-driver copy)"
+            )
         linux.umount(os.path.join(probe, "merged"), linux.MNT_DETACH)
         return None
     finally:
