@@ -379,11 +379,12 @@ def hash_sources(
 
 def chown(path: str, uid: int, gid: int) -> None:
     """lchown, or, for ids this user namespace cannot map (a single-uid map, an id beyond the subuid
-    range), the owner recorded the way layers.write_tar emits it."""
+    range: EINVAL) or that no namespace maps at all (an unprivileged build without one: EPERM), the owner
+    recorded the way layers.write_tar emits it."""
     try:
         os.lchown(path, uid, gid)
     except OSError as e:
-        if e.errno != errno.EINVAL:
+        if e.errno not in (errno.EINVAL, errno.EPERM):
             raise
         from rootless.layer import layers
 
@@ -452,7 +453,12 @@ class _Copier:
             os.mkfifo(dst, 0o600)
         else:
             return  # sockets and device nodes in a build context are skipped, as docker does
-        uid, gid = self.owner if self.owner is not None else (st.st_uid, st.st_gid)
+        if self.owner is not None:
+            uid, gid = self.owner
+        else:  # COPY --from keeps owners, also those recorded where the namespace could not chown
+            from rootless.layer import layers
+
+            uid, gid = layers.image_owner(src, st)
         chown(dst, uid, gid)
         if not stat.S_ISLNK(mode):
             os.chmod(dst, perm)  # after chown, which clears setuid/setgid

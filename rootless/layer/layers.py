@@ -178,6 +178,24 @@ def _getxattr(target: int | str | bytes, name: str, **kw: object) -> bytes | Non
         raise
 
 
+def image_owner(path: str, st: os.stat_result) -> tuple[int, int]:
+    """The owner `path` has in the image: its record (or its parent's, for a symlink or fifo), else st's.
+
+    For copies out of a tree (COPY --from keeps owners) where the namespace could not chown.
+    """
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        rec = _getxattr(path, XATTR_STAT, follow_symlinks=False)
+        if rec is not None:
+            return _parse_ids(rec, os.fsencode(path))
+        return st.st_uid, st.st_gid
+    parent, name = os.path.split(path)
+    recs = _parse_lstat(_getxattr(parent or ".", XATTR_LSTAT) or b"", os.fsencode(parent))
+    found = recs.get(os.fsencode(name))
+    if found is not None and found[2] == st.st_ino:
+        return found[0], found[1]
+    return st.st_uid, st.st_gid
+
+
 def set_owner(path: str, uid: int, gid: int, *, ownership: Ownership = Ownership.MAPPED) -> None:
     """chown without following symlinks, or record the owner where the user namespace cannot map it.
 
