@@ -479,6 +479,8 @@ class Executor:
             for d in (upper, work, merged, scratch):
                 os.mkdir(d, 0o755 if d == upper else 0o700)
             self.touched: list[str] = []
+            self.emulated_owner: tuple[int, int] | None = None  # a single-uid RUN's USER (do_run)
+            self.step_upper = upper
             with overlay.mounted(lowers, upper, work, merged, links):
                 self.ensure_workdir(state, merged)
                 action(merged, scratch)
@@ -511,7 +513,15 @@ class Executor:
         """Make the upper a layer on top of the diff_ids `below`; run_lowers: the lower dirs of a RUN."""
         from rootless import layers
 
-        layers.normalize(upper, set_mtime=self.opts.timestamp, clamp_mtime=self.clamp, run_lowers=run_lowers)
+        sealed = run_lowers is not None and self.emulated_owner is not None  # every xattr write was the supervisor's
+        layers.normalize(
+            upper,
+            set_mtime=self.opts.timestamp,
+            clamp_mtime=self.clamp,
+            run_lowers=run_lowers,
+            sealed=sealed,
+            new_owner=self.emulated_owner if sealed else None,
+        )
         if not os.listdir(upper):
             return None
         diff_id, size = layers.write_tar(upper, None)
@@ -696,12 +706,8 @@ class Executor:
                 user = sandbox.resolve_user(merged, c.get("User") or "0")
             except RbuildError as e:
                 raise self.err(cmd.node, str(e)) from None
-            if self.opts.single_uid and (user.uid != 0 or user.gid != 0):
-                raise self.err(
-                    cmd.node,
-                    f"USER {c.get('User')} needs uid {user.uid}/gid {user.gid}, but this "
-                    "build has a single-uid user namespace (no /etc/subuid range): only root exists",
-                )
+            if self.opts.single_uid:  # the supervisor emulates USER and records owners (rootless.notify)
+                self.emulated_owner = (user.uid, user.gid)
             run_env = dict(env)
             run_env.setdefault("HOME", user.home or "/")
             files = {}
@@ -726,6 +732,9 @@ class Executor:
                     user.groups,
                     dev_files=files,
                     mounts=mounts,
+                    emulate=self.opts.single_uid,
+                    lowers=self.store.layer_dirs(state.layers) if self.opts.single_uid else [],
+                    upper=self.step_upper,
                 )
                 if self.opts.quiet:
                     with tempfile.TemporaryFile() as out:
@@ -752,6 +761,9 @@ class Executor:
             return sandbox.run(merged, spec, scratch, self.touched, self.log if self.opts.debug else None)
         except RbuildError as e:
             raise self.err(cmd.node, str(e)) from None
+        finally:
+            for w in dict.fromkeys(spec.warnings):  # loud even with -q: the image may differ from a subuid build
+                print(f"WARNING: {self.plan.filename}:{cmd.node.start_line}: RUN: {w}", file=sys.stderr, flush=True)
 
     # -- COPY / ADD ---------------------------------------------------------------------------------------
     def copy_source_root(self, cmd: Any) -> tuple[str, list[str] | None]:

@@ -20,6 +20,7 @@ for the sandbox, "exec MESSAGE" when the command cannot be started.
 from __future__ import annotations
 
 import errno
+import _socket  # the C module behind socket (whose import pulls in enum)
 import marshal
 import os
 import select
@@ -173,14 +174,23 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         os.setresuid(uid, uid, uid)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
     elif name == "close-fds":
+        keep = {errw, *args[0]}
         for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
-            if fd > 2 and fd != errw:
+            if fd > 2 and fd not in keep:
                 try:
                     os.close(fd)
                 except OSError:  # the listing's own descriptor is already gone
                     pass
     elif name == "seccomp":
-        linux.seccomp_filter(args[0])
+        program, sock, nr = args
+        if sock < 0:
+            linux.seccomp_filter(program)
+        else:  # a single-uid RUN: the listener goes to the builder's supervisor (rootless.notify), not the RUN
+            listener = linux.seccomp_listener(program, nr)
+            s = _socket.socket(fileno=sock)
+            s.sendmsg([b"L"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, listener.to_bytes(4, sys.byteorder))])
+            s.close()
+            os.close(listener)
     elif name == "exec":
         argv, env = args
         # a RUN starts with every signal at its default, none blocked: Python ignores SIGPIPE and

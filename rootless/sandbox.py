@@ -79,6 +79,12 @@ class RunSpec:
     output_fd: int = 2  # where the step's stdout and stderr go
     dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
     mounts: list[MountSpec] = field(default_factory=list)
+    # single-uid build: the RUN runs as the one mapped uid (0), its supervisor (rootless.notify) emulates
+    # uid/gid/groups above and records owners and devices; `lowers`: the RUN's lower layer dirs
+    emulate: bool = False
+    lowers: list[str] = field(default_factory=list)
+    upper: str = ""  # the overlay's upper dir: owners of symlinks and fifos are recorded with its inodes
+    warnings: list[str] = field(default_factory=list)  # filled by run(): what could not be emulated exactly
 
 
 @dataclass
@@ -227,12 +233,20 @@ def _host_device(name: str) -> bool:
 Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 of the RUN's namespaces
 
 
-def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
+def plan(
+    spec: RunSpec,
+    files: dict[str, str],
+    groups: list[int] | None,
+    filter_: bytes,
+    keyctl: int,
+    notify: tuple[int, int] = (-1, 0),
+) -> list[Op]:
     """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
     Paths in the tree are container paths, resolved when their operation runs; sources are host paths.
     groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
-    filter_: the compiled seccomp program; keyctl: that system call's number here.
+    filter_: the compiled seccomp program; keyctl: that system call's number here; notify: (socket fd,
+    seccomp's number) when the filter's listener goes to a supervisor over that socket (spec.emulate).
     """
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     ops: list[Op] = [
@@ -282,7 +296,9 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
     env.setdefault("PATH", DEFAULT_PATH)
     # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would lead
     # out of the sandbox; the filter comes last, so the setup itself is not filtered
-    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_], ["exec", spec.argv, env]]
+    ids = [0, 0] if spec.emulate else [spec.uid, spec.gid]  # emulated: the supervisor answers get*id
+    kept = [notify[0]] if notify[0] >= 0 else []
+    ops += [["ids", *ids], ["close-fds", kept], ["seccomp", filter_, *notify], ["exec", spec.argv, env]]
     return ops
 
 
@@ -308,7 +324,8 @@ def describe(op: Op) -> str:
     if name == "mkdir":
         return f"mkdir {args[0]} {args[1]:04o}"
     if name == "seccomp":
-        return f"seccomp filter ({len(args[0]) // 8} BPF instructions)"
+        listener = ", listener to the supervisor" if args[1] >= 0 else ""
+        return f"seccomp filter ({len(args[0]) // 8} BPF instructions{listener})"
     if name == "exec":
         return f"exec {args[0]} (env {sorted(args[1])})"
     return " ".join([name, *(str(a) for a in args)])
@@ -441,7 +458,25 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
 
     errr, errw = os.pipe2(os.O_CLOEXEC)
     specr, specw = os.pipe2(os.O_CLOEXEC)
-    ops = plan(spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
+    sup = None
+    notify = (-1, 0)
+    if spec.emulate:
+        import socket
+
+        from rootless import notify as notify_mod
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        creds = notify_mod.Creds.of(spec.uid, spec.gid, spec.groups)
+        sup = notify_mod.Supervisor(ours, creds, spec.lowers, spec.upper)
+        notify = (theirs.detach(), seccomp.syscall_number("seccomp"))
+    ops = plan(
+        spec,
+        files,
+        None if spec.emulate else _settable_groups(spec.groups),
+        seccomp.program(spec.emulate),
+        seccomp.syscall_number("keyctl"),
+        notify,
+    )
     if log is not None:
         for op in ops:
             log("RUN sandbox: " + describe(op))
@@ -459,17 +494,21 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
-            pass_fds=(specr, errw),
+            pass_fds=(specr, errw) + ((notify[0],) if notify[0] >= 0 else ()),
             start_new_session=True,
         )
     except OSError as e:
-        for fd in (errr, errw, specr, specw, relay_r, relay_w):
+        for fd in (errr, errw, specr, specw, relay_r, relay_w, notify[0]):
             if fd >= 0:
                 os.close(fd)
+        if sup is not None:
+            sup.stop()
         raise RbuildError(f"cannot start the RUN sandbox ({sys.executable}): {e.strerror}") from None
-    for fd in (errw, specr, relay_w):
+    for fd in (errw, specr, relay_w, notify[0]):
         if fd >= 0:
             os.close(fd)
+    if sup is not None:
+        sup.start()
     try:
         with open(specw, "wb") as f:
             f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "root": root, "ops": ops}))
@@ -486,6 +525,9 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             proc.wait()
         raise
     finally:
+        if sup is not None:
+            sup.stop()
+            spec.warnings += sup.warnings
         msg = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(errr, 4096):
@@ -493,6 +535,8 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
         os.close(errr)
         if relay_r >= 0:
             os.close(relay_r)
+    if sup is not None and sup.errors:
+        raise RbuildError("RUN: single-uid emulation failed: " + "; ".join(sorted(set(sup.errors))))
     if msg:
         code, _, text = msg.decode(errors="replace").partition(" ")
         if code == "exec":  # the RUN's program could not be started (its own exit 127 is no message)
