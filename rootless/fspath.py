@@ -138,7 +138,9 @@ def open_in_root(root_fd: int, path: bytes, flags: int) -> int:
 
     libc = _libc()
     how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    fd = libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(root_fd), ctypes.c_char_p(path), how, ctypes.c_size_t(24))
+    fd = libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(root_fd), ctypes.c_char_p(path), how, ctypes.c_size_t(24)
+    )
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), os.fsdecode(path))

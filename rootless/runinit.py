@@ -19,8 +19,8 @@ for the sandbox, "exec MESSAGE" when the command cannot be started.
 
 from __future__ import annotations
 
-import errno
 import _socket  # the C module behind socket (whose import pulls in enum)
+import errno
 import marshal
 import os
 import select
