@@ -7,7 +7,8 @@ the builder (outside the RUN's namespaces, same user namespace), answers each ca
 in a namespace with every id, and records the result the way layers.py keeps what a single uid cannot
 hold: ``user.rbuild.stat`` / ``user.rbuild.lstat`` owners, ``user.rbuild.dev`` devices (write_tar turns
 them back into tar entries). setxattr is done here for the RUN (from the bytes read once, so another
-thread of the RUN cannot change them after the check), and ``user.rbuild.*`` is refused: the only
+thread of the RUN cannot change them after the check), and ``user.rbuild.*`` is never written (the
+call succeeds, as in a build with a subuid range, whose commit drops such a record): the only
 records in the RUN's upper dir came from the lowers or from here, so the commit keeps them
 (layers.normalize(sealed=True)).
 
@@ -390,8 +391,10 @@ class Supervisor:
             dirfd, path = _AT_FDCWD, self._read(pid, args[0], _PATH_MAX, True)
         creds = self._creds_of(pid)
         self._valid(nid)
-        if name.startswith(b"user.rbuild.") or name.startswith(b"user.overlay."):
-            raise _Answer(errno.EPERM)  # rbuild's own records: only the supervisor writes them
+        if name.startswith(b"user.overlay."):
+            raise _Answer(errno.EPERM)  # as overlayfs answers it
+        if name.startswith(b"user.rbuild."):  # rbuild's own records: only the supervisor writes them. Not
+            return 0  # written, as a subuid build's commit drops them: the same image either way
         if creds.uid[1] != 0 and not name.startswith(b"user."):
             raise _Answer(errno.EPERM)
         root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
