@@ -19,7 +19,6 @@ for the sandbox, "exec MESSAGE" when the command cannot be started.
 
 from __future__ import annotations
 
-import _socket  # the C module behind socket (whose import pulls in enum)
 import errno
 import marshal
 import os
@@ -187,6 +186,7 @@ def _op(op: list[Any], root: str, errw: int) -> None:
             linux.seccomp_filter(program)
         else:  # a single-uid RUN: the listener goes to the builder's supervisor (rootless.notify), not the RUN
             listener = linux.seccomp_listener(program, nr)
+            _socket = sys.modules["_socket"]  # imported by main() while the standard library was reachable
             s = _socket.socket(fileno=sock)
             s.sendmsg([b"L"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, listener.to_bytes(4, sys.byteorder))])
             s.close()
@@ -245,6 +245,8 @@ def main() -> None:
         spec = marshal.loads(f.read())
     if os.getppid() != spec["parent"]:  # the builder died before the death signal was set
         os._exit(125)
+    if any(op[0] == "seccomp" and op[2] >= 0 for op in spec["ops"]):
+        import _socket  # noqa: F401 - the C module behind socket (whose import pulls in enum); only when needed
     errw = spec["errfd"]
     os.set_inheritable(errw, False)  # it must not reach the RUN; a failed exec still writes to it
     try:

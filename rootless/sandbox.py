@@ -528,6 +528,8 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
         if sup is not None:
             sup.stop()
             spec.warnings += sup.warnings
+            if log is not None:
+                log(f"RUN supervisor: {sup.calls} system calls answered")
         msg = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(errr, 4096):

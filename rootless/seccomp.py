@@ -166,6 +166,7 @@ def native_arch() -> int:
     return int(_lib().seccomp_arch_native())
 
 
+@functools.cache
 def arch_numbers(names: tuple[str, ...]) -> dict[tuple[int, int], str]:
     """(AUDIT_ARCH value, number) -> name of each system call in `names`, on every ABI the filter covers.
 
