@@ -18,13 +18,17 @@ Paths are resolved as the calling process sees them: relative to its cwd or dirf
 to be the very inode the call meant. Memory is read through /proc/PID/mem, and the notification is checked
 to be still valid (SECCOMP_IOCTL_NOTIF_ID_VALID) afterwards: the pid may have been reused meanwhile.
 
-The process ids are emulated: the RUN runs as the one mapped uid (0 in the namespace); get*id answer
-with the ids of USER, and set*id change them with the kernel's permission rules (per thread group,
-inherited by children that did not change their own). What cannot be emulated exactly is reported in
-`warnings` (the builder prints it, naming the instruction): a process that switched to another uid
-still has root's permissions, and what it creates is recorded as USER's. Not emulated: stat (ls -l in a
-later step shows the mapped uid's 0:0, see docs/differences.md), 16-bit-id system calls of old i386
-programs other than chown and set*id.
+The process ids are emulated: the RUN runs as the one mapped uid (0 in the namespace); set*id change
+the emulated ids with the kernel's permission rules (per thread group, inherited by children that did
+not change their own), and where USER is not root, get*id answer with them. A root RUN's get*id are
+not trapped (busybox calls getuid in every process: a notification each), so a process that switched
+ids (su) still sees uid 0. What cannot be emulated exactly is reported in `warnings` (the builder
+prints it, naming the instruction): a process that switched to another uid still has root's
+permissions (and, under a root USER, root's ids), and what it creates is recorded as USER's.
+
+stat is answered with the records (ls -l, find -user, cp -a and busybox chown see recorded owners); not
+emulated: the owners of symlinks and fifos to stat, 32-bit ABIs' struct stat, 16-bit-id getres*id and
+*groups of old i386 programs. See docs/differences.md.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ class Supervisor:
     upper: str
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    calls: int = 0
+    calls: dict[str, int] = field(default_factory=dict)  # system call name -> how many were answered
     _creds: dict[tuple[int, int], Creds] = field(default_factory=dict)
     _names: dict[tuple[int, int], str] = field(default_factory=dict)
     _thread: threading.Thread | None = None
@@ -114,7 +118,7 @@ class Supervisor:
     def start(self) -> None:
         from rootless import seccomp
 
-        self._names = seccomp.arch_numbers(seccomp.NOTIFIED + _MKNODS)
+        self._names = seccomp.arch_numbers(seccomp.NOTIFIED + seccomp.GET_IDS + _MKNODS)
         self._stop = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._loop, name="rbuild-notify", daemon=True)
         self._thread.start()
@@ -163,8 +167,8 @@ class Supervisor:
                 self.errors.append(f"seccomp notification: {e.strerror}")
                 return
             nid, pid, _, nr, arch, _, *args = _NOTIF.unpack(buf)
-            self.calls += 1
             name = self._names.get((arch, nr & 0xFFFFFFFF), "")
+            self.calls[name] = self.calls.get(name, 0) + 1
             try:
                 val, code = self._answer(nid, pid, arch, name, args), 0
             except _Answer as a:
@@ -596,8 +600,8 @@ class Supervisor:
             except OSError:
                 comm = str(pid)
             self.warnings.append(
-                f"{comm} switched to uid {new.uid[1]}: a single-uid build emulates its ids, but it keeps "
-                "root's file permissions, and what it creates is recorded as owned by the RUN's user"
+                f"{comm} switched to uid {new.uid[1]}: a single-uid build does not follow it: it keeps root's "
+                "file permissions (and sees uid 0), and what it creates is recorded as owned by the RUN's user"
             )
         self._creds[key[:2]] = new
 

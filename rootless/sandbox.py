@@ -473,7 +473,7 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
         spec,
         files,
         None if spec.emulate else _settable_groups(spec.groups),
-        seccomp.program(spec.emulate),
+        seccomp.program(spec.emulate, spec.emulate and (spec.uid, spec.gid) != (0, 0)),
         seccomp.syscall_number("keyctl"),
         notify,
     )
@@ -529,7 +529,8 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             sup.stop()
             spec.warnings += sup.warnings
             if log is not None:
-                log(f"RUN supervisor: {sup.calls} system calls answered")
+                shown = ", ".join(f"{n} {c}" for n, c in sorted(sup.calls.items(), key=lambda t: -t[1]))
+                log(f"RUN supervisor: {sum(sup.calls.values())} system calls answered ({shown})")
         msg = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(errr, 4096):

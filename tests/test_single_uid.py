@@ -134,16 +134,11 @@ def test_setxattr_refused_in_the_sandbox(rb_single: Runner, busybox: str, tmp_pa
     assert files["rc"] == b"0 0\n" and files["ls"].split()[2:4] == [b"0", b"0"], files
 
 
-def test_switching_ids_is_emulated_and_warned(rb_single: Runner, busybox: str) -> None:
-    """su sees the target's ids; what it creates cannot be followed, and the build says so (not silently)."""
-    ctx = rb_single.context(
-        {"Containerfile": f"FROM oci:{busybox}\nRUN su -s /bin/sh nobody -c 'id -u > /tmp/u; id -G >> /tmp/u'\n"}
-    )
-    res = rb_single.run("build", "-q", "-t", "su-su", "--no-cache", ctx)
-    assert "Containerfile:2: RUN: su switched to uid 65534" in res.stderr, res.stderr
-    out = rb_single.mkdir()
-    rb_single.run("push", "su-su", f"oci:{out}/l")
-    assert _files(load(f"{out}/l"))["tmp/u"] == b"65534\n65534\n"
+def test_switching_ids_is_warned(rb_single: Runner, busybox: str) -> None:
+    """What su creates cannot be followed (nor, under root, the ids it sees): the build says so, loudly."""
+    ctx = rb_single.context({"Containerfile": f"FROM oci:{busybox}\nRUN su -s /bin/sh nobody -c 'touch /tmp/u'\n"})
+    res = rb_single.run("build", "-q", "--no-cache", ctx)
+    assert "WARNING: " in res.stderr and "Containerfile:2: RUN: su switched to uid 65534" in res.stderr, res.stderr
 
 
 def _files(img: Image) -> dict[str, bytes]:
