@@ -40,6 +40,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--files", type=int, default=50000)
+    ap.add_argument("--only", help="run only the cases whose name starts with this")
+    ap.add_argument("--baseline", help="an older rbuild (a command) to time single-uid builds with too")
     args = ap.parse_args()
     rbuild = os.path.join(os.path.dirname(sys.executable), "rbuild")
     top = tempfile.mkdtemp(prefix="rbsu-", dir="/var/tmp")
@@ -53,10 +55,15 @@ def main() -> None:
             name = f"rbsu{kind[:3]}{os.getpid() % 10000}"
             users[kind] = _make_user(name, ranged)
         rows = []
-        for case, step in CASES.items():
+        builders = [(kind, pw, rbuild) for kind, pw in users.items()]
+        if args.baseline:
+            builders.append(("baseline", users["single-uid"], args.baseline))
+        for i, (case, step) in enumerate(CASES.items()):
+            if args.only and not case.startswith(args.only):
+                continue
             times = {}
-            for kind, pw in users.items():
-                base = os.path.join(top, kind)
+            for kind, pw, cmd in builders:
+                base = os.path.join(top, f"{kind}{i}")
                 os.makedirs(base, exist_ok=True)
                 ctx = os.path.join(base, "ctx")
                 os.makedirs(ctx, exist_ok=True)
@@ -66,7 +73,7 @@ def main() -> None:
                     )
                 subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", base], check=True)
                 env = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "RBUILD_ROOT": os.path.join(base, "store")}
-                argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", rbuild]
+                argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", cmd]
                 samples = []
                 for rep in range(args.reps + 1):
                     t0 = time.monotonic()
@@ -79,11 +86,15 @@ def main() -> None:
                     if rep:  # the first build made the files: a warm-up
                         samples.append(time.monotonic() - t0)
                 times[kind] = statistics.median(samples)
-            rows.append((case, times["subuid"], times["single-uid"]))
-        print(f"| RUN step (median of {args.reps} builds) | subuid | single-uid | single / subuid |")
-        print("| --- | --- | --- | --- |")
-        for case, sub, single in rows:
-            print(f"| {case} | {sub:.2f} s | {single:.2f} s | {single / sub:.2f} |")
+            rows.append((case, times))
+        extra = " | single-uid, baseline | single / baseline" if args.baseline else ""
+        print(f"| RUN step (median of {args.reps} builds) | subuid | single-uid | single / subuid{extra} |")
+        print("| --- | --- | --- | ---" + (" | --- | ---" if args.baseline else "") + " |")
+        for case, t in rows:
+            line = f"| {case} | {t['subuid']:.2f} s | {t['single-uid']:.2f} s | {t['single-uid'] / t['subuid']:.2f}"
+            if args.baseline:
+                line += f" | {t['baseline']:.2f} s | {t['single-uid'] / t['baseline']:.2f}"
+            print(line + " |")
     finally:
         for pw in users.values():
             subprocess.run(["userdel", "-r", pw.pw_name], capture_output=True, check=False)

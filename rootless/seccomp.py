@@ -30,6 +30,7 @@ CLONE_NEWUSER = 0x10000000
 ACT_ALLOW = 0x7FFF0000
 ACT_NOTIFY = 0x7FC00000  # SCMP_ACT_NOTIFY: the call waits for the supervisor's answer
 CMP_MASKED_EQ = 7
+_FLTATR_CTL_OPTIMIZE = 8  # SCMP_FLTATR_CTL_OPTIMIZE (libseccomp 2.5)
 S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
 
 # What a single-uid RUN's supervisor (rootless.notify) answers: the ownership-changing calls a user
@@ -151,6 +152,7 @@ def _lib() -> ctypes.CDLL:
     ]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_arch_native.restype = ctypes.c_uint32
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     return lib
 
 
@@ -261,6 +263,8 @@ def program(emulate: bool = False, get_ids: bool = False) -> bytes:
     if not ctx:
         raise RbuildError("libseccomp could not start a filter")
     try:
+        if emulate:  # a binary tree of system call numbers: the longer rule list costs no more per call
+            lib.seccomp_attr_set(ctx, _FLTATR_CTL_OPTIMIZE, 2)
         for arch in COMPAT_ARCHES.get(platform.machine(), ()):
             token = lib.seccomp_arch_resolve_name(arch.encode())
             if token:  # a libseccomp without that ABI: the kernel kills such calls (a foreign arch)
