@@ -4,7 +4,8 @@
 
 Run as root: it makes two users as the tests do (tests/conftest.py: one with a subuid range, one
 without), builds as each with the installed `rbuild` beside the python, and removes them. Each case is
-one Containerfile built once (warm-up: the 50,000 files are made), then --reps times with a build
+one Containerfile built once (warm-up: the 50,000 files are made), then --reps times (the builders
+taking turns) with a build
 argument changed that only the timed step uses, so only that step and its commit run: the number
 is the median wall time of that build.
 
@@ -16,6 +17,7 @@ call, almost no system call the filter hands over).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import statistics
@@ -32,6 +34,7 @@ CASES = {
     "chown -R": "RUN echo $REP && chown -R 1000:1000 /d",
     "ls -ln (stat each file)": "RUN echo $REP && ls -lnR /d > /dev/null",
     "2,000 processes": "RUN echo $REP && i=0; while [ $i -lt 2000 ]; do /bin/true; i=$((i+1)); done",
+    "nothing (echo)": "RUN echo $REP",
     "write 200 MB": "RUN echo $REP && dd if=/dev/zero of=/w bs=1M count=200 2>/dev/null && rm /w",
 }
 
@@ -61,7 +64,7 @@ def main() -> None:
         for i, (case, step) in enumerate(CASES.items()):
             if args.only and not case.startswith(args.only):
                 continue
-            times = {}
+            runs = {}
             for kind, pw, cmd in builders:
                 base = os.path.join(top, f"{kind}{i}")
                 os.makedirs(base, exist_ok=True)
@@ -74,18 +77,19 @@ def main() -> None:
                 subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", base], check=True)
                 env = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "RBUILD_ROOT": os.path.join(base, "store")}
                 argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", cmd]
-                samples = []
-                for rep in range(args.reps + 1):
+                runs[kind] = (argv, env, ctx)
+            samples: dict[str, list[float]] = {kind: [] for kind in runs}
+            for rep in range(args.reps + 1):  # the builders take turns, so a change of load hits each alike
+                for kind, (argv, env, ctx) in runs.items():
                     t0 = time.monotonic()
-                    subprocess.run(
-                        [*argv, "build", "-q", "--build-arg", f"REP={case}{rep}", ctx],
-                        check=True,
-                        env=env,
-                        capture_output=True,
+                    res = subprocess.run(
+                        [*argv, "build", "-q", "--build-arg", f"REP={case}{rep}", ctx], env=env, capture_output=True
                     )
-                    if rep:  # the first build made the files: a warm-up
-                        samples.append(time.monotonic() - t0)
-                times[kind] = statistics.median(samples)
+                    if res.returncode != 0 and kind != "baseline":  # the baseline may not do it (chown)
+                        raise SystemExit(f"{kind} {case}: {res.stderr.decode(errors='replace')}")
+                    if rep and res.returncode == 0:  # the first build made the files: a warm-up
+                        samples[kind].append(time.monotonic() - t0)
+            times = {kind: statistics.median(v) if v else math.nan for kind, v in samples.items()}
             rows.append((case, times))
         extra = " | single-uid, baseline | single / baseline" if args.baseline else ""
         print(f"| RUN step (median of {args.reps} builds) | subuid | single-uid | single / subuid{extra} |")
