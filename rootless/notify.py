@@ -146,6 +146,13 @@ class Supervisor:
         if not fds:  # the sandbox failed before its filter was in place (it reports why)
             return
         self.listener = fds[0]
+        try:
+            self._serve()
+        finally:  # no call of the RUN may wait for an answer that never comes: they get ENOSYS now
+            os.close(self.listener)
+            self.listener = -1
+
+    def _serve(self) -> None:
         poller = select.poll()
         poller.register(self.listener, select.POLLIN)
         poller.register(self._stop[0], select.POLLIN)
