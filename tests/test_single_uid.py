@@ -150,3 +150,27 @@ def _files(img: Image) -> dict[str, bytes]:
                 if f is not None:
                     out[m.name] = f.read()
     return out
+
+
+DEBIAN = "/var/cache/rbuild-bench/debian-bookworm-minbase-oci"  # made by bench/run.py (debootstrap, once)
+
+
+def test_debian_same_image_with_and_without_a_range(rb: Runner, rb_single: Runner) -> None:
+    """useradd -m, chown -R and dpkg-statoverride on Debian: the same image with and without a range."""
+    if not os.path.isdir(DEBIAN):
+        pytest.skip(f"no cached Debian image at {DEBIAN} (bench/run.py makes it; tests do not download it)")
+    body = (
+        "RUN useradd -m -u 1500 app && mkdir -p /srv/data/sub && touch /srv/data/sub/f "
+        "&& chown -R app:app /srv/data && dpkg-statoverride --update --add root app 4750 /usr/bin/newgrp\n"
+    )
+    images = []
+    for runner in (rb, rb_single):
+        ctx = runner.context({"Containerfile": f"FROM oci:{DEBIAN}\n{body}"})
+        runner.build(ctx, "-t", "su-debian", "--no-cache")
+        out = runner.mkdir()
+        runner.run("push", "su-debian", f"oci:{out}/l")
+        images.append(load(f"{out}/l"))
+    want, got = flatten(images[0].layers), flatten(images[1].layers)
+    assert want["/home/app"].uid == 1500 and want["/usr/bin/newgrp"].mode == 0o4750
+    diff = {p: (str(want.get(p)), str(got.get(p))) for p in want.keys() | got.keys() if want.get(p) != got.get(p)}
+    assert not diff, diff
