@@ -10,8 +10,9 @@ argument changed that only the timed step uses, so only that step and its commit
 is the median wall time of that build.
 
 Cases: `chown -R 1000:1000` of the files; `ls -ln` of them (a stat for each, nothing changed); a shell
-loop that starts 2,000 processes (no ownership call, a few stats each); writing 200 MB (no ownership
-call, almost no system call the filter hands over).
+loop that starts 2,000 processes, an `echo`, and writing 200 MB (none of them makes a call the filter
+hands over). `--baseline CMD`: the single-uid builds also with another rbuild (an older commit:
+`PYTHONPATH=DIR python -P -m rootless`; without -P, run from a checkout, it imports the checkout).
 """
 
 from __future__ import annotations
