@@ -606,9 +606,6 @@ def test_single_uid_user_builds_with_a_notice(rb_single: Runner, busybox: str) -
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(top))) as tf:
         member = tf.getmember("f")
     assert (member.uid, member.gid) == (1000, 50)
-    bad = rb_single.context({"Containerfile": cf(busybox, "USER app\nRUN true\n")})
-    res = rb_single.run("build", bad, check=False)
-    assert res.returncode == 125 and "Containerfile:3" in res.stderr and "single-uid" in res.stderr
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -350,6 +350,8 @@ class Executor:
             os.mkdir(merged, 0o700)
             with self.driver.writable(lowers, tmp, merged) as root:
                 self.touched = root.touched
+                self.emulated_owner: tuple[int, int] | None = None  # a single-uid RUN's USER (run_step)
+                self.step_upper = root.upper
                 self.ensure_workdir(state, root.path)
                 action(root.path, scratch)
             diff_id = self.commit_upper(root.diff(), state.layers, lowers if untrusted else None)
@@ -380,7 +382,15 @@ class Executor:
         """Make the upper a layer on top of the diff_ids `below`; run_lowers: the lower dirs of a RUN."""
         from rootless.layer import layers
 
-        layers.normalize(upper, set_mtime=self.opts.timestamp, clamp_mtime=self.clamp, run_lowers=run_lowers)
+        sealed = run_lowers is not None and self.emulated_owner is not None  # every xattr write was the supervisor's
+        layers.normalize(
+            upper,
+            set_mtime=self.opts.timestamp,
+            clamp_mtime=self.clamp,
+            run_lowers=run_lowers,
+            sealed=sealed,
+            new_owner=self.emulated_owner if sealed else None,
+        )
         if not os.listdir(upper):
             return None
         diff_id, size = layers.write_tar(upper, None)

@@ -198,12 +198,9 @@ class RunStep(Step[ins.RunCmd]):
                 user = sandbox.resolve_user(merged, c.get("User") or "0")
             except RbuildError as e:
                 raise self.ex.err(cmd.node, str(e)) from None
-            if self.ex.recorded and (user.uid != 0 or user.gid != 0):
-                raise self.ex.err(
-                    cmd.node,
-                    f"USER {c.get('User')} needs uid {user.uid}/gid {user.gid}, but this "
-                    "build has a single-uid user namespace (no /etc/subuid range): only root exists",
-                )
+            emulate = self.ex.strategy.isolation == "userns-single"
+            if emulate:  # the supervisor emulates USER and records owners (sandbox.notify)
+                self.ex.emulated_owner = (user.uid, user.gid)
             run_env = dict(env)
             run_env.setdefault("HOME", user.home or "/")
             files = {}
@@ -229,6 +226,9 @@ class RunStep(Step[ins.RunCmd]):
                     dev_files=files,
                     mounts=mounts,
                     namespaces=self.ex.strategy.isolation != "none-privileged",
+                    emulate=emulate,
+                    lowers=self.ex.store.layer_dirs(state.layers) if emulate else [],
+                    upper=self.ex.step_upper,
                 )
                 if self.ex.opts.quiet:
                     with tempfile.TemporaryFile() as out:
@@ -255,6 +255,9 @@ class RunStep(Step[ins.RunCmd]):
             return sandbox.run(merged, spec, scratch, self.ex.touched, self.ex.log if self.ex.opts.debug else None)
         except RbuildError as e:
             raise self.ex.err(cmd.node, str(e)) from None
+        finally:
+            for w in dict.fromkeys(spec.warnings):  # loud even with -q: the image may differ from a subuid build
+                print(f"WARNING: {self.ex.plan.filename}:{cmd.node.start_line}: RUN: {w}", file=sys.stderr, flush=True)
 
 
 def _mount_point_fault(root: str, target: str) -> str | None:

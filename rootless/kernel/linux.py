@@ -114,6 +114,29 @@ def seccomp_filter(program: bytes) -> None:
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
 
 
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+
+
+def seccomp_listener(program: bytes, nr: int) -> int:
+    """Install a compiled BPF program through seccomp(2) (number `nr`); return its notification listener fd.
+
+    The program's SECCOMP_RET_USER_NOTIF calls then wait for whoever holds that fd (rootless.sandbox.notify).
+    """
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    fd = _libc.syscall(
+        ctypes.c_long(nr),
+        ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+        ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER),
+        ctypes.c_void_p(ctypes.addressof(fprog)),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp(NEW_LISTENER): {os.strerror(err)}")
+    return int(fd)
+
+
 def last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:

@@ -57,7 +57,19 @@ from rootless.errors import RbuildError
 from rootless.layer.format import FORMAT
 from rootless.layer.ownership import Ownership
 
-__all__ = ["LayerError", "UnpackLimits", "unpack", "normalize", "write_tar", "open_blob", "set_owner"]
+__all__ = [
+    "LayerError",
+    "UnpackLimits",
+    "unpack",
+    "normalize",
+    "write_tar",
+    "open_blob",
+    "set_owner",
+    "set_owner_at",
+    "owner_at",
+    "make_device_at",
+    "in_lowers",
+]
 
 XATTR_OPAQUE = FORMAT.opaque_xattr
 XATTR_DEV = "user.rbuild.dev"
@@ -137,6 +149,16 @@ def _parse_lstat(value: bytes, where: bytes) -> dict[bytes, tuple[int, int, int]
     return out
 
 
+def parse_ids(value: bytes) -> tuple[int, int]:
+    """(uid, gid) of a user.rbuild.stat record (LayerError if malformed)."""
+    return _parse_ids(value, b"")
+
+
+def parse_dev(value: bytes) -> tuple[bytes, int, int]:
+    """(b"c" or b"b", major, minor) of a user.rbuild.dev record (LayerError if malformed)."""
+    return _parse_dev(value, b"")
+
+
 def _parse_dev(value: bytes, where: bytes) -> tuple[bytes, int, int]:
     """(b"c" or b"b", major, minor) of a user.rbuild.dev record."""
     m = _DEV_RE.fullmatch(value)
@@ -203,30 +225,58 @@ def set_owner(path: str, uid: int, gid: int, *, ownership: Ownership = Ownership
     unmappable owner goes into its parent's record.
     """
     parent, name = os.path.split(os.path.abspath(path))
-    bname = os.fsencode(name)
     pfd = os.open(parent, _DIRFLAGS)
     try:
-        st = os.stat(bname, dir_fd=pfd, follow_symlinks=False)
-        can_xattr = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-        fd = _open_meta(pfd, bname) if can_xattr else None
-        try:
-            rec = _Owner(ownership).own(uid, gid, pfd=pfd, name=bname, fd=fd, fresh=False)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        old = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"", os.fsencode(parent))
-        recs = {}
-        for n, (u, g, ino) in old.items():  # only records still about the same child survive a rewrite
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(n, dir_fd=pfd, follow_symlinks=False).st_ino == ino:
-                    recs[n] = (u, g)
-        if rec is not None:
-            recs[bname] = rec
-        elif recs.pop(bname, None) is None:
-            return
-        os.setxattr(pfd, XATTR_LSTAT, _fmt_lstat(pfd, recs))
+        set_owner_at(pfd, os.fsencode(name), uid, gid, ownership=ownership)
     finally:
         os.close(pfd)
+
+
+def set_owner_at(pfd: int, bname: bytes, uid: int, gid: int, *, ownership: Ownership = Ownership.MAPPED) -> None:
+    """`set_owner` of the entry `bname` in the directory open as `pfd` (a single-uid RUN's supervisor)."""
+    st = os.stat(bname, dir_fd=pfd, follow_symlinks=False)
+    can_xattr = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+    fd = _open_meta(pfd, bname) if can_xattr else None
+    try:
+        rec = _Owner(ownership).own(uid, gid, pfd=pfd, name=bname, fd=fd, fresh=False)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    old = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"", bname)
+    recs = {}
+    for n, (u, g, ino) in old.items():  # only records still about the same child survive a rewrite
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(n, dir_fd=pfd, follow_symlinks=False).st_ino == ino:
+                recs[n] = (u, g)
+    if rec is not None:
+        recs[bname] = rec
+    elif recs.pop(bname, None) is None:
+        return
+    os.setxattr(pfd, XATTR_LSTAT, _fmt_lstat(pfd, recs))
+
+
+def owner_at(pfd: int, bname: bytes) -> tuple[int, int]:
+    """The owner the image gives the entry `bname` of `pfd`: its record, else the owner the namespace shows."""
+    st = os.stat(bname, dir_fd=pfd, follow_symlinks=False)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        fd = _open_meta(pfd, bname)
+        try:
+            rec = _getxattr(fd, XATTR_STAT)
+        finally:
+            os.close(fd)
+        return _parse_ids(rec, bname) if rec else (st.st_uid, st.st_gid)
+    return _child_owner(_parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"", bname), bname, st)
+
+
+def make_device_at(pfd: int, bname: bytes, kind: bytes, major: int, minor: int, mode: int) -> None:
+    """A device node as a layer dir holds it: an empty file with a ``user.rbuild.dev`` record (mknod)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(bname, flags, 0o600, dir_fd=pfd)
+    try:
+        os.setxattr(fd, XATTR_DEV, b"%s:%d:%d" % (kind, major, minor))
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _open_meta(pfd: int, name: bytes) -> int:
@@ -843,16 +893,24 @@ def normalize(
     set_mtime: int | None = None,
     clamp_mtime: int | None = None,
     run_lowers: Sequence[str] | None = None,
+    sealed: bool = False,
+    new_owner: tuple[int, int] | None = None,
 ) -> None:
     """Make an overlay upper dir a store layer dir: drop overlay-private xattrs, apply mtime policy.
 
     `set_mtime` (--timestamp) gives every entry that mtime; `clamp_mtime` (SOURCE_DATE_EPOCH) lowers
     newer mtimes to it. Symlinks are never followed. `run_lowers` (top first) is given for an upper a
-    RUN wrote: then rbuild's own records in it are checked against those lowers (see `_Scrub`).
+    RUN wrote: then rbuild's own records in it are checked against those lowers (see `_Scrub`), unless
+    `sealed`: a single-uid RUN whose every xattr write went through the supervisor (rootless.sandbox.notify),
+    which refuses ``user.rbuild.*`` to the RUN, so each record there came from a lower or the supervisor.
+    `new_owner`: that RUN's user, recorded as the owner of each entry it made (not in `run_lowers`) that
+    has no record of its own (the RUN ran as the one mapped uid, emulating that user).
     """
-    scrub = _Scrub(run_lowers) if run_lowers is not None else None
+    scrub = _Scrub(run_lowers) if run_lowers is not None and not sealed else None
     root = os.open(layer_dir, _DIRFLAGS)
     try:
+        if new_owner is not None and new_owner != (0, 0) and run_lowers is not None:
+            _own_new(root, [os.fsencode(os.path.abspath(p)) for p in run_lowers], new_owner)
         _depth_first(_normalize_dir(root, set_mtime, clamp_mtime, scrub, (), False))
         if scrub is not None:
             scrub.finish(root)
@@ -860,6 +918,46 @@ def normalize(
         raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
     finally:
         os.close(root)
+
+
+def _ino(dfd: int, name: bytes) -> int | None:
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _own_new(root: int, lowers: list[bytes], owner: tuple[int, int]) -> None:
+    """Record `owner` on each entry below `root` that is not in the merged `lowers` and has no owner record."""
+    stack: list[tuple[int, tuple[bytes, ...], bool]] = [(os.dup(root), (), False)]
+    while stack:
+        dfd, comps, hidden = stack.pop()
+        try:
+            opaque = hidden or _getxattr(dfd, XATTR_OPAQUE) == b"y"
+            lrec = _parse_lstat(_getxattr(dfd, XATTR_LSTAT) or b"", b"/".join(comps))
+            for name in os.listdir(dfd):
+                bname = os.fsencode(name)
+                st = os.stat(bname, dir_fd=dfd, follow_symlinks=False)
+                if FORMAT.is_whiteout(st):
+                    continue
+                sub = comps + (bname,)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((os.open(bname, _DIRFLAGS, dir_fd=dfd), sub, opaque))
+                if not opaque and _merged_entry(lowers, sub) is not None:
+                    continue
+                if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):  # no chown: it would clear set-id bits
+                    fd = _open_meta(dfd, bname)
+                    try:
+                        if _getxattr(fd, XATTR_STAT) is None:
+                            os.setxattr(fd, XATTR_STAT, b"%d:%d" % owner)
+                    finally:
+                        os.close(fd)
+                elif bname not in lrec or lrec[bname][2] != st.st_ino:
+                    lrec[bname] = (*owner, st.st_ino)
+                    live = {n: (u, g) for n, (u, g, ino) in lrec.items() if _ino(dfd, n) == ino}
+                    os.setxattr(dfd, XATTR_LSTAT, _fmt_lstat(dfd, live))
+        finally:
+            os.close(dfd)
 
 
 _Ref = tuple[int, int, int, dict[str, bytes]]  # an entry's file type, owner and rbuild records
@@ -940,6 +1038,12 @@ def _as_before(name: str, value: bytes, st: os.stat_result, ref: _Ref | None) ->
     if name == XATTR_STAT:
         return (st.st_uid, st.st_gid) == (ref[1], ref[2])  # chowned since: the record no longer tells the owner
     return name == XATTR_DEV and stat.S_ISREG(st.st_mode)
+
+
+def in_lowers(lowers: Sequence[str], path: str) -> bool:
+    """`path` (a container path) names an entry in the merged view of `lowers` (top first)."""
+    comps = tuple(os.fsencode(c) for c in path.split("/") if c)
+    return _merged_entry([os.fsencode(os.path.abspath(p)) for p in lowers], comps) is not None
 
 
 def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | None:

@@ -20,10 +20,13 @@ from typing import ClassVar
 
 class WritableRoot(abc.ABC):
     """A step's writable tree. `touched`: existing directories in which the sandbox made (and removed)
-    mount points; a driver whose diff would otherwise report them as changed drops them when unchanged."""
+    mount points; a driver whose diff would otherwise report them as changed drops them when unchanged.
+    `upper`: where the step's own entries are, with the inodes its layer will have (overlay: the upper
+    dir; a copy root: the tree itself) -- the single-uid supervisor records symlink owners there."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, upper: str | None = None) -> None:
         self.path = path
+        self.upper = upper if upper is not None else path
         self.touched: list[str] = []
 
     @abc.abstractmethod

@@ -85,8 +85,7 @@ class OverlayDriver(RootfsDriver):
 
 class _OverlayRoot(WritableRoot):
     def __init__(self, path: str, upper: str, lowers: list[str]) -> None:
-        super().__init__(path)
-        self.upper = upper
+        super().__init__(path, upper)
         self.lowers = lowers
 
     def diff(self) -> str:

@@ -178,18 +178,31 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         os.setresuid(uid, uid, uid)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
     elif name == "close-fds":
-        if not os.path.isdir("/proc/self/fd"):  # chroot'ed without /proc: every number (close_range)
-            os.closerange(3, errw)
-            os.closerange(errw + 1, os.sysconf("SC_OPEN_MAX"))
+        keep = {errw, *args[0]}
+        if not os.path.isdir("/proc/self/fd"):  # chroot'ed without /proc: every number but those kept
+            low = 3
+            for fd in sorted(keep):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
             return
         for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
-            if fd > 2 and fd != errw:
+            if fd > 2 and fd not in keep:
                 try:
                     os.close(fd)
                 except OSError:  # the listing's own descriptor is already gone
                     pass
     elif name == "seccomp":
-        linux.seccomp_filter(args[0])
+        program, sock, nr = args
+        if sock < 0:
+            linux.seccomp_filter(program)
+        else:  # single uid: the listener goes to the builder's supervisor (sandbox.notify), not the RUN
+            listener = linux.seccomp_listener(program, nr)
+            _socket = sys.modules["_socket"]  # imported by main() while the standard library was reachable
+            s = _socket.socket(fileno=sock)
+            s.sendmsg([b"L"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, listener.to_bytes(4, sys.byteorder))])
+            s.close()
+            os.close(listener)
     elif name == "exec":
         argv, env = args
         # a RUN starts with every signal at its default, none blocked: Python ignores SIGPIPE and
@@ -244,6 +257,8 @@ def main() -> None:
         spec = marshal.loads(f.read())
     if os.getppid() != spec["parent"]:  # the builder died before the death signal was set
         os._exit(125)
+    if any(op[0] == "seccomp" and op[2] >= 0 for op in spec["ops"]):
+        import _socket  # noqa: F401 - the C module behind socket (whose import pulls in enum); only when needed
     errw = spec["errfd"]
     os.set_inheritable(errw, False)  # it must not reach the RUN; a failed exec still writes to it
     shared = spec.get("share_pid", False)

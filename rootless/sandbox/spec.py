@@ -80,6 +80,12 @@ class RunSpec:
     dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
     mounts: list[MountSpec] = field(default_factory=list)
     namespaces: bool = True  # False: no namespace can be made (rung 4), the RUN is chroot'ed (see plan_chroot)
+    # single-uid build: the RUN runs as the one mapped uid (0), its supervisor (sandbox.notify) emulates
+    # uid/gid/groups above and records owners and devices; `lowers`: the RUN's lower layer dirs
+    emulate: bool = False
+    lowers: list[str] = field(default_factory=list)
+    upper: str = ""  # the overlay's upper dir: owners of symlinks and fifos are recorded with its inodes
+    warnings: list[str] = field(default_factory=list)  # filled by run(): what could not be emulated exactly
 
 
 @dataclass
@@ -260,13 +266,20 @@ Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 o
 
 
 def plan(
-    spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int, fresh_proc: bool = True
+    spec: RunSpec,
+    files: dict[str, str],
+    groups: list[int] | None,
+    filter_: bytes,
+    keyctl: int,
+    notify: tuple[int, int] = (-1, 0),
+    fresh_proc: bool = True,
 ) -> list[Op]:
     """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
     Paths in the tree are container paths, resolved when their operation runs; sources are host paths.
     groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
-    filter_: the compiled seccomp program; keyctl: that system call's number here.
+    filter_: the compiled seccomp program; keyctl: that system call's number here; notify: (socket fd,
+    seccomp's number) when the filter's listener goes to a supervisor over that socket (spec.emulate).
     fresh_proc False: the RUN shares the builder's pid namespace and gets its /proc bound recursively
     (its masks included), for where a fresh procfs cannot be mounted (see _SharedPid).
     """
@@ -319,7 +332,9 @@ def plan(
     env.setdefault("PATH", DEFAULT_PATH)
     # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would lead
     # out of the sandbox; the filter comes last, so the setup itself is not filtered
-    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_], ["exec", spec.argv, env]]
+    ids = [0, 0] if spec.emulate else [spec.uid, spec.gid]  # emulated: the supervisor answers get*id
+    kept = [notify[0]] if notify[0] >= 0 else []
+    ops += [["ids", *ids], ["close-fds", kept], ["seccomp", filter_, *notify], ["exec", spec.argv, env]]
     return ops
 
 
@@ -345,7 +360,7 @@ def plan_chroot(spec: RunSpec, groups: list[int] | None, filter_: bytes, keyctl:
         ops.append(["groups", groups])
     env = dict(spec.env)
     env.setdefault("PATH", DEFAULT_PATH)
-    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_], ["exec", spec.argv, env]]
+    ops += [["ids", spec.uid, spec.gid], ["close-fds", []], ["seccomp", filter_, -1, 0], ["exec", spec.argv, env]]
     return ops
 
 
@@ -371,7 +386,8 @@ def describe(op: Op) -> str:
     if name == "mkdir":
         return f"mkdir {args[0]} {args[1]:04o}"
     if name == "seccomp":
-        return f"seccomp filter ({len(args[0]) // 8} BPF instructions)"
+        listener = ", listener to the supervisor" if args[1] >= 0 else ""
+        return f"seccomp filter ({len(args[0]) // 8} BPF instructions{listener})"
     if name == "exec":
         return f"exec {args[0]} (env {sorted(args[1])})"
     return " ".join([name, *(str(a) for a in args)])
@@ -552,11 +568,23 @@ def _spawn_once(
 
     errr, errw = os.pipe2(os.O_CLOEXEC)
     specr, specw = os.pipe2(os.O_CLOEXEC)
-    groups = _settable_groups(spec.groups)
+    sup = None
+    notify = (-1, 0)
+    if spec.emulate:
+        import socket
+
+        from rootless.sandbox import notify as notify_mod
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        creds = notify_mod.Creds.of(spec.uid, spec.gid, spec.groups)
+        sup = notify_mod.Supervisor(ours, creds, spec.lowers, spec.upper)
+        notify = (theirs.detach(), seccomp.syscall_number("seccomp"))
+    groups = None if spec.emulate else _settable_groups(spec.groups)
+    program = seccomp.program(spec.emulate, spec.emulate and (spec.uid, spec.gid) != (0, 0))
     if spec.namespaces:
-        ops = plan(spec, files, groups, seccomp.program(), seccomp.syscall_number("keyctl"), fresh_proc=not shared_pid)
+        ops = plan(spec, files, groups, program, seccomp.syscall_number("keyctl"), notify, fresh_proc=not shared_pid)
     else:
-        ops = plan_chroot(spec, groups, seccomp.program(), seccomp.syscall_number("keyctl"))
+        ops = plan_chroot(spec, groups, program, seccomp.syscall_number("keyctl"))
     if log is not None:
         for op in ops:
             log("RUN sandbox: " + describe(op))
@@ -574,17 +602,21 @@ def _spawn_once(
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
-            pass_fds=(specr, errw),
+            pass_fds=(specr, errw) + ((notify[0],) if notify[0] >= 0 else ()),
             start_new_session=True,
         )
     except OSError as e:
-        for fd in (errr, errw, specr, specw, relay_r, relay_w):
+        for fd in (errr, errw, specr, specw, relay_r, relay_w, notify[0]):
             if fd >= 0:
                 os.close(fd)
+        if sup is not None:
+            sup.stop()
         raise RbuildError(f"cannot start the RUN sandbox ({sys.executable}): {e.strerror}") from None
-    for fd in (errw, specr, relay_w):
+    for fd in (errw, specr, relay_w, notify[0]):
         if fd >= 0:
             os.close(fd)
+    if sup is not None:
+        sup.start()
     try:
         with open(specw, "wb") as f:
             f.write(
@@ -612,6 +644,12 @@ def _spawn_once(
             proc.wait()
         raise
     finally:
+        if sup is not None:
+            sup.stop()
+            spec.warnings += sup.warnings
+            if log is not None:
+                shown = ", ".join(f"{n} {c}" for n, c in sorted(sup.calls.items(), key=lambda t: -t[1]))
+                log(f"RUN supervisor: {sum(sup.calls.values())} system calls answered ({shown})")
         msg = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(errr, 4096):
@@ -619,6 +657,8 @@ def _spawn_once(
         os.close(errr)
         if relay_r >= 0:
             os.close(relay_r)
+    if sup is not None and sup.errors:
+        raise RbuildError("RUN: single-uid emulation failed: " + "; ".join(sorted(set(sup.errors))))
     if msg:
         code, _, text = msg.decode(errors="replace").partition(" ")
         if code == "exec":  # the RUN's program could not be started (its own exit 127 is no message)
