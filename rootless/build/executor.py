@@ -421,7 +421,13 @@ class Executor:
             labels.update(dict(cmd.labels))
             c["Labels"] = labels
         elif isinstance(cmd, ins.WorkdirCmd):
-            c["WorkingDir"] = clean_abs(cmd.path, c.get("WorkingDir") or "/")
+            # BuildKit's NormalizeWorkdir (util/system/path.go): an absolute path is kept as written
+            # (`/var/lib/etcd/`), a relative one is joined to the current WORKDIR and cleaned
+            path = cmd.path
+            c["WorkingDir"] = path if path.startswith("/") else clean_abs(path, c.get("WorkingDir") or "/")
+            if clean_abs(c["WorkingDir"]) != "/":
+                # and the directory is made at once, owned by USER (dispatchWorkdir's llb.Mkdir)
+                return self.with_rootfs(state, lambda merged, scratch: None)
         elif isinstance(cmd, ins.UserCmd):
             c["User"] = cmd.user
         elif isinstance(cmd, ins.ExposeCmd):
@@ -494,8 +500,8 @@ class Executor:
     def ensure_workdir(self, state: StageState, merged: str) -> None:
         """WORKDIR's directory, made when the next step has a tree (owned by USER, as BuildKit makes it)."""
         c = state.config["config"]
-        workdir = c.get("WorkingDir")
-        if not workdir or os.path.isdir(secure_join(merged, workdir)):
+        workdir = clean_abs(c.get("WorkingDir") or "/")
+        if workdir == "/" or os.path.isdir(secure_join(merged, workdir)):
             return
         uid = gid = 0
         if c.get("User"):
@@ -816,8 +822,10 @@ class Executor:
                     u = sandbox.resolve_user(merged, cmd.chown)
                 except RbuildError as e:
                     raise self.err(cmd.node, f"--chown={cmd.chown}: {e}") from None
-                # docker: a user without a group uses the same numeric value as the gid
-                owner = (u.uid, u.gid if ":" in cmd.chown else u.uid)  # unmappable ids are recorded
+                # BuildKit (solver/llbsolver/ops/user_linux.go readUser): a user name alone takes its primary
+                # group from the stage's /etc/passwd, a uid alone is also the gid
+                by_id = cmd.chown.isdigit()
+                owner = (u.uid, u.uid if by_id else u.gid)  # unmappable ids are recorded
             try:
                 if not cmd.sources:
                     for h in cmd.heredocs:
@@ -866,7 +874,7 @@ class Executor:
         cmd: Any,
         dest: str,
         owner: tuple[int, int] | None,
-        chmod: int | None,
+        chmod: copyfiles.Chmod | None,
         what: str,
         is_add: bool,
         scratch: str,
@@ -1007,7 +1015,9 @@ def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
 
 
 def _port(p: str) -> str:
-    return p if "/" in p else p + "/tcp"
+    """PORT[/PROTO] as BuildKit records it: tcp by default, the protocol in lower case (convert_expose.go)."""
+    port, _, proto = p.partition("/")
+    return f"{port}/{(proto or 'tcp').lower()}"
 
 
 def _is_url(src: str) -> bool:
