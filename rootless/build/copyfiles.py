@@ -705,21 +705,18 @@ def copy_into(
         host = item.host  # already resolved inside src_root by select()
         item_dest = os.path.join(dest_clean, item.sub) if item.sub else dest_clean
         if os.path.isdir(host):
-            # each destination directory is resolved inside root once: a directory the image has as a
-            # symlink (/lib -> usr/lib) is copied into, never replaced and never followed out of root
+            # the destination itself is resolved inside root, symlinks followed (BuildKit: fs.RootPath in
+            # fsutil copy.go Copy); a directory below it meets what the image has there as it is: a symlink
+            # or a file where the source has a directory is an error (copy.go copyDirectoryOnly)
             resolved = {"": ensure_dir(root, item_dest, uid, gid, dir_mode(chmod))}
             for path, rel in walk(item, src_root, rules):
                 if not rel:
                     continue
-                parent = os.path.dirname(rel)
-                parent_host = resolved.get(parent) or secure_join(root, os.path.join(item_dest, parent))
-                dst = os.path.join(parent_host, os.path.basename(rel))
+                dst = os.path.join(resolved[os.path.dirname(rel)], os.path.basename(rel))
                 if os.path.isdir(path) and not os.path.islink(path):
-                    if os.path.islink(dst):
-                        real = secure_join(root, os.path.join(item_dest, rel))
-                        if os.path.isdir(real):
-                            resolved[rel] = real
-                            continue
+                    if os.path.lexists(dst) and (os.path.islink(dst) or not os.path.isdir(dst)):
+                        shown = os.path.normpath(os.path.join(item_dest, rel))
+                        raise RbuildError(f"{what}: cannot copy to non-directory: {shown}")
                     resolved[rel] = dst
                 copier.entry(path, dst)
             continue
