@@ -20,11 +20,7 @@ def mounted(lowers: list[str], upper: str | None, work: str | None, target: str,
     """Mount lowers (top first) + optional upper at target; unmount on exit.
 
     With no upper and a single lower the lower is bind-mounted read-only (overlay wants two lowers then).
-    A layer that comes twice (an image repeating a layer: `COPY f /f` twice) is mounted once, at its top
-    place: overlayfs refuses a lower dir given twice (ELOOP), and the lower copy adds nothing, as the upper
-    one shadows all it holds and hides all it whites out.
     """
-    lowers = list({os.path.realpath(d): d for d in lowers}.values())  # first (top) place kept
     os.makedirs(links, exist_ok=True)
     names = []
     for i, lower in enumerate(lowers):
