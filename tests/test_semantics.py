@@ -198,6 +198,23 @@ def test_dockerignore_allow_list_keeps_parent_dirs(rb: Runner, busybox: str) -> 
     # a path that is not re-included is still not there
     ctx = rb.context({**files, "Containerfile": cf(busybox, "COPY dir/top /t\n")})
     assert "dir/top: no such file or directory in the build context" in failed(rb, ctx)
+    # and through a symlink to the excluded directory only the re-included file is seen
+    ctx = rb.context(
+        {
+            **files,
+            "Containerfile": cf(
+                busybox,
+                "COPY link/ /y/\n"
+                "RUN --mount=type=bind,source=link,target=/s test ! -e /s/sub/other && cat /s/sub/file > /seen\n",
+            ),
+            ".dockerignore": "dir\n!dir/sub/file\n",
+        }
+    )
+    os.symlink("dir", os.path.join(ctx, "link"))
+    os.lchown(os.path.join(ctx, "link"), rb.uid, rb.gid)
+    _, tree = built(rb, ctx, "allow-list-link")
+    assert sorted(p for p in tree if p.startswith("/y")) == ["/y", "/y/sub", "/y/sub/file"]
+    assert tree["/seen"].size == len("kept\n")
 
 
 def test_copy_dir_modes_umask_002_context(rb: Runner, busybox: str) -> None:
