@@ -88,8 +88,10 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
                     u = sandbox.resolve_user(merged, cmd.chown)
                 except RbuildError as e:
                     raise self.ex.err(cmd.node, f"--chown={cmd.chown}: {e}") from None
-                # docker: a user without a group uses the same numeric value as the gid
-                owner = (u.uid, u.gid if ":" in cmd.chown else u.uid)  # unmappable ids are recorded
+                # BuildKit (solver/llbsolver/ops/user_linux.go readUser): a user name alone takes its primary
+                # group from the stage's /etc/passwd, a uid alone is also the gid
+                by_id = cmd.chown.isdigit()
+                owner = (u.uid, u.uid if by_id else u.gid)  # unmappable ids are recorded
             try:
                 if not cmd.sources:
                     for h in cmd.heredocs:
@@ -138,7 +140,7 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
         cmd: ins.CopyCmd | ins.AddCmd,
         dest: str,
         owner: tuple[int, int] | None,
-        chmod: int | None,
+        chmod: copyfiles.Chmod | None,
         what: str,
         is_add: bool,
         scratch: str,

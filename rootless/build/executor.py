@@ -30,7 +30,7 @@ from rootless.env.strategy import Strategy
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
 from rootless.frontend import instructions as ins
 from rootless.frontend.containerfile import Node
-from rootless.kernel.fspath import secure_join
+from rootless.kernel.fspath import clean_abs, secure_join
 from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.sandbox import spec as sandbox
@@ -363,8 +363,8 @@ class Executor:
     def ensure_workdir(self, state: StageState, merged: str) -> None:
         """WORKDIR's directory, made when the next step has a tree (owned by USER, as BuildKit makes it)."""
         c = state.config["config"]
-        workdir = c.get("WorkingDir")
-        if not workdir or os.path.isdir(secure_join(merged, workdir)):
+        workdir = clean_abs(c.get("WorkingDir") or "/")
+        if workdir == "/" or os.path.isdir(secure_join(merged, workdir)):
             return
         uid = gid = 0
         if c.get("User"):

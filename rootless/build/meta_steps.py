@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 
 
 def port(p: str) -> str:
-    return p if "/" in p else p + "/tcp"
+    """PORT[/PROTO] as BuildKit records it: tcp by default, the protocol in lower case (convert_expose.go)."""
+    number, _, proto = p.partition("/")
+    return f"{number}/{(proto or 'tcp').lower()}"
 
 
 class EnvStep(Step[ins.EnvCmd]):
@@ -46,7 +48,13 @@ class WorkdirStep(Step[ins.WorkdirCmd]):
 
     def apply(self, state: StageState, cmd: ins.WorkdirCmd) -> bool:
         c = state.config["config"]
-        c["WorkingDir"] = clean_abs(cmd.path, c.get("WorkingDir") or "/")
+        # BuildKit's NormalizeWorkdir (util/system/path.go): an absolute path is kept as written
+        # (`/var/lib/etcd/`), a relative one is joined to the current WORKDIR and cleaned
+        path = cmd.path
+        c["WorkingDir"] = path if path.startswith("/") else clean_abs(path, c.get("WorkingDir") or "/")
+        if clean_abs(c["WorkingDir"]) != "/":
+            # and the directory is made at once, owned by USER (dispatchWorkdir's llb.Mkdir)
+            return self.ex.with_rootfs(state, lambda merged, scratch: None)
         return False
 
 
