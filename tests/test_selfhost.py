@@ -3,45 +3,17 @@ Debian base made here with debootstrap), and the image it makes builds images (w
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 import yaml
-from conftest import Runner, write_oci_layout
+from conftest import Runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MIRROR = "http://deb.debian.org/debian"
-
-
-@pytest.fixture(scope="module")
-def debian_layout() -> Iterator[str]:
-    """Debian bookworm minbase as an OCI layout (the Debian mirror is reachable in CI; nothing else is)."""
-    work = tempfile.mkdtemp(prefix="rbtest-debian-", dir="/var/tmp")
-    os.chmod(work, 0o755)
-    try:
-        rootfs = os.path.join(work, "rootfs")
-        res = subprocess.run(
-            ["debootstrap", "--variant=minbase", "bookworm", rootfs, MIRROR], capture_output=True, text=True
-        )
-        if res.returncode != 0:
-            pytest.skip(f"debootstrap from {MIRROR} failed (no Debian mirror?): {res.stderr.strip()[-300:]}")
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            for name in sorted(os.listdir(rootfs)):
-                tf.add(os.path.join(rootfs, name), arcname=name)
-        shutil.rmtree(rootfs)
-        layout = os.path.join(work, "layout")
-        write_oci_layout(layout, [buf.getvalue()], compress=False)
-        subprocess.run(["chmod", "-R", "a+rX", layout], check=True)
-        yield layout
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 # a container of the image, made by hand: its root by pivot_root (a chroot would forbid user namespaces),

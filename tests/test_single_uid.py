@@ -152,20 +152,15 @@ def _files(img: Image) -> dict[str, bytes]:
     return out
 
 
-DEBIAN = "/var/cache/rbuild-bench/debian-bookworm-minbase-oci"  # made by bench/run.py (debootstrap, once)
-
-
-def test_debian_same_image_with_and_without_a_range(rb: Runner, rb_single: Runner) -> None:
+def test_debian_same_image_with_and_without_a_range(rb: Runner, rb_single: Runner, debian_layout: str) -> None:
     """useradd -m, chown -R and dpkg-statoverride on Debian: the same image with and without a range."""
-    if not os.path.isdir(DEBIAN):
-        pytest.skip(f"no cached Debian image at {DEBIAN} (bench/run.py makes it; tests do not download it)")
     body = (
         "RUN useradd -m -u 1500 app && mkdir -p /srv/data/sub && touch /srv/data/sub/f "
         "&& chown -R app:app /srv/data && dpkg-statoverride --update --add root app 4750 /usr/bin/newgrp\n"
     )
     images = []
     for runner in (rb, rb_single):
-        ctx = runner.context({"Containerfile": f"FROM oci:{DEBIAN}\n{body}"})
+        ctx = runner.context({"Containerfile": f"FROM oci:{debian_layout}\n{body}"})
         runner.build(ctx, "-t", "su-debian", "--no-cache")
         out = runner.mkdir()
         runner.run("push", "su-debian", f"oci:{out}/l")
