@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from rootless.env.userns import sub_ranges
 from rootless.kernel import linux
 from rootless.rootfs import fusehelper
 
@@ -361,24 +362,11 @@ def _map_attempt(uid_ranges: list[tuple[int, int]], gid_ranges: list[tuple[int, 
 # -------------------------------------------------------------------------------------------------------
 
 
-def _sub_ranges(path: str, names: set[str]) -> list[tuple[int, int]]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.strip().split(":")
-                if len(parts) == 3 and parts[0] in names and parts[1].isdigit() and parts[2].isdigit():
-                    out.append((int(parts[1]), int(parts[2])))
-    except OSError:
-        pass
-    return out
-
-
 def _free_start() -> int:
     """The first id after every range given out (the START of the subuid line a remedy suggests)."""
     top = 100000
     for path in ("/etc/subuid", "/etc/subgid"):
-        for start, count in _sub_ranges(path, _all_names(path)):
+        for start, count in sub_ranges(path, _all_names(path)):
             top = max(top, start + count)
     return top
 
@@ -582,8 +570,8 @@ def _id_checks(uid: int, real_root: bool, userns: bool, nnp: bool) -> list[Check
         helpers_ok &= ok
         remedy = "" if ok else (NNP_REMEDY if nnp and "no_new_privs" in detail else "apt-get install uidmap")
         out.append(Check(tool, ok, detail, remedy))
-    uids = _sub_ranges("/etc/subuid", names)
-    gids = _sub_ranges("/etc/subgid", names)
+    uids = sub_ranges("/etc/subuid", names)
+    gids = sub_ranges("/etc/subgid", names)
     line = f"{user}:{_free_start()}:65536"
     fix = f"add '{line}' to /etc/subuid and /etc/subgid (usermod --add-subuids/--add-subgids)"
     for label, ranges in (("subuid", uids), ("subgid", gids)):

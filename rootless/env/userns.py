@@ -28,7 +28,8 @@ from rootless.idmap import IdMap, Range
 from rootless.kernel import linux
 
 
-def _sub_ranges(path: str, names: set[str]) -> list[tuple[int, int]]:
+def sub_ranges(path: str, names: set[str]) -> list[tuple[int, int]]:
+    """(start, count) of the lines of /etc/subuid or /etc/subgid that name one of `names`."""
     out: list[tuple[int, int]] = []
     try:
         with open(path) as f:
@@ -171,8 +172,8 @@ def host_mapping() -> tuple[IdMap, str | None]:
         names.add(pwd.getpwuid(uid).pw_name)
     except KeyError:
         pass
-    subuids = _sub_ranges("/etc/subuid", names)
-    subgids = _sub_ranges("/etc/subgid", names)
+    subuids = sub_ranges("/etc/subuid", names)
+    subgids = sub_ranges("/etc/subgid", names)
     helpers = shutil.which("newuidmap") and shutil.which("newgidmap")
     if subuids and subgids and helpers:
         uids: list[Range] = [(0, uid, 1)]
