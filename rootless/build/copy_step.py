@@ -166,7 +166,9 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
             items = plain
             if not items:
                 return
-        copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what)
+        upper = self.ex.step_upper
+        direct = (upper, self.ex.step_lowers) if upper != merged else None
+        copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what, direct)
 
 
 def select_items(

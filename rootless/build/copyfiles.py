@@ -632,7 +632,7 @@ class _Copier:
         elif stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
         elif stat.S_ISREG(mode):
-            _copy_file(src, dst, st.st_size)
+            _copy_file(src, dst, st.st_size, st.st_dev)
         elif stat.S_ISFIFO(mode):
             os.mkfifo(dst, 0o600)
         else:
@@ -664,16 +664,25 @@ def copy_entry(src: str, dst: str) -> None:
     copier.finish()
 
 
-def _copy_file(src: str, dst: str, size: int) -> None:
+_no_copy_range: set[tuple[int, int]] = set()  # (source dev, target dev) pairs copy_file_range refused
+
+
+def _copy_file(src: str, dst: str, size: int, src_dev: int = -1) -> None:
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
         fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             left = size
+            devs = (src_dev, os.fstat(fout).st_dev) if src_dev >= 0 and size else (-1, -1)
             while left > 0:
-                try:
-                    n = os.copy_file_range(fin, fout, min(left, 1 << 30))
-                except OSError:
+                n = -1
+                if devs not in _no_copy_range:
+                    try:
+                        n = os.copy_file_range(fin, fout, min(left, 1 << 30))
+                    except OSError:
+                        if devs[0] >= 0:
+                            _no_copy_range.add(devs)  # across filesystems (overlay): sendfile from now on
+                if n < 0:
                     n = os.sendfile(fout, fin, None, min(left, 1 << 30))
                 if n == 0:
                     break
@@ -693,10 +702,13 @@ def copy_into(
     owner: tuple[int, int] | None,
     chmod: Chmod | None,
     what: str,
+    direct: tuple[str, list[str]] | None = None,
 ) -> None:
     """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest.
 
     Directories COPY has to create belong to the --chown owner (root without one), as in buildah and BuildKit.
+    `direct` (the overlay's upper dir and its lower dirs, top first): when dest is a new path, write there
+    instead of through the overlay at root (a third of the syscalls, none of overlay's lookups in the lowers).
     """
     dest_is_dir = dest.endswith("/") or len(items) > 1
     dest_clean = os.path.normpath(dest) if dest not in ("", "/") else "/"
@@ -708,6 +720,8 @@ def copy_into(
                 "a directory and end with a /"
             )
     uid, gid = owner if owner is not None else (0, 0)
+    if direct is not None and _copy_up_parent(root, direct[0], direct[1], dest_clean):
+        root = direct[0]  # the destination is new: every write goes straight into the upper dir
     copier = _Copier(owner, chmod)
     for item in items:
         host = item.host  # already resolved inside src_root by select()
@@ -735,6 +749,61 @@ def copy_into(
             target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid, dir_mode(chmod))
             copier.entry(host, os.path.join(target_dir, os.path.basename(dest_clean)))
     copier.finish()
+
+
+def _copy_up_parent(merged: str, upper: str, lowers: list[str], dest: str) -> bool:
+    """Make the upper dir ready for dest to be written into it directly, as the overlay would: False (and
+    nothing changed) unless dest is absent from the tree and from every layer below, so nothing merges there.
+
+    dest's nearest existing ancestor (symlinks resolved in the tree) is copied up like overlayfs does it:
+    each directory not yet in the upper made with the owner, mode, xattrs and times of the merged one.
+    """
+    parts = [p for p in dest.split("/") if p]
+    if not parts:
+        return False
+    try:
+        followed: list[str] = []
+        host = secure_join(merged, "/" + "/".join(parts), follow_final=False, followed=followed)
+        if os.path.lexists(host):
+            return False
+        # the nearest ancestor that exists, as a path below merged (symlinks already resolved)
+        rel = os.path.relpath(host, merged)
+        chain = [] if rel == "." else rel.split("/")
+        base = len(chain)
+        while base > 0 and not os.path.lexists(os.path.join(merged, *chain[:base])):
+            base -= 1
+        new_name = chain[base] if base < len(chain) else None
+        anc = chain[:base]
+        if new_name is None or not os.path.isdir(os.path.join(merged, *anc)):
+            return False
+        for lower in lowers:  # a whiteout or any entry of that name below: the overlay would merge or hide
+            if os.path.lexists(os.path.join(lower, *anc, new_name)):
+                return False
+        for i in range(len(anc) + 1):  # what the upper already has must be plain directories
+            p = os.path.join(upper, *anc[:i])
+            if os.path.lexists(p) and (os.path.islink(p) or not os.path.isdir(p)):
+                return False
+        if os.path.lexists(os.path.join(upper, *anc, new_name)):
+            return False
+    except OSError:
+        return False
+    made: list[tuple[str, os.stat_result]] = []
+    for i in range(1, len(anc) + 1):
+        up = os.path.join(upper, *anc[:i])
+        if os.path.isdir(up):
+            continue
+        src = os.path.join(merged, *anc[:i])
+        st = os.lstat(src)
+        os.mkdir(up, 0o700)
+        os.lchown(up, st.st_uid, st.st_gid)
+        os.chmod(up, stat.S_IMODE(st.st_mode))
+        for name in os.listxattr(src, follow_symlinks=False):
+            if not name.startswith("user.overlay."):
+                os.setxattr(up, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+        made.append((up, st))
+    for up, st in reversed(made):  # a copy-up keeps the times; only dest's own parent changes when dest is made
+        os.utime(up, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    return True
 
 
 def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: Chmod | None) -> None:

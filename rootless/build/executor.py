@@ -352,6 +352,7 @@ class Executor:
                 self.touched = root.touched
                 self.emulated_owner: tuple[int, int] | None = None  # a single-uid RUN's USER (run_step)
                 self.step_upper = root.upper
+                self.step_lowers = lowers
                 self.ensure_workdir(state, root.path)
                 action(root.path, scratch)
             diff_id = self.commit_upper(root.diff(), state.layers, lowers if untrusted else None)
