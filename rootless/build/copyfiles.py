@@ -344,6 +344,10 @@ class FileDigests:
         self.path = path
         self.known: dict[str, list[int | str]] = {}
         self.seen: dict[str, list[int | str]] = {}
+        # while a COPY's sources are hashed: a file read for its digest is copied here in the same pass, and
+        # the COPY, on a cache miss, renames the copy into place (the context is read once)
+        self.stage_dir: Callable[[], str] | None = None  # gives the directory (made at the first use)
+        self.staged: dict[str, tuple[list[int | str], str]] = {}  # context path -> (stat stamp, its copy)
         if path:
             try:
                 with open(path, "rb") as f:
@@ -359,8 +363,19 @@ class FileDigests:
             return str(old[4])
         h = hashlib.sha256()
         with open_regular(path, path, follow=False) as f:  # lstat said so; a swap for a FIFO must not hang
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
+            if self.stage_dir is None:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+            else:
+                copy = os.path.join(self.stage_dir(), str(len(self.staged)))
+                out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                try:
+                    while chunk := f.read(CHUNK):
+                        h.update(chunk)
+                        os.write(out, chunk)  # a regular file on a local filesystem: written whole
+                finally:
+                    os.close(out)
+                self.staged[path] = (stamp, copy)
         self.seen[path] = [*stamp, h.hexdigest()]
         return h.hexdigest()
 
@@ -605,9 +620,12 @@ def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o7
 class _Copier:
     """Copies entries with docker's ownership rules, keeping hardlinks and setting directory times last."""
 
-    def __init__(self, owner: tuple[int, int] | None, chmod: Chmod | None) -> None:
+    def __init__(
+        self, owner: tuple[int, int] | None, chmod: Chmod | None, staged: dict[str, tuple[list[int | str], str]]
+    ) -> None:
         self.owner = owner  # None: keep the source's ownership (COPY --from without --chown)
         self.chmod = chmod
+        self.staged = staged  # copies made while hashing (FileDigests.staged): taken, not copied again
         self.links: dict[tuple[int, int], str] = {}
         self.dir_times: list[tuple[str, int, int]] = []
 
@@ -632,7 +650,8 @@ class _Copier:
         elif stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
         elif stat.S_ISREG(mode):
-            _copy_file(src, dst, st.st_size, st.st_dev)
+            if not self._take_staged(src, st, dst):
+                _copy_file(src, dst, st.st_size, st.st_dev)
         elif stat.S_ISFIFO(mode):
             os.mkfifo(dst, 0o600)
         else:
@@ -652,6 +671,17 @@ class _Copier:
         else:
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
+    def _take_staged(self, src: str, st: os.stat_result, dst: str) -> bool:
+        """Rename the copy the hashing pass made of src into dst, if src is unchanged since."""
+        staged = self.staged.pop(src, None)
+        if staged is None or staged[0] != [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]:
+            return False
+        try:
+            os.rename(staged[1], dst)
+        except OSError:  # another filesystem: copy as usual
+            return False
+        return True
+
     def finish(self) -> None:
         for path, atime, mtime in reversed(self.dir_times):
             os.utime(path, ns=(atime, mtime), follow_symlinks=False)
@@ -659,7 +689,7 @@ class _Copier:
 
 def copy_entry(src: str, dst: str) -> None:
     """src copied to dst as it is: content, mode, owner and times."""
-    copier = _Copier(None, None)
+    copier = _Copier(None, None, {})
     copier.entry(src, dst)
     copier.finish()
 
@@ -703,6 +733,7 @@ def copy_into(
     chmod: Chmod | None,
     what: str,
     direct: tuple[str, list[str]] | None = None,
+    staged: dict[str, tuple[list[int | str], str]] | None = None,
 ) -> None:
     """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest.
 
@@ -722,7 +753,7 @@ def copy_into(
     uid, gid = owner if owner is not None else (0, 0)
     if direct is not None and _copy_up_parent(root, direct[0], direct[1], dest_clean):
         root = direct[0]  # the destination is new: every write goes straight into the upper dir
-    copier = _Copier(owner, chmod)
+    copier = _Copier(owner, chmod, staged if staged is not None else {})
     for item in items:
         host = item.host  # already resolved inside src_root by select()
         item_dest = os.path.join(dest_clean, item.sub) if item.sub else dest_clean
