@@ -348,6 +348,7 @@ class FileDigests:
         # the COPY, on a cache miss, renames the copy into place (the context is read once)
         self.stage_dir: Callable[[], str] | None = None  # gives the directory (made at the first use)
         self.staged: dict[str, tuple[list[int | str], str]] = {}  # context path -> (stat stamp, its copy)
+        self.copies = 0  # names them
         if path:
             try:
                 with open(path, "rb") as f:
@@ -367,7 +368,8 @@ class FileDigests:
                 while chunk := f.read(CHUNK):
                     h.update(chunk)
             else:
-                copy = os.path.join(self.stage_dir(), str(len(self.staged)))
+                self.copies += 1
+                copy = os.path.join(self.stage_dir(), str(self.copies))
                 out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 try:
                     while chunk := f.read(CHUNK):
