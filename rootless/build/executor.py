@@ -308,6 +308,8 @@ class Executor:
 
     def export_cache(self) -> None:
         """Push the build's steps to each --cache-to (mode=min: the final stage's steps only)."""
+        if not self.opts.cache_to:
+            return
         from rootless.build import regcache
 
         for spec in self.opts.cache_to:
