@@ -15,7 +15,6 @@ import json
 import os
 import shlex
 import stat
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rootless.build import copyfiles
+from rootless.build.cache import CACHE_VERSION, LocalStepCache, StepCache, StepResult, step_key
 from rootless.build.planner import PROXY_ARGS, Plan, Stage
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
+from rootless.events import BuildDone, CacheHit, Notice, Output, Reporter, StepDone, StepStarted, Warn
 from rootless.kernel.fspath import clean_abs, open_beneath, secure_join
 from rootless.oci import image as img
 from rootless.rootfs import overlay
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from rootless.frontend.instructions import Command
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
-CACHE_VERSION = "rbuild-cache-1"
 
 
 @dataclass
@@ -70,10 +70,6 @@ class StageState:
     base_blobs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _env_dict(config: dict[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in config.get("config", {}).get("Env") or []:
@@ -94,10 +90,12 @@ def _set_env(config: dict[str, Any], key: str, value: str) -> None:
 
 
 class Executor:
-    def __init__(self, plan: Plan, store: Store, opts: BuildOptions) -> None:
+    def __init__(self, plan: Plan, store: Store, opts: BuildOptions, reporter: Reporter, cache: StepCache) -> None:
         self.plan = plan
         self.store = store
         self.opts = opts
+        self.reporter = reporter
+        self.cache = cache
         self.results: dict[int, StageState] = {}
         self.used_args: set[str] = set()
         self.ignore_rules = copyfiles.load_ignore(plan.context, opts.containerfile)
@@ -115,8 +113,13 @@ class Executor:
 
     # -- output ------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
-        if not self.opts.quiet:
-            print(msg, file=sys.stderr, flush=True)
+        self.reporter.emit(Notice(msg))
+
+    def started(self, stage: Stage, index: int, steps: int, node: Any) -> None:
+        order = self.plan.order
+        where = order.index(stage.index) + 1
+        text = node.original.strip()
+        self.reporter.emit(StepStarted(where, len(order), index, steps, text, self.plan.filename, node.start_line))
 
     def err(self, node: Any, msg: str) -> ContainerfileError:
         return ContainerfileError(msg, self.plan.filename, node.start_line)
@@ -141,7 +144,7 @@ class Executor:
             - {"SOURCE_DATE_EPOCH"}
         )
         if unused:
-            print(f"[Warning] one or more build-args {unused} were not consumed", file=sys.stderr)
+            self.reporter.emit(Warn(f"[Warning] one or more build-args {unused} were not consumed"))
         return self.commit_image(final)
 
     def commit_image(self, state: StageState) -> str:
@@ -172,17 +175,14 @@ class Executor:
 
     def run_stage(self, stage: Stage) -> StageState:
         n = len(stage.commands) + 1
-        order = self.plan.order
-        prefix = f"[{order.index(stage.index) + 1}/{len(order)}] " if len(order) > 1 else ""
         fc: Any = stage.from_cmd
-        self.log(f"{prefix}STEP 1/{n}: {fc.node.original.strip()}")
+        self.started(stage, 1, n, fc.node)
         state = self.base_state(stage)
         triggers = state.config["config"].pop("OnBuild", None) or []
         for trig in triggers:
             state = self.run_trigger(stage, state, trig)
         for i, cmd in enumerate(stage.commands, start=2):
-            node = cmd.node  # type: ignore[attr-defined]
-            self.log(f"{prefix}STEP {i}/{n}: {node.original.strip()}")
+            self.started(stage, i, n, cmd.node)  # type: ignore[attr-defined]
             state = self.step(stage, state, cmd)
         return state
 
@@ -204,12 +204,16 @@ class Executor:
             if prev is None:
                 raise self.err(fc.node, f"stage {stage.base!r} is used before it was built")
             return StageState(
-                copy.deepcopy(prev.config), list(prev.layers), _key("stage", prev.key), {}, base_blobs=prev.base_blobs
+                copy.deepcopy(prev.config),
+                list(prev.layers),
+                step_key("stage", prev.key),
+                {},
+                base_blobs=prev.base_blobs,
             )
         if stage.base.lower() == "scratch":
             config = img.new_config(self.created())
             config["config"]["Env"] = ["PATH=" + sandbox.DEFAULT_PATH]
-            return StageState(config, [], _key(CACHE_VERSION, "scratch", self.epoch, self.clamp), {})
+            return StageState(config, [], step_key(CACHE_VERSION, "scratch", self.epoch, self.clamp), {})
         rec = self.resolve_image(stage.base, fc.node)
         config = self.store.read_json(rec.id)
         config.setdefault("config", {})
@@ -219,7 +223,7 @@ class Executor:
         return StageState(
             config,
             diff_ids,
-            _key(CACHE_VERSION, "image", rec.id, self.epoch, self.clamp),
+            step_key(CACHE_VERSION, "image", rec.id, self.epoch, self.clamp),
             {},
             base_blobs=list(zip(diff_ids, descs, strict=False)),
         )
@@ -252,8 +256,7 @@ class Executor:
         if self.opts.pull == "never":
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
-            progress = not self.opts.quiet and sys.stderr.isatty()
-            with transports.open_source(name, self.store, self.opts.registry_options, progress) as src:
+            with transports.open_source(name, self.store, self.opts.registry_options, self.reporter) as src:
                 self.log(f"Pulled {src.name}")
                 return transports.import_image(self.store, src, [src.name], self.opts.single_uid, self.log)
         except RbuildError as e:
@@ -287,6 +290,7 @@ class Executor:
         from rootless.frontend import instructions as ins
 
         node = cmd.node
+        start = time.monotonic()
         if isinstance(cmd, ins.ArgCmd):
             # an ARG given by --build-arg keeps its default unexpanded (a bad default must not fail it)
             return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state), skip=self.plan.build_args))
@@ -301,7 +305,7 @@ class Executor:
             extra = self.copy_key(state, cmd)
         elif isinstance(cmd, ins.RunCmd) and cmd.mounts:
             extra = self.mount_key(cmd)
-        key = _key(
+        key = step_key(
             state.key,
             node.keyword,
             desc,
@@ -314,12 +318,12 @@ class Executor:
             state.config["config"].get("Shell"),
         )
         if not self.opts.no_cache:
-            hit = self.store.cache_get(key)
+            hit = self.cache.lookup(key)
             if hit is not None:
-                self.log(f"--> Using cache {key[:12]}")
-                return StageState(
-                    hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set), state.base_blobs
-                )
+                self.reporter.emit(CacheHit(key))
+                self.reporter.emit(StepDone(key, None, time.monotonic() - start, True))
+                cmd_set = state.cmd_set if hit.cmd_set is None else hit.cmd_set
+                return StageState(hit.config, hit.layers, key, state.args, cmd_set, state.base_blobs)
         new = StageState(
             copy.deepcopy(state.config), list(state.layers), key, state.args, state.cmd_set, state.base_blobs
         )
@@ -330,8 +334,8 @@ class Executor:
         new.config["history"] = list(new.config.get("history") or []) + [history]
         new.config["created"] = history["created"]
         new.config["rootfs"] = {"type": "layers", "diff_ids": list(new.layers)}
-        self.store.cache_put(key, {"config": new.config, "layers": new.layers, "cmd_set": new.cmd_set})
-        self.log(f"--> {key[:12]}")
+        self.cache.store(key, StepResult(new.config, new.layers, new.cmd_set))
+        self.reporter.emit(StepDone(key, new.layers[-1] if layer_made else None, time.monotonic() - start, False))
         return new
 
     def describe(self, cmd: Command) -> str:
@@ -733,11 +737,16 @@ class Executor:
                     with tempfile.TemporaryFile() as out:
                         spec.output_fd = out.fileno()
                         status = self.sandbox_run(merged, spec, scratch, cmd)
-                        if status != 0:
+                        if status != 0:  # quiet: a failed RUN's output is shown after all
                             out.seek(0)
-                            sys.stderr.buffer.write(out.read())
-                            sys.stderr.flush()
+                            while chunk := out.read(65536):
+                                self.reporter.emit(Output(chunk))
                 else:
+                    fd = self.reporter.output_fd
+                    if fd is None:
+                        spec.output = lambda data: self.reporter.emit(Output(data))
+                    else:
+                        spec.output_fd = fd
                     status = self.sandbox_run(merged, spec, scratch, cmd)
             if status != 0:
                 shown = " ".join(shlex.quote(a) for a in argv) if not cmd.shell_form else " ".join(argv)
@@ -1078,10 +1087,10 @@ def _download(url: str, into: str, what: str) -> Download:
     return Download(copyfiles.SourceItem(path, name), h.hexdigest())
 
 
-def build(plan: Plan, store: Store, opts: BuildOptions) -> str:
-    """Run the plan; return the image id."""
+def build(plan: Plan, store: Store, opts: BuildOptions, reporter: Reporter, cache: StepCache | None = None) -> str:
+    """Run the plan, its events to reporter, its steps looked up in cache (the store's own by default);
+    return the image id."""
     start = time.monotonic()
-    image_id = Executor(plan, store, opts).run()
-    if not opts.quiet:
-        print(f"--> built in {time.monotonic() - start:.2f}s", file=sys.stderr)
+    image_id = Executor(plan, store, opts, reporter, cache or LocalStepCache(store)).run()
+    reporter.emit(BuildDone(image_id, time.monotonic() - start))
     return image_id

@@ -82,7 +82,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--no-cache", action="store_true")
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
-    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
+    b.add_argument(
+        "--progress",
+        choices=["plain", "quiet", "json"],
+        help="step lines (plain, the default), only warnings and failed RUN output (quiet), "
+        "or one JSON object an event (json); all on stderr",
+    )
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
     attached_flag(
@@ -174,14 +180,39 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from rootless.registry import api as registry
 
         registry.add_login_arguments(li)
-        li.set_defaults(func=registry.login_command)
+        li.set_defaults(func=lambda a: _say(registry.login_command(a)))
         registry.add_logout_arguments(lo)
-        lo.set_defaults(func=registry.logout_command)
+        lo.set_defaults(func=lambda a: _say(registry.logout_command(a)))
     return parser
 
 
 # -------------------------------------------------------------------------------------------------------
 # plumbing
+
+
+def _reporter(args: argparse.Namespace) -> Any:
+    """The reporter for this command's events (made once): --progress, or -q, or plain text."""
+    made = getattr(args, "reporter", None)
+    if made is None:
+        from rootless.cli import report
+
+        mode = getattr(args, "progress", None)
+        quiet = getattr(args, "quiet", False)
+        if quiet and mode not in (None, "quiet"):
+            raise RbuildError(f"-q and --progress={mode} contradict each other")
+        made = args.reporter = report.reporter(mode or ("quiet" if quiet else "plain"))
+    return made
+
+
+def _error(message: str) -> None:
+    """The one `Error:` line of a failed command."""
+    print(f"Error: {message}", file=sys.stderr)
+
+
+def _say(line: str) -> int:
+    """A command's one line of result on stdout; success."""
+    print(line)
+    return 0
 
 
 def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
@@ -193,11 +224,13 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
     idmap, notice = userns.host_mapping()
     runtime = None
     if create:
+        from rootless.events import Warn
+
         # both paths depend on who we are on the host: resolve them before entering the user namespace
         runtime, runtime_notice = paths.runtime_dir()
         for line in (notice, runtime_notice):
-            if line and not getattr(args, "quiet_notice", False):
-                print(line, file=sys.stderr)
+            if line:
+                _reporter(args).emit(Warn(line))
     return Store(paths.store_root(getattr(args, "root", None)), runtime=runtime), idmap
 
 
@@ -217,7 +250,7 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> in
         with store.in_use():
             return fn(store, idmap)
 
-    return userns.run_inside(idmap, lambda: _guard(args, inner))
+    return userns.run_inside(idmap, lambda: _guard(args, inner), _error)
 
 
 def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
@@ -250,7 +283,7 @@ def _open_readonly(args: argparse.Namespace) -> Any:
                 _open_inside(store, idmap, create=False)
                 return 0
 
-            if userns.run_inside(idmap, lambda: _guard(args, convert)):
+            if userns.run_inside(idmap, lambda: _guard(args, convert), _error):
                 raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
             store.check_format()
     return store
@@ -306,7 +339,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.push and not args.tag:
         raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
     outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
-    plan = planner.plan(data, shown, context, build_args, args.target, private=outside)
+    reporter = _reporter(args)
+    plan = planner.plan(data, shown, context, build_args, args.target, reporter, private=outside)
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
     if raw_sde:
@@ -324,13 +358,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     def run(store: Any, idmap: Any) -> int:
         from rootless.build import executor
+        from rootless.events import Notice
 
         opts = executor.BuildOptions(
             tags=args.tag,
             labels=labels,
             no_cache=args.no_cache,
             fmt=args.format,
-            quiet=args.quiet,
+            quiet=args.quiet or args.progress == "quiet",
             timestamp=args.timestamp,
             source_date_epoch=sde,
             rewrite_timestamp=args.rewrite_timestamp,
@@ -341,7 +376,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
         )
-        image_id = executor.build(plan, store, opts)
+        image_id = executor.build(plan, store, opts, reporter)
         if args.push:
             from rootless.oci import transports
 
@@ -350,8 +385,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 digest = transports.export_image(
                     store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
                 )
-                if not args.quiet:
-                    print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
+                reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
         if args.iidfile:
             from rootless.store.store import atomic_write
 
@@ -518,7 +552,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             store.collect_garbage()
             return 0
 
-        gc_status = userns.run_inside(idmap, lambda: _guard(args, gc))
+        gc_status = userns.run_inside(idmap, lambda: _guard(args, gc), _error)
         status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
 
@@ -559,7 +593,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
         return 0
 
-    return userns.run_inside(idmap, lambda: _guard(args, run))
+    return userns.run_inside(idmap, lambda: _guard(args, run), _error)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -604,9 +638,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rootless.oci import transports
 
     def run(store: Any, idmap: Any) -> int:
-        progress = not args.quiet and sys.stderr.isatty()
         with transports.open_source(
-            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), progress
+            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), _reporter(args)
         ) as src:
             names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
             rec = transports.import_image(store, src, names, idmap.single)

@@ -84,8 +84,10 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
+def run_inside(idmap: IdMap, fn: Callable[[], int], error: Callable[[str], None]) -> int:
     """Run fn() in a forked child inside the user (and a private mount) namespace; return its exit status.
+
+    error receives the message of a failure fn did not handle itself (entering the namespace failed).
 
     Mounts made by fn vanish with the child's mount namespace, so even a killed build leaves none behind.
     SIGTERM and SIGHUP (a closed terminal) end fn the way Ctrl-C does, cleaning up; so does the death of
@@ -129,7 +131,7 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
             linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
             code = fn()
         except RbuildError as e:
-            print(f"Error: {e}", file=sys.stderr)
+            error(str(e))
             code = e.exit_code
         except KeyboardInterrupt:
             code = 130
@@ -137,7 +139,7 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
             if isinstance(e, SystemExit):
                 code = e.code if isinstance(e.code, int) else 125
             else:
-                print(f"Error: {type(e).__name__}: {e}", file=sys.stderr)
+                error(f"{type(e).__name__}: {e}")
                 code = 125
         finally:
             try:
