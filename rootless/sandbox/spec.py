@@ -17,6 +17,7 @@ Mount points that had to be created in the tree are removed again afterwards, so
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -455,8 +456,7 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
     relay_r = relay_w = -1
     if spec.output is not None or os.isatty(spec.output_fd):  # a pipe, never the terminal itself
         relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
-    fd = spec.output_fd
-    sink = spec.output or (lambda data: _write_all(fd, data))
+    sink = spec.output or functools.partial(_write_all, spec.output_fd)
     out = relay_w if relay_w >= 0 else spec.output_fd
     sys.stdout.flush()
     sys.stderr.flush()
