@@ -26,9 +26,11 @@ class StepStarted:
 
 @dataclass(frozen=True)
 class CacheHit:
-    """The step's result came from the step cache under `key`."""
+    """The step's result came from the step cache under `key`: the store's own ("local") or a
+    `--cache-from` registry cache ("registry")."""
 
     key: str
+    source: str = "local"
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,8 @@ class PlainReporter:
             prefix = f"[{event.stage}/{event.stages}] " if event.stages > 1 else ""
             return f"{prefix}STEP {event.index}/{event.steps}: {event.text}"
         if isinstance(event, CacheHit):
-            return f"--> Using cache {event.key[:12]}"
+            where = " from the registry cache" if event.source == "registry" else ""
+            return f"--> Using cache {event.key[:12]}{where}"
         if isinstance(event, StepDone):
             return None if event.cached else f"--> {event.key[:12]}"
         if isinstance(event, Notice):

@@ -25,6 +25,7 @@ from typing import IO, Any, BinaryIO
 from rootless.errors import RbuildError
 from rootless.events import Reporter
 from rootless.kernel.fspath import open_beneath, open_regular
+from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
 from rootless.store.store import ImageRecord, Store, atomic_write, chain_ids, hex_of, now_rfc3339
@@ -269,7 +270,7 @@ def remote_digest(spec: str, options: Any) -> str | None:
 
 
 def import_image(
-    store: Store, source: Source, names: list[str], single_uid: bool, progress: Callable[[str], None] | None = None
+    store: Store, source: Source, names: list[str], ownership: Ownership, progress: Callable[[str], None] | None = None
 ) -> ImageRecord:
     """Unpack a source's layers into the store (each chain once), keep its own blobs, record the image."""
     config = json.loads(source.config_bytes)
@@ -295,7 +296,7 @@ def import_image(
                     target,
                     diff_id,
                     store.layer_dirs(diff_ids[:i]),
-                    single_uid,
+                    ownership,
                     f"{source.name}: ",
                 )
                 store.add_layer(
@@ -322,7 +323,7 @@ def import_image(
 
 
 def unpack_blob(
-    path: str, name: str, target: str, diff_id: str, lowers: list[str], single_uid: bool, where: str = ""
+    path: str, name: str, target: str, diff_id: str, lowers: list[str], ownership: Ownership, where: str = ""
 ) -> int:
     """Unpack the layer blob `name` at path into target on top of lowers (top first); returns its tar size.
 
@@ -332,7 +333,7 @@ def unpack_blob(
 
     with layers.open_blob(path, name=name) as raw:
         reader = HashingReader(raw)
-        layers.unpack(reader, target, lowers=lowers, single_uid=single_uid)
+        layers.unpack(reader, target, lowers=lowers, ownership=ownership)
         reader.drain()
     if reader.digest() != diff_id:
         raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}")
