@@ -248,18 +248,19 @@ class Run:
                 )
             else:
                 store = self.work / "stores" / f"bp-{v}"
-                env = f"PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'} HOME={self.work / 'home'}"
+                env = f"PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'}"
                 cmd = f"env {env} {self.py} -m rootless build -q {tls} -t {ref.removeprefix('docker://')}-{v}b --push ."
             return self.as_user(["sh", "-c", f'cd "{big}" && {cmd}'])
 
         def before(v: str) -> None:
+            g = f"buildah --root {bstore}/root --runroot {bstore}/run"
             if v == "buildah":
                 subprocess.run(
                     self.as_user(
                         [
                             "sh",
                             "-c",
-                            f"buildah --root {bstore}/root --runroot {bstore}/run rm -a; buildah --root {bstore}/root --runroot {bstore}/run rmi -a -f",
+                            f"{g} rm -a; {g} rmi -a -f",
                         ]
                     ),
                     capture_output=True,
