@@ -137,6 +137,8 @@ class Run:
     def case(
         self, name: str, what: str, variants: dict[str, Callable[[], list[str]]], before: Callable[[str], None]
     ) -> None:
+        if self.args.only and name not in self.args.only.split(","):
+            return
         load0 = os.getloadavg()[0]
         got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         order = list(variants)
@@ -317,6 +319,9 @@ def main() -> None:
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--busybox", default=str(next(Path("/var/cache/rbuild-bench").glob("busybox-*"), "")))
     p.add_argument("--buildah", action="store_true")
+    p.add_argument(
+        "--only", help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, build+push1g)"
+    )
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
     run = Run(args)
