@@ -16,7 +16,18 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_LAYER_GZIP = DOCKER_LAYER + ".gzip"
+OCI_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
+# OCI layer type <-> docker layer type; zstd has no docker spelling.
+TO_DOCKER = {OCI_LAYER: DOCKER_LAYER, OCI_LAYER_GZIP: DOCKER_LAYER_GZIP, OCI_FOREIGN + "+gzip": DOCKER_FOREIGN}
+TO_OCI = {v: k for k, v in TO_DOCKER.items()}
+LAYER_TYPES = frozenset(
+    {OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_FOREIGN, OCI_FOREIGN + "+gzip", OCI_FOREIGN + "+zstd", *TO_OCI}
+)
 REF_NAME = "org.opencontainers.image.ref.name"
 
 _ARCH = {

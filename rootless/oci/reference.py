@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rootless.blob.digest import check_digest
 from rootless.errors import RbuildError
 
 DOCKER_HUB = "docker.io"
@@ -20,7 +21,6 @@ _HOST_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST_RE = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
-_DIGEST_HEX_LEN = {"sha256": 64, "sha512": 128}
 _MAX_NAME = 255
 
 
@@ -58,15 +58,6 @@ class Reference:
         if self.digest:
             text += "@" + self.digest
         return text
-
-
-def check_digest(digest: str) -> str:
-    """Return `digest` if it is `algo:hex` with a known algorithm and the right length."""
-    algo, _, hexpart = digest.partition(":")
-    want = _DIGEST_HEX_LEN.get(algo)
-    if want is None or len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
-        raise RbuildError(f"invalid digest {digest!r}: want sha256:<64 hex> or sha512:<128 hex>")
-    return digest
 
 
 def _split_host(name: str) -> tuple[str | None, str]:

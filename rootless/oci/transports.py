@@ -22,11 +22,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
+from rootless.blob.digest import hex_of, sha256_of
 from rootless.errors import RbuildError
 from rootless.kernel.fspath import open_beneath, open_regular
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
-from rootless.store.store import ImageRecord, Store, atomic_write, chain_ids, hex_of, now_rfc3339
+from rootless.store.store import ImageRecord, Store, atomic_write, chain_ids, now_rfc3339
 
 CHUNK = 1 << 20
 
@@ -110,9 +111,10 @@ class _Layout:
         self.confined = confined
 
     def _blob_path(self, digest: str) -> str:
-        if not digest.startswith("sha256:"):
-            raise RbuildError(f"{self.spec}: blob {digest}: only sha256 digests are supported")
-        return "blobs/sha256/" + hex_of(digest)
+        try:
+            return "blobs/sha256/" + hex_of(digest)
+        except RbuildError:
+            raise RbuildError(f"{self.spec}: blob {digest}: only sha256 digests are supported") from None
 
     def _open(self, rel: str) -> BinaryIO:
         """`rel` opened for reading; FileNotFoundError when it is missing."""
@@ -146,7 +148,7 @@ class _Layout:
             data = self.read(self._blob_path(digest), limit)
         except FileNotFoundError:
             raise RbuildError(f"{self.spec}: blob {digest} is missing") from None
-        if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if len(data) != size or sha256_of(data) != digest:
             raise RbuildError(f"{self.spec}: blob {digest} does not match its digest or size")
         return data
 
@@ -310,9 +312,7 @@ def import_image(
         elif digest not in store.layer_meta(chain).get("sources", []):
             verify_blob(store.blob_path(digest), digest, diff_id)
             store.add_layer_source(chain, digest)
-    manifest = img.manifest(
-        "oci", "sha256:" + hashlib.sha256(source.config_bytes).hexdigest(), len(source.config_bytes), descs
-    )
+    manifest = img.manifest("oci", sha256_of(source.config_bytes), len(source.config_bytes), descs)
     return store.add_image(
         source.config_bytes, img.canonical(manifest), names, config.get("created", now_rfc3339()), source.remote_digest
     )
@@ -417,7 +417,7 @@ class Export:
 
     @property
     def manifest_digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+        return sha256_of(self.manifest)
 
 
 def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str, level: int | None) -> Export:

@@ -17,46 +17,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from rootless.blob.digest import check_digest
 from rootless.cli.flags import attached_flag
 from rootless.errors import RbuildError
-from rootless.oci.reference import Reference, check_digest, is_qualified, normalize_host, parse_reference
+from rootless.oci.image import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    TO_DOCKER,
+    TO_OCI,
+)
+from rootless.oci.reference import Reference, is_qualified, normalize_host, parse_reference
 
 if TYPE_CHECKING:
     from rootless.registry import auth
     from rootless.registry.client import RegistryClient
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
-
-_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-_OCI_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-# OCI layer type <-> docker layer type; zstd has no docker spelling.
-_TO_DOCKER = {
-    _OCI_LAYER: _DOCKER_LAYER,
-    _OCI_LAYER + "+gzip": _DOCKER_LAYER + ".gzip",
-    _OCI_FOREIGN + "+gzip": _DOCKER_FOREIGN,
-}
-_TO_OCI = {v: k for k, v in _TO_DOCKER.items()}
-LAYER_TYPES = frozenset(
-    {
-        _OCI_LAYER,
-        _OCI_LAYER + "+gzip",
-        _OCI_LAYER + "+zstd",
-        _OCI_FOREIGN,
-        _OCI_FOREIGN + "+gzip",
-        _OCI_FOREIGN + "+zstd",
-        *_TO_OCI,
-    }
-)
 
 
 @dataclass
@@ -216,7 +193,7 @@ def convert_manifest(manifest: bytes, fmt: str) -> tuple[bytes, str]:
         raise RbuildError(f"cannot convert a {current} to {fmt} format")
     if current == want:
         return manifest, want
-    table = _TO_DOCKER if fmt == "docker" else _TO_OCI
+    table = TO_DOCKER if fmt == "docker" else TO_OCI
     layers = []
     for layer in data.get("layers") or []:
         layer = dict(layer)

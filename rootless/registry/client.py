@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+from rootless.blob.digest import check_digest, parse_digest
 from rootless.errors import RbuildError
 from rootless.oci import schema as ocischema
-from rootless.oci.reference import Reference, check_digest
+from rootless.oci.image import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
+from rootless.oci.reference import Reference
 from rootless.oci.schema import MAX_CONFIG, MAX_MANIFEST
 from rootless.registry.api import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
-    OCI_INDEX,
-    OCI_MANIFEST,
     Descriptor,
     RegistryOptions,
     RemoteImage,
@@ -374,7 +372,7 @@ class RegistryClient:
             if len(body) > MAX_MANIFEST:
                 raise RbuildError(f"{what}: manifest larger than {MAX_MANIFEST} bytes")
             expected = selector if ":" in selector else resp.headers.get("Docker-Content-Digest", "")
-            algo = expected.split(":", 1)[0] if expected.startswith(("sha256:", "sha512:")) else "sha256"
+            algo = parse_digest(expected)[0] if expected.startswith(("sha256:", "sha512:")) else "sha256"
             digest = f"{algo}:{hashlib.new(algo, body).hexdigest()}"
             if expected and digest != expected:
                 if attempt + 1 >= VERIFY_ATTEMPTS:
