@@ -13,21 +13,13 @@ from pathlib import Path
 import pytest
 from registry_helpers import credential_helper, isolate, make_image, write
 
+from rootless.cli.registry import add_login_arguments, add_pull_argument, add_registry_arguments, options_from_args
 from rootless.errors import RbuildError
+from rootless.oci.image import DOCKER_MANIFEST, OCI_MANIFEST
 from rootless.oci.reference import parse_reference
 from rootless.registry import auth
 from rootless.registry import conf as regconf
-from rootless.registry.api import (
-    DOCKER_MANIFEST,
-    OCI_MANIFEST,
-    add_login_arguments,
-    add_pull_argument,
-    add_registry_arguments,
-    convert_manifest,
-    options_from_args,
-    push_destination,
-    resolve_names,
-)
+from rootless.registry.api import convert_manifest, push_destination, resolve_names
 from rootless.registry.client import Platform, choose_platform, parse_platform
 
 D = "sha256:" + "cd" * 32

@@ -50,7 +50,7 @@ def _chosen_command(argv: list[str]) -> str | None:
 def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
     """The registry flags; `--creds` goes only to the registries of `creds_for`, names the command line
     gave, so a Containerfile cannot send it to a host of its choosing."""
-    from rootless.registry.api import options_from_args
+    from rootless.cli.registry import options_from_args
 
     options = options_from_args(args)
     options.creds_for = creds_for
@@ -63,7 +63,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     def _registry_args(p: argparse.ArgumentParser) -> None:
         if registry_flags:
-            from rootless.registry.api import add_registry_arguments
+            from rootless.cli.registry import add_registry_arguments
 
             add_registry_arguments(p)
 
@@ -103,7 +103,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     _registry_args(b)
     if registry_flags:
-        from rootless.registry.api import add_pull_argument
+        from rootless.cli.registry import add_pull_argument
 
         add_pull_argument(b)
     b.set_defaults(func=cmd_build)
@@ -171,7 +171,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(li)
     _common(lo)
     if registry_flags:
-        from rootless.registry import api as registry
+        from rootless.cli import registry
 
         registry.add_login_arguments(li)
         li.set_defaults(func=registry.login_command)
