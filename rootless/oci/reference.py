@@ -60,8 +60,9 @@ class Reference:
         return text
 
 
-def _split_host(name: str) -> tuple[str | None, str]:
-    """Split off the first component when it names a host (docker's splitDockerDomain rule)."""
+def split_host(name: str) -> tuple[str | None, str]:
+    """Split off the first component when it names a host (docker's splitDockerDomain rule): the one
+    answer to "is this name qualified", for registry references and local names alike."""
     first, sep, rest = name.partition("/")
     if not sep:
         return None, name
@@ -74,7 +75,7 @@ def is_qualified(text: str) -> bool:
     """True when `text` names its registry (`quay.io/x`, `localhost/x`, `host:5000/x`)."""
     if text.startswith("docker://"):
         text = text[len("docker://") :]
-    return _split_host(text)[0] is not None
+    return split_host(text)[0] is not None
 
 
 def normalize_host(host: str) -> str:
@@ -99,7 +100,7 @@ def parse_reference(text: str, *, default_registry: str = DOCKER_HUB) -> Referen
         if not _DIGEST_RE.fullmatch(digest):
             raise RbuildError(f"invalid reference {original!r}: bad digest {digest!r}")
         check_digest(digest)
-    host, path = _split_host(remainder)
+    host, path = split_host(remainder)
     tag: str | None = None
     colon = path.rfind(":")
     if colon != -1:
