@@ -351,7 +351,7 @@ class FileDigests:
         if self.path and self.seen != {k: self.known.get(k) for k in self.seen}:
             merged = {**self.known, **self.seen}
             with contextlib.suppress(OSError):
-                from rootless.store.store import atomic_write
+                from rootless.kernel.fsutil import atomic_write
 
                 atomic_write(self.path, json.dumps(merged).encode(), 0o600)
 

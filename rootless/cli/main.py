@@ -353,7 +353,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 if not args.quiet:
                     print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
         if args.iidfile:
-            from rootless.store.store import atomic_write
+            from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.iidfile), image_id.encode())
         print(image_id, flush=True)
@@ -590,7 +590,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             _registry_options(args, [dest.removeprefix("docker://")]),
         )
         if args.digestfile:
-            from rootless.store.store import atomic_write
+            from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.digestfile), digest.encode())
         if not args.quiet:

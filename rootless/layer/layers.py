@@ -52,6 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
+from rootless.blob.verify import BlobMismatch, Verifier, VerifyingReader
 from rootless.errors import RbuildError
 
 __all__ = ["LayerError", "UnpackLimits", "unpack", "normalize", "write_tar", "open_blob", "set_owner"]
@@ -1340,25 +1341,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-class _HashingFile(io.RawIOBase):
-    def __init__(self, path: str, algo: str) -> None:
-        self.f = open(path, "rb", buffering=0)
-        self.hash = hashlib.new(algo)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self.f.readinto(b) or 0
-        if n:
-            self.hash.update(memoryview(b)[:n])
-        return n
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
-
-
 class _GzipMembers(io.RawIOBase):
     """gzip members back to back, read as Go's compress/gzip reads them (what umoci, skopeo and containerd
     use): each member's CRC and length checked, and bytes after a member that do not start another
@@ -1444,13 +1426,6 @@ def _zstd_frames_end(path: str, what: str) -> None:
             raise trailing
 
 
-def _algo(digest: str | None) -> str:
-    algo = (digest or "sha256:").partition(":")[0]
-    if algo not in ("sha256", "sha384", "sha512"):
-        raise LayerError(f"blob digest {digest!r}: unsupported algorithm")
-    return algo
-
-
 class _Blob(io.RawIOBase):
     """Decompressing reader that verifies the blob digest and the diff_id when it reaches the end.
 
@@ -1460,9 +1435,15 @@ class _Blob(io.RawIOBase):
     def __init__(self, path: str, digest: str | None, diff_id: str | None, name: str | None) -> None:
         self.path, self.digest, self.diff_id = path, digest, diff_id
         self.name = name or digest or path  # in error messages
-        self.raw = _HashingFile(path, _algo(digest))
-        magic = self.raw.f.read(4)
-        self.raw.f.seek(0)
+        self.file = open(path, "rb", buffering=0)
+        magic = self.file.read(4)
+        self.file.seek(0)
+        try:  # the compressed bytes, verified against `digest` by the read that reaches their end
+            self.raw: io.RawIOBase = self.file if digest is None else VerifyingReader(self.file, digest)
+            self.out = Verifier(diff_id, what=f"blob {self.name}") if diff_id else None
+        except RbuildError as e:  # a digest of an unknown algorithm
+            self.file.close()
+            raise LayerError(str(e)) from None
         self.inner: io.RawIOBase
         self.zstd = magic == _ZSTD_MAGIC
         if magic.startswith(_GZIP_MAGIC):
@@ -1477,7 +1458,6 @@ class _Blob(io.RawIOBase):
             self.inner = cast(io.RawIOBase, reader)
         else:
             self.inner = self.raw
-        self.out = hashlib.new(_algo(diff_id)) if diff_id else None
         self.queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=4)
         self.thread: threading.Thread | None = None
         self.cur = memoryview(b"")
@@ -1499,6 +1479,8 @@ class _Blob(io.RawIOBase):
                 self.done = True
                 if isinstance(item, LayerError):
                     raise item
+                if isinstance(item, BlobMismatch):  # the compressed bytes are not the blob named
+                    raise LayerError(str(item))
                 raise LayerError(f"blob {self.name}: corrupt compressed data ({item})")
             if not item:
                 self.done = True
@@ -1530,11 +1512,7 @@ class _Blob(io.RawIOBase):
             pass
         if self.zstd:
             _zstd_frames_end(self.path, self.name)
-        if self.digest and f"{self.raw.hash.name}:{self.raw.hash.hexdigest()}" != self.digest:
-            raise LayerError(
-                f"blob {self.digest}: digest mismatch (content is {self.raw.hash.name}:{self.raw.hash.hexdigest()})"
-            )
-        if self.out is not None and f"{self.out.name}:{self.out.hexdigest()}" != self.diff_id:
+        if self.out is not None and self.out.got != self.diff_id:
             raise LayerError(f"blob {self.name}: uncompressed content does not match diff_id {self.diff_id}")
 
     def close(self) -> None:

@@ -11,77 +11,34 @@ Export (push): oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME[
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from rootless.blob.digest import hex_of, sha256_of
+from rootless.blob.verify import BlobMismatch, VerifyingReader, verify_bytes
 from rootless.errors import RbuildError
 from rootless.kernel.fspath import open_beneath, open_regular
+from rootless.kernel.fsutil import atomic_file, atomic_write
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
-from rootless.store.store import ImageRecord, Store, atomic_write, chain_ids, now_rfc3339
+from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
 
 CHUNK = 1 << 20
 
 
-class HashingReader(io.RawIOBase, BinaryIO):
-    """Wraps a stream and hashes what is read through it (verification while streaming)."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha.update(data)
-        self.count += n
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.sha.update(data)
-        self.count += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-    def digest(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
-
-
 def copy_verified(src: IO[bytes], dest: str, digest: str, size: int | None, what: str) -> None:
     """Copy a blob to dest (atomically), checking digest and size on the way."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".partial-")
-    sha = hashlib.sha256()
-    n = 0
     try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK):
-                sha.update(chunk)
-                n += len(chunk)
-                out.write(chunk)
-        if "sha256:" + sha.hexdigest() != digest or (size is not None and size >= 0 and n != size):
-            raise RbuildError(f"{what}: blob {digest} does not match its digest or size")
-        os.rename(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        with atomic_file(dest, prefix=".partial-") as out:
+            shutil.copyfileobj(VerifyingReader(src, digest, size), out, CHUNK)
+    except BlobMismatch:
+        raise RbuildError(f"{what}: blob {digest} does not match its digest or size") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,9 +105,10 @@ class _Layout:
             data = self.read(self._blob_path(digest), limit)
         except FileNotFoundError:
             raise RbuildError(f"{self.spec}: blob {digest} is missing") from None
-        if len(data) != size or sha256_of(data) != digest:
-            raise RbuildError(f"{self.spec}: blob {digest} does not match its digest or size")
-        return data
+        try:
+            return verify_bytes(data, digest, size)
+        except BlobMismatch:
+            raise RbuildError(f"{self.spec}: blob {digest} does not match its digest or size") from None
 
     def open_blob(self, digest: str) -> IO[bytes]:
         """A layer blob to stream (its reader verifies it)."""
@@ -328,12 +286,13 @@ def unpack_blob(
     from rootless.layer import layers
 
     with layers.open_blob(path, name=name) as raw:
-        reader = HashingReader(raw)
-        layers.unpack(reader, target, lowers=lowers, single_uid=single_uid)
-        reader.drain()
-    if reader.digest() != diff_id:
-        raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}")
-    return reader.count
+        reader = VerifyingReader(raw, diff_id)
+        try:
+            layers.unpack(reader, target, lowers=lowers, single_uid=single_uid)
+            reader.drain()
+        except BlobMismatch:
+            raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}") from None
+    return reader.verifier.count
 
 
 def verify_blob(path: str, digest: str, diff_id: str) -> None:
@@ -449,22 +408,16 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
         if isinstance(data_or_path, bytes):
             atomic_write(dest, data_or_path)
             return
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".partial-")
-        os.close(fd)
-        try:
-            if link:
-                try:
-                    os.unlink(tmp)
-                    os.link(data_or_path, tmp)
-                except OSError:
-                    shutil.copyfile(data_or_path, tmp)
-            else:
-                shutil.copyfile(data_or_path, tmp)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        if link:
+            try:
+                os.link(data_or_path, dest)  # atomic by itself: the name appears with the whole file
+                return
+            except FileExistsError:
+                return
+            except OSError:
+                pass
+        with atomic_file(dest, prefix=".partial-") as out, open(data_or_path, "rb") as src:
+            shutil.copyfileobj(src, out, CHUNK)
 
     for b in exp.layers:
         put(b.path, b.descriptor["digest"])
@@ -514,16 +467,8 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: st
 
 
 def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            write(tf)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, prefix=".partial-") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        write(tf)
 
 
 def _write_oci_archive(path: str, exp: Export, tag: str | None) -> None:

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import platform
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from rootless.blob.digest import check_digest, parse_digest
+from rootless.blob.verify import BlobMismatch, Verifier
 from rootless.errors import RbuildError
+from rootless.kernel.fsutil import atomic_file
 from rootless.oci import schema as ocischema
 from rootless.oci.image import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
 from rootless.oci.reference import Reference
@@ -151,10 +152,6 @@ def choose_platform(index: dict[str, Any], want: Platform, where: str) -> Descri
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def _hasher(digest: str) -> Any:
-    return hashlib.new(digest.split(":", 1)[0])
 
 
 def _media_type(resp: requests.Response, body: dict[str, Any]) -> str:
@@ -512,15 +509,8 @@ class RegistryClient:
             if final.exists():  # someone else fetched it while we waited
                 prog.finish(desc.digest, "skipped: already exists")
                 return
-            fd, tmp = tempfile.mkstemp(prefix=f".partial-{hexd[:16]}-", dir=dest)
-            try:
-                with os.fdopen(fd, "wb", buffering=0) as f:
-                    self._download(sources, desc, f, prog, cancel, what)
-                    os.fchmod(f.fileno(), 0o644)
-                os.rename(tmp, final)
-            finally:
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
+            with atomic_file(str(final), prefix=f".partial-{hexd[:16]}-", tmp_dir=str(dest)) as f:
+                self._download(sources, desc, f, prog, cancel, what)
             prog.finish(desc.digest, "done")
         finally:
             try:
@@ -601,38 +591,35 @@ class RegistryClient:
             f.seek(0)
             f.truncate()
             prog.start(desc.digest, desc.size)
-            hasher = _hasher(desc.digest)
-            written = failures = resumes = 0
+            verifier = Verifier(desc.digest, desc.size)
+            failures = resumes = 0
             try:
                 while True:
                     if cancel.is_set():
                         raise RbuildError(f"{what}: cancelled")
                     headers = {"Accept-Encoding": "identity"}
-                    if written:
-                        headers["Range"] = f"bytes={written}-"
+                    if verifier.count:
+                        headers["Range"] = f"bytes={verifier.count}-"
                     progressed = False
                     try:
                         with opener(headers) as resp:
                             if resp.status_code == 404:
                                 raise _Missing(error_detail(resp))
-                            if resp.status_code == 206 and written:
+                            if resp.status_code == 206 and verifier.count:
                                 start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
-                                if start != str(written):
+                                if start != str(verifier.count):
                                     raise _Corrupt("bad Content-Range")
                             elif resp.status_code == 200:
-                                if written:  # Range ignored: start over, quietly
+                                if verifier.count:  # Range ignored: start over, quietly
                                     f.seek(0)
                                     f.truncate()
-                                    hasher, written = _hasher(desc.digest), 0
+                                    verifier.reset()
                                     prog.reset(desc.digest, 0)
                             else:
                                 raise RbuildError(f"{what}: blob {desc.digest}: {error_detail(resp)}")
                             for chunk in resp.raw.stream(READ_SIZE, decode_content=False):
-                                if written + len(chunk) > desc.size:
-                                    raise _Corrupt(f"more than the expected {desc.size} bytes")
+                                verifier.update(chunk)
                                 f.write(chunk)
-                                hasher.update(chunk)
-                                written += len(chunk)
                                 progressed = True
                                 prog.advance(desc.digest, len(chunk))
                                 if cancel.is_set():
@@ -646,16 +633,15 @@ class RegistryClient:
                             raise RbuildError(f"{what}: blob {desc.digest}: {describe(e)}") from None
                         time.sleep(backoff(failures))
                         continue
-                    if written < desc.size:
-                        raise _Corrupt(f"{written} of {desc.size} bytes")
+                    if verifier.count < desc.size:
+                        raise _Corrupt(f"{verifier.count} of {desc.size} bytes")
                     break
-                got = f"{desc.digest.split(':', 1)[0]}:{hasher.hexdigest()}"
-                if got != desc.digest:
-                    raise _Corrupt(f"digest mismatch (got {got})")
+                verifier.check()
                 return
-            except _Corrupt as e:
+            except (_Corrupt, BlobMismatch) as e:
                 if verify_attempt + 1 >= VERIFY_ATTEMPTS:
-                    raise RbuildError(f"{what}: blob {desc.digest} failed verification: {e}") from None
+                    cause = e.cause if isinstance(e, BlobMismatch) else e
+                    raise RbuildError(f"{what}: blob {desc.digest} failed verification: {cause}") from None
                 time.sleep(backoff(verify_attempt))
 
     # -- push ------------------------------------------------------------------------------

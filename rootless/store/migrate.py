@@ -30,9 +30,10 @@ from typing import Any
 
 from rootless.blob.digest import hex_of
 from rootless.errors import RbuildError
+from rootless.kernel.fsutil import atomic_write
 from rootless.layer import layers
 from rootless.oci.transports import unpack_blob
-from rootless.store.store import STORE_VERSION, ImageRecord, Store, atomic_write, chain_ids, rmtree
+from rootless.store.store import STORE_VERSION, ImageRecord, Store, chain_ids, rmtree
 
 
 def upgrade(store: Store, single_uid: bool) -> None:

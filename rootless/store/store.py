@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rootless.blob.digest import hex_of, is_sha256_hex, sha256_of
+from rootless.blob.verify import BlobMismatch, verify_bytes
 from rootless.errors import RbuildError
 from rootless.idmap import IdMap
+from rootless.kernel.fsutil import atomic_write
 
 STORE_VERSION = 2
 
@@ -59,25 +61,6 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 
 
 TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # atomic_write's, copy_verified's and the registry's
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o644, durable: bool = False) -> None:
-    """Write a file by temporary file plus rename; `durable` also syncs the data first, for files whose loss
-    after a power cut would lose more than they hold (the image index)."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def rmtree(path: str) -> None:
@@ -423,9 +406,10 @@ class Store:
                 data = f.read()
         except FileNotFoundError:
             raise RbuildError(f"blob {digest} is missing from the store {self.root}") from None
-        if sha256_of(data) != digest:
-            raise RbuildError(f"blob {digest} in the store {self.root} is corrupt")
-        return data
+        try:
+            return verify_bytes(data, digest)
+        except BlobMismatch:
+            raise RbuildError(f"blob {digest} in the store {self.root} is corrupt") from None
 
     def read_json(self, digest: str) -> Any:
         return json.loads(self.read_blob(digest))
