@@ -228,9 +228,10 @@ class Executor:
         """The image a FROM / COPY --from reference names (with that name's manifest): store first, then outside."""
         from rootless.oci import names, transports
 
-        if name.startswith(("oci:", "oci-archive:")):
+        source = transports.parse_transport(name)
+        if source.local:
             try:
-                with transports.open_source(name, self.store) as src:
+                with source.open(self.store, self.opts.registry_options) as src:
                     return transports.import_image(self.store, src, [], self.opts.single_uid, self.log)
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
@@ -253,7 +254,7 @@ class Executor:
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
             progress = not self.opts.quiet and sys.stderr.isatty()
-            with transports.open_source(name, self.store, self.opts.registry_options, progress) as src:
+            with source.open(self.store, self.opts.registry_options, progress) as src:
                 self.log(f"Pulled {src.name}")
                 return transports.import_image(self.store, src, [src.name], self.opts.single_uid, self.log)
         except RbuildError as e:
@@ -886,7 +887,9 @@ class Executor:
                 if it.host not in remote and os.path.isfile(it.host) and _is_archive(it.host):
                     uid, gid = owner or (0, 0)
                     target = copyfiles.ensure_dir(merged, dest, uid, gid)
-                    copyfiles.extract_tar(it.host, target, owner if cmd.chown else None, what)
+                    from rootless.layer.layers import unpack_archive
+
+                    unpack_archive(it.host, target, owner if cmd.chown else None, what)
                 else:
                     plain.append(it)
             items = plain

@@ -347,8 +347,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
             rec = store.find([image_id])
             for t in args.tag:
-                digest = transports.export_image(
-                    store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
+                digest = transports.RegistryTransport(names.normalize(t)).export(
+                    store, rec, args.format, None, None, opts.registry_options
                 )
                 if not args.quiet:
                     print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
@@ -570,8 +570,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         if args.image.startswith("localhost/") or "/" not in args.image:
             raise RbuildError(f"{args.image}: a local name needs a destination (docker://HOST/REPO:TAG, oci:DIR, ...)")
         dest = "docker://" + args.image
-    if not dest.startswith(("oci:", "oci-archive:", "docker-archive:", "docker://")):
-        dest = "docker://" + dest
+    target = transports.parse_transport(dest)
 
     def run(store: Any, idmap: Any) -> int:
         rec = _find(store, args.image)
@@ -580,21 +579,20 @@ def cmd_push(args: argparse.Namespace) -> int:
             from rootless.oci import image as img
 
             fmt = "docker" if store.read_json(rec.manifest).get("mediaType") == img.DOCKER_MANIFEST else "oci"
-        digest = transports.export_image(
+        digest = target.export(
             store,
             rec,
-            dest,
             fmt,
             args.compression_format,
             args.compression_level,
-            _registry_options(args, [dest.removeprefix("docker://")]),
+            _registry_options(args, [target.rest] if not target.local else []),
         )
         if args.digestfile:
             from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.digestfile), digest.encode())
         if not args.quiet:
-            print(f"Pushed {rec.id[7:19]} to {dest} ({digest})", file=sys.stderr)
+            print(f"Pushed {rec.id[7:19]} to {target.spec} ({digest})", file=sys.stderr)
         return 0
 
     return _in_namespace(args, run)
@@ -605,10 +603,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     def run(store: Any, idmap: Any) -> int:
         progress = not args.quiet and sys.stderr.isatty()
-        with transports.open_source(
-            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), progress
-        ) as src:
-            names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
+        source = transports.parse_transport(args.image)
+        with source.open(store, _registry_options(args, [] if source.local else [source.rest]), progress) as src:
+            names = [] if source.local else [src.name]
             rec = transports.import_image(store, src, names, idmap.single)
         print(rec.id)
         return 0

@@ -356,6 +356,8 @@ def _show(comps: tuple[bytes, ...]) -> str:
 
 
 class _Unpacker:
+    whiteouts = True  # `.wh.` names are overlay whiteouts (a layer); a plain archive has none
+
     def __init__(self, dest: str, lowers: Sequence[str], single_uid: bool, limits: UnpackLimits) -> None:
         self.root = os.open(dest, _DIRFLAGS)
         self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
@@ -576,10 +578,10 @@ class _Unpacker:
             return
         if len(comps) > MAX_DEPTH:
             raise LayerError(f"path deeper than {MAX_DEPTH} directories")
-        if any(c.startswith(_WH) for c in comps[:-1]):
+        if self.whiteouts and any(c.startswith(_WH) for c in comps[:-1]):
             raise LayerError("a whiteout name (.wh.) used as a directory")
         base = comps[-1]
-        if base.startswith(_WH):
+        if self.whiteouts and base.startswith(_WH):
             self._whiteout(comps, ti)
             return
         pfd = self.parent(comps[:-1])
@@ -751,6 +753,85 @@ class _Unpacker:
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         self._uncache()
+
+
+class _ArchiveUnpacker(_Unpacker):
+    """ADD's semantics (docker's Untar) with the layer unpacker's parser, checks and limits: entries land in
+    an existing directory and replace what is there (directories merge); symlinks already there are
+    followed, never out of it; `.wh.` names are plain names; device nodes are skipped; the archive's root
+    entry leaves the destination alone; leading `/` is dropped; `owner` (ADD --chown) replaces the
+    archive's owners."""
+
+    whiteouts = False
+
+    def __init__(self, dest: str, owner: tuple[int, int] | None) -> None:
+        super().__init__(dest, (), False, UnpackLimits())
+        self.dest = dest
+        self.forced = owner
+
+    def parent(self, comps: tuple[bytes, ...], create: bool = True) -> int | None:
+        if not comps:
+            return self.root
+        if self.cache is not None and self.cache[0] == comps:
+            return self.cache[1]
+        from rootless.kernel.fspath import secure_join
+
+        path = secure_join(self.dest, os.fsdecode(b"/".join(comps)))
+        try:
+            if create:
+                os.makedirs(path, exist_ok=True)
+            fd = os.open(path, _DIRFLAGS)
+        except (FileNotFoundError, NotADirectoryError, FileExistsError):
+            if not create:
+                return None
+            raise LayerError(f"path component {_show(comps)!r} is not a directory") from None
+        self._uncache()
+        self.cache = (comps, fd)
+        return fd
+
+    def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        ti.name = ti.name.lstrip("/")
+        if ti.islnk():
+            ti.linkname = ti.linkname.lstrip("/")
+        if not _split(ti.name) or ti.ischr() or ti.isblk():
+            _check_numbers(ti)
+            return
+        if self.forced is not None:
+            ti.uid, ti.gid = self.forced
+        super().entry(tf, ti)
+
+
+def unpack_archive(path: str, dest: str, owner: tuple[int, int] | None, what: str) -> None:
+    """Unpack a tar archive (plain, gzip, zstd, bzip2 or xz) into the existing directory `dest`, as ADD does,
+    through the layer unpacker; one RbuildError naming `what` and the archive for anything wrong with it."""
+    import lzma
+
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        stream: BinaryIO
+        if magic.startswith(b"BZh"):
+            import bz2
+
+            stream = cast(BinaryIO, bz2.open(path, "rb"))
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            stream = cast(BinaryIO, lzma.open(path, "rb"))
+        else:
+            stream = open_blob(path, name=name)
+    except (OSError, RbuildError) as e:
+        raise RbuildError(f"{what}: cannot read archive {name}: {getattr(e, 'strerror', None) or e}") from None
+    u = _ArchiveUnpacker(dest, owner)
+    try:
+        with stream:
+            u.run(stream)
+    except (LayerError, EOFError, ValueError, OverflowError, OSError, lzma.LZMAError) as e:
+        if isinstance(e, OSError) and e.errno:  # a real I/O error, not a damaged stream
+            raise
+        cause = str(e).removeprefix("layer: ")
+        raise RbuildError(f"{what}: archive {name} is damaged: {cause}") from None
+    finally:
+        u.close()
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import platform
 from typing import Any
+
+from rootless.oci.platform import host_platform
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -30,21 +31,6 @@ LAYER_TYPES = frozenset(
 )
 REF_NAME = "org.opencontainers.image.ref.name"
 
-_ARCH = {
-    "x86_64": "amd64",
-    "aarch64": "arm64",
-    "armv7l": "arm",
-    "i686": "386",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-}
-
-
-def host_arch() -> str:
-    m = platform.machine()
-    return _ARCH.get(m, m)
-
 
 def canonical(doc: dict[str, Any]) -> bytes:
     """The exact bytes we store and hash: compact, key-sorted JSON (stable across runs)."""
@@ -54,7 +40,7 @@ def canonical(doc: dict[str, Any]) -> bytes:
 def new_config(created: str) -> dict[str, Any]:
     return {
         "created": created,
-        "architecture": host_arch(),
+        "architecture": host_platform().architecture,
         "os": "linux",
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": []},

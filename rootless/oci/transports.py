@@ -18,7 +18,7 @@ import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from rootless.blob.digest import hex_of, sha256_of
 from rootless.blob.verify import BlobMismatch, VerifyingReader, verify_bytes
@@ -27,7 +27,11 @@ from rootless.kernel.fspath import open_beneath, open_regular
 from rootless.kernel.fsutil import atomic_file, atomic_write
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
+from rootless.oci.platform import Platform, check_config_platform, choose_platform, parse_platform
 from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
+
+if TYPE_CHECKING:
+    from rootless.registry.api import RegistryOptions
 
 CHUNK = 1 << 20
 
@@ -118,8 +122,11 @@ class _Layout:
             raise RbuildError(f"{self.spec}: blob {digest} is missing") from None
 
 
-def _pick_manifest(layout: _Layout, index: dict[str, Any], tag: str | None) -> tuple[bytes, dict[str, Any]]:
-    """The manifest `tag` names (the only one when no tag is given), through a nested index to the host's."""
+def _pick_manifest(
+    layout: _Layout, index: dict[str, Any], tag: str | None, want: Platform
+) -> tuple[bytes, dict[str, Any], bool]:
+    """The manifest `tag` names (the only one when no tag is given), the entry for `want` where several are
+    one image's platforms, through nested indexes as a registry pull goes; and whether an index chose it."""
     spec = layout.spec
     manifests = index["manifests"]
     if tag:
@@ -128,33 +135,34 @@ def _pick_manifest(layout: _Layout, index: dict[str, Any], tag: str | None) -> t
             raise RbuildError(f"{spec}: no image tagged {tag!r} in the layout")
     else:
         chosen = manifests
-        if len(chosen) != 1:
-            refs = [m.get("annotations", {}).get(img.REF_NAME, m["digest"]) for m in manifests]
-            if not refs:
-                raise RbuildError(f"{spec}: the layout holds no image")
-            raise RbuildError(f"{spec}: the layout holds {len(refs)} images, name one of: {', '.join(refs)}")
+    by_platform = len(chosen) > 1 and all(isinstance(m.get("platform"), dict) for m in chosen)
+    if by_platform:
+        chosen = [choose_platform({"manifests": chosen}, want, f"{spec}: index.json")]
+    elif not tag and len(chosen) != 1:
+        refs = [m.get("annotations", {}).get(img.REF_NAME, m["digest"]) for m in manifests]
+        if not refs:
+            raise RbuildError(f"{spec}: the layout holds no image")
+        raise RbuildError(f"{spec}: the layout holds {len(refs)} images, name one of: {', '.join(refs)}")
     desc = chosen[0]
     data = layout.blob(desc, ocischema.MAX_MANIFEST)
     doc = ocischema.load(data, f"{spec}: manifest {desc['digest']}")
-    if ocischema.is_index(doc):
-        ocischema.check_index(doc, f"{spec}: index {desc['digest']}")
-        arch = img.host_arch()
-        subs = [
-            m
-            for m in doc["manifests"]
-            if m.get("platform", {}).get("architecture") == arch and m.get("platform", {}).get("os") == "linux"
-        ]
-        if not subs:
-            raise RbuildError(f"{spec}: no image for linux/{arch} in the index")
-        desc = subs[0]
+    for _depth in range(3):
+        if not ocischema.is_index(doc):
+            break
+        where = f"{spec}: index {desc['digest']}"
+        ocischema.check_index(doc, where)
+        desc, by_platform = choose_platform(doc, want, where), True
         data = layout.blob(desc, ocischema.MAX_MANIFEST)
         doc = ocischema.load(data, f"{spec}: manifest {desc['digest']}")
+    else:
+        raise RbuildError(f"{spec}: image indexes nested too deeply")
     ocischema.check_manifest(doc, f"{spec}: manifest {desc['digest']}")
-    return data, doc
+    return data, doc, by_platform
 
 
-def read_layout(path: str, tag: str | None, spec: str, confined: bool = False) -> Source:
-    """An image in the OCI layout at `path`, every document checked; `confined`: an unpacked archive."""
+def read_layout(path: str, tag: str | None, spec: str, platform: str | None, confined: bool = False) -> Source:
+    """An image in the OCI layout at `path`, every document checked; `confined`: an unpacked archive.
+    `platform` (`os/arch[/variant]`, None: the host's) chooses among an index's images as pulls do."""
     layout = _Layout(path, spec, confined)
     try:
         index_bytes = layout.read("index.json", ocischema.MAX_MANIFEST)
@@ -162,10 +170,13 @@ def read_layout(path: str, tag: str | None, spec: str, confined: bool = False) -
         raise RbuildError(f"{spec}: no OCI layout there (index.json missing)") from None
     index = ocischema.load(index_bytes, f"{spec}: index.json")
     ocischema.check_index(index, f"{spec}: index.json")
-    manifest_bytes, manifest = _pick_manifest(layout, index, tag)
+    want = parse_platform(platform)
+    manifest_bytes, manifest, by_platform = _pick_manifest(layout, index, tag, want)
     config = layout.blob(manifest["config"], ocischema.MAX_CONFIG)
     what = f"{spec}: config {manifest['config']['digest']}"
     ocischema.check_config(ocischema.load(config, what), what)
+    if platform and not by_platform:
+        check_config_platform(config, want, spec)
     return Source(spec, manifest, manifest_bytes, config, layout.open_blob)
 
 
@@ -178,40 +189,181 @@ def split_spec(rest: str) -> tuple[str, str | None]:
     return rest, None
 
 
-@contextlib.contextmanager
-def open_source(spec: str, store: Store, registry_options: Any = None, progress: bool = False) -> Iterator[Source]:
-    """An image outside the store: oci:, oci-archive:, or a registry reference."""
-    if spec.startswith("oci:"):
-        path, tag = split_spec(spec[4:])
-        yield read_layout(os.path.abspath(path), tag, spec)
-    elif spec.startswith("oci-archive:"):
-        path, tag = split_spec(spec[12:])
+class Transport:
+    """Where an image lives outside the store, named by a spec such as `oci:DIR:TAG`; `parse_transport`
+    chooses the class. `local`: a directory or file here, whose images get no name in the store and no
+    pull policy (a registry's do)."""
+
+    prefix: ClassVar[str] = ""
+    local: ClassVar[bool] = True
+
+    def __init__(self, rest: str) -> None:
+        self.rest = rest
+
+    @property
+    def spec(self) -> str:
+        return self.prefix + self.rest
+
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, progress: bool = False
+    ) -> contextlib.AbstractContextManager[Source]:
+        """The image, verified, as far as needed to import it (a context: an archive is unpacked meanwhile)."""
+        raise RbuildError(f"{self.spec}: images cannot be read from {self.prefix}")
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        """Write the image here; returns the manifest digest written."""
+        raise NotImplementedError
+
+
+class OCILayout(Transport):
+    """`oci:DIR[:TAG]`: an OCI image layout directory."""
+
+    prefix = "oci:"
+
+    @contextlib.contextmanager
+    def open(self, store: Store, options: RegistryOptions | None = None, progress: bool = False) -> Iterator[Source]:
+        path, tag = split_spec(self.rest)
+        yield read_layout(os.path.abspath(path), tag, self.spec, options.platform if options else None)
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        path, tag = split_spec(self.rest)
+        _write_layout(os.path.abspath(path), exp, tag, link=True)
+        return exp.manifest_digest
+
+
+class OCIArchive(Transport):
+    """`oci-archive:FILE[:TAG]`: an OCI layout in a tar file, unpacked by the layer unpacker (with its limits)."""
+
+    prefix = "oci-archive:"
+
+    @contextlib.contextmanager
+    def open(self, store: Store, options: RegistryOptions | None = None, progress: bool = False) -> Iterator[Source]:
+        path, tag = split_spec(self.rest)
         with store.staging("archive-") as tmp:
-            from rootless.build.copyfiles import extract_tar
+            from rootless.layer.layers import unpack_archive
 
-            extract_tar(path, tmp, (os.getuid(), os.getgid()), spec)
-            yield read_layout(tmp, tag, spec, confined=True)
-    else:
-        yield from _registry_source(spec, store, registry_options, progress)
+            unpack_archive(path, tmp, (os.getuid(), os.getgid()), self.spec)
+            yield read_layout(tmp, tag, self.spec, options.platform if options else None, confined=True)
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        path, tag = split_spec(self.rest)
+        _write_oci_archive(os.path.abspath(path), exp, tag)
+        return exp.manifest_digest
 
 
-def _registry_source(spec: str, store: Store, options: Any, progress: bool) -> Iterator[Source]:
-    from rootless.registry import api as registry
+class DockerArchive(Transport):
+    """`docker-archive:FILE[:NAME[:TAG]]`: `docker save`'s format (written only)."""
 
-    options = options or registry.RegistryOptions()
-    client = registry.Registry(options)
-    remote = client.resolve_any(registry.resolve_names(spec.removeprefix("docker://"), options))
-    manifest = json.loads(remote.manifest)
-    layers = [d for d in remote.layers if not store.has_blob(d.digest)]
-    client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), progress=progress)
+    prefix = "docker-archive:"
 
-    def opener(digest: str) -> IO[bytes]:
-        return open(store.blob_path(digest), "rb")
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        exp = prepare_export(store, record, "docker", compression or "gzip", level)
+        path, _, name = self.rest.partition(":")
+        tags = [name] if name else [n for n in record.names if "@" not in n][:1]
+        tags = [t if ":" in t.rsplit("/", 1)[-1] else t + ":latest" for t in tags]
+        _write_docker_archive(store, os.path.abspath(path), exp, tags)
+        return exp.manifest_digest
 
-    # the digest a registry serves for the name (an index's, for multi-platform images): --pull=newer compares it
-    yield Source(
-        str(remote.ref), manifest, remote.manifest, remote.config, opener, remote.index_digest or remote.manifest_digest
-    )
+
+class RegistryTransport(Transport):
+    """`[docker://]REF`: a registry; a short name means what registries.conf makes of it."""
+
+    prefix = "docker://"
+    local = False
+
+    @contextlib.contextmanager
+    def open(self, store: Store, options: RegistryOptions | None = None, progress: bool = False) -> Iterator[Source]:
+        from rootless.registry import api as registry
+
+        options = options or registry.RegistryOptions()
+        client = registry.Registry(options)
+        remote = client.resolve_any(registry.resolve_names(self.rest, options))
+        manifest = json.loads(remote.manifest)
+        layers = [d for d in remote.layers if not store.has_blob(d.digest)]
+        client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), progress=progress)
+
+        def opener(digest: str) -> IO[bytes]:
+            return open(store.blob_path(digest), "rb")
+
+        # the digest a registry serves for the name (an index's, for multi-platform images): --pull=newer compares it
+        digest = remote.index_digest or remote.manifest_digest
+        yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener, digest)
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        from rootless.oci.reference import parse_reference
+        from rootless.registry import api as registry
+
+        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        ref = parse_reference(self.rest)
+        client = registry.Registry(options or registry.RegistryOptions())
+        config_desc = registry.Descriptor(
+            img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG, exp.config_digest, len(exp.config)
+        )
+
+        def opener(p: str) -> Callable[[], BinaryIO]:
+            return lambda: open(p, "rb")
+
+        layer_list = [
+            (
+                registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
+                opener(b.path),
+            )
+            for b in exp.layers
+        ]
+        return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list)
+
+
+_TRANSPORTS: tuple[type[Transport], ...] = (OCILayout, OCIArchive, DockerArchive, RegistryTransport)
+
+
+def parse_transport(spec: str) -> Transport:
+    """The transport `spec` names by its prefix; anything without one is a registry reference."""
+    for cls in _TRANSPORTS:
+        if spec.startswith(cls.prefix):
+            return cls(spec[len(cls.prefix) :])
+    return RegistryTransport(spec)
 
 
 def remote_digest(spec: str, options: Any) -> str | None:
@@ -532,51 +684,3 @@ def _write_docker_archive(store: Store, path: str, exp: Export, repo_tags: list[
             _tar_add(tf, "repositories", data=json.dumps(repos).encode())
 
     _atomic_tar(path, write)
-
-
-def export_image(
-    store: Store,
-    record: ImageRecord,
-    dest: str,
-    fmt: str,
-    compression: str | None,
-    level: int | None,
-    registry_options: Any = None,
-) -> str:
-    """Write the image to dest; returns the manifest digest written."""
-    if dest.startswith("docker-archive:"):
-        exp = prepare_export(store, record, "docker", compression or "gzip", level)
-        path, _, name = dest[len("docker-archive:") :].partition(":")
-        tags = [name] if name else [n for n in record.names if "@" not in n][:1]
-        tags = [t if ":" in t.rsplit("/", 1)[-1] else t + ":latest" for t in tags]
-        _write_docker_archive(store, os.path.abspath(path), exp, tags)
-        return exp.manifest_digest
-    exp = prepare_export(store, record, fmt, compression or "gzip", level)
-    if dest.startswith("oci:"):
-        path, tag = split_spec(dest[4:])
-        _write_layout(os.path.abspath(path), exp, tag, link=True)
-    elif dest.startswith("oci-archive:"):
-        path, tag = split_spec(dest[12:])
-        _write_oci_archive(os.path.abspath(path), exp, tag)
-    else:
-        from rootless.oci.reference import parse_reference
-        from rootless.registry import api as registry
-
-        ref = parse_reference(dest.removeprefix("docker://"))
-        client = registry.Registry(registry_options or registry.RegistryOptions())
-        config_desc = registry.Descriptor(
-            img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG, exp.config_digest, len(exp.config)
-        )
-
-        def opener(p: str) -> Callable[[], BinaryIO]:
-            return lambda: open(p, "rb")
-
-        layer_list = [
-            (
-                registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
-                opener(b.path),
-            )
-            for b in exp.layers
-        ]
-        return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list)
-    return exp.manifest_digest

@@ -12,14 +12,11 @@ import fcntl
 import functools
 import hashlib
 import io
-import json
 import os
-import platform
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -30,6 +27,7 @@ from rootless.errors import RbuildError
 from rootless.kernel.fsutil import atomic_file
 from rootless.oci import schema as ocischema
 from rootless.oci.image import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
+from rootless.oci.platform import check_config_platform, choose_platform, parse_platform
 from rootless.oci.reference import Reference
 from rootless.oci.schema import MAX_CONFIG, MAX_MANIFEST
 from rootless.registry.api import (
@@ -61,94 +59,6 @@ CHUNK_SIZE = 32 << 20
 READ_SIZE = 1 << 20
 VERIFY_ATTEMPTS = 3  # a blob that fails verification is fetched again, at most this often
 MAX_RESUMES = 20  # Range resumptions of one download, however much each one gained
-
-
-# -- platforms ---------------------------------------------------------------------------
-
-_ARCH_ALIASES = {
-    "x86_64": "amd64",
-    "x86-64": "amd64",
-    "aarch64": "arm64",
-    "i386": "386",
-    "i686": "386",
-    "armhf": "arm",
-    "armel": "arm",
-    "armv7l": "arm",
-    "armv6l": "arm",
-}
-_ARCH_VARIANT = {"armhf": "v7", "armel": "v6", "armv7l": "v7", "armv6l": "v6"}
-
-
-@dataclass(frozen=True)
-class Platform:
-    """os/arch/variant, normalised as containerd does (arm64/v8 is arm64, arm is arm/v7)."""
-
-    os: str
-    architecture: str
-    variant: str = ""
-
-    @classmethod
-    def make(cls, os_: str, arch: str, variant: str = "") -> Platform:
-        """Normalise aliases (`x86_64`, `aarch64`, `armhf`) and default variants."""
-        os_, raw = os_.lower(), arch.lower()
-        arch = _ARCH_ALIASES.get(raw, raw)
-        variant = (variant or _ARCH_VARIANT.get(raw, "")).lower()
-        if variant and not variant.startswith("v") and variant.isdigit():
-            variant = "v" + variant
-        if arch == "arm64" and variant == "v8":
-            variant = ""
-        if arch == "arm" and not variant:
-            variant = "v7"
-        return cls(os_, arch, variant)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-def parse_platform(text: str | None) -> Platform:
-    """`os/arch[/variant]`, or the host's platform for None."""
-    if not text:
-        return host_platform()
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise RbuildError(f"invalid platform {text!r}: want os/arch[/variant]")
-    return Platform.make(*parts)
-
-
-def host_platform() -> Platform:
-    """The platform this machine runs natively."""
-    return Platform.make("linux", platform.machine() or "amd64")
-
-
-def _match_rank(want: Platform, have: Platform) -> int | None:
-    """0 for an exact match, higher for worse fallbacks (arm/v7 runs v6 and v5), None for no match."""
-    if want.os != have.os or want.architecture != have.architecture:
-        return None
-    if want.variant == have.variant:
-        return 0
-    if want.architecture == "arm" and have.variant[1:].isdigit() and want.variant[1:].isdigit():
-        gap = int(want.variant[1:]) - int(have.variant[1:])
-        return gap if gap > 0 else None
-    return None
-
-
-def choose_platform(index: dict[str, Any], want: Platform, where: str) -> Descriptor:
-    """The index entry that best matches `want`; an error listing what exists when none does."""
-    best: tuple[int, int, Descriptor] | None = None
-    seen = []
-    for position, entry in enumerate(index.get("manifests") or []):
-        plat = entry.get("platform") if isinstance(entry, dict) else None
-        if not isinstance(plat, dict):
-            continue
-        have = Platform.make(str(plat.get("os", "")), str(plat.get("architecture", "")), str(plat.get("variant", "")))
-        seen.append(str(have))
-        rank = _match_rank(want, have)
-        if rank is not None and (best is None or (rank, position) < best[:2]):
-            best = (rank, position, Descriptor.from_json(entry, where))
-    if best is None:
-        listed = ", ".join(sorted(set(seen))) or "none"
-        raise RbuildError(f"{where}: no image for platform {want} (available: {listed})")
-    return best[2]
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -393,7 +303,7 @@ class RegistryClient:
                 raise RbuildError(f"{what}: image indexes nested too deeply")
             index_digest = index_digest or digest
             ocischema.check_index(data, f"{what}: index {digest}")
-            entry = choose_platform(data, self.platform, what)
+            entry = Descriptor.from_json(choose_platform(data, self.platform, what), what)
             body, digest, media_type, data = self._get_manifest(source, entry.digest, what)
             if digest != entry.digest:
                 raise RbuildError(f"{what}: manifest digest mismatch for {entry.digest}")
@@ -406,7 +316,7 @@ class RegistryClient:
         config_what = f"{what}: config {config_desc.digest}"
         ocischema.check_config(ocischema.load(config, config_what), config_what)
         if self.options.platform and index_digest is None:
-            self._check_config_platform(config, what)
+            check_config_platform(config, self.platform, what)
         self.locations.record(
             source.ref.registry, source.ref.repository, [config_desc.digest] + [layer.digest for layer in layers]
         )
@@ -421,16 +331,6 @@ class RegistryClient:
             index_digest=index_digest,
             source=source.ref,
         )
-
-    def _check_config_platform(self, config: bytes, what: str) -> None:
-        """An explicit --platform must match a single-platform image's config."""
-        try:
-            data = json.loads(config)
-            have = Platform.make(data.get("os", ""), data.get("architecture", ""), data.get("variant", ""))
-        except (ValueError, AttributeError):
-            return
-        if have.architecture and _match_rank(self.platform, have) is None:
-            raise RbuildError(f"{what}: image is for {have}, not the requested {self.platform}")
 
     def _get_small_blob(self, source: Source, desc: Descriptor, what: str) -> bytes:
         """A config blob, in memory, verified like any other blob."""
