@@ -129,7 +129,12 @@ def platforms(rb: Runner, request: pytest.FixtureRequest) -> tuple[str, str]:
 @pytest.mark.parametrize("kind", ["layout", "archive"])
 @pytest.mark.parametrize(
     ("flag", "arch", "variant"),
-    [("linux/arm64", "arm64", "v8"), ("linux/arm64/v8", "arm64", "v8"), ("linux/arm", "arm", "v7"), (None, "amd64", "")],
+    [
+        ("linux/arm64", "arm64", "v8"),
+        ("linux/arm64/v8", "arm64", "v8"),
+        ("linux/arm", "arm", "v7"),
+        (None, "amd64", ""),
+    ],
 )
 def test_layouts_choose_the_platform(
     rb: Runner, platforms: tuple[str, str], kind: str, flag: str | None, arch: str, variant: str

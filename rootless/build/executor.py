@@ -1024,6 +1024,8 @@ def _is_archive(path: str) -> bool:
         return tarfile.is_tarfile(path)
     except OSError:
         return False
+    except (ValueError, EOFError):  # a tar header whose contents are damaged: the unpacker says how
+        return True
 
 
 @dataclass

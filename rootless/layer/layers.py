@@ -776,7 +776,10 @@ class _ArchiveUnpacker(_Unpacker):
             return self.cache[1]
         from rootless.kernel.fspath import secure_join
 
-        path = secure_join(self.dest, os.fsdecode(b"/".join(comps)))
+        try:
+            path = secure_join(self.dest, os.fsdecode(b"/".join(comps)))
+        except RbuildError as e:  # a symlink loop
+            raise LayerError(str(e)) from None
         try:
             if create:
                 os.makedirs(path, exist_ok=True)
