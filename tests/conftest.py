@@ -517,3 +517,31 @@ def docker_registry(extra_config: str = "") -> Iterator[str]:
 def registry() -> Iterator[str]:
     with docker_registry() as addr:
         yield addr
+
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+@pytest.fixture(scope="session")
+def debian_layout() -> Iterator[str]:
+    """Debian bookworm minbase as an OCI layout (the Debian mirror is reachable in CI; nothing else is)."""
+    work = tempfile.mkdtemp(prefix="rbtest-debian-", dir="/var/tmp")
+    os.chmod(work, 0o755)
+    try:
+        rootfs = os.path.join(work, "rootfs")
+        res = subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", rootfs, DEBIAN_MIRROR], capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            pytest.skip(f"debootstrap from {DEBIAN_MIRROR} failed (no Debian mirror?): {res.stderr.strip()[-300:]}")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name in sorted(os.listdir(rootfs)):
+                tf.add(os.path.join(rootfs, name), arcname=name)
+        shutil.rmtree(rootfs)
+        layout = os.path.join(work, "layout")
+        write_oci_layout(layout, [buf.getvalue()], compress=False)
+        subprocess.run(["chmod", "-R", "a+rX", layout], check=True)
+        yield layout
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

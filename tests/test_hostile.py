@@ -22,6 +22,7 @@ from hostile.userns import in_userns
 UNPACK_ALL = r"""
 import json, os, sys
 from rootless.layer import layers
+from rootless.layer.ownership import Ownership
 out = {}
 for case in json.load(open(sys.argv[1])):
     dirs, err = [], None
@@ -31,7 +32,7 @@ for case in json.load(open(sys.argv[1])):
         os.mkdir(dest)
         try:
             with open(path, "rb") as f:
-                layers.unpack(f, dest, lowers=dirs[::-1], single_uid=os.environ["SINGLE"] == "1")
+                layers.unpack(f, dest, lowers=dirs[::-1], ownership=Ownership.for_mapping(os.environ["SINGLE"] == "1"))
         except layers.LayerError as e:
             err = str(e)
             break

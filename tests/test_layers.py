@@ -148,12 +148,13 @@ def entries(data: bytes) -> list[tuple]:
 ROUNDTRIP = r"""
 import os, sys
 from rootless.layer import layers
+from rootless.layer.ownership import Ownership
 src, work = sys.argv[1], sys.argv[2]
 for i, out in ((1, "t1.tar"), (2, "t2.tar")):
     d = os.path.join(work, f"l{i}")
     os.mkdir(d)
     with open(src, "rb") as f:
-        layers.unpack(f, d, single_uid=os.environ["SINGLE"] == "1")
+        layers.unpack(f, d, ownership=Ownership.for_mapping(os.environ["SINGLE"] == "1"))
     with open(os.path.join(work, out), "wb") as f:
         layers.write_tar(d, f)
     src = os.path.join(work, out)
@@ -187,6 +188,7 @@ def test_unpack_records_unmappable_owners(rb) -> None:  # type: ignore[no-untype
     script = r"""
 import os, sys, tarfile
 from rootless.layer import layers
+from rootless.layer.ownership import Ownership
 d = os.path.join(sys.argv[2], "l")
 os.mkdir(d)
 with open(sys.argv[1], "rb") as f:

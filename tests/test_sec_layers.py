@@ -347,6 +347,7 @@ def test_run_setting_a_malformed_record_is_no_error(who: str, request: pytest.Fi
 MALFORMED = r"""
 import os, sys
 from rootless.layer import layers
+from rootless.layer.ownership import Ownership
 base = sys.argv[1]
 out = []
 def attempt(what, fn):
@@ -382,7 +383,7 @@ os.mkdir(dest)
 attempt("unpack under a malformed lower", lambda: layers.unpack(io.BytesIO(buf.getvalue()), dest, lowers=[lower]))
 os.setxattr(base, "user.rbuild.lstat", b"\xff")
 os.symlink("t", os.path.join(base, "link"))
-attempt("set_owner", lambda: layers.set_owner(os.path.join(base, "link"), 5, 5, single_uid=True))
+attempt("set_owner", lambda: layers.set_owner(os.path.join(base, "link"), 5, 5, ownership=Ownership.RECORDED))
 print("\n".join(out))
 """
 
@@ -406,6 +407,7 @@ DOWNGRADE = r"""
 # manifests naming every layer by its diff_id, uncompressed.
 import gzip, hashlib, json, os, shutil, sys
 from rootless.layer import layers
+from rootless.layer.ownership import Ownership
 root = sys.argv[1]
 single = os.environ["SINGLE"] == "1"
 if json.load(open(os.path.join(root, "store.json")))["version"] == 1:
@@ -432,7 +434,7 @@ for rec in index["images"]:
         else:
             os.mkdir(dest)
             with gzip.open(blob(desc["digest"])) as f:  # this python lacks isal
-                layers.unpack(f, dest, lowers=lowers[::-1], single_uid=single)
+                layers.unpack(f, dest, lowers=lowers[::-1], ownership=Ownership.for_mapping(single))
             meta = {"diff_id": d, "size": 0, "origin": "blob", "blobs": [dict(desc, original=True)]}
             originals.add(desc["digest"])
         json.dump(meta, open(dest + ".json", "w"))

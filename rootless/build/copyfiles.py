@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from rootless.errors import RbuildError
 from rootless.frontend import globmatch
 from rootless.kernel.fspath import inside, open_regular, secure_join
+from rootless.layer.format import FORMAT
+from rootless.layer.ownership import Ownership
 
 CHUNK = 1 << 20
 
@@ -186,12 +189,26 @@ def resolve(
     return host
 
 
+def _sent(root: str, rel: str, rules: list[IgnoreRule], what: str) -> str | None:
+    """resolve(), where an ignored directory is still there when a `!pattern` re-includes something below
+    it: docker's context transfer keeps the parent directories of a re-included path."""
+    host = resolve(root, rel, rules, what)
+    if host is not None or not any(r.negate for r in rules):
+        return host
+    host = resolve(root, rel, rules, what, through=True)
+    if host is None or not os.path.isdir(host) or os.path.islink(host):
+        return None
+    entries = walk(SourceItem(host, rel), root, rules)
+    next(entries)  # the directory itself
+    return host if next(entries, None) is not None else None
+
+
 def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[SourceItem]:
     """Sources matching `src` below root (globs allowed); symlinks in the path resolve inside root, and
     ignored files are not there (see resolve)."""
     clean = os.path.normpath("/" + src).lstrip("/")
     if not _has_glob(clean):
-        host = resolve(root, clean, rules, what)
+        host = _sent(root, clean, rules, what)
         if host is None or not os.path.lexists(host):
             raise RbuildError(f"{what}: {src}: no such file or directory in the build context")
         return [SourceItem(host, clean)]
@@ -217,7 +234,7 @@ def select(root: str, src: str, rules: list[IgnoreRule], what: str) -> list[Sour
         found = nxt
     items = []
     for rel in found:
-        host = resolve(root, rel, rules, what)
+        host = _sent(root, rel, rules, what)
         if host is not None and os.path.lexists(host):
             items.append(SourceItem(host, rel))
             continue
@@ -310,7 +327,7 @@ def write_mask(item: SourceItem, root: str, rules: list[IgnoreRule], mask: str) 
                     os.mkdir(os.path.join(mask, sub))
                     os.lchown(os.path.join(mask, sub), st.st_uid, st.st_gid)
                     os.chmod(os.path.join(mask, sub), stat.S_IMODE(st.st_mode))
-        os.mknod(os.path.join(mask, rel), stat.S_IFCHR, os.makedev(0, 0))  # an overlay whiteout
+        FORMAT.make_whiteout(os.path.join(mask, rel))
     st = os.lstat(item.host)
     os.chmod(mask, stat.S_IMODE(st.st_mode))
     return True
@@ -377,30 +394,199 @@ def hash_sources(
 
 def chown(path: str, uid: int, gid: int) -> None:
     """lchown, or, for ids this user namespace cannot map (a single-uid map, an id beyond the subuid
-    range), the owner recorded the way layers.write_tar emits it."""
+    range: EINVAL) or that no namespace maps at all (an unprivileged build without one: EPERM), the owner
+    recorded the way layers.write_tar emits it."""
     try:
         os.lchown(path, uid, gid)
     except OSError as e:
-        if e.errno != errno.EINVAL:
+        if e.errno not in (errno.EINVAL, errno.EPERM):
             raise
         from rootless.layer import layers
 
-        layers.set_owner(path, uid, gid, single_uid=True)
+        layers.set_owner(path, uid, gid, ownership=Ownership.RECORDED)
 
 
-def parse_chmod(value: str | None, what: str) -> int | None:
+Chmod = int | Callable[[int, bool], int]  # an octal mode, or a symbolic one applied to (mode, is_dir)
+
+
+def parse_chmod(value: str | None, what: str) -> Chmod | None:
+    """--chmod as BuildKit reads it: octal up to 07777, else a chmod(1) symbolic mode (`u=rwX,go=rX`)."""
     if not value:
         return None
+    bad = f"{what}: invalid --chmod value {value!r}: it should be an octal mode up to 07777 or a symbolic mode"
+    if "0" <= value[0] <= "9":
+        if not re.fullmatch("[0-7]+", value) or int(value, 8) > 0o7777:
+            raise RbuildError(bad)
+        return int(value, 8)
+    cmds = _parse_symbolic(value)
+    if cmds is None:
+        raise RbuildError(bad)
+    return lambda mode, is_dir: _apply_symbolic(cmds, mode, is_dir)
+
+
+# BuildKit parses a symbolic --chmod with github.com/tonistiigi/dchapes-mode (BSD setmode(3) in Go, umask
+# 0), ported here step for step: a mode is a list of (cmd, cmd2, bits) commands.
+_CLR, _SET, _GBITS, _OBITS, _UBITS = 1, 2, 4, 8, 16
+_ALL = 0xFFFF  # ^modet(0): the mask with umask 0
+_STANDARD = 0o6777
+
+
+def _parse_symbolic(s: str) -> list[tuple[str, int, int]] | None:
+    """dchapes-mode ParseWithUmask(s, 0) for a symbolic mode; None where it says ErrSyntax."""
+    cmds: list[tuple[str, int, int]] = []
+
+    def add(op: str, who: int, arg: int | str) -> None:
+        if op == "=":
+            cmds.append(("-", 0, who or _STANDARD))
+            op = "+"
+        if op in "+-X":
+            assert isinstance(arg, int)
+            cmds.append((op, 0, who & arg if who else _ALL & arg))
+            return
+        cmd2 = (_UBITS if who & 0o400 else 0) | (_GBITS if who & 0o040 else 0) | (_OBITS if who & 0o004 else 0)
+        cmd2 = cmd2 if who else _UBITS | _GBITS | _OBITS
+        cmds.append((op, cmd2 | {"+": _SET, "-": _CLR, "=": _SET | _CLR}[str(arg)], _ALL))
+
+    i, equal_done = 0, False
+    while True:
+        who = 0
+        while i < len(s) and s[i] in "augo":
+            who |= {"a": _STANDARD, "u": 0o4700, "g": 0o2070, "o": 0o0007}[s[i]]
+            i += 1
+        if i >= len(s):
+            return None
+        while True:  # an operator and its permissions, again for "g=u-w"
+            op = s[i]
+            i += 1
+            if op not in "+-=":
+                return None
+            if op == "=":
+                equal_done = False
+            who &= ~0o1000
+            perm = perm_x = 0
+            while True:
+                b = s[i] if i < len(s) else ""
+                if b and b in "rwx":
+                    perm |= {"r": 0o444, "w": 0o222, "x": 0o111}[b]
+                elif b == "s":
+                    if who == 0 or who & ~0o007:
+                        perm |= 0o6000
+                elif b == "t":
+                    if who == 0 or who & ~0o007:
+                        who |= 0o1000
+                        perm |= 0o1000
+                elif b == "X":
+                    if op != "-":
+                        perm_x = 0o111
+                    else:
+                        perm |= 0o111
+                elif b and b in "ugo":
+                    if perm:
+                        add(op, who, perm)
+                        perm = 0
+                    if op == "=":
+                        equal_done = True
+                    if perm_x:
+                        add("X", who, perm_x)
+                        perm_x = 0
+                    add(b, who, op)
+                else:
+                    if perm or (op == "=" and not equal_done):
+                        if op == "=":
+                            equal_done = True
+                        add(op, who, perm)
+                    if perm_x:
+                        add("X", who, perm_x)
+                    break
+                i += 1
+            if i >= len(s):
+                return _compress(cmds)
+            if s[i] == ",":
+                i += 1
+                break
+
+
+def _compress(cmds: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """dchapes-mode's compress: each run of +, - and X commands as one clear, one set and one X."""
+    out: list[tuple[str, int, int]] = []
+    i = 0
+    while i < len(cmds):
+        if cmds[i][0] not in "+-X":
+            out.append(cmds[i])
+            i += 1
+            continue
+        set_bits = clr_bits = x_bits = 0
+        while i < len(cmds) and cmds[i][0] in "+-X":
+            cmd, _, bits = cmds[i]
+            if cmd == "-":
+                clr_bits, set_bits, x_bits = clr_bits | bits, set_bits & ~bits, x_bits & ~bits
+            elif cmd == "+":
+                set_bits, clr_bits, x_bits = set_bits | bits, clr_bits & ~bits, x_bits & ~bits
+            else:
+                x_bits |= bits & ~set_bits
+            i += 1
+        out += [(c, 0, b) for c, b in (("-", clr_bits), ("+", set_bits), ("X", x_bits)) if b]
+    return out
+
+
+def _apply_symbolic(cmds: list[tuple[str, int, int]], mode: int, is_dir: bool) -> int:
+    """dchapes-mode Set.Apply: X adds execute to a directory, or to a file with an execute bit already."""
+    old = new = mode & 0o7777
+    for cmd, cmd2, bits in cmds:
+        if cmd in "ugo":
+            value = {"u": (new & 0o700) >> 6, "g": (new & 0o070) >> 3, "o": new & 0o007}[cmd]
+            shifts = [sh for flag, sh in ((_UBITS, 6), (_GBITS, 3), (_OBITS, 0)) if cmd2 & flag]
+            if cmd2 & _CLR:
+                clear = 0o007 if cmd2 & _SET else value
+                for sh in shifts:
+                    new &= ~(clear << sh & bits)
+            if cmd2 & _SET:
+                for sh in shifts:
+                    new |= value << sh & bits
+        elif cmd == "+":
+            new |= bits
+        elif cmd == "-":
+            new &= ~bits
+        elif old & 0o111 or is_dir:  # X
+            new |= bits
+    return new & 0o7777
+
+
+def _mode_for(chmod: Chmod | None, mode: int) -> int:
+    """The permission bits an entry of st_mode `mode` gets."""
+    if chmod is None:
+        return stat.S_IMODE(mode)
+    if isinstance(chmod, int):
+        return chmod
+    return chmod(stat.S_IMODE(mode), stat.S_ISDIR(mode))
+
+
+def dir_mode(chmod: Chmod | None) -> int:
+    """The mode of a directory COPY creates on the way to its destination: BuildKit's fsutil copy makes them
+    0755, or with the --chmod mode when that is octal (copy.go Copy and prepareTargetDir, MkdirAll)."""
+    return chmod if isinstance(chmod, int) else 0o755
+
+
+def copy_xattrs(src: str, dst: str) -> None:
+    """The xattrs a layer can carry (user.*, security.capability), set after chown and chmod as BuildKit's
+    fsutil copy does (a chown clears security.capability)."""
+    from rootless.layer.layers import _keep_xattr
+
     try:
-        mode = int(value, 8)
-    except ValueError:
-        raise RbuildError(f"{what}: invalid --chmod value {value!r}: use an octal mode such as 755") from None
-    if mode > 0o7777:
-        raise RbuildError(f"{what}: invalid --chmod value {value!r}")
-    return mode
+        names = os.listxattr(src, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if not _keep_xattr(name):
+            continue
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EINVAL, errno.ENODATA, errno.EOVERFLOW):
+                raise
 
 
-def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
+def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755) -> str:
     """Create the container directory `path` (and parents, all owned by uid:gid) inside root; return its host path."""
     parts = [p for p in path.split("/") if p]
     cur = "/"
@@ -408,8 +594,9 @@ def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
         cur = os.path.join(cur, p)
         host = secure_join(root, cur)
         if not os.path.lexists(host):
-            os.mkdir(host, 0o755)
+            os.mkdir(host, 0o700)
             chown(host, uid, gid)
+            os.chmod(host, mode)
         elif not os.path.isdir(host):
             raise RbuildError(f"cannot create directory {cur}: a file is in the way")
     return secure_join(root, path)
@@ -418,7 +605,7 @@ def ensure_dir(root: str, path: str, uid: int = 0, gid: int = 0) -> str:
 class _Copier:
     """Copies entries with docker's ownership rules, keeping hardlinks and setting directory times last."""
 
-    def __init__(self, owner: tuple[int, int] | None, chmod: int | None) -> None:
+    def __init__(self, owner: tuple[int, int] | None, chmod: Chmod | None) -> None:
         self.owner = owner  # None: keep the source's ownership (COPY --from without --chown)
         self.chmod = chmod
         self.links: dict[tuple[int, int], str] = {}
@@ -438,7 +625,7 @@ class _Copier:
                 os.link(first, dst)
                 return
             self.links[(st.st_dev, st.st_ino)] = dst
-        perm = self.chmod if self.chmod is not None else stat.S_IMODE(mode)
+        perm = _mode_for(self.chmod, mode)
         if stat.S_ISDIR(mode):
             if not os.path.isdir(dst):
                 os.mkdir(dst, 0o700)
@@ -450,10 +637,16 @@ class _Copier:
             os.mkfifo(dst, 0o600)
         else:
             return  # sockets and device nodes in a build context are skipped, as docker does
-        uid, gid = self.owner if self.owner is not None else (st.st_uid, st.st_gid)
+        if self.owner is not None:
+            uid, gid = self.owner
+        else:  # COPY --from keeps owners, also those recorded where the namespace could not chown
+            from rootless.layer import layers
+
+            uid, gid = layers.image_owner(src, st)
         chown(dst, uid, gid)
         if not stat.S_ISLNK(mode):
             os.chmod(dst, perm)  # after chown, which clears setuid/setgid
+        copy_xattrs(src, dst)
         if stat.S_ISDIR(mode):
             self.dir_times.append((dst, st.st_atime_ns, st.st_mtime_ns))
         else:
@@ -498,7 +691,7 @@ def copy_into(
     rules: list[IgnoreRule],
     dest: str,
     owner: tuple[int, int] | None,
-    chmod: int | None,
+    chmod: Chmod | None,
     what: str,
 ) -> None:
     """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest.
@@ -520,41 +713,38 @@ def copy_into(
         host = item.host  # already resolved inside src_root by select()
         item_dest = os.path.join(dest_clean, item.sub) if item.sub else dest_clean
         if os.path.isdir(host):
-            # each destination directory is resolved inside root once: a directory the image has as a
-            # symlink (/lib -> usr/lib) is copied into, never replaced and never followed out of root
-            resolved = {"": ensure_dir(root, item_dest, uid, gid)}
+            # the destination itself is resolved inside root, symlinks followed (BuildKit: fs.RootPath in
+            # fsutil copy.go Copy); a directory below it meets what the image has there as it is: a symlink
+            # or a file where the source has a directory is an error (copy.go copyDirectoryOnly)
+            resolved = {"": ensure_dir(root, item_dest, uid, gid, dir_mode(chmod))}
             for path, rel in walk(item, src_root, rules):
                 if not rel:
                     continue
-                parent = os.path.dirname(rel)
-                parent_host = resolved.get(parent) or secure_join(root, os.path.join(item_dest, parent))
-                dst = os.path.join(parent_host, os.path.basename(rel))
+                dst = os.path.join(resolved[os.path.dirname(rel)], os.path.basename(rel))
                 if os.path.isdir(path) and not os.path.islink(path):
-                    if os.path.islink(dst):
-                        real = secure_join(root, os.path.join(item_dest, rel))
-                        if os.path.isdir(real):
-                            resolved[rel] = real
-                            continue
+                    if os.path.lexists(dst) and (os.path.islink(dst) or not os.path.isdir(dst)):
+                        shown = os.path.normpath(os.path.join(item_dest, rel))
+                        raise RbuildError(f"{what}: cannot copy to non-directory: {shown}")
                     resolved[rel] = dst
                 copier.entry(path, dst)
             continue
         if dest_is_dir or item.sub or os.path.isdir(secure_join(root, item_dest)):
-            target_dir = ensure_dir(root, item_dest, uid, gid)
+            target_dir = ensure_dir(root, item_dest, uid, gid, dir_mode(chmod))
             copier.entry(host, os.path.join(target_dir, os.path.basename(item.rel or host)))
         else:
-            target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid)
+            target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid, dir_mode(chmod))
             copier.entry(host, os.path.join(target_dir, os.path.basename(dest_clean)))
     copier.finish()
 
 
-def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: int | None) -> None:
+def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: Chmod | None) -> None:
     """COPY <<EOF /file: a heredoc body becomes a file."""
     dest_clean = os.path.normpath(dest)
-    target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid)
+    target_dir = ensure_dir(root, os.path.dirname(dest_clean), uid, gid, dir_mode(chmod))
     path = os.path.join(target_dir, os.path.basename(dest_clean))
     if os.path.lexists(path) and not os.path.isdir(path):
         os.unlink(path)
     with open(path, "wb") as f:
         f.write(data)
     chown(path, uid, gid)
-    os.chmod(path, chmod if chmod is not None else 0o644)
+    os.chmod(path, _mode_for(chmod, stat.S_IFREG | 0o644))

@@ -18,6 +18,7 @@ from rootless.oci.platform import host_platform
 
 if TYPE_CHECKING:
     from rootless.frontend.containerfile import Containerfile
+    from rootless.frontend.instructions import Command, FromCmd
 
 # ARGs docker predefines: usable without an ARG line, left out of the image history
 PROXY_ARGS = (
@@ -55,8 +56,8 @@ class Stage:
     name: str | None
     base: str  # expanded FROM reference ("scratch", a stage name, an image)
     base_stage: int | None  # index of the stage it builds on, if any
-    from_cmd: object
-    commands: list[object] = field(default_factory=list)
+    from_cmd: FromCmd
+    commands: list[Command] = field(default_factory=list)
     deps: set[int] = field(default_factory=set)
 
 

@@ -18,6 +18,7 @@ from rootless import __version__
 from rootless.cli.flags import attached_flag
 from rootless.errors import RbuildError
 from rootless.kernel.fspath import inside
+from rootless.layer.ownership import Ownership
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,9 +29,16 @@ class _Parser(argparse.ArgumentParser):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=argparse.SUPPRESS, help="store directory")
     p.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warn", "error"])
+    p.add_argument(
+        "--storage-driver",
+        default=argparse.SUPPRESS,
+        metavar="DRIVER",
+        help="how a step gets its tree: overlay, fuse or copy (vfs: copy); default: RBUILD_STORAGE_DRIVER, "
+        "else the best that works here",
+    )
 
 
-_GLOBAL_WITH_VALUE = ("--root", "--log-level")
+_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
 
@@ -101,6 +109,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="id=ID[,src=FILE|,env=VAR]",
         help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
     )
+    b.add_argument(
+        "--cache-from",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="read build steps from this registry cache (repeatable; type=registry,ref=REF accepted)",
+    )
+    b.add_argument(
+        "--cache-to",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="push this build's steps to a registry cache (type=registry,ref=REF,mode=max|min accepted)",
+    )
     _registry_args(b)
     if registry_flags:
         from rootless.cli.registry import add_pull_argument
@@ -156,6 +178,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _registry_args(pl)
     pl.set_defaults(func=cmd_pull)
 
+    pr = sub.add_parser("prune", help="remove what no named image needs: build cache, unused layers, unnamed images")
+    _common(pr)
+    pr.set_defaults(func=cmd_prune)
+    df = sub.add_parser("df", help="show the store's disk usage and limits")
+    _common(df)
+    df.set_defaults(func=cmd_df)
     ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
     _common(ck)
     ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
@@ -165,6 +193,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(u)
     u.add_argument("cmd", nargs=argparse.REMAINDER)
     u.set_defaults(func=cmd_unshare)
+
+    dr = sub.add_parser("doctor", help="what this environment allows, the strategy rung a build uses, and fixes")
+    _common(dr)
+    dr.add_argument("--json", action="store_true", help="print rung, run_possible and checks as JSON")
+    dr.set_defaults(func=cmd_doctor)
 
     li = sub.add_parser("login", help="log in to a registry")
     lo = sub.add_parser("logout", help="log out of a registry")
@@ -192,17 +225,23 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
 
     idmap, notice = userns.host_mapping()
     runtime = None
+    root = paths.store_root(getattr(args, "root", None))
     if create:
         # both paths depend on who we are on the host: resolve them before entering the user namespace
-        runtime, runtime_notice = paths.runtime_dir()
+        runtime, runtime_notice = paths.runtime_dir(root)
         for line in (notice, runtime_notice):
             if line and not getattr(args, "quiet_notice", False):
                 print(line, file=sys.stderr)
-    return Store(paths.store_root(getattr(args, "root", None)), runtime=runtime), idmap
+    return Store(root, runtime=runtime), idmap
 
 
-def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> int:
-    """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there."""
+def _notice(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False) -> int:
+    """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there; `limited`: a
+    build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size)."""
     from rootless.env import userns
 
     store, idmap = _store_and_map(args)
@@ -212,12 +251,35 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int]) -> in
     except OSError as e:
         raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
 
-    def inner() -> int:
-        _open_inside(store, idmap)
-        with store.in_use():
-            return fn(store, idmap)
+    def inner(got: Any) -> int:
+        _open_inside(store, got)
+        if not limited:
+            with store.in_use():
+                return fn(store, got)
+        from rootless.env import limits
 
-    return userns.run_inside(idmap, lambda: _guard(args, inner))
+        lim = limits.load()
+        slots = (
+            store.build_slot(
+                lim.concurrent_builds,
+                lambda: _notice(
+                    f"rbuild: waiting for one of the {lim.concurrent_builds} concurrent builds this user may run"
+                ),
+            )
+            if lim.concurrent_builds
+            else contextlib.nullcontext()
+        )
+        with slots:
+            with store.in_use():
+                status = fn(store, got)
+            if lim.store_size is not None and store.usage() > lim.store_size:
+                for line in store.prune(lim.store_size):
+                    _notice(f"rbuild: store over its limit of {lim.store_size} bytes: {line}")
+                if store.usage() > lim.store_size:
+                    _notice(f"rbuild: store {store.root} is still over its limit: named images fill it (rbuild rmi)")
+        return status
+
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: inner(got)))
 
 
 def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
@@ -232,7 +294,7 @@ def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
             f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)",
             file=sys.stderr,
         )
-        migrate.upgrade(store, idmap.single)
+        migrate.upgrade(store, Ownership.for_mapping(idmap.single))
 
 
 def _open_readonly(args: argparse.Namespace) -> Any:
@@ -246,11 +308,11 @@ def _open_readonly(args: argparse.Namespace) -> Any:
         if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
             from rootless.env import userns
 
-            def convert() -> int:
-                _open_inside(store, idmap, create=False)
+            def convert(got: Any) -> int:
+                _open_inside(store, got, create=False)
                 return 0
 
-            if userns.run_inside(idmap, lambda: _guard(args, convert)):
+            if userns.run_inside(idmap, lambda got: _guard(args, lambda: convert(got))):
                 raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
             store.check_format()
     return store
@@ -315,7 +377,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         sde = int(raw_sde)
     pull = getattr(args, "pull", "missing")
     secrets = _read_secrets(args.secret)
+    from rootless.build.regcache import parse_spec
+
+    cache_from = [parse_spec(v, "--cache-from") for v in args.cache_from]
+    cache_to = [parse_spec(v, "--cache-to") for v in args.cache_to]
     remote_tags = [names.normalize(t) for t in args.tag if not names.normalize(t).startswith("localhost/")]
+    remote_tags += [c.ref.removeprefix("docker://") for c in cache_from + cache_to]  # --creds go there too
     if getattr(args, "creds", None) and not remote_tags:
         raise RbuildError(
             "--creds goes only to the registries of -t names, and no -t names a registry; "
@@ -324,8 +391,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     def run(store: Any, idmap: Any) -> int:
         from rootless.build import executor
+        from rootless.build.state import BuildOptions
+        from rootless.env import strategy
 
-        opts = executor.BuildOptions(
+        opts = BuildOptions(
             tags=args.tag,
             labels=labels,
             no_cache=args.no_cache,
@@ -334,14 +403,21 @@ def cmd_build(args: argparse.Namespace) -> int:
             timestamp=args.timestamp,
             source_date_epoch=sde,
             rewrite_timestamp=args.rewrite_timestamp,
-            single_uid=idmap.single,
             pull=pull,
             registry_options=_registry_options(args, remote_tags),
             containerfile=cf_path if args.file != "-" else None,
             secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
+            cache_from=cache_from,
+            cache_to=cache_to,
         )
-        image_id = executor.build(plan, store, opts)
+        forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
+        chosen = strategy.choose(idmap, store.root, forced)
+        blocked = strategy.runs_possible(chosen)
+        if blocked is not None:
+            _refuse_run(plan, blocked)
+        store.record_strategy(chosen.to_json())
+        image_id = executor.build(plan, store, opts, chosen)
         if args.push:
             from rootless.oci import transports
 
@@ -359,7 +435,20 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(image_id, flush=True)
         return 0
 
-    return _in_namespace(args, run)
+    return _in_namespace(args, run, limited=True)
+
+
+def _refuse_run(plan: Any, why: str) -> None:
+    """Before the build starts: a RUN in a stage to be built cannot run here (no user namespace)."""
+    from rootless.frontend import instructions
+
+    for index in plan.order:
+        for cmd in plan.stages[index].commands:
+            if isinstance(cmd, instructions.RunCmd):
+                raise RbuildError(
+                    f"{cmd.filename}:{cmd.node.start_line}: RUN needs a user namespace, and none can be made "
+                    f"here: {why} (FROM, COPY, ADD, ENV, LABEL and the like build without one)"
+                )
 
 
 def _read_secrets(specs: list[str]) -> dict[str, bytes]:
@@ -513,14 +602,74 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             deleted = True
     if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
 
-        def gc() -> int:
-            _open_inside(store, idmap, create=False)
+        def gc(got: Any) -> int:
+            _open_inside(store, got, create=False)
             store.collect_garbage()
             return 0
 
-        gc_status = userns.run_inside(idmap, lambda: _guard(args, gc))
+        gc_status = userns.run_inside(idmap, lambda got: _guard(args, lambda: gc(got)))
         status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove the build cache, layers and blobs no image needs, and images without a name."""
+    from rootless.env import userns
+
+    store, idmap = _store_and_map(args)
+    if not store.exists():
+        print(f"no store at {store.root}: nothing to prune", file=sys.stderr)
+        return 0
+
+    def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
+        _open_inside(store, got, create=False)
+        before = store.usage()
+        with store.exclusive():
+            pass  # refuse clearly while a build runs (prune would skip silently)
+        for line in store.prune(None):
+            print(line)
+        after = store.usage()
+        print(f"freed {_size(before - after)}; the store {store.root} holds {_size(after)}")
+        return 0
+
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_df(args: argparse.Namespace) -> int:
+    """The store's size by part, and this user's limits."""
+    from rootless.env import limits, userns
+    from rootless.store.store import Store
+
+    store, idmap = _store_and_map(args)
+    lim = limits.load()
+
+    def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
+        parts = {
+            "chains": "images and layers",
+            "blobs": "blobs",
+            "cache": "build cache",
+            "cache-mounts": "cache mounts",
+        }
+        print(f"store              {store.root}")
+        print(f"images             {len(store.images()) if store.exists() else 0}")
+        for sub, label in parts.items():
+            path = os.path.join(store.root, sub)
+            print(f"{label:<18} {_size(Store(path).usage() if os.path.isdir(path) else 0)}")
+        limit = f" (limit {_size(lim.store_size)})" if lim.store_size else ""
+        print(f"{'total':<18} {_size(store.usage() if store.exists() else 0)}{limit}")
+        if lim.concurrent_builds:
+            print(f"concurrent builds  at most {lim.concurrent_builds}")
+        return 0
+
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -533,7 +682,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"no store at {store.root}: nothing to check", file=sys.stderr)
         return 0
 
-    def run() -> int:
+    def run(idmap: Any) -> int:
         from rootless.store.store import STORE_VERSION
 
         store.open(idmap, create=False, sweep=False)
@@ -543,11 +692,11 @@ def cmd_check(args: argparse.Namespace) -> int:
             for path in store.sweep(idle=args.repair):
                 print(f"removed leftover of a killed process: {path}")
             with contextlib.nullcontext() if args.repair else store.in_use():
-                problems = storecheck.check(store, idmap.single)
+                problems = storecheck.check(store, Ownership.for_mapping(idmap.single))
                 if args.repair and problems:
                     for line in storecheck.repair(store, problems):
                         print(line)
-                    problems = storecheck.check(store, idmap.single)
+                    problems = storecheck.check(store, Ownership.for_mapping(idmap.single))
         for p in problems:
             print(p)
         if problems:
@@ -559,7 +708,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
         return 0
 
-    return userns.run_inside(idmap, lambda: _guard(args, run))
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -606,7 +755,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         source = transports.parse_transport(args.image)
         with source.open(store, _registry_options(args, [] if source.local else [source.rest]), progress) as src:
             names = [] if source.local else [src.name]
-            rec = transports.import_image(store, src, names, idmap.single)
+            rec = transports.import_image(store, src, names, Ownership.for_mapping(idmap.single))
         print(rec.id)
         return 0
 
@@ -631,6 +780,29 @@ def cmd_unshare(args: argparse.Namespace) -> int:
             raise RbuildError(f"{argv[0]}: command not found", exit_code=127) from None
 
     return _in_namespace(args, run)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Exit 0 when RUN works here, 1 when only RUN-less builds do, 2 when nothing does."""
+    from rootless.env import paths, probe
+
+    result = probe.probe(paths.store_root(getattr(args, "root", None)))
+    choice = probe.choose(result)
+    status = 0 if choice.run_possible else (1 if result.storage_writable else 2)
+    if args.json:
+        checks = [{"name": c.name, "ok": c.ok, "detail": c.detail, "remedy": c.remedy} for c in result.checks]
+        doc = {"rung": choice.rung, "run_possible": choice.run_possible, "skipped": list(choice.skipped)}
+        print(json.dumps({**doc, "checks": checks}, indent=2))
+        return status
+    run = "RUN works" if choice.run_possible else "RUN is not possible"
+    print(f"rung {choice.rung}: {probe.RUNGS[choice.rung]} ({run})")
+    for c in result.checks:
+        print(f"{'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+        if c.remedy:
+            print(f"     fix: {c.remedy}")
+    for why in choice.skipped:
+        print(f"skipped {why}")
+    return status
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -1,12 +1,20 @@
 """Entering the build's user namespace from a freshly forked, single-threaded child.
 
 The caller becomes uid/gid 0 inside; its /etc/subuid and /etc/subgid ranges (mapped by the setuid
-newuidmap/newgidmap helpers) become 1..N. Without a range, a single-uid map is used and said so.
-Run as real root, no user namespace is needed: the child only gets a private mount namespace.
+newuidmap/newgidmap helpers) become 1..N. Without a range, or when the helpers fail here (no_new_privs,
+not setuid, a range outside the container's own map), a single-uid map is used and said so.
+uid 0 is not proof of real root: real root has CAP_SYS_ADMIN in the initial user namespace
+(`/proc/self/uid_map` is the identity `0 0 4294967295`), and needs no user namespace, only a private
+mount namespace. Root of a container or of another user namespace maps the ids of its own namespace
+itself (CAP_SETUID). Where user namespaces are blocked (a sysctl, seccomp, AppArmor), the build runs in
+the current namespace without mounts: with real chown where the caller holds CAP_CHOWN and friends
+(rung 4, `none-privileged`), else with owners recorded (rung 5, `none`: no RUN).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import pwd
 import shutil
@@ -20,7 +28,8 @@ from rootless.idmap import IdMap, Range
 from rootless.kernel import linux
 
 
-def _sub_ranges(path: str, names: set[str]) -> list[tuple[int, int]]:
+def sub_ranges(path: str, names: set[str]) -> list[tuple[int, int]]:
+    """(start, count) of the lines of /etc/subuid or /etc/subgid that name one of `names`."""
     out: list[tuple[int, int]] = []
     try:
         with open(path) as f:
@@ -33,19 +42,138 @@ def _sub_ranges(path: str, names: set[str]) -> list[tuple[int, int]]:
     return out
 
 
+IDENTITY: tuple[Range, ...] = ((0, 0, 4294967295),)  # the initial user namespace's map
+CAP_CHOWN, CAP_FOWNER, CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT, CAP_SYS_ADMIN, CAP_MKNOD = 0, 3, 6, 7, 18, 21, 27
+# what rung 4 needs in the current namespace: real chown, any file's metadata, device nodes, chroot
+PRIVILEGED_CAPS = (CAP_CHOWN, CAP_FOWNER, CAP_MKNOD, CAP_SYS_CHROOT, CAP_SETUID, CAP_SETGID)
+
+
+def effective_caps() -> int:
+    """This process's effective capability set (CapEff of /proc/self/status) as a bit mask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def has_caps(*caps: int) -> bool:
+    mask = effective_caps()
+    return all(mask >> cap & 1 for cap in caps)
+
+
+def own_map(kind: str) -> tuple[Range, ...]:
+    """This process's own user namespace map (`uid_map` or `gid_map`): (inside, outside, count) lines."""
+    try:
+        with open(f"/proc/self/{kind}") as f:
+            return tuple((int(a), int(b), int(c)) for a, b, c in (ln.split() for ln in f if ln.strip()))
+    except (OSError, ValueError):
+        return ()
+
+
+def initial_namespace() -> bool:
+    """Whether this process is in the initial user namespace (whose map is the full identity)."""
+    return own_map("uid_map") == IDENTITY
+
+
+def real_root() -> bool:
+    """Root of the host: CAP_SYS_ADMIN in the initial user namespace -- never just uid 0."""
+    return os.getuid() == 0 and initial_namespace() and has_caps(CAP_SYS_ADMIN)
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _seccomp_mode() -> str | None:
+    text = _read_text("/proc/self/status") or ""
+    return next((ln.split()[1] for ln in text.splitlines() if ln.startswith("Seccomp:")), None)
+
+
+def userns_gate(err: int) -> str:
+    """Which gate refused a user namespace (unshare's errno `err`), and its remedy, as one clause."""
+    if _read_text("/proc/sys/user/max_user_namespaces") == "0":
+        return "sysctl user.max_user_namespaces is 0 (remedy: sysctl -w user.max_user_namespaces=15000)"
+    if _read_text("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        return "sysctl kernel.unprivileged_userns_clone is 0 (remedy: sysctl -w kernel.unprivileged_userns_clone=1)"
+    apparmor = _read_text("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1"
+    if apparmor and err in (errno.EACCES, errno.EPERM):
+        return (
+            "AppArmor restricts unprivileged user namespaces (remedy: an AppArmor profile for rbuild with "
+            "`userns,`, or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0)"
+        )
+    if _seccomp_mode() == "2" and err == errno.EPERM:
+        return (
+            "a seccomp filter blocks CLONE_NEWUSER, as the container runtime's default profile does (remedy: "
+            "run the container with a seccomp profile that allows unshare/clone with CLONE_NEWUSER, e.g. "
+            "--security-opt seccomp=unconfined, or securityContext.seccompProfile.type: Unconfined in Kubernetes)"
+        )
+    if os.getuid() != 0 and err == errno.EPERM and not has_caps(CAP_SYS_ADMIN):
+        return f"unshare(CLONE_NEWUSER): {os.strerror(err)} (a chroot or a seccomp/LSM policy forbids it here)"
+    return f"unshare(CLONE_NEWUSER): {os.strerror(err)}"
+
+
+@functools.cache
+def userns_blocked() -> str | None:
+    """None when this process may create a user namespace, else the gate and its remedy.
+
+    Tried for real, in a forked child (the caller is single-threaded: the command line, before any work).
+    """
+    pid = os.fork()
+    if pid == 0:
+        try:
+            linux.unshare(linux.CLONE_NEWUSER)
+            os._exit(0)
+        except OSError as e:
+            os._exit(e.errno or 1)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    err = os.waitstatus_to_exitcode(status)
+    return None if err == 0 else userns_gate(err)
+
+
+def isolation(idmap: IdMap) -> str:
+    """How a build under `idmap` is isolated: `host-root`, `userns`, `userns-single`, or, where no user
+    namespace can be made, `none-privileged` (real chown, no mounts) or `none` (owners recorded, no RUN)."""
+    if idmap.real_root:
+        return "host-root" if has_caps(CAP_SYS_ADMIN) else "none-privileged"
+    if userns_blocked() is not None:
+        return "none"
+    return "userns-single" if idmap.single else "userns"
+
+
 def host_mapping() -> tuple[IdMap, str | None]:
     """The mapping this user gets, plus a one-line notice when it is the degraded single-uid map."""
     uid, gid = os.getuid(), os.getgid()
-    if uid == 0:
-        full = ((0, 0, 4294967295),)
-        return IdMap(full, full, real_root=True), None
+    if real_root():
+        return IdMap(IDENTITY, IDENTITY, real_root=True), None
+    if uid == 0 and has_caps(CAP_SETUID, CAP_SETGID):
+        # root of a container or of a user namespace: a new namespace gets every id of this one, mapped
+        # to itself (_write_maps); recorded as this namespace's own map, so rbuild inside `rbuild unshare`
+        # describes the store's files exactly as the rbuild outside does, and shares its store
+        own = own_map("uid_map"), own_map("gid_map")
+        if userns_blocked() is None:
+            return IdMap(*own), None
+        if has_caps(*PRIVILEGED_CAPS):  # rung 4: the current namespace, real chown, no mounts
+            return IdMap(*own, real_root=True), None
+    blocked = userns_blocked()
+    if blocked is not None:  # rung 5: this namespace, this uid, owners recorded
+        return single_map(), f"rbuild: no user namespace here: {blocked}; builds without RUN still work"
     names = {str(uid)}
     try:
         names.add(pwd.getpwuid(uid).pw_name)
     except KeyError:
         pass
-    subuids = _sub_ranges("/etc/subuid", names)
-    subgids = _sub_ranges("/etc/subgid", names)
+    subuids = sub_ranges("/etc/subuid", names)
+    subgids = sub_ranges("/etc/subgid", names)
     helpers = shutil.which("newuidmap") and shutil.which("newgidmap")
     if subuids and subgids and helpers:
         uids: list[Range] = [(0, uid, 1)]
@@ -60,37 +188,70 @@ def host_mapping() -> tuple[IdMap, str | None]:
             inside += count
         return IdMap(tuple(uids), tuple(gids)), None
     why = "newuidmap/newgidmap not found" if not helpers else f"no range for uid {uid} in /etc/subuid and /etc/subgid"
-    notice = f"rbuild: {why}: using a single-uid user namespace (only uid 0 exists in builds)"
-    return IdMap(((0, uid, 1),), ((0, gid, 1),)), notice
+    return single_map(), f"rbuild: {why}: {_SINGLE}"
 
 
-def _write_maps(pid: int, idmap: IdMap) -> None:
-    if idmap.single:
-        with open(f"/proc/{pid}/setgroups", "w") as f:
-            f.write("deny")
-        with open(f"/proc/{pid}/uid_map", "w") as f:
-            f.write(f"0 {idmap.uids[0][1]} 1\n")
-        with open(f"/proc/{pid}/gid_map", "w") as f:
-            f.write(f"0 {idmap.gids[0][1]} 1\n")
-        return
-    for tool, ranges in (("newuidmap", idmap.uids), ("newgidmap", idmap.gids)):
+_SINGLE = "using a single-uid user namespace (only uid 0 exists in builds)"
+
+
+def single_map() -> IdMap:
+    """The map an unprivileged user can always write: its own uid and gid as 0."""
+    return IdMap(((0, os.getuid(), 1),), ((0, os.getgid(), 1),))
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _write_maps(pid: int, idmap: IdMap) -> IdMap:
+    """Map the child's namespace; returns the mapping it got (the single-uid map when the helpers fail)."""
+    if idmap.single:  # the caller's own ids, as this namespace numbers them
+        _write_file(f"/proc/{pid}/setgroups", "deny")
+        _write_file(f"/proc/{pid}/uid_map", f"0 {os.getuid()} 1\n")
+        _write_file(f"/proc/{pid}/gid_map", f"0 {os.getgid()} 1\n")
+        return idmap
+    if os.getuid() == 0 and has_caps(CAP_SETUID, CAP_SETGID):  # root of this namespace: its ids, as they are
+        _write_file(f"/proc/{pid}/gid_map", "".join(f"{a} {a} {c}\n" for a, _, c in idmap.gids))
+        _write_file(f"/proc/{pid}/uid_map", "".join(f"{a} {a} {c}\n" for a, _, c in idmap.uids))
+        return idmap
+    for n, (tool, ranges) in enumerate((("newgidmap", idmap.gids), ("newuidmap", idmap.uids))):
         argv = [tool, str(pid)] + [str(x) for r in ranges for x in r]
         res = subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if res.returncode != 0:
-            raise RbuildError(f"{tool} failed: {res.stderr.strip() or res.returncode}")
+        if res.returncode == 0:
+            continue
+        why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+        if n == 0:  # nothing is mapped yet: the map any user may write still can be
+            fallback = single_map()
+            print(f"rbuild: {tool} failed ({why}): {_SINGLE}", file=sys.stderr)
+            return _write_maps(pid, fallback)
+        raise RbuildError(
+            f"{tool} failed ({why}) after newgidmap succeeded; check that /etc/subuid and /etc/subgid "
+            "name ranges this namespace holds"
+        )
+    return idmap
 
 
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
-    """Run fn() in a forked child inside the user (and a private mount) namespace; return its exit status.
+def _unshare_flags(idmap: IdMap) -> int:
+    if idmap.real_root:  # host root: a private mount namespace; root of a container without one: nothing
+        return linux.CLONE_NEWNS if has_caps(CAP_SYS_ADMIN) else 0
+    return 0 if isolation(idmap) == "none" else linux.CLONE_NEWUSER | linux.CLONE_NEWNS
 
+
+def run_inside(idmap: IdMap, fn: Callable[[IdMap], int]) -> int:
+    """Run fn(mapping) in a forked child inside the user (and a private mount) namespace; its exit status.
+
+    The mapping fn gets is `idmap`, or the single-uid map when the id-mapping helpers failed. Where no
+    namespace can be made (`isolation` none or none-privileged), fn runs in a plain child.
     Mounts made by fn vanish with the child's mount namespace, so even a killed build leaves none behind.
     SIGTERM and SIGHUP (a closed terminal) end fn the way Ctrl-C does, cleaning up; so does the death of
     this process, however it dies (the child's death signal).
     """
+    flags = _unshare_flags(idmap)
     sys.stdout.flush()
     sys.stderr.flush()
     ready_r, ready_w = os.pipe()
@@ -107,27 +268,37 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
             linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
             if os.getppid() != parent:  # it died before the death signal was armed
                 raise KeyboardInterrupt
-            flags = linux.CLONE_NEWNS if idmap.real_root else linux.CLONE_NEWUSER | linux.CLONE_NEWNS
             try:
-                linux.unshare(flags)
+                if flags:
+                    linux.unshare(flags)
             except OSError as e:
                 os.write(ready_w, b"E")
-                raise RbuildError(
-                    f"cannot create a user namespace: {e.strerror} (are unprivileged user "
-                    "namespaces enabled? sysctl user.max_user_namespaces)"
-                ) from None
+                what = "a user namespace" if flags & linux.CLONE_NEWUSER else "a mount namespace"
+                gate = userns_gate(e.errno or 0) if flags & linux.CLONE_NEWUSER else f"unshare: {e.strerror}"
+                raise RbuildError(f"cannot create {what}: {gate}") from None
             os.write(ready_w, b"R")
             os.close(ready_w)
-            if os.read(go_r, 1) != b"G":
+            answer = os.read(go_r, 1)
+            if answer not in (b"G", b"S"):
                 os._exit(125)
             os.close(go_r)
-            if not idmap.real_root:
+            if answer == b"S":  # the helpers failed: the parent wrote the single-uid map
+                idmap = single_map()
+            if flags & linux.CLONE_NEWUSER:
                 os.setresgid(0, 0, 0)
                 os.setresuid(0, 0, 0)
                 if not idmap.single:
                     os.setgroups([])
-            linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-            code = fn()
+            if flags & linux.CLONE_NEWNS:
+                try:
+                    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                except OSError as e:
+                    raise RbuildError(
+                        f"the build's mount namespace: cannot make / private: {e.strerror}; mount(2) is "
+                        "denied here although the namespace was created (a seccomp or LSM policy: allow "
+                        "mount in the container's profile)"
+                    ) from None
+            code = fn(idmap)
         except RbuildError as e:
             print(f"Error: {e}", file=sys.stderr)
             code = e.exit_code
@@ -162,15 +333,16 @@ def run_inside(idmap: IdMap, fn: Callable[[], int]) -> int:
         os.close(ready_r)
         if state == b"R":
             try:
-                if not idmap.real_root:
-                    _write_maps(pid, idmap)
-                os.write(go_w, b"G")
+                got = _write_maps(pid, idmap) if flags & linux.CLONE_NEWUSER else idmap
+                os.write(go_w, b"G" if got == idmap else b"S")
             except (RbuildError, OSError) as e:
                 os.close(go_w)
                 os.waitpid(pid, 0)
                 if isinstance(e, RbuildError):
                     raise
-                raise RbuildError(f"cannot set up the user namespace mapping: {e}") from None
+                raise RbuildError(
+                    f"cannot map the build's user namespace ({idmap.describe()}): {e.strerror or e}"
+                ) from None
         os.close(go_w)
         _, status = os.waitpid(pid, 0)
     finally:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import ctypes
 
 from rootless.errors import RbuildError
 
 _MAX_LINKS = 255
+_SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic numbering since Linux 5.1)
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
 
 
 def secure_join(root: str, path: str, follow_final: bool = True, followed: list[str] | None = None) -> str:
@@ -109,3 +115,33 @@ def inside(path: str, root: str) -> bool:
     """Whether path, all symlinks resolved, is root or below it."""
     real, top = os.path.realpath(path), os.path.realpath(root)
     return real == top or real.startswith(top.rstrip("/") + "/")
+
+
+_LIBC: list[ctypes.CDLL] = []  # loaded on first use (runinit imports this module, and never needs it)
+
+
+def _libc() -> ctypes.CDLL:
+    import ctypes
+
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    return _LIBC[0]
+
+
+def open_in_root(root_fd: int, path: bytes, flags: int) -> int:
+    """openat2(RESOLVE_IN_ROOT): `path` resolved with root_fd as "/", atomically (no check-then-use race).
+
+    For a directory fd that is another process's root (/proc/PID/root): its symlinks and ".." never lead
+    outside it, whatever that process does meanwhile; /proc magic links are refused. OSError on failure.
+    """
+    import ctypes
+
+    libc = _libc()
+    how = (ctypes.c_uint64 * 3)(flags | os.O_CLOEXEC, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd = libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(root_fd), ctypes.c_char_p(path), how, ctypes.c_size_t(24)
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    return int(fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -31,6 +32,7 @@ MNT_DETACH = 2
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_SECCOMP = 22
@@ -46,6 +48,7 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.pivot_root.argtypes = [ctypes.c_char_p, ctypes.c_char_p]  # exported by glibc, though no header declares it
 _libc.syscall.restype = ctypes.c_long
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
 
 
 def _check(ret: int, what: str, path: str | None = None) -> None:
@@ -111,9 +114,51 @@ def seccomp_filter(program: bytes) -> None:
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
 
 
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+
+
+def seccomp_listener(program: bytes, nr: int) -> int:
+    """Install a compiled BPF program through seccomp(2) (number `nr`); return its notification listener fd.
+
+    The program's SECCOMP_RET_USER_NOTIF calls then wait for whoever holds that fd (rootless.sandbox.notify).
+    """
+    buf = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    fd = _libc.syscall(
+        ctypes.c_long(nr),
+        ctypes.c_long(SECCOMP_SET_MODE_FILTER),
+        ctypes.c_long(SECCOMP_FILTER_FLAG_NEW_LISTENER),
+        ctypes.c_void_p(ctypes.addressof(fprog)),
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp(NEW_LISTENER): {os.strerror(err)}")
+    return int(fd)
+
+
 def last_cap() -> int:
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             return int(f.read())
     except OSError:
         return 40
+
+
+_STATX_BTIME = 0x800
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_SIZE = 256  # struct statx; stx_mask at 0, stx_btime {i64 tv_sec; u32 tv_nsec} at 80
+
+
+def birth_time_ns(path: str) -> int | None:
+    """An inode's creation time (statx's btime, not following a symlink), None where the filesystem has
+    none. Unlike an inode number, which a filesystem may give again to a file made after one was removed,
+    it tells a directory made again from the one that was there."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    ret = _libc.statx(-100, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _STATX_BTIME, buf)  # -100: AT_FDCWD
+    _check(ret, "statx", path)
+    if not int.from_bytes(buf.raw[0:4], sys.byteorder) & _STATX_BTIME:
+        return None
+    return int.from_bytes(buf.raw[80:88], sys.byteorder, signed=True) * 1_000_000_000 + int.from_bytes(
+        buf.raw[88:92], sys.byteorder
+    )

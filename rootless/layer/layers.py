@@ -3,7 +3,8 @@
 The local store keeps every layer unpacked, in kernel-overlay lower-dir format (`userxattr` mode):
 
 * a whiteout is a 0:0 character device (mknod of 0:0 works in a user namespace);
-* an opaque directory carries the xattr ``user.overlay.opaque`` = ``y``.
+* an opaque directory carries the xattr ``user.overlay.opaque`` = ``y``
+(`rootless.layer.format` is the one place that knows this).
 
 Some things a layer holds cannot be created by an unprivileged user, so they are recorded in xattrs of
 rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the original tar entry:
@@ -54,10 +55,24 @@ if TYPE_CHECKING:
 
 from rootless.blob.verify import BlobMismatch, Verifier, VerifyingReader
 from rootless.errors import RbuildError
+from rootless.layer.format import FORMAT
+from rootless.layer.ownership import Ownership
 
-__all__ = ["LayerError", "UnpackLimits", "unpack", "normalize", "write_tar", "open_blob", "set_owner"]
+__all__ = [
+    "LayerError",
+    "UnpackLimits",
+    "unpack",
+    "normalize",
+    "write_tar",
+    "open_blob",
+    "set_owner",
+    "set_owner_at",
+    "owner_at",
+    "make_device_at",
+    "in_lowers",
+]
 
-XATTR_OPAQUE = "user.overlay.opaque"
+XATTR_OPAQUE = FORMAT.opaque_xattr
 XATTR_DEV = "user.rbuild.dev"
 XATTR_STAT = "user.rbuild.stat"
 XATTR_LSTAT = "user.rbuild.lstat"
@@ -95,10 +110,6 @@ class UnpackLimits:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def _is_whiteout(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _keep_xattr(name: str) -> bool:
@@ -139,6 +150,16 @@ def _parse_lstat(value: bytes, where: bytes) -> dict[bytes, tuple[int, int, int]
     return out
 
 
+def parse_ids(value: bytes) -> tuple[int, int]:
+    """(uid, gid) of a user.rbuild.stat record (LayerError if malformed)."""
+    return _parse_ids(value, b"")
+
+
+def parse_dev(value: bytes) -> tuple[bytes, int, int]:
+    """(b"c" or b"b", major, minor) of a user.rbuild.dev record (LayerError if malformed)."""
+    return _parse_dev(value, b"")
+
+
 def _parse_dev(value: bytes, where: bytes) -> tuple[bytes, int, int]:
     """(b"c" or b"b", major, minor) of a user.rbuild.dev record."""
     m = _DEV_RE.fullmatch(value)
@@ -159,9 +180,16 @@ def _fmt_lstat(dfd: int, records: dict[bytes, tuple[int, int]]) -> bytes:
     return b"".join(out)
 
 
+def disk_owner(st: os.stat_result) -> tuple[int, int]:
+    """The image owner a file's on-disk owner stands for: its own ids, except that without a user
+    namespace (rung 5, owners recorded) the caller's own uid and gid stand for 0, as they do in one."""
+    euid, egid = os.geteuid(), os.getegid()
+    return (0 if euid and st.st_uid == euid else st.st_uid, 0 if euid and st.st_gid == egid else st.st_gid)
+
+
 def _child_owner(lrec: dict[bytes, tuple[int, int, int]], name: bytes, st: os.stat_result) -> tuple[int, int]:
     rec = lrec.get(name)
-    return (rec[0], rec[1]) if rec is not None and rec[2] == st.st_ino else (st.st_uid, st.st_gid)
+    return (rec[0], rec[1]) if rec is not None and rec[2] == st.st_ino else disk_owner(st)
 
 
 def _getxattr(target: int | str | bytes, name: str, **kw: object) -> bytes | None:
@@ -173,37 +201,83 @@ def _getxattr(target: int | str | bytes, name: str, **kw: object) -> bytes | Non
         raise
 
 
-def set_owner(path: str, uid: int, gid: int, *, single_uid: bool = False) -> None:
+def image_owner(path: str, st: os.stat_result) -> tuple[int, int]:
+    """The owner `path` has in the image: its record (or its parent's, for a symlink or fifo), else st's.
+
+    For copies out of a tree (COPY --from keeps owners) where the namespace could not chown.
+    """
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        rec = _getxattr(path, XATTR_STAT, follow_symlinks=False)
+        if rec is not None:
+            return _parse_ids(rec, os.fsencode(path))
+        return st.st_uid, st.st_gid
+    parent, name = os.path.split(path)
+    recs = _parse_lstat(_getxattr(parent or ".", XATTR_LSTAT) or b"", os.fsencode(parent))
+    found = recs.get(os.fsencode(name))
+    if found is not None and found[2] == st.st_ino:
+        return found[0], found[1]
+    return st.st_uid, st.st_gid
+
+
+def set_owner(path: str, uid: int, gid: int, *, ownership: Ownership = Ownership.MAPPED) -> None:
     """chown without following symlinks, or record the owner where the user namespace cannot map it.
 
     For COPY --chown and the like: `write_tar` emits the recorded owner. A symlink's or fifo's
     unmappable owner goes into its parent's record.
     """
     parent, name = os.path.split(os.path.abspath(path))
-    bname = os.fsencode(name)
     pfd = os.open(parent, _DIRFLAGS)
     try:
-        st = os.stat(bname, dir_fd=pfd, follow_symlinks=False)
-        can_xattr = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
-        fd = _open_meta(pfd, bname) if can_xattr else None
-        try:
-            rec = _Owner(single_uid).own(uid, gid, pfd=pfd, name=bname, fd=fd, fresh=False)
-        finally:
-            if fd is not None:
-                os.close(fd)
-        old = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"", os.fsencode(parent))
-        recs = {}
-        for n, (u, g, ino) in old.items():  # only records still about the same child survive a rewrite
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(n, dir_fd=pfd, follow_symlinks=False).st_ino == ino:
-                    recs[n] = (u, g)
-        if rec is not None:
-            recs[bname] = rec
-        elif recs.pop(bname, None) is None:
-            return
-        os.setxattr(pfd, XATTR_LSTAT, _fmt_lstat(pfd, recs))
+        set_owner_at(pfd, os.fsencode(name), uid, gid, ownership=ownership)
     finally:
         os.close(pfd)
+
+
+def set_owner_at(pfd: int, bname: bytes, uid: int, gid: int, *, ownership: Ownership = Ownership.MAPPED) -> None:
+    """`set_owner` of the entry `bname` in the directory open as `pfd` (a single-uid RUN's supervisor)."""
+    st = os.stat(bname, dir_fd=pfd, follow_symlinks=False)
+    can_xattr = stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+    fd = _open_meta(pfd, bname) if can_xattr else None
+    try:
+        rec = _Owner(ownership).own(uid, gid, pfd=pfd, name=bname, fd=fd, fresh=False)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    old = _parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"", bname)
+    recs = {}
+    for n, (u, g, ino) in old.items():  # only records still about the same child survive a rewrite
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(n, dir_fd=pfd, follow_symlinks=False).st_ino == ino:
+                recs[n] = (u, g)
+    if rec is not None:
+        recs[bname] = rec
+    elif recs.pop(bname, None) is None:
+        return
+    os.setxattr(pfd, XATTR_LSTAT, _fmt_lstat(pfd, recs))
+
+
+def owner_at(pfd: int, bname: bytes) -> tuple[int, int]:
+    """The owner the image gives the entry `bname` of `pfd`: its record, else the owner the namespace shows."""
+    st = os.stat(bname, dir_fd=pfd, follow_symlinks=False)
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        fd = _open_meta(pfd, bname)
+        try:
+            rec = _getxattr(fd, XATTR_STAT)
+        finally:
+            os.close(fd)
+        return _parse_ids(rec, bname) if rec else (st.st_uid, st.st_gid)
+    return _child_owner(_parse_lstat(_getxattr(pfd, XATTR_LSTAT) or b"", bname), bname, st)
+
+
+def make_device_at(pfd: int, bname: bytes, kind: bytes, major: int, minor: int, mode: int) -> None:
+    """A device node as a layer dir holds it: an empty file with a ``user.rbuild.dev`` record (mknod)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(bname, flags, 0o600, dir_fd=pfd)
+    try:
+        os.setxattr(fd, XATTR_DEV, b"%s:%d:%d" % (kind, major, minor))
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _open_meta(pfd: int, name: bytes) -> int:
@@ -214,8 +288,8 @@ def _open_meta(pfd: int, name: bytes) -> int:
 class _Owner:
     """Applies owners: chown where the namespace maps the ids, else a user.rbuild.* record."""
 
-    def __init__(self, single_uid: bool) -> None:
-        self.single_uid = single_uid
+    def __init__(self, ownership: Ownership) -> None:
+        self.ownership = ownership
 
     def own(
         self, uid: int, gid: int, *, pfd: int, name: bytes, fd: int | None, fresh: bool = True
@@ -230,13 +304,15 @@ class _Owner:
             except OSError as e:
                 if e.errno not in (errno.ENODATA, errno.ENOTSUP):
                     raise
-        want = (0, 0) if self.single_uid else (uid, gid)
+        # recorded: every file is the caller's (0:0 in its single-uid namespace, its own ids without one)
+        recorded = self.ownership is Ownership.RECORDED
+        want = (os.geteuid(), os.getegid()) if recorded else (uid, gid)
         try:
             if fd is not None:
                 os.chown(fd, *want)
             else:
                 os.chown(name, *want, dir_fd=pfd, follow_symlinks=False)
-            if want == (uid, gid):
+            if (uid, gid) == ((0, 0) if recorded else want):
                 return None
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EPERM):
@@ -358,10 +434,10 @@ def _show(comps: tuple[bytes, ...]) -> str:
 class _Unpacker:
     whiteouts = True  # `.wh.` names are overlay whiteouts (a layer); a plain archive has none
 
-    def __init__(self, dest: str, lowers: Sequence[str], single_uid: bool, limits: UnpackLimits) -> None:
+    def __init__(self, dest: str, lowers: Sequence[str], ownership: Ownership, limits: UnpackLimits) -> None:
         self.root = os.open(dest, _DIRFLAGS)
         self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
-        self.owner = _Owner(single_uid)
+        self.owner = _Owner(ownership)
         self.limits = limits
         self.total = 0
         self.entries = 0
@@ -406,7 +482,7 @@ class _Unpacker:
                     st = os.stat(c, dir_fd=fd, follow_symlinks=False)
                     if stat.S_ISLNK(st.st_mode):
                         raise LayerError(f"path component {_show(prefix)!r} is a symlink") from None
-                    if not _is_whiteout(st):
+                    if not FORMAT.is_whiteout(st):
                         raise LayerError(f"path component {_show(prefix)!r} is not a directory") from None
                     if not create:
                         raise _Missing from None
@@ -431,7 +507,7 @@ class _Unpacker:
         os.mkdir(prefix[-1], 0o700, dir_fd=pfd)
         fd = os.open(prefix[-1], _DIRFLAGS, dir_fd=pfd)
         if whiteout:
-            os.setxattr(fd, XATTR_OPAQUE, b"y")
+            FORMAT.set_opaque(fd)
             self.opaque.add(prefix)
         if lower is None:
             self.dirmeta[prefix] = (0o755, 0)
@@ -442,7 +518,7 @@ class _Unpacker:
             if _keep_xattr(name) or name == XATTR_STAT:
                 xattrs[name] = os.getxattr(lower, name, follow_symlinks=False)
         rec = xattrs.pop(XATTR_STAT, None)
-        uid, gid = _parse_ids(rec, lower) if rec else (st.st_uid, st.st_gid)
+        uid, gid = _parse_ids(rec, lower) if rec else disk_owner(st)
         self._own(prefix[:-1], pfd, prefix[-1], uid, gid, fd=fd)
         for name, value in xattrs.items():
             os.setxattr(fd, name, value)
@@ -463,7 +539,7 @@ class _Unpacker:
                     st = os.lstat(layer + sub)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
-                if _is_whiteout(st):
+                if FORMAT.is_whiteout(st):
                     break
                 if not stat.S_ISDIR(st.st_mode):
                     if found is None:
@@ -513,7 +589,7 @@ class _Unpacker:
             return "absent"
         os.unlink(name, dir_fd=pfd)
         self.lrec.get(comps[:-1], {}).pop(name, None)
-        return "whiteout" if _is_whiteout(st) else "absent"
+        return "whiteout" if FORMAT.is_whiteout(st) else "absent"
 
     def _uncache_under(self, comps: tuple[bytes, ...]) -> None:
         """Forget what was under a removed directory (the cached fd too, but never its parent's)."""
@@ -593,7 +669,7 @@ class _Unpacker:
             fd = os.open(base, _DIRFLAGS, dir_fd=pfd)
             try:
                 if state == "whiteout":
-                    os.setxattr(fd, XATTR_OPAQUE, b"y")
+                    FORMAT.set_opaque(fd)
                     self.opaque.add(comps)
                 self._own(comps[:-1], pfd, base, ti.uid, ti.gid, fd=fd, fresh=state != "dir")
                 self._xattrs(fd, ti)
@@ -678,7 +754,7 @@ class _Unpacker:
         if base == _OPQ:
             fd = self.parent(comps[:-1])
             assert fd is not None
-            os.setxattr(fd, XATTR_OPAQUE, b"y")
+            FORMAT.set_opaque(fd)
             self.opaque.add(comps[:-1])
             return
         if base.startswith(_WH + _WH):  # aufs metadata (.wh..wh.plnk etc.): nothing to apply
@@ -691,13 +767,13 @@ class _Unpacker:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=pfd)
+            FORMAT.make_whiteout(name, dir_fd=pfd)
             self._special_meta(pfd, comps[:-1] + (name,), ti)
             return
         if stat.S_ISDIR(st.st_mode):  # added by this layer: stays, but hides what lower layers had
             fd = os.open(name, _DIRFLAGS, dir_fd=pfd)
             try:
-                os.setxattr(fd, XATTR_OPAQUE, b"y")
+                FORMAT.set_opaque(fd)
             finally:
                 os.close(fd)
             self.opaque.add(comps[:-1] + (name,))
@@ -714,7 +790,7 @@ class _Unpacker:
                 tst = os.stat(tcomps[-1], dir_fd=tfd, follow_symlinks=False)
             except FileNotFoundError:
                 pass
-        if tst is None or _is_whiteout(tst):
+        if tst is None or FORMAT.is_whiteout(tst):
             if tparent is not None:
                 os.close(tfd)
             raise LayerError(f"hard link target {_show(tcomps)!r} is not in this layer")
@@ -764,8 +840,8 @@ class _ArchiveUnpacker(_Unpacker):
 
     whiteouts = False
 
-    def __init__(self, dest: str, owner: tuple[int, int] | None) -> None:
-        super().__init__(dest, (), False, UnpackLimits())
+    def __init__(self, dest: str, owner: tuple[int, int] | None, ownership: Ownership) -> None:
+        super().__init__(dest, (), ownership, UnpackLimits())
         self.dest = dest
         self.forced = owner
 
@@ -804,9 +880,12 @@ class _ArchiveUnpacker(_Unpacker):
         super().entry(tf, ti)
 
 
-def unpack_archive(path: str, dest: str, owner: tuple[int, int] | None, what: str) -> None:
+def unpack_archive(
+    path: str, dest: str, owner: tuple[int, int] | None, what: str, ownership: Ownership = Ownership.MAPPED
+) -> None:
     """Unpack a tar archive (plain, gzip, zstd, bzip2 or xz) into the existing directory `dest`, as ADD does,
-    through the layer unpacker; one RbuildError naming `what` and the archive for anything wrong with it."""
+    through the layer unpacker; one RbuildError naming `what` and the archive for anything wrong with it.
+    `ownership`: the build's (owners the namespace cannot map are recorded either way)."""
     import lzma
 
     name = os.path.basename(path)
@@ -824,7 +903,7 @@ def unpack_archive(path: str, dest: str, owner: tuple[int, int] | None, what: st
             stream = open_blob(path, name=name)
     except (OSError, RbuildError) as e:
         raise RbuildError(f"{what}: cannot read archive {name}: {getattr(e, 'strerror', None) or e}") from None
-    u = _ArchiveUnpacker(dest, owner)
+    u = _ArchiveUnpacker(dest, owner, ownership)
     try:
         with stream:
             u.run(stream)
@@ -873,16 +952,16 @@ def unpack(
     dest: str,
     *,
     lowers: Sequence[str] = (),
-    single_uid: bool = False,
+    ownership: Ownership = Ownership.MAPPED,
     limits: UnpackLimits | None = None,
 ) -> None:
     """Unpack an uncompressed tar layer into `dest` (an existing empty dir) as an overlay lower dir.
 
     Runs as uid 0 of the user namespace. `lowers` are the image's lower layer dirs, top first, so that a
-    symlink planted by an earlier layer is seen and never followed. With `single_uid` (no subuid range)
-    foreign owners are recorded in xattrs instead of chowned; so are ids the namespace does not map.
+    symlink planted by an earlier layer is seen and never followed. With `Ownership.RECORDED` (no subuid
+    range) foreign owners are recorded in xattrs instead of chowned; so are ids the namespace does not map.
     """
-    u = _Unpacker(dest, lowers, single_uid, limits or UnpackLimits())
+    u = _Unpacker(dest, lowers, ownership, limits or UnpackLimits())
     try:
         u.run(stream)
     except OSError as e:
@@ -902,16 +981,24 @@ def normalize(
     set_mtime: int | None = None,
     clamp_mtime: int | None = None,
     run_lowers: Sequence[str] | None = None,
+    sealed: bool = False,
+    new_owner: tuple[int, int] | None = None,
 ) -> None:
     """Make an overlay upper dir a store layer dir: drop overlay-private xattrs, apply mtime policy.
 
     `set_mtime` (--timestamp) gives every entry that mtime; `clamp_mtime` (SOURCE_DATE_EPOCH) lowers
     newer mtimes to it. Symlinks are never followed. `run_lowers` (top first) is given for an upper a
-    RUN wrote: then rbuild's own records in it are checked against those lowers (see `_Scrub`).
+    RUN wrote: then rbuild's own records in it are checked against those lowers (see `_Scrub`), unless
+    `sealed`: a single-uid RUN whose every xattr write went through the supervisor (rootless.sandbox.notify),
+    which refuses ``user.rbuild.*`` to the RUN, so each record there came from a lower or the supervisor.
+    `new_owner`: that RUN's user, recorded as the owner of each entry it made (not in `run_lowers`) that
+    has no record of its own (the RUN ran as the one mapped uid, emulating that user).
     """
-    scrub = _Scrub(run_lowers) if run_lowers is not None else None
+    scrub = _Scrub(run_lowers) if run_lowers is not None and not sealed else None
     root = os.open(layer_dir, _DIRFLAGS)
     try:
+        if new_owner is not None and new_owner != (0, 0) and run_lowers is not None:
+            _own_new(root, [os.fsencode(os.path.abspath(p)) for p in run_lowers], new_owner)
         _depth_first(_normalize_dir(root, set_mtime, clamp_mtime, scrub, (), False))
         if scrub is not None:
             scrub.finish(root)
@@ -919,6 +1006,46 @@ def normalize(
         raise LayerError(f"layer {layer_dir}: {e.strerror or e}") from None
     finally:
         os.close(root)
+
+
+def _ino(dfd: int, name: bytes) -> int | None:
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _own_new(root: int, lowers: list[bytes], owner: tuple[int, int]) -> None:
+    """Record `owner` on each entry below `root` that is not in the merged `lowers` and has no owner record."""
+    stack: list[tuple[int, tuple[bytes, ...], bool]] = [(os.dup(root), (), False)]
+    while stack:
+        dfd, comps, hidden = stack.pop()
+        try:
+            opaque = hidden or _getxattr(dfd, XATTR_OPAQUE) == b"y"
+            lrec = _parse_lstat(_getxattr(dfd, XATTR_LSTAT) or b"", b"/".join(comps))
+            for name in os.listdir(dfd):
+                bname = os.fsencode(name)
+                st = os.stat(bname, dir_fd=dfd, follow_symlinks=False)
+                if FORMAT.is_whiteout(st):
+                    continue
+                sub = comps + (bname,)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((os.open(bname, _DIRFLAGS, dir_fd=dfd), sub, opaque))
+                if not opaque and _merged_entry(lowers, sub) is not None:
+                    continue
+                if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):  # no chown: it would clear set-id bits
+                    fd = _open_meta(dfd, bname)
+                    try:
+                        if _getxattr(fd, XATTR_STAT) is None:
+                            os.setxattr(fd, XATTR_STAT, b"%d:%d" % owner)
+                    finally:
+                        os.close(fd)
+                elif bname not in lrec or lrec[bname][2] != st.st_ino:
+                    lrec[bname] = (*owner, st.st_ino)
+                    live = {n: (u, g) for n, (u, g, ino) in lrec.items() if _ino(dfd, n) == ino}
+                    os.setxattr(dfd, XATTR_LSTAT, _fmt_lstat(dfd, live))
+        finally:
+            os.close(dfd)
 
 
 _Ref = tuple[int, int, int, dict[str, bytes]]  # an entry's file type, owner and rbuild records
@@ -1001,6 +1128,12 @@ def _as_before(name: str, value: bytes, st: os.stat_result, ref: _Ref | None) ->
     return name == XATTR_DEV and stat.S_ISREG(st.st_mode)
 
 
+def in_lowers(lowers: Sequence[str], path: str) -> bool:
+    """`path` (a container path) names an entry in the merged view of `lowers` (top first)."""
+    comps = tuple(os.fsencode(c) for c in path.split("/") if c)
+    return _merged_entry([os.fsencode(os.path.abspath(p)) for p in lowers], comps) is not None
+
+
 def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | None:
     """Path of the entry at `comps` in the merged view of `lowers` (top first), None where there is none.
 
@@ -1020,7 +1153,7 @@ def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | 
                 st = os.lstat(layer + sub)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if _is_whiteout(st):
+            if FORMAT.is_whiteout(st):
                 break
             if found is None:
                 found = layer + sub
@@ -1303,7 +1436,7 @@ def _kept(xattrs: dict[str, bytes]) -> list[tuple[bytes, bytes]]:
 
 def _owner(st: os.stat_result, xattrs: dict[str, bytes], path: bytes) -> tuple[int, int]:
     rec = xattrs.get(XATTR_STAT)
-    return _parse_ids(rec, path) if rec else (st.st_uid, st.st_gid)
+    return _parse_ids(rec, path) if rec else disk_owner(st)
 
 
 def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], bytes]) -> Iterator[Any]:
@@ -1313,7 +1446,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
         for e in it:
             name = os.fsencode(e.name)
             st = e.stat(follow_symlinks=False)
-            items.append((_WH + name if _is_whiteout(st) else name, name, st))
+            items.append((_WH + name if FORMAT.is_whiteout(st) else name, name, st))
     items.sort(key=lambda t: (t[0], t[1]))
     for out_name, name, st in items:
         path = prefix + out_name
@@ -1332,7 +1465,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
             finally:
                 os.close(fd)
             continue
-        if _is_whiteout(st):  # never a hard link: overlay shares one inode among its whiteouts
+        if FORMAT.is_whiteout(st):  # never a hard link: overlay shares one inode among its whiteouts
             uid, gid = _child_owner(lrec, name, st)
             sink.put(_header(path, perm, uid, gid, 0, mtime, b"0"))
             continue

@@ -29,6 +29,7 @@ TO_OCI = {v: k for k, v in TO_DOCKER.items()}
 LAYER_TYPES = frozenset(
     {OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_FOREIGN, OCI_FOREIGN + "+gzip", OCI_FOREIGN + "+zstd", *TO_OCI}
 )
+RBUILD_CACHE_CONFIG = "application/vnd.rbuild.cache.config.v1+json"  # the config of rbuild's registry cache
 REF_NAME = "org.opencontainers.image.ref.name"
 
 

@@ -25,6 +25,7 @@ from rootless.blob.verify import BlobMismatch, VerifyingReader, verify_bytes
 from rootless.errors import RbuildError
 from rootless.kernel.fspath import open_beneath, open_regular
 from rootless.kernel.fsutil import atomic_file, atomic_write
+from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
 from rootless.oci.platform import Platform, check_config_platform, choose_platform, parse_platform
@@ -332,15 +333,27 @@ class RegistryTransport(Transport):
         level: int | None,
         options: RegistryOptions | None = None,
     ) -> str:
+        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        config_type = img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG
+        return self.push(exp.manifest, exp.manifest_media_type, config_type, exp.config, exp.layers, options)
+
+    def push(
+        self,
+        manifest: bytes,
+        media_type: str,
+        config_type: str,
+        config: bytes,
+        layers: list[Blob],
+        options: RegistryOptions | None = None,
+    ) -> str:
+        """Push a manifest with its config (of media type `config_type`) and layer blobs from the store;
+        returns the manifest digest (images and rbuild's registry cache alike)."""
         from rootless.oci.reference import parse_reference
         from rootless.registry import api as registry
 
-        exp = prepare_export(store, record, fmt, compression or "gzip", level)
         ref = parse_reference(self.rest)
         client = registry.Registry(options or registry.RegistryOptions())
-        config_desc = registry.Descriptor(
-            img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG, exp.config_digest, len(exp.config)
-        )
+        config_desc = registry.Descriptor(config_type, sha256_of(config), len(config))
 
         def opener(p: str) -> Callable[[], BinaryIO]:
             return lambda: open(p, "rb")
@@ -350,9 +363,9 @@ class RegistryTransport(Transport):
                 registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
                 opener(b.path),
             )
-            for b in exp.layers
+            for b in layers
         ]
-        return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list)
+        return client.push(ref, manifest, media_type, config_desc, config, layer_list)
 
 
 _TRANSPORTS: tuple[type[Transport], ...] = (OCILayout, OCIArchive, DockerArchive, RegistryTransport)
@@ -378,7 +391,7 @@ def remote_digest(spec: str, options: Any) -> str | None:
 
 
 def import_image(
-    store: Store, source: Source, names: list[str], single_uid: bool, progress: Callable[[str], None] | None = None
+    store: Store, source: Source, names: list[str], ownership: Ownership, progress: Callable[[str], None] | None = None
 ) -> ImageRecord:
     """Unpack a source's layers into the store (each chain once), keep its own blobs, record the image."""
     config = json.loads(source.config_bytes)
@@ -404,7 +417,7 @@ def import_image(
                     target,
                     diff_id,
                     store.layer_dirs(diff_ids[:i]),
-                    single_uid,
+                    ownership,
                     f"{source.name}: ",
                 )
                 store.add_layer(
@@ -429,7 +442,7 @@ def import_image(
 
 
 def unpack_blob(
-    path: str, name: str, target: str, diff_id: str, lowers: list[str], single_uid: bool, where: str = ""
+    path: str, name: str, target: str, diff_id: str, lowers: list[str], ownership: Ownership, where: str = ""
 ) -> int:
     """Unpack the layer blob `name` at path into target on top of lowers (top first); returns its tar size.
 
@@ -440,7 +453,7 @@ def unpack_blob(
     with layers.open_blob(path, name=name) as raw:
         reader = VerifyingReader(raw, diff_id)
         try:
-            layers.unpack(reader, target, lowers=lowers, single_uid=single_uid)
+            layers.unpack(reader, target, lowers=lowers, ownership=ownership)
             reader.drain()
         except BlobMismatch:
             raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}") from None

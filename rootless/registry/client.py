@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from rootless.blob.digest import check_digest, parse_digest
+from rootless.blob.digest import check_digest, parse_digest, sha256_of
 from rootless.blob.verify import BlobMismatch, Verifier
 from rootless.errors import RbuildError
 from rootless.kernel.fsutil import atomic_file
@@ -248,6 +248,26 @@ class RegistryClient:
         if len(errors) == 1:
             raise RbuildError(errors[0])
         raise RbuildError("image not found in any registry searched: " + "; ".join(errors))
+
+    def resolve_artifact(self, ref: Reference, config_type: str) -> bytes:
+        """The verified config blob of an artifact manifest whose config has media type `config_type`
+        (rbuild's registry cache); its layers are fetched later by digest with `fetch_blobs`."""
+        what = f"reading {ref}"
+        source = self._sources(ref)[0]
+        _, digest, media_type, data = self._get_manifest(source, source.ref.selector, what)
+        if media_type != OCI_MANIFEST:
+            raise RbuildError(f"{what}: expected an OCI manifest, got {media_type!r}")
+        if not isinstance(data.get("layers"), list):
+            raise RbuildError(f"{what}: manifest {digest} has no layer list")
+        config_desc = Descriptor.from_json(data.get("config"), what)
+        layers = [Descriptor.from_json(d, what) for d in data["layers"]]
+        if config_desc.media_type != config_type:
+            raise RbuildError(f"{what}: its config is {config_desc.media_type!r}, not {config_type!r}")
+        config = self._get_small_blob(source, config_desc, what)
+        self.locations.record(
+            source.ref.registry, source.ref.repository, [config_desc.digest] + [d.digest for d in layers]
+        )
+        return config
 
     def _get_manifest(self, source: Source, selector: str, what: str) -> tuple[bytes, str, str, dict[str, Any]]:
         """GET a manifest or index, verified against its digest; returns (bytes, digest, type, json)."""
@@ -563,7 +583,7 @@ class RegistryClient:
         if dest.insecure:
             self.http.insecure_hosts.add(target.registry)
         what = f"pushing {ref}"
-        digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        digest = sha256_of(manifest)
         if target.digest and target.digest != digest:
             raise RbuildError(f"{what}: manifest digest {digest} does not match the reference")
         blobs: dict[str, tuple[Descriptor, Callable[[], BinaryIO]]] = {}

@@ -95,14 +95,16 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         linux.sethostname(args[0])
     elif name == "private":
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    elif name == "root-mount":
+        if not os.path.ismount(root):
+            linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     elif name == "proc":
         try:
             linux.mount("proc", tree(args[0]), "proc", nosuid)
-        except OSError as e:  # never fall back to the host's /proc: it would show every host process
-            raise SetupError(
-                f"cannot mount a fresh /proc for RUN ({e.strerror}); is /proc partly masked where "
-                "rbuild runs (as in an unprivileged container)?"
-            ) from None
+        except OSError as e:  # never the builder's /proc in a new pid namespace: the builder asks for a
+            _report(errw, f"noproc cannot mount a fresh /proc ({e.strerror})")  # shared one instead
+    elif name == "proc-bind":  # the pid namespace is the builder's: its /proc, with what masks it
+        linux.mount("/proc", tree(args[0]), None, linux.MS_BIND | linux.MS_REC)
     elif name == "mount":
         source, target, fstype, flags, data, required = args
         if required:
@@ -147,6 +149,9 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         path = tree(args[0])
         if os.path.exists(path) and _try(linux.mount, path, path, None, linux.MS_BIND | linux.MS_REC):
             _try(linux.mount, None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY | nosuid)
+    elif name == "chroot":  # no mount namespace: the tree is only a view (see sandbox.plan_chroot)
+        os.chdir(root)
+        os.chroot(".")
     elif name == "pivot-root":
         os.chdir(root)
         linux.pivot_root(".", ".")
@@ -173,14 +178,31 @@ def _op(op: list[Any], root: str, errw: int) -> None:
         os.setresuid(uid, uid, uid)
         linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # changing credentials cleared it
     elif name == "close-fds":
+        keep = {errw, *args[0]}
+        if not os.path.isdir("/proc/self/fd"):  # chroot'ed without /proc: every number but those kept
+            low = 3
+            for fd in sorted(keep):
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+            return
         for fd in [int(n) for n in os.listdir("/proc/self/fd")]:
-            if fd > 2 and fd != errw:
+            if fd > 2 and fd not in keep:
                 try:
                     os.close(fd)
                 except OSError:  # the listing's own descriptor is already gone
                     pass
     elif name == "seccomp":
-        linux.seccomp_filter(args[0])
+        program, sock, nr = args
+        if sock < 0:
+            linux.seccomp_filter(program)
+        else:  # single uid: the listener goes to the builder's supervisor (sandbox.notify), not the RUN
+            listener = linux.seccomp_listener(program, nr)
+            _socket = sys.modules["_socket"]  # imported by main() while the standard library was reachable
+            s = _socket.socket(fileno=sock)
+            s.sendmsg([b"L"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, listener.to_bytes(4, sys.byteorder))])
+            s.close()
+            os.close(listener)
     elif name == "exec":
         argv, env = args
         # a RUN starts with every signal at its default, none blocked: Python ignores SIGPIPE and
@@ -235,10 +257,17 @@ def main() -> None:
         spec = marshal.loads(f.read())
     if os.getppid() != spec["parent"]:  # the builder died before the death signal was set
         os._exit(125)
+    if any(op[0] == "seccomp" and op[2] >= 0 for op in spec["ops"]):
+        import _socket  # noqa: F401 - the C module behind socket (whose import pulls in enum); only when needed
     errw = spec["errfd"]
     os.set_inheritable(errw, False)  # it must not reach the RUN; a failed exec still writes to it
+    shared = spec.get("share_pid", False)
     try:
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        pid_ns = 0 if shared else linux.CLONE_NEWPID
+        if spec.get("namespaces", True):
+            linux.unshare(linux.CLONE_NEWNS | pid_ns | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        if shared:  # no pid namespace ends what the RUN leaves behind: orphans come back to this process
+            linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     except OSError as e:
         os.write(errw, f"125 {e.strerror}".encode())
         os._exit(125)
@@ -255,6 +284,10 @@ def main() -> None:
     signal.signal(signal.SIGTERM, end)
     signal.signal(signal.SIGHUP, end)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    children = -1
+    if shared:
+        me = os.getpid()
+        children = os.open(f"/proc/{me}/task/{me}/children", os.O_RDONLY | os.O_CLOEXEC)
     alive_r, alive_w = os.pipe2(os.O_CLOEXEC)  # at EOF for pid 1 once this process is gone
     inner = os.fork()
     if inner == 0:
@@ -265,7 +298,27 @@ def main() -> None:
     os.close(alive_r)
     os.close(errw)
     _, status = os.waitpid(inner, 0)
+    if children >= 0:
+        _end_descendants(children)
     os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
+def _end_descendants(children: int) -> None:
+    """Kill and reap every process the RUN left behind (they were reparented to this subreaper).
+
+    `children`: this process's /proc/PID/task/PID/children, opened before the RUN could touch /proc.
+    """
+    while True:
+        try:
+            kids = [int(k) for k in os.pread(children, 1 << 16, 0).split()]
+        except OSError:
+            kids = []
+        for kid in kids:
+            _try(os.kill, kid, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 if __name__ == "__main__":

@@ -28,7 +28,32 @@ from rootless.errors import RbuildError
 
 CLONE_NEWUSER = 0x10000000
 ACT_ALLOW = 0x7FFF0000
+ACT_NOTIFY = 0x7FC00000  # SCMP_ACT_NOTIFY: the call waits for the supervisor's answer
 CMP_MASKED_EQ = 7
+_FLTATR_CTL_OPTIMIZE = 8  # SCMP_FLTATR_CTL_OPTIMIZE (libseccomp 2.5)
+S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
+
+# What a single-uid RUN's supervisor (rootless.sandbox.notify) answers: the ownership-changing calls a user
+# namespace mapping one uid refuses, setxattr (so only the supervisor writes rbuild's own records), and
+# the process credentials it emulates. The *32 names are x86's 32-bit-id calls (libseccomp maps them).
+_SET_IDS = ("setuid", "setgid", "setgroups", "setresuid", "setresgid", "setreuid", "setregid", "setfsuid", "setfsgid")
+# get*id only for a RUN whose USER is not root: busybox alone calls getuid in every process it starts
+GET_IDS = tuple(
+    n + s for n in ("getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups") for s in ("", "32")
+)
+# stat: the owners recorded for files and devices show where programs look (ls -l, find -user, cp -a)
+STATS = ("stat", "fstat", "lstat", "newfstatat", "statx")
+NOTIFIED = (
+    ("chown", "fchown", "lchown", "fchownat", "chown32", "fchown32", "lchown32")
+    + STATS
+    + ("setxattr", "lsetxattr", "fsetxattr")
+    + _SET_IDS
+    + tuple(n + "32" for n in _SET_IDS)
+)
+# setxattrat(2) (Linux 6.13) is newer than libseccomp 2.5 and gets ENOSYS from a hand-written prefix
+# (libc falls back to setxattr, which the supervisor sees); 463 on every ABI listed in COMPAT_ARCHES
+_SETXATTRAT = 463
+_X32_BIT = 0x40000000
 
 # docker: "kexec_*, module loading, reboot ... need CAP_SYS_ADMIN/CAP_SYS_BOOT/...", "keyctl, add_key,
 # request_key: the kernel keyring is not namespaced", plus io_uring, which docker refuses since moby 25
@@ -126,6 +151,8 @@ def _lib() -> ctypes.CDLL:
         ctypes.POINTER(_ArgCmp),
     ]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_arch_native.restype = ctypes.c_uint32
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     return lib
 
 
@@ -135,6 +162,31 @@ def syscall_number(name: str) -> int:
     if nr < 0:
         raise RbuildError(f"libseccomp knows no system call {name} on {platform.machine()}")
     return int(nr)
+
+
+def native_arch() -> int:
+    """This machine's AUDIT_ARCH value (seccomp_data.arch of a native call)."""
+    return int(_lib().seccomp_arch_native())
+
+
+@functools.cache
+def arch_numbers(names: tuple[str, ...]) -> dict[tuple[int, int], str]:
+    """(AUDIT_ARCH value, number) -> name of each system call in `names`, on every ABI the filter covers.
+
+    libseccomp's architecture tokens are the kernel's AUDIT_ARCH values that seccomp_data.arch holds.
+    """
+    lib = _lib()
+    lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
+    arches = [lib.seccomp_arch_native()] + [
+        lib.seccomp_arch_resolve_name(a.encode()) for a in COMPAT_ARCHES.get(platform.machine(), ())
+    ]
+    out = {}
+    for arch in (a for a in arches if a):
+        for name in names:
+            nr = lib.seccomp_syscall_resolve_name_arch(arch, name.encode())
+            if nr >= 0:
+                out[(arch, nr)] = name
+    return out
 
 
 def _errno(code: int) -> int:
@@ -170,8 +222,8 @@ def _personality_denials() -> list[tuple[int, int]]:
     return out
 
 
-def _rules() -> list[tuple[str, int, list[tuple[int, int, int, int]]]]:
-    """(system call, action, [(arg, op, a, b)...]) for every rule of the filter."""
+def _rules(emulate: bool = False, get_ids: bool = False) -> list[tuple[str, int, list[tuple[int, int, int, int]]]]:
+    """(system call, action, [(arg, op, a, b)...]) for every rule of the filter; `emulate`: single-uid."""
     eperm = _errno(errno.EPERM)
     rules: list[tuple[str, int, list[tuple[int, int, int, int]]]] = [(name, eperm, []) for name in DENIED]
     flags_arg = 1 if platform.machine().startswith("s390") else 0  # s390's clone takes the stack first
@@ -179,22 +231,45 @@ def _rules() -> list[tuple[str, int, list[tuple[int, int, int, int]]]]:
     rules.append(("unshare", eperm, [(0, CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER)]))
     rules.append(("clone3", _errno(errno.ENOSYS), []))
     rules += [("personality", eperm, [(0, CMP_MASKED_EQ, mask, value)]) for mask, value in _personality_denials()]
+    if emulate:
+        rules += [(name, ACT_NOTIFY, []) for name in NOTIFIED + (GET_IDS if get_ids else ())]
+        for name, arg in (("mknod", 1), ("mknodat", 2)):  # device nodes only: fifos and files stay native
+            rules += [(name, ACT_NOTIFY, [(arg, CMP_MASKED_EQ, S_IFMT, kind)]) for kind in (S_IFCHR, S_IFBLK)]
     return rules
 
 
+def _deny_setxattrat() -> bytes:
+    """BPF (struct sock_filter[]) that answers setxattrat with ENOSYS on every ABI, then falls through."""
+    import struct
+
+    ins = [
+        (0x20, 0, 0, 0),  # BPF_LD|BPF_W|BPF_ABS: seccomp_data.nr
+        (0x54, 0, 0, ~_X32_BIT & 0xFFFFFFFF),  # BPF_ALU|BPF_AND|BPF_K: x32's bit off
+        (0x15, 0, 1, _SETXATTRAT),  # BPF_JMP|BPF_JEQ|BPF_K
+        (0x06, 0, 0, _errno(errno.ENOSYS)),  # BPF_RET|BPF_K
+    ]
+    return b"".join(struct.pack("=HBBI", *i) for i in ins)
+
+
 @functools.cache
-def program() -> bytes:
-    """The filter compiled to BPF (struct sock_filter[]) for this machine, made once per process."""
+def program(emulate: bool = False, get_ids: bool = False) -> bytes:
+    """The filter compiled to BPF (struct sock_filter[]) for this machine, made once per process.
+
+    `emulate`: a single-uid RUN's filter, whose NOTIFIED calls go to the supervisor (rootless.sandbox.notify);
+    `get_ids`: GET_IDS too (USER is not root, so the ids a process asks for are not the mapped uid's).
+    """
     lib = _lib()
     ctx = lib.seccomp_init(ACT_ALLOW)
     if not ctx:
         raise RbuildError("libseccomp could not start a filter")
     try:
+        if emulate:  # a binary tree of system call numbers: the longer rule list costs no more per call
+            lib.seccomp_attr_set(ctx, _FLTATR_CTL_OPTIMIZE, 2)
         for arch in COMPAT_ARCHES.get(platform.machine(), ()):
             token = lib.seccomp_arch_resolve_name(arch.encode())
             if token:  # a libseccomp without that ABI: the kernel kills such calls (a foreign arch)
                 lib.seccomp_arch_add(ctx, token)
-        for name, action, args in _rules():
+        for name, action, args in _rules(emulate, get_ids):
             nr = lib.seccomp_syscall_resolve_name(name.encode())
             if nr == -1:  # newer than this libseccomp: it cannot be named, so it cannot be refused
                 continue
@@ -207,7 +282,8 @@ def program() -> bytes:
             rc = lib.seccomp_export_bpf(ctx, fd)
             if rc < 0:
                 raise RbuildError(f"libseccomp could not compile the filter: {os.strerror(-rc)}")
-            return os.pread(fd, os.fstat(fd).st_size, 0)
+            bpf = os.pread(fd, os.fstat(fd).st_size, 0)
+            return _deny_setxattrat() + bpf if emulate else bpf
         finally:
             os.close(fd)
     finally:

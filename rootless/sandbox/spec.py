@@ -79,6 +79,13 @@ class RunSpec:
     output_fd: int = 2  # where the step's stdout and stderr go
     dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
     mounts: list[MountSpec] = field(default_factory=list)
+    namespaces: bool = True  # False: no namespace can be made (rung 4), the RUN is chroot'ed (see plan_chroot)
+    # single-uid build: the RUN runs as the one mapped uid (0), its supervisor (sandbox.notify) emulates
+    # uid/gid/groups above and records owners and devices; `lowers`: the RUN's lower layer dirs
+    emulate: bool = False
+    lowers: list[str] = field(default_factory=list)
+    upper: str = ""  # the overlay's upper dir: owners of symlinks and fifos are recorded with its inodes
+    warnings: list[str] = field(default_factory=list)  # filled by run(): what could not be emulated exactly
 
 
 @dataclass
@@ -160,6 +167,7 @@ class _Stubs:
     def __init__(self, root: str) -> None:
         self.root = root
         self.made: list[tuple[int, str, tuple[int, int], bool]] = []
+        self.ours: set[tuple[int, int]] = set()  # files made with content (device nodes, scripts): removed as they are
         self.parents: dict[str, tuple[int, int, int]] = {}  # container path -> (fd, atime, mtime)
         self.fds: list[int] = []
 
@@ -188,6 +196,36 @@ class _Stubs:
         self.made.append((pfd, name, (st.st_dev, st.st_ino), is_dir))
         return os.path.join(parent_host, name)
 
+    def device(self, path: str, major: int, minor: int) -> None:
+        """A character device at `path` (absent so far), for a RUN without mounts; removed afterwards."""
+        if os.path.lexists(secure_join(self.root, path)):
+            return  # the image's own entry stays
+        self.ensure(path, False)
+        pfd, name, _, _ = self.made[-1]
+        os.unlink(name, dir_fd=pfd)
+        os.mknod(name, stat.S_IFCHR | 0o666, os.makedev(major, minor), dir_fd=pfd)
+        os.chmod(name, 0o666, dir_fd=pfd, follow_symlinks=False)
+        self._take_last(pfd, name)
+
+    def file(self, path: str, source: str) -> None:
+        """A copy of the host file `source` at `path` (absent so far); removed afterwards."""
+        host = secure_join(self.root, path)
+        if os.path.lexists(host):
+            raise RbuildError(f"{path} exists in the image")
+        self.ensure(path, False)
+        pfd, name, _, _ = self.made[-1]
+        with open(source, "rb") as src:
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            with open(fd, "wb") as dst:
+                dst.write(src.read())
+                os.fchmod(dst.fileno(), 0o755)
+        self._take_last(pfd, name)
+
+    def _take_last(self, pfd: int, name: str) -> None:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        self.made[-1] = (pfd, name, (st.st_dev, st.st_ino), False)
+        self.ours.add((st.st_dev, st.st_ino))
+
     def restore(self) -> list[str]:
         """Remove what was made and restore parent times; return the existing parents that were touched."""
         made_dirs = set()
@@ -199,7 +237,7 @@ class _Stubs:
                 if is_dir:
                     os.rmdir(name, dir_fd=pfd)
                     made_dirs.add(ino)
-                elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                elif ino in self.ours or (stat.S_ISREG(st.st_mode) and st.st_size == 0):
                     os.unlink(name, dir_fd=pfd)
         touched = []
         for path, (fd, atime, mtime) in self.parents.items():
@@ -227,12 +265,23 @@ def _host_device(name: str) -> bool:
 Op = list[Any]  # [name, *arguments]: one step runinit.py carries out in pid 1 of the RUN's namespaces
 
 
-def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
+def plan(
+    spec: RunSpec,
+    files: dict[str, str],
+    groups: list[int] | None,
+    filter_: bytes,
+    keyctl: int,
+    notify: tuple[int, int] = (-1, 0),
+    fresh_proc: bool = True,
+) -> list[Op]:
     """The RUN sandbox as data: the ordered operations that build the container's view and exec.
 
     Paths in the tree are container paths, resolved when their operation runs; sources are host paths.
     groups: the supplementary groups to set, None to keep the builder's (see _settable_groups);
-    filter_: the compiled seccomp program; keyctl: that system call's number here.
+    filter_: the compiled seccomp program; keyctl: that system call's number here; notify: (socket fd,
+    seccomp's number) when the filter's listener goes to a supervisor over that socket (spec.emulate).
+    fresh_proc False: the RUN shares the builder's pid namespace and gets its /proc bound recursively
+    (its masks included), for where a fresh procfs cannot be mounted (see _SharedPid).
     """
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     ops: list[Op] = [
@@ -240,7 +289,8 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
         ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
         ["hostname", spec.hostname],
         ["private"],
-        ["proc", "/proc"],
+        ["root-mount"],  # a tree that is a plain directory (the copy rung) becomes a mount for pivot_root
+        ["proc", "/proc"] if fresh_proc else ["proc-bind", "/proc"],
         ["mount", "tmpfs", "/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k", True],
     ]
     ops += [["device", "/dev/" + name, "/dev/" + name] for name in DEV_NODES if _host_device(name)]
@@ -282,7 +332,35 @@ def plan(spec: RunSpec, files: dict[str, str], groups: list[int] | None, filter_
     env.setdefault("PATH", DEFAULT_PATH)
     # only 0-2 reach the RUN: a descriptor rbuild's caller left open (a directory, a socket) would lead
     # out of the sandbox; the filter comes last, so the setup itself is not filtered
-    ops += [["ids", spec.uid, spec.gid], ["close-fds"], ["seccomp", filter_], ["exec", spec.argv, env]]
+    ids = [0, 0] if spec.emulate else [spec.uid, spec.gid]  # emulated: the supervisor answers get*id
+    kept = [notify[0]] if notify[0] >= 0 else []
+    ops += [["ids", *ids], ["close-fds", kept], ["seccomp", filter_, *notify], ["exec", spec.argv, env]]
+    return ops
+
+
+# a RUN without mounts keeps CAP_SYS_CHROOT out of docker's set: root that may chroot again walks out of one
+CHROOT_CAPS = tuple(c for c in DEFAULT_CAPS if c != 18)
+CHROOT_DEV_NODES = ("null", "zero", "full", "random", "urandom")  # no tty: a RUN has no terminal
+
+
+def plan_chroot(spec: RunSpec, groups: list[int] | None, filter_: bytes, keyctl: int) -> list[Op]:
+    """The RUN where no namespace can be made (rung 4: root of a container without CAP_SYS_ADMIN).
+
+    No mounts at all: the step's tree gets the standard device nodes by mknod (removed afterwards), no
+    /proc, /sys, /dev/pts or /dev/shm, and the image's own /etc/hosts, /etc/hostname and
+    /etc/resolv.conf; then chroot, docker's capabilities without CAP_SYS_CHROOT (the classic way out of
+    a chroot), no_new_privs, the user's ids, fds 0-2, the seccomp filter, in a new session. Lost
+    against the namespace sandbox: the pid namespace (the RUN sees no /proc, but may signal the
+    builder's processes of its uid), the mount namespace (chroot is the only view), ipc and uts (the
+    hostname is the container's). rbuild in a CI job runs inside the job's container already.
+    """
+    ops: list[Op] = [["setsid"], ["keyring", keyctl], ["chroot"], ["chdir", spec.cwd]]
+    ops += [["capabilities", list(CHROOT_CAPS)], ["no-new-privs"]]
+    if groups is not None:
+        ops.append(["groups", groups])
+    env = dict(spec.env)
+    env.setdefault("PATH", DEFAULT_PATH)
+    ops += [["ids", spec.uid, spec.gid], ["close-fds", []], ["seccomp", filter_, -1, 0], ["exec", spec.argv, env]]
     return ops
 
 
@@ -308,7 +386,8 @@ def describe(op: Op) -> str:
     if name == "mkdir":
         return f"mkdir {args[0]} {args[1]:04o}"
     if name == "seccomp":
-        return f"seccomp filter ({len(args[0]) // 8} BPF instructions)"
+        listener = ", listener to the supervisor" if args[1] >= 0 else ""
+        return f"seccomp filter ({len(args[0]) // 8} BPF instructions{listener})"
     if name == "exec":
         return f"exec {args[0]} (env {sorted(args[1])})"
     return " ".join([name, *(str(a) for a in args)])
@@ -326,6 +405,25 @@ def run(
     if not spec.argv:
         raise RbuildError("RUN has no command")
     stubs = _Stubs(root)
+    if not spec.namespaces:
+        if spec.mounts:
+            raise RbuildError(
+                "RUN --mount needs a mount namespace, and none can be made here (no user namespace, no "
+                "CAP_SYS_ADMIN); allow user namespaces for rbuild to use it"
+            )
+        try:
+            host = stubs.ensure("/dev", True)
+            if not os.path.isdir(host) or os.path.islink(host):
+                raise RbuildError("/dev in the image is not a directory")
+            for name in CHROOT_DEV_NODES:
+                stubs.device("/dev/" + name, *DEV_NODES[name])
+            for path, source in spec.dev_files.items():
+                stubs.file(path, source)
+            return _spawn_once(root, spec, {}, log, True)
+        finally:
+            parents = stubs.restore()
+            if touched is not None:
+                touched += parents
     files: dict[str, str] = {}
     contents = {
         "/etc/hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{spec.hostname}\n",
@@ -432,8 +530,37 @@ def _settable_groups(groups: list[int]) -> list[int] | None:
     return [g for g in groups if any(start <= g < start + count for start, _, count in ranges)]
 
 
+class _SharedPid:
+    """Whether RUNs of this build share its pid namespace: set once a fresh /proc was refused.
+
+    The kernel refuses a new procfs in a user namespace when the visible /proc has mounts over parts of
+    it (runc's masked paths in a container). Then, as BuildKit's --oci-worker-no-process-sandbox does,
+    the RUN keeps the builder's pid namespace and sees its /proc (masks included, bound recursively): lost
+    is the RUN's own pid space (it sees and may signal the builder's other processes of its uid), not the
+    mount, ipc or uts isolation. Processes it leaves behind are still ended (runinit is their subreaper).
+    """
+
+    shared = False
+
+
 def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None) -> int:
     """Start runinit.py as a new program in a new session, hand it the plan, wait; the RUN's status."""
+    try:
+        return _spawn_once(root, spec, files, log, _SharedPid.shared)
+    except _NoFreshProc as e:
+        _SharedPid.shared = True
+        if log is not None:
+            log(f"RUN sandbox: {e}; RUN steps share the builder's pid namespace and its /proc from now on")
+        return _spawn_once(root, spec, files, log, True)
+
+
+class _NoFreshProc(Exception):
+    """The sandbox could not mount a fresh /proc (nothing of the RUN ran yet: it can be started again)."""
+
+
+def _spawn_once(
+    root: str, spec: RunSpec, files: dict[str, str], log: Callable[[str], None] | None, shared_pid: bool
+) -> int:
     import marshal
     import subprocess
 
@@ -441,7 +568,23 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
 
     errr, errw = os.pipe2(os.O_CLOEXEC)
     specr, specw = os.pipe2(os.O_CLOEXEC)
-    ops = plan(spec, files, _settable_groups(spec.groups), seccomp.program(), seccomp.syscall_number("keyctl"))
+    sup = None
+    notify = (-1, 0)
+    if spec.emulate:
+        import socket
+
+        from rootless.sandbox import notify as notify_mod
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        creds = notify_mod.Creds.of(spec.uid, spec.gid, spec.groups)
+        sup = notify_mod.Supervisor(ours, creds, spec.lowers, spec.upper)
+        notify = (theirs.detach(), seccomp.syscall_number("seccomp"))
+    groups = None if spec.emulate else _settable_groups(spec.groups)
+    program = seccomp.program(spec.emulate, spec.emulate and (spec.uid, spec.gid) != (0, 0))
+    if spec.namespaces:
+        ops = plan(spec, files, groups, program, seccomp.syscall_number("keyctl"), notify, fresh_proc=not shared_pid)
+    else:
+        ops = plan_chroot(spec, groups, program, seccomp.syscall_number("keyctl"))
     if log is not None:
         for op in ops:
             log("RUN sandbox: " + describe(op))
@@ -459,20 +602,35 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
-            pass_fds=(specr, errw),
+            pass_fds=(specr, errw) + ((notify[0],) if notify[0] >= 0 else ()),
             start_new_session=True,
         )
     except OSError as e:
-        for fd in (errr, errw, specr, specw, relay_r, relay_w):
+        for fd in (errr, errw, specr, specw, relay_r, relay_w, notify[0]):
             if fd >= 0:
                 os.close(fd)
+        if sup is not None:
+            sup.stop()
         raise RbuildError(f"cannot start the RUN sandbox ({sys.executable}): {e.strerror}") from None
-    for fd in (errw, specr, relay_w):
+    for fd in (errw, specr, relay_w, notify[0]):
         if fd >= 0:
             os.close(fd)
+    if sup is not None:
+        sup.start()
     try:
         with open(specw, "wb") as f:
-            f.write(marshal.dumps({"parent": os.getpid(), "errfd": errw, "root": root, "ops": ops}))
+            f.write(
+                marshal.dumps(
+                    {
+                        "parent": os.getpid(),
+                        "errfd": errw,
+                        "root": root,
+                        "ops": ops,
+                        "share_pid": shared_pid,
+                        "namespaces": spec.namespaces,
+                    }
+                )
+            )
     except BrokenPipeError:
         pass  # runinit is gone already; its status and message say why
     if relay_r >= 0:
@@ -486,6 +644,12 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
             proc.wait()
         raise
     finally:
+        if sup is not None:
+            sup.stop()
+            spec.warnings += sup.warnings
+            if log is not None:
+                shown = ", ".join(f"{n} {c}" for n, c in sorted(sup.calls.items(), key=lambda t: -t[1]))
+                log(f"RUN supervisor: {sum(sup.calls.values())} system calls answered ({shown})")
         msg = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(errr, 4096):
@@ -493,9 +657,13 @@ def _spawn_run(root: str, spec: RunSpec, files: dict[str, str], log: Callable[[s
         os.close(errr)
         if relay_r >= 0:
             os.close(relay_r)
+    if sup is not None and sup.errors:
+        raise RbuildError("RUN: single-uid emulation failed: " + "; ".join(sorted(set(sup.errors))))
     if msg:
         code, _, text = msg.decode(errors="replace").partition(" ")
         if code == "exec":  # the RUN's program could not be started (its own exit 127 is no message)
             raise RbuildError("RUN: " + msg.decode(errors="replace"))
+        if code == "noproc" and not shared_pid:
+            raise _NoFreshProc(text)
         raise RbuildError(f"cannot set up the RUN sandbox: {text}")
     return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

@@ -24,6 +24,7 @@ from typing import Any
 from rootless.blob.digest import is_sha256_hex
 from rootless.blob.verify import BlobMismatch, VerifyingReader
 from rootless.errors import RbuildError
+from rootless.layer.ownership import Ownership
 from rootless.store.store import Store, blob_name, chain_ids
 
 
@@ -71,7 +72,7 @@ def _lowers(store: Store, meta: dict[str, Any]) -> list[str] | None:
     return out
 
 
-def _layer_problem(store: Store, key: str, blob_ok: Callable[[object], bool], single_uid: bool) -> str | None:
+def _layer_problem(store: Store, key: str, blob_ok: Callable[[object], bool], ownership: Ownership) -> str | None:
     """Why the layer (keyed by its chain id) is broken, or None."""
     from rootless.layer import layers
 
@@ -107,7 +108,7 @@ def _layer_problem(store: Store, key: str, blob_ok: Callable[[object], bool], si
             target = os.path.join(tmp, "diff")
             os.mkdir(target, 0o755)
             with layers.open_blob(store.blob_path(sound[0]), diff_id=diff_id) as raw:
-                layers.unpack(raw, target, lowers=lowers, single_uid=single_uid)
+                layers.unpack(raw, target, lowers=lowers, ownership=ownership)
             if layers.write_tar(target, None)[0] == tree:
                 return None
     except RbuildError as e:
@@ -115,7 +116,7 @@ def _layer_problem(store: Store, key: str, blob_ok: Callable[[object], bool], si
     return "its directory differs from its original blob's content"
 
 
-def check(store: Store, single_uid: bool) -> list[Problem]:
+def check(store: Store, ownership: Ownership) -> list[Problem]:
     """Every inconsistency in the store, one Problem each (empty: the store is sound)."""
     problems = _check_blobs(store)
     bad_blobs = {p.name for p in problems}
@@ -138,7 +139,7 @@ def check(store: Store, single_uid: bool) -> list[Problem]:
 
     bad_layers = set()
     for key in store.layer_keys():
-        why = _layer_problem(store, key, blob_ok, single_uid)
+        why = _layer_problem(store, key, blob_ok, ownership)
         if why is not None:
             problems.append(Problem("layer", key, why))
             bad_layers.add(key)

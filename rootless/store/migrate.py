@@ -32,11 +32,12 @@ from rootless.blob.digest import hex_of
 from rootless.errors import RbuildError
 from rootless.kernel.fsutil import atomic_write
 from rootless.layer import layers
+from rootless.layer.ownership import Ownership
 from rootless.oci.transports import unpack_blob
 from rootless.store.store import STORE_VERSION, ImageRecord, Store, chain_ids, rmtree
 
 
-def upgrade(store: Store, single_uid: bool) -> None:
+def upgrade(store: Store, ownership: Ownership) -> None:
     """Convert a format-1 store (see the module docstring); nothing to do if another process did."""
     with store.exclusive_waiting():
         with open(os.path.join(store.root, "store.json"), "rb") as f:
@@ -50,7 +51,7 @@ def upgrade(store: Store, single_uid: bool) -> None:
                 os.mkdir(new, 0o700)
                 failed: set[str] = set()
                 for rec in store.images():
-                    _convert_image(store, rec, new, tmp, single_uid, failed)
+                    _convert_image(store, rec, new, tmp, ownership, failed)
                 os.rename(new, final)
         cache = os.path.join(store.root, "cache")
         for name in os.listdir(cache):
@@ -60,7 +61,7 @@ def upgrade(store: Store, single_uid: bool) -> None:
         rmtree(os.path.join(store.root, "layers"))
 
 
-def _convert_image(store: Store, rec: ImageRecord, new: str, tmp: str, single_uid: bool, failed: set[str]) -> None:
+def _convert_image(store: Store, rec: ImageRecord, new: str, tmp: str, ownership: Ownership, failed: set[str]) -> None:
     """Unpack the image's layers into `new`, bottom up, stopping at the first that has no usable tar."""
     try:
         diff_ids = store.read_json(rec.id).get("rootfs", {}).get("diff_ids", [])
@@ -78,7 +79,7 @@ def _convert_image(store: Store, rec: ImageRecord, new: str, tmp: str, single_ui
             return
         target = os.path.join(new, hex_of(chain))
         lowers = [os.path.join(new, hex_of(c)) for c in reversed(chains[:i])]
-        meta = _convert_layer(store, diff_id, own, target, lowers, tmp, single_uid)
+        meta = _convert_layer(store, diff_id, own, target, lowers, tmp, ownership)
         if meta is None:
             failed.add(chain)
             return
@@ -87,7 +88,13 @@ def _convert_image(store: Store, rec: ImageRecord, new: str, tmp: str, single_ui
 
 
 def _convert_layer(
-    store: Store, diff_id: str, own: dict[str, Any] | None, target: str, lowers: list[str], tmp: str, single_uid: bool
+    store: Store,
+    diff_id: str,
+    own: dict[str, Any] | None,
+    target: str,
+    lowers: list[str],
+    tmp: str,
+    ownership: Ownership,
 ) -> dict[str, Any] | None:
     """Unpack one layer into target from the first source that gives exactly diff_id; its metadata, or None."""
     old_dir = os.path.join(store.root, "layers", hex_of(diff_id))
@@ -105,7 +112,7 @@ def _convert_layer(
                 got, size = layers.write_tar(old_dir, f)
             if got == diff_id:
                 _fresh(target)
-                unpack_blob(tar, diff_id, target, diff_id, lowers, single_uid)
+                unpack_blob(tar, diff_id, target, diff_id, lowers, ownership)
                 if layers.write_tar(target, None)[0] == diff_id:
                     return {"diff_id": diff_id, "size": size, "origin": "dir", "sources": [], "blobs": made}
         except RbuildError:
@@ -119,7 +126,7 @@ def _convert_layer(
             if not isinstance(digest, str) or not store.has_blob(digest):
                 continue
             _fresh(target)
-            size = unpack_blob(store.blob_path(digest), digest, target, diff_id, lowers, single_uid)
+            size = unpack_blob(store.blob_path(digest), digest, target, diff_id, lowers, ownership)
         except RbuildError:
             continue
         return {"diff_id": diff_id, "size": size, "origin": "blob", "sources": [digest], "blobs": made}

@@ -38,7 +38,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ from rootless.idmap import IdMap
 from rootless.kernel.fsutil import atomic_write
 
 STORE_VERSION = 2
+LAYER_FORMAT_V2 = "overlay-userxattr"  # the layer format of stores that predate the `strategy` record
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
@@ -262,7 +263,30 @@ class Store:
             )
 
     def exists(self) -> bool:
-        return os.path.exists(os.path.join(self.root, "store.json"))
+        """Whether the store was made; another user's store is an error, not an empty store."""
+        try:
+            os.stat(os.path.join(self.root, "store.json"))
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            raise RbuildError(f"cannot read the store {self.root}: permission denied (it is another user's)") from None
+        return True
+
+    def record_strategy(self, strategy: dict[str, str]) -> None:
+        """Record the strategy a build uses (`rbuild doctor` and `inspect` of the store show it); refuse
+        one whose layer format differs from the store's layers (they could not be mounted or written)."""
+        meta_path = os.path.join(self.root, "store.json")
+        meta = self._read_meta()
+        old = meta.get("strategy") or {"layer_format": LAYER_FORMAT_V2}
+        if old.get("layer_format") != strategy["layer_format"]:
+            raise RbuildError(
+                f"store {self.root} holds layers in the {old.get('layer_format')} format, and this build "
+                f"({strategy.get('isolation')}, {strategy.get('rootfs')}) writes {strategy['layer_format']}: "
+                "use another --root for it"
+            )
+        if old != strategy:
+            meta["strategy"] = strategy
+            atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode(), 0o600)
 
     def set_version(self, version: int) -> None:
         """Record the format version (the mapping stays): the last step of an upgrade."""
@@ -623,6 +647,73 @@ class Store:
     def remove_cache(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.root, "cache", key + ".json"))
+
+    # -- usage and limits ------------------------------------------------------------------------
+    def usage(self) -> int:
+        """Bytes the store occupies on disk (allocated blocks; a hard-linked file once)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            for name in dirnames + filenames:
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_blocks * 512
+        return total
+
+    @contextlib.contextmanager
+    def build_slot(self, slots: int, waiting: Callable[[], None]) -> Iterator[None]:
+        """Hold one of `slots` build slots of this store, waiting for one (`waiting` is told once)."""
+        os.makedirs(os.path.join(self.root, "slots"), mode=0o700, exist_ok=True)
+        told = False
+        while True:
+            for i in range(slots):
+                fd = os.open(
+                    os.path.join(self.root, "slots", f"{i}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+                )
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    yield
+                finally:
+                    os.close(fd)
+                return
+            if not told:
+                waiting()
+                told = True
+            time.sleep(0.2)
+
+    def prune(self, limit: int | None) -> list[str]:
+        """Free space: what no image needs (build cache, intermediate layers), then -- while the store is
+        over `limit` -- images without a name, oldest first. Named images are never removed. Returns what
+        was done, one line each; [] when another build holds the store (it prunes after its own build)."""
+        done: list[str] = []
+        got = self.collect_garbage()
+        if got is None:
+            return done
+        if got != (0, 0):
+            done.append(f"removed {got[0]} unused layers and {got[1]} unused blobs")
+        if limit is None:
+            for rec in sorted((r for r in self.images() if not r.names), key=lambda r: r.created):
+                self.remove_images({rec.id})
+                done.append(f"removed unnamed image {rec.id}")
+        else:
+            for rec in sorted((r for r in self.images() if not r.names), key=lambda r: r.created):
+                if self.usage() <= limit:
+                    break
+                self.remove_images({rec.id})
+                done.append(f"removed unnamed image {rec.id}")
+        if done and done[-1].startswith("removed unnamed"):
+            got = self.collect_garbage()
+            if got:
+                done.append(f"removed {got[0]} unused layers and {got[1]} unused blobs")
+        return done
 
     # -- garbage collection ----------------------------------------------------------------------
     @contextlib.contextmanager

@@ -131,6 +131,8 @@ class Rbuild(Builder):
 
     def _env(self, store: Path) -> dict[str, str]:
         extra = {"RBUILD_ROOT": str(store / "rbuild")}
+        if os.environ.get("RBUILD_STORAGE_DRIVER"):  # the copy rung against overlay: the same cases per driver
+            extra["RBUILD_STORAGE_DRIVER"] = os.environ["RBUILD_STORAGE_DRIVER"]
         if self.pythonpath:
             extra["PYTHONPATH"] = self.pythonpath
         return self.user.env(extra)

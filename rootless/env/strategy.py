@@ -1,0 +1,149 @@
+"""The build strategy: chosen once, from the id mapping and what this machine allows, and handed to the build.
+
+A strategy is one answer on each axis -- isolation (which user namespace, if any), the rootfs driver,
+the ownership policy and the on-disk layer format -- so the build code asks `strategy.rootfs` or
+`strategy.ownership` instead of testing a bool in five modules. The store records the strategy that last
+wrote it (`store.json`'s `strategy`); layers are shared between strategies with the same layer format.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rootless.errors import RbuildError
+from rootless.idmap import IdMap
+from rootless.layer.format import FORMAT, LayerFormat
+from rootless.layer.ownership import Ownership
+from rootless.rootfs.driver import RootfsDriver
+
+
+@dataclass(frozen=True)
+class Strategy:
+    # "userns" (a subuid map), "userns-single" (one uid), "host-root" (real root, no userns); without a
+    # user namespace: "none-privileged" (root of a container: real chown, no mounts), "none" (no RUN)
+    isolation: str
+    rootfs: RootfsDriver
+    ownership: Ownership
+    layer_format: LayerFormat
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "isolation": self.isolation,
+            "rootfs": self.rootfs.name,
+            "ownership": self.ownership.value,
+            "layer_format": self.layer_format.name,
+        }
+
+
+def _overlay() -> RootfsDriver:
+    from rootless.rootfs.overlay import OverlayDriver
+
+    return OverlayDriver()
+
+
+def _copy() -> RootfsDriver:
+    from rootless.rootfs.copy import CopyDriver
+
+    return CopyDriver()
+
+
+# The rootfs drivers, best first: name -> (factory, or None while not available in this rbuild). A forced
+# driver is refused with the reason `usable` gives; the automatic choice takes the first usable one.
+DRIVERS: dict[str, Callable[[], RootfsDriver] | None] = {"overlay": _overlay, "fuse": None, "copy": _copy}
+DRIVER_ALIASES = {"vfs": "copy"}
+
+
+def driver_name(name: str) -> str:
+    """The driver a user's `--storage-driver` / RBUILD_STORAGE_DRIVER names (an alias resolved)."""
+    name = DRIVER_ALIASES.get(name, name)
+    if name not in DRIVERS:
+        raise RbuildError(f"unknown storage driver {name!r}: choose one of {', '.join([*DRIVERS, *DRIVER_ALIASES])}")
+    return name
+
+
+def usable(name: str, storage: str) -> str | None:
+    """Why the driver `name` cannot work on the store directory `storage` here, or None when it can."""
+    if DRIVERS[name] is None:
+        return f"the {name} storage driver is not available yet in this rbuild"
+    if name == "overlay":
+        return overlay_fault(storage)
+    return None
+
+
+def overlay_fault(storage: str) -> str | None:
+    """Why a kernel overlay mount (with an upper dir, `userxattr`, as the build makes them) fails in a
+    scratch directory of `storage`, or None when it works. Run inside the build's mount namespace."""
+    from rootless.kernel import linux
+
+    try:
+        probe = tempfile.mkdtemp(prefix="probe-overlay-", dir=os.path.join(storage, "tmp"))
+    except OSError as e:
+        return f"cannot make a directory in {storage}: {e.strerror}"
+    try:
+        for d in ("lower", "upper", "work", "merged"):
+            os.mkdir(os.path.join(probe, d), 0o700)
+        opts = f"lowerdir={probe}/lower,upperdir={probe}/upper,workdir={probe}/work,userxattr"
+        try:
+            linux.mount("overlay", os.path.join(probe, "merged"), "overlay", 0, opts)
+        except OSError as e:
+            fs = _fs_type(storage)
+            where = f"{storage} (filesystem type {fs})" if fs else storage
+            return (
+                f"kernel overlayfs cannot mount on {where}: {os.strerror(e.errno or 0)} "
+                "(give the store a local filesystem with --root, or use --storage-driver copy)"
+            )
+        linux.umount(os.path.join(probe, "merged"), linux.MNT_DETACH)
+        return None
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _fs_type(path: str) -> str | None:
+    """The type of the filesystem `path` is on (the last mount in /proc/self/mounts that holds it)."""
+    best, fstype = "", None
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2:
+                    mnt = fields[1].replace("\\040", " ")
+                    if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                        best, fstype = mnt, fields[2]
+    except OSError:
+        return None
+    return fstype
+
+
+def choose(idmap: IdMap, storage: str | None = None, driver: str | None = None) -> Strategy:
+    """The strategy for a build under `idmap` (the mapping the user namespace was given), on the store
+    directory `storage`. `driver`: the user's choice (an error when it cannot work, never a fallback);
+    None: overlay when a real overlay mount works on the store, else copy."""
+    from rootless.env import userns
+
+    isolation = userns.isolation(idmap)
+    if driver is not None:
+        name = driver_name(driver)
+        fault = usable(name, storage) if storage is not None else None
+        if fault:
+            raise RbuildError(f"storage driver {name} cannot be used: {fault}")
+    elif storage is None:
+        name = "overlay"
+    else:
+        name = next(n for n in DRIVERS if usable(n, storage) is None)
+    factory = DRIVERS[name]
+    assert factory is not None  # usable() refused the others
+    return Strategy(isolation, factory(), Ownership.for_mapping(idmap.single), FORMAT)
+
+
+def runs_possible(chosen: Strategy) -> str | None:
+    """None when RUN steps can run under `chosen`, else why not and the remedy (one clause)."""
+    if chosen.isolation != "none":
+        return None
+    from rootless.env import userns
+
+    return userns.userns_blocked() or "no user namespace can be created here"
