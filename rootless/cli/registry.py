@@ -80,8 +80,8 @@ def add_logout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--authfile", metavar="FILE", help="credentials file")
 
 
-def login_command(args: argparse.Namespace) -> int:
-    """Run `rbuild login`: ask for what is missing (on a terminal only), verify, save."""
+def login_command(args: argparse.Namespace) -> str:
+    """Run `rbuild login`: ask for what is missing (on a terminal only), verify, save; the line to show."""
     if args.password and args.password_stdin:
         raise RbuildError("--password and --password-stdin are mutually exclusive")
     username = args.username
@@ -100,21 +100,18 @@ def login_command(args: argparse.Namespace) -> int:
     else:
         raise RbuildError("login: no password given (use --password-stdin)")
     login(args.registry, username, password, options_from_args(args))
-    print("Login Succeeded!")
-    return 0
+    return "Login Succeeded!"
 
 
-def logout_command(args: argparse.Namespace) -> int:
-    """Run `rbuild logout HOST` or `rbuild logout --all`."""
+def logout_command(args: argparse.Namespace) -> str:
+    """Run `rbuild logout HOST` or `rbuild logout --all`; the line to show."""
     options = options_from_args(args)
     if args.all:
         from rootless.registry import auth
 
         auth.erase_all_credentials(options.authfile)
-        print("Removed login credentials for all registries")
-        return 0
+        return "Removed login credentials for all registries"
     if not args.registry:
         raise RbuildError("logout: give a registry or --all")
     logout(args.registry, options)
-    print(f"Removed login credentials for {login_host(args.registry)}")
-    return 0
+    return f"Removed login credentials for {login_host(args.registry)}"

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
 from rootless.blob.digest import hex_of, sha256_of
 from rootless.blob.verify import BlobMismatch, VerifyingReader, verify_bytes
 from rootless.errors import RbuildError
+from rootless.events import Reporter
 from rootless.kernel.fspath import open_beneath, open_regular
 from rootless.kernel.fsutil import atomic_file, atomic_write
 from rootless.layer.ownership import Ownership
@@ -206,7 +207,7 @@ class Transport:
         return self.prefix + self.rest
 
     def open(
-        self, store: Store, options: RegistryOptions | None = None, progress: bool = False
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
     ) -> contextlib.AbstractContextManager[Source]:
         """The image, verified, as far as needed to import it (a context: an archive is unpacked meanwhile)."""
         raise RbuildError(f"{self.spec}: images cannot be read from {self.prefix}")
@@ -230,7 +231,9 @@ class OCILayout(Transport):
     prefix = "oci:"
 
     @contextlib.contextmanager
-    def open(self, store: Store, options: RegistryOptions | None = None, progress: bool = False) -> Iterator[Source]:
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
+    ) -> Iterator[Source]:
         path, tag = split_spec(self.rest)
         yield read_layout(os.path.abspath(path), tag, self.spec, options.platform if options else None)
 
@@ -255,7 +258,9 @@ class OCIArchive(Transport):
     prefix = "oci-archive:"
 
     @contextlib.contextmanager
-    def open(self, store: Store, options: RegistryOptions | None = None, progress: bool = False) -> Iterator[Source]:
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
+    ) -> Iterator[Source]:
         path, tag = split_spec(self.rest)
         with store.staging("archive-") as tmp:
             from rootless.layer.layers import unpack_archive
@@ -307,7 +312,9 @@ class RegistryTransport(Transport):
     local = False
 
     @contextlib.contextmanager
-    def open(self, store: Store, options: RegistryOptions | None = None, progress: bool = False) -> Iterator[Source]:
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
+    ) -> Iterator[Source]:
         from rootless.registry import api as registry
 
         options = options or registry.RegistryOptions()
@@ -315,7 +322,7 @@ class RegistryTransport(Transport):
         remote = client.resolve_any(registry.resolve_names(self.rest, options))
         manifest = json.loads(remote.manifest)
         layers = [d for d in remote.layers if not store.has_blob(d.digest)]
-        client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), progress=progress)
+        client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), reporter)
 
         def opener(digest: str) -> IO[bytes]:
             return open(store.blob_path(digest), "rb")

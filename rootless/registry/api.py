@@ -29,6 +29,7 @@ from rootless.oci.image import (
 from rootless.oci.reference import Reference, is_qualified, normalize_host, parse_reference
 
 if TYPE_CHECKING:
+    from rootless.events import Reporter
     from rootless.registry import auth
     from rootless.registry.client import RegistryClient
 
@@ -117,11 +118,13 @@ class Registry:
         """The digest the registry serves for `ref` now, by a HEAD (for `--pull=newer`)."""
         return self.client.remote_digest(ref)
 
-    def fetch_blobs(self, ref: Reference, blobs: list[Descriptor], dest_dir: str, progress: bool = False) -> None:
+    def fetch_blobs(
+        self, ref: Reference, blobs: list[Descriptor], dest_dir: str, reporter: Reporter | None = None
+    ) -> None:
         """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified (digest and
         size) in a temporary file before it is renamed into place; on error nothing partial remains.
         A blob several callers (threads or processes) want at once is downloaded once."""
-        self.client.fetch_blobs(ref, blobs, dest_dir, progress)
+        self.client.fetch_blobs(ref, blobs, dest_dir, reporter)
 
     def push(
         self,
@@ -131,11 +134,11 @@ class Registry:
         config: Descriptor,
         config_bytes: bytes,
         layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
-        progress: bool = False,
+        reporter: Reporter | None = None,
     ) -> str:
         """Upload the blobs the registry lacks (HEAD check, cross-repository mount, chunks for large
         ones), then the manifest; returns the manifest digest."""
-        return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, progress)
+        return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, reporter)
 
 
 # -- names, formats, credentials ------------------------------------------------------------
