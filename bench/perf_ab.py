@@ -13,6 +13,7 @@ a subuid range; builds run as that user (runuser). Cases:
   registry (every layer compressed: nothing kept from an earlier push); with --buildah also buildah's
   build+push of the same Containerfile against rbuild's build+push.
 
+The work directory (several GiB: keep --work on a tmpfs with room) is removed at the end.
 Wall time is a median of --reps; CPU is user+system of the process tree (wait4). The machine is shared:
 the load average is printed with every case.
 """
@@ -330,6 +331,7 @@ def main() -> None:
         run.run()
     finally:
         run.stop()
+        shutil.rmtree(run.work, ignore_errors=True)  # several GiB on tmpfs: memory the machine needs back
     if args.out:
         Path(args.out).write_text(json.dumps(run.rows, indent=1) + "\n")
 
