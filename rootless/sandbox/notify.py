@@ -559,6 +559,8 @@ class Supervisor:
         return self.user
 
     def _ids(self, nid: int, pid: int, call: str, args: list[int], legacy: bool) -> int:
+        if call.startswith("get") and not self._creds and (self.user.uid[1], self.user.gid[1]) == (0, 0):
+            return CONTINUE  # a root RUN where no process switched ids: the kernel's answer is the one
         c = self._creds_of(pid)
         if call == "getuid":
             return c.uid[0]
@@ -621,7 +623,7 @@ class Supervisor:
                 comm = str(pid)
             self.warnings.append(
                 f"{comm} switched to uid {new.uid[1]}: a single-uid build does not follow it: it keeps root's "
-                "file permissions (and sees uid 0), and what it creates is recorded as owned by the RUN's user"
+                "file permissions, and what it creates is recorded as owned by the RUN's user"
             )
         self._creds[key[:2]] = new
 
