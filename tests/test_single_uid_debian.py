@@ -3,7 +3,8 @@
 apt drops privilege to `_apt` for its downloads and checks that the switch took (getuid, getgroups, and
 that setuid(0) now fails); the packages ship a system group (cron: `crontab`), a setgid binary
 (`/usr/bin/crontab`, by dpkg-statoverride in the postinst), a setuid-root one (`sudo`) and directories
-owned by them. Files whose content records the time of the build (logs, apt's and debconf's caches) are
+owned by them; apt-key's `cp -a` as `_apt` sets an ACL on its own copy, and a refusal there fails
+the signature check silently (a W: line, the old lists kept). Files whose content records the time of the build (logs, apt's and debconf's caches) are
 compared by type, mode and owner only.
 """
 
@@ -29,7 +30,7 @@ def test_apt_get_install_same_image_with_and_without_a_range(rb: Runner, rb_sing
     for runner in (rb, rb_single):
         ctx = runner.context({"Containerfile": f"FROM oci:{debian_layout}\n{body}"})
         res = runner.run("build", "-t", "su-apt", "--no-cache", ctx)
-        assert "Could not switch" not in res.stderr and "privilege" not in res.stderr, res.stderr
+        assert "Could not switch" not in res.stderr and "GPG error" not in res.stderr, res.stderr
         out = runner.mkdir()
         runner.run("push", "su-apt", f"oci:{out}/l")
         images.append(load(f"{out}/l"))

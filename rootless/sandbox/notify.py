@@ -417,8 +417,9 @@ class Supervisor:
             raise _Answer(errno.EPERM)  # as overlayfs answers it
         if name.startswith(b"user.rbuild."):  # rbuild's own records: only the supervisor writes them. Not
             return 0  # written, as a subuid build's commit drops them: the same image either way
-        if creds.uid[1] != 0 and not name.startswith(b"user."):
-            raise _Answer(errno.EPERM)
+        acl = name.startswith(b"system.posix_acl_")
+        if creds.uid[1] != 0 and not name.startswith(b"user.") and not acl:
+            raise _Answer(errno.EPERM)  # trusted.*, security.*: capabilities a non-root process has not
         root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if path is None:
@@ -429,6 +430,8 @@ class Supervisor:
             try:
                 if stat.S_ISLNK(os.fstat(tfd).st_mode):
                     raise _Answer(errno.EPERM)  # no user.* on a symlink (and nothing else here)
+                if acl and creds.uid[1] != 0 and not self._owns(pid, tfd, creds.uid[3]):
+                    raise _Answer(errno.EPERM)  # an ACL is its owner's to set (cp -a sets the copy's)
                 os.setxattr(f"/proc/self/fd/{tfd}", name, value, flags)
             finally:
                 os.close(tfd)
@@ -488,6 +491,17 @@ class Supervisor:
             return self._stat_with(nid, pid, tfd, call, flags, mask, buf, uid_gid, dev)
         finally:
             os.close(tfd)
+
+    def _owns(self, pid: int, tfd: int, uid: int) -> bool:
+        """`uid` owns the entry open as tfd, or may: made by this RUN without a record, it was made by USER
+        or by a process that switched ids (apt's _apt), which the supervisor does not follow."""
+        try:
+            rec = os.getxattr(f"/proc/self/fd/{tfd}", layers.XATTR_STAT)
+        except OSError:
+            rec = None
+        if rec is not None:
+            return layers.parse_ids(rec)[0] == uid
+        return os.fstat(tfd).st_uid == uid or self._made_here(pid, tfd)
 
     def _made_here(self, pid: int, tfd: int) -> bool:
         """The entry open as tfd was made by this RUN (in the tree, 0:0, not in the lowers): USER's."""
