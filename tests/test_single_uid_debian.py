@@ -4,8 +4,8 @@ apt drops privilege to `_apt` for its downloads and checks that the switch took 
 that setuid(0) now fails); the packages ship a system group (cron: `crontab`), a setgid binary
 (`/usr/bin/crontab`, by dpkg-statoverride in the postinst), a setuid-root one (`sudo`) and directories
 owned by them; apt-key's `cp -a` as `_apt` sets an ACL on its own copy, and a refusal there fails
-the signature check silently (a W: line, the old lists kept). Files whose content records the time of the build (logs, apt's and debconf's caches) are
-compared by type, mode and owner only.
+the signature check silently (a W: line, the old lists kept). Files whose content records the time of
+the build (logs, apt's and debconf's caches) are compared by type, mode and owner only.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ BODY = (
     "&& find /etc -maxdepth 1 -user svc > notfound.txt "
     "&& ls -ln d | awk 'NR>1 {print $3, $4}' > ls.txt\n"
     "USER root\n"
-    "RUN find /shared -user 2000 ! -name '*.txt' | sort > /found-later.txt && stat -c '%u:%g' /shared/m > /stat-later.txt\n"
+    "RUN find /shared -user 2000 ! -name '*.txt' | sort > /found-later.txt "
+    "&& stat -c '%u:%g' /shared/m > /stat-later.txt\n"
 )
 
 
