@@ -20,13 +20,16 @@ to be still valid (SECCOMP_IOCTL_NOTIF_ID_VALID) afterwards: the pid may have be
 
 The process ids are emulated: the RUN runs as the one mapped uid (0 in the namespace); set*id change
 the emulated ids with the kernel's permission rules (per thread group, inherited by children that did
-not change their own), and where USER is not root, get*id answer with them. A root RUN's get*id are
-not trapped (busybox calls getuid in every process: a notification each), so a process that switched
-ids (su) still sees uid 0. What cannot be emulated exactly is reported in `warnings` (the builder
-prints it, naming the instruction): a process that switched to another uid still has root's
-permissions (and, under a root USER, root's ids), and what it creates is recorded as USER's.
+not change their own), and get*id answer with them (apt checks that its switch to _apt took). In a
+root RUN where no process switched ids, the kernel answers get*id at once (busybox calls getuid in every
+process). What cannot be emulated exactly is reported in `warnings` (the builder prints it, naming the
+instruction): a process that switched to another uid still has root's permissions, and what it creates
+is recorded as USER's.
 
-stat is answered with the records (ls -l, find -user, cp -a and busybox chown see recorded owners); not
+stat is answered with the records (ls -l, find -user, cp -a and busybox chown see recorded owners); while
+no entry of the RUN's tree can hold a record (none in the lowers, none made yet, USER root) the kernel
+answers it at once, without a look at the path. The round trip stays: a filter cannot be changed from
+outside once the RUN runs (SYNC_WAKE_UP keeps it short). Not
 emulated: the owners of symlinks and fifos to stat, 32-bit ABIs' struct stat, 16-bit-id getres*id and
 *groups of old i386 programs. See docs/differences.md.
 """
