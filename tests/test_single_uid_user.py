@@ -46,3 +46,24 @@ def test_user_app_sees_owners_as_with_a_range(rb: Runner, rb_single: Runner, bus
     assert (got["/shared/p"].uid, got["/shared/d/f"].gid) == (2000, 2000)
     diff = {p: (str(want.get(p)), str(got.get(p))) for p in want.keys() | got.keys() if want.get(p) != got.get(p)}
     assert not diff, diff
+
+
+def test_symlink_and_fifo_owners_shown_to_stat(rb: Runner, rb_single: Runner, busybox: str) -> None:
+    """Their records are in the parent directory: stat shows them, in the same RUN and in a later one."""
+    body = (
+        "RUN mkdir /s && ln -s x /s/l && mkfifo /s/f && chown -h 5:6 /s/l && chown 7:8 /s/f "
+        "&& ls -ln /s | awk 'NR>1 {print $3, $4, $9}' > /same.txt\n"
+        "RUN ls -ln /s | awk 'NR>1 {print $3, $4, $9}' > /later.txt\n"
+    )
+    images = []
+    for runner in (rb, rb_single):
+        ctx = runner.context({"Containerfile": f"FROM oci:{busybox}\n{body}"})
+        runner.build(ctx, "-t", "su-links", "--no-cache")
+        out = runner.mkdir()
+        runner.run("push", "su-links", f"oci:{out}/l")
+        images.append(load(f"{out}/l"))
+    files = _files(images[1])
+    assert files["same.txt"] == files["later.txt"] == b"7 8 f\n5 6 l\n", files
+    want, got = flatten(images[0].layers), flatten(images[1].layers)
+    diff = {p: (str(want.get(p)), str(got.get(p))) for p in want.keys() | got.keys() if want.get(p) != got.get(p)}
+    assert not diff, diff

@@ -29,9 +29,9 @@ is recorded as USER's.
 stat is answered with the records (ls -l, find -user, cp -a and busybox chown see recorded owners); while
 no entry of the RUN's tree can hold a record (none in the lowers, none made yet, USER root) the kernel
 answers it at once, without a look at the path. The round trip stays: a filter cannot be changed from
-outside once the RUN runs (SYNC_WAKE_UP keeps it short). Not
-emulated: the owners of symlinks and fifos to stat, 32-bit ABIs' struct stat, 16-bit-id getres*id and
-*groups of old i386 programs. See docs/differences.md.
+outside once the RUN runs (SYNC_WAKE_UP keeps it short). Symlinks' and fifos' owners come from their
+parent's lstat record (the upper dir's first). Not emulated: 32-bit ABIs' struct stat, 16-bit-id
+getres*id and *groups of old i386 programs. See docs/differences.md.
 """
 
 from __future__ import annotations
@@ -487,6 +487,11 @@ class Supervisor:
                 return CONTINUE
             uid_gid = layers.parse_ids(recs[layers.XATTR_STAT]) if layers.XATTR_STAT in recs else None
             dev = layers.parse_dev(recs[layers.XATTR_DEV]) if layers.XATTR_DEV in recs else None
+            if uid_gid is None and dev is None:
+                try:
+                    uid_gid = self._child_record(pid, tfd)
+                except OSError:
+                    return CONTINUE
             if uid_gid is None and self.user.uid[1] != 0 and self._made_here(pid, tfd):
                 uid_gid = (self.user.uid[0], self.user.gid[0])
             if uid_gid is None and dev is None:
@@ -494,6 +499,41 @@ class Supervisor:
             return self._stat_with(nid, pid, tfd, call, flags, mask, buf, uid_gid, dev)
         finally:
             os.close(tfd)
+
+    def _child_record(self, pid: int, tfd: int) -> tuple[int, int] | None:
+        """The owner recorded for a symlink, fifo or socket open as tfd (in its parent's lstat record).
+
+        The upper dir's copy is asked first: the record there names the upper inode (see _record_dir).
+        """
+        st = os.fstat(tfd)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            return None
+        where = os.fsencode(os.readlink(f"/proc/self/fd/{tfd}"))
+        parent, name = posixpath.split(where)
+        if not where.startswith(b"/") or where.endswith(b" (deleted)") or not name:
+            return None
+        try:
+            pfd = open_beneath(self.upper, os.fsdecode(parent)) if self.upper else -1
+            try:
+                if pfd >= 0:
+                    os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except OSError:
+                os.close(pfd)
+                pfd = -1
+        except OSError:
+            pfd = -1
+        if pfd < 0:
+            root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                pfd = open_in_root(root, parent, os.O_RDONLY | os.O_DIRECTORY)
+            finally:
+                os.close(root)
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            owner = layers.owner_at(pfd, name)
+        finally:
+            os.close(pfd)
+        return None if owner == layers.disk_owner(st) else owner
 
     def _owns(self, pid: int, tfd: int, uid: int) -> bool:
         """`uid` owns the entry open as tfd, or may: made by this RUN without a record, it was made by USER
