@@ -320,7 +320,7 @@ static int remove_name(struct node *parent, const char *name, bool dir)
       if ((err = copy_up(ppath)) < 0)
         return err;
     }
-  if (positive && (err = make_whiteout(path)) < 0)
+  if (positive && (err = make_whiteout(path, false)) < 0)
     return err;
   node_detach(parent, name);
   return 0;
@@ -422,7 +422,7 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
     return err;
   if (renameat2(upper, src, upper, dst, exchange ? RENAME_EXCHANGE : 0) < 0)
     return -errno;
-  if (!exchange && src_positive && (err = make_whiteout(src)) < 0)
+  if (!exchange && src_positive && (err = make_whiteout(src, true)) < 0)
     return err;
   node_move(op, name, np, newname, exchange);
   return 0;

@@ -66,7 +66,7 @@ bool is_whiteout(const struct stat *st);
 bool is_opaque(int layer, const char *path);
 int resolve(const char *path, struct resolved *res);
 int lower_positive(const char *path);
-int make_whiteout(const char *path);
+int make_whiteout(const char *path, bool from_rename);
 int set_opaque(const char *path);
 
 /* copyup.c */
