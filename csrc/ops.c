@@ -460,6 +460,10 @@ static void ovl_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
       return;
     }
   fi->fh = (uint64_t) fd;
+  /* Keep what the kernel cached of the file from one open to the next where nothing but this inode can change it:
+   * a lower layer never changes (a copy-up copies the same bytes), and an upper file with one name changes only
+   * through this mount and this name. A hard link is a kernel inode per name, so its cache is dropped at open. */
+  fi->keep_cache = res.layer != 0 || res.st.st_nlink == 1;
   if (fuse_reply_open(req, fi) != 0)
     close(fd);
 }
@@ -552,7 +556,15 @@ static void ovl_statfs(fuse_req_t req, UNUSED fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
+/* Move file data between the layer files and /dev/fuse with splice where the kernel can (no copy through the
+ * helper's memory). */
+static void ovl_init(UNUSED void *userdata, struct fuse_conn_info *conn)
+{
+  conn->want |= conn->capable & (FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+}
+
 const struct fuse_lowlevel_ops ovl_ops = {
+  .init = ovl_init,
   .lookup = ovl_lookup,
   .forget = ovl_forget,
   .forget_multi = ovl_forget_multi,
