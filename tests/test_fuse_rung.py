@@ -149,6 +149,11 @@ def test_overlay_store_automatic_choice_takes_fuse(rb: Any, base: str, overlay_s
     assert doc["rung"] == 2, doc
     fuse = next(c for c in doc["checks"] if c["name"] == "fuse")
     assert fuse["ok"] and fuse["detail"].startswith("/dev/fuse usable; helper "), fuse
+    # the documented limit (docs/ci.md): overlayfs refuses the 0:0 device that marks a removal
+    removal = rb.context({"Containerfile": f"FROM oci:{base}\nRUN rm /etc/group\n"})
+    res = rb.run("build", "-q", removal, root=overlay_store, check=False)
+    assert res.returncode == 1, res.stderr
+    assert "rm: can't remove '/etc/group': Operation not permitted" in res.stderr, res.stderr
     _no_fuse_left(rb)
 
 
