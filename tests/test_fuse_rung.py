@@ -197,3 +197,21 @@ def test_killed_build_leaves_no_helper_and_no_mount(rb: Any, base: str, dev_fuse
             proc.wait()
     ok = rb.context({"Containerfile": f"FROM oci:{base}\nRUN echo ok > /ok\n"})
     assert rb.build(ok, "--storage-driver", "fuse", root=root).startswith("sha256:")
+
+
+MULTI_STAGE = """FROM oci:{base} AS first
+RUN mkdir -p /out/d && echo one > /out/d/one && ln -s one /out/d/ln && rm /etc/group
+RUN echo two > /out/two && rm /out/d/one
+FROM oci:{base}
+COPY --from=first /out/ /copied/
+RUN --mount=type=bind,from=first,source=/out,target=/mnt cat /mnt/two > /from-mount && ls /mnt/d > /listing
+"""
+
+
+def test_multi_stage_views_same_as_overlay(rb: Any, base: str, dev_fuse: None) -> None:
+    """COPY --from and RUN --mount=from read a stage through the driver's read-only view (a FUSE mount)."""
+    text = MULTI_STAGE.format(base=base)
+    overlay, _ = _build(rb, base, "overlay", text=text)
+    fuse, driver = _build(rb, base, "fuse", text=text)
+    assert (fuse, driver) == (overlay, "fuse")
+    _no_fuse_left(rb)
