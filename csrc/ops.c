@@ -14,11 +14,12 @@
 
 #define TIMEOUT 1.0
 
-/* Hard links are separate nodes (one per name), so a non-directory's attributes are never cached: a write
- * or a link through another name must show at once. */
+/* Hard links are separate nodes (one per name), so the attributes of a non-directory with several names are
+ * never cached: a write through another name must show at once. One with a single name changes only through its
+ * own kernel inode, whose cache the kernel keeps up to date, or gets a second name (ovl_link invalidates it). */
 static double attr_timeout(const struct stat *st)
 {
-  return S_ISDIR(st->st_mode) ? TIMEOUT : 0.0;
+  return S_ISDIR(st->st_mode) || st->st_nlink == 1 ? TIMEOUT : 0.0;
 }
 
 static void reply_entry(fuse_req_t req, struct node *parent, const char *name, const char *path)
@@ -281,6 +282,8 @@ static void ovl_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const
       fuse_reply_err(req, -err);
       return;
     }
+  /* The source's cached link count is stale now (attributes only: no lock of the link is needed for that). */
+  fuse_lowlevel_notify_inval_inode(ovl.se, ino, -1, 0);
   reply_entry(req, p, newname, path);
 }
 

@@ -40,6 +40,7 @@ struct ovl
   size_t table_size;
   size_t table_count;
   unsigned long tmp_counter;
+  struct fuse_session *se; /* for invalidations the helper sends the kernel */
 };
 
 /* Where a path resolves: the topmost layer holding it and, for directories, every layer merged in. */
