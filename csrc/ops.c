@@ -527,11 +527,6 @@ static void ovl_write_buf(fuse_req_t req, UNUSED fuse_ino_t ino, struct fuse_buf
     fuse_reply_write(req, (size_t) n);
 }
 
-static void ovl_flush(fuse_req_t req, UNUSED fuse_ino_t ino, UNUSED struct fuse_file_info *fi)
-{
-  fuse_reply_err(req, 0);
-}
-
 static void ovl_release(fuse_req_t req, UNUSED fuse_ino_t ino, struct fuse_file_info *fi)
 {
   close((int) fi->fh);
@@ -566,6 +561,7 @@ static void ovl_init(UNUSED void *userdata, struct fuse_conn_info *conn)
   conn->want |= conn->capable & (FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
 }
 
+/* No flush: nothing is buffered here, and without the operation the kernel stops sending one per close. */
 const struct fuse_lowlevel_ops ovl_ops = {
   .init = ovl_init,
   .lookup = ovl_lookup,
@@ -585,7 +581,6 @@ const struct fuse_lowlevel_ops ovl_ops = {
   .create = ovl_create,
   .read = ovl_read,
   .write_buf = ovl_write_buf,
-  .flush = ovl_flush,
   .release = ovl_release,
   .fsync = ovl_fsync,
   .opendir = ovl_opendir,

@@ -264,15 +264,16 @@ def same_file(mnt: str, a: str, b: str) -> bool:
 
 
 def stale_setid_link(upper: str, op: list) -> bool:
-    """A size change of a set-id file with several names, which kernel overlay decides on a stale mode.
+    """A size or owner change of a set-id file with several names, which kernel overlay decides on a stale mode.
 
     For a file copied up from a lower layer, kernel overlay keys the inode of the name the lower still shows by
     the lower inode and a hard link made later by the upper one: two overlay inodes for one file. A truncate
-    (or open with O_TRUNC) decides whether to clear setuid/setgid on the cached mode of the name used, so after
-    a chmod through the other name the bits stay; through the helper, as on any single inode, they go.
-    Seed 361683233 found it. Such operations are left out, like the ESTALE renames.
+    (or open with O_TRUNC) or a chown decides whether to clear setuid/setgid on the cached mode of the name
+    used, so after a chmod through the other name the bits stay; through the helper, as on any single inode,
+    they go. Seeds 361683233 (truncate) and 499998673 (chown) found it. Such operations are left out, like the
+    ESTALE renames.
     """
-    if op[0] not in ("truncate", "create", "write", "fallocate"):
+    if op[0] not in ("truncate", "create", "write", "fallocate", "chown"):
         return False
     try:
         st = os.lstat(os.path.join(upper, op[1]))

@@ -157,8 +157,9 @@ def test_shell_script_same_on_kernel_overlay_and_helper(
 # Fixed seeds in CI, plus seeds that once found a difference; new random ones on a developer's run
 # (RBUILD_FUZZ_SEEDS=1,2,3 replays given ones). 696432130: a whiteout in a setgid directory took the
 # directory's group; 717139316: a rename's whiteout did not (kernel overlay makes it in the source directory,
-# so it does); 361683233: truncating a set-id hard link (kernel overlay's stale mode, left out by the driver).
-REGRESSION_SEEDS = [696432130, 717139316, 361683233]
+# so it does); 361683233 and 499998673: truncating or chowning a set-id hard link (kernel overlay's stale mode,
+# left out by the driver).
+REGRESSION_SEEDS = [696432130, 717139316, 361683233, 499998673]
 _given = os.environ.get("RBUILD_FUZZ_SEEDS")
 if _given:
     FUZZ_SEEDS = [int(s) for s in _given.split(",")]
