@@ -45,15 +45,21 @@ def _overlay() -> RootfsDriver:
     return OverlayDriver()
 
 
+def _fuse() -> RootfsDriver:
+    from rootless.rootfs.fuse import FuseDriver
+
+    return FuseDriver()
+
+
 def _copy() -> RootfsDriver:
     from rootless.rootfs.copy import CopyDriver
 
     return CopyDriver()
 
 
-# The rootfs drivers, best first: name -> (factory, or None while not available in this rbuild). A forced
-# driver is refused with the reason `usable` gives; the automatic choice takes the first usable one.
-DRIVERS: dict[str, Callable[[], RootfsDriver] | None] = {"overlay": _overlay, "fuse": None, "copy": _copy}
+# The rootfs drivers, best first: name -> factory. A forced driver is refused with the reason `usable` gives;
+# the automatic choice takes the first usable one.
+DRIVERS: dict[str, Callable[[], RootfsDriver]] = {"overlay": _overlay, "fuse": _fuse, "copy": _copy}
 DRIVER_ALIASES = {"vfs": "copy"}
 
 
@@ -67,10 +73,12 @@ def driver_name(name: str) -> str:
 
 def usable(name: str, storage: str) -> str | None:
     """Why the driver `name` cannot work on the store directory `storage` here, or None when it can."""
-    if DRIVERS[name] is None:
-        return f"the {name} storage driver is not available yet in this rbuild"
     if name == "overlay":
         return overlay_fault(storage)
+    if name == "fuse":
+        from rootless.rootfs import fuse
+
+        return fuse.fault(storage)
     return None
 
 
@@ -122,22 +130,24 @@ def _fs_type(path: str) -> str | None:
 def choose(idmap: IdMap, storage: str | None = None, driver: str | None = None) -> Strategy:
     """The strategy for a build under `idmap` (the mapping the user namespace was given), on the store
     directory `storage`. `driver`: the user's choice (an error when it cannot work, never a fallback);
-    None: overlay when a real overlay mount works on the store, else copy."""
+    None: overlay when a real overlay mount works on the store, else the FUSE overlay when a real FUSE mount
+    works there, else copy."""
     from rootless.env import userns
 
     isolation = userns.isolation(idmap)
+    # FUSE is mounted in rbuild's own user namespace; outside one libfuse would fall back to the setuid
+    # fusermount3 and mount on the host, which no rung wants
+    no_fuse = "the fuse storage driver needs a user namespace of rbuild's own" if isolation.startswith("none") else None
     if driver is not None:
         name = driver_name(driver)
-        fault = usable(name, storage) if storage is not None else None
+        fault = (no_fuse if name == "fuse" else None) or (usable(name, storage) if storage is not None else None)
         if fault:
             raise RbuildError(f"storage driver {name} cannot be used: {fault}")
     elif storage is None:
         name = "overlay"
     else:
-        name = next(n for n in DRIVERS if usable(n, storage) is None)
-    factory = DRIVERS[name]
-    assert factory is not None  # usable() refused the others
-    return Strategy(isolation, factory(), Ownership.for_mapping(idmap.single), FORMAT)
+        name = next(n for n in DRIVERS if not (n == "fuse" and no_fuse) and usable(n, storage) is None)
+    return Strategy(isolation, DRIVERS[name](), Ownership.for_mapping(idmap.single), FORMAT)
 
 
 def runs_possible(chosen: Strategy) -> str | None:
