@@ -456,7 +456,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_to=cache_to,
         )
         forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
-        chosen = strategy.choose(idmap, store.root, forced)
+        chosen = strategy.choose(idmap, store.root, forced, store.layer_format)
         blocked = strategy.runs_possible(chosen)
         if blocked is not None:
             _refuse_run(plan, blocked)

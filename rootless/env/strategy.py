@@ -65,12 +65,22 @@ def driver_name(name: str) -> str:
     return name
 
 
-def usable(name: str, storage: str) -> str | None:
-    """Why the driver `name` cannot work on the store directory `storage` here, or None when it can."""
-    if DRIVERS[name] is None:
+def usable(name: str, storage: str, layer_format: LayerFormat = FORMAT) -> str | None:
+    """Why the driver `name` cannot work on the store directory `storage` (whose layers are in
+    `layer_format`) here, or None when it can."""
+    factory = DRIVERS[name]
+    if factory is None:
         return f"the {name} storage driver is not available yet in this rbuild"
     if name == "overlay":
-        return overlay_fault(storage)
+        fault = overlay_fault(storage)
+        if fault:
+            return fault
+    if layer_format.name not in factory().formats:
+        return (
+            f"the store {storage} keeps its layers in the {layer_format.name} format (its filesystem refuses "
+            f"kernel overlay's whiteouts), which the {name} driver cannot build on "
+            "(give the store a local filesystem with --root, or use --storage-driver copy)"
+        )
     return None
 
 
@@ -119,25 +129,29 @@ def _fs_type(path: str) -> str | None:
     return fstype
 
 
-def choose(idmap: IdMap, storage: str | None = None, driver: str | None = None) -> Strategy:
+def choose(
+    idmap: IdMap, storage: str | None = None, driver: str | None = None, layer_format: LayerFormat = FORMAT
+) -> Strategy:
     """The strategy for a build under `idmap` (the mapping the user namespace was given), on the store
-    directory `storage`. `driver`: the user's choice (an error when it cannot work, never a fallback);
-    None: overlay when a real overlay mount works on the store, else copy."""
+    directory `storage` whose layers are in `layer_format`. `driver`: the user's choice (an error when it
+    cannot work, never a fallback); None: overlay when a real overlay mount works on the store, else copy."""
     from rootless.env import userns
 
     isolation = userns.isolation(idmap)
     if driver is not None:
         name = driver_name(driver)
-        fault = usable(name, storage) if storage is not None else None
+        fault = usable(name, storage, layer_format) if storage is not None else None
         if fault:
             raise RbuildError(f"storage driver {name} cannot be used: {fault}")
     elif storage is None:
         name = "overlay"
     else:
-        name = next(n for n in DRIVERS if usable(n, storage) is None)
+        name = next(n for n in DRIVERS if usable(n, storage, layer_format) is None)
     factory = DRIVERS[name]
     assert factory is not None  # usable() refused the others
-    return Strategy(isolation, factory(), Ownership.for_mapping(idmap.single), FORMAT)
+    rootfs = factory()
+    rootfs.layer_format = layer_format
+    return Strategy(isolation, rootfs, Ownership.for_mapping(idmap.single), layer_format)
 
 
 def runs_possible(chosen: Strategy) -> str | None:
