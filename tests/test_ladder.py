@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from typing import Any
 
@@ -74,3 +75,113 @@ def test_store_on_overlayfs_builds_the_baseline_image(who: str, request: pytest.
     assert got[1] == want[1]
     assert meta["layer_format"] == "rbuild-xattr"
     assert (meta["strategy"]["rootfs"], meta["strategy"]["layer_format"]) == ("copy", "rbuild-xattr")
+
+
+def _strategy(root: str) -> dict[str, str]:
+    with open(os.path.join(root, "store.json")) as f:
+        strategy: dict[str, str] = json.load(f)["strategy"]
+    return strategy
+
+
+def _error(res: Any) -> str:
+    assert res.returncode == 125, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, res.stderr
+    return errors[0]
+
+
+def test_isolation_chosen_by_the_user(rb: Runner, rb_single: Runner, busybox: str) -> None:
+    """--isolation before or after the subcommand, or RBUILD_ISOLATION: the rung is the one named; a rung
+    that cannot work is one error saying why, never another rung."""
+    run_cf = f"FROM oci:{busybox}\nRUN echo hi > /hi && chown 0:0 /hi\n"
+    ctx = rb.context({"Containerfile": run_cf})
+    for argv, env, want in (
+        (["--isolation", "userns", "build"], None, "userns"),
+        (["build", "--isolation=single"], None, "userns-single"),
+        (["build"], {"RBUILD_ISOLATION": "single"}, "userns-single"),
+        (["build", "--isolation", "auto"], {"RBUILD_ISOLATION": "none"}, "userns"),  # the flag wins
+    ):
+        root = rb.fresh_root()
+        rb.run(*argv, "-q", ctx, root=root, env=env)
+        assert _strategy(root)["isolation"] == want, (argv, env)
+    # none: no user namespace although one could be made; RUN is refused up front, the rest builds
+    root = rb.fresh_root()
+    err = _error(rb.run("--isolation", "none", "build", "-q", ctx, root=root, check=False))
+    assert err.startswith(f"Error: {os.path.basename(ctx)}/Containerfile:2: RUN needs a user namespace"), err
+    plain = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY Containerfile /c\nLABEL a=b\n"})
+    rb.run("build", "-q", "--isolation", "none", plain, root=root)
+    assert _strategy(root)["isolation"] == "none"
+    # rungs that cannot work for this user
+    cases = (
+        (
+            rb,
+            "privileged",
+            "Error: --isolation privileged: building without a user namespace with real chown needs uid 0",
+        ),
+        (rb, "chroot", "Error: --isolation privileged: building without a user namespace with real chown needs uid 0"),
+        (rb, "host", f"Error: --isolation host: this is not real root (uid {rb.uid}"),
+        (rb_single, "userns", f"Error: --isolation userns: no range for uid {rb_single.uid} in /etc/subuid"),
+        (
+            rb,
+            "oci",
+            "Error: unknown isolation 'oci': choose one of auto, host, userns, single, privileged, none, chroot",
+        ),
+    )
+    for user, name, start in cases:
+        root = user.fresh_root()
+        err = _error(user.run("build", "-q", "--isolation", name, plain, root=root, check=False))
+        assert err.startswith(start), (name, err)
+        assert not os.path.exists(os.path.join(root, "store.json")), name
+
+
+def test_forced_isolation_never_falls_back(rb: Runner, busybox: str) -> None:
+    """Where newuidmap cannot work (no_new_privs) or user namespaces are blocked (seccomp), a forced rung
+    that needs them is an error naming the cause; unforced, the build falls back with a notice."""
+    plain = rb.context({"Containerfile": f"FROM oci:{busybox}\nLABEL a=b\n"})
+    for spec, name, want in (
+        (EnvSpec(no_new_privs=True), "userns", "Error: --isolation userns: newgidmap failed ("),
+        (EnvSpec(seccomp_no_userns=True), "userns", "Error: --isolation userns: no user namespace can be created"),
+        (EnvSpec(seccomp_no_userns=True), "single", "Error: --isolation single: no user namespace can be created"),
+    ):
+        with EnvSim(spec) as env:
+            e = rb._env({"RBUILD_ROOT": rb.fresh_root()})
+            res = env.run([rb.bin, "build", "-q", "--isolation", name, plain], user=rb, env=e)
+            err = _error(res)
+            assert err.startswith(want), (spec, err)
+            assert env.run([rb.bin, "build", "-q", plain], user=rb, env=e).returncode == 0
+
+
+def test_a_store_moves_between_rungs_with_its_layer_format(rb: Runner, busybox: str) -> None:
+    """The store records the rung that last wrote it. Overlay and copy share the overlay layer format, so
+    one store moves between them; a store in rbuild's xattr format (made on an overlayfs, then copied to a
+    plain filesystem, as a CI cache restored elsewhere) builds on copy, and a forced overlay is one error
+    naming the format, the rung that made it and the remedy."""
+    files = {"a.txt": "a\n"}
+    ctxs = [
+        rb.context(
+            {"Containerfile": f"FROM oci:{busybox}\nRUN rm /etc/group && mkdir /d && echo {i} > /d/f\n", **files}
+        )
+        for i in range(3)
+    ]
+    sde = {"SOURCE_DATE_EPOCH": "1700000000"}  # the same image from every rung, to the digest
+    want = [rb.build(ctx, root=rb.fresh_root(), env=sde) for ctx in ctxs]
+    root = rb.fresh_root()
+    for ctx, driver, image in zip(ctxs, ("overlay", "copy", "overlay"), want, strict=True):
+        assert rb.build(ctx, "--storage-driver", driver, root=root, env=sde) == image
+        assert (_strategy(root)["rootfs"], _strategy(root)["layer_format"]) == (driver, "overlay-userxattr")
+    moved = os.path.join(rb.mkdir(), "store")
+    with EnvSim(EnvSpec(store_on_overlay=True)) as env:
+        env.own_overlay(rb)
+        e = rb._env({"RBUILD_ROOT": os.path.join(env.overlay_dir, "store"), **sde})
+        res = env.run([rb.bin, "build", "-q", ctxs[0]], user=rb, env=e)
+        assert res.returncode == 0 and res.stdout.strip() == want[0], res.stderr
+        subprocess.run(["cp", "-a", os.path.join(env.base, "upper", "store"), moved], check=True)
+    err = _error(rb.run("build", "-q", "--storage-driver", "overlay", ctxs[1], root=moved, env=sde, check=False))
+    assert err == (
+        f"Error: storage driver overlay cannot be used: the store {moved} holds layers in the rbuild-xattr format "
+        "(made on a filesystem that refuses kernel overlay's whiteouts, last written by the userns + copy rung), "
+        "which the overlay driver cannot build on: use --storage-driver copy with this store, or give the build "
+        "a new store with --root"
+    )
+    assert rb.build(ctxs[1], root=moved, env=sde) == want[1]
+    assert _strategy(moved)["rootfs"] == "copy"

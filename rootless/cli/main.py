@@ -36,9 +36,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="how a step gets its tree: overlay, fuse or copy (vfs: copy); default: RBUILD_STORAGE_DRIVER, "
         "else the best that works here",
     )
+    p.add_argument(
+        "--isolation",
+        default=argparse.SUPPRESS,
+        metavar="RUNG",
+        help="how builds are isolated: userns (a subuid map), single (one uid), privileged (root of a container: "
+        "no user namespace, real chown; chroot: the same), none (no RUN), host (real root), auto; "
+        "default: RBUILD_ISOLATION, else the best that works here",
+    )
 
 
-_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
+_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver", "--isolation")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
 
@@ -456,7 +464,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_to=cache_to,
         )
         forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
-        chosen = strategy.choose(idmap, store.root, forced, store.layer_format)
+        chosen = strategy.choose(idmap, store.root, forced, store.layer_format, store.last_rung())
         blocked = strategy.runs_possible(chosen)
         if blocked is not None:
             _refuse_run(plan, blocked)
@@ -889,4 +897,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 125
-    return _guard(args, lambda: int(args.func(args) or 0))
+    return _guard(args, lambda: _isolated(args))
+
+
+def _isolated(args: argparse.Namespace) -> int:
+    """The command, under the user's `--isolation` (or RBUILD_ISOLATION), applied before it looks around."""
+    name = getattr(args, "isolation", None) or os.environ.get("RBUILD_ISOLATION")
+    if name:
+        from rootless.env import userns
+
+        userns.force(name)
+    return int(args.func(args) or 0)

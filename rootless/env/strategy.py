@@ -65,9 +65,9 @@ def driver_name(name: str) -> str:
     return name
 
 
-def usable(name: str, storage: str, layer_format: LayerFormat = FORMAT) -> str | None:
+def usable(name: str, storage: str, layer_format: LayerFormat = FORMAT, made_by: str | None = None) -> str | None:
     """Why the driver `name` cannot work on the store directory `storage` (whose layers are in
-    `layer_format`) here, or None when it can."""
+    `layer_format`, last written by the rung `made_by`) here, or None when it can."""
     factory = DRIVERS[name]
     if factory is None:
         return f"the {name} storage driver is not available yet in this rbuild"
@@ -76,10 +76,11 @@ def usable(name: str, storage: str, layer_format: LayerFormat = FORMAT) -> str |
         if fault:
             return fault
     if layer_format.name not in factory().formats:
+        by = f", last written by the {made_by} rung" if made_by else ""
         return (
-            f"the store {storage} keeps its layers in the {layer_format.name} format (its filesystem refuses "
-            f"kernel overlay's whiteouts), which the {name} driver cannot build on "
-            "(give the store a local filesystem with --root, or use --storage-driver copy)"
+            f"the store {storage} holds layers in the {layer_format.name} format (made on a filesystem that "
+            f"refuses kernel overlay's whiteouts{by}), which the {name} driver cannot build on: use "
+            "--storage-driver copy with this store, or give the build a new store with --root"
         )
     return None
 
@@ -130,17 +131,22 @@ def _fs_type(path: str) -> str | None:
 
 
 def choose(
-    idmap: IdMap, storage: str | None = None, driver: str | None = None, layer_format: LayerFormat = FORMAT
+    idmap: IdMap,
+    storage: str | None = None,
+    driver: str | None = None,
+    layer_format: LayerFormat = FORMAT,
+    made_by: str | None = None,
 ) -> Strategy:
     """The strategy for a build under `idmap` (the mapping the user namespace was given), on the store
-    directory `storage` whose layers are in `layer_format`. `driver`: the user's choice (an error when it
-    cannot work, never a fallback); None: overlay when a real overlay mount works on the store, else copy."""
+    directory `storage` whose layers are in `layer_format` (`made_by`: the rung that last wrote it).
+    `driver`: the user's choice (an error when it cannot work, never a fallback); None: overlay when a
+    real overlay mount works on the store and its layers are overlay's, else copy."""
     from rootless.env import userns
 
     isolation = userns.isolation(idmap)
     if driver is not None:
         name = driver_name(driver)
-        fault = usable(name, storage, layer_format) if storage is not None else None
+        fault = usable(name, storage, layer_format, made_by) if storage is not None else None
         if fault:
             raise RbuildError(f"storage driver {name} cannot be used: {fault}")
     elif storage is None:

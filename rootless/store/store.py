@@ -315,6 +315,11 @@ class Store:
             raise RbuildError(f"store {self.root} holds layers in an unknown format {name!r}: use another --root")
         return fmt
 
+    def last_rung(self) -> str | None:
+        """The rung that last wrote the store ("ISOLATION + ROOTFS"), as `record_strategy` recorded it."""
+        old = self._read_meta().get("strategy")
+        return f"{old.get('isolation')} + {old.get('rootfs')}" if isinstance(old, dict) else None
+
     def record_strategy(self, strategy: dict[str, str]) -> None:
         """Record the strategy a build uses (`rbuild doctor` and `inspect` of the store show it): the rung
         that last wrote the store. Another rung may take over a store whose layer format it writes too;
