@@ -129,7 +129,8 @@ def test_isolation_chosen_by_the_user(rb: Runner, rb_single: Runner, busybox: st
     )
     for user, name, start in cases:
         root = user.fresh_root()
-        err = _error(user.run("build", "-q", "--isolation", name, plain, root=root, check=False))
+        own = plain if user is rb else user.context({"Containerfile": f"FROM oci:{busybox}\nLABEL a=b\n"})
+        err = _error(user.run("build", "-q", "--isolation", name, own, root=root, check=False))
         assert err.startswith(start), (name, err)
         assert not os.path.exists(os.path.join(root, "store.json")), name
 
@@ -185,3 +186,55 @@ def test_a_store_moves_between_rungs_with_its_layer_format(rb: Runner, busybox: 
     )
     assert rb.build(ctxs[1], root=moved, env=sde) == want[1]
     assert _strategy(moved)["rootfs"] == "copy"
+
+
+def _build_rung(strategy: dict[str, str]) -> int:
+    """The rung (env/probe.py's RUNGS) of a recorded strategy."""
+    if strategy["isolation"] in ("none", "none-privileged"):
+        return 5 if strategy["isolation"] == "none" else 4
+    return {"overlay": 1, "fuse": 2, "copy": 3}[strategy["rootfs"]]
+
+
+@pytest.fixture
+def fuse_open() -> Any:
+    """/dev/fuse usable by every user while the test runs (it is 0600 on this machine), then restored."""
+    mode = os.stat("/dev/fuse").st_mode & 0o7777
+    os.chmod("/dev/fuse", 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
+
+
+@pytest.mark.parametrize(
+    "spec, fuse, want",
+    [
+        (EnvSpec(), False, 1),
+        (EnvSpec(store_on_overlay=True), False, 3),
+        (EnvSpec(seccomp_no_userns=True), False, 5),
+        (EnvSpec(store_on_overlay=True, masked_proc=True), True, None),  # FUSE usable: 2 once the driver builds
+    ],
+)
+def test_doctor_rung_is_the_rung_the_build_uses(
+    rb: Runner, busybox: str, request: pytest.FixtureRequest, spec: EnvSpec, fuse: bool, want: int | None
+) -> None:
+    """`rbuild doctor --json`'s rung is the one the next build takes: builds take the probe's answer."""
+    if fuse:
+        request.getfixturevalue("fuse_open")
+    ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\nCOPY Containerfile /c\n"})
+    with EnvSim(spec) as env:
+        if spec.store_on_overlay:
+            env.own_overlay(rb)
+            root = os.path.join(env.overlay_dir, "store")
+        else:
+            root = rb.fresh_root()
+        e = rb._env({"RBUILD_ROOT": root})
+        for _ in range(2):  # before the store exists, and after
+            doctor = env.run([rb.bin, "doctor", "--json"], user=rb, env=e)
+            rung = json.loads(doctor.stdout)["rung"]
+            res = env.run([rb.bin, "build", "-q", ctx], user=rb, env=e)
+            assert res.returncode == 0, res.stderr
+            strategy = json.loads(env.run(["cat", f"{root}/store.json"], user=rb).stdout)["strategy"]
+            assert rung == _build_rung(strategy), (doctor.stdout, strategy)
+            if want is not None:
+                assert rung == want

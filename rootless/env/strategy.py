@@ -130,17 +130,23 @@ def _fs_type(path: str) -> str | None:
     return fstype
 
 
+# the rootfs driver of each rung of `env.probe` (`RUNGS`): rungs 4 and 5 have no mounts
+RUNG_DRIVERS = {1: "overlay", 2: "fuse", 3: "copy", 4: "copy", 5: "copy"}
+
+
 def choose(
     idmap: IdMap,
     storage: str | None = None,
     driver: str | None = None,
     layer_format: LayerFormat = FORMAT,
     made_by: str | None = None,
+    rung: int | None = None,
 ) -> Strategy:
     """The strategy for a build under `idmap` (the mapping the user namespace was given), on the store
     directory `storage` whose layers are in `layer_format` (`made_by`: the rung that last wrote it).
-    `driver`: the user's choice (an error when it cannot work, never a fallback); None: overlay when a
-    real overlay mount works on the store and its layers are overlay's, else copy."""
+    `driver`: the user's choice (an error when it cannot work, never a fallback); None: the driver of
+    `rung`, the rung `env.probe.choose` found (what `rbuild doctor` reports), or without one the first
+    that works here (a real overlay mount on the store, its layers overlay's), else copy."""
     from rootless.env import userns
 
     isolation = userns.isolation(idmap)
@@ -149,6 +155,10 @@ def choose(
         fault = usable(name, storage, layer_format, made_by) if storage is not None else None
         if fault:
             raise RbuildError(f"storage driver {name} cannot be used: {fault}")
+    elif isolation in ("none", "none-privileged"):  # no mount namespace: nothing can be mounted
+        name = "copy"
+    elif rung is not None:
+        name = RUNG_DRIVERS[rung]
     elif storage is None:
         name = "overlay"
     else:
