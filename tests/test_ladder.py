@@ -238,3 +238,14 @@ def test_doctor_rung_is_the_rung_the_build_uses(
             assert rung == _build_rung(strategy), (doctor.stdout, strategy)
             if want is not None:
                 assert rung == want
+
+
+def test_the_probe_skips_overlay_for_a_store_in_the_xattr_format() -> None:
+    """A store in rbuild's xattr format is never given to kernel overlay (or FUSE), however well they mount."""
+    from rootless.env.probe import Check, Probe, choose
+
+    names = ("storage", "user_namespace", "mount", "overlay", "proc", "fuse", "capabilities")
+    probe = Probe(tuple(Check(n, True, "works") for n in names), False, True, False, True)
+    assert choose(probe, "overlay-userxattr").rung == 1
+    c = choose(probe, "rbuild-xattr")
+    assert c.rung == 3 and "the store's layers are in the rbuild-xattr format" in c.skipped[0]

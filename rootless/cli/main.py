@@ -500,11 +500,15 @@ def _probed_rung(args: argparse.Namespace) -> int:
 
 
 def _store_format(root: str) -> str | None:
-    """The layer format of the store at root, None while it does not exist."""
+    """The layer format of the store at root; None while it does not exist (or cannot be read: the
+    command's own error, or doctor's storage check, says so)."""
     from rootless.store.store import Store
 
     store = Store(root)
-    return store.layer_format.name if store.exists() else None
+    try:
+        return store.layer_format.name if store.exists() else None
+    except RbuildError:
+        return None
 
 
 def _refuse_run(plan: Any, why: str) -> None:
