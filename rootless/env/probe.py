@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from rootless.env.userns import sub_ranges
 from rootless.kernel import linux
 from rootless.kernel.fsutil import atomic_write
+from rootless.layer.format import OVERLAY
 from rootless.rootfs import fusehelper
 
 CACHE_VERSION = 2
@@ -129,8 +130,12 @@ class Choice:
     skipped: tuple[str, ...]
 
 
-def choose(probe: Probe) -> Choice:
-    """The best rung the probe allows (a pure function: the strategy code calls it with a cached probe)."""
+def choose(probe: Probe, layer_format: str | None = None) -> Choice:
+    """The best rung the probe allows (a pure function: builds call it with the cached probe, so `doctor`
+    and a build decide once, the same way). `layer_format`: the store's, when it exists (a store in rbuild's
+    xattr format cannot be mounted by kernel overlay)."""
+    from rootless.env import strategy
+
     skipped: list[str] = []
 
     def why(rung: int, *names: str, extra: str = "") -> None:
@@ -140,12 +145,15 @@ def choose(probe: Probe) -> Choice:
     if not probe.storage_writable:
         return Choice(5, False, (f"storage: {probe.check('storage').detail}",))
     namespaced = probe.userns or probe.real_root
-    if namespaced and probe.check("overlay").ok:
+    overlay_format = layer_format in (None, OVERLAY.name)
+    if namespaced and probe.check("overlay").ok and overlay_format:
         return Choice(1, True, ())
-    why(1, "user_namespace", "overlay")
-    if namespaced and probe.check("mount").ok and probe.check("fuse").ok:
+    fmt = "" if overlay_format else f"the store's layers are in the {layer_format} format"
+    why(1, "user_namespace", "overlay", extra=fmt)
+    fuse = "" if strategy.DRIVERS["fuse"] else "the fuse storage driver is not available yet in this rbuild"
+    if namespaced and probe.check("mount").ok and probe.check("fuse").ok and overlay_format and not fuse:
         return Choice(2, True, tuple(skipped))
-    why(2, "user_namespace", "mount", "fuse")
+    why(2, "user_namespace", "mount", "fuse", extra="; ".join(x for x in (fmt, fuse) if x))
     if namespaced:
         return Choice(3, True, tuple(skipped))
     why(3, "user_namespace")
