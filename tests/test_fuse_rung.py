@@ -3,8 +3,9 @@
 The same Containerfile built with `--storage-driver fuse` and with kernel overlay gives the same image id:
 the helper's upper dir is the layer in overlay's own on-disk format. The automatic choice takes FUSE where
 kernel overlay is refused on a store in overlay's format and /dev/fuse opens, and copy where it does not
-(a store on overlayfs is in rbuild's xattr format, which FUSE does not build on); `doctor` says so. /dev/fuse is root-only on this machine: the `dev_fuse` fixture opens it to users for a
-test and puts the mode back.
+(a store on overlayfs is in rbuild's xattr format, which FUSE does not build on); `doctor` says so.
+/dev/fuse is root-only on this machine: the `dev_fuse` fixture opens it to users for a test and puts the
+mode back.
 """
 
 from __future__ import annotations
