@@ -93,9 +93,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
     b.add_argument(
         "--progress",
-        choices=["plain", "quiet", "json"],
-        help="step lines (plain, the default), only warnings and failed RUN output (quiet), "
-        "or one JSON object an event (json); all on stderr",
+        choices=["auto", "tty", "plain", "json", "quiet"],
+        help="a live view (tty), step lines (plain), only warnings and failed RUN output (quiet), "
+        "or one JSON object an event (json, docs/events.md); all on stderr. Default auto: tty on a terminal, "
+        "else plain",
     )
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
@@ -233,7 +234,7 @@ def _reporter(args: argparse.Namespace) -> Any:
         quiet = getattr(args, "quiet", False)
         if quiet and mode not in (None, "quiet"):
             raise RbuildError(f"-q and --progress={mode} contradict each other")
-        made = args.reporter = report.reporter(mode or ("quiet" if quiet else "plain"))
+        made = args.reporter = report.reporter(mode or ("quiet" if quiet else "auto"))
     return made
 
 
@@ -461,7 +462,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         if blocked is not None:
             _refuse_run(plan, blocked)
         store.record_strategy(chosen.to_json())
-        image_id = executor.build(plan, store, opts, chosen, reporter)
+        try:
+            image_id = executor.build(plan, store, opts, chosen, reporter)
+        except BaseException:
+            failed = getattr(reporter, "failed", None)  # the live view shows the failing step's output
+            if failed is not None:
+                failed()
+            raise
         if args.push:
             from rootless.oci import transports
 
