@@ -38,6 +38,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        choices=["auto", "tty", "plain", "json", "quiet"],
+        help="a live view (tty), step lines (plain), only warnings and failed RUN output (quiet), "
+        "or one JSON object an event (json, docs/events.md); all on stderr. Default auto: tty on a terminal, "
+        "else plain",
+    )
+
+
 _GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
@@ -91,13 +101,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
     b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
-    b.add_argument(
-        "--progress",
-        choices=["auto", "tty", "plain", "json", "quiet"],
-        help="a live view (tty), step lines (plain), only warnings and failed RUN output (quiet), "
-        "or one JSON object an event (json, docs/events.md); all on stderr. Default auto: tty on a terminal, "
-        "else plain",
-    )
+    _progress_arg(b)
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
     attached_flag(
@@ -175,6 +179,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     pu.add_argument("--compression-level", type=int)
     pu.add_argument("--digestfile")
     pu.add_argument("-q", "--quiet", action="store_true")
+    _progress_arg(pu)
     _registry_args(pu)
     pu.set_defaults(func=cmd_push)
 
@@ -182,6 +187,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(pl)
     pl.add_argument("image")
     pl.add_argument("-q", "--quiet", action="store_true")
+    _progress_arg(pl)
     _registry_args(pl)
     pl.set_defaults(func=cmd_pull)
 
@@ -475,7 +481,14 @@ def cmd_build(args: argparse.Namespace) -> int:
             rec = store.find([image_id])
             for t in args.tag:
                 digest = transports.export_image(
-                    store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
+                    store,
+                    rec,
+                    "docker://" + names.normalize(t),
+                    args.format,
+                    None,
+                    None,
+                    opts.registry_options,
+                    reporter,
                 )
                 reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
         if args.iidfile:
@@ -784,13 +797,15 @@ def cmd_push(args: argparse.Namespace) -> int:
             args.compression_format,
             args.compression_level,
             _registry_options(args, [dest.removeprefix("docker://")]),
+            _reporter(args),
         )
         if args.digestfile:
             from rootless.store.store import atomic_write
 
             atomic_write(os.path.abspath(args.digestfile), digest.encode())
-        if not args.quiet:
-            print(f"Pushed {rec.id[7:19]} to {dest} ({digest})", file=sys.stderr)
+        from rootless.events import Notice
+
+        _reporter(args).emit(Notice(f"Pushed {rec.id[7:19]} to {dest} ({digest})"))  # -q: not shown
         return 0
 
     return _in_namespace(args, run)

@@ -601,8 +601,10 @@ def export_image(
     compression: str | None,
     level: int | None,
     registry_options: Any = None,
+    reporter: Reporter | None = None,
 ) -> str:
-    """Write the image to dest; returns the manifest digest written."""
+    """Write the image to dest; returns the manifest digest written (a registry push reports its blobs'
+    Transfer events to reporter)."""
     if dest.startswith("docker-archive:"):
         exp = prepare_export(store, record, "docker", compression or "gzip", level)
         path, _, name = dest[len("docker-archive:") :].partition(":")
@@ -637,5 +639,5 @@ def export_image(
             )
             for b in exp.layers
         ]
-        return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list)
+        return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list, reporter)
     return exp.manifest_digest
