@@ -440,9 +440,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         )
 
     def run(store: Any, idmap: Any) -> int:
-        from rootless.build import executor
+        from rootless import api
         from rootless.build.state import BuildOptions
-        from rootless.env import strategy
         from rootless.events import Notice
 
         opts = BuildOptions(
@@ -462,14 +461,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_from=cache_from,
             cache_to=cache_to,
         )
-        forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
-        chosen = strategy.choose(idmap, store.root, forced)
-        blocked = strategy.runs_possible(chosen)
-        if blocked is not None:
-            _refuse_run(plan, blocked)
-        store.record_strategy(chosen.to_json())
         try:
-            image_id = executor.build(plan, store, opts, chosen, reporter)
+            image_id = api.run_build(plan, store, idmap, opts, reporter, getattr(args, "storage_driver", None))
         except BaseException:
             failed = getattr(reporter, "failed", None)  # the live view shows the failing step's output
             if failed is not None:
@@ -499,19 +492,6 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
 
     return _in_namespace(args, run, limited=True)
-
-
-def _refuse_run(plan: Any, why: str) -> None:
-    """Before the build starts: a RUN in a stage to be built cannot run here (no user namespace)."""
-    from rootless.frontend import instructions
-
-    for index in plan.order:
-        for cmd in plan.stages[index].commands:
-            if isinstance(cmd, instructions.RunCmd):
-                raise RbuildError(
-                    f"{cmd.filename}:{cmd.node.start_line}: RUN needs a user namespace, and none can be made "
-                    f"here: {why} (FROM, COPY, ADD, ENV, LABEL and the like build without one)"
-                )
 
 
 def _read_secrets(specs: list[str]) -> dict[str, bytes]:
