@@ -251,8 +251,9 @@ def pull(
     def run(store: Any, idmap: Any, reporter: Reporter) -> str:
         from rootless.registry.api import RegistryOptions
 
-        with transports.open_source(ref, store, RegistryOptions(tls_verify=tls_verify), reporter) as src:
-            names = [] if ref.startswith(("oci:", "oci-archive:")) else [src.name]
+        source = transports.parse_transport(ref)
+        with source.open(store, RegistryOptions(tls_verify=tls_verify), reporter) as src:
+            names = [] if source.local else [src.name]
             rec = transports.import_image(store, src, names, Ownership.for_mapping(idmap.single))
         image_id: str = rec.id
         return image_id
@@ -277,9 +278,9 @@ def push(
     def run(store: Any, idmap: Any, reporter: Reporter) -> str:
         from rootless.registry.api import RegistryOptions
 
-        digest: str = transports.export_image(
-            store, _find(store, image), dest, format, None, None, RegistryOptions(tls_verify=tls_verify), reporter
-        )
+        rec = _find(store, image)
+        options = RegistryOptions(tls_verify=tls_verify)
+        digest: str = transports.parse_transport(dest).export(store, rec, format, None, None, options, reporter)
         return digest
 
     result: str = _in_namespace(root, on_event, run)

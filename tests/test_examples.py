@@ -40,6 +40,17 @@ def test_offline_example_runs(rb: Runner, name: str) -> None:
     run_example(rb, name)
 
 
+def ca_bundle(rb: Runner) -> dict[str, str]:
+    """This machine reaches PyPI through a proxy whose CA only the host trusts: the example's CA_BUNDLE."""
+    found = [p for p in (os.environ.get("PIP_CERT"), "/etc/ssl/certs/ca-certificates.crt") if p and os.path.isfile(p)]
+    if not found:
+        return {}
+    copy = os.path.join(rb.mkdir(), "ca-bundle.crt")
+    shutil.copy(found[0], copy)
+    rb.own(copy)
+    return {"CA_BUNDLE": copy}
+
+
 @pytest.mark.parametrize("name", DEBIAN)
 def test_debian_example_runs(rb: Runner, debian_layout: str, name: str) -> None:
-    run_example(rb, name, {"BASE": f"oci:{debian_layout}"}, timeout=1200)
+    run_example(rb, name, {"BASE": f"oci:{debian_layout}", **ca_bundle(rb)}, timeout=1200)

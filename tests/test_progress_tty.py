@@ -109,6 +109,7 @@ def test_tty_view_steps_pane_transfers_summary_and_cache(rb: Runner, busybox: st
     summary = next(line for line in lines if line.startswith("Built "))
     assert "2 run, 0 cached" in summary and "transferred" in summary and "slowest" in summary
     image_id = next(line for line in lines if line.startswith("sha256:"))
+    print(mid, final, sep="\n")  # pytest -s shows the frames
 
     again = tmux.start(rb, "build", "--progress=tty", "--tls-verify=false", "-t", "tty-test", ctx, root=root)
     final = tmux.wait(again, "EXIT=")

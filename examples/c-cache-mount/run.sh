@@ -7,8 +7,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 base=${BASE:-docker.io/library/debian:bookworm}
-"$RBUILD" build --progress=plain --build-arg "BASE=$base" -t c-hello "$here" 2>&1 | tee "$work/first"
+"$RBUILD" build --progress=plain --build-arg "BASE=$base" -t c-hello "$here" > "$work/first" 2>&1 || { cat "$work/first"; exit 1; }
+cat "$work/first"
 grep -q "^hello from C, compiled in a build step$" "$work/first"
-"$RBUILD" build --progress=plain --no-cache --build-arg "BASE=$base" -t c-hello "$here" 2>&1 | tee "$work/second"
+"$RBUILD" build --progress=plain --no-cache --build-arg "BASE=$base" -t c-hello "$here" > "$work/second" 2>&1 || { cat "$work/second"; exit 1; }
+cat "$work/second"
 grep -q "Need to get 0 B" "$work/second"
 echo "example c-cache-mount: ok"

@@ -11,6 +11,7 @@ cp "${BUSYBOX:-/bin/busybox}" "$work/busybox"
 "$RBUILD" build --progress=plain -t hello "$work"
 mkdir "$work/check"
 printf 'FROM hello\nRUN hello\n' > "$work/check/Containerfile"
-"$RBUILD" build --progress=plain --no-cache "$work/check" 2>&1 | tee "$work/out"
+"$RBUILD" build --progress=plain --no-cache "$work/check" > "$work/out" 2>&1 || { cat "$work/out"; exit 1; }
+cat "$work/out"
 grep -q "^Hello from rbuild$" "$work/out"
 echo "example hello: ok"

@@ -6,8 +6,11 @@ RBUILD=${RBUILD:-rbuild}
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$RBUILD" build --progress=plain --build-arg "BASE=${BASE:-docker.io/library/debian:bookworm}" \
-    -t python-app "$here" 2>&1 | tee "$work/out"
+# CA_BUNDLE: a CA bundle for pip, where PyPI is reached through a TLS-intercepting proxy
+set -- --build-arg "BASE=${BASE:-docker.io/library/debian:bookworm}"
+[ -z "${CA_BUNDLE:-}" ] || set -- "$@" --secret "id=ca-bundle,src=$CA_BUNDLE"
+"$RBUILD" build --progress=plain "$@" -t python-app "$here" > "$work/out" 2>&1 || { cat "$work/out"; exit 1; }
+cat "$work/out"
 grep -q '^greeting = "hello from a multi-stage build"$' "$work/out"
 "$RBUILD" inspect python-app > "$work/inspect.json"
 python3 - "$work/inspect.json" <<'PY'
