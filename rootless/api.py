@@ -155,13 +155,38 @@ def open_store(store: Any, idmap: Any, reporter: Reporter, create: bool = True) 
         migrate.upgrade(store, Ownership.for_mapping(idmap.single))
 
 
-def run_build(plan: Any, store: Any, idmap: Any, opts: Any, reporter: Reporter, forced_driver: str | None) -> str:
+def probed_rung(root: str | None) -> int:
+    """The rung `rbuild doctor` reports for the store at root (`env.probe`, cached per environment): builds
+    take it, so doctor and the build decide once, the same way. Called before the namespace: the probe's
+    children are forked from here."""
+    from rootless.env import paths, probe
+    from rootless.store.store import Store
+
+    path = paths.store_root(root)
+    store = Store(path)
+    try:
+        layer_format = store.layer_format.name if store.exists() else None
+    except RbuildError:  # the build's own error says why
+        layer_format = None
+    return probe.choose(probe.probe(path), layer_format).rung
+
+
+def run_build(
+    plan: Any,
+    store: Any,
+    idmap: Any,
+    opts: Any,
+    reporter: Reporter,
+    forced_driver: str | None,
+    rung: int | None = None,
+) -> str:
     """Build a planned Containerfile into an opened store (inside the namespace); the image id. The command
-    line's `rbuild build` and build() below both end here."""
+    line's `rbuild build` and build() below both end here; `rung`: probed_rung's, before the namespace."""
     from rootless.build import executor
     from rootless.env import strategy
 
-    chosen = strategy.choose(idmap, store.root, forced_driver or os.environ.get("RBUILD_STORAGE_DRIVER") or None)
+    forced = forced_driver or os.environ.get("RBUILD_STORAGE_DRIVER") or None
+    chosen = strategy.choose(idmap, store.root, forced, store.layer_format, store.last_rung(), rung)
     blocked = strategy.runs_possible(chosen)
     if blocked is not None:
         refuse_run(plan, blocked)
@@ -234,8 +259,9 @@ def build(
             registry_options=RegistryOptions(tls_verify=tls_verify),
             containerfile=cf_path,
         )
-        return run_build(plan, store, idmap, opts, reporter, None)
+        return run_build(plan, store, idmap, opts, reporter, None, rung)
 
+    rung = probed_rung(root)
     image_id: str = _in_namespace(root, on_event, run)
     return image_id
 

@@ -36,6 +36,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="how a step gets its tree: overlay, fuse or copy (vfs: copy); default: RBUILD_STORAGE_DRIVER, "
         "else the best that works here",
     )
+    p.add_argument(
+        "--isolation",
+        default=argparse.SUPPRESS,
+        metavar="RUNG",
+        help="how builds are isolated: userns (a subuid map), single (one uid), privileged (root of a container: "
+        "no user namespace, real chown; chroot: the same), none (no RUN), host (real root), auto; "
+        "default: RBUILD_ISOLATION, else the best that works here",
+    )
 
 
 def _progress_arg(p: argparse.ArgumentParser) -> None:
@@ -48,7 +56,7 @@ def _progress_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
+_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver", "--isolation")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
 
@@ -462,7 +470,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_to=cache_to,
         )
         try:
-            image_id = api.run_build(plan, store, idmap, opts, reporter, getattr(args, "storage_driver", None))
+            image_id = api.run_build(plan, store, idmap, opts, reporter, getattr(args, "storage_driver", None), rung)
         except BaseException:
             failed = getattr(reporter, "failed", None)  # the live view shows the failing step's output
             if failed is not None:
@@ -484,7 +492,27 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(image_id, flush=True)
         return 0
 
+    rung = _probed_rung(args)  # before the namespace: the probe's children are forked from here
     return _in_namespace(args, run, limited=True)
+
+
+def _probed_rung(args: argparse.Namespace) -> int:
+    """The rung `rbuild doctor` reports for this store (api.probed_rung): builds take it."""
+    from rootless import api
+
+    return api.probed_rung(getattr(args, "root", None))
+
+
+def _store_format(root: str) -> str | None:
+    """The layer format of the store at root; None while it does not exist (or cannot be read: the
+    command's own error, or doctor's storage check, says so)."""
+    from rootless.store.store import Store
+
+    store = Store(root)
+    try:
+        return store.layer_format.name if store.exists() else None
+    except RbuildError:
+        return None
 
 
 def _read_secrets(specs: list[str]) -> dict[str, bytes]:
@@ -821,8 +849,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 0 when RUN works here, 1 when only RUN-less builds do, 2 when nothing does."""
     from rootless.env import paths, probe
 
-    result = probe.probe(paths.store_root(getattr(args, "root", None)))
-    choice = probe.choose(result)
+    root = paths.store_root(getattr(args, "root", None))
+    result = probe.probe(root)
+    choice = probe.choose(result, _store_format(root))
     status = 0 if choice.run_possible else (1 if result.storage_writable else 2)
     if args.json:
         checks = [{"name": c.name, "ok": c.ok, "detail": c.detail, "remedy": c.remedy} for c in result.checks]
@@ -882,4 +911,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 125
-    return _guard(args, lambda: int(args.func(args) or 0))
+    return _guard(args, lambda: _isolated(args))
+
+
+def _isolated(args: argparse.Namespace) -> int:
+    """The command, under the user's `--isolation` (or RBUILD_ISOLATION), applied before it looks around."""
+    name = getattr(args, "isolation", None) or os.environ.get("RBUILD_ISOLATION")
+    if name:
+        from rootless.env import userns
+
+        userns.force(name)
+    return int(args.func(args) or 0)
