@@ -27,7 +27,7 @@ from rootless.kernel.fsutil import atomic_write
 from rootless.layer.format import OVERLAY
 from rootless.rootfs import fusehelper
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CAP_CHOWN, CAP_FOWNER, CAP_MKNOD, CAP_SYS_CHROOT, CAP_SYS_ADMIN = 0, 3, 27, 18, 21
 FULL_MAP = "0 0 4294967295"
 # statfs f_type of the filesystems whose names matter to a remedy
@@ -97,6 +97,7 @@ class Probe:
     userns: bool
     root_caps: bool  # CAP_CHOWN, CAP_FOWNER, CAP_MKNOD, CAP_SYS_CHROOT without a new user namespace
     storage_writable: bool
+    layer_format: str | None = None  # the format a new store here would take (tried in the namespace)
 
     def check(self, name: str) -> Check:
         for c in self.checks:
@@ -118,6 +119,7 @@ class Probe:
             bool(data["userns"]),
             bool(data["root_caps"]),
             bool(data["storage_writable"]),
+            str(data["layer_format"]) if data.get("layer_format") else None,
         )
 
 
@@ -133,8 +135,7 @@ class Choice:
 def choose(probe: Probe, layer_format: str | None = None) -> Choice:
     """The best rung the probe allows (a pure function: builds call it with the cached probe, so `doctor`
     and a build decide once, the same way). `layer_format`: the store's, when it exists (a store in rbuild's
-    xattr format cannot be mounted by kernel overlay)."""
-    from rootless.env import strategy
+    xattr format cannot be mounted by kernel overlay); without one, the format a new store would take there."""
 
     skipped: list[str] = []
 
@@ -145,15 +146,15 @@ def choose(probe: Probe, layer_format: str | None = None) -> Choice:
     if not probe.storage_writable:
         return Choice(5, False, (f"storage: {probe.check('storage').detail}",))
     namespaced = probe.userns or probe.real_root
+    layer_format = layer_format or probe.layer_format
     overlay_format = layer_format in (None, OVERLAY.name)
     if namespaced and probe.check("overlay").ok and overlay_format:
         return Choice(1, True, ())
     fmt = "" if overlay_format else f"the store's layers are in the {layer_format} format"
     why(1, "user_namespace", "overlay", extra=fmt)
-    fuse = "" if strategy.DRIVERS["fuse"] else "the fuse storage driver is not available yet in this rbuild"
-    if namespaced and probe.check("mount").ok and probe.check("fuse").ok and overlay_format and not fuse:
+    if namespaced and probe.check("mount").ok and probe.check("fuse").ok and overlay_format:
         return Choice(2, True, tuple(skipped))
-    why(2, "user_namespace", "mount", "fuse", extra="; ".join(x for x in (fmt, fuse) if x))
+    why(2, "user_namespace", "mount", "fuse", extra=fmt)
     if namespaced:
         return Choice(3, True, tuple(skipped))
     why(3, "user_namespace")
@@ -301,6 +302,9 @@ def _namespace_probe(base: str | None, real_root: bool) -> dict[str, object]:
             out["overlay"] = ""
         except OSError as e:
             out["overlay"] = _errno_name(e)
+        from rootless.layer.format import for_directory
+
+        out["layer_format"] = for_directory(tmp).name
         out["fuse"] = _fuse_probe(tmp)  # before the pid namespace probe: forks fail once its init is gone
         out["proc"] = _proc_probe(os.path.join(tmp, "p"))
     finally:
@@ -584,7 +588,15 @@ def _probe(storage: str) -> Probe:
     notif = "user_notif" in _read("/proc/sys/kernel/seccomp/actions_avail").split()
     checks.append(Check("seccomp_notify", notif, "SECCOMP_RET_USER_NOTIF " + ("available" if notif else "missing")))
     checks.append(_runtime_check(uid))
-    return Probe(tuple(checks), real_root, userns and not real_root, root_caps and uid == 0, writable)
+    fmt = ns.get("layer_format")
+    return Probe(
+        tuple(checks),
+        real_root,
+        userns and not real_root,
+        root_caps and uid == 0,
+        writable,
+        fmt if isinstance(fmt, str) else None,
+    )
 
 
 def _id_checks(uid: int, real_root: bool, userns: bool, nnp: bool) -> list[Check]:

@@ -74,16 +74,17 @@ def driver_name(name: str) -> str:
 def usable(name: str, storage: str, layer_format: LayerFormat = FORMAT, made_by: str | None = None) -> str | None:
     """Why the driver `name` cannot work on the store directory `storage` (whose layers are in
     `layer_format`, last written by the rung `made_by`) here, or None when it can."""
-    factory = DRIVERS[name]
-    if layer_format.name not in factory().formats:
+    if name == "overlay":
+        fault = overlay_fault(storage)
+        if fault:
+            return fault
+    if layer_format.name not in DRIVERS[name]().formats:
         by = f", last written by the {made_by} rung" if made_by else ""
         return (
             f"the store {storage} holds layers in the {layer_format.name} format (made on a filesystem that "
             f"refuses kernel overlay's whiteouts{by}), which the {name} driver cannot build on: use "
             "--storage-driver copy with this store, or give the build a new store with --root"
         )
-    if name == "overlay":
-        return overlay_fault(storage)
     if name == "fuse":
         from rootless.rootfs import fuse
 
@@ -168,8 +169,8 @@ def choose(
             raise RbuildError(f"storage driver {name} cannot be used: {fault}")
     elif isolation in ("none", "none-privileged"):  # no mount namespace: nothing can be mounted
         name = "copy"
-    elif rung is not None:
-        name = RUNG_DRIVERS[rung]
+    elif rung is not None and layer_format.name in DRIVERS[RUNG_DRIVERS[rung]]().formats:
+        name = RUNG_DRIVERS[rung]  # (a probe made before the store existed may not have known its format)
     elif storage is None:
         name = "overlay"
     else:
