@@ -13,6 +13,18 @@ class RbuildError(Exception):
         if exit_code is not None:
             self.exit_code = exit_code
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickled as class, message and attributes (subclasses take other arguments): the Python API
+        (rootless/api.py) sends an error from the build's child process to the caller."""
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[RbuildError], args: tuple[object, ...], state: dict[str, object]) -> RbuildError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class ContainerfileError(RbuildError):
     """A fault in a Containerfile, located at FILE:LINE."""

@@ -46,6 +46,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _progress_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--progress",
+        choices=["auto", "tty", "plain", "json", "quiet"],
+        help="a live view (tty), step lines (plain), only warnings and failed RUN output (quiet), "
+        "or one JSON object an event (json, docs/events.md); all on stderr. Default auto: tty on a terminal, "
+        "else plain",
+    )
+
+
 _GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver", "--isolation")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
@@ -99,12 +109,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
     b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
-    b.add_argument(
-        "--progress",
-        choices=["plain", "quiet", "json"],
-        help="step lines (plain, the default), only warnings and failed RUN output (quiet), "
-        "or one JSON object an event (json); all on stderr",
-    )
+    _progress_arg(b)
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
     attached_flag(
@@ -182,6 +187,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     pu.add_argument("--compression-level", type=int)
     pu.add_argument("--digestfile")
     pu.add_argument("-q", "--quiet", action="store_true")
+    _progress_arg(pu)
     _registry_args(pu)
     pu.set_defaults(func=cmd_push)
 
@@ -189,6 +195,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(pl)
     pl.add_argument("image")
     pl.add_argument("-q", "--quiet", action="store_true")
+    _progress_arg(pl)
     _registry_args(pl)
     pl.set_defaults(func=cmd_pull)
 
@@ -241,7 +248,7 @@ def _reporter(args: argparse.Namespace) -> Any:
         quiet = getattr(args, "quiet", False)
         if quiet and mode not in (None, "quiet"):
             raise RbuildError(f"-q and --progress={mode} contradict each other")
-        made = args.reporter = report.reporter(mode or ("quiet" if quiet else "plain"))
+        made = args.reporter = report.reporter(mode or ("quiet" if quiet else "auto"))
     return made
 
 
@@ -444,9 +451,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         )
 
     def run(store: Any, idmap: Any) -> int:
-        from rootless.build import executor
+        from rootless import api
         from rootless.build.state import BuildOptions
-        from rootless.env import strategy
         from rootless.events import Notice
 
         opts = BuildOptions(
@@ -466,20 +472,20 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_from=cache_from,
             cache_to=cache_to,
         )
-        forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
-        chosen = strategy.choose(idmap, store.root, forced, store.layer_format, store.last_rung(), rung)
-        blocked = strategy.runs_possible(chosen)
-        if blocked is not None:
-            _refuse_run(plan, blocked)
-        store.record_strategy(chosen.to_json())
-        image_id = executor.build(plan, store, opts, chosen, reporter)
+        try:
+            image_id = api.run_build(plan, store, idmap, opts, reporter, getattr(args, "storage_driver", None), rung)
+        except BaseException:
+            failed = getattr(reporter, "failed", None)  # the live view shows the failing step's output
+            if failed is not None:
+                failed()
+            raise
         if args.push:
             from rootless.oci import transports
 
             rec = store.find([image_id])
             for t in args.tag:
                 digest = transports.RegistryTransport(names.normalize(t)).export(
-                    store, rec, args.format, None, None, opts.registry_options
+                    store, rec, args.format, None, None, opts.registry_options, reporter
                 )
                 reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
         if args.iidfile:
@@ -494,12 +500,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _probed_rung(args: argparse.Namespace) -> int:
-    """The rung `rbuild doctor` reports for this store (`env.probe`, cached per environment): builds
-    take it, so doctor and the build decide once, the same way."""
-    from rootless.env import paths, probe
+    """The rung `rbuild doctor` reports for this store (api.probed_rung): builds take it."""
+    from rootless import api
 
-    root = paths.store_root(getattr(args, "root", None))
-    return probe.choose(probe.probe(root), _store_format(root)).rung
+    return api.probed_rung(getattr(args, "root", None))
 
 
 def _store_format(root: str) -> str | None:
@@ -512,19 +516,6 @@ def _store_format(root: str) -> str | None:
         return store.layer_format.name if store.exists() else None
     except RbuildError:
         return None
-
-
-def _refuse_run(plan: Any, why: str) -> None:
-    """Before the build starts: a RUN in a stage to be built cannot run here (no user namespace)."""
-    from rootless.frontend import instructions
-
-    for index in plan.order:
-        for cmd in plan.stages[index].commands:
-            if isinstance(cmd, instructions.RunCmd):
-                raise RbuildError(
-                    f"{cmd.filename}:{cmd.node.start_line}: RUN needs a user namespace, and none can be made "
-                    f"here: {why} (FROM, COPY, ADD, ENV, LABEL and the like build without one)"
-                )
 
 
 def _read_secrets(specs: list[str]) -> dict[str, bytes]:
@@ -808,13 +799,15 @@ def cmd_push(args: argparse.Namespace) -> int:
             args.compression_format,
             args.compression_level,
             _registry_options(args, [target.rest] if not target.local else []),
+            _reporter(args),
         )
         if args.digestfile:
             from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.digestfile), digest.encode())
-        if not args.quiet:
-            print(f"Pushed {rec.id[7:19]} to {target.spec} ({digest})", file=sys.stderr)
+        from rootless.events import Notice
+
+        _reporter(args).emit(Notice(f"Pushed {rec.id[7:19]} to {target.spec} ({digest})"))  # -q: not shown
         return 0
 
     return _in_namespace(args, run)

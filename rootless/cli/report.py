@@ -1,9 +1,11 @@
-"""Reporters of the command line: the plain text rbuild has always shown, JSON lines, and quiet.
+"""Reporters of the command line: the plain text rbuild has always shown, JSON lines, quiet, and (in
+cli/tty.py, imported only when chosen) the live terminal view.
 
 `--progress=plain` (the default) writes step lines, cache hits and notices to stderr, relays RUN output
 to it directly and draws blob transfers live on a terminal; `--progress=quiet` (`-q`) shows only
 warnings and the output of a RUN that failed; `--progress=json` writes one JSON object per event to
-stderr. stdout stays for the image id either way.
+stderr; `--progress=tty` draws the live view (cli/tty.py); `--progress=auto` (the default) is tty when
+stderr is a terminal, plain otherwise. stdout stays for the image id either way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import sys
 import threading
 import time
@@ -22,13 +25,14 @@ from rootless.events import (
     Event,
     Notice,
     Output,
+    Reporter,
     StepDone,
     StepStarted,
     Transfer,
     Warn,
 )
 
-PROGRESS_MODES = ("plain", "quiet", "json")
+PROGRESS_MODES = ("auto", "tty", "plain", "json", "quiet")
 
 _VERBS = {"pull": "Copying", "push": "Pushing"}
 
@@ -152,8 +156,15 @@ class JsonReporter:
                 pass
 
 
-def reporter(mode: str, stream: TextIO | None = None) -> PlainReporter | JsonReporter:
-    """The reporter for a --progress mode."""
+def reporter(mode: str, stream: TextIO | None = None) -> Reporter:
+    """The reporter for a --progress mode; `auto` is the live view on a terminal (not a dumb one)."""
     if mode == "json":
         return JsonReporter(stream)
+    if mode == "auto":
+        shown = stream or sys.stderr
+        mode = "tty" if shown.isatty() and os.environ.get("TERM", "dumb") != "dumb" else "plain"
+    if mode == "tty":
+        from rootless.cli.tty import TtyReporter
+
+        return TtyReporter(stream)
     return PlainReporter(stream, quiet=mode == "quiet")

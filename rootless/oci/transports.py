@@ -221,8 +221,10 @@ class Transport:
         compression: str | None,
         level: int | None,
         options: RegistryOptions | None = None,
+        reporter: Reporter | None = None,
     ) -> str:
-        """Write the image here; returns the manifest digest written."""
+        """Write the image here; returns the manifest digest written (a registry push reports its blobs'
+        Transfer events to reporter)."""
         raise NotImplementedError
 
 
@@ -246,6 +248,7 @@ class OCILayout(Transport):
         compression: str | None,
         level: int | None,
         options: RegistryOptions | None = None,
+        reporter: Reporter | None = None,
     ) -> str:
         exp = prepare_export(store, record, fmt, compression or "gzip", level)
         path, tag = split_spec(self.rest)
@@ -277,6 +280,7 @@ class OCIArchive(Transport):
         compression: str | None,
         level: int | None,
         options: RegistryOptions | None = None,
+        reporter: Reporter | None = None,
     ) -> str:
         exp = prepare_export(store, record, fmt, compression or "gzip", level)
         path, tag = split_spec(self.rest)
@@ -297,6 +301,7 @@ class DockerArchive(Transport):
         compression: str | None,
         level: int | None,
         options: RegistryOptions | None = None,
+        reporter: Reporter | None = None,
     ) -> str:
         exp = prepare_export(store, record, "docker", compression or "gzip", level)
         path, _, name = self.rest.partition(":")
@@ -340,10 +345,11 @@ class RegistryTransport(Transport):
         compression: str | None,
         level: int | None,
         options: RegistryOptions | None = None,
+        reporter: Reporter | None = None,
     ) -> str:
         exp = prepare_export(store, record, fmt, compression or "gzip", level)
         config_type = img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG
-        return self.push(exp.manifest, exp.manifest_media_type, config_type, exp.config, exp.layers, options)
+        return self.push(exp.manifest, exp.manifest_media_type, config_type, exp.config, exp.layers, options, reporter)
 
     def push(
         self,
@@ -353,6 +359,7 @@ class RegistryTransport(Transport):
         config: bytes,
         layers: list[Blob],
         options: RegistryOptions | None = None,
+        reporter: Reporter | None = None,
     ) -> str:
         """Push a manifest with its config (of media type `config_type`) and layer blobs from the store;
         returns the manifest digest (images and rbuild's registry cache alike)."""
@@ -373,7 +380,7 @@ class RegistryTransport(Transport):
             )
             for b in layers
         ]
-        return client.push(ref, manifest, media_type, config_desc, config, layer_list)
+        return client.push(ref, manifest, media_type, config_desc, config, layer_list, reporter)
 
 
 _TRANSPORTS: tuple[type[Transport], ...] = (OCILayout, OCIArchive, DockerArchive, RegistryTransport)
