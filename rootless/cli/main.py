@@ -123,6 +123,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="REF",
         help="push this build's steps to a registry cache (type=registry,ref=REF,mode=max|min accepted)",
     )
+    b.add_argument(
+        "-o",
+        "--output",
+        action="append",
+        default=[],
+        metavar="type=TYPE,dest=PATH",
+        help="also export the result: type=local,dest=DIR (the root filesystem as files), type=tar,dest=FILE|- "
+        "(as one tar), type=oci,dest=FILE[,name=NAME] or type=docker,dest=FILE[,name=NAME] (the image as an "
+        "archive); a bare DIR means type=local, - a tar on standard output",
+    )
+    b.add_argument(
+        "--metadata-file",
+        metavar="FILE",
+        help="write BuildKit's metadata (containerimage.digest, containerimage.config.digest, image.name) as JSON",
+    )
     _registry_args(b)
     if registry_flags:
         from rootless.registry.api import add_pull_argument
@@ -367,6 +382,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise RbuildError(f"--push: {t} names no registry (use HOST[:PORT]/REPO[:TAG])")
     if args.push and not args.tag:
         raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
+    from rootless.cli import output
+
+    outputs = output.parse_all(args.output)
     outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
     plan = planner.plan(data, shown, context, build_args, args.target, private=outside)
     sde: int | None = None
@@ -418,6 +436,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             _refuse_run(plan, blocked)
         store.record_strategy(chosen.to_json())
         image_id = executor.build(plan, store, opts, chosen)
+        digest = None
         if args.push:
             from rootless.oci import transports
 
@@ -428,11 +447,14 @@ def cmd_build(args: argparse.Namespace) -> int:
                 )
                 if not args.quiet:
                     print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
+        written = output.write(store, image_id, outputs, chosen.ownership, args.tag)
+        if args.metadata_file:
+            output.metadata(args.metadata_file, store, image_id, args.tag, digest or written.get("oci"))
         if args.iidfile:
             from rootless.store.store import atomic_write
 
             atomic_write(os.path.abspath(args.iidfile), image_id.encode())
-        print(image_id, flush=True)
+        print(image_id, file=sys.stderr if any(o.dest == "-" for o in outputs) else sys.stdout, flush=True)
         return 0
 
     return _in_namespace(args, run, limited=True)
