@@ -199,6 +199,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     df = sub.add_parser("df", help="show the store's disk usage and limits")
     _common(df)
     df.set_defaults(func=cmd_df)
+    from rootless.cli import imagecmds
+
+    imagecmds.add_parsers(sub, _common)
     ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
     _common(ck)
     ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")

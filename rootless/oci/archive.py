@@ -242,6 +242,11 @@ def read(path: str, store: Store, shown: str) -> Iterator[list[Found]]:
 def _extract(path: str, root: str, shown: str) -> None:
     from rootless.build.copyfiles import extract_tar
 
+    try:
+        if not tarfile.is_tarfile(path):
+            raise RbuildError(f"{shown}: not a tar archive")
+    except OSError as e:
+        raise RbuildError(f"{shown}: cannot read: {e.strerror or e}") from None
     extract_tar(path, root, (os.getuid(), os.getgid()), shown)
 
 
