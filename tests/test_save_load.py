@@ -144,4 +144,6 @@ def test_load_archive_without_manifest(rb) -> None:
     rb.own(d)
     res = rb.run("load", "-i", path, check=False)
     assert res.returncode == 125
-    assert res.stderr.strip() == f"Error: {path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)"
+    assert (
+        res.stderr.strip() == f"Error: {path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)"
+    )

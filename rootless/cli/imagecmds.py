@@ -115,7 +115,15 @@ def cmd_history(args: argparse.Namespace) -> int:
     table = [("IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT")]
     for image_id, (created, by, size, comment) in zip(shown_ids, rows, strict=True):
         when = _since(created, now) if args.human else created
-        table.append((image_id, when, by if args.no_trunc else _ellipsis(by, 45), _size(size) if args.human else str(size), comment))
+        table.append(
+            (
+                image_id,
+                when,
+                by if args.no_trunc else _ellipsis(by, 45),
+                _size(size) if args.human else str(size),
+                comment,
+            )
+        )
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         print("   ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "   " + r[4])

@@ -199,8 +199,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     df = sub.add_parser("df", help="show the store's disk usage and limits")
     _common(df)
     df.set_defaults(func=cmd_df)
-    from rootless.cli import imagecmds
+    from rootless.cli import imagecmds, runcmd
 
+    runcmd.add_parser(sub, _common)
     imagecmds.add_parsers(sub, _common)
     ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
     _common(ck)
