@@ -38,7 +38,6 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 from rootless.errors import RbuildError  # noqa: E402 - needs the path above
 from rootless.kernel import fspath, linux  # noqa: E402 - needs the path above
 
-
 _TIOCSPTLCK = 0x40045431
 _TIOCGPTPEER = 0x5441
 _TIOCSCTTY = 0x540E
