@@ -38,6 +38,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+BUILD_EXAMPLES = """examples:
+  rbuild build -t myapp:1.0 .
+  rbuild build -f Containerfile.dev --build-arg VERSION=2 --target test -t myapp:test ctx/
+  rbuild build -t registry.example.com/team/app:1 --push .
+  rbuild build --output type=local,dest=rootfs/ .         # the root filesystem as files
+  rbuild build -o type=tar,dest=- . | tar -t               # ... as a tar on standard output
+  rbuild build -t app:1 -o type=oci,dest=app.tar --metadata-file meta.json .
+"""
+PUSH_EXAMPLES = """examples:
+  rbuild push registry.example.com/team/app:1
+  rbuild push myapp:1.0 docker://127.0.0.1:5000/myapp:1.0 --tls-verify=false
+  rbuild push myapp:1.0 oci-archive:myapp.tar:1.0
+  rbuild push --format docker --compression-format gzip myapp:1.0 docker-archive:myapp.tar:myapp:1.0
+"""
 _GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
@@ -80,7 +94,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    b = sub.add_parser("build", aliases=["bud"], help="build an image from a Containerfile")
+    b = sub.add_parser(
+        "build",
+        aliases=["bud"],
+        help="build an image from a Containerfile",
+        description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, as an unprivileged user.",
+        epilog=BUILD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(b)
     b.add_argument("context", nargs="?", default=".")
     b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
@@ -174,7 +195,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("-f", "--force", action="store_true")
     r.set_defaults(func=cmd_rmi)
 
-    pu = sub.add_parser("push", help="write an image to oci:, oci-archive:, docker-archive: or a registry")
+    pu = sub.add_parser(
+        "push",
+        help="write an image to oci:, oci-archive:, docker-archive: or a registry",
+        description="Write IMAGE to DEST: a registry (docker://HOST/REPO:TAG, the default), oci:DIR[:TAG], "
+        "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]. Without DEST, IMAGE names its registry.",
+        epilog=PUSH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(pu)
     pu.add_argument("image")
     pu.add_argument("dest", nargs="?")
@@ -199,10 +227,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     df = sub.add_parser("df", help="show the store's disk usage and limits")
     _common(df)
     df.set_defaults(func=cmd_df)
-    from rootless.cli import imagecmds, runcmd
+    from rootless.cli import completion, imagecmds, runcmd
 
     runcmd.add_parser(sub, _common)
     imagecmds.add_parsers(sub, _common)
+    completion.add_parser(sub, _common)
     ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
     _common(ck)
     ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
