@@ -237,7 +237,8 @@ def _fish_flag(f: Flag, condition: str) -> str:
 
 def _fish(flags: list[Flag], commands: list[Command]) -> str:
     out = [
-        "# fish completion for rbuild (made by `rbuild completion fish`): put it in ~/.config/fish/completions/rbuild.fish",
+        "# fish completion for rbuild (made by `rbuild completion fish`):",
+        "# put it in ~/.config/fish/completions/rbuild.fish",
         "complete -c rbuild -f",
     ]
     out += [_fish_flag(f, "__fish_use_subcommand") for f in flags]
