@@ -71,10 +71,14 @@ def test_exit_status_and_errors(rb, image: str) -> None:
     assert res.returncode == 125 and "named volumes are not supported" in res.stderr
 
 
-def test_changes_are_thrown_away(rb, image: str) -> None:
-    rb.run("run", "--user", "0", image, "sh", "-c", "echo x > /left-behind")
-    res = rb.run("run", image, "ls", "/left-behind", check=False)
+@pytest.mark.parametrize("driver", ["overlay", "copy"])
+def test_changes_are_thrown_away(rb, image: str, driver: str) -> None:
+    flags = ["--storage-driver", driver]
+    out = rb.run("run", *flags, "--user", "0", image, "sh", "-c", "echo x > /left-behind; cat /left-behind").stdout
+    assert out == "x\n"
+    res = rb.run("run", *flags, image, "ls", "/left-behind", check=False)
     assert res.returncode != 0
+    assert not [d for d in os.listdir(os.path.join(rb.root, "tmp")) if d.startswith("run-")]
 
 
 def test_volumes(rb, image: str) -> None:
