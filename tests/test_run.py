@@ -120,16 +120,19 @@ def _read_until(fd: int, want: bytes, timeout: float = 30) -> bytes:
     return got
 
 
-def test_interactive_terminal(rb, image: str) -> None:
+@pytest.mark.parametrize("who", ["rb", "rb_single"])
+def test_interactive_terminal(who: str, request: pytest.FixtureRequest, busybox: str) -> None:
     """A real pty as rbuild's terminal: the command gets one of its own (tty answers), the exit status passes."""
+    r = request.getfixturevalue(who)
+    r.build(r.context({"Containerfile": CF.format(busybox=busybox)}), "-t", "runme:tty")
     master, slave = os.openpty()
     proc = subprocess.Popen(
-        rb._prefix() + [rb.bin, "run", "-it", image, "sh"],
+        r._prefix() + [r.bin, "run", "-it", "runme:tty", "sh"],
         stdin=slave,
         stdout=slave,
         stderr=slave,
-        env=rb._env(None),
-        cwd=rb.base,
+        env=r._env(None),
+        cwd=r.base,
         start_new_session=True,
     )
     os.close(slave)

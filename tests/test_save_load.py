@@ -72,6 +72,24 @@ def test_save_load_round_trip(rb, image: str, fmt: str) -> None:
     rb.build(ctx, root=other)
 
 
+def test_save_load_single_uid(rb_single, busybox: str) -> None:
+    """Without a range owners live in rbuild's records: the archive has them, and a load gives them back."""
+    r = rb_single
+    image_id = r.build(r.context({"Containerfile": CF.format(busybox=busybox)}), "-t", "saveload:single")
+    path = os.path.join(r.mkdir(), "single.tar")
+    r.run("save", "-o", path, "saveload:single")
+    with tarfile.open(path) as tf:
+        manifest = json.load(tf.extractfile("manifest.json"))
+        layer = tarfile.open(fileobj=tf.extractfile(manifest[0]["Layers"][1]))
+        zeros = layer.getmember("srv/zeros")
+        assert (zeros.uid, zeros.gid) == (1000, 1000)
+    other = r.fresh_root()
+    r.run("load", "-i", path, root=other)
+    assert json.loads(r.run("inspect", "saveload:single", root=other).stdout)[0]["Id"] == image_id
+    ctx = r.context({"Containerfile": 'FROM saveload:single\nRUN test "$(stat -c %u /srv/zeros)" = 1000\n'})
+    r.build(ctx, root=other)
+
+
 def test_save_to_stdout_and_load_gzip_from_stdin(rb, image: str) -> None:
     res = subprocess.run(
         rb._prefix() + [rb.bin, "save", "saveload:1"], env=rb._env(None), cwd=rb.base, capture_output=True, check=True
