@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 SHELLS = ("bash", "zsh", "fish")
 
@@ -38,21 +37,19 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass
-class Flag:
+class Flag(NamedTuple):  # a NamedTuple, not a dataclass: dataclasses' import costs every rbuild start
     names: list[str]
     help: str
     takes_value: bool
-    choices: list[str] = field(default_factory=list)
+    choices: list[str]
 
 
-@dataclass
-class Command:
+class Command(NamedTuple):
     name: str
     aliases: list[str]
     help: str
     flags: list[Flag]
-    words: list[str] = field(default_factory=list)  # the choices of its positional arguments
+    words: list[str]  # the choices of its positional arguments
 
 
 def _words(parser: argparse.ArgumentParser) -> list[str]:

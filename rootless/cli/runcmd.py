@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import select
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -189,22 +187,23 @@ def _ensure_dir(root: str, path: str, uid: int, gid: int) -> None:
 # -------------------------------------------------------------------------------------------------- I/O
 
 
-class _Pump(threading.Thread):
-    """Copies one descriptor to another until end of file (or until a write fails)."""
+def _pump(src: int, dst: int, close_dst: bool) -> Any:
+    """A thread copying one descriptor to another until end of file (or until a write fails)."""
+    import threading
 
-    def __init__(self, src: int, dst: int, close_dst: bool) -> None:
-        super().__init__(daemon=True)
-        self.src, self.dst, self.close_dst = src, dst, close_dst
-
-    def run(self) -> None:
+    def copy() -> None:
         try:
-            while data := os.read(self.src, 65536):
-                _write_all(self.dst, data)
+            while data := os.read(src, 65536):
+                _write_all(dst, data)
         except OSError:
             pass
         finally:
-            if self.close_dst:
-                os.close(self.dst)
+            if close_dst:
+                os.close(dst)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -223,14 +222,14 @@ def _io(args: argparse.Namespace, spec: Any) -> Iterator[None]:
     stack = contextlib.ExitStack()
     with stack:
         fds: list[int] = []
-        outputs: list[tuple[int, _Pump]] = []
+        outputs: list[tuple[int, int, Any]] = []
         if not args.interactive:
             null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             stack.callback(os.close, null)
             fds.append(null)
         elif os.isatty(0):
             r, w = os.pipe2(os.O_CLOEXEC)
-            _Pump(0, w, close_dst=True).start()  # left blocked in read when the command ends first
+            _pump(0, w, close_dst=True)  # left blocked in read when the command ends first
             stack.callback(os.close, r)
             fds.append(r)
         else:
@@ -238,9 +237,7 @@ def _io(args: argparse.Namespace, spec: Any) -> Iterator[None]:
         for fd in (1, 2):
             if os.isatty(fd):
                 r, w = os.pipe2(os.O_CLOEXEC)
-                pump = _Pump(r, fd, close_dst=False)
-                pump.start()
-                outputs.append((w, pump))
+                outputs.append((r, w, _pump(r, fd, close_dst=False)))
                 fds.append(w)
             else:
                 fds.append(fd)
@@ -248,10 +245,10 @@ def _io(args: argparse.Namespace, spec: Any) -> Iterator[None]:
         try:
             yield
         finally:
-            for w, pump in outputs:  # the command is gone: its pipes reach end of file once ours close
+            for r, w, thread in outputs:  # the command is gone: its pipes reach end of file once ours close
                 os.close(w)
-                pump.join()
-                os.close(pump.src)
+                thread.join()
+                os.close(r)
 
 
 @contextlib.contextmanager
@@ -264,7 +261,7 @@ def _terminal(args: argparse.Namespace, spec: Any) -> Iterator[None]:
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     spec.stdio = (null, null, null)
     spec.terminal_socket = theirs.fileno()
-    relay = _TerminalRelay(ours, stop_r, args.interactive)
+    relay = _terminal_relay()(ours, stop_r, args.interactive)
     old_winch = signal.signal(signal.SIGWINCH, lambda signum, frame: relay.resize())
     saved = _raw(0) if args.interactive and os.isatty(0) else None
     relay.start()
@@ -293,71 +290,78 @@ def _raw(fd: int) -> Any:
     return saved
 
 
-class _TerminalRelay(threading.Thread):
-    """Receives the terminal's master, then copies rbuild's input to it and its output to rbuild's output."""
+def _terminal_relay() -> Any:
+    """The relay's class, made when a terminal is asked for (threading is not imported at every start)."""
+    import select
+    import threading
 
-    def __init__(self, sock: Any, stop: int, interactive: bool) -> None:
-        super().__init__(daemon=True)
-        self.sock, self.stop, self.interactive = sock, stop, interactive
-        self.master = -1
+    class _TerminalRelay(threading.Thread):
+        """Receives the terminal's master, then copies rbuild's input to it and its output to rbuild's output."""
 
-    def resize(self) -> None:
-        import fcntl
-        import termios
-
-        if self.master < 0:
-            return
-        for fd in (0, 1):
-            if os.isatty(fd):
-                with contextlib.suppress(OSError):
-                    size = fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8))
-                    fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
-                return
-
-    def run(self) -> None:
-        import socket
-
-        ready, _, _ = select.select([self.sock, self.stop], [], [])
-        if self.sock not in ready:
-            return
-        try:
-            _, anc, _, _ = self.sock.recvmsg(1, socket.CMSG_SPACE(4))
-        except OSError:
-            return
-        if not anc:
-            return  # the sandbox ended before it made the terminal
-        self.master = int.from_bytes(anc[0][2][:4], sys.byteorder)
-        self.resize()
-        try:
-            self._copy()
-        finally:
-            os.close(self.master)
+        def __init__(self, sock: Any, stop: int, interactive: bool) -> None:
+            super().__init__(daemon=True)
+            self.sock, self.stop, self.interactive = sock, stop, interactive
             self.master = -1
 
-    def _copy(self) -> None:
-        watched = [self.master, self.stop] + ([0] if self.interactive else [])
-        stopping = False
-        while True:
-            ready, _, _ = select.select(watched, [], [], 0 if stopping else None)
-            if self.stop in ready:
-                stopping = True  # the command is gone: copy what its terminal still holds, then end
-                watched = [self.master]
-                continue
-            if not ready and stopping:
+        def resize(self) -> None:
+            import fcntl
+            import termios
+
+            if self.master < 0:
                 return
-            if 0 in ready:
-                data = os.read(0, 65536)
-                if not data:
-                    watched.remove(0)
-                    _write_all(self.master, b"\x04")  # end of input: ^D, as docker -it passes it on
-                else:
+            for fd in (0, 1):
+                if os.isatty(fd):
                     with contextlib.suppress(OSError):
-                        _write_all(self.master, data)
-            if self.master in ready:
-                try:
-                    data = os.read(self.master, 65536)
-                except OSError:  # EIO: every slave descriptor is closed
+                        size = fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(8))
+                        fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
                     return
-                if not data:
+
+        def run(self) -> None:
+            import socket
+
+            ready, _, _ = select.select([self.sock, self.stop], [], [])
+            if self.sock not in ready:
+                return
+            try:
+                _, anc, _, _ = self.sock.recvmsg(1, socket.CMSG_SPACE(4))
+            except OSError:
+                return
+            if not anc:
+                return  # the sandbox ended before it made the terminal
+            self.master = int.from_bytes(anc[0][2][:4], sys.byteorder)
+            self.resize()
+            try:
+                self._copy()
+            finally:
+                os.close(self.master)
+                self.master = -1
+
+        def _copy(self) -> None:
+            watched = [self.master, self.stop] + ([0] if self.interactive else [])
+            stopping = False
+            while True:
+                ready, _, _ = select.select(watched, [], [], 0 if stopping else None)
+                if self.stop in ready:
+                    stopping = True  # the command is gone: copy what its terminal still holds, then end
+                    watched = [self.master]
+                    continue
+                if not ready and stopping:
                     return
-                _write_all(1, data)
+                if 0 in ready:
+                    data = os.read(0, 65536)
+                    if not data:
+                        watched.remove(0)
+                        _write_all(self.master, b"\x04")  # end of input: ^D, as docker -it passes it on
+                    else:
+                        with contextlib.suppress(OSError):
+                            _write_all(self.master, data)
+                if self.master in ready:
+                    try:
+                        data = os.read(self.master, 65536)
+                    except OSError:  # EIO: every slave descriptor is closed
+                        return
+                    if not data:
+                        return
+                    _write_all(1, data)
+
+    return _TerminalRelay
