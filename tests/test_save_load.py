@@ -111,14 +111,17 @@ def test_save_to_stdout_and_load_gzip_from_stdin(rb, image: str) -> None:
     assert loaded.stdout.decode().strip() == image
 
 
-def test_save_several_and_by_id(rb, image: str, busybox: str) -> None:
+@pytest.mark.parametrize("fmt", ["docker-archive", "oci-archive"])
+def test_save_several_and_by_id(rb, image: str, busybox: str, fmt: str) -> None:
     base = rb.run("pull", f"oci:{busybox}").stdout.strip()
     rb.run("tag", base, "bb:saved")
     path = os.path.join(rb.mkdir(), "two.tar")
-    rb.run("save", "-o", path, "saveload:1", "bb:saved", image[7:19])
+    rb.run("save", "--format", fmt, "-o", path, "saveload:1", "bb:saved", image[7:19])
     other = rb.fresh_root()
     out = rb.run("load", "-i", path, root=other).stdout.splitlines()
     assert sorted(out) == ["Loaded image: localhost/bb:saved", "Loaded image: localhost/saveload:1"]
+    ids = {json.loads(rb.run("inspect", n, root=other).stdout)[0]["Id"] for n in ("bb:saved", "saveload:1")}
+    assert ids == {base, image}
 
 
 def test_load_skopeo_docker_archive(rb, busybox: str) -> None:

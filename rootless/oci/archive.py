@@ -309,21 +309,21 @@ def _describe(d: _Dir, rel: str) -> tuple[str, int, str]:
 
 
 def _oci_images(d: _Dir, root: str) -> list[Found]:
+    """Each entry of the index, read as a layout of its own: our scratch copy's index.json is rewritten to
+    hold only that entry (`read_layout` reads it at once; blobs are read later, by digest)."""
     index = ocischema.load(d.read("index.json", ocischema.MAX_MANIFEST), f"{d.shown}: index.json")
     ocischema.check_index(index, f"{d.shown}: index.json")
     found = []
+    index_path = os.path.join(root, "index.json")
     for desc in index["manifests"]:
         notes = desc.get("annotations") or {}
         name = notes.get(CONTAINERD_NAME) or ""
         ref = notes.get(img.REF_NAME) or ""
         if not name and ("/" in ref or ":" in ref):  # podman and buildah write the full name here
             name = ref
-        one = {"schemaVersion": 2, "manifests": [desc]}
-        layout = transports._Layout(root, d.shown, confined=True)
-        manifest_bytes, manifest = transports._pick_manifest(layout, one, None)
-        config = layout.blob(manifest["config"], ocischema.MAX_CONFIG)
-        what = f"{d.shown}: config {manifest['config']['digest']}"
-        ocischema.check_config(ocischema.load(config, what), what)
-        src = transports.Source(d.shown, manifest, manifest_bytes, config, layout.open_blob)
+        os.unlink(index_path)
+        with open(index_path, "x") as f:
+            json.dump({"schemaVersion": 2, "manifests": [desc]}, f)
+        src = transports.read_layout(root, None, d.shown, confined=True)
         found.append(Found(src, [name] if name else []))
     return found
