@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import time
 
 import pytest
-from conftest import end_session
+from conftest import default_signals, end_session
 
 CF = """FROM oci:{busybox}
 ENV GREETING=hello
@@ -148,3 +149,30 @@ def test_interactive_terminal(who: str, request: pytest.FixtureRequest, busybox:
     finally:
         os.close(master)
         end_session(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_nothing(rb, image: str, sig: int) -> None:
+    """Ctrl-C (to the process group, as a terminal sends it) or SIGTERM: no process, mount or tree is left."""
+    proc = subprocess.Popen(
+        rb._prefix() + [rb.bin, "run", image, "sh", "-c", "echo started; sleep 60"],
+        env=rb._env(None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=default_signals,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        assert proc.wait(30) != 0
+    finally:
+        end_session(proc)
+    deadline = time.monotonic() + 15
+    while rb.processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rb.processes() == []
+    assert not [d for d in os.listdir(os.path.join(rb.root, "tmp")) if d.startswith("run-")]
