@@ -35,7 +35,7 @@ def _subid_start(name: str) -> int:
 def test_local_keeps_owners_with_a_range(rb, busybox: str) -> None:
     ctx = _ctx(rb, busybox)
     dest = os.path.join(rb.mkdir(), "rootfs")
-    res = rb.run("build", "-q", "--output", f"type=local,dest={dest}", ctx)
+    res = rb.run("build", "--output", f"type=local,dest={dest}", ctx)
     assert res.stdout.strip().startswith("sha256:")
     assert "rbuild unshare" in res.stderr
     # inside the namespace: the image's owners

@@ -480,7 +480,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 )
                 if not args.quiet:
                     print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
-        written = output.write(store, image_id, outputs, chosen.ownership, args.tag)
+        written = output.write(store, image_id, outputs, chosen.ownership, args.tag, args.quiet)
         if args.metadata_file:
             output.metadata(args.metadata_file, store, image_id, args.tag, digest or written.get("oci"))
         if args.iidfile:

@@ -65,8 +65,11 @@ def parse_all(specs: list[str]) -> list[Output]:
     return outs
 
 
-def write(store: Any, image_id: str, outputs: list[Output], ownership: Any, tags: list[str]) -> dict[str, str]:
-    """Carry out the outputs inside the user namespace; returns manifest digests written, by type."""
+def write(
+    store: Any, image_id: str, outputs: list[Output], ownership: Any, tags: list[str], quiet: bool
+) -> dict[str, str]:
+    """Carry out the outputs inside the user namespace; returns manifest digests written, by type.
+    `quiet`: only what went differently from the image is said."""
     from rootless.build import export
     from rootless.oci import archive, names
 
@@ -76,7 +79,7 @@ def write(store: Any, image_id: str, outputs: list[Output], ownership: Any, tags
     for o in outputs:
         if o.type == "local":
             result = export.rootfs_dir(store, diff_ids, o.dest, ownership)
-            _notes(o.dest, result, ownership)
+            _notes(o.dest, result, ownership, quiet)
         elif o.type == "tar":
             if o.dest == "-":
                 export.rootfs_tar(store, diff_ids, sys.stdout.buffer)
@@ -100,7 +103,7 @@ def write(store: Any, image_id: str, outputs: list[Output], ownership: Any, tags
     return digests
 
 
-def _notes(dest: str, result: Any, ownership: Any) -> None:
+def _notes(dest: str, result: Any, ownership: Any, quiet: bool) -> None:
     from rootless.layer.ownership import Ownership
 
     if ownership is Ownership.RECORDED:
@@ -116,7 +119,7 @@ def _notes(dest: str, result: Any, ownership: Any) -> None:
             "range (type=tar keeps them)",
             file=sys.stderr,
         )
-    else:
+    elif not quiet:
         print(
             f"rbuild: {dest}: files have the image's owners, as your subordinate ids; "
             f"read or remove the tree as they do: rbuild unshare ... (e.g. rbuild unshare rm -rf {dest})",
