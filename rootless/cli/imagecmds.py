@@ -126,7 +126,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         )
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
-        print("   ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "   " + r[4])
+        print(("   ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "   " + r[4]).rstrip())
     return 0
 
 
