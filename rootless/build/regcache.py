@@ -16,12 +16,16 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rootless.errors import RbuildError
+from rootless.events import Reporter, Warn
 from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.store.store import Store, chain_ids
+
+if TYPE_CHECKING:
+    from rootless.build.cache import StepCache
 
 CONFIG_TYPE = "application/vnd.rbuild.cache.config.v1+json"
 FORMAT_VERSION = 1
@@ -90,14 +94,14 @@ def _check_index(data: Any, what: str) -> dict[str, Any]:
 class RegistryCache:
     """The entries of every `--cache-from` cache, read once; steps are materialised on demand."""
 
-    def __init__(self, store: Store, ownership: Ownership, registry_options: Any, warn: Any) -> None:
+    def __init__(self, store: Store, ownership: Ownership, registry_options: Any, reporter: Reporter) -> None:
         from rootless.registry import api as registry
 
         self.store = store
         self.ownership = ownership
         self.options = registry_options or registry.RegistryOptions()
         self.client = registry.Registry(self.options)
-        self.warn = warn
+        self.reporter = reporter
         self.entries: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {}  # key -> (ref, entry, layers)
 
     def load(self, specs: list[CacheSpec]) -> None:
@@ -109,7 +113,7 @@ class RegistryCache:
             try:
                 config = self.client.client.resolve_artifact(ref, CONFIG_TYPE)
             except RbuildError as e:
-                self.warn(f"{what}: not used: {e}")  # a missing cache is not an error (BuildKit: same)
+                self.reporter.emit(Warn(f"{what}: not used: {e}"))  # a missing cache is not an error (BuildKit: same)
                 continue
             try:
                 data = _check_index(json.loads(config), what)
@@ -134,7 +138,7 @@ class RegistryCache:
             for d, c in zip(diff_ids, chains, strict=True)
             if not self.store.has_layer(c) and not self.store.has_blob(descs[d]["digest"])
         ]
-        self.client.fetch_blobs(ref, missing, os.path.join(self.store.root, "blobs"))
+        self.client.fetch_blobs(ref, missing, os.path.join(self.store.root, "blobs"), self.reporter)
         for i, (diff_id, chain) in enumerate(zip(diff_ids, chains, strict=True)):
             if self.store.has_layer(chain):
                 continue
@@ -159,8 +163,9 @@ class RegistryCache:
         return state
 
 
-def export(store: Store, spec: CacheSpec, keys: list[str], registry_options: Any) -> str:
-    """Push the cache entries `keys` (in build order) with their layers' gzip blobs; the manifest digest."""
+def export(store: Store, cache: StepCache, spec: CacheSpec, keys: list[str], registry_options: Any) -> str:
+    """Push the entries of `cache` under `keys` (in build order) with their layers' gzip blobs (from the
+    store); the manifest digest."""
     from rootless.oci.reference import parse_reference
     from rootless.oci.transports import layer_blob
     from rootless.registry import api as registry
@@ -169,11 +174,11 @@ def export(store: Store, spec: CacheSpec, keys: list[str], registry_options: Any
     layers: dict[str, dict[str, Any]] = {}
     blobs: list[tuple[registry.Descriptor, str]] = []
     for key in keys:
-        state = store.cache_get(key)
-        if state is None or key in entries:
+        found = None if key in entries else cache.lookup(key)
+        if found is None:
             continue
-        entries[key] = {"config": state["config"], "layers": state["layers"], "cmd_set": state.get("cmd_set", False)}
-        for diff_id, chain in zip(state["layers"], chain_ids(state["layers"]), strict=True):
+        entries[key] = {"config": found.config, "layers": found.layers, "cmd_set": bool(found.cmd_set)}
+        for diff_id, chain in zip(found.layers, chain_ids(found.layers), strict=True):
             if diff_id in layers:
                 continue
             blob = layer_blob(store, diff_id, chain, None, "oci", "gzip", None)

@@ -111,7 +111,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--no-cache", action="store_true")
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
-    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
+    b.add_argument(
+        "--progress",
+        choices=["plain", "quiet", "json"],
+        help="step lines (plain, the default), only warnings and failed RUN output (quiet), "
+        "or one JSON object an event (json); all on stderr",
+    )
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
     attached_flag(
@@ -255,14 +261,39 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         from rootless.registry import api as registry
 
         registry.add_login_arguments(li)
-        li.set_defaults(func=registry.login_command)
+        li.set_defaults(func=lambda a: _say(registry.login_command(a)))
         registry.add_logout_arguments(lo)
-        lo.set_defaults(func=registry.logout_command)
+        lo.set_defaults(func=lambda a: _say(registry.logout_command(a)))
     return parser
 
 
 # -------------------------------------------------------------------------------------------------------
 # plumbing
+
+
+def _reporter(args: argparse.Namespace) -> Any:
+    """The reporter for this command's events (made once): --progress, or -q, or plain text."""
+    made = getattr(args, "reporter", None)
+    if made is None:
+        from rootless.cli import report
+
+        mode = getattr(args, "progress", None)
+        quiet = getattr(args, "quiet", False)
+        if quiet and mode not in (None, "quiet"):
+            raise RbuildError(f"-q and --progress={mode} contradict each other")
+        made = args.reporter = report.reporter(mode or ("quiet" if quiet else "plain"))
+    return made
+
+
+def _error(message: str) -> None:
+    """The one `Error:` line of a failed command."""
+    print(f"Error: {message}", file=sys.stderr)
+
+
+def _say(line: str) -> int:
+    """A command's one line of result on stdout; success."""
+    print(line)
+    return 0
 
 
 def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
@@ -275,22 +306,34 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
     runtime = None
     root = paths.store_root(getattr(args, "root", None))
     if create:
+        from rootless.events import Warn
+
         # both paths depend on who we are on the host: resolve them before entering the user namespace
         runtime, runtime_notice = paths.runtime_dir(root)
         for line in (notice, runtime_notice):
-            if line and not getattr(args, "quiet_notice", False):
-                print(line, file=sys.stderr)
+            if line:
+                _reporter(args).emit(Warn(line))
     return Store(root, runtime=runtime), idmap
 
 
-def _notice(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _warn(args: argparse.Namespace) -> Callable[[str], None]:
+    """A line that is shown even with -q (the environment degraded, a wait, a prune) as a Warn event."""
+    from rootless.events import Warn
+
+    reporter = _reporter(args)
+    return lambda line: reporter.emit(Warn(line))
+
+
+def _run_inside(args: argparse.Namespace, idmap: Any, fn: Callable[[Any], int]) -> int:
+    """fn(mapping) in the user namespace (userns.run_inside), its failures as one `Error:` line."""
+    from rootless.env import userns
+
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: fn(got)), _error, _warn(args))
 
 
 def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False) -> int:
     """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there; `limited`: a
     build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size)."""
-    from rootless.env import userns
 
     store, idmap = _store_and_map(args)
     parent = os.path.dirname(store.root)
@@ -300,17 +343,18 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limit
         raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
 
     def inner(got: Any) -> int:
-        _open_inside(store, got)
+        _open_inside(args, store, got)
         if not limited:
             with store.in_use():
                 return fn(store, got)
         from rootless.env import limits
 
         lim = limits.load()
+        warn = _warn(args)
         slots = (
             store.build_slot(
                 lim.concurrent_builds,
-                lambda: _notice(
+                lambda: warn(
                     f"rbuild: waiting for one of the {lim.concurrent_builds} concurrent builds this user may run"
                 ),
             )
@@ -322,15 +366,15 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limit
                 status = fn(store, got)
             if lim.store_size is not None and store.usage() > lim.store_size:
                 for line in store.prune(lim.store_size):
-                    _notice(f"rbuild: store over its limit of {lim.store_size} bytes: {line}")
+                    warn(f"rbuild: store over its limit of {lim.store_size} bytes: {line}")
                 if store.usage() > lim.store_size:
-                    _notice(f"rbuild: store {store.root} is still over its limit: named images fill it (rbuild rmi)")
+                    warn(f"rbuild: store {store.root} is still over its limit: named images fill it (rbuild rmi)")
         return status
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: inner(got)))
+    return _run_inside(args, idmap, inner)
 
 
-def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
+def _open_inside(args: argparse.Namespace, store: Any, idmap: Any, create: bool = True) -> None:
     """Open the store inside the user namespace; a store of an older format is converted first."""
     from rootless.store.store import STORE_VERSION
 
@@ -338,9 +382,8 @@ def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
     if store.exists() and store.version != STORE_VERSION:
         from rootless.store import migrate
 
-        print(
-            f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)",
-            file=sys.stderr,
+        _warn(args)(
+            f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)"
         )
         migrate.upgrade(store, Ownership.for_mapping(idmap.single))
 
@@ -354,13 +397,12 @@ def _open_readonly(args: argparse.Namespace) -> Any:
     if store.exists():
         store.check_format()
         if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
-            from rootless.env import userns
 
             def convert(got: Any) -> int:
-                _open_inside(store, got, create=False)
+                _open_inside(args, store, got, create=False)
                 return 0
 
-            if userns.run_inside(idmap, lambda got: _guard(args, lambda: convert(got))):
+            if _run_inside(args, idmap, convert):
                 raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
             store.check_format()
     return store
@@ -419,7 +461,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     outputs = output.parse_all(args.output)
     outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
-    plan = planner.plan(data, shown, context, build_args, args.target, private=outside)
+    reporter = _reporter(args)
+    plan = planner.plan(data, shown, context, build_args, args.target, reporter, private=outside)
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
     if raw_sde:
@@ -444,13 +487,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         from rootless.build import executor
         from rootless.build.state import BuildOptions
         from rootless.env import strategy
+        from rootless.events import Notice
 
         opts = BuildOptions(
             tags=args.tag,
             labels=labels,
             no_cache=args.no_cache,
             fmt=args.format,
-            quiet=args.quiet,
+            quiet=args.quiet or args.progress == "quiet",
             timestamp=args.timestamp,
             source_date_epoch=sde,
             rewrite_timestamp=args.rewrite_timestamp,
@@ -468,7 +512,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if blocked is not None:
             _refuse_run(plan, blocked)
         store.record_strategy(chosen.to_json())
-        image_id = executor.build(plan, store, opts, chosen)
+        image_id = executor.build(plan, store, opts, chosen, reporter)
         digest = None
         if args.push:
             from rootless.oci import transports
@@ -478,9 +522,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                 digest = transports.export_image(
                     store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
                 )
-                if not args.quiet:
-                    print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
-        written = output.write(store, image_id, outputs, chosen.ownership, args.tag, args.quiet)
+                reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
+        written = output.write(store, image_id, outputs, chosen.ownership, args.tag, reporter)
         if args.metadata_file:
             output.metadata(args.metadata_file, store, image_id, args.tag, digest or written.get("oci"))
         if args.iidfile:
@@ -630,7 +673,6 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     """Remove names (or whole images), then the layers and blobs no image needs any more."""
-    from rootless.env import userns
     from rootless.oci import names
 
     store, idmap = _store_and_map(args, create=False)
@@ -658,18 +700,17 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
 
         def gc(got: Any) -> int:
-            _open_inside(store, got, create=False)
+            _open_inside(args, store, got, create=False)
             store.collect_garbage()
             return 0
 
-        gc_status = userns.run_inside(idmap, lambda got: _guard(args, lambda: gc(got)))
+        gc_status = _run_inside(args, idmap, gc)
         status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Remove the build cache, layers and blobs no image needs, and images without a name."""
-    from rootless.env import userns
 
     store, idmap = _store_and_map(args)
     if not store.exists():
@@ -677,7 +718,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
 
     def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
-        _open_inside(store, got, create=False)
+        _open_inside(args, store, got, create=False)
         before = store.usage()
         with store.exclusive():
             pass  # refuse clearly while a build runs (prune would skip silently)
@@ -687,7 +728,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"freed {_size(before - after)}; the store {store.root} holds {_size(after)}")
         return 0
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
+    return _run_inside(args, idmap, run)
 
 
 def _size(n: int) -> str:
@@ -700,7 +741,7 @@ def _size(n: int) -> str:
 
 def cmd_df(args: argparse.Namespace) -> int:
     """The store's size by part, and this user's limits."""
-    from rootless.env import limits, userns
+    from rootless.env import limits
     from rootless.store.store import Store
 
     store, idmap = _store_and_map(args)
@@ -724,12 +765,11 @@ def cmd_df(args: argparse.Namespace) -> int:
             print(f"concurrent builds  at most {lim.concurrent_builds}")
         return 0
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
+    return _run_inside(args, idmap, run)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify the store; with --repair remove what is broken and check again. Exit 1 when problems remain."""
-    from rootless.env import userns
     from rootless.store import check as storecheck
 
     store, idmap = _store_and_map(args)
@@ -742,7 +782,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         store.open(idmap, create=False, sweep=False)
         if store.version != STORE_VERSION:
-            _open_inside(store, idmap, create=False)
+            _open_inside(args, store, idmap, create=False)
         with store.exclusive() if args.repair else contextlib.nullcontext():
             for path in store.sweep(idle=args.repair):
                 print(f"removed leftover of a killed process: {path}")
@@ -763,7 +803,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
         return 0
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
+    return _run_inside(args, idmap, run)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -808,9 +848,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rootless.oci import transports
 
     def run(store: Any, idmap: Any) -> int:
-        progress = not args.quiet and sys.stderr.isatty()
         with transports.open_source(
-            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), progress
+            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), _reporter(args)
         ) as src:
             names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
             rec = transports.import_image(store, src, names, Ownership.for_mapping(idmap.single))

@@ -66,10 +66,10 @@ def parse_all(specs: list[str]) -> list[Output]:
 
 
 def write(
-    store: Any, image_id: str, outputs: list[Output], ownership: Any, tags: list[str], quiet: bool
+    store: Any, image_id: str, outputs: list[Output], ownership: Any, tags: list[str], reporter: Any
 ) -> dict[str, str]:
     """Carry out the outputs inside the user namespace; returns manifest digests written, by type.
-    `quiet`: only what went differently from the image is said."""
+    What went differently from the image is a warning (-q shows it too), the rest a notice."""
     from rootless.build import export
     from rootless.oci import archive, names
 
@@ -79,7 +79,7 @@ def write(
     for o in outputs:
         if o.type == "local":
             result = export.rootfs_dir(store, diff_ids, o.dest, ownership)
-            _notes(o.dest, result, ownership, quiet)
+            _notes(o.dest, result, ownership, reporter)
         elif o.type == "tar":
             if o.dest == "-":
                 export.rootfs_tar(store, diff_ids, sys.stdout.buffer)
@@ -103,30 +103,34 @@ def write(
     return digests
 
 
-def _notes(dest: str, result: Any, ownership: Any, quiet: bool) -> None:
+def _notes(dest: str, result: Any, ownership: Any, reporter: Any) -> None:
+    from rootless.events import Notice, Warn
     from rootless.layer.ownership import Ownership
 
     if ownership is Ownership.RECORDED:
-        print(
-            f"rbuild: {dest}: every file belongs to you (this user has no subordinate id range, so the image's "
-            f"owners cannot be written; {result.owners_lost} files are not root's in the image). "
-            "type=tar keeps every owner",
-            file=sys.stderr,
+        reporter.emit(
+            Warn(
+                f"rbuild: {dest}: every file belongs to you (this user has no subordinate id range, so the "
+                f"image's owners cannot be written; {result.owners_lost} files are not root's in the image). "
+                "type=tar keeps every owner"
+            )
         )
     elif result.owners_lost:
-        print(
-            f"rbuild: {dest}: {result.owners_lost} files belong to you instead of ids outside your subordinate "
-            "range (type=tar keeps them)",
-            file=sys.stderr,
+        reporter.emit(
+            Warn(
+                f"rbuild: {dest}: {result.owners_lost} files belong to you instead of ids outside your "
+                "subordinate range (type=tar keeps them)"
+            )
         )
-    elif not quiet:
-        print(
-            f"rbuild: {dest}: files have the image's owners, as your subordinate ids; "
-            f"read or remove the tree as they do: rbuild unshare ... (e.g. rbuild unshare rm -rf {dest})",
-            file=sys.stderr,
+    else:
+        reporter.emit(
+            Notice(
+                f"rbuild: {dest}: files have the image's owners, as your subordinate ids; read or remove the "
+                f"tree as they do: rbuild unshare ... (e.g. rbuild unshare rm -rf {dest})"
+            )
         )
     if result.devices:
-        print(f"rbuild: {dest}: {result.devices} device nodes written as empty files", file=sys.stderr)
+        reporter.emit(Warn(f"rbuild: {dest}: {result.devices} device nodes written as empty files"))
 
 
 def _to_file(path: str, fill: Any) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from rootless.errors import RbuildError
+from rootless.events import Reporter
 from rootless.kernel.fspath import open_beneath, open_regular
 from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
@@ -220,8 +221,10 @@ def split_spec(rest: str) -> tuple[str, str | None]:
 
 
 @contextlib.contextmanager
-def open_source(spec: str, store: Store, registry_options: Any = None, progress: bool = False) -> Iterator[Source]:
-    """An image outside the store: oci:, oci-archive:, or a registry reference."""
+def open_source(
+    spec: str, store: Store, registry_options: Any = None, reporter: Reporter | None = None
+) -> Iterator[Source]:
+    """An image outside the store: oci:, oci-archive:, or a registry reference (its pulls reported to reporter)."""
     if spec.startswith("oci:"):
         path, tag = split_spec(spec[4:])
         yield read_layout(os.path.abspath(path), tag, spec)
@@ -233,10 +236,10 @@ def open_source(spec: str, store: Store, registry_options: Any = None, progress:
             extract_tar(path, tmp, (os.getuid(), os.getgid()), spec)
             yield read_layout(tmp, tag, spec, confined=True)
     else:
-        yield from _registry_source(spec, store, registry_options, progress)
+        yield from _registry_source(spec, store, registry_options, reporter)
 
 
-def _registry_source(spec: str, store: Store, options: Any, progress: bool) -> Iterator[Source]:
+def _registry_source(spec: str, store: Store, options: Any, reporter: Reporter | None) -> Iterator[Source]:
     from rootless.registry import api as registry
 
     options = options or registry.RegistryOptions()
@@ -244,7 +247,7 @@ def _registry_source(spec: str, store: Store, options: Any, progress: bool) -> I
     remote = client.resolve_any(registry.resolve_names(spec.removeprefix("docker://"), options))
     manifest = json.loads(remote.manifest)
     layers = [d for d in remote.layers if not store.has_blob(d.digest)]
-    client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), progress=progress)
+    client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), reporter)
 
     def opener(digest: str) -> IO[bytes]:
         return open(store.blob_path(digest), "rb")

@@ -22,6 +22,7 @@ from rootless.errors import RbuildError
 from rootless.oci.reference import Reference, check_digest, is_qualified, normalize_host, parse_reference
 
 if TYPE_CHECKING:
+    from rootless.events import Reporter
     from rootless.registry import auth
     from rootless.registry.client import RegistryClient
 
@@ -143,11 +144,13 @@ class Registry:
         """The digest the registry serves for `ref` now, by a HEAD (for `--pull=newer`)."""
         return self.client.remote_digest(ref)
 
-    def fetch_blobs(self, ref: Reference, blobs: list[Descriptor], dest_dir: str, progress: bool = False) -> None:
+    def fetch_blobs(
+        self, ref: Reference, blobs: list[Descriptor], dest_dir: str, reporter: Reporter | None = None
+    ) -> None:
         """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified (digest and
         size) in a temporary file before it is renamed into place; on error nothing partial remains.
         A blob several callers (threads or processes) want at once is downloaded once."""
-        self.client.fetch_blobs(ref, blobs, dest_dir, progress)
+        self.client.fetch_blobs(ref, blobs, dest_dir, reporter)
 
     def push(
         self,
@@ -157,11 +160,11 @@ class Registry:
         config: Descriptor,
         config_bytes: bytes,
         layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
-        progress: bool = False,
+        reporter: Reporter | None = None,
     ) -> str:
         """Upload the blobs the registry lacks (HEAD check, cross-repository mount, chunks for large
         ones), then the manifest; returns the manifest digest."""
-        return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, progress)
+        return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, reporter)
 
 
 # -- names, formats, credentials ------------------------------------------------------------
@@ -364,8 +367,8 @@ def add_logout_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--authfile", metavar="FILE", help="credentials file")
 
 
-def login_command(args: argparse.Namespace) -> int:
-    """Run `rbuild login`: ask for what is missing (on a terminal only), verify, save."""
+def login_command(args: argparse.Namespace) -> str:
+    """Run `rbuild login`: ask for what is missing (on a terminal only), verify, save; the line to show."""
     if args.password and args.password_stdin:
         raise RbuildError("--password and --password-stdin are mutually exclusive")
     username = args.username
@@ -384,21 +387,18 @@ def login_command(args: argparse.Namespace) -> int:
     else:
         raise RbuildError("login: no password given (use --password-stdin)")
     login(args.registry, username, password, options_from_args(args))
-    print("Login Succeeded!")
-    return 0
+    return "Login Succeeded!"
 
 
-def logout_command(args: argparse.Namespace) -> int:
-    """Run `rbuild logout HOST` or `rbuild logout --all`."""
+def logout_command(args: argparse.Namespace) -> str:
+    """Run `rbuild logout HOST` or `rbuild logout --all`; the line to show."""
     options = options_from_args(args)
     if args.all:
         from rootless.registry import auth
 
         auth.erase_all_credentials(options.authfile)
-        print("Removed login credentials for all registries")
-        return 0
+        return "Removed login credentials for all registries"
     if not args.registry:
         raise RbuildError("logout: give a registry or --all")
     logout(args.registry, options)
-    print(f"Removed login credentials for {login_host(args.registry)}")
-    return 0
+    return f"Removed login credentials for {login_host(args.registry)}"

@@ -56,6 +56,8 @@ from rootless.registry.progress import Progress
 if TYPE_CHECKING:
     import requests
 
+    from rootless.events import Reporter
+
 PARALLEL = 6
 CHUNK_THRESHOLD = 64 << 20  # larger blobs go up in chunks, so a failure costs one chunk
 CHUNK_SIZE = 32 << 20
@@ -233,21 +235,18 @@ def _parallel(jobs: list[Callable[[Progress, threading.Event], None]], prog: Pro
     """Run blob transfers on a few threads; the first failure (or a Ctrl-C) cancels the rest, which
     stop within one read and clean up before this returns, then it is raised."""
     cancel = threading.Event()
-    try:
-        with ThreadPoolExecutor(min(PARALLEL, len(jobs) or 1), thread_name_prefix=name) as pool:
-            futures = [pool.submit(job, prog, cancel) for job in jobs]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:
-                cancel.set()
-                raise
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                cancel.set()
-                wait(futures)
-                raise failed[0].exception()  # type: ignore[misc]
-    finally:
-        prog.close()
+    with ThreadPoolExecutor(min(PARALLEL, len(jobs) or 1), thread_name_prefix=name) as pool:
+        futures = [pool.submit(job, prog, cancel) for job in jobs]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            cancel.set()
+            raise
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            cancel.set()
+            wait(futures)
+            raise failed[0].exception()  # type: ignore[misc]
 
 
 STALE_SECONDS = 3600.0
@@ -462,7 +461,7 @@ class RegistryClient:
         if desc.size > MAX_CONFIG:
             raise RbuildError(f"{what}: config blob of {desc.size} bytes is too large")
         buf = io.BytesIO()
-        self._download([source], desc, buf, Progress(False), threading.Event(), what)
+        self._download([source], desc, buf, Progress(None), threading.Event(), what)
         return buf.getvalue()
 
     def remote_digest(self, ref: Reference) -> str:
@@ -487,7 +486,9 @@ class RegistryClient:
             return check_digest(digest)
         return self._get_manifest(source, source.ref.selector, what)[1]
 
-    def fetch_blobs(self, ref: Reference, blobs: list[Descriptor], dest_dir: str, progress: bool = False) -> None:
+    def fetch_blobs(
+        self, ref: Reference, blobs: list[Descriptor], dest_dir: str, reporter: Reporter | None = None
+    ) -> None:
         """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified before
         it is renamed into place; on any error nothing partial remains and the first error is raised.
 
@@ -507,7 +508,7 @@ class RegistryClient:
         what = f"pulling {ref}"
         _parallel(
             [functools.partial(self._fetch_one, sources, d, dest, what=what) for d in todo.values()],
-            Progress(progress),
+            Progress(reporter, "pull"),
             "rbuild-pull",
         )
 
@@ -690,7 +691,7 @@ class RegistryClient:
         config: Descriptor,
         config_bytes: bytes,
         layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
-        progress: bool = False,
+        reporter: Reporter | None = None,
     ) -> str:
         """Upload blobs the registry lacks (mounting from sibling repositories where possible), then
         the manifest; returns the manifest digest."""
@@ -709,7 +710,7 @@ class RegistryClient:
             blobs.setdefault(check_digest(desc.digest), (desc, opener))
         _parallel(
             [functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()],
-            Progress(progress, verb="Pushing"),
+            Progress(reporter, "push"),
             "rbuild-push",
         )
         resp = self.http.request(
