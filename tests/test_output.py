@@ -161,3 +161,13 @@ def test_bad_output_is_one_line(rb, spec: str, message: str) -> None:
     assert res.returncode == 125
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: --output {spec!r}: ") and message in lines[0]
+
+
+def test_notes_are_events(rb_single, busybox: str) -> None:
+    """With --progress=json every line on stderr is an event, the owners' note a warning among them."""
+    r = rb_single
+    dest = os.path.join(r.mkdir(), "rootfs")
+    res = r.run("build", "--progress", "json", "-o", dest, _ctx(r, busybox))
+    events = [json.loads(line) for line in res.stderr.splitlines()]
+    warnings = [e["text"] for e in events if e["type"] == "warning"]
+    assert any("every file belongs to you" in w for w in warnings)
