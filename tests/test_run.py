@@ -66,10 +66,21 @@ def test_exit_status_and_errors(rb, image: str) -> None:
     res = rb.run("run", image, "nosuchprogram", check=False)
     assert res.returncode == 127
     assert res.stderr.strip() == "Error: cannot run nosuchprogram: No such file or directory"
-    res = rb.run("run", "nosuchimage:1", "true", check=False)
-    assert (res.returncode, res.stderr.strip()) == (125, "Error: nosuchimage:1: image not known")
+    res = rb.run("run", "--pull=never", "nosuchimage:1", "true", check=False)
+    assert (res.returncode, res.stderr.strip()) == (125, "Error: nosuchimage:1: image not known (and --pull=never)")
     res = rb.run("run", "-v", "named:/data", image, "true", check=False)
     assert res.returncode == 125 and "named volumes are not supported" in res.stderr
+
+
+def test_pulls_what_the_store_lacks(rb, image: str, busybox: str, registry: str) -> None:
+    """As docker run: an image not in the store is pulled first (an OCI layout, a registry)."""
+    assert rb.run("run", f"oci:{busybox}", "echo", "layout", root=rb.fresh_root()).stdout == "layout\n"
+    rb.run("push", "--tls-verify=false", image, f"docker://{registry}/runme:1")
+    other = rb.fresh_root()
+    res = rb.run("run", "--tls-verify=false", f"{registry}/runme:1", root=other)
+    assert res.stdout == "from-cmd hello\n1000\n/work\n"
+    assert rb.run("images", "-q", root=other).stdout.strip() != ""  # kept under its name, as docker run does
+    assert rb.run("run", "--pull=never", f"{registry}/runme:1", "true", root=other).returncode == 0
 
 
 @pytest.mark.parametrize("driver", ["overlay", "copy"])

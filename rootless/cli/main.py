@@ -53,7 +53,7 @@ PUSH_EXAMPLES = """examples:
   rbuild push --format docker --compression-format gzip myapp:1.0 docker-archive:myapp.tar:myapp:1.0
 """
 _GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
-_REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
+_REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout", "run")
 
 
 def _chosen_command(argv: list[str]) -> str | None:
@@ -235,7 +235,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     df.set_defaults(func=cmd_df)
     from rootless.cli import completion, imagecmds, runcmd
 
-    runcmd.add_parser(sub, _common)
+    def _pull_args(p: argparse.ArgumentParser) -> None:
+        _registry_args(p)
+        if registry_flags:
+            from rootless.registry.api import add_pull_argument
+
+            add_pull_argument(p)
+
+    runcmd.add_parser(sub, _common, _pull_args)
     imagecmds.add_parsers(sub, _common)
     completion.add_parser(sub, _common)
     ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")

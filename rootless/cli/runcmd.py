@@ -20,13 +20,17 @@ from typing import Any
 from rootless.errors import RbuildError
 
 EXAMPLES = """examples:
-  rbuild run alpine:3.20 cat /etc/os-release
+  rbuild run docker.io/library/alpine:3.20 cat /etc/os-release     # pulled when not in the store
+  rbuild run oci:./layout:1 ls /                                    # an OCI layout, imported first
   rbuild run -it -v "$PWD":/src:ro -w /src localhost/dev:1 sh
   rbuild run -e DEBUG=1 --user 1000:1000 myapp:1.0 --serve
 """
 
 
-def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(
+    sub: Any, common: Callable[[argparse.ArgumentParser], None], registry: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """`rbuild run`; `registry`: adds the registry flags and --pull (an image not in the store is pulled)."""
     r = sub.add_parser(
         "run",
         help="run a command in an image (its changes are thrown away)",
@@ -50,6 +54,7 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> N
     r.add_argument("-w", "--workdir", help="the working directory (made if missing, as docker does)")
     r.add_argument("-u", "--user", help="USER[:GROUP], names or ids (default: the image's USER)")
     r.add_argument("--entrypoint", help="replace the image's ENTRYPOINT (\"\": none); the image's CMD is dropped")
+    registry(r)
     r.add_argument("image")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="command and arguments (default: CMD)")
     r.set_defaults(func=cmd_run)
@@ -111,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from rootless.env import strategy
         from rootless.sandbox import spec as sandbox
 
-        rec = main._find(store, args.image)
+        rec = _image(args, store, idmap)
         image = store.read_json(rec.id)
         config = image.get("config") or {}
         argv = _argv(config, args)
@@ -165,6 +170,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                         raise _start_error(str(e), argv[0]) from None
 
     return main._in_namespace(args, run)
+
+
+def _image(args: argparse.Namespace, store: Any, idmap: Any) -> Any:
+    """The image to run: the store's, else (or with --pull=always) pulled as `rbuild pull` does."""
+    from rootless.cli import main
+    from rootless.layer.ownership import Ownership
+    from rootless.oci import names, transports
+
+    policy = getattr(args, "pull", "missing")
+    found = store.find(names.candidates(args.image))
+    if found is not None and policy in ("missing", "never"):
+        return found
+    if found is None and policy == "never":
+        raise RbuildError(f"{args.image}: image not known (and --pull=never)")
+    local = args.image.startswith(("oci:", "oci-archive:"))
+    options = main._registry_options(args, [] if local else [args.image.removeprefix("docker://")])
+    with transports.open_source(args.image, store, options, main._reporter(args)) as src:
+        return transports.import_image(store, src, [] if local else [src.name], Ownership.for_mapping(idmap.single))
 
 
 def _start_error(message: str, program: str) -> RbuildError:
