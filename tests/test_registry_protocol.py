@@ -27,16 +27,10 @@ from registry_helpers import (
 )
 
 from rootless.errors import RbuildError
+from rootless.oci.image import DOCKER_LIST, OCI_INDEX
 from rootless.oci.reference import Reference, parse_reference
 from rootless.registry import client as reg_mod
-from rootless.registry.api import (
-    DOCKER_LIST,
-    OCI_INDEX,
-    Descriptor,
-    Registry,
-    RegistryOptions,
-    resolve_names,
-)
+from rootless.registry.api import Descriptor, Registry, RegistryOptions, resolve_names
 
 
 @pytest.fixture(scope="module")

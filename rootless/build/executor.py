@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from rootless.blob.digest import sha256_of
 from rootless.build import copyfiles, meta_steps
 from rootless.build.cache import CACHE_VERSION, LocalStepCache, RegistryStepCache, StepCache, StepResult
 from rootless.build.copy_step import CopyStep
@@ -130,9 +131,7 @@ class Executor:
                 descs.append(state.base_blobs[i][1])
             else:  # a layer made here: compressed when pushed
                 descs.append({"mediaType": img.OCI_LAYER, "digest": d, "size": self.store.layer_meta(c).get("size", 0)})
-        manifest = img.manifest(
-            self.opts.fmt, "sha256:" + hashlib.sha256(config_bytes).hexdigest(), len(config_bytes), descs
-        )
+        manifest = img.manifest(self.opts.fmt, sha256_of(config_bytes), len(config_bytes), descs)
         tags = [names.normalize(t) for t in self.opts.tags]
         rec = self.store.add_image(config_bytes, img.canonical(manifest), tags, config.get("created", ""))
         for t in tags:
@@ -193,9 +192,10 @@ class Executor:
         """The image a FROM / COPY --from reference names (with that name's manifest): store first, then outside."""
         from rootless.oci import names, transports
 
-        if name.startswith(("oci:", "oci-archive:")):
+        source = transports.parse_transport(name)
+        if source.local:
             try:
-                with transports.open_source(name, self.store) as src:
+                with source.open(self.store, self.opts.registry_options) as src:
                     return transports.import_image(self.store, src, [], self.strategy.ownership, self.log)
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
@@ -217,7 +217,7 @@ class Executor:
         if self.opts.pull == "never":
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
-            with transports.open_source(name, self.store, self.opts.registry_options, self.reporter) as src:
+            with source.open(self.store, self.opts.registry_options, self.reporter) as src:
                 self.log(f"Pulled {src.name}")
                 return transports.import_image(self.store, src, [src.name], self.strategy.ownership, self.log)
         except RbuildError as e:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rootless.errors import ContainerfileError, RbuildError
 from rootless.events import Reporter, Warn
 from rootless.kernel.fspath import inside
-from rootless.oci import image as img
+from rootless.oci.platform import host_platform
 
 if TYPE_CHECKING:
     from rootless.frontend.containerfile import Containerfile
@@ -37,7 +37,7 @@ PROXY_ARGS = (
 
 
 def platform_args() -> dict[str, str]:
-    arch = img.host_arch()
+    arch = host_platform().architecture
     plat = f"linux/{arch}"
     return {
         "BUILDPLATFORM": plat,

@@ -12,12 +12,12 @@ local step cache holds: image configs (never a secret: secrets reach only a RUN'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from rootless.blob.digest import check_digest, hex_of, is_sha256_hex, sha256_of
 from rootless.errors import RbuildError
 from rootless.events import Reporter, Warn
 from rootless.layer.ownership import Ownership
@@ -26,8 +26,9 @@ from rootless.store.store import Store, chain_ids
 
 if TYPE_CHECKING:
     from rootless.build.cache import StepCache
+    from rootless.oci.transports import RegistryTransport
 
-CONFIG_TYPE = "application/vnd.rbuild.cache.config.v1+json"
+CONFIG_TYPE = img.RBUILD_CACHE_CONFIG
 FORMAT_VERSION = 1
 
 
@@ -38,8 +39,9 @@ class CacheSpec:
 
 
 def parse_spec(text: str, flag: str) -> CacheSpec:
-    """`REF`, or BuildKit's `type=registry,ref=REF[,mode=min|max]`."""
+    """`[docker://]REF`, or BuildKit's `type=registry,ref=REF[,mode=min|max]`."""
     if "=" not in text.split(",", 1)[0]:
+        _registry(text, flag)
         return CacheSpec(text)
     fields: dict[str, str] = {}
     for part in text.split(","):
@@ -59,7 +61,18 @@ def parse_spec(text: str, flag: str) -> CacheSpec:
     fields.pop("ignore-error", None)
     if fields:
         raise RbuildError(f"{flag} {text}: unknown option {sorted(fields)[0]!r}")
+    _registry(ref, flag)
     return CacheSpec(ref, mode)
+
+
+def _registry(ref: str, flag: str) -> RegistryTransport:
+    """The registry transport `ref` names; a cache in a layout or an archive is refused."""
+    from rootless.oci import transports
+
+    where = transports.parse_transport(ref)
+    if not isinstance(where, transports.RegistryTransport):
+        raise RbuildError(f"{flag} {ref}: a cache is kept in a registry ([docker://]REF), not in {where.prefix}")
+    return where
 
 
 def _check_index(data: Any, what: str) -> dict[str, Any]:
@@ -70,7 +83,7 @@ def _check_index(data: Any, what: str) -> dict[str, Any]:
     if not isinstance(entries, dict) or not isinstance(layers, dict):
         raise RbuildError(f"{what}: entries and layers must be objects")
     for key, e in entries.items():
-        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        if not is_sha256_hex(key):
             raise RbuildError(f"{what}: bad entry key {key[:80]!r}")
         if (
             not isinstance(e, dict)
@@ -80,14 +93,17 @@ def _check_index(data: Any, what: str) -> dict[str, Any]:
         ):
             raise RbuildError(f"{what}: entry {key[:12]} is malformed or names a layer the cache lacks")
     for diff_id, desc in layers.items():
-        if not (isinstance(diff_id, str) and diff_id.startswith("sha256:") and len(diff_id) == 71):
-            raise RbuildError(f"{what}: bad diff_id {str(diff_id)[:80]!r}")
-        if (
-            not isinstance(desc, dict)
-            or not isinstance(desc.get("digest"), str)
-            or not isinstance(desc.get("size"), int)
-        ):
-            raise RbuildError(f"{what}: bad descriptor for {diff_id}")
+        try:
+            hex_of(diff_id)
+        except RbuildError:
+            raise RbuildError(f"{what}: bad diff_id {str(diff_id)[:80]!r}") from None
+        digest = desc.get("digest") if isinstance(desc, dict) else None
+        try:
+            if not isinstance(digest, str) or not isinstance(desc.get("size"), int):
+                raise RbuildError("not a descriptor")
+            check_digest(digest)
+        except RbuildError:
+            raise RbuildError(f"{what}: bad descriptor for {diff_id}") from None
     return data
 
 
@@ -108,8 +124,8 @@ class RegistryCache:
         from rootless.oci.reference import parse_reference
 
         for spec in specs:
-            ref = parse_reference(spec.ref.removeprefix("docker://"))
             what = f"--cache-from {spec.ref}"
+            ref = parse_reference(_registry(spec.ref, "--cache-from").rest)
             try:
                 config = self.client.client.resolve_artifact(ref, CONFIG_TYPE)
             except RbuildError as e:
@@ -166,13 +182,11 @@ class RegistryCache:
 def export(store: Store, cache: StepCache, spec: CacheSpec, keys: list[str], registry_options: Any) -> str:
     """Push the entries of `cache` under `keys` (in build order) with their layers' gzip blobs (from the
     store); the manifest digest."""
-    from rootless.oci.reference import parse_reference
-    from rootless.oci.transports import layer_blob
-    from rootless.registry import api as registry
+    from rootless.oci.transports import Blob, layer_blob
 
     entries: dict[str, Any] = {}
     layers: dict[str, dict[str, Any]] = {}
-    blobs: list[tuple[registry.Descriptor, str]] = []
+    blobs: list[Blob] = []
     for key in keys:
         found = None if key in entries else cache.lookup(key)
         if found is None:
@@ -183,29 +197,16 @@ def export(store: Store, cache: StepCache, spec: CacheSpec, keys: list[str], reg
                 continue
             blob = layer_blob(store, diff_id, chain, None, "oci", "gzip", None)
             layers[diff_id] = blob.descriptor
-            blobs.append(
-                (
-                    registry.Descriptor(
-                        blob.descriptor["mediaType"], blob.descriptor["digest"], blob.descriptor["size"]
-                    ),
-                    blob.path,
-                )
-            )
+            blobs.append(blob)
     index = img.canonical({"rbuild-cache": FORMAT_VERSION, "entries": entries, "layers": layers})
-    config_desc = registry.Descriptor(CONFIG_TYPE, "sha256:" + hashlib.sha256(index).hexdigest(), len(index))
     manifest = img.canonical(
         {
             "schemaVersion": 2,
             "mediaType": img.OCI_MANIFEST,
             "artifactType": CONFIG_TYPE,
-            "config": config_desc.to_json(),
-            "layers": [d.to_json() for d, _ in blobs],
+            "config": {"mediaType": CONFIG_TYPE, "digest": sha256_of(index), "size": len(index)},
+            "layers": [b.descriptor for b in blobs],
         }
     )
-
-    def opener(path: str) -> Any:
-        return lambda: open(path, "rb")
-
-    ref = parse_reference(spec.ref.removeprefix("docker://"))
-    client = registry.Registry(registry_options or registry.RegistryOptions())
-    return client.push(ref, manifest, img.OCI_MANIFEST, config_desc, index, [(d, opener(p)) for d, p in blobs])
+    target = _registry(spec.ref, "--cache-to")
+    return target.push(manifest, img.OCI_MANIFEST, CONFIG_TYPE, index, blobs, registry_options)

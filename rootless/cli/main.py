@@ -72,7 +72,7 @@ def _chosen_command(argv: list[str]) -> str | None:
 def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
     """The registry flags; `--creds` goes only to the registries of `creds_for`, names the command line
     gave, so a Containerfile cannot send it to a host of its choosing."""
-    from rootless.registry.api import options_from_args
+    from rootless.cli.registry import options_from_args
 
     options = options_from_args(args)
     options.creds_for = creds_for
@@ -85,7 +85,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     def _registry_args(p: argparse.ArgumentParser) -> None:
         if registry_flags:
-            from rootless.registry.api import add_registry_arguments
+            from rootless.cli.registry import add_registry_arguments
 
             add_registry_arguments(p)
 
@@ -167,7 +167,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     _registry_args(b)
     if registry_flags:
-        from rootless.registry.api import add_pull_argument
+        from rootless.cli.registry import add_pull_argument
 
         add_pull_argument(b)
     b.set_defaults(func=cmd_build)
@@ -238,7 +238,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     def _pull_args(p: argparse.ArgumentParser) -> None:
         _registry_args(p)
         if registry_flags:
-            from rootless.registry.api import add_pull_argument
+            from rootless.cli.registry import add_pull_argument
 
             add_pull_argument(p)
 
@@ -265,7 +265,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(li)
     _common(lo)
     if registry_flags:
-        from rootless.registry import api as registry
+        from rootless.cli import registry
 
         registry.add_login_arguments(li)
         li.set_defaults(func=lambda a: _say(registry.login_command(a)))
@@ -526,15 +526,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
             rec = store.find([image_id])
             for t in args.tag:
-                digest = transports.export_image(
-                    store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
+                digest = transports.RegistryTransport(names.normalize(t)).export(
+                    store, rec, args.format, None, None, opts.registry_options
                 )
                 reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
         written = output.write(store, image_id, outputs, chosen.ownership, args.tag, reporter)
         if args.metadata_file:
             output.metadata(args.metadata_file, store, image_id, args.tag, digest or written.get("oci"))
         if args.iidfile:
-            from rootless.store.store import atomic_write
+            from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.iidfile), image_id.encode())
         print(image_id, file=sys.stderr if any(o.dest == "-" for o in outputs) else sys.stdout, flush=True)
@@ -821,8 +821,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         if args.image.startswith("localhost/") or "/" not in args.image:
             raise RbuildError(f"{args.image}: a local name needs a destination (docker://HOST/REPO:TAG, oci:DIR, ...)")
         dest = "docker://" + args.image
-    if not dest.startswith(("oci:", "oci-archive:", "docker-archive:", "docker://")):
-        dest = "docker://" + dest
+    target = transports.parse_transport(dest)
 
     def run(store: Any, idmap: Any) -> int:
         rec = _find(store, args.image)
@@ -831,21 +830,20 @@ def cmd_push(args: argparse.Namespace) -> int:
             from rootless.oci import image as img
 
             fmt = "docker" if store.read_json(rec.manifest).get("mediaType") == img.DOCKER_MANIFEST else "oci"
-        digest = transports.export_image(
+        digest = target.export(
             store,
             rec,
-            dest,
             fmt,
             args.compression_format,
             args.compression_level,
-            _registry_options(args, [dest.removeprefix("docker://")]),
+            _registry_options(args, [target.rest] if not target.local else []),
         )
         if args.digestfile:
-            from rootless.store.store import atomic_write
+            from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.digestfile), digest.encode())
         if not args.quiet:
-            print(f"Pushed {rec.id[7:19]} to {dest} ({digest})", file=sys.stderr)
+            print(f"Pushed {rec.id[7:19]} to {target.spec} ({digest})", file=sys.stderr)
         return 0
 
     return _in_namespace(args, run)
@@ -855,10 +853,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rootless.oci import transports
 
     def run(store: Any, idmap: Any) -> int:
-        with transports.open_source(
-            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), _reporter(args)
-        ) as src:
-            names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
+        source = transports.parse_transport(args.image)
+        options = _registry_options(args, [] if source.local else [source.rest])
+        with source.open(store, options, _reporter(args)) as src:
+            names = [] if source.local else [src.name]
             rec = transports.import_image(store, src, names, Ownership.for_mapping(idmap.single))
         print(rec.id)
         return 0

@@ -155,8 +155,8 @@ def _to_file(path: str, fill: Any) -> None:
 def metadata(path: str, store: Any, image_id: str, tags: list[str], digest: str | None) -> None:
     """BuildKit's metadata file: containerimage.config.digest, containerimage.digest (the manifest pushed
     or exported, else the stored one), containerimage.descriptor, image.name (the -t names, comma-joined)."""
+    from rootless.kernel.fsutil import atomic_write
     from rootless.oci import names
-    from rootless.store.store import atomic_write
 
     rec = store.find([image_id])
     manifest = rec.manifest

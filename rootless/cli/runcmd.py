@@ -184,10 +184,11 @@ def _image(args: argparse.Namespace, store: Any, idmap: Any) -> Any:
         return found
     if found is None and policy == "never":
         raise RbuildError(f"{args.image}: image not known (and --pull=never)")
-    local = args.image.startswith(("oci:", "oci-archive:"))
-    options = main._registry_options(args, [] if local else [args.image.removeprefix("docker://")])
-    with transports.open_source(args.image, store, options, main._reporter(args)) as src:
-        return transports.import_image(store, src, [] if local else [src.name], Ownership.for_mapping(idmap.single))
+    source = transports.parse_transport(args.image)
+    options = main._registry_options(args, [] if source.local else [source.rest])
+    with source.open(store, options, main._reporter(args)) as src:
+        names_ = [] if source.local else [src.name]
+        return transports.import_image(store, src, names_, Ownership.for_mapping(idmap.single))
 
 
 def _start_error(message: str, program: str) -> RbuildError:

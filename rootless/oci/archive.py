@@ -4,16 +4,16 @@ docker-archive is what `docker save` writes: `manifest.json` (per image its conf
 and its layer tars), `repositories` for the named ones, the config as HEX.json and each layer
 uncompressed as HEX/layer.tar (HEX: its diff_id). oci-archive is an OCI image layout in a tar, one index
 entry per name with docker's annotations (`io.containerd.image.name`: the full name,
-`org.opencontainers.image.ref.name`: its tag). Loading takes either format, gzip-compressed or not, also
-as skopeo and buildah write docker-archive (layers as HEX.tar) and as docker 25 does (an OCI layout and
-a manifest.json naming blobs/sha256/HEX). The archive is unpacked by the hardened tar reader into the
-store's scratch space, and every file is opened beneath it, regular files only.
+`org.opencontainers.image.ref.name`: its tag). Loading takes either format, compressed or not (gzip,
+zstd, bzip2, xz), also as skopeo and buildah write docker-archive (layers as HEX.tar) and as docker 25
+does (an OCI layout and a manifest.json naming blobs/sha256/HEX). The archive is unpacked by the layer
+unpacker (`layers.unpack_archive`) into the store's scratch space, and every file is opened beneath it,
+regular files only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
 import json
@@ -24,13 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
+from rootless.blob.digest import hex_of
 from rootless.errors import RbuildError
 from rootless.kernel.fspath import open_beneath, open_regular
 from rootless.layer import layers
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
 from rootless.oci import transports
-from rootless.store.store import ImageRecord, Store, chain_ids, hex_of
+from rootless.store.store import ImageRecord, Store, chain_ids
 
 CONTAINERD_NAME = "io.containerd.image.name"
 FORMATS = ("docker-archive", "oci-archive")
@@ -209,27 +210,11 @@ class Found:
 
 @contextlib.contextmanager
 def read(path: str, store: Store, shown: str) -> Iterator[list[Found]]:
-    """The images in the archive at `path` (docker-archive or oci-archive, maybe gzip-compressed)."""
+    """The images in the archive at `path` (docker-archive or oci-archive; plain, gzip, zstd, bzip2 or xz)."""
     with store.staging("load-") as tmp:
-        try:
-            with open_regular(path, shown) as f:
-                magic = f.read(2)
-                if magic == _GZIP:
-                    f.seek(0)
-                    plain = os.path.join(tmp, "archive.tar")
-                    try:
-                        with gzip.open(f) as src, open(plain, "wb") as dst:
-                            shutil.copyfileobj(src, dst, _CHUNK)
-                    except (OSError, EOFError) as e:
-                        raise RbuildError(f"{shown}: not a valid gzip stream: {e}") from None
-                    path = plain
-        except FileNotFoundError:
-            raise RbuildError(f"{shown}: no such file") from None
-        except OSError as e:
-            raise RbuildError(f"{shown}: cannot read: {e.strerror or e}") from None
         root = os.path.join(tmp, "archive")
         os.mkdir(root, 0o700)
-        _extract(path, root, shown)
+        layers.unpack_archive(path, root, (os.getuid(), os.getgid()), shown)
         d = _Dir(root, shown)
         if d.exists("manifest.json"):
             yield _docker_images(d)
@@ -237,17 +222,6 @@ def read(path: str, store: Store, shown: str) -> Iterator[list[Found]]:
             yield _oci_images(d, root)
         else:
             raise RbuildError(f"{shown}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)")
-
-
-def _extract(path: str, root: str, shown: str) -> None:
-    from rootless.build.copyfiles import extract_tar
-
-    try:
-        if not tarfile.is_tarfile(path):
-            raise RbuildError(f"{shown}: not a tar archive")
-    except OSError as e:
-        raise RbuildError(f"{shown}: cannot read: {e.strerror or e}") from None
-    extract_tar(path, root, (os.getuid(), os.getgid()), shown)
 
 
 def _docker_images(d: _Dir) -> list[Found]:
@@ -324,6 +298,6 @@ def _oci_images(d: _Dir, root: str) -> list[Found]:
         os.unlink(index_path)
         with open(index_path, "x") as f:
             json.dump({"schemaVersion": 2, "manifests": [desc]}, f)
-        src = transports.read_layout(root, None, d.shown, confined=True)
+        src = transports.read_layout(root, None, d.shown, None, confined=True)
         found.append(Found(src, [name] if name else []))
     return found
