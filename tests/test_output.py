@@ -171,3 +171,22 @@ def test_notes_are_events(rb_single, busybox: str) -> None:
     events = [json.loads(line) for line in res.stderr.splitlines()]
     warnings = [e["text"] for e in events if e["type"] == "warning"]
     assert any("every file belongs to you" in w for w in warnings)
+
+
+def test_tar_to_a_terminal_is_refused(rb) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        ctx = rb.context({"Containerfile": "FROM scratch\n"})
+        res = subprocess.run(
+            rb._prefix() + [rb.bin, "build", "-o", "-", ctx], stdout=slave, stderr=subprocess.PIPE, env=rb._env(None)
+        )
+        assert res.returncode == 125
+        assert (
+            res.stderr.decode().strip()
+            == "Error: --output: refusing to write a tar to a terminal (redirect standard output)"
+        )
+    finally:
+        os.close(master)
+        os.close(slave)

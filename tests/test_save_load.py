@@ -177,3 +177,22 @@ def test_load_archive_without_manifest(rb) -> None:
     assert (
         res.stderr.strip() == f"Error: {path}: neither a docker-archive (manifest.json) nor an oci-archive (index.json)"
     )
+
+
+def test_save_and_load_refuse_a_terminal(rb) -> None:
+    """An archive is never written to, or read from, a terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        for args, message in (
+            (["save", "saveload:1"], "Error: save: refusing to write an archive to a terminal"),
+            (["load"], "Error: load: standard input is a terminal"),
+        ):
+            res = subprocess.run(
+                rb._prefix() + [rb.bin, *args], stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=rb._env(None)
+            )
+            assert res.returncode == 125 and res.stderr.decode().startswith(message)
+    finally:
+        os.close(master)
+        os.close(slave)
