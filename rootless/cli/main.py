@@ -233,18 +233,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     df = sub.add_parser("df", help="show the store's disk usage and limits")
     _common(df)
     df.set_defaults(func=cmd_df)
-    from rootless.cli import completion, imagecmds, runcmd
-
-    def _pull_args(p: argparse.ArgumentParser) -> None:
-        _registry_args(p)
-        if registry_flags:
-            from rootless.cli.registry import add_pull_argument
-
-            add_pull_argument(p)
-
-    runcmd.add_parser(sub, _common, _pull_args)
-    imagecmds.add_parsers(sub, _common)
-    completion.add_parser(sub, _common)
     ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
     _common(ck)
     ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
@@ -271,6 +259,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         li.set_defaults(func=lambda a: _say(registry.login_command(a)))
         registry.add_logout_arguments(lo)
         lo.set_defaults(func=lambda a: _say(registry.logout_command(a)))
+    if command is None or command not in sub.choices:  # run, history, save, load, completion (or a typo)
+        from rootless.cli import completion, imagecmds, runcmd
+
+        def _pull_args(p: argparse.ArgumentParser) -> None:
+            _registry_args(p)
+            if registry_flags:
+                from rootless.cli.registry import add_pull_argument
+
+                add_pull_argument(p)
+
+        runcmd.add_parser(sub, _common, _pull_args)
+        imagecmds.add_parsers(sub, _common)
+        completion.add_parser(sub, _common)
     return parser
 
 
