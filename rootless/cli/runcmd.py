@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not argv:
             raise RbuildError(f"{args.image}: no command given, and the image has neither ENTRYPOINT nor CMD")
         forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
-        chosen = strategy.choose(idmap, store.root, forced)
+        chosen = strategy.choose(idmap, store.root, forced, store.layer_format, store.last_rung(), rung)
         blocked = strategy.runs_possible(chosen)
         if blocked is not None:
             raise RbuildError(f"run needs a user namespace, and none can be made here: {blocked}")
@@ -169,6 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     except RbuildError as e:
                         raise _start_error(str(e), argv[0]) from None
 
+    rung = main._probed_rung(args)  # as a build takes it, before the namespace
     return main._in_namespace(args, run)
 
 
