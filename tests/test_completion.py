@@ -49,7 +49,15 @@ def test_bash_subcommands_and_flags() -> None:
     assert _bash(["rbuild", "save", "--format", ""]) == ["docker-archive", "oci-archive"]
     assert _bash(["rbuild", "completion", ""]) == ["bash", "zsh", "fish"]
     assert set(_bash(["rbuild", "run", "-"])) >= {"-i", "-t", "--rm", "-e", "-v", "--workdir", "--user", "--name"}
-    assert _bash(["rbuild", "-"]) == ["-h", "--help", "--version", "--root", "--log-level", "--storage-driver"]
+    assert _bash(["rbuild", "-"]) == [
+        "-h",
+        "--help",
+        "--version",
+        "--root",
+        "--log-level",
+        "--storage-driver",
+        "--isolation",
+    ]
 
 
 def test_bash_knows_every_flag_of_the_parser() -> None:
