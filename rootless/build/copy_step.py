@@ -30,6 +30,7 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
         super().__init__(ex)
         self.downloads: dict[str, Download] = {}
         self.download_dir: str | None = None
+        self.stage_dir: str | None = None  # the copies made while hashing context sources (FileDigests.staged)
 
     def describe(self, cmd: ins.CopyCmd | ins.AddCmd) -> str:
         flags = []
@@ -56,6 +57,22 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
             return ["heredoc", [(h.name, h.content) for h in cmd.heredocs]]
         h = hashlib.sha256()
         what = f"{self.ex.plan.filename}:{cmd.node.start_line}: {cmd.node.keyword.upper()}"
+        digests = self.ex.file_digests
+        digests.stage_dir = self.staging_dir
+        try:
+            self._hash_sources(cmd, h, what)
+        finally:
+            digests.stage_dir = None
+        digests.save()
+        return ["context", h.hexdigest()]
+
+    def staging_dir(self) -> str:
+        """Where the hashing pass copies context files (kept for the build, removed at its end)."""
+        if self.stage_dir is None:
+            self.stage_dir = self.ex.build_stack.enter_context(self.ex.store.staging("copy-"))
+        return self.stage_dir
+
+    def _hash_sources(self, cmd: ins.CopyCmd | ins.AddCmd, h: hashlib._Hash, what: str) -> None:
         for src in cmd.sources:
             if _is_url(src):
                 checksum = getattr(cmd, "checksum", None)
@@ -66,8 +83,6 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
                 continue
             items = select_items(self.ex.plan.context, src, cmd, self.ex.ignore_rules, what)
             copyfiles.hash_sources(items, self.ex.plan.context, self.ex.ignore_rules, h, self.ex.file_digests)
-        self.ex.file_digests.save()
-        return ["context", h.hexdigest()]
 
     def apply(self, state: StageState, cmd: ins.CopyCmd | ins.AddCmd) -> bool:
 
@@ -168,7 +183,10 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
             items = plain
             if not items:
                 return
-        copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what)
+        upper = self.ex.step_upper
+        direct = (upper, self.ex.step_lowers) if upper != merged else None
+        staged = self.ex.file_digests.staged  # keyed by context paths: other sources find nothing there
+        copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what, direct, staged)
 
 
 def select_items(

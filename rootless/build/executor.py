@@ -300,6 +300,8 @@ class Executor:
 
     def export_cache(self) -> None:
         """Push the build's steps to each --cache-to (mode=min: the final stage's steps only)."""
+        if not self.opts.cache_to:
+            return
         from rootless.build import regcache
 
         for spec in self.opts.cache_to:
@@ -344,6 +346,7 @@ class Executor:
                 self.touched = root.touched
                 self.emulated_owner: tuple[int, int] | None = None  # a single-uid RUN's USER (run_step)
                 self.step_upper = root.upper
+                self.step_lowers = lowers
                 self.ensure_workdir(state, root.path)
                 action(root.path, scratch)
             diff_id = self.commit_upper(root.diff(), state.layers, lowers if untrusted else None)

@@ -487,10 +487,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         sde = int(raw_sde)
     pull = getattr(args, "pull", "missing")
     secrets = _read_secrets(args.secret)
-    from rootless.build.regcache import parse_spec
+    cache_from: list[Any] = []
+    cache_to: list[Any] = []
+    if args.cache_from or args.cache_to:  # the registry cache's module only when asked for
+        from rootless.build.regcache import parse_spec
 
-    cache_from = [parse_spec(v, "--cache-from") for v in args.cache_from]
-    cache_to = [parse_spec(v, "--cache-to") for v in args.cache_to]
+        cache_from = [parse_spec(v, "--cache-from") for v in args.cache_from]
+        cache_to = [parse_spec(v, "--cache-to") for v in args.cache_to]
     remote_tags = [names.normalize(t) for t in args.tag if not names.normalize(t).startswith("localhost/")]
     remote_tags += [c.ref.removeprefix("docker://") for c in cache_from + cache_to]  # --creds go there too
     if getattr(args, "creds", None) and not remote_tags:

@@ -568,10 +568,19 @@ def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str
     own: list[dict[str, Any] | None] = list(store.read_json(record.manifest).get("layers", []))
     if len(own) != len(diff_ids):
         own = [None] * len(diff_ids)
-    blobs = [
-        layer_blob(store, d, c, o, fmt, compression, level)
-        for d, c, o in zip(diff_ids, chain_ids(diff_ids), own, strict=True)
-    ]
+    jobs = list(zip(diff_ids, chain_ids(diff_ids), own, strict=True))
+
+    def one(job: tuple[str, str, dict[str, Any] | None]) -> Blob:
+        return layer_blob(store, *job, fmt, compression, level)
+
+    workers = min(len(jobs), len(os.sched_getaffinity(0)))
+    if workers <= 1:
+        blobs = [one(j) for j in jobs]
+    else:  # the compressors (ISA-L, zlib, zstd) and hashlib release the GIL: one layer per core at once
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            blobs = list(pool.map(one, jobs))
     man = img.manifest(fmt, record.id, len(config), [b.descriptor for b in blobs])
     return Export(img.canonical(man), man["mediaType"], config, record.id, blobs)
 

@@ -1,0 +1,340 @@
+"""Issue 15's cases, two rbuild revisions side by side in one run (A/B alternating, medians).
+
+    sudo /opt/rbuild/env/bin/python bench/perf_ab.py --old REV --new REV --user NAME [--reps 5] [--buildah]
+
+Everything lives on tmpfs (--work, default /dev/shm/rbuild-perf): the contexts, the stores, a
+docker-registry on 127.0.0.1 started for the run (stopped by pid at the end). NAME is an existing user with
+a subuid range; builds run as that user (runuser). Cases:
+
+* copy10k: `COPY files/ /data/` of 10,000 files (~200 MB, ~2:1 compressible) into a fresh store holding the
+  base, against `cp -a` of the same tree into a plain directory on the same tmpfs;
+* hello-cached, fifty-cached: fully cached rebuilds (bench/workloads), against `python3 -c pass`;
+* push1g: a fresh copy of a store holding a 1 GiB image (4 layers of 256 MiB, half random) pushed to the
+  registry (every layer compressed: nothing kept from an earlier push); with --buildah also buildah's
+  build+push of the same Containerfile against rbuild's build+push.
+
+The work directory (several GiB: keep --work on a tmpfs with room) is removed at the end.
+Wall time is a median of --reps; CPU is user+system of the process tree (wait4). The machine is shared:
+the load average is printed with every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIG = "".join(
+    f"RUN head -c 134217728 /dev/urandom > /l{i} && head -c 134217728 /dev/zero >> /l{i}\n" for i in range(1, 5)
+)
+
+
+def timed(argv: list[str]) -> tuple[float, float]:
+    """(wall, cpu) of argv and everything it waited for; a failure stops the run."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(argv)}\n{err}")
+    return wall, ru.ru_utime + ru.ru_stime
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(args.work)
+        self.py = args.python
+        self.rows: list[dict[str, object]] = []
+
+    def as_user(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> list[str]:
+        user = self.args.user
+        pre = [
+            "setpriv",
+            "--reuid",
+            user,
+            "--regid",
+            user,
+            "--init-groups",
+            "env",
+            *[f"{k}={v}" for k, v in (env or {}).items()],
+        ]
+        return pre + (["sh", "-c", 'cd "$0" && exec "$@"', cwd, *argv] if cwd else argv)
+
+    def rbuild(self, rev: str, store: Path, *argv: str, cwd: str | None = None) -> list[str]:
+        env = {
+            "PYTHONPATH": str(self.work / rev),
+            "RBUILD_ROOT": str(store),
+            "XDG_RUNTIME_DIR": str(self.work / "rt"),
+            "HOME": str(self.work / "home"),
+        }
+        return self.as_user([self.py, "-m", "rootless", *argv], env, cwd)
+
+    def setup(self) -> None:
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        for d in ("rt", "home", "stores"):
+            (self.work / d).mkdir(parents=True)
+        for rev, name in ((self.args.old, "old"), (self.args.new, "new")):
+            (self.work / name).mkdir()
+            arch = subprocess.run(
+                ["git", "-C", str(HERE.parent), "archive", rev, "rootless"], capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", str(self.work / name)], input=arch.stdout, check=True)
+            subprocess.run([self.py, "-m", "compileall", "-q", str(self.work / name)], check=True)
+        self.port = _free_port()
+        reg = self.work / "registry"
+        reg.mkdir()
+        (reg / "config.yml").write_text(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {reg}/data\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\nlog:\n  level: error\n"
+        )
+        self.registry = subprocess.Popen(
+            ["docker-registry", "serve", str(reg / "config.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(1)
+        self.base = f"127.0.0.1:{self.port}/busybox:latest"
+        subprocess.run(
+            ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{self.args.busybox}", f"docker://{self.base}"],
+            check=True,
+        )
+        self.contexts()
+        subprocess.run(["chown", "-R", self.args.user, str(self.work)], check=True)
+
+    def contexts(self) -> None:
+        for w in ("hello", "fifty"):
+            ctx = self.work / w
+            ctx.mkdir()
+            text = (HERE / "workloads" / w / "Containerfile").read_text()
+            (ctx / "Containerfile").write_text(text.replace("ARG BUSYBOX\n", "").replace("${BUSYBOX}", self.base))
+        (self.work / "hello" / "hello.sh").write_text('#!/bin/sh\necho "hello from $(hostname)"\ncat /app/motd\n')
+        (self.work / "fifty" / "conf").mkdir()
+        for i in range(10):
+            text = "".join(f"key{j} = value {i}.{j}\n" for j in range(50))
+            (self.work / "fifty" / "conf" / f"c{i}.conf").write_text(text)
+        ctx = self.work / "copy10k"
+        (ctx / "files").mkdir(parents=True)
+        n = self.args.files
+        per = 200_000_000 // 10_000
+        for i in range(n):
+            d = ctx / "files" / f"d{i // 100:03d}"
+            d.mkdir(exist_ok=True)
+            (d / f"f{i:05d}.dat").write_bytes(os.urandom(per // 2) + bytes(per - per // 2))
+        (ctx / "Containerfile").write_text(f"FROM {self.base}\nCOPY files/ /data/\n")
+        big = self.work / "big"
+        big.mkdir()
+        (big / "Containerfile").write_text(f"FROM {self.base}\n{BIG}")
+
+    def case(
+        self, name: str, what: str, variants: dict[str, Callable[[], list[str]]], before: Callable[[str], None]
+    ) -> None:
+        if self.args.only and name not in self.args.only.split(","):
+            return
+        load0 = os.getloadavg()[0]
+        got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+        order = list(variants)
+        for rep in range(self.args.reps):
+            for v in order if rep % 2 == 0 else list(reversed(order)):
+                before(v)
+                subprocess.run(["sync"], check=True)
+                got[v].append(timed(variants[v]()))
+        row: dict[str, object] = {"case": name, "what": what, "load": [round(load0, 1), round(os.getloadavg()[0], 1)]}
+        for v, runs in got.items():
+            row[v] = {"wall": statistics.median(w for w, _ in runs), "cpu": statistics.median(c for _, c in runs)}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def fresh_store(self, name: str, rev: str) -> Path:
+        store = self.work / "stores" / name
+        if store.exists():
+            shutil.rmtree(store)
+        subprocess.run(
+            self.rbuild(rev, store, "pull", "-q", "--tls-verify=false", self.base), check=True, capture_output=True
+        )
+        return store
+
+    def run(self) -> None:
+        tls = "--tls-verify=false"
+        copy10k = str(self.work / "copy10k")
+        plain = self.work / "stores" / "cp"
+
+        def before_copy(v: str) -> None:
+            if v == "cp -a":
+                shutil.rmtree(plain, ignore_errors=True)
+            else:
+                self.fresh_store(f"copy-{v}", v)
+
+        self.case(
+            "copy10k",
+            "COPY of 10,000 files (200 MB) into a new path, fresh store with the base",
+            {
+                "old": lambda: self.rbuild(
+                    "old", self.work / "stores" / "copy-old", "build", "-q", tls, ".", cwd=copy10k
+                ),
+                "new": lambda: self.rbuild(
+                    "new", self.work / "stores" / "copy-new", "build", "-q", tls, ".", cwd=copy10k
+                ),
+                "cp -a": lambda: self.as_user(["cp", "-a", f"{copy10k}/files", str(plain)]),
+            },
+            before_copy,
+        )
+        for w in ("hello", "fifty"):
+            ctx = str(self.work / w)
+            for v in ("old", "new"):
+                subprocess.run(
+                    self.rbuild(v, self.work / "stores" / f"{w}-{v}", "build", "-q", tls, ".", cwd=ctx),
+                    check=True,
+                    capture_output=True,
+                )
+            self.case(
+                f"{w}-cached",
+                "every step cached",
+                {
+                    "old": lambda w=w, ctx=ctx: self.rbuild(
+                        "old", self.work / "stores" / f"{w}-old", "build", "-q", tls, ".", cwd=ctx
+                    ),
+                    "new": lambda w=w, ctx=ctx: self.rbuild(
+                        "new", self.work / "stores" / f"{w}-new", "build", "-q", tls, ".", cwd=ctx
+                    ),
+                    "python3 -c pass": lambda: self.as_user([self.py, "-c", "pass"]),
+                },
+                lambda v: None,
+            )
+        big = str(self.work / "big")
+        built = self.work / "stores" / "big"
+        subprocess.run(
+            self.rbuild("new", built, "build", "-q", tls, "-t", "big", ".", cwd=big), check=True, capture_output=True
+        )
+
+        def before_push(v: str) -> None:
+            dest = self.work / "stores" / f"push-{v}"
+            shutil.rmtree(dest, ignore_errors=True)
+            subprocess.run(["cp", "-a", str(built), str(dest)], check=True)
+
+        ref = f"docker://127.0.0.1:{self.port}/big"
+        self.case(
+            "push1g",
+            "push of a 1 GiB image (4 layers of 256 MiB, half random), every layer compressed (gzip)",
+            {
+                v: (
+                    lambda v=v: self.rbuild(
+                        v, self.work / "stores" / f"push-{v}", "push", "-q", tls, "big", f"{ref}-{v}"
+                    )
+                )
+                for v in ("old", "new")
+            },
+            before_push,
+        )
+        if self.args.buildah:
+            self.buildah_case(big, ref)
+
+    def buildah_case(self, big: str, ref: str) -> None:
+        tls = "--tls-verify=false"
+        bstore = self.work / "stores" / "buildah"
+
+        def script(v: str) -> list[str]:
+            if v == "buildah":
+                g = f"buildah --root {bstore}/root --runroot {bstore}/run --storage-driver overlay"
+                cmd = (
+                    f"{g} build --layers --isolation chroot {tls} -q -t big . >/dev/null && "
+                    f"{g} push {tls} -q big {ref}-buildah"
+                )
+            else:
+                store = self.work / "stores" / f"bp-{v}"
+                env = f"PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'}"
+                cmd = f"env {env} {self.py} -m rootless build -q {tls} -t {ref.removeprefix('docker://')}-{v}b --push ."
+            return self.as_user(["sh", "-c", f'cd "{big}" && {cmd}'])
+
+        def before(v: str) -> None:
+            g = f"buildah --root {bstore}/root --runroot {bstore}/run"
+            if v == "buildah":
+                subprocess.run(
+                    self.as_user(
+                        [
+                            "sh",
+                            "-c",
+                            f"{g} rm -a; {g} rmi -a -f",
+                        ]
+                    ),
+                    capture_output=True,
+                )
+                shutil.rmtree(bstore, ignore_errors=True)
+                subprocess.run(
+                    self.as_user(
+                        [
+                            "buildah",
+                            "--root",
+                            f"{bstore}/root",
+                            "--runroot",
+                            f"{bstore}/run",
+                            "pull",
+                            tls,
+                            "-q",
+                            self.base,
+                        ]
+                    ),
+                    check=True,
+                    capture_output=True,
+                )
+            else:
+                self.fresh_store(f"bp-{v}", v)
+
+        self.case(
+            "build+push1g",
+            "build of the 1 GiB image and its push",
+            {"new": lambda: script("new"), "buildah": lambda: script("buildah")},
+            before,
+        )
+
+    def stop(self) -> None:
+        reg = getattr(self, "registry", None)
+        if reg is not None:
+            reg.terminate()
+            reg.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--old", required=True)
+    p.add_argument("--new", default="HEAD")
+    p.add_argument("--user", required=True)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--files", type=int, default=10_000)
+    p.add_argument("--work", default="/dev/shm/rbuild-perf")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--busybox", default=str(next(Path("/var/cache/rbuild-bench").glob("busybox-*"), "")))
+    p.add_argument("--buildah", action="store_true")
+    p.add_argument(
+        "--only", help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, build+push1g)"
+    )
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args()
+    run = Run(args)
+    try:
+        run.setup()
+        run.run()
+    finally:
+        run.stop()
+        shutil.rmtree(run.work, ignore_errors=True)  # several GiB on tmpfs: memory the machine needs back
+    if args.out:
+        Path(args.out).write_text(json.dumps(run.rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
