@@ -7,11 +7,11 @@ venv=${RBUILD_VENV:-/opt/rbuild/env}
 sudo=""
 [ "$(id -u)" = 0 ] || sudo="sudo"
 # debootstrap: the self-hosting test (a Debian base for rbuild's own image)
-# tmux: the terminal the live progress view is tested in (tests/test_progress_tty.py)
+# tmux: the terminal the live progress view is tested in (tests/test_progress_tty.py); zsh, fish: completion tests
 # libseccomp2: the RUN sandbox's filter; python3-seccomp: tests/envsim.py's filters (Debian's python3);
 # libc6-dev: static test programs the sandbox tests compile;
 # libfuse3-dev, fuse3, pkg-config, make: the optional FUSE overlay helper (csrc/) and its tests
-packages="debootstrap tmux uidmap libfuse3-dev fuse3 pkg-config make busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc libc6-dev zstd util-linux openssl git libseccomp2 python3-seccomp"
+packages="debootstrap tmux zsh fish uidmap libfuse3-dev fuse3 pkg-config make busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc libc6-dev zstd util-linux openssl git libseccomp2 python3-seccomp"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

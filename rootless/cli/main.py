@@ -56,8 +56,22 @@ def _progress_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+BUILD_EXAMPLES = """examples:
+  rbuild build -t myapp:1.0 .
+  rbuild build -f Containerfile.dev --build-arg VERSION=2 --target test -t myapp:test ctx/
+  rbuild build -t registry.example.com/team/app:1 --push .
+  rbuild build --output type=local,dest=rootfs/ .         # the root filesystem as files
+  rbuild build -o type=tar,dest=- . | tar -t               # ... as a tar on standard output
+  rbuild build -t app:1 -o type=oci,dest=app.tar --metadata-file meta.json .
+"""
+PUSH_EXAMPLES = """examples:
+  rbuild push registry.example.com/team/app:1
+  rbuild push myapp:1.0 docker://127.0.0.1:5000/myapp:1.0 --tls-verify=false
+  rbuild push myapp:1.0 oci-archive:myapp.tar:1.0
+  rbuild push --format docker --compression-format gzip myapp:1.0 docker-archive:myapp.tar:myapp:1.0
+"""
 _GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver", "--isolation")
-_REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
+_REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout", "run")
 
 
 def _chosen_command(argv: list[str]) -> str | None:
@@ -98,7 +112,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    b = sub.add_parser("build", aliases=["bud"], help="build an image from a Containerfile")
+    b = sub.add_parser(
+        "build",
+        aliases=["bud"],
+        help="build an image from a Containerfile",
+        description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, as an unprivileged user.",
+        epilog=BUILD_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(b)
     b.add_argument("context", nargs="?", default=".")
     b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
@@ -142,6 +163,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         metavar="REF",
         help="push this build's steps to a registry cache (type=registry,ref=REF,mode=max|min accepted)",
     )
+    b.add_argument(
+        "-o",
+        "--output",
+        action="append",
+        default=[],
+        metavar="type=TYPE,dest=PATH",
+        help="also export the result: type=local,dest=DIR (the root filesystem as files), type=tar,dest=FILE|- "
+        "(as one tar), type=oci,dest=FILE[,name=NAME] or type=docker,dest=FILE[,name=NAME] (the image as an "
+        "archive); a bare DIR means type=local, - a tar on standard output",
+    )
+    b.add_argument(
+        "--metadata-file",
+        metavar="FILE",
+        help="write BuildKit's metadata (containerimage.digest, containerimage.config.digest, image.name) as JSON",
+    )
     _registry_args(b)
     if registry_flags:
         from rootless.cli.registry import add_pull_argument
@@ -178,7 +214,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("-f", "--force", action="store_true")
     r.set_defaults(func=cmd_rmi)
 
-    pu = sub.add_parser("push", help="write an image to oci:, oci-archive:, docker-archive: or a registry")
+    pu = sub.add_parser(
+        "push",
+        help="write an image to oci:, oci-archive:, docker-archive: or a registry",
+        description="Write IMAGE to DEST: a registry (docker://HOST/REPO:TAG, the default), oci:DIR[:TAG], "
+        "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]. Without DEST, IMAGE names its registry.",
+        epilog=PUSH_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(pu)
     pu.add_argument("image")
     pu.add_argument("dest", nargs="?")
@@ -231,6 +274,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         li.set_defaults(func=lambda a: _say(registry.login_command(a)))
         registry.add_logout_arguments(lo)
         lo.set_defaults(func=lambda a: _say(registry.logout_command(a)))
+    if command is None or command not in sub.choices:  # run, history, save, load, completion (or a typo)
+        from rootless.cli import completion, imagecmds, runcmd
+
+        def _pull_args(p: argparse.ArgumentParser) -> None:
+            _registry_args(p)
+            if registry_flags:
+                from rootless.cli.registry import add_pull_argument
+
+                add_pull_argument(p)
+
+        runcmd.add_parser(sub, _common, _pull_args)
+        imagecmds.add_parsers(sub, _common)
+        completion.add_parser(sub, _common)
     return parser
 
 
@@ -424,6 +480,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise RbuildError(f"--push: {t} names no registry (use HOST[:PORT]/REPO[:TAG])")
     if args.push and not args.tag:
         raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
+    from rootless.cli import output
+
+    outputs = output.parse_all(args.output)
     outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
     reporter = _reporter(args)
     plan = planner.plan(data, shown, context, build_args, args.target, reporter, private=outside)
@@ -479,6 +538,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             if failed is not None:
                 failed()
             raise
+        digest = None
         if args.push:
             from rootless.oci import transports
 
@@ -488,11 +548,14 @@ def cmd_build(args: argparse.Namespace) -> int:
                     store, rec, args.format, None, None, opts.registry_options, reporter
                 )
                 reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
+        written = output.write(store, image_id, outputs, Ownership.for_mapping(idmap.single), args.tag, reporter)
+        if args.metadata_file:
+            output.metadata(args.metadata_file, store, image_id, args.tag, digest or written.get("oci"))
         if args.iidfile:
             from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.iidfile), image_id.encode())
-        print(image_id, flush=True)
+        print(image_id, file=sys.stderr if any(o.dest == "-" for o in outputs) else sys.stdout, flush=True)
         return 0
 
     rung = _probed_rung(args)  # before the namespace: the probe's children are forked from here

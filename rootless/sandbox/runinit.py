@@ -38,6 +38,10 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
 from rootless.errors import RbuildError  # noqa: E402 - needs the path above
 from rootless.kernel import fspath, linux  # noqa: E402 - needs the path above
 
+_TIOCSPTLCK = 0x40045431
+_TIOCGPTPEER = 0x5441
+_TIOCSCTTY = 0x540E
+
 
 class SetupError(Exception):
     """A step of the setup failed; the message is reported to the builder as it is."""
@@ -162,6 +166,24 @@ def _op(op: list[Any], root: str, errw: int) -> None:
             os.chdir(args[0])
         except OSError as e:
             raise SetupError(f"cannot change to working directory {args[0]}: {e.strerror}") from None
+    elif name == "terminal":  # rbuild run -t: a terminal of the container's own devpts, its master to rbuild
+        sock, uid = args
+        fcntl = sys.modules["fcntl"]  # imported by main() while the standard library was reachable
+        _socket = sys.modules["_socket"]
+        master = os.open("/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(master, _TIOCSPTLCK, bytes(4))  # unlock the slave
+        slave = fcntl.ioctl(master, _TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+        if uid >= 0:
+            os.fchown(slave, uid, -1)
+        s = _socket.socket(fileno=sock)
+        s.sendmsg([b"T"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, master.to_bytes(4, sys.byteorder))])
+        s.close()
+        os.close(master)
+        for fd in (0, 1, 2):
+            os.dup2(slave, fd)
+        if slave > 2:
+            os.close(slave)
+        fcntl.ioctl(0, _TIOCSCTTY, 0)  # the command's controlling terminal (this process leads its session)
     elif name == "capabilities":
         keep = set(args[0])
         for cap in range(linux.last_cap() + 1):
@@ -257,8 +279,11 @@ def main() -> None:
         spec = marshal.loads(f.read())
     if os.getppid() != spec["parent"]:  # the builder died before the death signal was set
         os._exit(125)
-    if any(op[0] == "seccomp" and op[2] >= 0 for op in spec["ops"]):
+    terminal = any(op[0] == "terminal" for op in spec["ops"])
+    if terminal or any(op[0] == "seccomp" and op[2] >= 0 for op in spec["ops"]):
         import _socket  # noqa: F401 - the C module behind socket (whose import pulls in enum); only when needed
+    if terminal:
+        import fcntl  # noqa: F401 - for the terminal's ioctls, after pivot_root
     errw = spec["errfd"]
     os.set_inheritable(errw, False)  # it must not reach the RUN; a failed exec still writes to it
     shared = spec.get("share_pid", False)

@@ -89,6 +89,11 @@ class RunSpec:
     lowers: list[str] = field(default_factory=list)
     upper: str = ""  # the overlay's upper dir: owners of symlinks and fifos are recorded with its inodes
     warnings: list[str] = field(default_factory=list)  # filled by run(): what could not be emulated exactly
+    # `rbuild run`: the command's own standard input, output and error (instead of output_fd for both and
+    # no input), and a socket to which the sandbox sends the master side of a terminal it makes in the
+    # container's own /dev/pts, the command's 0-2 and controlling terminal (`-t`); -1: none
+    stdio: tuple[int, int, int] | None = None
+    terminal_socket: int = -1
 
 
 @dataclass
@@ -328,7 +333,10 @@ def plan(
         ops.append(["restrict-bind", m.target, m.readonly])  # nosuid, nodev (and ro), keeping locked flags
     ops += [["mask", path] for path in MASKED_PATHS]
     ops += [["readonly", path] for path in READONLY_PATHS]
-    ops += [["pivot-root"], ["chdir", spec.cwd], ["capabilities", list(DEFAULT_CAPS)], ["no-new-privs"]]
+    ops += [["pivot-root"], ["chdir", spec.cwd]]
+    if spec.terminal_socket >= 0:  # the slave is the user's, as runc makes it (emulated ids: the one real uid)
+        ops.append(["terminal", spec.terminal_socket, -1 if spec.emulate else spec.uid])
+    ops += [["capabilities", list(DEFAULT_CAPS)], ["no-new-privs"]]
     if groups is not None:
         ops.append(["groups", groups])
     env = dict(spec.env)
@@ -597,10 +605,12 @@ def _spawn_once(
         for op in ops:
             log("RUN sandbox: " + describe(op))
     relay_r = relay_w = -1
-    if spec.output is not None or os.isatty(spec.output_fd):  # a pipe, never the terminal itself
+    if spec.stdio is None and (spec.output is not None or os.isatty(spec.output_fd)):  # a pipe, never the terminal
         relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
     sink = spec.output or functools.partial(_write_all, spec.output_fd)
     out = relay_w if relay_w >= 0 else spec.output_fd
+    stdio: tuple[int, int, int] = spec.stdio or (subprocess.DEVNULL, out, out)
+    passed = (spec.terminal_socket,) if spec.terminal_socket >= 0 else ()
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -608,10 +618,10 @@ def _spawn_once(
         # caller's process group and controlling terminal behind; only the pipes are passed on
         proc = subprocess.Popen(
             [sys.executable, "-S", "-I", _RUNINIT, str(specr)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            pass_fds=(specr, errw) + ((notify[0],) if notify[0] >= 0 else ()),
+            stdin=stdio[0],
+            stdout=stdio[1],
+            stderr=stdio[2],
+            pass_fds=(specr, errw) + ((notify[0],) if notify[0] >= 0 else ()) + passed,
             start_new_session=True,
         )
     except OSError as e:
