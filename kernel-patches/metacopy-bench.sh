@@ -8,7 +8,9 @@ set -eu
 dir=${1:-${TMPDIR:-/var/tmp}/metacopy-bench}
 n=${2:-50000}
 kib=${3:-4}
-rm -rf "$dir" && mkdir -p "$dir/lower/data"
+# the upper layers hold files of subordinate ids: only the namespace can remove them
+ns() { unshare --user --map-root-user --map-auto "$@"; }
+ns rm -rf "$dir" && mkdir -p "$dir/lower/data"
 python3 - "$dir/lower/data" "$n" "$kib" <<'PY'
 import os, sys
 root, n, kib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -23,7 +25,7 @@ PY
 sync
 echo "kernel $(uname -r): chown -R of $n files of $kib KiB on overlay (userxattr, user namespace)"
 for mode in off on; do
-    rm -rf "$dir/upper" "$dir/work" "$dir/merged" && mkdir "$dir/upper" "$dir/work" "$dir/merged"
+    ns rm -rf "$dir/upper" "$dir/work" "$dir/merged" && mkdir "$dir/upper" "$dir/work" "$dir/merged"
     opts="userxattr,lowerdir=$dir/lower,upperdir=$dir/upper,workdir=$dir/work"
     [ "$mode" = on ] && opts="$opts,metacopy=on"
     unshare --user --map-root-user --map-auto --mount sh -c '
@@ -34,4 +36,4 @@ for mode in off on; do
         echo "metacopy=$3: $(( (e - s) / 1000000 )) ms, upper layer $(du -sk "$5" | cut -f1) KiB"
         umount "$2"' sh "$opts" "$dir/merged" "$mode" "$dir/lower" "$dir/upper"
 done
-rm -rf "$dir"
+ns rm -rf "$dir"
