@@ -145,7 +145,8 @@ def _bootable_tree(rb: Runner) -> str:
     os.makedirs(os.path.join(tree, "kernel-patches"))
     for name in ("pyproject.toml", "setup.py", "README.md", "kernel-patches/sysctl.conf"):
         shutil.copy(os.path.join(REPO, name), os.path.join(tree, name))
-    shutil.copy(os.path.join(PATCHES, "metacopy-bench.sh"), os.path.join(tree, "kernel-patches"))
+    for name in ("metacopy-bench.sh", "metacopy-security.sh"):
+        shutil.copy(os.path.join(PATCHES, name), os.path.join(tree, "kernel-patches"))
     rb.own(tree)
     return tree
 

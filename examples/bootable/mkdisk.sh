@@ -22,7 +22,7 @@ ctx=$out/context
 rm -rf "$ctx" "$out/layout" "$out/rootfs"
 mkdir -p "$ctx/kernel" "$ctx/wheels"
 cp "$here/Containerfile" "$here/init" "$here/boot-job" "$repo/kernel-patches/sysctl.conf" \
-   "$repo/kernel-patches/metacopy-bench.sh" "$ctx/"
+   "$repo/kernel-patches/metacopy-bench.sh" "$repo/kernel-patches/metacopy-security.sh" "$ctx/"
 cp "$kernel" "$ctx/kernel/vmlinuz"
 cp "$kconfig" "$ctx/kernel/config"
 # rbuild and its dependencies as wheels, from a copy of the checkout (no .git, no build leftovers)
