@@ -4,7 +4,7 @@
 # fsync per copied-up file) and with metacopy=on (no data copied). Run as an
 # unprivileged user with a subuid range. metacopy=on needs the flavor's patch 0001: on other kernels
 # that mount is refused and the script says so.
-#   metacopy-bench.sh [DIR] [N] [KIB]
+#   metacopy-bench.sh [DIR] [N] [KIB]      (MODES="off volatile on" by default: which mounts to time)
 set -eu
 dir=${1:-${TMPDIR:-/var/tmp}/metacopy-bench}
 n=${2:-50000}
@@ -25,7 +25,7 @@ for i in range(n):
 PY
 sync
 echo "kernel $(uname -r): chown -R of $n files of $kib KiB on overlay (userxattr, user namespace)"
-for mode in off volatile on; do
+for mode in ${MODES:-off volatile on}; do
     ns rm -rf "$dir/upper" "$dir/work" "$dir/merged" && mkdir "$dir/upper" "$dir/work" "$dir/merged"
     opts="userxattr,lowerdir=$dir/lower,upperdir=$dir/upper,workdir=$dir/work"
     # volatile: no fsync of each copied-up file (upstream, any kernel since 5.10), the data still copied
