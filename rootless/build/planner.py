@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rootless.errors import ContainerfileError, RbuildError
+from rootless.events import Reporter, Warn
 from rootless.kernel.fspath import inside
-from rootless.oci import image as img
+from rootless.oci.platform import host_platform
 
 if TYPE_CHECKING:
     from rootless.frontend.containerfile import Containerfile
@@ -36,7 +37,7 @@ PROXY_ARGS = (
 
 
 def platform_args() -> dict[str, str]:
-    arch = img.host_arch()
+    arch = host_platform().architecture
     plat = f"linux/{arch}"
     return {
         "BUILDPLATFORM": plat,
@@ -107,9 +108,15 @@ def find_containerfile(context: str, given: str | None) -> str:
 
 
 def plan(
-    data: bytes, filename: str, context: str, build_args: dict[str, str], target: str | None, private: bool = False
+    data: bytes,
+    filename: str,
+    context: str,
+    build_args: dict[str, str],
+    target: str | None,
+    reporter: Reporter,
+    private: bool = False,
 ) -> Plan:
-    """The plan for a Containerfile's text.
+    """The plan for a Containerfile's text; the parser's warnings go to reporter.
 
     private: the file lies outside the build context and may be anything (a credentials file a symlink
     named as the Containerfile led to), so a fault in it is named by file and line only, without its
@@ -120,7 +127,7 @@ def plan(
     try:
         cf = containerfile.parse(data, filename)
         if not private:
-            _warn(cf.warnings)
+            _warn(cf.warnings, reporter)
         result = _plan(cf, filename, context, build_args, target)
     except ContainerfileError as e:
         if not private:
@@ -132,13 +139,13 @@ def plan(
             e.line,
         ) from None
     if private:
-        _warn(cf.warnings)
+        _warn(cf.warnings, reporter)
     return result
 
 
-def _warn(warnings: list[str]) -> None:
+def _warn(warnings: list[str], reporter: Reporter) -> None:
     for w in warnings:
-        print(w, file=sys.stderr)
+        reporter.emit(Warn(w))
 
 
 def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, str], target: str | None) -> Plan:
