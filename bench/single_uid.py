@@ -9,7 +9,9 @@ taking turns) with a build
 argument changed that only the timed step uses, so only that step and its commit run: the number
 is the median wall time of that build.
 
-Cases: `chown -R 1000:1000` of the files; `ls -ln` of them (a stat for each, nothing changed); a shell
+Cases: `chown -R 1000:1000` of the files; `ls -ln` of them (a stat for each, nothing changed), also
+where an earlier step chowned one file (so a lower layer holds a record and every stat is looked at);
+`find / -xdev`; a tar of the files unpacked without owners; a shell
 loop that starts 2,000 processes, an `echo`, and writing 200 MB (none of them makes a call the filter
 hands over). `--baseline CMD`: the single-uid builds also with another rbuild (an older commit:
 `PYTHONPATH=DIR python -P -m rootless`; without -P, run from a checkout, it imports the checkout).
@@ -34,6 +36,9 @@ from conftest import _drop_subid_lines, _make_user, busybox_layer, write_oci_lay
 CASES = {
     "chown -R": "RUN echo $REP && chown -R 1000:1000 /d",
     "ls -ln (stat each file)": "RUN echo $REP && ls -lnR /d > /dev/null",
+    "find / -xdev (stat each file)": "RUN echo $REP && find / -xdev > /dev/null",
+    "tar c | tar x, no owners": "RUN echo $REP && mkdir /u && tar -cf - -C /d . | tar -xof - -C /u && rm -r /u",
+    "ls -ln, lowers hold records": "RUN echo $REP && ls -lnR /d > /dev/null",
     "2,000 processes": "RUN echo $REP && i=0; while [ $i -lt 2000 ]; do /bin/true; i=$((i+1)); done",
     "nothing (echo)": "RUN echo $REP",
     "write 200 MB": "RUN echo $REP && dd if=/dev/zero of=/w bs=1M count=200 2>/dev/null && rm /w",
@@ -71,10 +76,11 @@ def main() -> None:
                 os.makedirs(base, exist_ok=True)
                 ctx = os.path.join(base, "ctx")
                 os.makedirs(ctx, exist_ok=True)
+                setup = f"mkdir /d && cd /d && seq {args.files} | xargs touch"
+                if "records" in case:
+                    setup += " && chown 5:5 /d/1"
                 with open(os.path.join(ctx, "Containerfile"), "w") as f:
-                    f.write(
-                        f"FROM oci:{layout}\nRUN mkdir /d && cd /d && seq {args.files} | xargs touch\nARG REP\n{step}\n"
-                    )
+                    f.write(f"FROM oci:{layout}\nRUN {setup}\nARG REP\n{step}\n")
                 subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", base], check=True)
                 env = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "RBUILD_ROOT": os.path.join(base, "store")}
                 argv = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--", cmd]

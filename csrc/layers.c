@@ -355,12 +355,26 @@ int lower_positive(const char *path)
   return err < 0 ? err : 1;
 }
 
-int make_whiteout(const char *path)
+/* A whiteout owned as kernel overlay leaves it. Removal makes it in the workdir and renames it into place, so it
+ * is 0:0; a rename makes it in the source's directory (RENAME_WHITEOUT), so it takes a setgid directory's group. */
+int make_whiteout(const char *path, bool from_rename)
 {
+  gid_t gid = 0;
+  if (from_rename)
+    {
+      cleanup_free char *parent = xstrdup(path);
+      char *slash = strrchr(parent, '/');
+      struct stat pst;
+      if (slash != NULL)
+        *slash = '\0';
+      if (fstatat(ovl.layers[0].fd, slash != NULL ? parent : ".", &pst, 0) < 0)
+        return -errno;
+      if (pst.st_mode & S_ISGID)
+        gid = pst.st_gid;
+    }
   if (mknodat(ovl.layers[0].fd, path, S_IFCHR | 0000, makedev(0, 0)) < 0)
     return -errno;
-  /* 0:0 as the kernel makes them: in a setgid directory the node would otherwise take the directory's group */
-  if (fchownat(ovl.layers[0].fd, path, 0, 0, AT_SYMLINK_NOFOLLOW) < 0)
+  if (fchownat(ovl.layers[0].fd, path, 0, gid, AT_SYMLINK_NOFOLLOW) < 0)
     {
       int err = -errno;
       unlinkat(ovl.layers[0].fd, path, 0);

@@ -102,6 +102,7 @@ int main(int argc, char **argv)
   struct fuse_session *se = fuse_session_new(&args, &ovl_ops, sizeof(ovl_ops), NULL);
   if (se == NULL)
     die("cannot create the FUSE session (bad option in -o?)");
+  ovl.se = se;
   if (fuse_set_signal_handlers(se) != 0)
     die("cannot install signal handlers");
   if (fuse_session_mount(se, mountpoint) != 0)

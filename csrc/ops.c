@@ -14,11 +14,12 @@
 
 #define TIMEOUT 1.0
 
-/* Hard links are separate nodes (one per name), so a non-directory's attributes are never cached: a write
- * or a link through another name must show at once. */
+/* Hard links are separate nodes (one per name), so the attributes of a non-directory with several names are
+ * never cached: a write through another name must show at once. One with a single name changes only through its
+ * own kernel inode, whose cache the kernel keeps up to date, or gets a second name (ovl_link invalidates it). */
 static double attr_timeout(const struct stat *st)
 {
-  return S_ISDIR(st->st_mode) ? TIMEOUT : 0.0;
+  return S_ISDIR(st->st_mode) || st->st_nlink == 1 ? TIMEOUT : 0.0;
 }
 
 static void reply_entry(fuse_req_t req, struct node *parent, const char *name, const char *path)
@@ -281,6 +282,8 @@ static void ovl_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const
       fuse_reply_err(req, -err);
       return;
     }
+  /* The source's cached link count is stale now (attributes only: no lock of the link is needed for that). */
+  fuse_lowlevel_notify_inval_inode(ovl.se, ino, -1, 0);
   reply_entry(req, p, newname, path);
 }
 
@@ -320,7 +323,7 @@ static int remove_name(struct node *parent, const char *name, bool dir)
       if ((err = copy_up(ppath)) < 0)
         return err;
     }
-  if (positive && (err = make_whiteout(path)) < 0)
+  if (positive && (err = make_whiteout(path, false)) < 0)
     return err;
   node_detach(parent, name);
   return 0;
@@ -422,7 +425,7 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
     return err;
   if (renameat2(upper, src, upper, dst, exchange ? RENAME_EXCHANGE : 0) < 0)
     return -errno;
-  if (!exchange && src_positive && (err = make_whiteout(src)) < 0)
+  if (!exchange && src_positive && (err = make_whiteout(src, true)) < 0)
     return err;
   node_move(op, name, np, newname, exchange);
   return 0;
@@ -460,6 +463,10 @@ static void ovl_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
       return;
     }
   fi->fh = (uint64_t) fd;
+  /* Keep what the kernel cached of the file from one open to the next where nothing but this inode can change it:
+   * a lower layer never changes (a copy-up copies the same bytes), and an upper file with one name changes only
+   * through this mount and this name. A hard link is a kernel inode per name, so its cache is dropped at open. */
+  fi->keep_cache = res.layer != 0 || res.st.st_nlink == 1;
   if (fuse_reply_open(req, fi) != 0)
     close(fd);
 }
@@ -520,11 +527,6 @@ static void ovl_write_buf(fuse_req_t req, UNUSED fuse_ino_t ino, struct fuse_buf
     fuse_reply_write(req, (size_t) n);
 }
 
-static void ovl_flush(fuse_req_t req, UNUSED fuse_ino_t ino, UNUSED struct fuse_file_info *fi)
-{
-  fuse_reply_err(req, 0);
-}
-
 static void ovl_release(fuse_req_t req, UNUSED fuse_ino_t ino, struct fuse_file_info *fi)
 {
   close((int) fi->fh);
@@ -552,7 +554,16 @@ static void ovl_statfs(fuse_req_t req, UNUSED fuse_ino_t ino)
     fuse_reply_statfs(req, &sv);
 }
 
+/* Move file data between the layer files and /dev/fuse with splice where the kernel can (no copy through the
+ * helper's memory). */
+static void ovl_init(UNUSED void *userdata, struct fuse_conn_info *conn)
+{
+  conn->want |= conn->capable & (FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+}
+
+/* No flush: nothing is buffered here, and without the operation the kernel stops sending one per close. */
 const struct fuse_lowlevel_ops ovl_ops = {
+  .init = ovl_init,
   .lookup = ovl_lookup,
   .forget = ovl_forget,
   .forget_multi = ovl_forget_multi,
@@ -570,7 +581,6 @@ const struct fuse_lowlevel_ops ovl_ops = {
   .create = ovl_create,
   .read = ovl_read,
   .write_buf = ovl_write_buf,
-  .flush = ovl_flush,
   .release = ovl_release,
   .fsync = ovl_fsync,
   .opendir = ovl_opendir,

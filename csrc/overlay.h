@@ -40,6 +40,7 @@ struct ovl
   size_t table_size;
   size_t table_count;
   unsigned long tmp_counter;
+  struct fuse_session *se; /* for invalidations the helper sends the kernel */
 };
 
 /* Where a path resolves: the topmost layer holding it and, for directories, every layer merged in. */
@@ -66,7 +67,7 @@ bool is_whiteout(const struct stat *st);
 bool is_opaque(int layer, const char *path);
 int resolve(const char *path, struct resolved *res);
 int lower_positive(const char *path);
-int make_whiteout(const char *path);
+int make_whiteout(const char *path, bool from_rename);
 int set_opaque(const char *path);
 
 /* copyup.c */

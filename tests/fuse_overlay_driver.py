@@ -263,6 +263,25 @@ def same_file(mnt: str, a: str, b: str) -> bool:
     return a != b and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
+def stale_setid_link(upper: str, op: list) -> bool:
+    """A size or owner change of a set-id file with several names, which kernel overlay decides on a stale mode.
+
+    For a file copied up from a lower layer, kernel overlay keys the inode of the name the lower still shows by
+    the lower inode and a hard link made later by the upper one: two overlay inodes for one file. A truncate
+    (or open with O_TRUNC) or a chown decides whether to clear setuid/setgid on the cached mode of the name
+    used, so after a chmod through the other name the bits stay; through the helper, as on any single inode,
+    they go. Seeds 361683233 (truncate) and 499998673 (chown) found it. Such operations are left out, like the
+    ESTALE renames.
+    """
+    if op[0] not in ("truncate", "create", "write", "fallocate", "chown"):
+        return False
+    try:
+        st = os.lstat(os.path.join(upper, op[1]))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and bool(st.st_mode & (stat.S_ISUID | stat.S_ISGID))
+
+
 def main() -> int:
     spec = json.loads(open(sys.argv[1]).read())
     base = spec["dir"]
@@ -314,6 +333,8 @@ def main() -> int:
                 op = random_op(rng, kmnt)
                 if op[0] == "rename" and same_file(os.path.join(base, "kup"), op[1], op[2]):
                     # Kernel overlay answers ESTALE for two names of one upper file; POSIX says no-op.
+                    continue
+                if stale_setid_link(os.path.join(base, "kup"), op):
                     continue
                 report["ops"].append([op, apply(kmnt, op), apply(fmnt, op)])
         for mnt, key in ((kmnt, "kernel"), (fmnt, "fuse")):

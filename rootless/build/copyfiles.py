@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from rootless.errors import RbuildError
 from rootless.frontend import globmatch
 from rootless.kernel.fspath import inside, open_regular, secure_join
-from rootless.layer.format import FORMAT
+from rootless.layer.format import LayerFormat
 from rootless.layer.ownership import Ownership
 
 CHUNK = 1 << 20
@@ -300,9 +300,9 @@ def walk(item: SourceItem, root: str, rules: list[IgnoreRule]) -> Iterator[tuple
                 yield from with_parents(os.path.join(dirpath, name), rel)
 
 
-def write_mask(item: SourceItem, root: str, rules: list[IgnoreRule], mask: str) -> bool:
-    """An overlay layer of whiteouts hiding what the ignore rules exclude below item (RUN --mount binds
-    of the context see what COPY would see); False when nothing is excluded."""
+def write_mask(item: SourceItem, root: str, rules: list[IgnoreRule], mask: str, fmt: LayerFormat) -> bool:
+    """A layer of whiteouts (in `fmt`, the store's layer format) hiding what the ignore rules exclude below
+    item (RUN --mount binds of the context see what COPY would see); False when nothing is excluded."""
     included = {rel for _, rel in walk(item, root, rules)}
     hidden = []
     for dirpath, dirnames, filenames in os.walk(item.host):
@@ -327,7 +327,7 @@ def write_mask(item: SourceItem, root: str, rules: list[IgnoreRule], mask: str) 
                     os.mkdir(os.path.join(mask, sub))
                     os.lchown(os.path.join(mask, sub), st.st_uid, st.st_gid)
                     os.chmod(os.path.join(mask, sub), stat.S_IMODE(st.st_mode))
-        FORMAT.make_whiteout(os.path.join(mask, rel))
+        fmt.make_whiteout(os.path.join(mask, rel))
     st = os.lstat(item.host)
     os.chmod(mask, stat.S_IMODE(st.st_mode))
     return True

@@ -170,6 +170,7 @@ class RegistryCache:
                     self.store.layer_dirs(diff_ids[:i]),
                     self.ownership,
                     f"cache {ref}: ",
+                    self.store.layer_format,
                 )
                 meta = {"diff_id": diff_id, "parent": chains[i - 1] if i else "", "size": size}
                 meta.update({"origin": "blob", "sources": [digest], "blobs": []})

@@ -107,7 +107,11 @@ class RunStep(Step[ins.RunCmd]):
                         copyfiles.copy_entry(item.host, source)
                 layers = [source]
                 mask = os.path.join(scratch, f"mask{i}")
-                if rules and os.path.isdir(source) and copyfiles.write_mask(item, view, rules, mask):
+                if (
+                    rules
+                    and os.path.isdir(source)
+                    and copyfiles.write_mask(item, view, rules, mask, self.ex.strategy.layer_format)
+                ):
                     layers = [mask, source]  # .dockerignore'd files stay hidden, as from COPY
                 writable = not m.readonly and os.path.isdir(source)
                 if writable or len(layers) > 1:

@@ -36,9 +36,17 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="how a step gets its tree: overlay, fuse or copy (vfs: copy); default: RBUILD_STORAGE_DRIVER, "
         "else the best that works here",
     )
+    p.add_argument(
+        "--isolation",
+        default=argparse.SUPPRESS,
+        metavar="RUNG",
+        help="how builds are isolated: userns (a subuid map), single (one uid), privileged (root of a container: "
+        "no user namespace, real chown; chroot: the same), none (no RUN), host (real root), auto; "
+        "default: RBUILD_ISOLATION, else the best that works here",
+    )
 
 
-_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver")
+_GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver", "--isolation")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout")
 
 
@@ -456,7 +464,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_to=cache_to,
         )
         forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
-        chosen = strategy.choose(idmap, store.root, forced)
+        chosen = strategy.choose(idmap, store.root, forced, store.layer_format, store.last_rung(), rung)
         blocked = strategy.runs_possible(chosen)
         if blocked is not None:
             _refuse_run(plan, blocked)
@@ -478,7 +486,29 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(image_id, flush=True)
         return 0
 
+    rung = _probed_rung(args)  # before the namespace: the probe's children are forked from here
     return _in_namespace(args, run, limited=True)
+
+
+def _probed_rung(args: argparse.Namespace) -> int:
+    """The rung `rbuild doctor` reports for this store (`env.probe`, cached per environment): builds
+    take it, so doctor and the build decide once, the same way."""
+    from rootless.env import paths, probe
+
+    root = paths.store_root(getattr(args, "root", None))
+    return probe.choose(probe.probe(root), _store_format(root)).rung
+
+
+def _store_format(root: str) -> str | None:
+    """The layer format of the store at root; None while it does not exist (or cannot be read: the
+    command's own error, or doctor's storage check, says so)."""
+    from rootless.store.store import Store
+
+    store = Store(root)
+    try:
+        return store.layer_format.name if store.exists() else None
+    except RbuildError:
+        return None
 
 
 def _refuse_run(plan: Any, why: str) -> None:
@@ -826,8 +856,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """Exit 0 when RUN works here, 1 when only RUN-less builds do, 2 when nothing does."""
     from rootless.env import paths, probe
 
-    result = probe.probe(paths.store_root(getattr(args, "root", None)))
-    choice = probe.choose(result)
+    root = paths.store_root(getattr(args, "root", None))
+    result = probe.probe(root)
+    choice = probe.choose(result, _store_format(root))
     status = 0 if choice.run_possible else (1 if result.storage_writable else 2)
     if args.json:
         checks = [{"name": c.name, "ok": c.ok, "detail": c.detail, "remedy": c.remedy} for c in result.checks]
@@ -887,4 +918,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
         return 125
-    return _guard(args, lambda: int(args.func(args) or 0))
+    return _guard(args, lambda: _isolated(args))
+
+
+def _isolated(args: argparse.Namespace) -> int:
+    """The command, under the user's `--isolation` (or RBUILD_ISOLATION), applied before it looks around."""
+    name = getattr(args, "isolation", None) or os.environ.get("RBUILD_ISOLATION")
+    if name:
+        from rootless.env import userns
+
+        userns.force(name)
+    return int(args.func(args) or 0)

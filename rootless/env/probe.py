@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass
 from rootless.env.userns import sub_ranges
 from rootless.kernel import linux
 from rootless.kernel.fsutil import atomic_write
+from rootless.layer.format import OVERLAY
 from rootless.rootfs import fusehelper
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CAP_CHOWN, CAP_FOWNER, CAP_MKNOD, CAP_SYS_CHROOT, CAP_SYS_ADMIN = 0, 3, 27, 18, 21
 FULL_MAP = "0 0 4294967295"
 # statfs f_type of the filesystems whose names matter to a remedy
@@ -129,8 +130,12 @@ class Choice:
     skipped: tuple[str, ...]
 
 
-def choose(probe: Probe) -> Choice:
-    """The best rung the probe allows (a pure function: the strategy code calls it with a cached probe)."""
+def choose(probe: Probe, layer_format: str | None = None) -> Choice:
+    """The best rung the probe allows (a pure function: builds call it with the cached probe, so `doctor`
+    and a build decide once, the same way). `layer_format`: the store's, when it exists (a store in rbuild's
+    xattr format cannot be mounted by kernel overlay)."""
+    from rootless.env import strategy
+
     skipped: list[str] = []
 
     def why(rung: int, *names: str, extra: str = "") -> None:
@@ -140,12 +145,15 @@ def choose(probe: Probe) -> Choice:
     if not probe.storage_writable:
         return Choice(5, False, (f"storage: {probe.check('storage').detail}",))
     namespaced = probe.userns or probe.real_root
-    if namespaced and probe.check("overlay").ok:
+    overlay_format = layer_format in (None, OVERLAY.name)
+    if namespaced and probe.check("overlay").ok and overlay_format:
         return Choice(1, True, ())
-    why(1, "user_namespace", "overlay")
-    if namespaced and probe.check("mount").ok and probe.check("fuse").ok:
+    fmt = "" if overlay_format else f"the store's layers are in the {layer_format} format"
+    why(1, "user_namespace", "overlay", extra=fmt)
+    fuse = "" if strategy.DRIVERS["fuse"] else "the fuse storage driver is not available yet in this rbuild"
+    if namespaced and probe.check("mount").ok and probe.check("fuse").ok and overlay_format and not fuse:
         return Choice(2, True, tuple(skipped))
-    why(2, "user_namespace", "mount", "fuse")
+    why(2, "user_namespace", "mount", "fuse", extra="; ".join(x for x in (fmt, fuse) if x))
     if namespaced:
         return Choice(3, True, tuple(skipped))
     why(3, "user_namespace")
@@ -293,6 +301,7 @@ def _namespace_probe(base: str | None, real_root: bool) -> dict[str, object]:
             out["overlay"] = ""
         except OSError as e:
             out["overlay"] = _errno_name(e)
+        out["fuse"] = _fuse_probe(tmp)  # before the pid namespace probe: forks fail once its init is gone
         out["proc"] = _proc_probe(os.path.join(tmp, "p"))
     finally:
         for dirpath, dirnames, _ in os.walk(tmp):
@@ -300,6 +309,26 @@ def _namespace_probe(base: str | None, real_root: bool) -> dict[str, object]:
                 os.chmod(os.path.join(dirpath, d), 0o700)
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+_FUSE_NEEDS = ("storage", "user_namespace", "mount")  # checks whose failure stops the FUSE mount probe
+
+
+def _fuse_probe(tmp: str) -> str:
+    """The FUSE helper serving a tree from `tmp` as a build would (in this namespace): "" or why not."""
+    if fusehelper.helper_path() is None:
+        return "the helper was not built"
+    from rootless.errors import RbuildError
+    from rootless.rootfs import fuse
+
+    for d in ("fu", "fw", "fm"):
+        os.mkdir(os.path.join(tmp, d))
+    try:
+        with fuse.serving([f"{tmp}/l"], f"{tmp}/fu", f"{tmp}/fw", f"{tmp}/fm"):
+            pass
+    except RbuildError as e:
+        return str(e)
+    return ""
 
 
 def _proc_probe(target: str) -> str:
@@ -533,14 +562,23 @@ def _probe(storage: str) -> Probe:
         dev = ""
     except OSError as e:
         dev = f"/dev/fuse: {e.strerror}"
+    served = ns.get("fuse")
     if dev:
         checks.append(Check("fuse", False, dev, FUSE_REMEDY))
     elif helper is None:
         checks.append(
             Check("fuse", False, "/dev/fuse usable; the helper was not built", "reinstall rbuild with libfuse3-dev")
         )
+    elif served is None:
+        skip = "mount(2) is refused" if ns.get("mount") else ("needs a user namespace" if not userns else "no storage")
+        remedy = next((c.remedy for c in checks if not c.ok and c.remedy and c.name in _FUSE_NEEDS), MOUNT_REMEDY)
+        checks.append(
+            Check("fuse", False, f"/dev/fuse usable; helper {helper}; a FUSE mount: not tried ({skip})", remedy)
+        )
+    elif served:
+        checks.append(Check("fuse", False, f"/dev/fuse usable; helper {helper}; but {served}", MOUNT_REMEDY))
     else:
-        checks.append(Check("fuse", True, f"/dev/fuse usable; helper {helper}"))
+        checks.append(Check("fuse", True, f"/dev/fuse usable; helper {helper}; a FUSE overlay mount on {fs} works"))
 
     checks.extend(_id_checks(uid, real_root, userns, nnp))
     notif = "user_notif" in _read("/proc/sys/kernel/seccomp/actions_avail").split()

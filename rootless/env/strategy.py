@@ -45,15 +45,21 @@ def _overlay() -> RootfsDriver:
     return OverlayDriver()
 
 
+def _fuse() -> RootfsDriver:
+    from rootless.rootfs.fuse import FuseDriver
+
+    return FuseDriver()
+
+
 def _copy() -> RootfsDriver:
     from rootless.rootfs.copy import CopyDriver
 
     return CopyDriver()
 
 
-# The rootfs drivers, best first: name -> (factory, or None while not available in this rbuild). A forced
-# driver is refused with the reason `usable` gives; the automatic choice takes the first usable one.
-DRIVERS: dict[str, Callable[[], RootfsDriver] | None] = {"overlay": _overlay, "fuse": None, "copy": _copy}
+# The rootfs drivers, best first: name -> factory. A forced driver is refused with the reason `usable` gives;
+# the automatic choice takes the first usable one.
+DRIVERS: dict[str, Callable[[], RootfsDriver]] = {"overlay": _overlay, "fuse": _fuse, "copy": _copy}
 DRIVER_ALIASES = {"vfs": "copy"}
 
 
@@ -65,12 +71,23 @@ def driver_name(name: str) -> str:
     return name
 
 
-def usable(name: str, storage: str) -> str | None:
-    """Why the driver `name` cannot work on the store directory `storage` here, or None when it can."""
-    if DRIVERS[name] is None:
-        return f"the {name} storage driver is not available yet in this rbuild"
+def usable(name: str, storage: str, layer_format: LayerFormat = FORMAT, made_by: str | None = None) -> str | None:
+    """Why the driver `name` cannot work on the store directory `storage` (whose layers are in
+    `layer_format`, last written by the rung `made_by`) here, or None when it can."""
+    factory = DRIVERS[name]
+    if layer_format.name not in factory().formats:
+        by = f", last written by the {made_by} rung" if made_by else ""
+        return (
+            f"the store {storage} holds layers in the {layer_format.name} format (made on a filesystem that "
+            f"refuses kernel overlay's whiteouts{by}), which the {name} driver cannot build on: use "
+            "--storage-driver copy with this store, or give the build a new store with --root"
+        )
     if name == "overlay":
         return overlay_fault(storage)
+    if name == "fuse":
+        from rootless.rootfs import fuse
+
+        return fuse.fault(storage)
     return None
 
 
@@ -119,25 +136,47 @@ def _fs_type(path: str) -> str | None:
     return fstype
 
 
-def choose(idmap: IdMap, storage: str | None = None, driver: str | None = None) -> Strategy:
+# the rootfs driver of each rung of `env.probe` (`RUNGS`): rungs 4 and 5 have no mounts
+RUNG_DRIVERS = {1: "overlay", 2: "fuse", 3: "copy", 4: "copy", 5: "copy"}
+
+
+def choose(
+    idmap: IdMap,
+    storage: str | None = None,
+    driver: str | None = None,
+    layer_format: LayerFormat = FORMAT,
+    made_by: str | None = None,
+    rung: int | None = None,
+) -> Strategy:
     """The strategy for a build under `idmap` (the mapping the user namespace was given), on the store
-    directory `storage`. `driver`: the user's choice (an error when it cannot work, never a fallback);
-    None: overlay when a real overlay mount works on the store, else copy."""
+    directory `storage` whose layers are in `layer_format` (`made_by`: the rung that last wrote it).
+    `driver`: the user's choice (an error when it cannot work, never a fallback); None: the driver of
+    `rung`, the rung `env.probe.choose` found (what `rbuild doctor` reports), or without one the first
+    that works here (a real overlay mount on the store, its layers overlay's; else a real FUSE mount; else copy)."""
     from rootless.env import userns
 
     isolation = userns.isolation(idmap)
+    # FUSE is mounted in rbuild's own user namespace; outside one libfuse would fall back to the setuid
+    # fusermount3 and mount on the host, which no rung wants
+    no_fuse = "the fuse storage driver needs a user namespace of rbuild's own" if isolation.startswith("none") else None
     if driver is not None:
         name = driver_name(driver)
-        fault = usable(name, storage) if storage is not None else None
+        fault = (no_fuse if name == "fuse" else None) or (
+            usable(name, storage, layer_format, made_by) if storage is not None else None
+        )
         if fault:
             raise RbuildError(f"storage driver {name} cannot be used: {fault}")
+    elif isolation in ("none", "none-privileged"):  # no mount namespace: nothing can be mounted
+        name = "copy"
+    elif rung is not None:
+        name = RUNG_DRIVERS[rung]
     elif storage is None:
         name = "overlay"
     else:
-        name = next(n for n in DRIVERS if usable(n, storage) is None)
-    factory = DRIVERS[name]
-    assert factory is not None  # usable() refused the others
-    return Strategy(isolation, factory(), Ownership.for_mapping(idmap.single), FORMAT)
+        name = next(n for n in DRIVERS if not (n == "fuse" and no_fuse) and usable(n, storage, layer_format) is None)
+    rootfs = DRIVERS[name]()
+    rootfs.layer_format = layer_format
+    return Strategy(isolation, rootfs, Ownership.for_mapping(idmap.single), layer_format)
 
 
 def runs_possible(chosen: Strategy) -> str | None:

@@ -140,9 +140,39 @@ def userns_blocked() -> str | None:
     return None if err == 0 else userns_gate(err)
 
 
+# `--isolation` / RBUILD_ISOLATION: the user's name -> the rung (None: the best that works here)
+ISOLATIONS: dict[str, str | None] = {
+    "auto": None,
+    "host": "host-root",
+    "userns": "userns",
+    "single": "userns-single",
+    "privileged": "none-privileged",
+    "none": "none",
+}
+ISOLATION_ALIASES = {"chroot": "privileged"}  # buildah's name for running RUN without a user namespace
+_forced: list[str] = []  # the rung the user forced for this process (set once by the command line)
+
+
+def force(name: str) -> None:
+    """Force the isolation rung `name` (a user's `--isolation`) for this process: a rung that cannot work
+    here is then an error saying why (`host_mapping`), never a fallback to another."""
+    key = ISOLATION_ALIASES.get(name, name)
+    if key not in ISOLATIONS:
+        names = ", ".join([*ISOLATIONS, *ISOLATION_ALIASES])
+        raise RbuildError(f"unknown isolation {name!r}: choose one of {names}")
+    _forced[:] = [r for r in (ISOLATIONS[key],) if r is not None]
+
+
+def forced() -> str | None:
+    """The rung the user forced, or None (the automatic choice)."""
+    return _forced[0] if _forced else None
+
+
 def isolation(idmap: IdMap) -> str:
     """How a build under `idmap` is isolated: `host-root`, `userns`, `userns-single`, or, where no user
     namespace can be made, `none-privileged` (real chown, no mounts) or `none` (owners recorded, no RUN)."""
+    if _forced:
+        return _forced[0]
     if idmap.real_root:
         return "host-root" if has_caps(CAP_SYS_ADMIN) else "none-privileged"
     if userns_blocked() is not None:
@@ -152,7 +182,9 @@ def isolation(idmap: IdMap) -> str:
 
 def host_mapping() -> tuple[IdMap, str | None]:
     """The mapping this user gets, plus a one-line notice when it is the degraded single-uid map."""
-    uid, gid = os.getuid(), os.getgid()
+    uid = os.getuid()
+    if _forced:
+        return _forced_mapping(_forced[0]), None
     if real_root():
         return IdMap(IDENTITY, IDENTITY, real_root=True), None
     if uid == 0 and has_caps(CAP_SETUID, CAP_SETGID):
@@ -167,6 +199,15 @@ def host_mapping() -> tuple[IdMap, str | None]:
     blocked = userns_blocked()
     if blocked is not None:  # rung 5: this namespace, this uid, owners recorded
         return single_map(), f"rbuild: no user namespace here: {blocked}; builds without RUN still work"
+    ranged, why = _range_map()
+    if ranged is not None:
+        return ranged, None
+    return single_map(), f"rbuild: {why}: {_SINGLE}"
+
+
+def _range_map() -> tuple[IdMap | None, str]:
+    """The map of this user's /etc/subuid and /etc/subgid ranges, or None and why there is none."""
+    uid, gid = os.getuid(), os.getgid()
     names = {str(uid)}
     try:
         names.add(pwd.getpwuid(uid).pw_name)
@@ -186,9 +227,47 @@ def host_mapping() -> tuple[IdMap, str | None]:
         for start, count in subgids:
             gids.append((inside, start, count))
             inside += count
-        return IdMap(tuple(uids), tuple(gids)), None
+        return IdMap(tuple(uids), tuple(gids)), ""
     why = "newuidmap/newgidmap not found" if not helpers else f"no range for uid {uid} in /etc/subuid and /etc/subgid"
-    return single_map(), f"rbuild: {why}: {_SINGLE}"
+    return None, why
+
+
+def _forced_mapping(rung: str) -> IdMap:
+    """The mapping of the rung the user forced; an error saying why when it cannot work here."""
+    flag = f"--isolation {next(k for k, v in ISOLATIONS.items() if v == rung)}"
+    if rung == "host-root":
+        if not real_root():
+            raise RbuildError(
+                f"{flag}: this is not real root (uid {os.getuid()}, CAP_SYS_ADMIN in the initial user namespace "
+                "is needed); use --isolation auto"
+            )
+        return IdMap(IDENTITY, IDENTITY, real_root=True)
+    if rung == "none-privileged":
+        if os.getuid() != 0 or not has_caps(*PRIVILEGED_CAPS):
+            raise RbuildError(
+                f"{flag}: building without a user namespace with real chown needs uid 0 with CAP_CHOWN, "
+                "CAP_FOWNER, CAP_MKNOD, CAP_SYS_CHROOT, CAP_SETUID and CAP_SETGID (root of a container); "
+                f"this is uid {os.getuid()}: use --isolation auto"
+            )
+        return IdMap(own_map("uid_map"), own_map("gid_map"), real_root=True)
+    if rung == "none":
+        return single_map()
+    if real_root():
+        raise RbuildError(f"{flag}: real root builds without a user namespace: use --isolation host or auto")
+    blocked = userns_blocked()
+    if blocked is not None:
+        raise RbuildError(f"{flag}: no user namespace can be created here: {blocked}")
+    if rung == "userns-single":
+        return single_map()
+    if os.getuid() == 0 and has_caps(CAP_SETUID, CAP_SETGID):  # root of a container: its own ids
+        return IdMap(own_map("uid_map"), own_map("gid_map"))
+    ranged, why = _range_map()
+    if ranged is None:
+        raise RbuildError(
+            f"{flag}: {why} (remedy: add a range, e.g. usermod --add-subuids 100000-165535 "
+            "--add-subgids 100000-165535 USER, or use --isolation single)"
+        )
+    return ranged
 
 
 _SINGLE = "using a single-uid user namespace (only uid 0 exists in builds)"
@@ -222,6 +301,11 @@ def _write_maps(pid: int, idmap: IdMap, warn: Callable[[str], None]) -> IdMap:
         if res.returncode == 0:
             continue
         why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+        if n == 0 and _forced:
+            raise RbuildError(
+                f"--isolation userns: {tool} failed ({why}); the subuid map cannot be written here "
+                "(no_new_privs, helpers not setuid, or a range outside this namespace): use --isolation single"
+            )
         if n == 0:  # nothing is mapped yet: the map any user may write still can be
             fallback = single_map()
             warn(f"rbuild: {tool} failed ({why}): {_SINGLE}")
@@ -238,9 +322,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def _unshare_flags(idmap: IdMap) -> int:
-    if idmap.real_root:  # host root: a private mount namespace; root of a container without one: nothing
-        return linux.CLONE_NEWNS if has_caps(CAP_SYS_ADMIN) else 0
-    return 0 if isolation(idmap) == "none" else linux.CLONE_NEWUSER | linux.CLONE_NEWNS
+    rung = isolation(idmap)
+    if rung == "host-root":  # a private mount namespace
+        return linux.CLONE_NEWNS
+    if rung in ("none-privileged", "none"):  # the current namespaces: no mounts
+        return 0
+    return linux.CLONE_NEWUSER | linux.CLONE_NEWNS
 
 
 def run_inside(

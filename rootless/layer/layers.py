@@ -1,10 +1,8 @@
 """Layers: unpack tar layers into overlay lower dirs, and write them back as deterministic tar streams.
 
-The local store keeps every layer unpacked, in kernel-overlay lower-dir format (`userxattr` mode):
-
-* a whiteout is a 0:0 character device (mknod of 0:0 works in a user namespace);
-* an opaque directory carries the xattr ``user.overlay.opaque`` = ``y``
-(`rootless.layer.format` is the one place that knows this).
+The local store keeps every layer unpacked, in the store's layer format (`rootless.layer.format`, the one
+place that knows how whiteouts and opaque dirs are marked): kernel-overlay lower dirs (`userxattr` mode),
+or rbuild's own xattr markers on a store whose filesystem refuses those (an overlayfs).
 
 Some things a layer holds cannot be created by an unprivileged user, so they are recorded in xattrs of
 rbuild's own ``user.rbuild.*`` namespace, which `write_tar` turns back into the original tar entry:
@@ -55,7 +53,8 @@ if TYPE_CHECKING:
 
 from rootless.blob.verify import BlobMismatch, Verifier, VerifyingReader
 from rootless.errors import RbuildError
-from rootless.layer.format import FORMAT
+from rootless.layer import format as lformat
+from rootless.layer.format import FORMAT, LayerFormat, is_opaque, is_whiteout
 from rootless.layer.ownership import Ownership
 
 __all__ = [
@@ -72,7 +71,6 @@ __all__ = [
     "in_lowers",
 ]
 
-XATTR_OPAQUE = FORMAT.opaque_xattr
 XATTR_DEV = "user.rbuild.dev"
 XATTR_STAT = "user.rbuild.stat"
 XATTR_LSTAT = "user.rbuild.lstat"
@@ -434,8 +432,11 @@ def _show(comps: tuple[bytes, ...]) -> str:
 class _Unpacker:
     whiteouts = True  # `.wh.` names are overlay whiteouts (a layer); a plain archive has none
 
-    def __init__(self, dest: str, lowers: Sequence[str], ownership: Ownership, limits: UnpackLimits) -> None:
+    def __init__(
+        self, dest: str, lowers: Sequence[str], ownership: Ownership, limits: UnpackLimits, fmt: LayerFormat
+    ) -> None:
         self.root = os.open(dest, _DIRFLAGS)
+        self.fmt = fmt
         self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
         self.owner = _Owner(ownership)
         self.limits = limits
@@ -482,7 +483,7 @@ class _Unpacker:
                     st = os.stat(c, dir_fd=fd, follow_symlinks=False)
                     if stat.S_ISLNK(st.st_mode):
                         raise LayerError(f"path component {_show(prefix)!r} is a symlink") from None
-                    if not FORMAT.is_whiteout(st):
+                    if not is_whiteout(st, c, dir_fd=fd):
                         raise LayerError(f"path component {_show(prefix)!r} is not a directory") from None
                     if not create:
                         raise _Missing from None
@@ -507,7 +508,7 @@ class _Unpacker:
         os.mkdir(prefix[-1], 0o700, dir_fd=pfd)
         fd = os.open(prefix[-1], _DIRFLAGS, dir_fd=pfd)
         if whiteout:
-            FORMAT.set_opaque(fd)
+            self.fmt.set_opaque(fd)
             self.opaque.add(prefix)
         if lower is None:
             self.dirmeta[prefix] = (0o755, 0)
@@ -539,7 +540,7 @@ class _Unpacker:
                     st = os.lstat(layer + sub)
                 except (FileNotFoundError, NotADirectoryError):
                     continue
-                if FORMAT.is_whiteout(st):
+                if is_whiteout(st, layer + sub):
                     break
                 if not stat.S_ISDIR(st.st_mode):
                     if found is None:
@@ -549,7 +550,7 @@ class _Unpacker:
                 if found is None:
                     found = layer + sub
                 nxt.append(layer)
-                if _getxattr(layer + sub, XATTR_OPAQUE, follow_symlinks=False) == b"y":
+                if is_opaque(layer + sub):
                     break
             if found is None:
                 return None
@@ -587,9 +588,10 @@ class _Unpacker:
             self._uncache_under(comps)
             shutil.rmtree(name, dir_fd=pfd)
             return "absent"
+        was_whiteout = is_whiteout(st, name, dir_fd=pfd)
         os.unlink(name, dir_fd=pfd)
         self.lrec.get(comps[:-1], {}).pop(name, None)
-        return "whiteout" if FORMAT.is_whiteout(st) else "absent"
+        return "whiteout" if was_whiteout else "absent"
 
     def _uncache_under(self, comps: tuple[bytes, ...]) -> None:
         """Forget what was under a removed directory (the cached fd too, but never its parent's)."""
@@ -669,7 +671,7 @@ class _Unpacker:
             fd = os.open(base, _DIRFLAGS, dir_fd=pfd)
             try:
                 if state == "whiteout":
-                    FORMAT.set_opaque(fd)
+                    self.fmt.set_opaque(fd)
                     self.opaque.add(comps)
                 self._own(comps[:-1], pfd, base, ti.uid, ti.gid, fd=fd, fresh=state != "dir")
                 self._xattrs(fd, ti)
@@ -754,7 +756,7 @@ class _Unpacker:
         if base == _OPQ:
             fd = self.parent(comps[:-1])
             assert fd is not None
-            FORMAT.set_opaque(fd)
+            self.fmt.set_opaque(fd)
             self.opaque.add(comps[:-1])
             return
         if base.startswith(_WH + _WH):  # aufs metadata (.wh..wh.plnk etc.): nothing to apply
@@ -767,13 +769,13 @@ class _Unpacker:
         try:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
-            FORMAT.make_whiteout(name, dir_fd=pfd)
+            self.fmt.make_whiteout(name, dir_fd=pfd)
             self._special_meta(pfd, comps[:-1] + (name,), ti)
             return
         if stat.S_ISDIR(st.st_mode):  # added by this layer: stays, but hides what lower layers had
             fd = os.open(name, _DIRFLAGS, dir_fd=pfd)
             try:
-                FORMAT.set_opaque(fd)
+                self.fmt.set_opaque(fd)
             finally:
                 os.close(fd)
             self.opaque.add(comps[:-1] + (name,))
@@ -790,7 +792,7 @@ class _Unpacker:
                 tst = os.stat(tcomps[-1], dir_fd=tfd, follow_symlinks=False)
             except FileNotFoundError:
                 pass
-        if tst is None or FORMAT.is_whiteout(tst):
+        if tst is None or is_whiteout(tst, tcomps[-1], dir_fd=tfd):
             if tparent is not None:
                 os.close(tfd)
             raise LayerError(f"hard link target {_show(tcomps)!r} is not in this layer")
@@ -841,7 +843,7 @@ class _ArchiveUnpacker(_Unpacker):
     whiteouts = False
 
     def __init__(self, dest: str, owner: tuple[int, int] | None, ownership: Ownership) -> None:
-        super().__init__(dest, (), ownership, UnpackLimits())
+        super().__init__(dest, (), ownership, UnpackLimits(), FORMAT)  # a tree: it writes no whiteouts
         self.dest = dest
         self.forced = owner
 
@@ -954,14 +956,15 @@ def unpack(
     lowers: Sequence[str] = (),
     ownership: Ownership = Ownership.MAPPED,
     limits: UnpackLimits | None = None,
+    fmt: LayerFormat = FORMAT,
 ) -> None:
-    """Unpack an uncompressed tar layer into `dest` (an existing empty dir) as an overlay lower dir.
+    """Unpack an uncompressed tar layer into `dest` (an existing empty dir) as a layer dir in `fmt` (the store's).
 
     Runs as uid 0 of the user namespace. `lowers` are the image's lower layer dirs, top first, so that a
     symlink planted by an earlier layer is seen and never followed. With `Ownership.RECORDED` (no subuid
     range) foreign owners are recorded in xattrs instead of chowned; so are ids the namespace does not map.
     """
-    u = _Unpacker(dest, lowers, ownership, limits or UnpackLimits())
+    u = _Unpacker(dest, lowers, ownership, limits or UnpackLimits(), fmt)
     try:
         u.run(stream)
     except OSError as e:
@@ -1021,12 +1024,12 @@ def _own_new(root: int, lowers: list[bytes], owner: tuple[int, int]) -> None:
     while stack:
         dfd, comps, hidden = stack.pop()
         try:
-            opaque = hidden or _getxattr(dfd, XATTR_OPAQUE) == b"y"
+            opaque = hidden or is_opaque(dfd)
             lrec = _parse_lstat(_getxattr(dfd, XATTR_LSTAT) or b"", b"/".join(comps))
             for name in os.listdir(dfd):
                 bname = os.fsencode(name)
                 st = os.stat(bname, dir_fd=dfd, follow_symlinks=False)
-                if FORMAT.is_whiteout(st):
+                if is_whiteout(st, bname, dir_fd=dfd):
                     continue
                 sub = comps + (bname,)
                 if stat.S_ISDIR(st.st_mode):
@@ -1056,7 +1059,7 @@ def _records(target: int | bytes, follow_symlinks: bool = True) -> dict[str, byt
     return {
         n: os.getxattr(target, n, follow_symlinks=follow_symlinks)
         for n in os.listxattr(target, follow_symlinks=follow_symlinks)
-        if n.startswith("user.rbuild.")
+        if n.startswith("user.rbuild.") and n not in lformat.MARKERS
     }
 
 
@@ -1153,7 +1156,7 @@ def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | 
                 st = os.lstat(layer + sub)
             except (FileNotFoundError, NotADirectoryError):
                 continue
-            if FORMAT.is_whiteout(st):
+            if is_whiteout(st, layer + sub):
                 break
             if found is None:
                 found = layer + sub
@@ -1162,7 +1165,7 @@ def _merged_entry(lowers: Sequence[bytes], comps: tuple[bytes, ...]) -> bytes | 
             elif not stat.S_ISDIR(st.st_mode):
                 break
             nxt.append(layer)
-            if _getxattr(layer + sub, XATTR_OPAQUE, follow_symlinks=False) == b"y":
+            if is_opaque(layer + sub):
                 break
         if found is None or last:
             return found
@@ -1197,7 +1200,7 @@ def _normalize_dir(
     """`hidden`: an opaque directory above hides the lowers (nothing here was copied up)."""
     opaque = False
     for xname in os.listxattr(dfd):
-        if xname == XATTR_OPAQUE and os.getxattr(dfd, xname) == b"y":
+        if xname in (lformat.OVERLAY_OPAQUE, lformat.XATTR_OPAQUE) and os.getxattr(dfd, xname) == b"y":
             opaque = True
         elif xname.startswith("user.overlay."):
             os.removexattr(dfd, xname)
@@ -1446,7 +1449,7 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
         for e in it:
             name = os.fsencode(e.name)
             st = e.stat(follow_symlinks=False)
-            items.append((_WH + name if FORMAT.is_whiteout(st) else name, name, st))
+            items.append((_WH + name if is_whiteout(st, name, dir_fd=dfd) else name, name, st))
     items.sort(key=lambda t: (t[0], t[1]))
     for out_name, name, st in items:
         path = prefix + out_name
@@ -1459,13 +1462,13 @@ def _tar_dir(sink: _Sink, dfd: int, prefix: bytes, links: dict[tuple[int, int], 
                 xattrs = _xattrs_of(fd)
                 uid, gid = _owner(st, xattrs, path)
                 sink.put(_header(path + b"/", perm, uid, gid, 0, mtime, b"5", xattrs=_kept(xattrs)))
-                if xattrs.get(XATTR_OPAQUE) == b"y":
+                if b"y" in (xattrs.get(lformat.OVERLAY_OPAQUE), xattrs.get(lformat.XATTR_OPAQUE)):
                     sink.put(_header(path + b"/" + _OPQ, perm, uid, gid, 0, mtime, b"0"))
                 yield _tar_dir(sink, fd, path + b"/", links)
             finally:
                 os.close(fd)
             continue
-        if FORMAT.is_whiteout(st):  # never a hard link: overlay shares one inode among its whiteouts
+        if out_name != name:  # a whiteout, never a hard link: overlay shares one inode among its whiteouts
             uid, gid = _child_owner(lrec, name, st)
             sink.put(_header(path, perm, uid, gid, 0, mtime, b"0"))
             continue

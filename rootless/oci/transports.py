@@ -26,6 +26,7 @@ from rootless.errors import RbuildError
 from rootless.events import Reporter
 from rootless.kernel.fspath import open_beneath, open_regular
 from rootless.kernel.fsutil import atomic_file, atomic_write
+from rootless.layer.format import FORMAT, LayerFormat
 from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
@@ -426,6 +427,7 @@ def import_image(
                     store.layer_dirs(diff_ids[:i]),
                     ownership,
                     f"{source.name}: ",
+                    store.layer_format,
                 )
                 store.add_layer(
                     target,
@@ -449,18 +451,25 @@ def import_image(
 
 
 def unpack_blob(
-    path: str, name: str, target: str, diff_id: str, lowers: list[str], ownership: Ownership, where: str = ""
+    path: str,
+    name: str,
+    target: str,
+    diff_id: str,
+    lowers: list[str],
+    ownership: Ownership,
+    where: str = "",
+    fmt: LayerFormat = FORMAT,
 ) -> int:
     """Unpack the layer blob `name` at path into target on top of lowers (top first); returns its tar size.
 
-    The tar must be diff_id; `where` prefixes that error (the image's name).
+    The tar must be diff_id; `where` prefixes that error (the image's name); `fmt`: the store's layer format.
     """
     from rootless.layer import layers
 
     with layers.open_blob(path, name=name) as raw:
         reader = VerifyingReader(raw, diff_id)
         try:
-            layers.unpack(reader, target, lowers=lowers, ownership=ownership)
+            layers.unpack(reader, target, lowers=lowers, ownership=ownership, fmt=fmt)
             reader.drain()
         except BlobMismatch:
             raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}") from None

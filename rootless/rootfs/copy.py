@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 from rootless.errors import RbuildError
 from rootless.kernel import linux
-from rootless.layer.format import FORMAT
+from rootless.layer.format import FORMATS, MARKERS, LayerFormat, is_opaque, is_whiteout
 from rootless.rootfs.driver import RootfsDriver, WritableRoot
 
-_PRIVATE_XATTRS = "user.overlay."  # the layer format's markers: interpreted, never copied into a tree
+_PRIVATE_XATTRS = ("user.overlay.", *MARKERS)  # the layer formats' markers: interpreted, never copied into a tree
 _FICLONE = 0x40049409
 _CHUNK = 1 << 20
 _KEPT_TREES = 2  # parent trees kept between steps: the current stage's, and one more (another stage)
@@ -57,13 +57,6 @@ def _xattrs(path: str) -> dict[str, bytes]:
             with contextlib.suppress(OSError):  # one the namespace may not read (trusted.*, some security.*)
                 found[n] = os.getxattr(path, n, follow_symlinks=False)
     return found
-
-
-def _is_opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, FORMAT.opaque_xattr, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
 
 
 def _remove(path: str) -> None:
@@ -173,14 +166,14 @@ def _merge(copier: _Copier, sources: list[str], dst: str, dirs: dict[str, int] |
                 continue
             seen.add(e.name)
             st = e.stat(follow_symlinks=False)
-            if FORMAT.is_whiteout(st):
+            if is_whiteout(st, e.path):
                 continue
             d = os.path.join(dst, e.name)
             if not stat.S_ISDIR(st.st_mode):
                 copier.entry(e.path, st, d)
                 continue
             subs = [e.path]
-            if i + 1 < len(sources) and not _is_opaque(e.path):
+            if i + 1 < len(sources) and not is_opaque(e.path):
                 for lower in sources[i + 1 :]:
                     p = os.path.join(lower, e.name)
                     try:
@@ -190,7 +183,7 @@ def _merge(copier: _Copier, sources: list[str], dst: str, dirs: dict[str, int] |
                     if not stat.S_ISDIR(lst.st_mode):
                         break  # a file or whiteout below hides everything under it
                     subs.append(p)
-                    if _is_opaque(p):
+                    if is_opaque(p):
                         break
             os.mkdir(d, 0o700)
             crel = os.path.join(rel, e.name)
@@ -211,7 +204,7 @@ def _apply(copier: _Copier, layer: str, tree: str) -> None:
             old: os.stat_result | None = os.lstat(d)
         except FileNotFoundError:
             old = None
-        if FORMAT.is_whiteout(st):
+        if is_whiteout(st, e.path):
             if old is not None:
                 _remove(d)
             continue
@@ -220,7 +213,7 @@ def _apply(copier: _Copier, layer: str, tree: str) -> None:
                 _remove(d)
             copier.entry(e.path, st, d)
             continue
-        if old is not None and (not stat.S_ISDIR(old.st_mode) or _is_opaque(e.path)):
+        if old is not None and (not stat.S_ISDIR(old.st_mode) or is_opaque(e.path)):
             _remove(d)
             old = None
         if old is None:
@@ -263,6 +256,8 @@ class CopyDriver(RootfsDriver):
     name = "copy"
     keeps_trees = True
 
+    formats = tuple(FORMATS)  # it reads both, and writes the store's
+
     def __init__(self) -> None:
         self._home: str | None = None
         self._trees: list[_Tree] = []  # least recently used first
@@ -301,7 +296,7 @@ class CopyDriver(RootfsDriver):
             dirs: dict[str, int] = {}
             materialise([tree.path], path, dirs)
             mark = _stamp(os.path.join(workdir, "copy-mark"))
-            yield _CopyRoot(path, tree.path, layer, mark, dirs)
+            yield _CopyRoot(path, tree.path, layer, mark, dirs, self.layer_format)
         finally:
             tree.in_use -= 1
 
@@ -339,8 +334,9 @@ class CopyDriver(RootfsDriver):
 
 
 class _CopyRoot(WritableRoot):
-    def __init__(self, path: str, parent: str, layer: str, mark: int, dirs: dict[str, int]) -> None:
+    def __init__(self, path: str, parent: str, layer: str, mark: int, dirs: dict[str, int], fmt: LayerFormat) -> None:
         super().__init__(path)
+        self.fmt = fmt
         self.parent = parent
         self.layer = layer
         self.mark = mark
@@ -356,7 +352,7 @@ class _Diff:
 
     def __init__(self, root: _CopyRoot) -> None:
         self.tree, self.parent, self.out = root.path, root.parent, root.layer
-        self.mark, self.dirs = root.mark, root.dirs
+        self.mark, self.dirs, self.fmt = root.mark, root.dirs, root.fmt
         self.copier = _Copier(link=True)  # the tree is thrown away after: its inodes become the layer's
         self.made: list[str] = []  # directories made in the layer, parents first
         self.linked: list[tuple[str, os.stat_result]] = []  # names of inodes with more than one
@@ -404,11 +400,11 @@ class _Diff:
     def _whiteout(self, rel: str) -> None:
         path = os.path.join(self.out, rel)
         try:
-            FORMAT.make_whiteout(path)
+            self.fmt.make_whiteout(path)
         except PermissionError:
             raise RbuildError(
-                f"cannot record that /{rel} was removed: the store's filesystem refuses the 0:0 character device "
-                "that marks a removal in a layer (as an overlayfs store does in a user namespace)"
+                f"cannot record that /{rel} was removed: the store's filesystem refuses the {self.fmt.name} "
+                "layer format's whiteout (use a new --root, which takes the format its filesystem allows)"
             ) from None
         os.chmod(path, 0)  # as overlay makes it (the tar keeps modes)
 
@@ -460,7 +456,7 @@ class _Diff:
         if opaque:
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                FORMAT.set_opaque(fd)
+                self.fmt.set_opaque(fd)
             finally:
                 os.close(fd)
 

@@ -17,6 +17,8 @@ import abc
 import contextlib
 from typing import ClassVar
 
+from rootless.layer.format import FORMAT, LayerFormat
+
 
 class WritableRoot(abc.ABC):
     """A step's writable tree. `touched`: existing directories in which the sandbox made (and removed)
@@ -40,6 +42,8 @@ class RootfsDriver(abc.ABC):
 
     name: ClassVar[str]
     keeps_trees: ClassVar[bool] = False  # wants a directory for the whole build (`session`)
+    formats: ClassVar[tuple[str, ...]] = (FORMAT.name,)  # the layer formats it builds on (kernel overlay's)
+    layer_format: LayerFormat = FORMAT  # the store's, set by the strategy: the format its diffs are written in
 
     def session(self, home: str) -> contextlib.AbstractContextManager[None]:
         """The build's lifetime; `home`: a private directory on the store's filesystem, held (and removed)

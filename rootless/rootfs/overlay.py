@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from rootless.errors import RbuildError
 from rootless.kernel import linux
 from rootless.kernel.fspath import open_beneath
-from rootless.layer.format import FORMAT
+from rootless.layer.format import is_opaque
 from rootless.rootfs.driver import RootfsDriver, WritableRoot
 
 
@@ -112,7 +112,7 @@ def _prune_copied_up(upper: str, lowers: list[str], paths: list[str]) -> None:
                 continue
             dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
             try:
-                if os.listdir(dfd) or FORMAT.is_opaque(dfd):
+                if os.listdir(dfd) or is_opaque(dfd):
                     continue
             finally:
                 os.close(dfd)

@@ -20,15 +20,18 @@ to be still valid (SECCOMP_IOCTL_NOTIF_ID_VALID) afterwards: the pid may have be
 
 The process ids are emulated: the RUN runs as the one mapped uid (0 in the namespace); set*id change
 the emulated ids with the kernel's permission rules (per thread group, inherited by children that did
-not change their own), and where USER is not root, get*id answer with them. A root RUN's get*id are
-not trapped (busybox calls getuid in every process: a notification each), so a process that switched
-ids (su) still sees uid 0. What cannot be emulated exactly is reported in `warnings` (the builder
-prints it, naming the instruction): a process that switched to another uid still has root's
-permissions (and, under a root USER, root's ids), and what it creates is recorded as USER's.
+not change their own), and get*id answer with them (apt checks that its switch to _apt took). In a
+root RUN where no process switched ids, the kernel answers get*id at once (busybox calls getuid in every
+process). What cannot be emulated exactly is reported in `warnings` (the builder prints it, naming the
+instruction): a process that switched to another uid still has root's permissions, and what it creates
+is recorded as USER's.
 
-stat is answered with the records (ls -l, find -user, cp -a and busybox chown see recorded owners); not
-emulated: the owners of symlinks and fifos to stat, 32-bit ABIs' struct stat, 16-bit-id getres*id and
-*groups of old i386 programs. See docs/differences.md.
+stat is answered with the records (ls -l, find -user, cp -a and busybox chown see recorded owners); while
+no entry of the RUN's tree can hold a record (none in the lowers, none made yet, USER root) the kernel
+answers it at once, without a look at the path. The round trip stays: a filter cannot be changed from
+outside once the RUN runs (SYNC_WAKE_UP keeps it short). Symlinks' and fifos' owners come from their
+parent's lstat record (the upper dir's first). Not emulated: 32-bit ABIs' struct stat, 16-bit-id
+getres*id and *groups of old i386 programs. See docs/differences.md.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from rootless.layer.ownership import Ownership
 _RECV = 0xC0502100  # SECCOMP_IOCTL_NOTIF_RECV: _IOWR('!', 0, struct seccomp_notif)
 _SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND: _IOWR('!', 1, struct seccomp_notif_resp)
 _ID_VALID = 0x40082102  # SECCOMP_IOCTL_NOTIF_ID_VALID: _IOW('!', 2, __u64)
+_SET_FLAGS = 0x40082104  # SECCOMP_IOCTL_NOTIF_SET_FLAGS: _IOW('!', 4, __u64), Linux 6.6
+_SYNC_WAKE_UP = 1  # SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: the waiting caller and this thread swap on one CPU
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, seccomp_data (nr, arch, ip, args)
 _RESP = struct.Struct("=QqiI")  # id, val, error (negative errno), flags
 _AUDIT_ARCH_I386 = 0x40000003
@@ -114,11 +119,13 @@ class Supervisor:
     _names: dict[tuple[int, int], str] = field(default_factory=dict)
     _thread: threading.Thread | None = None
     _stop: tuple[int, int] = (-1, -1)
+    _records: bool = True  # some entry of the RUN's tree may hold a record (else stat needs no look)
     listener: int = -1
 
     def start(self) -> None:
         from rootless.sandbox import seccomp
 
+        self._records = any(_holds_records(d) for d in self.lowers)
         self._names = seccomp.arch_numbers(seccomp.NOTIFIED + seccomp.GET_IDS + _MKNODS)
         self._stop = os.pipe2(os.O_CLOEXEC)
         self._thread = threading.Thread(target=self._loop, name="rbuild-notify", daemon=True)
@@ -147,6 +154,10 @@ class Supervisor:
         if not fds:  # the sandbox failed before its filter was in place (it reports why)
             return
         self.listener = fds[0]
+        try:  # without it each answer waits for this thread to be scheduled: 30-50 us a call here
+            fcntl.ioctl(self.listener, _SET_FLAGS, _SYNC_WAKE_UP)
+        except OSError:
+            pass  # before Linux 6.6: slower, not wrong
         try:
             self._serve()
         finally:  # no call of the RUN may wait for an answer that never comes: they get ENOSYS now
@@ -340,6 +351,7 @@ class Supervisor:
         entry = self._entry(pid, dirfd, path_arg, follow)
         if entry is None:
             return 0
+        self._records = True
         pfd, name = entry
         try:
             cur_uid, cur_gid = self._owner(pfd, name)
@@ -381,6 +393,7 @@ class Supervisor:
                     raise _Answer(errno.EPERM)  # a device on /dev's tmpfs or a mount: as a namespace says
                 major, minor = (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
                 kind = b"c" if mode & 0o170000 == 0o020000 else b"b"
+                self._records = True
                 layers.make_device_at(pfd, name, kind, major, minor, mode & 0o7777 & ~umask)
                 if (creds.uid[3], creds.gid[3]) != (0, 0):
                     layers.set_owner_at(pfd, name, creds.uid[3], creds.gid[3], ownership=Ownership.RECORDED)
@@ -407,8 +420,9 @@ class Supervisor:
             raise _Answer(errno.EPERM)  # as overlayfs answers it
         if name.startswith(b"user.rbuild."):  # rbuild's own records: only the supervisor writes them. Not
             return 0  # written, as a subuid build's commit drops them: the same image either way
-        if creds.uid[1] != 0 and not name.startswith(b"user."):
-            raise _Answer(errno.EPERM)
+        acl = name.startswith(b"system.posix_acl_")
+        if creds.uid[1] != 0 and not name.startswith(b"user.") and not acl:
+            raise _Answer(errno.EPERM)  # trusted.*, security.*: capabilities a non-root process has not
         root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             if path is None:
@@ -419,6 +433,8 @@ class Supervisor:
             try:
                 if stat.S_ISLNK(os.fstat(tfd).st_mode):
                     raise _Answer(errno.EPERM)  # no user.* on a symlink (and nothing else here)
+                if acl and creds.uid[1] != 0 and not self._owns(pid, tfd, creds.uid[3]):
+                    raise _Answer(errno.EPERM)  # an ACL is its owner's to set (cp -a sets the copy's)
                 os.setxattr(f"/proc/self/fd/{tfd}", name, value, flags)
             finally:
                 os.close(tfd)
@@ -434,6 +450,8 @@ class Supervisor:
         statx's layout is the same on every ABI.
         """
         if call != "statx" and arch != _AUDIT_ARCH_X86_64 or _native() != _AUDIT_ARCH_X86_64:
+            return CONTINUE
+        if not self._records and self.user.uid[1] == 0:  # nothing to show but what the kernel shows
             return CONTINUE
         mask = 0
         if call == "fstat":
@@ -469,6 +487,11 @@ class Supervisor:
                 return CONTINUE
             uid_gid = layers.parse_ids(recs[layers.XATTR_STAT]) if layers.XATTR_STAT in recs else None
             dev = layers.parse_dev(recs[layers.XATTR_DEV]) if layers.XATTR_DEV in recs else None
+            if uid_gid is None and dev is None:
+                try:
+                    uid_gid = self._child_record(pid, tfd)
+                except OSError:
+                    return CONTINUE
             if uid_gid is None and self.user.uid[1] != 0 and self._made_here(pid, tfd):
                 uid_gid = (self.user.uid[0], self.user.gid[0])
             if uid_gid is None and dev is None:
@@ -476,6 +499,52 @@ class Supervisor:
             return self._stat_with(nid, pid, tfd, call, flags, mask, buf, uid_gid, dev)
         finally:
             os.close(tfd)
+
+    def _child_record(self, pid: int, tfd: int) -> tuple[int, int] | None:
+        """The owner recorded for a symlink, fifo or socket open as tfd (in its parent's lstat record).
+
+        The upper dir's copy is asked first: the record there names the upper inode (see _record_dir).
+        """
+        st = os.fstat(tfd)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            return None
+        where = os.fsencode(os.readlink(f"/proc/self/fd/{tfd}"))
+        parent, name = posixpath.split(where)
+        if not where.startswith(b"/") or where.endswith(b" (deleted)") or not name:
+            return None
+        try:
+            pfd = open_beneath(self.upper, os.fsdecode(parent)) if self.upper else -1
+            try:
+                if pfd >= 0:
+                    os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except OSError:
+                os.close(pfd)
+                pfd = -1
+        except OSError:
+            pfd = -1
+        if pfd < 0:
+            root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                pfd = open_in_root(root, parent, os.O_RDONLY | os.O_DIRECTORY)
+            finally:
+                os.close(root)
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            owner = layers.owner_at(pfd, name)
+        finally:
+            os.close(pfd)
+        return None if owner == layers.disk_owner(st) else owner
+
+    def _owns(self, pid: int, tfd: int, uid: int) -> bool:
+        """`uid` owns the entry open as tfd, or may: made by this RUN without a record, it was made by USER
+        or by a process that switched ids (apt's _apt), which the supervisor does not follow."""
+        try:
+            rec = os.getxattr(f"/proc/self/fd/{tfd}", layers.XATTR_STAT)
+        except OSError:
+            rec = None
+        if rec is not None:
+            return layers.parse_ids(rec)[0] == uid
+        return os.fstat(tfd).st_uid == uid or self._made_here(pid, tfd)
 
     def _made_here(self, pid: int, tfd: int) -> bool:
         """The entry open as tfd was made by this RUN (in the tree, 0:0, not in the lowers): USER's."""
@@ -547,6 +616,8 @@ class Supervisor:
         return self.user
 
     def _ids(self, nid: int, pid: int, call: str, args: list[int], legacy: bool) -> int:
+        if call.startswith("get") and not self._creds and (self.user.uid[1], self.user.gid[1]) == (0, 0):
+            return CONTINUE  # a root RUN where no process switched ids: the kernel's answer is the one
         c = self._creds_of(pid)
         if call == "getuid":
             return c.uid[0]
@@ -609,9 +680,48 @@ class Supervisor:
                 comm = str(pid)
             self.warnings.append(
                 f"{comm} switched to uid {new.uid[1]}: a single-uid build does not follow it: it keeps root's "
-                "file permissions (and sees uid 0), and what it creates is recorded as owned by the RUN's user"
+                "file permissions, and what it creates is recorded as owned by the RUN's user"
             )
         self._creds[key[:2]] = new
+
+
+_HOLDS: dict[tuple[str, int, int], bool] = {}
+
+
+def _holds_records(top: str) -> bool:
+    """Some entry of layer dir `top` has an owner or device record (stops at the first one it finds).
+
+    A layer dir does not change once committed: the answer is kept per (path, inode, mtime).
+    """
+    try:
+        st = os.stat(top)
+    except OSError:
+        return True
+    key = (top, st.st_ino, st.st_mtime_ns)
+    if key not in _HOLDS:
+        _HOLDS[key] = _scan(top)
+    return _HOLDS[key]
+
+
+def _scan(path: str) -> bool:
+    try:
+        if any(n.startswith("user.rbuild.") for n in os.listxattr(path)):
+            return True
+        with os.scandir(path) as it:
+            entries = list(it)
+    except OSError:
+        return True  # unreadable: assume records, the slow path is always right
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            if _scan(e.path):
+                return True
+        elif e.is_file(follow_symlinks=False):
+            try:
+                if any(n.startswith("user.rbuild.") for n in os.listxattr(e.path, follow_symlinks=False)):
+                    return True
+            except OSError:
+                return True
+    return False
 
 
 def _change(ids: list[int], kind: str, a: list[int], *, privileged: bool) -> None:

@@ -37,7 +37,8 @@ S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
 # namespace mapping one uid refuses, setxattr (so only the supervisor writes rbuild's own records), and
 # the process credentials it emulates. The *32 names are x86's 32-bit-id calls (libseccomp maps them).
 _SET_IDS = ("setuid", "setgid", "setgroups", "setresuid", "setresgid", "setreuid", "setregid", "setfsuid", "setfsgid")
-# get*id only for a RUN whose USER is not root: busybox alone calls getuid in every process it starts
+# get*id: a process that switched ids (apt's _apt sandbox, su) must see the ids it switched to; in a root
+# RUN where none did, the supervisor lets the kernel answer at once (busybox calls getuid in every process)
 GET_IDS = tuple(
     n + s for n in ("getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups") for s in ("", "32")
 )
@@ -222,7 +223,7 @@ def _personality_denials() -> list[tuple[int, int]]:
     return out
 
 
-def _rules(emulate: bool = False, get_ids: bool = False) -> list[tuple[str, int, list[tuple[int, int, int, int]]]]:
+def _rules(emulate: bool = False) -> list[tuple[str, int, list[tuple[int, int, int, int]]]]:
     """(system call, action, [(arg, op, a, b)...]) for every rule of the filter; `emulate`: single-uid."""
     eperm = _errno(errno.EPERM)
     rules: list[tuple[str, int, list[tuple[int, int, int, int]]]] = [(name, eperm, []) for name in DENIED]
@@ -232,7 +233,7 @@ def _rules(emulate: bool = False, get_ids: bool = False) -> list[tuple[str, int,
     rules.append(("clone3", _errno(errno.ENOSYS), []))
     rules += [("personality", eperm, [(0, CMP_MASKED_EQ, mask, value)]) for mask, value in _personality_denials()]
     if emulate:
-        rules += [(name, ACT_NOTIFY, []) for name in NOTIFIED + (GET_IDS if get_ids else ())]
+        rules += [(name, ACT_NOTIFY, []) for name in NOTIFIED + GET_IDS]
         for name, arg in (("mknod", 1), ("mknodat", 2)):  # device nodes only: fifos and files stay native
             rules += [(name, ACT_NOTIFY, [(arg, CMP_MASKED_EQ, S_IFMT, kind)]) for kind in (S_IFCHR, S_IFBLK)]
     return rules
@@ -252,11 +253,11 @@ def _deny_setxattrat() -> bytes:
 
 
 @functools.cache
-def program(emulate: bool = False, get_ids: bool = False) -> bytes:
+def program(emulate: bool = False) -> bytes:
     """The filter compiled to BPF (struct sock_filter[]) for this machine, made once per process.
 
-    `emulate`: a single-uid RUN's filter, whose NOTIFIED calls go to the supervisor (rootless.sandbox.notify);
-    `get_ids`: GET_IDS too (USER is not root, so the ids a process asks for are not the mapped uid's).
+    `emulate`: a single-uid RUN's filter, whose NOTIFIED and GET_IDS calls go to the supervisor
+    (rootless.sandbox.notify).
     """
     lib = _lib()
     ctx = lib.seccomp_init(ACT_ALLOW)
@@ -269,7 +270,7 @@ def program(emulate: bool = False, get_ids: bool = False) -> bytes:
             token = lib.seccomp_arch_resolve_name(arch.encode())
             if token:  # a libseccomp without that ABI: the kernel kills such calls (a foreign arch)
                 lib.seccomp_arch_add(ctx, token)
-        for name, action, args in _rules(emulate, get_ids):
+        for name, action, args in _rules(emulate):
             nr = lib.seccomp_syscall_resolve_name(name.encode())
             if nr == -1:  # newer than this libseccomp: it cannot be named, so it cannot be refused
                 continue

@@ -588,7 +588,7 @@ def _spawn_once(
         sup = notify_mod.Supervisor(ours, creds, spec.lowers, spec.upper)
         notify = (theirs.detach(), seccomp.syscall_number("seccomp"))
     groups = None if spec.emulate else _settable_groups(spec.groups)
-    program = seccomp.program(spec.emulate, spec.emulate and (spec.uid, spec.gid) != (0, 0))
+    program = seccomp.program(spec.emulate)
     if spec.namespaces:
         ops = plan(spec, files, groups, program, seccomp.syscall_number("keyctl"), notify, fresh_proc=not shared_pid)
     else:

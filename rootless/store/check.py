@@ -108,7 +108,7 @@ def _layer_problem(store: Store, key: str, blob_ok: Callable[[object], bool], ow
             target = os.path.join(tmp, "diff")
             os.mkdir(target, 0o755)
             with layers.open_blob(store.blob_path(sound[0]), diff_id=diff_id) as raw:
-                layers.unpack(raw, target, lowers=lowers, ownership=ownership)
+                layers.unpack(raw, target, lowers=lowers, ownership=ownership, fmt=store.layer_format)
             if layers.write_tar(target, None)[0] == tree:
                 return None
     except RbuildError as e:

@@ -4,9 +4,9 @@ Layout under the store root:
     lock, gc.lock          flock()s guarding the index and garbage collection; they live with the store
                           (not in the runtime dir) so two processes of one store always see the same lock
     (mount points live in the runtime dir, $XDG_RUNTIME_DIR/rbuild or /tmp/rbuild-$UID)
-    store.json            format version and the uid/gid mapping the store was made under
+    store.json            format version, the uid/gid mapping it was made under, its layer format, the last rung
     blobs/sha256/HEX      configs, manifests, compressed layer blobs
-    chains/HEX/           a layer unpacked in overlay lower-dir format on top of its parent layers
+    chains/HEX/           a layer unpacked in the store's layer format on top of its parent layers
                           (HEX = its chain id, see `chain_ids`)
     chains/HEX.json       what is known about it (see `Store.add_layer`)
     images.json           image records: id (config digest), local manifest digest(s), names
@@ -47,6 +47,7 @@ from rootless.blob.verify import BlobMismatch, verify_bytes
 from rootless.errors import RbuildError
 from rootless.idmap import IdMap
 from rootless.kernel.fsutil import atomic_write
+from rootless.layer.format import FORMATS, LayerFormat, for_directory
 
 STORE_VERSION = 2
 LAYER_FORMAT_V2 = "overlay-userxattr"  # the layer format of stores that predate the `strategy` record
@@ -213,11 +214,9 @@ class Store:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
                 for sub in ("blobs/sha256", "chains", "cache", "tmp"):
                     os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
-                atomic_write(
-                    meta_path,
-                    json.dumps({"version": STORE_VERSION, "mapping": idmap.to_json()}, sort_keys=True).encode(),
-                    0o600,
-                )
+                fmt = for_directory(os.path.join(self.root, "tmp")).name  # once: what this filesystem holds
+                new = {"version": STORE_VERSION, "mapping": idmap.to_json(), "layer_format": fmt}
+                atomic_write(meta_path, json.dumps(new, sort_keys=True).encode(), 0o600)
             except OSError as e:
                 raise RbuildError(f"cannot create store at {self.root}: {e.strerror}") from None
             return
@@ -272,20 +271,40 @@ class Store:
             raise RbuildError(f"cannot read the store {self.root}: permission denied (it is another user's)") from None
         return True
 
+    @property
+    def layer_format(self) -> LayerFormat:
+        """The on-disk format of this store's layer dirs: chosen when the store was made (the format its
+        filesystem can hold, `layer.format.for_directory`); stores that predate the choice are overlay's."""
+        meta = self._read_meta()
+        name = meta.get("layer_format") or (meta.get("strategy") or {}).get("layer_format") or LAYER_FORMAT_V2
+        fmt = FORMATS.get(name)
+        if fmt is None:
+            raise RbuildError(f"store {self.root} holds layers in an unknown format {name!r}: use another --root")
+        return fmt
+
+    def last_rung(self) -> str | None:
+        """The rung that last wrote the store ("ISOLATION + ROOTFS"), as `record_strategy` recorded it."""
+        old = self._read_meta().get("strategy")
+        return f"{old.get('isolation')} + {old.get('rootfs')}" if isinstance(old, dict) else None
+
     def record_strategy(self, strategy: dict[str, str]) -> None:
-        """Record the strategy a build uses (`rbuild doctor` and `inspect` of the store show it); refuse
-        one whose layer format differs from the store's layers (they could not be mounted or written)."""
+        """Record the strategy a build uses (`rbuild doctor` and `inspect` of the store show it): the rung
+        that last wrote the store. Another rung may take over a store whose layer format it writes too;
+        one whose format differs is refused (its layers could not be mounted or written)."""
         meta_path = os.path.join(self.root, "store.json")
         meta = self._read_meta()
-        old = meta.get("strategy") or {"layer_format": LAYER_FORMAT_V2}
-        if old.get("layer_format") != strategy["layer_format"]:
+        fmt = self.layer_format.name
+        old = meta.get("strategy") or {}
+        if fmt != strategy["layer_format"]:
+            made = f" (made by the {old.get('isolation')} + {old.get('rootfs')} rung)" if old else ""
             raise RbuildError(
-                f"store {self.root} holds layers in the {old.get('layer_format')} format, and this build "
-                f"({strategy.get('isolation')}, {strategy.get('rootfs')}) writes {strategy['layer_format']}: "
-                "use another --root for it"
+                f"store {self.root}{made} holds layers in the {fmt} format, which the "
+                f"{strategy.get('isolation')} + {strategy.get('rootfs')} rung of this build cannot use "
+                f"(it writes {strategy['layer_format']}): give this build a new store with --root"
             )
-        if old != strategy:
+        if old != strategy or meta.get("layer_format") != fmt:
             meta["strategy"] = strategy
+            meta["layer_format"] = fmt
             atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode(), 0o600)
 
     def set_version(self, version: int) -> None:
