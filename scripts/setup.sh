@@ -11,7 +11,9 @@ sudo=""
 # libseccomp2: the RUN sandbox's filter; python3-seccomp: tests/envsim.py's filters (Debian's python3);
 # libc6-dev: static test programs the sandbox tests compile;
 # libfuse3-dev, fuse3, pkg-config, make: the optional FUSE overlay helper (csrc/) and its tests
-packages="debootstrap tmux zsh fish uidmap libfuse3-dev fuse3 pkg-config make busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc libc6-dev zstd util-linux openssl git libseccomp2 python3-seccomp"
+# linux-source-6.1, patch: the kernel flavor's series must apply to the pinned source (tests/test_kernel_patches.py);
+# e2fsprogs: the bootable example's disk (mkfs.ext4 -d) and its check (debugfs)
+packages="linux-source-6.1 patch e2fsprogs debootstrap tmux zsh fish uidmap libfuse3-dev fuse3 pkg-config make busybox-static docker-registry buildah skopeo umoci python3-venv python3-dev gcc libc6-dev zstd util-linux openssl git libseccomp2 python3-seccomp"
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
