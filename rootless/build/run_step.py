@@ -54,7 +54,15 @@ class RunStep(Step[ins.RunCmd]):
         return list(cmd.args), None
 
     def cache_extra(self, state: StageState, cmd: ins.RunCmd) -> object:
-        return self.mount_key(cmd) if cmd.mounts else None
+        mounts = self.mount_key(cmd) if cmd.mounts else None
+        network = self.network(cmd)
+        return mounts if network == "host" else [mounts, network]  # keys of host-network RUNs stay as they were
+
+    def network(self, cmd: ins.RunCmd) -> str:
+        """The RUN's network: its own --network, else the build's (`default` is the build's, as in BuildKit)."""
+        if cmd.network in (None, "default"):
+            return self.ex.opts.network
+        return cmd.network
 
     def mount_key(self, cmd: ins.RunCmd) -> list[Any]:
         """What RUN --mount adds to the cache key: bind sources' content, never a secret's value."""
@@ -183,8 +191,6 @@ class RunStep(Step[ins.RunCmd]):
         return d
 
     def apply(self, state: StageState, cmd: ins.RunCmd) -> bool:
-        if cmd.network not in (None, "default", "host"):
-            raise self.ex.err(cmd.node, f"RUN --network={cmd.network} is not supported yet")
         run_args = self.ex.run_args(state)
         env = dict(run_args)
         env.update(env_dict(state.config))
@@ -229,6 +235,7 @@ class RunStep(Step[ins.RunCmd]):
                     emulate=emulate,
                     lowers=self.ex.store.layer_dirs(state.layers) if emulate else [],
                     upper=self.ex.step_upper,
+                    network=self.network(cmd),
                 )
                 if self.ex.opts.quiet:
                     with tempfile.TemporaryFile() as out:

@@ -103,6 +103,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
     b.add_argument(
+        "--network",
+        default="host",
+        metavar="host|none",
+        help="the network of RUN steps (default host: rbuild's own; none: loopback only); RUN --network overrides",
+    )
+    b.add_argument(
         "--secret",
         action="append",
         default=[],
@@ -376,6 +382,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise RbuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, not {raw_sde!r}")
         sde = int(raw_sde)
     pull = getattr(args, "pull", "missing")
+    network = _network_mode(args.network)
     secrets = _read_secrets(args.secret)
     from rootless.build.regcache import parse_spec
 
@@ -410,6 +417,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             debug=getattr(args, "log_level", None) == "debug",
             cache_from=cache_from,
             cache_to=cache_to,
+            network=network,
         )
         forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
         chosen = strategy.choose(idmap, store.root, forced)
@@ -436,6 +444,21 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
 
     return _in_namespace(args, run, limited=True)
+
+
+def _network_mode(value: str) -> str:
+    """--network: host (also `default`, BuildKit's word for it) or none; buildah's `private` needs a user-mode
+    network stack (slirp4netns or pasta) rbuild does not have, so it is refused rather than giving no network."""
+    if value in ("host", "default"):
+        return "host"
+    if value == "none":
+        return "none"
+    if value == "private":
+        raise RbuildError(
+            "--network=private: rbuild has no user-mode network stack (slirp4netns, pasta) to connect a private "
+            "network namespace; use --network=none (loopback only) or --network=host"
+        )
+    raise RbuildError(f"--network={value}: unknown network mode (use host or none)")
 
 
 def _refuse_run(plan: Any, why: str) -> None:
