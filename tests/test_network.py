@@ -85,7 +85,8 @@ def test_run_network_none_and_host(
 LOOPBACK = (
     "nc -l -p 4321 > /tmp/got & "
     "for i in 1 2 3 4 5 6 7 8 9 10; do echo ping | nc -w 2 127.0.0.1 4321 && break; sleep 0.2; done; wait; "
-    "echo RESULT=lo-$(cat /tmp/got); echo RESULT=ifaces-$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)"
+    "echo RESULT=lo-$(cat /tmp/got); "
+    "echo RESULT=ifaces-$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)"
 )
 
 

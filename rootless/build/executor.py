@@ -409,16 +409,23 @@ class Executor:
 
     # -- COPY / ADD ---------------------------------------------------------------------------------------
     def source_of(self, ref: str | None, cmd: ins.Command) -> tuple[str, list[str] | None]:
-        """Where --from=REF points: ('context', None), or ('stage'/'image', its layers)."""
+        """Where --from=REF points: ('context', None), ('dir', [a --build-context directory]), or
+        ('stage'/'image', its layers). A --build-context overrides a stage of its name (BuildKit)."""
         if not ref:
             return "context", None
-        low = ref.lower()
-        for s in self.plan.stages:
-            if (s.name == low or str(s.index) == ref) and s.index in self.results:
-                return "stage", self.results[s.index].layers
-        for s in self.plan.stages:
-            if s.name == low or str(s.index) == ref:
-                raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
+        named = self.plan.contexts.get(ref)
+        if named is not None and named[0] == "dir":
+            return "dir", [named[1]]  # a --build-context directory: copied as the build context is (0:0)
+        if named is not None:  # an image: it overrides a stage of that name, as in BuildKit
+            ref = named[1]
+        else:
+            low = ref.lower()
+            for s in self.plan.stages:
+                if (s.name == low or str(s.index) == ref) and s.index in self.results:
+                    return "stage", self.results[s.index].layers
+            for s in self.plan.stages:
+                if s.name == low or str(s.index) == ref:
+                    raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
         rec = self.resolve_image(ref, cmd.node)
         return "image", list(self.store.read_json(rec.id).get("rootfs", {}).get("diff_ids", []))
 

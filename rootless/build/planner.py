@@ -71,6 +71,8 @@ class Plan:
     build_args: dict[str, str]
     target: int
     escape: str = "\\"
+    # --build-context NAME=...: NAME -> ("dir", host path) or ("image", an image reference FROM takes)
+    contexts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def read_containerfile(path: str) -> tuple[bytes, str]:
@@ -107,7 +109,13 @@ def find_containerfile(context: str, given: str | None) -> str:
 
 
 def plan(
-    data: bytes, filename: str, context: str, build_args: dict[str, str], target: str | None, private: bool = False
+    data: bytes,
+    filename: str,
+    context: str,
+    build_args: dict[str, str],
+    target: str | None,
+    private: bool = False,
+    contexts: dict[str, tuple[str, str]] | None = None,
 ) -> Plan:
     """The plan for a Containerfile's text.
 
@@ -121,7 +129,7 @@ def plan(
         cf = containerfile.parse(data, filename)
         if not private:
             _warn(cf.warnings)
-        result = _plan(cf, filename, context, build_args, target)
+        result = _plan(cf, filename, context, build_args, target, contexts or {})
     except ContainerfileError as e:
         if not private:
             raise
@@ -136,12 +144,44 @@ def plan(
     return result
 
 
+def parse_build_context(spec: str) -> tuple[str, tuple[str, str]]:
+    """--build-context NAME=VALUE (BuildKit's named contexts): a directory, docker-image://REF,
+    oci-layout://PATH[:TAG] or rbuild's own oci:PATH[:TAG]. Returns (NAME, (kind, value))."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise RbuildError(f"--build-context {spec!r}: expected NAME=VALUE")
+    if value.startswith("docker-image://"):
+        ref = value.removeprefix("docker-image://")
+        if not ref:
+            raise RbuildError(f"--build-context {spec!r}: docker-image:// names no image")
+        return name, ("image", ref)
+    if value.startswith("oci-layout://"):
+        return name, ("image", "oci:" + value.removeprefix("oci-layout://"))
+    if value.startswith(("oci:", "oci-archive:")):
+        return name, ("image", value)
+    if "://" in value or value.startswith("git@"):
+        raise RbuildError(
+            f"--build-context {spec!r}: only a directory, docker-image://, oci-layout:// or oci: is supported"
+        )
+    path = os.path.abspath(value)
+    if not os.path.isdir(path):
+        raise RbuildError(f"--build-context {spec!r}: {value} is not a directory")
+    return name, ("dir", path)
+
+
 def _warn(warnings: list[str]) -> None:
     for w in warnings:
         print(w, file=sys.stderr)
 
 
-def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, str], target: str | None) -> Plan:
+def _plan(
+    cf: Containerfile,
+    filename: str,
+    context: str,
+    build_args: dict[str, str],
+    target: str | None,
+    contexts: dict[str, tuple[str, str]],
+) -> Plan:
     from rootless.frontend import instructions
     from rootless.frontend.shell import Lexer
 
@@ -167,8 +207,20 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
                 )
             base_stage: int | None = None
             for s in stages:
-                if s.name and s.name == base.lower():
+                if s.name and s.name == base.lower() and base not in contexts:
                     base_stage = s.index
+            # BuildKit (buildx build --build-context): "In Dockerfile the context can be accessed when FROM name
+            # or --from=name is used. When Dockerfile defines a stage with the same name it is overwritten."
+            if base_stage is None and base in contexts:
+                kind, value = contexts[base]
+                if kind != "image":
+                    raise ContainerfileError(
+                        f"FROM {base}: the build context {base} is a directory; FROM needs an image "
+                        f"(--build-context {base}=docker-image://REF or oci-layout://PATH)",
+                        filename,
+                        node.start_line,
+                    )
+                base = value
             if fc.name and any(s.name == fc.name for s in stages):
                 raise ContainerfileError(f"duplicate stage name {fc.name!r}", filename, node.start_line)
             stage = Stage(len(stages), fc.name, base, base_stage, fc)
@@ -182,7 +234,7 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
             )
         stages[-1].commands.append(cmd)
         for ref in _from_refs(cmd):
-            dep = _stage_ref(stages, ref)
+            dep = None if ref in contexts else _stage_ref(stages, ref)
             if dep is not None:
                 stages[-1].deps.add(dep)
     if not stages:
@@ -203,7 +255,7 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
             need(d)
 
     need(tgt)
-    return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape)
+    return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape, contexts)
 
 
 def _from_refs(cmd: object) -> list[str]:

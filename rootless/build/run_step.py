@@ -70,11 +70,13 @@ class RunStep(Step[ins.RunCmd]):
         for m in cmd.mount_specs():
             if m.type == "bind":
                 kind, layer_list = self.ex.source_of(m.from_, cmd)
-                if kind == "context":
+                if kind in ("context", "dir"):
                     h = hashlib.sha256()
                     what = f"{self.ex.plan.filename}:{cmd.node.start_line}: RUN --mount"
-                    items = copyfiles.select(self.ex.plan.context, m.source or ".", self.ex.ignore_rules, what)
-                    copyfiles.hash_sources(items, self.ex.plan.context, self.ex.ignore_rules, h, self.ex.file_digests)
+                    root = self.ex.plan.context if kind == "context" else (layer_list or [""])[0]
+                    rules = self.ex.ignore_rules if kind == "context" else []
+                    items = copyfiles.select(root, m.source or ".", rules, what)
+                    copyfiles.hash_sources(items, root, rules, h, self.ex.file_digests)
                     out.append(["bind", m.source, m.target, m.readonly, h.hexdigest()])
                 else:
                     out.append(["bind", m.source, m.target, m.readonly, kind, layer_list])
@@ -99,8 +101,8 @@ class RunStep(Step[ins.RunCmd]):
                 if not target:
                     raise self.ex.err(cmd.node, "RUN --mount=type=bind needs a target")
                 kind, layer_list = self.ex.source_of(m.from_, cmd)
-                view = self.ex.plan.context
-                if kind != "context":
+                view = self.ex.plan.context if kind != "dir" else (layer_list or [""])[0]
+                if kind not in ("context", "dir"):
                     view = self.ex.layers_view(layer_list or [], os.path.join(mnt, f"from{i}"), stack)
                 rules = self.ex.ignore_rules if kind == "context" else []
                 item = copyfiles.select(view, m.source or ".", rules, what)[0]

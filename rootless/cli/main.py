@@ -87,6 +87,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
     b.add_argument("--build-arg", action="append", default=[], metavar="K[=V]")
     b.add_argument("--label", action="append", default=[], metavar="K=V")
+    b.add_argument(
+        "--build-context",
+        action="append",
+        default=[],
+        metavar="NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]",
+        help="a named context for FROM NAME, COPY --from=NAME and RUN --mount=from=NAME (repeatable)",
+    )
     b.add_argument("--no-cache", action="store_true")
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
@@ -374,7 +381,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.push and not args.tag:
         raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
     outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
-    plan = planner.plan(data, shown, context, build_args, args.target, private=outside)
+    contexts = dict(planner.parse_build_context(v) for v in args.build_context)
+    plan = planner.plan(data, shown, context, build_args, args.target, private=outside, contexts=contexts)
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
     if raw_sde:
