@@ -169,7 +169,14 @@ class Executor:
         if stage.base.lower() == "scratch":
             config = cast(ImageConfig, img.new_config(self.created()))
             config["config"]["Env"] = ["PATH=" + sandbox.DEFAULT_PATH]
-            return StageState(config, [], key_of(CACHE_VERSION, "scratch", self.epoch, self.clamp), {})
+            if self.plan.platform is not None:  # --platform: the image is for the target platform
+                config["os"], config["architecture"] = self.plan.platform[:2]
+                if self.plan.platform[2]:
+                    config["variant"] = self.plan.platform[2]
+            key = key_of(
+                CACHE_VERSION, "scratch", self.epoch, self.clamp, *([self.plan.platform] if self.plan.platform else [])
+            )
+            return StageState(config, [], key, {})
         rec = self.resolve_image(stage.base, fc.node)
         config = self.store.read_json(rec.id)
         config.setdefault("config", {})

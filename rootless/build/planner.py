@@ -35,18 +35,45 @@ PROXY_ARGS = (
 )
 
 
-def platform_args() -> dict[str, str]:
-    arch = img.host_arch()
-    plat = f"linux/{arch}"
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm", "armel": "arm"}
+
+
+def normalize_platform(text: str, what: str) -> tuple[str, str, str]:
+    """`os/arch[/variant]` as containerd's platforms.Normalize writes it: (os, arch, variant)."""
+    parts = text.lower().split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise RbuildError(f"{what}: invalid platform {text!r} (want os/arch[/variant])")
+    os_, arch = parts[0], _ARCH_ALIASES.get(parts[1], parts[1])
+    variant = parts[2] if len(parts) == 3 else ""
+    if arch == "arm64" and variant == "v8":
+        variant = ""
+    if arch == "arm" and not variant:
+        variant = "v7"
+    return os_, arch, variant
+
+
+def platform_text(p: tuple[str, str, str]) -> str:
+    return "/".join(x for x in p if x)
+
+
+def build_platform() -> tuple[str, str, str]:
+    return normalize_platform(f"linux/{img.host_arch()}", "this machine")
+
+
+def platform_args(target: tuple[str, str, str] | None = None) -> dict[str, str]:
+    """BuildKit's automatic platform ARGs: in the global scope (FROM) without a declaration, in a stage
+    only once an ARG line names them (frontend/dockerfile/docs/reference.md, "Automatic platform ARGs")."""
+    build = build_platform()
+    target = target or build
     return {
-        "BUILDPLATFORM": plat,
-        "BUILDOS": "linux",
-        "BUILDARCH": arch,
-        "BUILDVARIANT": "",
-        "TARGETPLATFORM": plat,
-        "TARGETOS": "linux",
-        "TARGETARCH": arch,
-        "TARGETVARIANT": "",
+        "BUILDPLATFORM": platform_text(build),
+        "BUILDOS": build[0],
+        "BUILDARCH": build[1],
+        "BUILDVARIANT": build[2],
+        "TARGETPLATFORM": platform_text(target),
+        "TARGETOS": target[0],
+        "TARGETARCH": target[1],
+        "TARGETVARIANT": target[2],
     }
 
 
@@ -73,6 +100,7 @@ class Plan:
     escape: str = "\\"
     # --build-context NAME=...: NAME -> ("dir", host path) or ("image", an image reference FROM takes)
     contexts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    platform: tuple[str, str, str] | None = None  # --platform: the target platform (os, arch, variant)
 
 
 def read_containerfile(path: str) -> tuple[bytes, str]:
@@ -116,6 +144,7 @@ def plan(
     target: str | None,
     private: bool = False,
     contexts: dict[str, tuple[str, str]] | None = None,
+    platform: tuple[str, str, str] | None = None,
 ) -> Plan:
     """The plan for a Containerfile's text.
 
@@ -129,7 +158,7 @@ def plan(
         cf = containerfile.parse(data, filename)
         if not private:
             _warn(cf.warnings)
-        result = _plan(cf, filename, context, build_args, target, contexts or {})
+        result = _plan(cf, filename, context, build_args, target, contexts or {}, platform)
     except ContainerfileError as e:
         if not private:
             raise
@@ -181,12 +210,13 @@ def _plan(
     build_args: dict[str, str],
     target: str | None,
     contexts: dict[str, tuple[str, str]],
+    platform: tuple[str, str, str] | None = None,
 ) -> Plan:
     from rootless.frontend import instructions
     from rootless.frontend.shell import Lexer
 
     lexer = Lexer(cf.escape)
-    meta: dict[str, str] = dict(platform_args())
+    meta: dict[str, str] = dict(platform_args(platform))
     stages: list[Stage] = []
     for node in cf.nodes:
         cmd = instructions.parse_instruction(node, filename)
@@ -255,7 +285,7 @@ def _plan(
             need(d)
 
     need(tgt)
-    return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape, contexts)
+    return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape, contexts, platform)
 
 
 def _from_refs(cmd: object) -> list[str]:

@@ -86,6 +86,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
     b.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
     b.add_argument("--build-arg", action="append", default=[], metavar="K[=V]")
+    b.add_argument("--build-arg-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines; # comments")
     b.add_argument("--label", action="append", default=[], metavar="K=V")
     b.add_argument(
         "--build-context",
@@ -371,7 +372,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     cf_path = planner.find_containerfile(context, args.file)
     data, shown = planner.read_containerfile(cf_path)
     shown = args.file or os.path.relpath(cf_path) if shown != "<stdin>" else shown
-    build_args = _parse_kv(args.build_arg, "--build-arg", env_fallback=True)
+    build_args = _read_build_arg_files(args.build_arg_file)
+    build_args.update(_parse_kv(args.build_arg, "--build-arg", env_fallback=True))  # --build-arg wins, as buildah's
     labels = _parse_kv(args.label, "--label", env_fallback=False)
     for t in args.tag:
         if not names.valid(names.normalize(t)):
@@ -382,7 +384,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise RbuildError("--push needs at least one -t HOST/REPO:TAG")
     outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
     contexts = dict(planner.parse_build_context(v) for v in args.build_context)
-    plan = planner.plan(data, shown, context, build_args, args.target, private=outside, contexts=contexts)
+    # --platform (a registry flag: the platform FROM pulls) is also the target platform of the TARGET* ARGs
+    platform = getattr(args, "platform", None)
+    target_platform = planner.normalize_platform(platform, "--platform") if platform else None
+    plan = planner.plan(
+        data, shown, context, build_args, args.target, private=outside, contexts=contexts, platform=target_platform
+    )
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
     if raw_sde:
@@ -452,6 +459,27 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
 
     return _in_namespace(args, run, limited=True)
+
+
+def _read_build_arg_files(paths: list[str]) -> dict[str, str]:
+    """--build-arg-file (buildah's): KEY=VALUE lines; blank lines and lines starting with # are skipped."""
+    out: dict[str, str] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise RbuildError(f"--build-arg-file {path}: cannot read: {why}") from None
+        for n, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise RbuildError(f"{path}:{n}: a build argument must be KEY=VALUE, not {line!r}")
+            out[key.strip()] = value
+    return out
 
 
 def _network_mode(value: str) -> str:
