@@ -93,6 +93,7 @@ class RunStep(Step[ins.RunCmd]):
         mnt = os.path.dirname(merged)
         specs: list[sandbox.MountSpec] = []
         what = f"{self.ex.plan.filename}:{cmd.node.start_line}: RUN --mount"
+        ssh_count = 0
         for i, m in enumerate(cmd.mount_specs()):
             target = clean_abs(m.target, workdir) if m.target else ""  # relative to WORKDIR, as BuildKit
             if target == "/":
@@ -172,6 +173,21 @@ class RunStep(Step[ins.RunCmd]):
                 if not self.ex.recorded:
                     os.chown(copy, m.uid or 0, m.gid or 0)
                 specs.append(sandbox.MountSpec("bind", target or f"/run/secrets/{sid}", copy, True, is_file=True))
+            elif m.type == "ssh":
+                # BuildKit (client/llb/exec.go AddSSHSocket): the agent's socket at /run/buildkit/ssh_agent.N
+                # unless a target is given, SSH_AUTH_SOCK naming the first; a missing id is an error only when
+                # required. The socket is bound for the RUN alone: its mount point is removed afterwards.
+                sid = m.cache_id or "default"
+                sock = self.ex.opts.ssh.get(sid)
+                if sock is None:
+                    if m.required:
+                        raise self.ex.err(cmd.node, f"no SSH agent {sid} was given (--ssh {sid}[=SOCKET|KEY])")
+                    continue
+                target = target or f"/run/buildkit/ssh_agent.{ssh_count}"
+                if ssh_count == 0:
+                    env["SSH_AUTH_SOCK"] = target
+                ssh_count += 1
+                specs.append(sandbox.MountSpec("bind", target, sock, readonly=False, is_file=True))
             else:
                 raise self.ex.err(cmd.node, f"RUN --mount=type={m.type} is not supported")
         for spec in specs:

@@ -124,6 +124,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
     )
     b.add_argument(
+        "--ssh",
+        action="append",
+        default=[],
+        metavar="default|ID=SOCKET|ID=KEY[,KEY]",
+        help="an ssh-agent for RUN --mount=type=ssh (default: $SSH_AUTH_SOCK; key files get an agent of their own)",
+    )
+    b.add_argument(
         "--cache-from",
         action="append",
         default=[],
@@ -433,6 +440,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_from=cache_from,
             cache_to=cache_to,
             network=network,
+            ssh=ssh,
         )
         forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
         chosen = strategy.choose(idmap, store.root, forced)
@@ -458,7 +466,62 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(image_id, flush=True)
         return 0
 
-    return _in_namespace(args, run, limited=True)
+    with contextlib.ExitStack() as stack:
+        ssh = _ssh_agents(args.ssh, stack)
+        return int(_in_namespace(args, run, limited=True))
+
+
+def _ssh_agents(specs: list[str], stack: contextlib.ExitStack) -> dict[str, str]:
+    """--ssh default|ID[=SOCKET|=KEY[,KEY...]] (BuildKit's syntax): id -> an agent socket. Key files are
+    loaded into an ssh-agent started for this build and ended with it (stack)."""
+    import stat
+    import subprocess
+    import tempfile
+    import time
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        sid, sep, value = spec.partition("=")
+        if not sid:
+            raise RbuildError(f"--ssh {spec!r}: no id")
+        paths = [p for p in value.split(",") if p] if sep else []
+        if not paths:
+            sock = os.environ.get("SSH_AUTH_SOCK")
+            if not sock:
+                raise RbuildError(f"--ssh {spec}: SSH_AUTH_SOCK is not set (name a socket or key: --ssh {sid}=PATH)")
+            paths = [sock]
+        kinds = []
+        for p in paths:
+            try:
+                kinds.append(stat.S_ISSOCK(os.stat(p).st_mode))
+            except OSError as e:
+                raise RbuildError(f"--ssh {spec}: {p}: {e.strerror}") from None
+        if len(paths) == 1 and kinds[0]:
+            out[sid] = os.path.abspath(paths[0])
+            continue
+        if any(kinds):
+            raise RbuildError(f"--ssh {spec}: a socket cannot be listed with keys")
+        home = stack.enter_context(tempfile.TemporaryDirectory(prefix="rbuild-ssh-"))
+        sock = os.path.join(home, "agent")
+        try:
+            agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
+        except OSError as e:
+            raise RbuildError(f"--ssh {spec}: cannot start ssh-agent: {e.strerror}") from None
+        stack.callback(agent.wait)
+        stack.callback(agent.terminate)
+        for _ in range(500):  # the agent makes its socket right after it starts
+            if os.path.exists(sock) or agent.poll() is not None:
+                break
+            time.sleep(0.01)
+        env = dict(os.environ, SSH_AUTH_SOCK=sock)
+        res = subprocess.run(
+            ["ssh-add", "-q", *paths], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            why = (res.stderr.strip().splitlines() or ["ssh-add failed"])[-1]
+            raise RbuildError(f"--ssh {spec}: {why}")
+        out[sid] = sock
+    return out
 
 
 def _read_build_arg_files(paths: list[str]) -> dict[str, str]:
