@@ -96,6 +96,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="a named context for FROM NAME, COPY --from=NAME and RUN --mount=from=NAME (repeatable)",
     )
     b.add_argument("--no-cache", action="store_true")
+    b.add_argument(
+        "--check", action="store_true", help="run BuildKit's build checks on the Containerfile and exit (1: findings)"
+    )
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
     b.add_argument("-q", "--quiet", action="store_true")
@@ -379,6 +382,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     cf_path = planner.find_containerfile(context, args.file)
     data, shown = planner.read_containerfile(cf_path)
     shown = args.file or os.path.relpath(cf_path) if shown != "<stdin>" else shown
+    if args.check:
+        return _check_containerfile(data, shown)
     build_args = _read_build_arg_files(args.build_arg_file)
     build_args.update(_parse_kv(args.build_arg, "--build-arg", env_fallback=True))  # --build-arg wins, as buildah's
     labels = _parse_kv(args.label, "--label", env_fallback=False)
@@ -469,6 +474,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         ssh = _ssh_agents(args.ssh, stack)
         return int(_in_namespace(args, run, limited=True))
+
+
+def _check_containerfile(data: bytes, shown: str) -> int:
+    """build --check: BuildKit's build checks, one `FILE:LINE: Rule: message` line each; 1 if any."""
+    from rootless.frontend import containerfile, instructions, lint
+
+    cf = containerfile.parse(data, shown)
+    for node in cf.nodes:  # an instruction BuildKit would refuse is an error, not a finding
+        instructions.parse_instruction(node, shown)
+    findings = lint.check(cf)
+    for f in findings:
+        print(f"{shown}:{f.line}: {f.rule}: {f.message}")
+    print(
+        f"{len(findings)} check{'s' if len(findings) != 1 else ''} failed" if findings else "no findings",
+        file=sys.stderr,
+    )
+    return 1 if findings else 0
 
 
 def _ssh_agents(specs: list[str], stack: contextlib.ExitStack) -> dict[str, str]:
