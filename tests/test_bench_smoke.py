@@ -57,7 +57,7 @@ def test_update_docs_keeps_other_sections(tmp_path: Path) -> None:
 
 @pytest.mark.e2e  # builds with rbuild and buildah as a bench user it creates
 def test_quick_run(tmp_path: Path) -> None:
-    """bench/run.py --quick on two workloads with both builders: a record per case, no failure."""
+    """bench/run.py --quick with both builders, every mode but touch: a record per case, no failure."""
     missing = [t for t in ("buildah", "skopeo", "docker-registry", "zstd", "setpriv") if not shutil.which(t)]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)}")
@@ -69,7 +69,7 @@ def test_quick_run(tmp_path: Path) -> None:
         str(REPO / "bench/run.py"),
         "--quick",
         "--only",
-        "hello,copy10k-byte",
+        "hello,copy10k-byte,copy10k-ci,copy10k-push",
         "--out",
         str(out),
         "--cache-dir",
@@ -78,12 +78,21 @@ def test_quick_run(tmp_path: Path) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [c["name"] for c in result["cases"]] == ["hello-cold", "hello-cached", "copy10k-byte"]
+    assert [c["name"] for c in result["cases"]] == [
+        "hello-cold",
+        "hello-cached",
+        "copy10k-byte",
+        "copy10k-ci",
+        "copy10k-push",
+    ]
     for case in result["cases"]:
         for tool in ("rbuild", "buildah"):
             t = case["tools"][tool]
             assert t["ok"], f"{case['name']} {tool}: {t.get('error')}\n{res.stdout[-3000:]}"
             assert t["median_s"] > 0 and t["peak_pss_mib"] > 0 and len(t["runs"]) == 1
     assert result["cases"][2]["data"]["files"] > 0
+    for tool in ("rbuild", "buildah"):  # push: the build and the push both timed, and both in the sum
+        run = result["cases"][4]["tools"][tool]["runs"][0]
+        assert run["extra"]["push_s"] > 0 and run["wall_s"] >= run["extra"]["build_s"] + run["extra"]["push_s"] - 1e-3
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| copy10k-byte |" in res.stdout

@@ -13,22 +13,14 @@ from pathlib import Path
 import pytest
 from registry_helpers import credential_helper, isolate, make_image, write
 
+from rootless.cli.registry import add_login_arguments, add_pull_argument, add_registry_arguments, options_from_args
 from rootless.errors import RbuildError
+from rootless.oci.image import DOCKER_MANIFEST, OCI_MANIFEST
+from rootless.oci.platform import Platform, choose_platform, parse_platform
 from rootless.oci.reference import parse_reference
 from rootless.registry import auth
 from rootless.registry import conf as regconf
-from rootless.registry.api import (
-    DOCKER_MANIFEST,
-    OCI_MANIFEST,
-    add_login_arguments,
-    add_pull_argument,
-    add_registry_arguments,
-    convert_manifest,
-    options_from_args,
-    push_destination,
-    resolve_names,
-)
-from rootless.registry.client import Platform, choose_platform, parse_platform
+from rootless.registry.api import convert_manifest, push_destination, resolve_names
 
 D = "sha256:" + "cd" * 32
 
@@ -301,13 +293,13 @@ def test_platform_choice() -> None:
         ("linux", "arm", "v6"),
         ("linux", "arm", "v7"),
     )
-    assert choose_platform(index, parse_platform("linux/amd64"), "x").digest.endswith("2")
-    assert choose_platform(index, parse_platform("linux/arm64"), "x").digest.endswith("3")
-    assert choose_platform(index, parse_platform("linux/aarch64/v8"), "x").digest.endswith("3")
-    assert choose_platform(index, parse_platform("linux/arm"), "x").digest.endswith("5")
-    assert choose_platform(index, parse_platform("linux/arm/v6"), "x").digest.endswith("4")
+    assert choose_platform(index, parse_platform("linux/amd64"), "x")["digest"].endswith("2")
+    assert choose_platform(index, parse_platform("linux/arm64"), "x")["digest"].endswith("3")
+    assert choose_platform(index, parse_platform("linux/aarch64/v8"), "x")["digest"].endswith("3")
+    assert choose_platform(index, parse_platform("linux/arm"), "x")["digest"].endswith("5")
+    assert choose_platform(index, parse_platform("linux/arm/v6"), "x")["digest"].endswith("4")
     only_v6 = _index(("linux", "arm", "v6"))
-    assert choose_platform(only_v6, parse_platform("linux/arm/v7"), "x").digest.endswith("1")
+    assert choose_platform(only_v6, parse_platform("linux/arm/v7"), "x")["digest"].endswith("1")
     with pytest.raises(RbuildError, match=r"no image for platform linux/s390x \(available: .*linux/amd64"):
         choose_platform(index, parse_platform("linux/s390x"), "x")
     with pytest.raises(RbuildError, match="os/arch"):

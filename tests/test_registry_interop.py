@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from registry_helpers import RegistryServer, SampleImage, blob_files, docker_registry, isolate, make_image
 
+from rootless.oci.image import DOCKER_MANIFEST, OCI_MANIFEST
 from rootless.oci.reference import parse_reference
-from rootless.registry.api import DOCKER_MANIFEST, OCI_MANIFEST, Descriptor, Registry, RegistryOptions, convert_manifest
+from rootless.registry.api import Descriptor, Registry, RegistryOptions, convert_manifest
 
 pytestmark = pytest.mark.skipif(not shutil.which("skopeo"), reason="skopeo is not installed")
 

@@ -27,17 +27,10 @@ from registry_helpers import (
 )
 
 from rootless.errors import RbuildError
+from rootless.oci.image import DOCKER_LIST, OCI_INDEX
 from rootless.oci.reference import Reference, parse_reference
 from rootless.registry import client as reg_mod
-from rootless.registry.api import (
-    DOCKER_LIST,
-    OCI_INDEX,
-    Descriptor,
-    Registry,
-    RegistryOptions,
-    resolve_names,
-)
-from rootless.registry.progress import Progress
+from rootless.registry.api import Descriptor, Registry, RegistryOptions, resolve_names
 
 
 @pytest.fixture(scope="module")
@@ -354,26 +347,6 @@ location = "{mirror.host}/copy"
         assert r.resolve_any(candidates).ref.registry == server.host
         with pytest.raises(RbuildError, match="not found in any registry searched"):
             r.resolve_any(resolve_names("nothing/here"))
-
-
-def test_progress_lines() -> None:
-    import io
-
-    out = io.StringIO()
-    prog = Progress(True, stream=out)
-    prog.start("sha256:" + "a" * 64, 10)
-    prog.finish("sha256:" + "a" * 64, "done")
-    prog.close()
-    assert out.getvalue() == f"Copying blob sha256:{'a' * 12} done\n"
-    master, slave = os.openpty()
-    with os.fdopen(slave, "w") as tty:
-        prog = Progress(True, stream=tty)
-        prog.start("sha256:" + "b" * 64, 2048)
-        prog.advance("sha256:" + "b" * 64, 1024)
-        prog.close()
-    screen = os.read(master, 4096).decode()
-    os.close(master)
-    assert "Copying blob sha256:bbbbbbbbbbbb 1.0KiB / 2.0KiB" in screen
 
 
 def test_registry_import_is_lazy() -> None:

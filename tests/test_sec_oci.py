@@ -32,7 +32,7 @@ import pytest
 from conftest import Runner
 from registry_helpers import RegistryServer, docker_registry, serve
 
-from rootless.oci import image as img
+from rootless.oci.platform import host_platform
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -106,7 +106,7 @@ def sha(data: bytes) -> str:
 def base_config(diff_id: str) -> dict[str, Any]:
     return {
         "created": "2024-01-01T00:00:00Z",
-        "architecture": img.host_arch(),
+        "architecture": host_platform().architecture,
         "os": "linux",
         "config": {"Env": ["PATH=/bin", "A=1", "B=2"], "Cmd": ["sh"], "Labels": {"a": "b"}},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
@@ -170,7 +170,7 @@ def write_layout(
         inner = {
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
-            "manifests": [{**top, "platform": {"architecture": img.host_arch(), "os": "linux"}}],
+            "manifests": [{**top, "platform": {"architecture": host_platform().architecture, "os": "linux"}}],
         }
         nested(inner)
         ibytes = json.dumps(inner).encode()

@@ -12,6 +12,9 @@ Modes:
   cached  one warm build first (not timed), then the same build again
   touch   warm build, then each repetition touches one context file (mtime only) and rebuilds
   change  warm build, then each repetition changes one byte of one context file and rebuilds
+  ci      a fresh CI runner with a warm registry cache: one build exports its cache to the registry
+          (--cache-to, not timed); then every repetition builds in a fresh store with --cache-from
+  push    cold, then the image is pushed to the registry: build + push timed end to end
 The harness (bench/run.py with the modules in workloads/harness/) runs every case with rbuild and with
 buildah, alternating which goes first.
 """
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODES = ("cold", "cached", "touch", "change")
+MODES = ("cold", "cached", "touch", "change", "ci", "push")
 BASES = ("busybox", "bigdir", "debian")
 
 

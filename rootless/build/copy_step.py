@@ -163,7 +163,9 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
                 if it.host not in remote and os.path.isfile(it.host) and _is_archive(it.host):
                     uid, gid = owner or (0, 0)
                     target = copyfiles.ensure_dir(merged, dest, uid, gid)
-                    copyfiles.extract_tar(it.host, target, owner if cmd.chown else None, what)
+                    from rootless.layer.layers import unpack_archive
+
+                    unpack_archive(it.host, target, owner if cmd.chown else None, what, self.ex.strategy.ownership)
                 else:
                     plain.append(it)
             items = plain
@@ -212,6 +214,8 @@ def _is_archive(path: str) -> bool:
         return tarfile.is_tarfile(path)
     except OSError:
         return False
+    except (ValueError, EOFError):  # a tar header whose contents are damaged: the unpacker says how
+        return True
 
 
 @dataclass

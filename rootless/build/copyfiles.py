@@ -368,7 +368,7 @@ class FileDigests:
         if self.path and self.seen != {k: self.known.get(k) for k in self.seen}:
             merged = {**self.known, **self.seen}
             with contextlib.suppress(OSError):
-                from rootless.store.store import atomic_write
+                from rootless.kernel.fsutil import atomic_write
 
                 atomic_write(self.path, json.dumps(merged).encode(), 0o600)
 
@@ -748,71 +748,3 @@ def write_file(root: str, dest: str, data: bytes, uid: int, gid: int, chmod: Chm
         f.write(data)
     chown(path, uid, gid)
     os.chmod(path, _mode_for(chmod, stat.S_IFREG | 0o644))
-
-
-def extract_tar(path: str, target: str, owner: tuple[int, int] | None, what: str) -> None:
-    """Unpack a (possibly compressed) tar archive under target; no entry can leave it.
-
-    Names and hardlink targets are resolved inside target (symlinks included), device nodes are skipped;
-    owner None keeps the archive's ownership where the user namespace can represent it.
-    """
-    import lzma
-    import tarfile
-    import zlib
-
-    try:
-        tf = tarfile.open(path)
-    except (tarfile.TarError, OSError) as e:
-        raise RbuildError(f"{what}: cannot read archive {os.path.basename(path)}: {e}") from None
-    dir_times: list[tuple[str, float]] = []
-    with tf:
-        try:
-            for m in tf:
-                name = os.path.normpath("/" + m.name).lstrip("/")
-                if not name or name == ".":
-                    continue
-                parent = secure_join(target, os.path.dirname(name))
-                os.makedirs(parent, exist_ok=True)
-                dst = os.path.join(parent, os.path.basename(name))
-                if os.path.lexists(dst) and not (m.isdir() and os.path.isdir(dst) and not os.path.islink(dst)):
-                    if os.path.isdir(dst) and not os.path.islink(dst):
-                        shutil.rmtree(dst)
-                    else:
-                        os.unlink(dst)
-                if m.isdir():
-                    if not os.path.isdir(dst):
-                        os.mkdir(dst, 0o700)
-                elif m.isreg():
-                    src = tf.extractfile(m)
-                    with open(dst, "wb") as out:
-                        if src is not None:
-                            shutil.copyfileobj(src, out, CHUNK)
-                elif m.issym():
-                    os.symlink(m.linkname, dst)
-                elif m.islnk():
-                    link = secure_join(target, os.path.normpath("/" + m.linkname).lstrip("/"), follow_final=False)
-                    if not os.path.isfile(link) or os.path.islink(link):
-                        raise RbuildError(
-                            f"{what}: archive entry {m.name} links to {m.linkname}, which is not a file in the archive"
-                        )
-                    os.link(link, dst)
-                    continue
-                elif m.isfifo():
-                    os.mkfifo(dst, 0o600)
-                else:
-                    continue
-                uid, gid = owner if owner is not None else (m.uid, m.gid)
-                chown(dst, uid, gid)
-                if not m.issym():
-                    os.chmod(dst, m.mode & 0o7777)
-                    if m.isdir():
-                        dir_times.append((dst, m.mtime))
-                    else:
-                        os.utime(dst, (m.mtime, m.mtime))
-            for d, t in reversed(dir_times):
-                os.utime(d, (t, t))
-        except (tarfile.TarError, EOFError, ValueError, OverflowError, zlib.error, lzma.LZMAError, OSError) as e:
-            if isinstance(e, OSError) and e.errno:  # a real I/O error, not a damaged stream
-                raise
-            # (OverflowError: an owner id or a time beyond what the system can hold)
-            raise RbuildError(f"{what}: archive {os.path.basename(path)} is damaged: {e}") from None

@@ -12,22 +12,21 @@ import contextlib
 import copy
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
+from rootless.blob.digest import sha256_of
 from rootless.build import copyfiles, meta_steps
+from rootless.build.cache import CACHE_VERSION, LocalStepCache, RegistryStepCache, StepCache, StepResult
 from rootless.build.copy_step import CopyStep
 from rootless.build.planner import PROXY_ARGS, Plan, Stage
 from rootless.build.run_step import RunStep
 from rootless.build.state import BuildOptions, ContainerConfig, ImageConfig, StageState, env_dict, key_of
 from rootless.build.step import Step
-
-if TYPE_CHECKING:
-    from rootless.build.regcache import RegistryCache
 from rootless.env.strategy import Strategy
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
+from rootless.events import BuildDone, CacheHit, Notice, Reporter, StepDone, StepStarted, Warn
 from rootless.frontend import instructions as ins
 from rootless.frontend.containerfile import Node
 from rootless.kernel.fspath import clean_abs, secure_join
@@ -37,20 +36,22 @@ from rootless.sandbox import spec as sandbox
 from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
 
 DEFAULT_SHELL = ["/bin/sh", "-c"]
-CACHE_VERSION = "rbuild-cache-1"
 
 
 class Executor:
-    def __init__(self, plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy) -> None:
+    def __init__(
+        self, plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy, reporter: Reporter, cache: StepCache
+    ) -> None:
         self.plan = plan
         self.store = store
         self.opts = opts
         self.strategy = strategy
+        self.reporter = reporter
+        self.cache = cache
         self.driver = strategy.rootfs
         self.recorded = strategy.ownership is Ownership.RECORDED  # one uid: owners live in records
-        self.touched: list[str] = []
+        self.touched: list[str] = []  # the current step's directories where mount points were made
         self.step_keys: list[tuple[int, str]] = []  # (stage index, key) of every step, cached or made
-        self._registry_cache: RegistryCache | None = None  # the current step's directories where mount points were made
         self.steps: dict[type[ins.Command], Step[Any]] = {
             ins.RunCmd: RunStep(self),
             ins.CopyCmd: (copy_step := CopyStep(self)),
@@ -72,8 +73,17 @@ class Executor:
 
     # -- output ------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
-        if not self.opts.quiet:
-            print(msg, file=sys.stderr, flush=True)
+        self.reporter.emit(Notice(msg))
+
+    def warn(self, msg: str) -> None:
+        """A line shown even with -q: the image may differ from what the user expects."""
+        self.reporter.emit(Warn(msg))
+
+    def started(self, stage: Stage, index: int, steps: int, node: Node) -> None:
+        order = self.plan.order
+        where = order.index(stage.index) + 1
+        text = node.original.strip()
+        self.reporter.emit(StepStarted(where, len(order), index, steps, text, self.plan.filename, node.start_line))
 
     def err(self, node: Node, msg: str) -> ContainerfileError:
         return ContainerfileError(msg, self.plan.filename, node.start_line)
@@ -101,7 +111,7 @@ class Executor:
             - {"SOURCE_DATE_EPOCH"}
         )
         if unused:
-            print(f"[Warning] one or more build-args {unused} were not consumed", file=sys.stderr)
+            self.warn(f"[Warning] one or more build-args {unused} were not consumed")
         return self.commit_image(final)
 
     def commit_image(self, state: StageState) -> str:
@@ -121,9 +131,7 @@ class Executor:
                 descs.append(state.base_blobs[i][1])
             else:  # a layer made here: compressed when pushed
                 descs.append({"mediaType": img.OCI_LAYER, "digest": d, "size": self.store.layer_meta(c).get("size", 0)})
-        manifest = img.manifest(
-            self.opts.fmt, "sha256:" + hashlib.sha256(config_bytes).hexdigest(), len(config_bytes), descs
-        )
+        manifest = img.manifest(self.opts.fmt, sha256_of(config_bytes), len(config_bytes), descs)
         tags = [names.normalize(t) for t in self.opts.tags]
         rec = self.store.add_image(config_bytes, img.canonical(manifest), tags, config.get("created", ""))
         for t in tags:
@@ -132,17 +140,13 @@ class Executor:
 
     def run_stage(self, stage: Stage) -> StageState:
         n = len(stage.commands) + 1
-        order = self.plan.order
-        prefix = f"[{order.index(stage.index) + 1}/{len(order)}] " if len(order) > 1 else ""
-        fc = stage.from_cmd
-        self.log(f"{prefix}STEP 1/{n}: {fc.node.original.strip()}")
+        self.started(stage, 1, n, stage.from_cmd.node)
         state = self.base_state(stage)
         triggers = state.config["config"].pop("OnBuild", None) or []
         for trig in triggers:
             state = self.run_trigger(stage, state, trig)
         for i, cmd in enumerate(stage.commands, start=2):
-            node = cmd.node
-            self.log(f"{prefix}STEP {i}/{n}: {node.original.strip()}")
+            self.started(stage, i, n, cmd.node)
             state = self.step(stage, state, cmd)
         return state
 
@@ -195,9 +199,10 @@ class Executor:
         """The image a FROM / COPY --from reference names (with that name's manifest): store first, then outside."""
         from rootless.oci import names, transports
 
-        if name.startswith(("oci:", "oci-archive:")):
+        source = transports.parse_transport(name)
+        if source.local:
             try:
-                with transports.open_source(name, self.store) as src:
+                with source.open(self.store, self.opts.registry_options) as src:
                     return transports.import_image(self.store, src, [], self.strategy.ownership, self.log)
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
@@ -219,8 +224,7 @@ class Executor:
         if self.opts.pull == "never":
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
-            progress = not self.opts.quiet and sys.stderr.isatty()
-            with transports.open_source(name, self.store, self.opts.registry_options, progress) as src:
+            with source.open(self.store, self.opts.registry_options, self.reporter) as src:
                 self.log(f"Pulled {src.name}")
                 return transports.import_image(self.store, src, [src.name], self.strategy.ownership, self.log)
         except RbuildError as e:
@@ -252,6 +256,7 @@ class Executor:
 
     def _step(self, stage: Stage, state: StageState, cmd: ins.Command) -> StageState:
         node = cmd.node
+        start = time.monotonic()
         if isinstance(cmd, ins.ArgCmd):
             # an ARG given by --build-arg keeps its default unexpanded (a bad default must not fail it)
             return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state), skip=self.plan.build_args))
@@ -278,15 +283,13 @@ class Executor:
             state.config["config"].get("Shell"),
         )
         if not self.opts.no_cache:
-            hit, where = self.store.cache_get(key), ""
-            if hit is None and self.opts.cache_from:
-                hit, where = self.registry_cache().get(key), " from the registry cache"
+            hit = self.cache.lookup(key)
             if hit is not None:
-                self.log(f"--> Using cache {key[:12]}{where}")
+                self.reporter.emit(CacheHit(key, hit.source))
+                self.reporter.emit(StepDone(key, None, time.monotonic() - start, True))
                 self.step_keys.append((stage.index, key))
-                return StageState(
-                    hit["config"], hit["layers"], key, state.args, hit.get("cmd_set", state.cmd_set), state.base_blobs
-                )
+                cmd_set = state.cmd_set if hit.cmd_set is None else hit.cmd_set
+                return StageState(hit.config, hit.layers, key, state.args, cmd_set, state.base_blobs)
         new = StageState(
             copy.deepcopy(state.config), list(state.layers), key, state.args, state.cmd_set, state.base_blobs
         )
@@ -297,21 +300,10 @@ class Executor:
         new.config["history"] = list(new.config.get("history") or []) + [history]
         new.config["created"] = history["created"]
         new.config["rootfs"] = {"type": "layers", "diff_ids": list(new.layers)}
-        self.store.cache_put(key, {"config": new.config, "layers": new.layers, "cmd_set": new.cmd_set})
+        self.cache.store(key, StepResult(new.config, new.layers, new.cmd_set))
         self.step_keys.append((stage.index, key))
-        self.log(f"--> {key[:12]}")
+        self.reporter.emit(StepDone(key, new.layers[-1] if layer_made else None, time.monotonic() - start, False))
         return new
-
-    def registry_cache(self) -> RegistryCache:
-        """The --cache-from caches, read at the first local miss (a fully cached build never asks)."""
-        if self._registry_cache is None:
-            from rootless.build.regcache import RegistryCache
-
-            self._registry_cache = RegistryCache(
-                self.store, self.strategy.ownership, self.opts.registry_options, self.log
-            )
-            self._registry_cache.load(self.opts.cache_from)
-        return self._registry_cache
 
     def export_cache(self) -> None:
         """Push the build's steps to each --cache-to (mode=min: the final stage's steps only)."""
@@ -319,7 +311,7 @@ class Executor:
 
         for spec in self.opts.cache_to:
             keys = [k for idx, k in self.step_keys if spec.mode == "max" or idx == self.plan.target]
-            digest = regcache.export(self.store, spec, keys, self.opts.registry_options)
+            digest = regcache.export(self.store, self.cache, spec, keys, self.opts.registry_options)
             self.log(f"--> exported the cache to {spec.ref} ({len(keys)} steps, {digest})")
 
     def do_arg(self, state: StageState, cmd: ins.ArgCmd) -> StageState:
@@ -449,12 +441,20 @@ def _holds_nul(cmd: ins.Command, desc: str, run_args: dict[str, str]) -> bool:
     return any("\0" in t for t in texts)
 
 
-def build(plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy) -> str:
-    """Run the plan with the environment `strategy` gives; return the image id."""
+def build(
+    plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy, reporter: Reporter, cache: StepCache | None = None
+) -> str:
+    """Run the plan with the environment `strategy` gives, its events to reporter, its steps looked up in
+    cache (by default the store's own, then the --cache-from caches); return the image id."""
     start = time.monotonic()
-    ex = Executor(plan, store, opts, strategy)
+    if cache is None:
+        cache = LocalStepCache(store)
+        if opts.cache_from:
+            cache = RegistryStepCache(
+                cache, store, strategy.ownership, opts.registry_options, opts.cache_from, reporter
+            )
+    ex = Executor(plan, store, opts, strategy, reporter, cache)
     image_id = ex.run()
     ex.export_cache()
-    if not opts.quiet:
-        print(f"--> built in {time.monotonic() - start:.2f}s", file=sys.stderr)
+    reporter.emit(BuildDone(image_id, time.monotonic() - start))
     return image_id

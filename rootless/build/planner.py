@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rootless.errors import ContainerfileError, RbuildError
+from rootless.events import Reporter, Warn
 from rootless.kernel.fspath import inside
-from rootless.oci import image as img
+from rootless.oci.platform import host_platform, parse_platform
 
 if TYPE_CHECKING:
     from rootless.frontend.containerfile import Containerfile
@@ -35,21 +36,13 @@ PROXY_ARGS = (
 )
 
 
-_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm", "armel": "arm"}
-
-
 def normalize_platform(text: str, what: str) -> tuple[str, str, str]:
     """`os/arch[/variant]` as containerd's platforms.Normalize writes it: (os, arch, variant)."""
-    parts = text.lower().split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise RbuildError(f"{what}: invalid platform {text!r} (want os/arch[/variant])")
-    os_, arch = parts[0], _ARCH_ALIASES.get(parts[1], parts[1])
-    variant = parts[2] if len(parts) == 3 else ""
-    if arch == "arm64" and variant == "v8":
-        variant = ""
-    if arch == "arm" and not variant:
-        variant = "v7"
-    return os_, arch, variant
+    try:
+        p = parse_platform(text)
+    except RbuildError:
+        raise RbuildError(f"{what}: invalid platform {text!r} (want os/arch[/variant])") from None
+    return p.os, p.architecture, p.variant
 
 
 def platform_text(p: tuple[str, str, str]) -> str:
@@ -57,7 +50,8 @@ def platform_text(p: tuple[str, str, str]) -> str:
 
 
 def build_platform() -> tuple[str, str, str]:
-    return normalize_platform(f"linux/{img.host_arch()}", "this machine")
+    h = host_platform()
+    return h.os, h.architecture, h.variant
 
 
 def platform_args(target: tuple[str, str, str] | None = None) -> dict[str, str]:
@@ -142,11 +136,12 @@ def plan(
     context: str,
     build_args: dict[str, str],
     target: str | None,
+    reporter: Reporter,
     private: bool = False,
     contexts: dict[str, tuple[str, str]] | None = None,
     platform: tuple[str, str, str] | None = None,
 ) -> Plan:
-    """The plan for a Containerfile's text.
+    """The plan for a Containerfile's text; the parser's warnings go to reporter.
 
     private: the file lies outside the build context and may be anything (a credentials file a symlink
     named as the Containerfile led to), so a fault in it is named by file and line only, without its
@@ -157,7 +152,7 @@ def plan(
     try:
         cf = containerfile.parse(data, filename)
         if not private:
-            _warn(cf.warnings)
+            _warn(cf.warnings, reporter)
         result = _plan(cf, filename, context, build_args, target, contexts or {}, platform)
     except ContainerfileError as e:
         if not private:
@@ -169,7 +164,7 @@ def plan(
             e.line,
         ) from None
     if private:
-        _warn(cf.warnings)
+        _warn(cf.warnings, reporter)
     return result
 
 
@@ -198,9 +193,9 @@ def parse_build_context(spec: str) -> tuple[str, tuple[str, str]]:
     return name, ("dir", path)
 
 
-def _warn(warnings: list[str]) -> None:
+def _warn(warnings: list[str], reporter: Reporter) -> None:
     for w in warnings:
-        print(w, file=sys.stderr)
+        reporter.emit(Warn(w))
 
 
 def _plan(

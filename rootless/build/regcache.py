@@ -12,18 +12,23 @@ local step cache holds: image configs (never a secret: secrets reach only a RUN'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rootless.blob.digest import check_digest, hex_of, is_sha256_hex, sha256_of
 from rootless.errors import RbuildError
+from rootless.events import Reporter, Warn
 from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.store.store import Store, chain_ids
 
-CONFIG_TYPE = "application/vnd.rbuild.cache.config.v1+json"
+if TYPE_CHECKING:
+    from rootless.build.cache import StepCache
+    from rootless.oci.transports import RegistryTransport
+
+CONFIG_TYPE = img.RBUILD_CACHE_CONFIG
 FORMAT_VERSION = 1
 
 
@@ -34,8 +39,9 @@ class CacheSpec:
 
 
 def parse_spec(text: str, flag: str) -> CacheSpec:
-    """`REF`, or BuildKit's `type=registry,ref=REF[,mode=min|max]`."""
+    """`[docker://]REF`, or BuildKit's `type=registry,ref=REF[,mode=min|max]`."""
     if "=" not in text.split(",", 1)[0]:
+        _registry(text, flag)
         return CacheSpec(text)
     fields: dict[str, str] = {}
     for part in text.split(","):
@@ -55,7 +61,18 @@ def parse_spec(text: str, flag: str) -> CacheSpec:
     fields.pop("ignore-error", None)
     if fields:
         raise RbuildError(f"{flag} {text}: unknown option {sorted(fields)[0]!r}")
+    _registry(ref, flag)
     return CacheSpec(ref, mode)
+
+
+def _registry(ref: str, flag: str) -> RegistryTransport:
+    """The registry transport `ref` names; a cache in a layout or an archive is refused."""
+    from rootless.oci import transports
+
+    where = transports.parse_transport(ref)
+    if not isinstance(where, transports.RegistryTransport):
+        raise RbuildError(f"{flag} {ref}: a cache is kept in a registry ([docker://]REF), not in {where.prefix}")
+    return where
 
 
 def _check_index(data: Any, what: str) -> dict[str, Any]:
@@ -66,7 +83,7 @@ def _check_index(data: Any, what: str) -> dict[str, Any]:
     if not isinstance(entries, dict) or not isinstance(layers, dict):
         raise RbuildError(f"{what}: entries and layers must be objects")
     for key, e in entries.items():
-        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+        if not is_sha256_hex(key):
             raise RbuildError(f"{what}: bad entry key {key[:80]!r}")
         if (
             not isinstance(e, dict)
@@ -76,40 +93,43 @@ def _check_index(data: Any, what: str) -> dict[str, Any]:
         ):
             raise RbuildError(f"{what}: entry {key[:12]} is malformed or names a layer the cache lacks")
     for diff_id, desc in layers.items():
-        if not (isinstance(diff_id, str) and diff_id.startswith("sha256:") and len(diff_id) == 71):
-            raise RbuildError(f"{what}: bad diff_id {str(diff_id)[:80]!r}")
-        if (
-            not isinstance(desc, dict)
-            or not isinstance(desc.get("digest"), str)
-            or not isinstance(desc.get("size"), int)
-        ):
-            raise RbuildError(f"{what}: bad descriptor for {diff_id}")
+        try:
+            hex_of(diff_id)
+        except RbuildError:
+            raise RbuildError(f"{what}: bad diff_id {str(diff_id)[:80]!r}") from None
+        digest = desc.get("digest") if isinstance(desc, dict) else None
+        try:
+            if not isinstance(digest, str) or not isinstance(desc.get("size"), int):
+                raise RbuildError("not a descriptor")
+            check_digest(digest)
+        except RbuildError:
+            raise RbuildError(f"{what}: bad descriptor for {diff_id}") from None
     return data
 
 
 class RegistryCache:
     """The entries of every `--cache-from` cache, read once; steps are materialised on demand."""
 
-    def __init__(self, store: Store, ownership: Ownership, registry_options: Any, warn: Any) -> None:
+    def __init__(self, store: Store, ownership: Ownership, registry_options: Any, reporter: Reporter) -> None:
         from rootless.registry import api as registry
 
         self.store = store
         self.ownership = ownership
         self.options = registry_options or registry.RegistryOptions()
         self.client = registry.Registry(self.options)
-        self.warn = warn
+        self.reporter = reporter
         self.entries: dict[str, tuple[Any, dict[str, Any], dict[str, Any]]] = {}  # key -> (ref, entry, layers)
 
     def load(self, specs: list[CacheSpec]) -> None:
         from rootless.oci.reference import parse_reference
 
         for spec in specs:
-            ref = parse_reference(spec.ref.removeprefix("docker://"))
             what = f"--cache-from {spec.ref}"
+            ref = parse_reference(_registry(spec.ref, "--cache-from").rest)
             try:
                 config = self.client.client.resolve_artifact(ref, CONFIG_TYPE)
             except RbuildError as e:
-                self.warn(f"{what}: not used: {e}")  # a missing cache is not an error (BuildKit: same)
+                self.reporter.emit(Warn(f"{what}: not used: {e}"))  # a missing cache is not an error (BuildKit: same)
                 continue
             try:
                 data = _check_index(json.loads(config), what)
@@ -134,7 +154,7 @@ class RegistryCache:
             for d, c in zip(diff_ids, chains, strict=True)
             if not self.store.has_layer(c) and not self.store.has_blob(descs[d]["digest"])
         ]
-        self.client.fetch_blobs(ref, missing, os.path.join(self.store.root, "blobs"))
+        self.client.fetch_blobs(ref, missing, os.path.join(self.store.root, "blobs"), self.reporter)
         for i, (diff_id, chain) in enumerate(zip(diff_ids, chains, strict=True)):
             if self.store.has_layer(chain):
                 continue
@@ -159,48 +179,34 @@ class RegistryCache:
         return state
 
 
-def export(store: Store, spec: CacheSpec, keys: list[str], registry_options: Any) -> str:
-    """Push the cache entries `keys` (in build order) with their layers' gzip blobs; the manifest digest."""
-    from rootless.oci.reference import parse_reference
-    from rootless.oci.transports import layer_blob
-    from rootless.registry import api as registry
+def export(store: Store, cache: StepCache, spec: CacheSpec, keys: list[str], registry_options: Any) -> str:
+    """Push the entries of `cache` under `keys` (in build order) with their layers' gzip blobs (from the
+    store); the manifest digest."""
+    from rootless.oci.transports import Blob, layer_blob
 
     entries: dict[str, Any] = {}
     layers: dict[str, dict[str, Any]] = {}
-    blobs: list[tuple[registry.Descriptor, str]] = []
+    blobs: list[Blob] = []
     for key in keys:
-        state = store.cache_get(key)
-        if state is None or key in entries:
+        found = None if key in entries else cache.lookup(key)
+        if found is None:
             continue
-        entries[key] = {"config": state["config"], "layers": state["layers"], "cmd_set": state.get("cmd_set", False)}
-        for diff_id, chain in zip(state["layers"], chain_ids(state["layers"]), strict=True):
+        entries[key] = {"config": found.config, "layers": found.layers, "cmd_set": bool(found.cmd_set)}
+        for diff_id, chain in zip(found.layers, chain_ids(found.layers), strict=True):
             if diff_id in layers:
                 continue
             blob = layer_blob(store, diff_id, chain, None, "oci", "gzip", None)
             layers[diff_id] = blob.descriptor
-            blobs.append(
-                (
-                    registry.Descriptor(
-                        blob.descriptor["mediaType"], blob.descriptor["digest"], blob.descriptor["size"]
-                    ),
-                    blob.path,
-                )
-            )
+            blobs.append(blob)
     index = img.canonical({"rbuild-cache": FORMAT_VERSION, "entries": entries, "layers": layers})
-    config_desc = registry.Descriptor(CONFIG_TYPE, "sha256:" + hashlib.sha256(index).hexdigest(), len(index))
     manifest = img.canonical(
         {
             "schemaVersion": 2,
             "mediaType": img.OCI_MANIFEST,
             "artifactType": CONFIG_TYPE,
-            "config": config_desc.to_json(),
-            "layers": [d.to_json() for d, _ in blobs],
+            "config": {"mediaType": CONFIG_TYPE, "digest": sha256_of(index), "size": len(index)},
+            "layers": [b.descriptor for b in blobs],
         }
     )
-
-    def opener(path: str) -> Any:
-        return lambda: open(path, "rb")
-
-    ref = parse_reference(spec.ref.removeprefix("docker://"))
-    client = registry.Registry(registry_options or registry.RegistryOptions())
-    return client.push(ref, manifest, img.OCI_MANIFEST, config_desc, index, [(d, opener(p)) for d, p in blobs])
+    target = _registry(spec.ref, "--cache-to")
+    return target.push(manifest, img.OCI_MANIFEST, CONFIG_TYPE, index, blobs, registry_options)

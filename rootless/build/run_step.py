@@ -12,7 +12,6 @@ import hashlib
 import os
 import shlex
 import stat
-import sys
 import tempfile
 from typing import Any
 
@@ -20,6 +19,7 @@ from rootless.build import copyfiles
 from rootless.build.state import StageState, env_dict
 from rootless.build.step import Step
 from rootless.errors import RbuildError, RunFailed
+from rootless.events import Output
 from rootless.frontend import instructions as ins
 from rootless.kernel.fspath import clean_abs, secure_join
 from rootless.sandbox import spec as sandbox
@@ -259,11 +259,16 @@ class RunStep(Step[ins.RunCmd]):
                     with tempfile.TemporaryFile() as out:
                         spec.output_fd = out.fileno()
                         status = self.sandbox_run(merged, spec, scratch, cmd)
-                        if status != 0:
+                        if status != 0:  # quiet: a failed RUN's output is shown after all
                             out.seek(0)
-                            sys.stderr.buffer.write(out.read())
-                            sys.stderr.flush()
+                            while chunk := out.read(65536):
+                                self.ex.reporter.emit(Output(chunk))
                 else:
+                    fd = self.ex.reporter.output_fd
+                    if fd is None:
+                        spec.output = lambda data: self.ex.reporter.emit(Output(data))
+                    else:
+                        spec.output_fd = fd
                     status = self.sandbox_run(merged, spec, scratch, cmd)
             if status != 0:
                 shown = " ".join(shlex.quote(a) for a in argv) if not cmd.shell_form else " ".join(argv)
@@ -282,7 +287,7 @@ class RunStep(Step[ins.RunCmd]):
             raise self.ex.err(cmd.node, str(e)) from None
         finally:
             for w in dict.fromkeys(spec.warnings):  # loud even with -q: the image may differ from a subuid build
-                print(f"WARNING: {self.ex.plan.filename}:{cmd.node.start_line}: RUN: {w}", file=sys.stderr, flush=True)
+                self.ex.warn(f"WARNING: {self.ex.plan.filename}:{cmd.node.start_line}: RUN: {w}")
 
 
 def _mount_point_fault(root: str, target: str) -> str | None:

@@ -58,7 +58,7 @@ def _chosen_command(argv: list[str]) -> str | None:
 def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
     """The registry flags; `--creds` goes only to the registries of `creds_for`, names the command line
     gave, so a Containerfile cannot send it to a host of its choosing."""
-    from rootless.registry.api import options_from_args
+    from rootless.cli.registry import options_from_args
 
     options = options_from_args(args)
     options.creds_for = creds_for
@@ -71,7 +71,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     def _registry_args(p: argparse.ArgumentParser) -> None:
         if registry_flags:
-            from rootless.registry.api import add_registry_arguments
+            from rootless.cli.registry import add_registry_arguments
 
             add_registry_arguments(p)
 
@@ -101,7 +101,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
-    b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
+    b.add_argument(
+        "--progress",
+        choices=["plain", "quiet", "json"],
+        help="step lines (plain, the default), only warnings and failed RUN output (quiet), "
+        "or one JSON object an event (json); all on stderr",
+    )
     b.add_argument("--target", help="build up to this stage")
     b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
     attached_flag(
@@ -149,7 +155,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     _registry_args(b)
     if registry_flags:
-        from rootless.registry.api import add_pull_argument
+        from rootless.cli.registry import add_pull_argument
 
         add_pull_argument(b)
     b.set_defaults(func=cmd_build)
@@ -228,17 +234,42 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(li)
     _common(lo)
     if registry_flags:
-        from rootless.registry import api as registry
+        from rootless.cli import registry
 
         registry.add_login_arguments(li)
-        li.set_defaults(func=registry.login_command)
+        li.set_defaults(func=lambda a: _say(registry.login_command(a)))
         registry.add_logout_arguments(lo)
-        lo.set_defaults(func=registry.logout_command)
+        lo.set_defaults(func=lambda a: _say(registry.logout_command(a)))
     return parser
 
 
 # -------------------------------------------------------------------------------------------------------
 # plumbing
+
+
+def _reporter(args: argparse.Namespace) -> Any:
+    """The reporter for this command's events (made once): --progress, or -q, or plain text."""
+    made = getattr(args, "reporter", None)
+    if made is None:
+        from rootless.cli import report
+
+        mode = getattr(args, "progress", None)
+        quiet = getattr(args, "quiet", False)
+        if quiet and mode not in (None, "quiet"):
+            raise RbuildError(f"-q and --progress={mode} contradict each other")
+        made = args.reporter = report.reporter(mode or ("quiet" if quiet else "plain"))
+    return made
+
+
+def _error(message: str) -> None:
+    """The one `Error:` line of a failed command."""
+    print(f"Error: {message}", file=sys.stderr)
+
+
+def _say(line: str) -> int:
+    """A command's one line of result on stdout; success."""
+    print(line)
+    return 0
 
 
 def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
@@ -251,22 +282,34 @@ def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, 
     runtime = None
     root = paths.store_root(getattr(args, "root", None))
     if create:
+        from rootless.events import Warn
+
         # both paths depend on who we are on the host: resolve them before entering the user namespace
         runtime, runtime_notice = paths.runtime_dir(root)
         for line in (notice, runtime_notice):
-            if line and not getattr(args, "quiet_notice", False):
-                print(line, file=sys.stderr)
+            if line:
+                _reporter(args).emit(Warn(line))
     return Store(root, runtime=runtime), idmap
 
 
-def _notice(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def _warn(args: argparse.Namespace) -> Callable[[str], None]:
+    """A line that is shown even with -q (the environment degraded, a wait, a prune) as a Warn event."""
+    from rootless.events import Warn
+
+    reporter = _reporter(args)
+    return lambda line: reporter.emit(Warn(line))
+
+
+def _run_inside(args: argparse.Namespace, idmap: Any, fn: Callable[[Any], int]) -> int:
+    """fn(mapping) in the user namespace (userns.run_inside), its failures as one `Error:` line."""
+    from rootless.env import userns
+
+    return userns.run_inside(idmap, lambda got: _guard(args, lambda: fn(got)), _error, _warn(args))
 
 
 def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False) -> int:
     """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there; `limited`: a
     build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size)."""
-    from rootless.env import userns
 
     store, idmap = _store_and_map(args)
     parent = os.path.dirname(store.root)
@@ -276,17 +319,18 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limit
         raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
 
     def inner(got: Any) -> int:
-        _open_inside(store, got)
+        _open_inside(args, store, got)
         if not limited:
             with store.in_use():
                 return fn(store, got)
         from rootless.env import limits
 
         lim = limits.load()
+        warn = _warn(args)
         slots = (
             store.build_slot(
                 lim.concurrent_builds,
-                lambda: _notice(
+                lambda: warn(
                     f"rbuild: waiting for one of the {lim.concurrent_builds} concurrent builds this user may run"
                 ),
             )
@@ -298,15 +342,15 @@ def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limit
                 status = fn(store, got)
             if lim.store_size is not None and store.usage() > lim.store_size:
                 for line in store.prune(lim.store_size):
-                    _notice(f"rbuild: store over its limit of {lim.store_size} bytes: {line}")
+                    warn(f"rbuild: store over its limit of {lim.store_size} bytes: {line}")
                 if store.usage() > lim.store_size:
-                    _notice(f"rbuild: store {store.root} is still over its limit: named images fill it (rbuild rmi)")
+                    warn(f"rbuild: store {store.root} is still over its limit: named images fill it (rbuild rmi)")
         return status
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: inner(got)))
+    return _run_inside(args, idmap, inner)
 
 
-def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
+def _open_inside(args: argparse.Namespace, store: Any, idmap: Any, create: bool = True) -> None:
     """Open the store inside the user namespace; a store of an older format is converted first."""
     from rootless.store.store import STORE_VERSION
 
@@ -314,9 +358,8 @@ def _open_inside(store: Any, idmap: Any, create: bool = True) -> None:
     if store.exists() and store.version != STORE_VERSION:
         from rootless.store import migrate
 
-        print(
-            f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)",
-            file=sys.stderr,
+        _warn(args)(
+            f"rbuild: converting the store {store.root} to format {STORE_VERSION} (layers are unpacked again, once)"
         )
         migrate.upgrade(store, Ownership.for_mapping(idmap.single))
 
@@ -330,13 +373,12 @@ def _open_readonly(args: argparse.Namespace) -> Any:
     if store.exists():
         store.check_format()
         if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
-            from rootless.env import userns
 
             def convert(got: Any) -> int:
-                _open_inside(store, got, create=False)
+                _open_inside(args, store, got, create=False)
                 return 0
 
-            if userns.run_inside(idmap, lambda got: _guard(args, lambda: convert(got))):
+            if _run_inside(args, idmap, convert):
                 raise RbuildError(f"the store {store.root} could not be converted to format {STORE_VERSION}")
             store.check_format()
     return store
@@ -399,8 +441,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     # --platform (a registry flag: the platform FROM pulls) is also the target platform of the TARGET* ARGs
     platform = getattr(args, "platform", None)
     target_platform = planner.normalize_platform(platform, "--platform") if platform else None
+    reporter = _reporter(args)
     plan = planner.plan(
-        data, shown, context, build_args, args.target, private=outside, contexts=contexts, platform=target_platform
+        data,
+        shown,
+        context,
+        build_args,
+        args.target,
+        reporter,
+        private=outside,
+        contexts=contexts,
+        platform=target_platform,
     )
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
@@ -427,13 +478,14 @@ def cmd_build(args: argparse.Namespace) -> int:
         from rootless.build import executor
         from rootless.build.state import BuildOptions
         from rootless.env import strategy
+        from rootless.events import Notice
 
         opts = BuildOptions(
             tags=args.tag,
             labels=labels,
             no_cache=args.no_cache,
             fmt=args.format,
-            quiet=args.quiet,
+            quiet=args.quiet or args.progress == "quiet",
             timestamp=args.timestamp,
             source_date_epoch=sde,
             rewrite_timestamp=args.rewrite_timestamp,
@@ -453,19 +505,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         if blocked is not None:
             _refuse_run(plan, blocked)
         store.record_strategy(chosen.to_json())
-        image_id = executor.build(plan, store, opts, chosen)
+        image_id = executor.build(plan, store, opts, chosen, reporter)
         if args.push:
             from rootless.oci import transports
 
             rec = store.find([image_id])
             for t in args.tag:
-                digest = transports.export_image(
-                    store, rec, "docker://" + names.normalize(t), args.format, None, None, opts.registry_options
+                digest = transports.RegistryTransport(names.normalize(t)).export(
+                    store, rec, args.format, None, None, opts.registry_options
                 )
-                if not args.quiet:
-                    print(f"Pushed {names.normalize(t)} ({digest})", file=sys.stderr)
+                reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
         if args.iidfile:
-            from rootless.store.store import atomic_write
+            from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.iidfile), image_id.encode())
         print(image_id, flush=True)
@@ -719,7 +770,6 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     """Remove names (or whole images), then the layers and blobs no image needs any more."""
-    from rootless.env import userns
     from rootless.oci import names
 
     store, idmap = _store_and_map(args, create=False)
@@ -747,18 +797,17 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
 
         def gc(got: Any) -> int:
-            _open_inside(store, got, create=False)
+            _open_inside(args, store, got, create=False)
             store.collect_garbage()
             return 0
 
-        gc_status = userns.run_inside(idmap, lambda got: _guard(args, lambda: gc(got)))
+        gc_status = _run_inside(args, idmap, gc)
         status = status or gc_status  # the child printed its Error: line; the exit status must say so too
     return status
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Remove the build cache, layers and blobs no image needs, and images without a name."""
-    from rootless.env import userns
 
     store, idmap = _store_and_map(args)
     if not store.exists():
@@ -766,7 +815,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
 
     def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
-        _open_inside(store, got, create=False)
+        _open_inside(args, store, got, create=False)
         before = store.usage()
         with store.exclusive():
             pass  # refuse clearly while a build runs (prune would skip silently)
@@ -776,7 +825,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"freed {_size(before - after)}; the store {store.root} holds {_size(after)}")
         return 0
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
+    return _run_inside(args, idmap, run)
 
 
 def _size(n: int) -> str:
@@ -789,7 +838,7 @@ def _size(n: int) -> str:
 
 def cmd_df(args: argparse.Namespace) -> int:
     """The store's size by part, and this user's limits."""
-    from rootless.env import limits, userns
+    from rootless.env import limits
     from rootless.store.store import Store
 
     store, idmap = _store_and_map(args)
@@ -813,12 +862,11 @@ def cmd_df(args: argparse.Namespace) -> int:
             print(f"concurrent builds  at most {lim.concurrent_builds}")
         return 0
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
+    return _run_inside(args, idmap, run)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Verify the store; with --repair remove what is broken and check again. Exit 1 when problems remain."""
-    from rootless.env import userns
     from rootless.store import check as storecheck
 
     store, idmap = _store_and_map(args)
@@ -831,7 +879,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
         store.open(idmap, create=False, sweep=False)
         if store.version != STORE_VERSION:
-            _open_inside(store, idmap, create=False)
+            _open_inside(args, store, idmap, create=False)
         with store.exclusive() if args.repair else contextlib.nullcontext():
             for path in store.sweep(idle=args.repair):
                 print(f"removed leftover of a killed process: {path}")
@@ -852,7 +900,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 1
         return 0
 
-    return userns.run_inside(idmap, lambda got: _guard(args, lambda: run(got)))
+    return _run_inside(args, idmap, run)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -863,8 +911,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         if args.image.startswith("localhost/") or "/" not in args.image:
             raise RbuildError(f"{args.image}: a local name needs a destination (docker://HOST/REPO:TAG, oci:DIR, ...)")
         dest = "docker://" + args.image
-    if not dest.startswith(("oci:", "oci-archive:", "docker-archive:", "docker://")):
-        dest = "docker://" + dest
+    target = transports.parse_transport(dest)
 
     def run(store: Any, idmap: Any) -> int:
         rec = _find(store, args.image)
@@ -873,21 +920,20 @@ def cmd_push(args: argparse.Namespace) -> int:
             from rootless.oci import image as img
 
             fmt = "docker" if store.read_json(rec.manifest).get("mediaType") == img.DOCKER_MANIFEST else "oci"
-        digest = transports.export_image(
+        digest = target.export(
             store,
             rec,
-            dest,
             fmt,
             args.compression_format,
             args.compression_level,
-            _registry_options(args, [dest.removeprefix("docker://")]),
+            _registry_options(args, [target.rest] if not target.local else []),
         )
         if args.digestfile:
-            from rootless.store.store import atomic_write
+            from rootless.kernel.fsutil import atomic_write
 
             atomic_write(os.path.abspath(args.digestfile), digest.encode())
         if not args.quiet:
-            print(f"Pushed {rec.id[7:19]} to {dest} ({digest})", file=sys.stderr)
+            print(f"Pushed {rec.id[7:19]} to {target.spec} ({digest})", file=sys.stderr)
         return 0
 
     return _in_namespace(args, run)
@@ -897,11 +943,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from rootless.oci import transports
 
     def run(store: Any, idmap: Any) -> int:
-        progress = not args.quiet and sys.stderr.isatty()
-        with transports.open_source(
-            args.image, store, _registry_options(args, [args.image.removeprefix("docker://")]), progress
-        ) as src:
-            names = [] if args.image.startswith(("oci:", "oci-archive:")) else [src.name]
+        source = transports.parse_transport(args.image)
+        options = _registry_options(args, [] if source.local else [source.rest])
+        with source.open(store, options, _reporter(args)) as src:
+            names = [] if source.local else [src.name]
             rec = transports.import_image(store, src, names, Ownership.for_mapping(idmap.single))
         print(rec.id)
         return 0

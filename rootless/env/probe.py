@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 
 from rootless.env.userns import sub_ranges
 from rootless.kernel import linux
+from rootless.kernel.fsutil import atomic_write
 from rootless.rootfs import fusehelper
 
 CACHE_VERSION = 1
@@ -462,10 +463,7 @@ def probe(storage: str, use_cache: bool = True) -> Probe:
     result = _probe(storage)
     if cache:
         try:
-            tmp = f"{cache}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"key": key, "probe": result.to_json()}, f)
-            os.replace(tmp, cache)
+            atomic_write(cache, json.dumps({"key": key, "probe": result.to_json()}).encode())
         except OSError:
             pass
     return result

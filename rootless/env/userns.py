@@ -204,8 +204,9 @@ def _write_file(path: str, text: str) -> None:
         f.write(text)
 
 
-def _write_maps(pid: int, idmap: IdMap) -> IdMap:
-    """Map the child's namespace; returns the mapping it got (the single-uid map when the helpers fail)."""
+def _write_maps(pid: int, idmap: IdMap, warn: Callable[[str], None]) -> IdMap:
+    """Map the child's namespace; returns the mapping it got (the single-uid map when the helpers fail,
+    said to warn)."""
     if idmap.single:  # the caller's own ids, as this namespace numbers them
         _write_file(f"/proc/{pid}/setgroups", "deny")
         _write_file(f"/proc/{pid}/uid_map", f"0 {os.getuid()} 1\n")
@@ -223,8 +224,8 @@ def _write_maps(pid: int, idmap: IdMap) -> IdMap:
         why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
         if n == 0:  # nothing is mapped yet: the map any user may write still can be
             fallback = single_map()
-            print(f"rbuild: {tool} failed ({why}): {_SINGLE}", file=sys.stderr)
-            return _write_maps(pid, fallback)
+            warn(f"rbuild: {tool} failed ({why}): {_SINGLE}")
+            return _write_maps(pid, fallback, warn)
         raise RbuildError(
             f"{tool} failed ({why}) after newgidmap succeeded; check that /etc/subuid and /etc/subgid "
             "name ranges this namespace holds"
@@ -242,11 +243,15 @@ def _unshare_flags(idmap: IdMap) -> int:
     return 0 if isolation(idmap) == "none" else linux.CLONE_NEWUSER | linux.CLONE_NEWNS
 
 
-def run_inside(idmap: IdMap, fn: Callable[[IdMap], int]) -> int:
+def run_inside(
+    idmap: IdMap, fn: Callable[[IdMap], int], error: Callable[[str], None], warn: Callable[[str], None]
+) -> int:
     """Run fn(mapping) in a forked child inside the user (and a private mount) namespace; its exit status.
 
-    The mapping fn gets is `idmap`, or the single-uid map when the id-mapping helpers failed. Where no
-    namespace can be made (`isolation` none or none-privileged), fn runs in a plain child.
+    The mapping fn gets is `idmap`, or the single-uid map when the id-mapping helpers failed (then warn
+    receives the one line saying why). Where no namespace can be made (`isolation` none or
+    none-privileged), fn runs in a plain child. error receives the message of a failure fn did not
+    handle itself (entering the namespace failed); nothing here prints.
     Mounts made by fn vanish with the child's mount namespace, so even a killed build leaves none behind.
     SIGTERM and SIGHUP (a closed terminal) end fn the way Ctrl-C does, cleaning up; so does the death of
     this process, however it dies (the child's death signal).
@@ -300,7 +305,7 @@ def run_inside(idmap: IdMap, fn: Callable[[IdMap], int]) -> int:
                     ) from None
             code = fn(idmap)
         except RbuildError as e:
-            print(f"Error: {e}", file=sys.stderr)
+            error(str(e))
             code = e.exit_code
         except KeyboardInterrupt:
             code = 130
@@ -308,7 +313,7 @@ def run_inside(idmap: IdMap, fn: Callable[[IdMap], int]) -> int:
             if isinstance(e, SystemExit):
                 code = e.code if isinstance(e.code, int) else 125
             else:
-                print(f"Error: {type(e).__name__}: {e}", file=sys.stderr)
+                error(f"{type(e).__name__}: {e}")
                 code = 125
         finally:
             try:
@@ -333,7 +338,7 @@ def run_inside(idmap: IdMap, fn: Callable[[IdMap], int]) -> int:
         os.close(ready_r)
         if state == b"R":
             try:
-                got = _write_maps(pid, idmap) if flags & linux.CLONE_NEWUSER else idmap
+                got = _write_maps(pid, idmap, warn) if flags & linux.CLONE_NEWUSER else idmap
                 os.write(go_w, b"G" if got == idmap else b"S")
             except (RbuildError, OSError) as e:
                 os.close(go_w)

@@ -53,6 +53,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
+from rootless.blob.verify import BlobMismatch, Verifier, VerifyingReader
 from rootless.errors import RbuildError
 from rootless.layer.format import FORMAT
 from rootless.layer.ownership import Ownership
@@ -431,6 +432,8 @@ def _show(comps: tuple[bytes, ...]) -> str:
 
 
 class _Unpacker:
+    whiteouts = True  # `.wh.` names are overlay whiteouts (a layer); a plain archive has none
+
     def __init__(self, dest: str, lowers: Sequence[str], ownership: Ownership, limits: UnpackLimits) -> None:
         self.root = os.open(dest, _DIRFLAGS)
         self.lowers = [os.fsencode(os.path.abspath(p)) for p in lowers]
@@ -651,10 +654,10 @@ class _Unpacker:
             return
         if len(comps) > MAX_DEPTH:
             raise LayerError(f"path deeper than {MAX_DEPTH} directories")
-        if any(c.startswith(_WH) for c in comps[:-1]):
+        if self.whiteouts and any(c.startswith(_WH) for c in comps[:-1]):
             raise LayerError("a whiteout name (.wh.) used as a directory")
         base = comps[-1]
-        if base.startswith(_WH):
+        if self.whiteouts and base.startswith(_WH):
             self._whiteout(comps, ti)
             return
         pfd = self.parent(comps[:-1])
@@ -826,6 +829,91 @@ class _Unpacker:
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         self._uncache()
+
+
+class _ArchiveUnpacker(_Unpacker):
+    """ADD's semantics (docker's Untar) with the layer unpacker's parser, checks and limits: entries land in
+    an existing directory and replace what is there (directories merge); symlinks already there are
+    followed, never out of it; `.wh.` names are plain names; device nodes are skipped; the archive's root
+    entry leaves the destination alone; leading `/` is dropped; `owner` (ADD --chown) replaces the
+    archive's owners."""
+
+    whiteouts = False
+
+    def __init__(self, dest: str, owner: tuple[int, int] | None, ownership: Ownership) -> None:
+        super().__init__(dest, (), ownership, UnpackLimits())
+        self.dest = dest
+        self.forced = owner
+
+    def parent(self, comps: tuple[bytes, ...], create: bool = True) -> int | None:
+        if not comps:
+            return self.root
+        if self.cache is not None and self.cache[0] == comps:
+            return self.cache[1]
+        from rootless.kernel.fspath import secure_join
+
+        try:
+            path = secure_join(self.dest, os.fsdecode(b"/".join(comps)))
+        except RbuildError as e:  # a symlink loop
+            raise LayerError(str(e)) from None
+        try:
+            if create:
+                os.makedirs(path, exist_ok=True)
+            fd = os.open(path, _DIRFLAGS)
+        except (FileNotFoundError, NotADirectoryError, FileExistsError):
+            if not create:
+                return None
+            raise LayerError(f"path component {_show(comps)!r} is not a directory") from None
+        self._uncache()
+        self.cache = (comps, fd)
+        return fd
+
+    def entry(self, tf: tarfile.TarFile, ti: tarfile.TarInfo) -> None:
+        ti.name = ti.name.lstrip("/")
+        if ti.islnk():
+            ti.linkname = ti.linkname.lstrip("/")
+        if not _split(ti.name) or ti.ischr() or ti.isblk():
+            _check_numbers(ti)
+            return
+        if self.forced is not None:
+            ti.uid, ti.gid = self.forced
+        super().entry(tf, ti)
+
+
+def unpack_archive(
+    path: str, dest: str, owner: tuple[int, int] | None, what: str, ownership: Ownership = Ownership.MAPPED
+) -> None:
+    """Unpack a tar archive (plain, gzip, zstd, bzip2 or xz) into the existing directory `dest`, as ADD does,
+    through the layer unpacker; one RbuildError naming `what` and the archive for anything wrong with it.
+    `ownership`: the build's (owners the namespace cannot map are recorded either way)."""
+    import lzma
+
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        stream: BinaryIO
+        if magic.startswith(b"BZh"):
+            import bz2
+
+            stream = cast(BinaryIO, bz2.open(path, "rb"))
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            stream = cast(BinaryIO, lzma.open(path, "rb"))
+        else:
+            stream = open_blob(path, name=name)
+    except (OSError, RbuildError) as e:
+        raise RbuildError(f"{what}: cannot read archive {name}: {getattr(e, 'strerror', None) or e}") from None
+    u = _ArchiveUnpacker(dest, owner, ownership)
+    try:
+        with stream:
+            u.run(stream)
+    except (LayerError, EOFError, ValueError, OverflowError, OSError, lzma.LZMAError) as e:
+        if isinstance(e, OSError) and e.errno:  # a real I/O error, not a damaged stream
+            raise
+        cause = str(e).removeprefix("layer: ")
+        raise RbuildError(f"{what}: archive {name} is damaged: {cause}") from None
+    finally:
+        u.close()
 
 
 def _mtime_ns(ti: tarfile.TarInfo) -> int:
@@ -1470,25 +1558,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-class _HashingFile(io.RawIOBase):
-    def __init__(self, path: str, algo: str) -> None:
-        self.f = open(path, "rb", buffering=0)
-        self.hash = hashlib.new(algo)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = self.f.readinto(b) or 0
-        if n:
-            self.hash.update(memoryview(b)[:n])
-        return n
-
-    def close(self) -> None:
-        self.f.close()
-        super().close()
-
-
 class _GzipMembers(io.RawIOBase):
     """gzip members back to back, read as Go's compress/gzip reads them (what umoci, skopeo and containerd
     use): each member's CRC and length checked, and bytes after a member that do not start another
@@ -1574,13 +1643,6 @@ def _zstd_frames_end(path: str, what: str) -> None:
             raise trailing
 
 
-def _algo(digest: str | None) -> str:
-    algo = (digest or "sha256:").partition(":")[0]
-    if algo not in ("sha256", "sha384", "sha512"):
-        raise LayerError(f"blob digest {digest!r}: unsupported algorithm")
-    return algo
-
-
 class _Blob(io.RawIOBase):
     """Decompressing reader that verifies the blob digest and the diff_id when it reaches the end.
 
@@ -1590,9 +1652,15 @@ class _Blob(io.RawIOBase):
     def __init__(self, path: str, digest: str | None, diff_id: str | None, name: str | None) -> None:
         self.path, self.digest, self.diff_id = path, digest, diff_id
         self.name = name or digest or path  # in error messages
-        self.raw = _HashingFile(path, _algo(digest))
-        magic = self.raw.f.read(4)
-        self.raw.f.seek(0)
+        self.file = open(path, "rb", buffering=0)
+        magic = self.file.read(4)
+        self.file.seek(0)
+        try:  # the compressed bytes, verified against `digest` by the read that reaches their end
+            self.raw: io.RawIOBase = self.file if digest is None else VerifyingReader(self.file, digest)
+            self.out = Verifier(diff_id, what=f"blob {self.name}") if diff_id else None
+        except RbuildError as e:  # a digest of an unknown algorithm
+            self.file.close()
+            raise LayerError(str(e)) from None
         self.inner: io.RawIOBase
         self.zstd = magic == _ZSTD_MAGIC
         if magic.startswith(_GZIP_MAGIC):
@@ -1607,7 +1675,6 @@ class _Blob(io.RawIOBase):
             self.inner = cast(io.RawIOBase, reader)
         else:
             self.inner = self.raw
-        self.out = hashlib.new(_algo(diff_id)) if diff_id else None
         self.queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=4)
         self.thread: threading.Thread | None = None
         self.cur = memoryview(b"")
@@ -1629,6 +1696,8 @@ class _Blob(io.RawIOBase):
                 self.done = True
                 if isinstance(item, LayerError):
                     raise item
+                if isinstance(item, BlobMismatch):  # the compressed bytes are not the blob named
+                    raise LayerError(str(item))
                 raise LayerError(f"blob {self.name}: corrupt compressed data ({item})")
             if not item:
                 self.done = True
@@ -1660,11 +1729,7 @@ class _Blob(io.RawIOBase):
             pass
         if self.zstd:
             _zstd_frames_end(self.path, self.name)
-        if self.digest and f"{self.raw.hash.name}:{self.raw.hash.hexdigest()}" != self.digest:
-            raise LayerError(
-                f"blob {self.digest}: digest mismatch (content is {self.raw.hash.name}:{self.raw.hash.hexdigest()})"
-            )
-        if self.out is not None and f"{self.out.name}:{self.out.hexdigest()}" != self.diff_id:
+        if self.out is not None and self.out.got != self.diff_id:
             raise LayerError(f"blob {self.name}: uncompressed content does not match diff_id {self.diff_id}")
 
     def close(self) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import platform
 from typing import Any
+
+from rootless.oci.platform import host_platform
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -16,23 +17,20 @@ DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+DOCKER_LAYER_GZIP = DOCKER_LAYER + ".gzip"
+OCI_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
+# OCI layer type <-> docker layer type; zstd has no docker spelling.
+TO_DOCKER = {OCI_LAYER: DOCKER_LAYER, OCI_LAYER_GZIP: DOCKER_LAYER_GZIP, OCI_FOREIGN + "+gzip": DOCKER_FOREIGN}
+TO_OCI = {v: k for k, v in TO_DOCKER.items()}
+LAYER_TYPES = frozenset(
+    {OCI_LAYER, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_FOREIGN, OCI_FOREIGN + "+gzip", OCI_FOREIGN + "+zstd", *TO_OCI}
+)
+RBUILD_CACHE_CONFIG = "application/vnd.rbuild.cache.config.v1+json"  # the config of rbuild's registry cache
 REF_NAME = "org.opencontainers.image.ref.name"
-
-_ARCH = {
-    "x86_64": "amd64",
-    "aarch64": "arm64",
-    "armv7l": "arm",
-    "i686": "386",
-    "ppc64le": "ppc64le",
-    "s390x": "s390x",
-    "riscv64": "riscv64",
-}
-
-
-def host_arch() -> str:
-    m = platform.machine()
-    return _ARCH.get(m, m)
 
 
 def canonical(doc: dict[str, Any]) -> bytes:
@@ -43,7 +41,7 @@ def canonical(doc: dict[str, Any]) -> bytes:
 def new_config(created: str) -> dict[str, Any]:
     return {
         "created": created,
-        "architecture": host_arch(),
+        "architecture": host_platform().architecture,
         "os": "linux",
         "config": {},
         "rootfs": {"type": "layers", "diff_ids": []},

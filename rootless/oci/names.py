@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+from rootless.oci.reference import normalize_host, split_host
+
 
 def _has_tag(name: str) -> bool:
     return ":" in name.rsplit("/", 1)[-1] or "@" in name
 
 
-def _qualified(name: str) -> bool:
-    first, sep, _ = name.partition("/")
-    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+def _qualified(name: str) -> str | None:
+    """`name` with its registry (docker's rule, as for pulls; the host normalised), None when it names none."""
+    host, rest = split_host(name)
+    return None if host is None else f"{normalize_host(host)}/{rest}"
 
 
 def normalize(name: str) -> str:
     """The name an image is stored under: registry-qualified, with a tag."""
     name = name.strip()
-    if not _qualified(name):
-        name = "localhost/" + name
+    name = _qualified(name) or "localhost/" + name
     if not _has_tag(name):
         name += ":latest"
     return name
@@ -29,7 +31,7 @@ def candidates(name: str) -> list[str]:
     for cand in (
         name,
         base,
-        "localhost/" + base if not _qualified(name) else None,
+        normalize(name),
         ("docker.io/" + ("" if "/" in name else "library/") + base) if not _qualified(name) else None,
     ):
         if cand and cand not in out:

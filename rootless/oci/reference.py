@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rootless.blob.digest import check_digest
 from rootless.errors import RbuildError
 
 DOCKER_HUB = "docker.io"
@@ -20,7 +21,6 @@ _HOST_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST_RE = re.compile(rf"(?:{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?")
 _TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 _DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
-_DIGEST_HEX_LEN = {"sha256": 64, "sha512": 128}
 _MAX_NAME = 255
 
 
@@ -60,17 +60,9 @@ class Reference:
         return text
 
 
-def check_digest(digest: str) -> str:
-    """Return `digest` if it is `algo:hex` with a known algorithm and the right length."""
-    algo, _, hexpart = digest.partition(":")
-    want = _DIGEST_HEX_LEN.get(algo)
-    if want is None or len(hexpart) != want or not re.fullmatch(r"[0-9a-f]+", hexpart):
-        raise RbuildError(f"invalid digest {digest!r}: want sha256:<64 hex> or sha512:<128 hex>")
-    return digest
-
-
-def _split_host(name: str) -> tuple[str | None, str]:
-    """Split off the first component when it names a host (docker's splitDockerDomain rule)."""
+def split_host(name: str) -> tuple[str | None, str]:
+    """Split off the first component when it names a host (docker's splitDockerDomain rule): the one
+    answer to "is this name qualified", for registry references and local names alike."""
     first, sep, rest = name.partition("/")
     if not sep:
         return None, name
@@ -83,7 +75,7 @@ def is_qualified(text: str) -> bool:
     """True when `text` names its registry (`quay.io/x`, `localhost/x`, `host:5000/x`)."""
     if text.startswith("docker://"):
         text = text[len("docker://") :]
-    return _split_host(text)[0] is not None
+    return split_host(text)[0] is not None
 
 
 def normalize_host(host: str) -> str:
@@ -108,7 +100,7 @@ def parse_reference(text: str, *, default_registry: str = DOCKER_HUB) -> Referen
         if not _DIGEST_RE.fullmatch(digest):
             raise RbuildError(f"invalid reference {original!r}: bad digest {digest!r}")
         check_digest(digest)
-    host, path = _split_host(remainder)
+    host, path = split_host(remainder)
     tag: str | None = None
     colon = path.rfind(":")
     if colon != -1:

@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from rootless.blob.digest import check_digest
 from rootless.errors import RbuildError
-from rootless.oci.reference import check_digest
-from rootless.registry.api import CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES
+from rootless.oci.image import CONFIG_TYPES, INDEX_TYPES, LAYER_TYPES, MANIFEST_TYPES
 
 __all__ = ["load", "check_manifest", "check_index", "check_config", "is_index"]
 

@@ -11,77 +11,40 @@ Export (push): oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME[
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
 
+from rootless.blob.digest import hex_of, sha256_of
+from rootless.blob.verify import BlobMismatch, VerifyingReader, verify_bytes
 from rootless.errors import RbuildError
+from rootless.events import Reporter
 from rootless.kernel.fspath import open_beneath, open_regular
+from rootless.kernel.fsutil import atomic_file, atomic_write
 from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
-from rootless.store.store import ImageRecord, Store, atomic_write, chain_ids, hex_of, now_rfc3339
+from rootless.oci.platform import Platform, check_config_platform, choose_platform, parse_platform
+from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
+
+if TYPE_CHECKING:
+    from rootless.registry.api import RegistryOptions
 
 CHUNK = 1 << 20
 
 
-class HashingReader(io.RawIOBase, BinaryIO):
-    """Wraps a stream and hashes what is read through it (verification while streaming)."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.count = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.sha.update(data)
-        self.count += n
-        return n
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.sha.update(data)
-        self.count += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-    def digest(self) -> str:
-        return "sha256:" + self.sha.hexdigest()
-
-
 def copy_verified(src: IO[bytes], dest: str, digest: str, size: int | None, what: str) -> None:
     """Copy a blob to dest (atomically), checking digest and size on the way."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".partial-")
-    sha = hashlib.sha256()
-    n = 0
     try:
-        with os.fdopen(fd, "wb") as out:
-            while chunk := src.read(CHUNK):
-                sha.update(chunk)
-                n += len(chunk)
-                out.write(chunk)
-        if "sha256:" + sha.hexdigest() != digest or (size is not None and size >= 0 and n != size):
-            raise RbuildError(f"{what}: blob {digest} does not match its digest or size")
-        os.rename(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        with atomic_file(dest, prefix=".partial-") as out:
+            shutil.copyfileobj(VerifyingReader(src, digest, size), out, CHUNK)
+    except BlobMismatch:
+        raise RbuildError(f"{what}: blob {digest} does not match its digest or size") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,9 +74,10 @@ class _Layout:
         self.confined = confined
 
     def _blob_path(self, digest: str) -> str:
-        if not digest.startswith("sha256:"):
-            raise RbuildError(f"{self.spec}: blob {digest}: only sha256 digests are supported")
-        return "blobs/sha256/" + hex_of(digest)
+        try:
+            return "blobs/sha256/" + hex_of(digest)
+        except RbuildError:
+            raise RbuildError(f"{self.spec}: blob {digest}: only sha256 digests are supported") from None
 
     def _open(self, rel: str) -> BinaryIO:
         """`rel` opened for reading; FileNotFoundError when it is missing."""
@@ -147,9 +111,10 @@ class _Layout:
             data = self.read(self._blob_path(digest), limit)
         except FileNotFoundError:
             raise RbuildError(f"{self.spec}: blob {digest} is missing") from None
-        if len(data) != size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-            raise RbuildError(f"{self.spec}: blob {digest} does not match its digest or size")
-        return data
+        try:
+            return verify_bytes(data, digest, size)
+        except BlobMismatch:
+            raise RbuildError(f"{self.spec}: blob {digest} does not match its digest or size") from None
 
     def open_blob(self, digest: str) -> IO[bytes]:
         """A layer blob to stream (its reader verifies it)."""
@@ -159,8 +124,11 @@ class _Layout:
             raise RbuildError(f"{self.spec}: blob {digest} is missing") from None
 
 
-def _pick_manifest(layout: _Layout, index: dict[str, Any], tag: str | None) -> tuple[bytes, dict[str, Any]]:
-    """The manifest `tag` names (the only one when no tag is given), through a nested index to the host's."""
+def _pick_manifest(
+    layout: _Layout, index: dict[str, Any], tag: str | None, want: Platform
+) -> tuple[bytes, dict[str, Any], bool]:
+    """The manifest `tag` names (the only one when no tag is given), the entry for `want` where several are
+    one image's platforms, through nested indexes as a registry pull goes; and whether an index chose it."""
     spec = layout.spec
     manifests = index["manifests"]
     if tag:
@@ -169,33 +137,34 @@ def _pick_manifest(layout: _Layout, index: dict[str, Any], tag: str | None) -> t
             raise RbuildError(f"{spec}: no image tagged {tag!r} in the layout")
     else:
         chosen = manifests
-        if len(chosen) != 1:
-            refs = [m.get("annotations", {}).get(img.REF_NAME, m["digest"]) for m in manifests]
-            if not refs:
-                raise RbuildError(f"{spec}: the layout holds no image")
-            raise RbuildError(f"{spec}: the layout holds {len(refs)} images, name one of: {', '.join(refs)}")
+    by_platform = len(chosen) > 1 and all(isinstance(m.get("platform"), dict) for m in chosen)
+    if by_platform:
+        chosen = [choose_platform({"manifests": chosen}, want, f"{spec}: index.json")]
+    elif not tag and len(chosen) != 1:
+        refs = [m.get("annotations", {}).get(img.REF_NAME, m["digest"]) for m in manifests]
+        if not refs:
+            raise RbuildError(f"{spec}: the layout holds no image")
+        raise RbuildError(f"{spec}: the layout holds {len(refs)} images, name one of: {', '.join(refs)}")
     desc = chosen[0]
     data = layout.blob(desc, ocischema.MAX_MANIFEST)
     doc = ocischema.load(data, f"{spec}: manifest {desc['digest']}")
-    if ocischema.is_index(doc):
-        ocischema.check_index(doc, f"{spec}: index {desc['digest']}")
-        arch = img.host_arch()
-        subs = [
-            m
-            for m in doc["manifests"]
-            if m.get("platform", {}).get("architecture") == arch and m.get("platform", {}).get("os") == "linux"
-        ]
-        if not subs:
-            raise RbuildError(f"{spec}: no image for linux/{arch} in the index")
-        desc = subs[0]
+    for _depth in range(3):
+        if not ocischema.is_index(doc):
+            break
+        where = f"{spec}: index {desc['digest']}"
+        ocischema.check_index(doc, where)
+        desc, by_platform = choose_platform(doc, want, where), True
         data = layout.blob(desc, ocischema.MAX_MANIFEST)
         doc = ocischema.load(data, f"{spec}: manifest {desc['digest']}")
+    else:
+        raise RbuildError(f"{spec}: image indexes nested too deeply")
     ocischema.check_manifest(doc, f"{spec}: manifest {desc['digest']}")
-    return data, doc
+    return data, doc, by_platform
 
 
-def read_layout(path: str, tag: str | None, spec: str, confined: bool = False) -> Source:
-    """An image in the OCI layout at `path`, every document checked; `confined`: an unpacked archive."""
+def read_layout(path: str, tag: str | None, spec: str, platform: str | None, confined: bool = False) -> Source:
+    """An image in the OCI layout at `path`, every document checked; `confined`: an unpacked archive.
+    `platform` (`os/arch[/variant]`, None: the host's) chooses among an index's images as pulls do."""
     layout = _Layout(path, spec, confined)
     try:
         index_bytes = layout.read("index.json", ocischema.MAX_MANIFEST)
@@ -203,10 +172,13 @@ def read_layout(path: str, tag: str | None, spec: str, confined: bool = False) -
         raise RbuildError(f"{spec}: no OCI layout there (index.json missing)") from None
     index = ocischema.load(index_bytes, f"{spec}: index.json")
     ocischema.check_index(index, f"{spec}: index.json")
-    manifest_bytes, manifest = _pick_manifest(layout, index, tag)
+    want = parse_platform(platform)
+    manifest_bytes, manifest, by_platform = _pick_manifest(layout, index, tag, want)
     config = layout.blob(manifest["config"], ocischema.MAX_CONFIG)
     what = f"{spec}: config {manifest['config']['digest']}"
     ocischema.check_config(ocischema.load(config, what), what)
+    if platform and not by_platform:
+        check_config_platform(config, want, spec)
     return Source(spec, manifest, manifest_bytes, config, layout.open_blob)
 
 
@@ -219,40 +191,199 @@ def split_spec(rest: str) -> tuple[str, str | None]:
     return rest, None
 
 
-@contextlib.contextmanager
-def open_source(spec: str, store: Store, registry_options: Any = None, progress: bool = False) -> Iterator[Source]:
-    """An image outside the store: oci:, oci-archive:, or a registry reference."""
-    if spec.startswith("oci:"):
-        path, tag = split_spec(spec[4:])
-        yield read_layout(os.path.abspath(path), tag, spec)
-    elif spec.startswith("oci-archive:"):
-        path, tag = split_spec(spec[12:])
+class Transport:
+    """Where an image lives outside the store, named by a spec such as `oci:DIR:TAG`; `parse_transport`
+    chooses the class. `local`: a directory or file here, whose images get no name in the store and no
+    pull policy (a registry's do)."""
+
+    prefix: ClassVar[str] = ""
+    local: ClassVar[bool] = True
+
+    def __init__(self, rest: str) -> None:
+        self.rest = rest
+
+    @property
+    def spec(self) -> str:
+        return self.prefix + self.rest
+
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
+    ) -> contextlib.AbstractContextManager[Source]:
+        """The image, verified, as far as needed to import it (a context: an archive is unpacked meanwhile)."""
+        raise RbuildError(f"{self.spec}: images cannot be read from {self.prefix}")
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        """Write the image here; returns the manifest digest written."""
+        raise NotImplementedError
+
+
+class OCILayout(Transport):
+    """`oci:DIR[:TAG]`: an OCI image layout directory."""
+
+    prefix = "oci:"
+
+    @contextlib.contextmanager
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
+    ) -> Iterator[Source]:
+        path, tag = split_spec(self.rest)
+        yield read_layout(os.path.abspath(path), tag, self.spec, options.platform if options else None)
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        path, tag = split_spec(self.rest)
+        _write_layout(os.path.abspath(path), exp, tag, link=True)
+        return exp.manifest_digest
+
+
+class OCIArchive(Transport):
+    """`oci-archive:FILE[:TAG]`: an OCI layout in a tar file, unpacked by the layer unpacker (with its limits)."""
+
+    prefix = "oci-archive:"
+
+    @contextlib.contextmanager
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
+    ) -> Iterator[Source]:
+        path, tag = split_spec(self.rest)
         with store.staging("archive-") as tmp:
-            from rootless.build.copyfiles import extract_tar
+            from rootless.layer.layers import unpack_archive
 
-            extract_tar(path, tmp, (os.getuid(), os.getgid()), spec)
-            yield read_layout(tmp, tag, spec, confined=True)
-    else:
-        yield from _registry_source(spec, store, registry_options, progress)
+            unpack_archive(path, tmp, (os.getuid(), os.getgid()), self.spec)
+            yield read_layout(tmp, tag, self.spec, options.platform if options else None, confined=True)
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        path, tag = split_spec(self.rest)
+        _write_oci_archive(os.path.abspath(path), exp, tag)
+        return exp.manifest_digest
 
 
-def _registry_source(spec: str, store: Store, options: Any, progress: bool) -> Iterator[Source]:
-    from rootless.registry import api as registry
+class DockerArchive(Transport):
+    """`docker-archive:FILE[:NAME[:TAG]]`: `docker save`'s format (written only)."""
 
-    options = options or registry.RegistryOptions()
-    client = registry.Registry(options)
-    remote = client.resolve_any(registry.resolve_names(spec.removeprefix("docker://"), options))
-    manifest = json.loads(remote.manifest)
-    layers = [d for d in remote.layers if not store.has_blob(d.digest)]
-    client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), progress=progress)
+    prefix = "docker-archive:"
 
-    def opener(digest: str) -> IO[bytes]:
-        return open(store.blob_path(digest), "rb")
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        exp = prepare_export(store, record, "docker", compression or "gzip", level)
+        path, _, name = self.rest.partition(":")
+        tags = [name] if name else [n for n in record.names if "@" not in n][:1]
+        tags = [t if ":" in t.rsplit("/", 1)[-1] else t + ":latest" for t in tags]
+        _write_docker_archive(store, os.path.abspath(path), exp, tags)
+        return exp.manifest_digest
 
-    # the digest a registry serves for the name (an index's, for multi-platform images): --pull=newer compares it
-    yield Source(
-        str(remote.ref), manifest, remote.manifest, remote.config, opener, remote.index_digest or remote.manifest_digest
-    )
+
+class RegistryTransport(Transport):
+    """`[docker://]REF`: a registry; a short name means what registries.conf makes of it."""
+
+    prefix = "docker://"
+    local = False
+
+    @contextlib.contextmanager
+    def open(
+        self, store: Store, options: RegistryOptions | None = None, reporter: Reporter | None = None
+    ) -> Iterator[Source]:
+        from rootless.registry import api as registry
+
+        options = options or registry.RegistryOptions()
+        client = registry.Registry(options)
+        remote = client.resolve_any(registry.resolve_names(self.rest, options))
+        manifest = json.loads(remote.manifest)
+        layers = [d for d in remote.layers if not store.has_blob(d.digest)]
+        client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), reporter)
+
+        def opener(digest: str) -> IO[bytes]:
+            return open(store.blob_path(digest), "rb")
+
+        # the digest a registry serves for the name (an index's, for multi-platform images): --pull=newer compares it
+        digest = remote.index_digest or remote.manifest_digest
+        yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener, digest)
+
+    def export(
+        self,
+        store: Store,
+        record: ImageRecord,
+        fmt: str,
+        compression: str | None,
+        level: int | None,
+        options: RegistryOptions | None = None,
+    ) -> str:
+        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        config_type = img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG
+        return self.push(exp.manifest, exp.manifest_media_type, config_type, exp.config, exp.layers, options)
+
+    def push(
+        self,
+        manifest: bytes,
+        media_type: str,
+        config_type: str,
+        config: bytes,
+        layers: list[Blob],
+        options: RegistryOptions | None = None,
+    ) -> str:
+        """Push a manifest with its config (of media type `config_type`) and layer blobs from the store;
+        returns the manifest digest (images and rbuild's registry cache alike)."""
+        from rootless.oci.reference import parse_reference
+        from rootless.registry import api as registry
+
+        ref = parse_reference(self.rest)
+        client = registry.Registry(options or registry.RegistryOptions())
+        config_desc = registry.Descriptor(config_type, sha256_of(config), len(config))
+
+        def opener(p: str) -> Callable[[], BinaryIO]:
+            return lambda: open(p, "rb")
+
+        layer_list = [
+            (
+                registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
+                opener(b.path),
+            )
+            for b in layers
+        ]
+        return client.push(ref, manifest, media_type, config_desc, config, layer_list)
+
+
+_TRANSPORTS: tuple[type[Transport], ...] = (OCILayout, OCIArchive, DockerArchive, RegistryTransport)
+
+
+def parse_transport(spec: str) -> Transport:
+    """The transport `spec` names by its prefix; anything without one is a registry reference."""
+    for cls in _TRANSPORTS:
+        if spec.startswith(cls.prefix):
+            return cls(spec[len(cls.prefix) :])
+    return RegistryTransport(spec)
 
 
 def remote_digest(spec: str, options: Any) -> str | None:
@@ -311,9 +442,7 @@ def import_image(
         elif digest not in store.layer_meta(chain).get("sources", []):
             verify_blob(store.blob_path(digest), digest, diff_id)
             store.add_layer_source(chain, digest)
-    manifest = img.manifest(
-        "oci", "sha256:" + hashlib.sha256(source.config_bytes).hexdigest(), len(source.config_bytes), descs
-    )
+    manifest = img.manifest("oci", sha256_of(source.config_bytes), len(source.config_bytes), descs)
     return store.add_image(
         source.config_bytes, img.canonical(manifest), names, config.get("created", now_rfc3339()), source.remote_digest
     )
@@ -329,12 +458,13 @@ def unpack_blob(
     from rootless.layer import layers
 
     with layers.open_blob(path, name=name) as raw:
-        reader = HashingReader(raw)
-        layers.unpack(reader, target, lowers=lowers, ownership=ownership)
-        reader.drain()
-    if reader.digest() != diff_id:
-        raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}")
-    return reader.count
+        reader = VerifyingReader(raw, diff_id)
+        try:
+            layers.unpack(reader, target, lowers=lowers, ownership=ownership)
+            reader.drain()
+        except BlobMismatch:
+            raise RbuildError(f"{where}layer {name} does not match its diff_id {diff_id}") from None
+    return reader.verifier.count
 
 
 def verify_blob(path: str, digest: str, diff_id: str) -> None:
@@ -418,7 +548,7 @@ class Export:
 
     @property
     def manifest_digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+        return sha256_of(self.manifest)
 
 
 def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str, level: int | None) -> Export:
@@ -450,22 +580,16 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
         if isinstance(data_or_path, bytes):
             atomic_write(dest, data_or_path)
             return
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=".partial-")
-        os.close(fd)
-        try:
-            if link:
-                try:
-                    os.unlink(tmp)
-                    os.link(data_or_path, tmp)
-                except OSError:
-                    shutil.copyfile(data_or_path, tmp)
-            else:
-                shutil.copyfile(data_or_path, tmp)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        if link:
+            try:
+                os.link(data_or_path, dest)  # atomic by itself: the name appears with the whole file
+                return
+            except FileExistsError:
+                return
+            except OSError:
+                pass
+        with atomic_file(dest, prefix=".partial-") as out, open(data_or_path, "rb") as src:
+            shutil.copyfileobj(src, out, CHUNK)
 
     for b in exp.layers:
         put(b.path, b.descriptor["digest"])
@@ -515,16 +639,8 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: st
 
 
 def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".partial-")
-    try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            write(tf)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, prefix=".partial-") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        write(tf)
 
 
 def _write_oci_archive(path: str, exp: Export, tag: str | None) -> None:
@@ -588,51 +704,3 @@ def _write_docker_archive(store: Store, path: str, exp: Export, repo_tags: list[
             _tar_add(tf, "repositories", data=json.dumps(repos).encode())
 
     _atomic_tar(path, write)
-
-
-def export_image(
-    store: Store,
-    record: ImageRecord,
-    dest: str,
-    fmt: str,
-    compression: str | None,
-    level: int | None,
-    registry_options: Any = None,
-) -> str:
-    """Write the image to dest; returns the manifest digest written."""
-    if dest.startswith("docker-archive:"):
-        exp = prepare_export(store, record, "docker", compression or "gzip", level)
-        path, _, name = dest[len("docker-archive:") :].partition(":")
-        tags = [name] if name else [n for n in record.names if "@" not in n][:1]
-        tags = [t if ":" in t.rsplit("/", 1)[-1] else t + ":latest" for t in tags]
-        _write_docker_archive(store, os.path.abspath(path), exp, tags)
-        return exp.manifest_digest
-    exp = prepare_export(store, record, fmt, compression or "gzip", level)
-    if dest.startswith("oci:"):
-        path, tag = split_spec(dest[4:])
-        _write_layout(os.path.abspath(path), exp, tag, link=True)
-    elif dest.startswith("oci-archive:"):
-        path, tag = split_spec(dest[12:])
-        _write_oci_archive(os.path.abspath(path), exp, tag)
-    else:
-        from rootless.oci.reference import parse_reference
-        from rootless.registry import api as registry
-
-        ref = parse_reference(dest.removeprefix("docker://"))
-        client = registry.Registry(registry_options or registry.RegistryOptions())
-        config_desc = registry.Descriptor(
-            img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG, exp.config_digest, len(exp.config)
-        )
-
-        def opener(p: str) -> Callable[[], BinaryIO]:
-            return lambda: open(p, "rb")
-
-        layer_list = [
-            (
-                registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
-                opener(b.path),
-            )
-            for b in exp.layers
-        ]
-        return client.push(ref, exp.manifest, exp.manifest_media_type, config_desc, exp.config, layer_list)
-    return exp.manifest_digest

@@ -1,5 +1,4 @@
-"""The distribution client's API: pull (resolve + fetch_blobs), push, login/logout, short names,
-and the command-line options for them.
+"""The distribution client's API: pull (resolve + fetch_blobs), push, login/logout, short names.
 
 Store-agnostic: blobs land as `dest_dir/<algo>/<hex>`, only after their digest and size are
 verified; the caller decides what to do with them. This module is imported by every command that
@@ -10,53 +9,29 @@ never pays for them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from rootless.cli.flags import attached_flag
+from rootless.blob.digest import check_digest
 from rootless.errors import RbuildError
-from rootless.oci.reference import Reference, check_digest, is_qualified, normalize_host, parse_reference
+from rootless.oci.image import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    TO_DOCKER,
+    TO_OCI,
+)
+from rootless.oci.reference import Reference, is_qualified, normalize_host, parse_reference
 
 if TYPE_CHECKING:
+    from rootless.events import Reporter
     from rootless.registry import auth
     from rootless.registry.client import RegistryClient
-
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
-CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
-
-_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-_OCI_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
-_DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
-_DOCKER_FOREIGN = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-# OCI layer type <-> docker layer type; zstd has no docker spelling.
-_TO_DOCKER = {
-    _OCI_LAYER: _DOCKER_LAYER,
-    _OCI_LAYER + "+gzip": _DOCKER_LAYER + ".gzip",
-    _OCI_FOREIGN + "+gzip": _DOCKER_FOREIGN,
-}
-_TO_OCI = {v: k for k, v in _TO_DOCKER.items()}
-LAYER_TYPES = frozenset(
-    {
-        _OCI_LAYER,
-        _OCI_LAYER + "+gzip",
-        _OCI_LAYER + "+zstd",
-        _OCI_FOREIGN,
-        _OCI_FOREIGN + "+gzip",
-        _OCI_FOREIGN + "+zstd",
-        *_TO_OCI,
-    }
-)
 
 
 @dataclass
@@ -143,11 +118,13 @@ class Registry:
         """The digest the registry serves for `ref` now, by a HEAD (for `--pull=newer`)."""
         return self.client.remote_digest(ref)
 
-    def fetch_blobs(self, ref: Reference, blobs: list[Descriptor], dest_dir: str, progress: bool = False) -> None:
+    def fetch_blobs(
+        self, ref: Reference, blobs: list[Descriptor], dest_dir: str, reporter: Reporter | None = None
+    ) -> None:
         """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified (digest and
         size) in a temporary file before it is renamed into place; on error nothing partial remains.
         A blob several callers (threads or processes) want at once is downloaded once."""
-        self.client.fetch_blobs(ref, blobs, dest_dir, progress)
+        self.client.fetch_blobs(ref, blobs, dest_dir, reporter)
 
     def push(
         self,
@@ -157,11 +134,11 @@ class Registry:
         config: Descriptor,
         config_bytes: bytes,
         layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
-        progress: bool = False,
+        reporter: Reporter | None = None,
     ) -> str:
         """Upload the blobs the registry lacks (HEAD check, cross-repository mount, chunks for large
         ones), then the manifest; returns the manifest digest."""
-        return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, progress)
+        return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, reporter)
 
 
 # -- names, formats, credentials ------------------------------------------------------------
@@ -216,7 +193,7 @@ def convert_manifest(manifest: bytes, fmt: str) -> tuple[bytes, str]:
         raise RbuildError(f"cannot convert a {current} to {fmt} format")
     if current == want:
         return manifest, want
-    table = _TO_DOCKER if fmt == "docker" else _TO_OCI
+    table = TO_DOCKER if fmt == "docker" else TO_OCI
     layers = []
     for layer in data.get("layers") or []:
         layer = dict(layer)
@@ -289,116 +266,3 @@ def logout(host: str, options: RegistryOptions) -> None:
     host = login_host(host)
     if not auth.erase_credentials(host, options.authfile):
         raise RbuildError(f"not logged into {host}")
-
-
-# -- command line -----------------------------------------------------------------------
-
-
-_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
-
-
-def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    attached_flag(
-        parser,
-        "--tls-verify",
-        True,
-        _BOOLS,
-        None,
-        "--tls-verify[=BOOL]: require HTTPS and verify certificates (default: true, except on loopback"
-        " and for registries.conf insecure registries)",
-    )
-    parser.add_argument("--cert-dir", metavar="DIR", help="use certificates (*.crt, *.cert, *.key) in DIR")
-    parser.add_argument(
-        "--authfile",
-        metavar="FILE",
-        help="credentials file (default: $REGISTRY_AUTH_FILE or ${XDG_RUNTIME_DIR:-~/.config}/containers/auth.json)",
-    )
-
-
-def add_registry_arguments(parser: argparse.ArgumentParser) -> None:
-    """--tls-verify[=BOOL], --cert-dir, --authfile, --platform, --creds USER[:PASS]."""
-    _add_tls_arguments(parser)
-    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform to pull (default: the host's)")
-    parser.add_argument("--creds", metavar="USER[:PASS]", help="credentials for the registry")
-
-
-def add_pull_argument(parser: argparse.ArgumentParser) -> None:
-    """--pull[=always|missing|never|newer] (and podman's =true/=false); a bare --pull means always, as in
-    docker, and never takes the next word as its value."""
-    policies: dict[str, object] = {p: p for p in ("always", "missing", "never", "newer")}
-    policies.update({"true": "always", "false": "missing"})
-    attached_flag(
-        parser,
-        "--pull",
-        "always",
-        policies,
-        "missing",
-        "--pull[=POLICY]: always, missing (default), never or newer; a bare --pull is always",
-    )
-
-
-def options_from_args(args: argparse.Namespace) -> RegistryOptions:
-    """RegistryOptions from parsed arguments (any of them may be absent)."""
-    return RegistryOptions(
-        tls_verify=getattr(args, "tls_verify", None),
-        cert_dir=getattr(args, "cert_dir", None),
-        authfile=getattr(args, "authfile", None),
-        platform=getattr(args, "platform", None),
-        creds=getattr(args, "creds", None),
-    )
-
-
-def add_login_arguments(parser: argparse.ArgumentParser) -> None:
-    """`rbuild login [-u USER] [-p PASS | --password-stdin] HOST`."""
-    parser.add_argument("registry", metavar="HOST", help="registry to log into (HOST[:PORT])")
-    parser.add_argument("-u", "--username", help="user name (asked for on a terminal when missing)")
-    parser.add_argument("-p", "--password", help="password (prefer --password-stdin)")
-    parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    _add_tls_arguments(parser)
-
-
-def add_logout_arguments(parser: argparse.ArgumentParser) -> None:
-    """`rbuild logout [--all] [HOST]`."""
-    parser.add_argument("registry", metavar="HOST", nargs="?", help="registry to log out of")
-    parser.add_argument("-a", "--all", action="store_true", help="remove every saved login")
-    parser.add_argument("--authfile", metavar="FILE", help="credentials file")
-
-
-def login_command(args: argparse.Namespace) -> int:
-    """Run `rbuild login`: ask for what is missing (on a terminal only), verify, save."""
-    if args.password and args.password_stdin:
-        raise RbuildError("--password and --password-stdin are mutually exclusive")
-    username = args.username
-    if not username:
-        if not sys.stdin.isatty():
-            raise RbuildError("login: no --username given and no terminal to ask")
-        username = input("Username: ").strip()
-    if args.password_stdin:
-        password = sys.stdin.read().rstrip("\r\n")
-    elif args.password:
-        password = args.password
-    elif sys.stdin.isatty():
-        import getpass
-
-        password = getpass.getpass("Password: ")
-    else:
-        raise RbuildError("login: no password given (use --password-stdin)")
-    login(args.registry, username, password, options_from_args(args))
-    print("Login Succeeded!")
-    return 0
-
-
-def logout_command(args: argparse.Namespace) -> int:
-    """Run `rbuild logout HOST` or `rbuild logout --all`."""
-    options = options_from_args(args)
-    if args.all:
-        from rootless.registry import auth
-
-        auth.erase_all_credentials(options.authfile)
-        print("Removed login credentials for all registries")
-        return 0
-    if not args.registry:
-        raise RbuildError("logout: give a registry or --all")
-    logout(args.registry, options)
-    print(f"Removed login credentials for {login_host(args.registry)}")
-    return 0

@@ -183,19 +183,10 @@ def lookup_credentials(host: str, repository: str | None = None, authfile: str |
 
 def _write(path: Path, data: dict[str, Any]) -> None:
     """Atomically replace `path` (mode 0600, directory 0700): a crash never leaves half a file."""
-    import tempfile
+    from rootless.kernel.fsutil import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=".auth-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent="\t")
-            f.write("\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(str(path), (json.dumps(data, indent="\t") + "\n").encode(), 0o600, prefix=".auth-")
 
 
 def _configured_helper(data: dict[str, Any], host: str) -> str | None:

@@ -12,28 +12,25 @@ import fcntl
 import functools
 import hashlib
 import io
-import json
 import os
-import platform
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
+from rootless.blob.digest import check_digest, parse_digest, sha256_of
+from rootless.blob.verify import BlobMismatch, Verifier
 from rootless.errors import RbuildError
+from rootless.kernel.fsutil import atomic_file
 from rootless.oci import schema as ocischema
-from rootless.oci.reference import Reference, check_digest
+from rootless.oci.image import INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST
+from rootless.oci.platform import check_config_platform, choose_platform, parse_platform
+from rootless.oci.reference import Reference
 from rootless.oci.schema import MAX_CONFIG, MAX_MANIFEST
 from rootless.registry.api import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
-    OCI_INDEX,
-    OCI_MANIFEST,
     Descriptor,
     RegistryOptions,
     RemoteImage,
@@ -56,6 +53,8 @@ from rootless.registry.progress import Progress
 if TYPE_CHECKING:
     import requests
 
+    from rootless.events import Reporter
+
 PARALLEL = 6
 CHUNK_THRESHOLD = 64 << 20  # larger blobs go up in chunks, so a failure costs one chunk
 CHUNK_SIZE = 32 << 20
@@ -64,99 +63,7 @@ VERIFY_ATTEMPTS = 3  # a blob that fails verification is fetched again, at most 
 MAX_RESUMES = 20  # Range resumptions of one download, however much each one gained
 
 
-# -- platforms ---------------------------------------------------------------------------
-
-_ARCH_ALIASES = {
-    "x86_64": "amd64",
-    "x86-64": "amd64",
-    "aarch64": "arm64",
-    "i386": "386",
-    "i686": "386",
-    "armhf": "arm",
-    "armel": "arm",
-    "armv7l": "arm",
-    "armv6l": "arm",
-}
-_ARCH_VARIANT = {"armhf": "v7", "armel": "v6", "armv7l": "v7", "armv6l": "v6"}
-
-
-@dataclass(frozen=True)
-class Platform:
-    """os/arch/variant, normalised as containerd does (arm64/v8 is arm64, arm is arm/v7)."""
-
-    os: str
-    architecture: str
-    variant: str = ""
-
-    @classmethod
-    def make(cls, os_: str, arch: str, variant: str = "") -> Platform:
-        """Normalise aliases (`x86_64`, `aarch64`, `armhf`) and default variants."""
-        os_, raw = os_.lower(), arch.lower()
-        arch = _ARCH_ALIASES.get(raw, raw)
-        variant = (variant or _ARCH_VARIANT.get(raw, "")).lower()
-        if variant and not variant.startswith("v") and variant.isdigit():
-            variant = "v" + variant
-        if arch == "arm64" and variant == "v8":
-            variant = ""
-        if arch == "arm" and not variant:
-            variant = "v7"
-        return cls(os_, arch, variant)
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-
-def parse_platform(text: str | None) -> Platform:
-    """`os/arch[/variant]`, or the host's platform for None."""
-    if not text:
-        return host_platform()
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise RbuildError(f"invalid platform {text!r}: want os/arch[/variant]")
-    return Platform.make(*parts)
-
-
-def host_platform() -> Platform:
-    """The platform this machine runs natively."""
-    return Platform.make("linux", platform.machine() or "amd64")
-
-
-def _match_rank(want: Platform, have: Platform) -> int | None:
-    """0 for an exact match, higher for worse fallbacks (arm/v7 runs v6 and v5), None for no match."""
-    if want.os != have.os or want.architecture != have.architecture:
-        return None
-    if want.variant == have.variant:
-        return 0
-    if want.architecture == "arm" and have.variant[1:].isdigit() and want.variant[1:].isdigit():
-        gap = int(want.variant[1:]) - int(have.variant[1:])
-        return gap if gap > 0 else None
-    return None
-
-
-def choose_platform(index: dict[str, Any], want: Platform, where: str) -> Descriptor:
-    """The index entry that best matches `want`; an error listing what exists when none does."""
-    best: tuple[int, int, Descriptor] | None = None
-    seen = []
-    for position, entry in enumerate(index.get("manifests") or []):
-        plat = entry.get("platform") if isinstance(entry, dict) else None
-        if not isinstance(plat, dict):
-            continue
-        have = Platform.make(str(plat.get("os", "")), str(plat.get("architecture", "")), str(plat.get("variant", "")))
-        seen.append(str(have))
-        rank = _match_rank(want, have)
-        if rank is not None and (best is None or (rank, position) < best[:2]):
-            best = (rank, position, Descriptor.from_json(entry, where))
-    if best is None:
-        listed = ", ".join(sorted(set(seen))) or "none"
-        raise RbuildError(f"{where}: no image for platform {want} (available: {listed})")
-    return best[2]
-
-
 # -- helpers -----------------------------------------------------------------------------
-
-
-def _hasher(digest: str) -> Any:
-    return hashlib.new(digest.split(":", 1)[0])
 
 
 def _media_type(resp: requests.Response, body: dict[str, Any]) -> str:
@@ -233,21 +140,18 @@ def _parallel(jobs: list[Callable[[Progress, threading.Event], None]], prog: Pro
     """Run blob transfers on a few threads; the first failure (or a Ctrl-C) cancels the rest, which
     stop within one read and clean up before this returns, then it is raised."""
     cancel = threading.Event()
-    try:
-        with ThreadPoolExecutor(min(PARALLEL, len(jobs) or 1), thread_name_prefix=name) as pool:
-            futures = [pool.submit(job, prog, cancel) for job in jobs]
-            try:
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:
-                cancel.set()
-                raise
-            failed = [f for f in done if f.exception() is not None]
-            if failed:
-                cancel.set()
-                wait(futures)
-                raise failed[0].exception()  # type: ignore[misc]
-    finally:
-        prog.close()
+    with ThreadPoolExecutor(min(PARALLEL, len(jobs) or 1), thread_name_prefix=name) as pool:
+        futures = [pool.submit(job, prog, cancel) for job in jobs]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            cancel.set()
+            raise
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            cancel.set()
+            wait(futures)
+            raise failed[0].exception()  # type: ignore[misc]
 
 
 STALE_SECONDS = 3600.0
@@ -394,7 +298,7 @@ class RegistryClient:
             if len(body) > MAX_MANIFEST:
                 raise RbuildError(f"{what}: manifest larger than {MAX_MANIFEST} bytes")
             expected = selector if ":" in selector else resp.headers.get("Docker-Content-Digest", "")
-            algo = expected.split(":", 1)[0] if expected.startswith(("sha256:", "sha512:")) else "sha256"
+            algo = parse_digest(expected)[0] if expected.startswith(("sha256:", "sha512:")) else "sha256"
             digest = f"{algo}:{hashlib.new(algo, body).hexdigest()}"
             if expected and digest != expected:
                 if attempt + 1 >= VERIFY_ATTEMPTS:
@@ -418,7 +322,7 @@ class RegistryClient:
                 raise RbuildError(f"{what}: image indexes nested too deeply")
             index_digest = index_digest or digest
             ocischema.check_index(data, f"{what}: index {digest}")
-            entry = choose_platform(data, self.platform, what)
+            entry = Descriptor.from_json(choose_platform(data, self.platform, what), what)
             body, digest, media_type, data = self._get_manifest(source, entry.digest, what)
             if digest != entry.digest:
                 raise RbuildError(f"{what}: manifest digest mismatch for {entry.digest}")
@@ -431,7 +335,7 @@ class RegistryClient:
         config_what = f"{what}: config {config_desc.digest}"
         ocischema.check_config(ocischema.load(config, config_what), config_what)
         if self.options.platform and index_digest is None:
-            self._check_config_platform(config, what)
+            check_config_platform(config, self.platform, what)
         self.locations.record(
             source.ref.registry, source.ref.repository, [config_desc.digest] + [layer.digest for layer in layers]
         )
@@ -447,22 +351,12 @@ class RegistryClient:
             source=source.ref,
         )
 
-    def _check_config_platform(self, config: bytes, what: str) -> None:
-        """An explicit --platform must match a single-platform image's config."""
-        try:
-            data = json.loads(config)
-            have = Platform.make(data.get("os", ""), data.get("architecture", ""), data.get("variant", ""))
-        except (ValueError, AttributeError):
-            return
-        if have.architecture and _match_rank(self.platform, have) is None:
-            raise RbuildError(f"{what}: image is for {have}, not the requested {self.platform}")
-
     def _get_small_blob(self, source: Source, desc: Descriptor, what: str) -> bytes:
         """A config blob, in memory, verified like any other blob."""
         if desc.size > MAX_CONFIG:
             raise RbuildError(f"{what}: config blob of {desc.size} bytes is too large")
         buf = io.BytesIO()
-        self._download([source], desc, buf, Progress(False), threading.Event(), what)
+        self._download([source], desc, buf, Progress(None), threading.Event(), what)
         return buf.getvalue()
 
     def remote_digest(self, ref: Reference) -> str:
@@ -487,7 +381,9 @@ class RegistryClient:
             return check_digest(digest)
         return self._get_manifest(source, source.ref.selector, what)[1]
 
-    def fetch_blobs(self, ref: Reference, blobs: list[Descriptor], dest_dir: str, progress: bool = False) -> None:
+    def fetch_blobs(
+        self, ref: Reference, blobs: list[Descriptor], dest_dir: str, reporter: Reporter | None = None
+    ) -> None:
         """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified before
         it is renamed into place; on any error nothing partial remains and the first error is raised.
 
@@ -507,7 +403,7 @@ class RegistryClient:
         what = f"pulling {ref}"
         _parallel(
             [functools.partial(self._fetch_one, sources, d, dest, what=what) for d in todo.values()],
-            Progress(progress),
+            Progress(reporter, "pull"),
             "rbuild-pull",
         )
 
@@ -534,15 +430,8 @@ class RegistryClient:
             if final.exists():  # someone else fetched it while we waited
                 prog.finish(desc.digest, "skipped: already exists")
                 return
-            fd, tmp = tempfile.mkstemp(prefix=f".partial-{hexd[:16]}-", dir=dest)
-            try:
-                with os.fdopen(fd, "wb", buffering=0) as f:
-                    self._download(sources, desc, f, prog, cancel, what)
-                    os.fchmod(f.fileno(), 0o644)
-                os.rename(tmp, final)
-            finally:
-                if os.path.lexists(tmp):
-                    os.unlink(tmp)
+            with atomic_file(str(final), prefix=f".partial-{hexd[:16]}-", tmp_dir=str(dest)) as f:
+                self._download(sources, desc, f, prog, cancel, what)
             prog.finish(desc.digest, "done")
         finally:
             try:
@@ -623,38 +512,35 @@ class RegistryClient:
             f.seek(0)
             f.truncate()
             prog.start(desc.digest, desc.size)
-            hasher = _hasher(desc.digest)
-            written = failures = resumes = 0
+            verifier = Verifier(desc.digest, desc.size)
+            failures = resumes = 0
             try:
                 while True:
                     if cancel.is_set():
                         raise RbuildError(f"{what}: cancelled")
                     headers = {"Accept-Encoding": "identity"}
-                    if written:
-                        headers["Range"] = f"bytes={written}-"
+                    if verifier.count:
+                        headers["Range"] = f"bytes={verifier.count}-"
                     progressed = False
                     try:
                         with opener(headers) as resp:
                             if resp.status_code == 404:
                                 raise _Missing(error_detail(resp))
-                            if resp.status_code == 206 and written:
+                            if resp.status_code == 206 and verifier.count:
                                 start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
-                                if start != str(written):
+                                if start != str(verifier.count):
                                     raise _Corrupt("bad Content-Range")
                             elif resp.status_code == 200:
-                                if written:  # Range ignored: start over, quietly
+                                if verifier.count:  # Range ignored: start over, quietly
                                     f.seek(0)
                                     f.truncate()
-                                    hasher, written = _hasher(desc.digest), 0
+                                    verifier.reset()
                                     prog.reset(desc.digest, 0)
                             else:
                                 raise RbuildError(f"{what}: blob {desc.digest}: {error_detail(resp)}")
                             for chunk in resp.raw.stream(READ_SIZE, decode_content=False):
-                                if written + len(chunk) > desc.size:
-                                    raise _Corrupt(f"more than the expected {desc.size} bytes")
+                                verifier.update(chunk)
                                 f.write(chunk)
-                                hasher.update(chunk)
-                                written += len(chunk)
                                 progressed = True
                                 prog.advance(desc.digest, len(chunk))
                                 if cancel.is_set():
@@ -668,16 +554,15 @@ class RegistryClient:
                             raise RbuildError(f"{what}: blob {desc.digest}: {describe(e)}") from None
                         time.sleep(backoff(failures))
                         continue
-                    if written < desc.size:
-                        raise _Corrupt(f"{written} of {desc.size} bytes")
+                    if verifier.count < desc.size:
+                        raise _Corrupt(f"{verifier.count} of {desc.size} bytes")
                     break
-                got = f"{desc.digest.split(':', 1)[0]}:{hasher.hexdigest()}"
-                if got != desc.digest:
-                    raise _Corrupt(f"digest mismatch (got {got})")
+                verifier.check()
                 return
-            except _Corrupt as e:
+            except (_Corrupt, BlobMismatch) as e:
                 if verify_attempt + 1 >= VERIFY_ATTEMPTS:
-                    raise RbuildError(f"{what}: blob {desc.digest} failed verification: {e}") from None
+                    cause = e.cause if isinstance(e, BlobMismatch) else e
+                    raise RbuildError(f"{what}: blob {desc.digest} failed verification: {cause}") from None
                 time.sleep(backoff(verify_attempt))
 
     # -- push ------------------------------------------------------------------------------
@@ -690,7 +575,7 @@ class RegistryClient:
         config: Descriptor,
         config_bytes: bytes,
         layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
-        progress: bool = False,
+        reporter: Reporter | None = None,
     ) -> str:
         """Upload blobs the registry lacks (mounting from sibling repositories where possible), then
         the manifest; returns the manifest digest."""
@@ -699,7 +584,7 @@ class RegistryClient:
         if dest.insecure:
             self.http.insecure_hosts.add(target.registry)
         what = f"pushing {ref}"
-        digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        digest = sha256_of(manifest)
         if target.digest and target.digest != digest:
             raise RbuildError(f"{what}: manifest digest {digest} does not match the reference")
         blobs: dict[str, tuple[Descriptor, Callable[[], BinaryIO]]] = {}
@@ -709,7 +594,7 @@ class RegistryClient:
             blobs.setdefault(check_digest(desc.digest), (desc, opener))
         _parallel(
             [functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()],
-            Progress(progress, verb="Pushing"),
+            Progress(reporter, "push"),
             "rbuild-push",
         )
         resp = self.http.request(

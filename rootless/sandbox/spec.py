@@ -17,6 +17,7 @@ Mount points that had to be created in the tree are removed again afterwards, so
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -76,7 +77,9 @@ class RunSpec:
     gid: int = 0
     groups: list[int] = field(default_factory=list)
     hostname: str = HOSTNAME
-    output_fd: int = 2  # where the step's stdout and stderr go
+    output_fd: int = 2  # where the step's stdout and stderr go (relayed through a pipe if it is a terminal)
+    # or, if set, what receives them chunk by chunk as they arrive (a reporter's Output events)
+    output: Callable[[bytes], None] | None = None
     dev_files: dict[str, str] = field(default_factory=dict)  # /dev/NAME -> host file, bound read-only
     mounts: list[MountSpec] = field(default_factory=list)
     namespaces: bool = True  # False: no namespace can be made (rung 4), the RUN is chroot'ed (see plan_chroot)
@@ -477,23 +480,28 @@ def _resolv_conf() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _relay(src: int, dst: int) -> int:
-    """Copy what is waiting in pipe src to dst; return the bytes copied, 0 at end of file, -1 if none."""
+def _relay(src: int, sink: Callable[[bytes], None]) -> int:
+    """Hand what is waiting in pipe src to sink; return the bytes passed on, 0 at end of file, -1 if none."""
     try:
         data = os.read(src, 65536)
     except BlockingIOError:
         return -1
+    if data:
+        sink(data)
+    return len(data)
+
+
+def _write_all(dst: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
             view = view[os.write(dst, view) :]
         except OSError:  # the terminal went away: the RUN's output is dropped, the RUN goes on
             break
-    return len(data)
 
 
-def _wait_interruptibly(pid: int, relay: int, out: int) -> int:
-    """waitpid that Ctrl-C and SIGTERM always interrupt, copying the RUN's output from `relay` (if >= 0).
+def _wait_interruptibly(pid: int, relay: int, out: Callable[[bytes], None]) -> int:
+    """waitpid that Ctrl-C and SIGTERM always interrupt, passing the RUN's output from `relay` (if >= 0) to out.
 
     A signal may be delivered to any thread of the builder (layer and registry code use worker threads);
     then a main thread blocked in waitpid would never see it until the RUN ends. The signal module's
@@ -600,8 +608,9 @@ def _spawn_once(
         for op in ops:
             log("RUN sandbox: " + describe(op))
     relay_r = relay_w = -1
-    if os.isatty(spec.output_fd):  # the RUN gets a pipe to it, never the terminal itself
+    if spec.output is not None or os.isatty(spec.output_fd):  # a pipe, never the terminal itself
         relay_r, relay_w = os.pipe2(os.O_CLOEXEC)
+    sink = spec.output or functools.partial(_write_all, spec.output_fd)
     out = relay_w if relay_w >= 0 else spec.output_fd
     sys.stdout.flush()
     sys.stderr.flush()
@@ -648,7 +657,7 @@ def _spawn_once(
     if relay_r >= 0:
         os.set_blocking(relay_r, False)
     try:
-        status = _wait_interruptibly(proc.pid, relay_r, spec.output_fd)
+        status = _wait_interruptibly(proc.pid, relay_r, sink)
         proc.returncode = os.waitstatus_to_exitcode(status)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -16,12 +16,13 @@ Runs inside the user namespace: layer files belong to the mapped ids.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rootless.blob.digest import is_sha256_hex
+from rootless.blob.verify import BlobMismatch, VerifyingReader
 from rootless.errors import RbuildError
 from rootless.layer.ownership import Ownership
 from rootless.store.store import Store, blob_name, chain_ids
@@ -45,13 +46,15 @@ def _check_blobs(store: Store) -> list[Problem]:
             if os.path.islink(path) or not os.path.isfile(path):
                 out.append(Problem("blob", name, "not a regular file"))
                 continue
-            with open(path, "rb") as f:
-                got = hashlib.file_digest(f, "sha256").hexdigest()
+            if not is_sha256_hex(name):
+                out.append(Problem("blob", name, "corrupt (its name is not a sha256 digest)"))
+                continue
+            with open(path, "rb") as f, VerifyingReader(f, f"sha256:{name}") as blob:
+                blob.drain()
         except OSError as e:
             out.append(Problem("blob", name, f"unreadable ({e.strerror})"))
-            continue
-        if got != name:
-            out.append(Problem("blob", name, f"corrupt (its content is sha256:{got})"))
+        except BlobMismatch:
+            out.append(Problem("blob", name, f"corrupt (its content is {blob.verifier.got})"))
     return out
 
 

@@ -28,11 +28,13 @@ import json
 import os
 from typing import Any
 
+from rootless.blob.digest import hex_of
 from rootless.errors import RbuildError
+from rootless.kernel.fsutil import atomic_write
 from rootless.layer import layers
 from rootless.layer.ownership import Ownership
 from rootless.oci.transports import unpack_blob
-from rootless.store.store import STORE_VERSION, ImageRecord, Store, atomic_write, chain_ids, hex_of, rmtree
+from rootless.store.store import STORE_VERSION, ImageRecord, Store, chain_ids, rmtree
 
 
 def upgrade(store: Store, ownership: Ownership) -> None:

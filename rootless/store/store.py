@@ -33,7 +33,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import sys
@@ -43,27 +42,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rootless.blob.digest import hex_of, is_sha256_hex, sha256_of
+from rootless.blob.verify import BlobMismatch, verify_bytes
 from rootless.errors import RbuildError
 from rootless.idmap import IdMap
+from rootless.kernel.fsutil import atomic_write
 
 STORE_VERSION = 2
 LAYER_FORMAT_V2 = "overlay-userxattr"  # the layer format of stores that predate the `strategy` record
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def hex_of(digest: str) -> str:
-    """The hex part of a sha256 digest; anything else (it may come from an untrusted image) is refused,
-    since it becomes part of file names in the store."""
-    algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or not _HEX64.fullmatch(hexpart):
-        raise RbuildError(f"invalid or unsupported digest {digest!r}")
-    return hexpart
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
@@ -71,30 +57,11 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     out: list[str] = []
     for d in diff_ids:
         hex_of(d)
-        out.append(d if not out else "sha256:" + sha256_hex(f"{out[-1]} {d}".encode()))
+        out.append(d if not out else sha256_of(f"{out[-1]} {d}".encode()))
     return out
 
 
 TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # atomic_write's, copy_verified's and the registry's
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o644, durable: bool = False) -> None:
-    """Write a file by temporary file plus rename; `durable` also syncs the data first, for files whose loss
-    after a power cut would lose more than they hold (the image index)."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def rmtree(path: str) -> None:
@@ -399,7 +366,7 @@ class Store:
                 with contextlib.suppress(OSError):
                     names = set(os.listdir(layers_dir))
                     for name in sorted(names):
-                        if _HEX64.fullmatch(name) and name + ".json" not in names:
+                        if is_sha256_hex(name) and name + ".json" not in names:
                             rmtree(os.path.join(layers_dir, name))
                             removed.append(os.path.join(layers_dir, name))
             if self.runtime is not None:  # this store's own mount-point dirs: every user of them holds gc.lock
@@ -451,7 +418,7 @@ class Store:
             os.unlink(os.path.join(self.blob_dir(), name))
 
     def put_blob(self, data: bytes) -> str:
-        digest = "sha256:" + sha256_hex(data)
+        digest = sha256_of(data)
         path = self.blob_path(digest)
         if not os.path.exists(path):
             atomic_write(path, data)
@@ -463,9 +430,10 @@ class Store:
                 data = f.read()
         except FileNotFoundError:
             raise RbuildError(f"blob {digest} is missing from the store {self.root}") from None
-        if "sha256:" + sha256_hex(data) != digest:
-            raise RbuildError(f"blob {digest} in the store {self.root} is corrupt")
-        return data
+        try:
+            return verify_bytes(data, digest)
+        except BlobMismatch:
+            raise RbuildError(f"blob {digest} in the store {self.root} is corrupt") from None
 
     def read_json(self, digest: str) -> Any:
         return json.loads(self.read_blob(digest))
@@ -488,7 +456,7 @@ class Store:
             names = os.listdir(os.path.join(self.root, "chains"))
         except FileNotFoundError:
             return []
-        return sorted("sha256:" + n[:-5] for n in names if n.endswith(".json") and _HEX64.fullmatch(n[:-5]))
+        return sorted("sha256:" + n[:-5] for n in names if n.endswith(".json") and is_sha256_hex(n[:-5]))
 
     def remove_layer(self, chain_id: str) -> None:
         """The .json first: without it the directory is an incomplete layer that sweep removes."""
@@ -579,7 +547,7 @@ class Store:
         self, config: bytes, manifest: bytes, names: list[str], created: str, digest: str = ""
     ) -> ImageRecord:
         """Record an image (its blobs must already be stored) and move `names` onto it."""
-        image_id = "sha256:" + sha256_hex(config)
+        image_id = sha256_of(config)
         self.put_blob(config)
         manifest_digest = self.put_blob(manifest)
         with self.lock():
@@ -818,8 +786,10 @@ class Store:
 
 def blob_name(digest: object) -> str:
     """A digest's file name in blobs/sha256 ("" for a value that cannot be one: data from outside)."""
-    ok = isinstance(digest, str) and digest.startswith("sha256:") and _HEX64.fullmatch(digest[7:])
-    return digest[7:] if ok else ""  # type: ignore[index]
+    try:
+        return hex_of(digest) if isinstance(digest, str) else ""
+    except RbuildError:
+        return ""
 
 
 def now_rfc3339(epoch: float | None = None) -> str:

@@ -12,6 +12,8 @@ CASES = [
     CaseSpec("copy10k-cold", "cold", "COPY of 10,000 files (~200 MB, ~2:1 compressible) + 1 RUN"),
     CaseSpec("copy10k-touch", "touch", "cached rebuild after touching one context file (mtime only)"),
     CaseSpec("copy10k-byte", "change", "rebuild after changing one byte of one context file"),
+    CaseSpec("copy10k-ci", "ci", "fresh CI runner: empty store, warm registry cache (--cache-from)"),
+    CaseSpec("copy10k-push", "push", "cold build + push to the loopback registry, end to end"),
 ]
 
 

@@ -11,6 +11,8 @@ PRIMARY = "cp"
 CASES = [
     CaseSpec("debian-cold", "cold", "Debian minbase: useradd, COPY 2,000 files (20 MB), chown -R, dpkg-query"),
     CaseSpec("debian-cached", "cached", "the same build again, every step cached"),
+    CaseSpec("debian-ci", "ci", "fresh CI runner: empty store, warm registry cache (--cache-from)"),
+    CaseSpec("debian-push", "push", "cold build + push to the loopback registry, end to end"),
 ]
 
 

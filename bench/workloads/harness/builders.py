@@ -67,6 +67,13 @@ class Builder:
     def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
         raise NotImplementedError
 
+    def _argv_push(self, store: Path, tag: str, dest: str) -> list[str]:
+        raise NotImplementedError
+
+    def cache_flags(self, ref: str, export: bool) -> list[str]:
+        """The builder's registry-cache flags: import from ref, and with export also write to it."""
+        return ["--cache-from", ref] + (["--cache-to", ref] if export else [])
+
     def _env(self, store: Path) -> dict[str, str]:
         return self.user.env()
 
@@ -82,9 +89,25 @@ class Builder:
         argv = self.user.prefix() + self._argv_pull(store, ref)
         return run_measured(argv, self._env(store), str(store), timeout=900, log=log)
 
-    def build(self, store: Path, ctx: Path, args: dict[str, str], tag: str, log: str, timeout: float = 3600) -> Sample:
-        argv = self.user.prefix() + self._argv_build(store, ctx, args, tag)
-        return run_measured(argv, self._env(store), str(ctx), timeout=timeout, log=log)
+    def build(
+        self,
+        store: Path,
+        ctx: Path,
+        args: dict[str, str],
+        tag: str,
+        log: str,
+        timeout: float = 3600,
+        extra: list[str] | None = None,
+    ) -> Sample:
+        """One timed build; extra flags go before the context argument."""
+        argv = self._argv_build(store, ctx, args, tag)
+        argv[-1:-1] = extra or []
+        return run_measured(self.user.prefix() + argv, self._env(store), str(ctx), timeout=timeout, log=log)
+
+    def push(self, store: Path, tag: str, dest: str, log: str, timeout: float = 3600) -> Sample:
+        """One timed push of a built image to a registry reference."""
+        argv = self.user.prefix() + self._argv_push(store, tag, dest)
+        return run_measured(argv, self._env(store), str(store), timeout=timeout, log=log)
 
     def remove_store(self, path: Path) -> None:
         """Delete a store; its files belong to subuids, so a non-root harness removes it in the namespace."""
@@ -142,6 +165,9 @@ class Rbuild(Builder):
 
     def _argv_build(self, store: Path, ctx: Path, args: dict[str, str], tag: str) -> list[str]:
         return self.cmd + self._build_args(ctx, args, tag)
+
+    def _argv_push(self, store: Path, tag: str, dest: str) -> list[str]:
+        return self.cmd + ["push", "-q", tag, f"docker://{dest}"]
 
     @staticmethod
     def _build_args(ctx: Path, args: dict[str, str], tag: str) -> list[str]:
@@ -215,6 +241,13 @@ class Buildah(Builder):
         for k, v in args.items():
             argv += ["--build-arg", f"{k}={v}"]
         return argv + [str(ctx)]
+
+    def cache_flags(self, ref: str, export: bool) -> list[str]:
+        """buildah names a cache by repository alone (it tags each step's image itself)."""
+        return super().cache_flags(ref.rpartition(":")[0], export)
+
+    def _argv_push(self, store: Path, tag: str, dest: str) -> list[str]:
+        return self._global(store) + ["push", "-q", "--tls-verify=false", tag, f"docker://{dest}"]
 
     def _unshare_rm(self, path: Path) -> None:
         run(
