@@ -84,3 +84,10 @@ def test_bad_platform_is_one_error(rb: Runner, busybox: str) -> None:
     assert one_error(rb, "build", "--platform", "linux", ctx) == (
         "Error: --platform: invalid platform 'linux' (want os/arch[/variant])"
     )
+
+
+def test_from_platform_chooses_the_stages_image(rb: Runner, busybox: str) -> None:
+    """FROM --platform= picks the stage's image (BuildKit); the amd64-only layout has none for s390x."""
+    ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\n\nFROM --platform=linux/s390x oci:{busybox}\n"})
+    line = one_error(rb, "build", "-q", ctx)
+    assert "Containerfile:3" in line and "not the requested linux/s390x" in line

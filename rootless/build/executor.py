@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import os
 import time
@@ -181,7 +182,7 @@ class Executor:
                 CACHE_VERSION, "scratch", self.epoch, self.clamp, *([self.plan.platform] if self.plan.platform else [])
             )
             return StageState(config, [], key, {})
-        rec = self.resolve_image(stage.base, fc.node)
+        rec = self.resolve_image(stage.base, fc.node, fc.platform)
         config = self.store.read_json(rec.id)
         config.setdefault("config", {})
         config.setdefault("history", [])
@@ -195,20 +196,23 @@ class Executor:
             base_blobs=list(zip(diff_ids, descs, strict=False)),
         )
 
-    def resolve_image(self, name: str, node: Node) -> ImageRecord:
+    def resolve_image(self, name: str, node: Node, platform: str | None = None) -> ImageRecord:
         """The image a FROM / COPY --from reference names (with that name's manifest): store first, then outside."""
+        options = self.opts.registry_options
+        if platform and options is not None:  # FROM --platform= chooses the stage's image (BuildKit's rule)
+            options = dataclasses.replace(options, platform=platform)
         from rootless.oci import names, transports
 
         source = transports.parse_transport(name)
         if source.local:
             try:
-                with source.open(self.store, self.opts.registry_options) as src:
+                with source.open(self.store, options) as src:
                     return transports.import_image(self.store, src, [], self.strategy.ownership, self.log)
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
         rec = None if self.opts.pull == "always" else self.store.find(names.candidates(name))
         if rec is not None and self.opts.pull == "newer" and rec.digest:
-            latest = transports.remote_digest(name, self.opts.registry_options)
+            latest = transports.remote_digest(name, options)
             if latest is not None and latest != rec.digest:
                 rec = None  # the registry has a different image under that name: pull it
         if rec is not None and not transports.complete(self.store, rec):
@@ -224,7 +228,7 @@ class Executor:
         if self.opts.pull == "never":
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
-            with source.open(self.store, self.opts.registry_options, self.reporter) as src:
+            with source.open(self.store, options, self.reporter) as src:
                 self.log(f"Pulled {src.name}")
                 return transports.import_image(self.store, src, [src.name], self.strategy.ownership, self.log)
         except RbuildError as e:
