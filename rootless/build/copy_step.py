@@ -51,8 +51,10 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
     def cache_extra(self, state: StageState, cmd: ins.CopyCmd | ins.AddCmd) -> object:
         """What COPY/ADD's cache key needs beyond the instruction: its sources' content."""
         kind, layer_list = self.copy_source_root(cmd)
-        if kind != "context":
+        if kind not in ("context", "dir"):
             return [kind, layer_list]
+        root = self.ex.plan.context if kind == "context" else (layer_list or [""])[0]
+        rules = self.ex.ignore_rules if kind == "context" else []
         if not cmd.sources:
             return ["heredoc", [(h.name, h.content) for h in cmd.heredocs]]
         h = hashlib.sha256()
@@ -60,11 +62,11 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
         digests = self.ex.file_digests
         digests.stage_dir = self.staging_dir
         try:
-            self._hash_sources(cmd, h, what)
+            self._hash_sources(cmd, h, what, root, rules)
         finally:
             digests.stage_dir = None
         digests.save()
-        return ["context", h.hexdigest()]
+        return [kind, h.hexdigest()]
 
     def staging_dir(self) -> str:
         """Where the hashing pass copies context files (kept for the build, removed at its end)."""
@@ -72,7 +74,9 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
             self.stage_dir = self.ex.build_stack.enter_context(self.ex.store.staging("copy-"))
         return self.stage_dir
 
-    def _hash_sources(self, cmd: ins.CopyCmd | ins.AddCmd, h: hashlib._Hash, what: str) -> None:
+    def _hash_sources(
+        self, cmd: ins.CopyCmd | ins.AddCmd, h: hashlib._Hash, what: str, root: str, rules: list[copyfiles.IgnoreRule]
+    ) -> None:
         for src in cmd.sources:
             if _is_url(src):
                 checksum = getattr(cmd, "checksum", None)
@@ -81,8 +85,8 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
                 else:  # the key is the content, as BuildKit's: a changed file behind the URL is seen
                     h.update(f"url\0{src}\0{self.download(src, what, None).digest}".encode())
                 continue
-            items = select_items(self.ex.plan.context, src, cmd, self.ex.ignore_rules, what)
-            copyfiles.hash_sources(items, self.ex.plan.context, self.ex.ignore_rules, h, self.ex.file_digests)
+            items = select_items(root, src, cmd, rules, what)
+            copyfiles.hash_sources(items, root, rules, h, self.ex.file_digests)
 
     def apply(self, state: StageState, cmd: ins.CopyCmd | ins.AddCmd) -> bool:
 
@@ -97,7 +101,8 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
             dest_abs = clean_abs(dest, workdir) + "/"
 
         def action(merged: str, scratch: str) -> None:
-            owner: tuple[int, int] | None = (0, 0) if kind == "context" else None  # --from keeps owners
+            # a context's files are 0:0 (a --build-context directory's too); --from a stage or image keeps owners
+            owner: tuple[int, int] | None = (0, 0) if kind in ("context", "dir") else None
             if cmd.chown:
                 try:
                     u = sandbox.resolve_user(merged, cmd.chown)
@@ -113,10 +118,10 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
                         target = dest_abs if not dest_abs.endswith("/") else dest_abs + h.name
                         copyfiles.write_file(merged, target, h.content.encode(), *(owner or (0, 0)), chmod)
                     return
-                if kind == "context":
+                if kind in ("context", "dir"):
                     self.copy_from(
                         merged,
-                        self.ex.plan.context,
+                        self.ex.plan.context if kind == "context" else (layer_list or [""])[0],
                         cmd,
                         dest_abs,
                         owner,

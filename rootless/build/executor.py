@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import os
 import time
@@ -173,8 +174,15 @@ class Executor:
         if stage.base.lower() == "scratch":
             config = cast(ImageConfig, img.new_config(self.created()))
             config["config"]["Env"] = ["PATH=" + sandbox.DEFAULT_PATH]
-            return StageState(config, [], key_of(CACHE_VERSION, "scratch", self.epoch, self.clamp), {})
-        rec = self.resolve_image(stage.base, fc.node)
+            if self.plan.platform is not None:  # --platform: the image is for the target platform
+                config["os"], config["architecture"] = self.plan.platform[:2]
+                if self.plan.platform[2]:
+                    config["variant"] = self.plan.platform[2]
+            key = key_of(
+                CACHE_VERSION, "scratch", self.epoch, self.clamp, *([self.plan.platform] if self.plan.platform else [])
+            )
+            return StageState(config, [], key, {})
+        rec = self.resolve_image(stage.base, fc.node, fc.platform)
         config = self.store.read_json(rec.id)
         config.setdefault("config", {})
         config.setdefault("history", [])
@@ -188,20 +196,23 @@ class Executor:
             base_blobs=list(zip(diff_ids, descs, strict=False)),
         )
 
-    def resolve_image(self, name: str, node: Node) -> ImageRecord:
+    def resolve_image(self, name: str, node: Node, platform: str | None = None) -> ImageRecord:
         """The image a FROM / COPY --from reference names (with that name's manifest): store first, then outside."""
+        options = self.opts.registry_options
+        if platform and options is not None:  # FROM --platform= chooses the stage's image (BuildKit's rule)
+            options = dataclasses.replace(options, platform=platform)
         from rootless.oci import names, transports
 
         source = transports.parse_transport(name)
         if source.local:
             try:
-                with source.open(self.store, self.opts.registry_options) as src:
+                with source.open(self.store, options) as src:
                     return transports.import_image(self.store, src, [], self.strategy.ownership, self.log)
             except RbuildError as e:
                 raise self.err(node, str(e)) from None
         rec = None if self.opts.pull == "always" else self.store.find(names.candidates(name))
         if rec is not None and self.opts.pull == "newer" and rec.digest:
-            latest = transports.remote_digest(name, self.opts.registry_options)
+            latest = transports.remote_digest(name, options)
             if latest is not None and latest != rec.digest:
                 rec = None  # the registry has a different image under that name: pull it
         if rec is not None and not transports.complete(self.store, rec):
@@ -217,7 +228,7 @@ class Executor:
         if self.opts.pull == "never":
             raise self.err(node, f"image {name!r} is not in the local store and --pull=never was given")
         try:
-            with source.open(self.store, self.opts.registry_options, self.reporter) as src:
+            with source.open(self.store, options, self.reporter) as src:
                 self.log(f"Pulled {src.name}")
                 return transports.import_image(self.store, src, [src.name], self.strategy.ownership, self.log)
         except RbuildError as e:
@@ -404,16 +415,23 @@ class Executor:
 
     # -- COPY / ADD ---------------------------------------------------------------------------------------
     def source_of(self, ref: str | None, cmd: ins.Command) -> tuple[str, list[str] | None]:
-        """Where --from=REF points: ('context', None), or ('stage'/'image', its layers)."""
+        """Where --from=REF points: ('context', None), ('dir', [a --build-context directory]), or
+        ('stage'/'image', its layers). A --build-context overrides a stage of its name (BuildKit)."""
         if not ref:
             return "context", None
-        low = ref.lower()
-        for s in self.plan.stages:
-            if (s.name == low or str(s.index) == ref) and s.index in self.results:
-                return "stage", self.results[s.index].layers
-        for s in self.plan.stages:
-            if s.name == low or str(s.index) == ref:
-                raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
+        named = self.plan.contexts.get(ref)
+        if named is not None and named[0] == "dir":
+            return "dir", [named[1]]  # a --build-context directory: copied as the build context is (0:0)
+        if named is not None:  # an image: it overrides a stage of that name, as in BuildKit
+            ref = named[1]
+        else:
+            low = ref.lower()
+            for s in self.plan.stages:
+                if (s.name == low or str(s.index) == ref) and s.index in self.results:
+                    return "stage", self.results[s.index].layers
+            for s in self.plan.stages:
+                if s.name == low or str(s.index) == ref:
+                    raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
         rec = self.resolve_image(ref, cmd.node)
         return "image", list(self.store.read_json(rec.id).get("rootfs", {}).get("diff_ids", []))
 

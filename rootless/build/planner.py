@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rootless.errors import ContainerfileError, RbuildError
 from rootless.events import Reporter, Warn
 from rootless.kernel.fspath import inside
-from rootless.oci.platform import host_platform
+from rootless.oci.platform import host_platform, parse_platform
 
 if TYPE_CHECKING:
     from rootless.frontend.containerfile import Containerfile
@@ -36,18 +36,38 @@ PROXY_ARGS = (
 )
 
 
-def platform_args() -> dict[str, str]:
-    arch = host_platform().architecture
-    plat = f"linux/{arch}"
+def normalize_platform(text: str, what: str) -> tuple[str, str, str]:
+    """`os/arch[/variant]` as containerd's platforms.Normalize writes it: (os, arch, variant)."""
+    try:
+        p = parse_platform(text)
+    except RbuildError:
+        raise RbuildError(f"{what}: invalid platform {text!r} (want os/arch[/variant])") from None
+    return p.os, p.architecture, p.variant
+
+
+def platform_text(p: tuple[str, str, str]) -> str:
+    return "/".join(x for x in p if x)
+
+
+def build_platform() -> tuple[str, str, str]:
+    h = host_platform()
+    return h.os, h.architecture, h.variant
+
+
+def platform_args(target: tuple[str, str, str] | None = None) -> dict[str, str]:
+    """BuildKit's automatic platform ARGs: in the global scope (FROM) without a declaration, in a stage
+    only once an ARG line names them (frontend/dockerfile/docs/reference.md, "Automatic platform ARGs")."""
+    build = build_platform()
+    target = target or build
     return {
-        "BUILDPLATFORM": plat,
-        "BUILDOS": "linux",
-        "BUILDARCH": arch,
-        "BUILDVARIANT": "",
-        "TARGETPLATFORM": plat,
-        "TARGETOS": "linux",
-        "TARGETARCH": arch,
-        "TARGETVARIANT": "",
+        "BUILDPLATFORM": platform_text(build),
+        "BUILDOS": build[0],
+        "BUILDARCH": build[1],
+        "BUILDVARIANT": build[2],
+        "TARGETPLATFORM": platform_text(target),
+        "TARGETOS": target[0],
+        "TARGETARCH": target[1],
+        "TARGETVARIANT": target[2],
     }
 
 
@@ -72,6 +92,9 @@ class Plan:
     build_args: dict[str, str]
     target: int
     escape: str = "\\"
+    # --build-context NAME=...: NAME -> ("dir", host path) or ("image", an image reference FROM takes)
+    contexts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    platform: tuple[str, str, str] | None = None  # --platform: the target platform (os, arch, variant)
 
 
 def read_containerfile(path: str) -> tuple[bytes, str]:
@@ -115,6 +138,8 @@ def plan(
     target: str | None,
     reporter: Reporter,
     private: bool = False,
+    contexts: dict[str, tuple[str, str]] | None = None,
+    platform: tuple[str, str, str] | None = None,
 ) -> Plan:
     """The plan for a Containerfile's text; the parser's warnings go to reporter.
 
@@ -128,7 +153,7 @@ def plan(
         cf = containerfile.parse(data, filename)
         if not private:
             _warn(cf.warnings, reporter)
-        result = _plan(cf, filename, context, build_args, target)
+        result = _plan(cf, filename, context, build_args, target, contexts or {}, platform)
     except ContainerfileError as e:
         if not private:
             raise
@@ -143,17 +168,50 @@ def plan(
     return result
 
 
+def parse_build_context(spec: str) -> tuple[str, tuple[str, str]]:
+    """--build-context NAME=VALUE (BuildKit's named contexts): a directory, docker-image://REF,
+    oci-layout://PATH[:TAG] or rbuild's own oci:PATH[:TAG]. Returns (NAME, (kind, value))."""
+    name, sep, value = spec.partition("=")
+    if not sep or not name or not value:
+        raise RbuildError(f"--build-context {spec!r}: expected NAME=VALUE")
+    if value.startswith("docker-image://"):
+        ref = value.removeprefix("docker-image://")
+        if not ref:
+            raise RbuildError(f"--build-context {spec!r}: docker-image:// names no image")
+        return name, ("image", ref)
+    if value.startswith("oci-layout://"):
+        return name, ("image", "oci:" + value.removeprefix("oci-layout://"))
+    if value.startswith(("oci:", "oci-archive:")):
+        return name, ("image", value)
+    if "://" in value or value.startswith("git@"):
+        raise RbuildError(
+            f"--build-context {spec!r}: only a directory, docker-image://, oci-layout:// or oci: is supported"
+        )
+    path = os.path.abspath(value)
+    if not os.path.isdir(path):
+        raise RbuildError(f"--build-context {spec!r}: {value} is not a directory")
+    return name, ("dir", path)
+
+
 def _warn(warnings: list[str], reporter: Reporter) -> None:
     for w in warnings:
         reporter.emit(Warn(w))
 
 
-def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, str], target: str | None) -> Plan:
+def _plan(
+    cf: Containerfile,
+    filename: str,
+    context: str,
+    build_args: dict[str, str],
+    target: str | None,
+    contexts: dict[str, tuple[str, str]],
+    platform: tuple[str, str, str] | None = None,
+) -> Plan:
     from rootless.frontend import instructions
     from rootless.frontend.shell import Lexer
 
     lexer = Lexer(cf.escape)
-    meta: dict[str, str] = dict(platform_args())
+    meta: dict[str, str] = dict(platform_args(platform))
     stages: list[Stage] = []
     for node in cf.nodes:
         cmd = instructions.parse_instruction(node, filename)
@@ -174,8 +232,20 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
                 )
             base_stage: int | None = None
             for s in stages:
-                if s.name and s.name == base.lower():
+                if s.name and s.name == base.lower() and base not in contexts:
                     base_stage = s.index
+            # BuildKit (buildx build --build-context): "In Dockerfile the context can be accessed when FROM name
+            # or --from=name is used. When Dockerfile defines a stage with the same name it is overwritten."
+            if base_stage is None and base in contexts:
+                kind, value = contexts[base]
+                if kind != "image":
+                    raise ContainerfileError(
+                        f"FROM {base}: the build context {base} is a directory; FROM needs an image "
+                        f"(--build-context {base}=docker-image://REF or oci-layout://PATH)",
+                        filename,
+                        node.start_line,
+                    )
+                base = value
             if fc.name and any(s.name == fc.name for s in stages):
                 raise ContainerfileError(f"duplicate stage name {fc.name!r}", filename, node.start_line)
             stage = Stage(len(stages), fc.name, base, base_stage, fc)
@@ -189,7 +259,7 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
             )
         stages[-1].commands.append(cmd)
         for ref in _from_refs(cmd):
-            dep = _stage_ref(stages, ref)
+            dep = None if ref in contexts else _stage_ref(stages, ref)
             if dep is not None:
                 stages[-1].deps.add(dep)
     if not stages:
@@ -210,7 +280,7 @@ def _plan(cf: Containerfile, filename: str, context: str, build_args: dict[str, 
             need(d)
 
     need(tgt)
-    return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape)
+    return Plan(filename, context, stages, sorted(needed), meta, build_args, tgt, cf.escape, contexts, platform)
 
 
 def _from_refs(cmd: object) -> list[str]:

@@ -54,7 +54,15 @@ class RunStep(Step[ins.RunCmd]):
         return list(cmd.args), None
 
     def cache_extra(self, state: StageState, cmd: ins.RunCmd) -> object:
-        return self.mount_key(cmd) if cmd.mounts else None
+        mounts = self.mount_key(cmd) if cmd.mounts else None
+        network = self.network(cmd)
+        return mounts if network == "host" else [mounts, network]  # keys of host-network RUNs stay as they were
+
+    def network(self, cmd: ins.RunCmd) -> str:
+        """The RUN's network: its own --network, else the build's (`default` is the build's, as in BuildKit)."""
+        if cmd.network in (None, "default"):
+            return self.ex.opts.network
+        return cmd.network
 
     def mount_key(self, cmd: ins.RunCmd) -> list[Any]:
         """What RUN --mount adds to the cache key: bind sources' content, never a secret's value."""
@@ -62,11 +70,13 @@ class RunStep(Step[ins.RunCmd]):
         for m in cmd.mount_specs():
             if m.type == "bind":
                 kind, layer_list = self.ex.source_of(m.from_, cmd)
-                if kind == "context":
+                if kind in ("context", "dir"):
                     h = hashlib.sha256()
                     what = f"{self.ex.plan.filename}:{cmd.node.start_line}: RUN --mount"
-                    items = copyfiles.select(self.ex.plan.context, m.source or ".", self.ex.ignore_rules, what)
-                    copyfiles.hash_sources(items, self.ex.plan.context, self.ex.ignore_rules, h, self.ex.file_digests)
+                    root = self.ex.plan.context if kind == "context" else (layer_list or [""])[0]
+                    rules = self.ex.ignore_rules if kind == "context" else []
+                    items = copyfiles.select(root, m.source or ".", rules, what)
+                    copyfiles.hash_sources(items, root, rules, h, self.ex.file_digests)
                     out.append(["bind", m.source, m.target, m.readonly, h.hexdigest()])
                 else:
                     out.append(["bind", m.source, m.target, m.readonly, kind, layer_list])
@@ -83,6 +93,7 @@ class RunStep(Step[ins.RunCmd]):
         mnt = os.path.dirname(merged)
         specs: list[sandbox.MountSpec] = []
         what = f"{self.ex.plan.filename}:{cmd.node.start_line}: RUN --mount"
+        ssh_count = 0
         for i, m in enumerate(cmd.mount_specs()):
             target = clean_abs(m.target, workdir) if m.target else ""  # relative to WORKDIR, as BuildKit
             if target == "/":
@@ -91,8 +102,8 @@ class RunStep(Step[ins.RunCmd]):
                 if not target:
                     raise self.ex.err(cmd.node, "RUN --mount=type=bind needs a target")
                 kind, layer_list = self.ex.source_of(m.from_, cmd)
-                view = self.ex.plan.context
-                if kind != "context":
+                view = self.ex.plan.context if kind != "dir" else (layer_list or [""])[0]
+                if kind not in ("context", "dir"):
                     view = self.ex.layers_view(layer_list or [], os.path.join(mnt, f"from{i}"), stack)
                 rules = self.ex.ignore_rules if kind == "context" else []
                 item = copyfiles.select(view, m.source or ".", rules, what)[0]
@@ -166,6 +177,21 @@ class RunStep(Step[ins.RunCmd]):
                 if not self.ex.recorded:
                     os.chown(copy, m.uid or 0, m.gid or 0)
                 specs.append(sandbox.MountSpec("bind", target or f"/run/secrets/{sid}", copy, True, is_file=True))
+            elif m.type == "ssh":
+                # BuildKit (client/llb/exec.go AddSSHSocket): the agent's socket at /run/buildkit/ssh_agent.N
+                # unless a target is given, SSH_AUTH_SOCK naming the first; a missing id is an error only when
+                # required. The socket is bound for the RUN alone: its mount point is removed afterwards.
+                sid = m.cache_id or "default"
+                sock = self.ex.opts.ssh.get(sid)
+                if sock is None:
+                    if m.required:
+                        raise self.ex.err(cmd.node, f"no SSH agent {sid} was given (--ssh {sid}[=SOCKET|KEY])")
+                    continue
+                target = target or f"/run/buildkit/ssh_agent.{ssh_count}"
+                if ssh_count == 0:
+                    env["SSH_AUTH_SOCK"] = target
+                ssh_count += 1
+                specs.append(sandbox.MountSpec("bind", target, sock, readonly=False, is_file=True))
             else:
                 raise self.ex.err(cmd.node, f"RUN --mount=type={m.type} is not supported")
         for spec in specs:
@@ -187,8 +213,6 @@ class RunStep(Step[ins.RunCmd]):
         return d
 
     def apply(self, state: StageState, cmd: ins.RunCmd) -> bool:
-        if cmd.network not in (None, "default", "host"):
-            raise self.ex.err(cmd.node, f"RUN --network={cmd.network} is not supported yet")
         run_args = self.ex.run_args(state)
         env = dict(run_args)
         env.update(env_dict(state.config))
@@ -233,6 +257,7 @@ class RunStep(Step[ins.RunCmd]):
                     emulate=emulate,
                     lowers=self.ex.store.layer_dirs(state.layers) if emulate else [],
                     upper=self.ex.step_upper,
+                    network=self.network(cmd),
                 )
                 if self.ex.opts.quiet:
                     with tempfile.TemporaryFile() as out:

@@ -62,6 +62,8 @@ class BuildOptions:
     secrets: dict[str, bytes] = field(default_factory=dict)  # id -> value (RUN --mount=type=secret)
     debug: bool = False  # --log-level debug: show each RUN's sandbox operations
     cache_from: list[CacheSpec] = field(default_factory=list)  # registry caches to read steps from
+    ssh: dict[str, str] = field(default_factory=dict)  # --ssh: id -> an ssh-agent socket (RUN --mount=type=ssh)
+    network: str = "host"  # --network: what RUN --network=default means ("host" or "none")
     cache_to: list[CacheSpec] = field(default_factory=list)  # registry caches to write the build's steps to
 
 

@@ -125,8 +125,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
     b.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
     b.add_argument("--build-arg", action="append", default=[], metavar="K[=V]")
+    b.add_argument("--build-arg-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines; # comments")
     b.add_argument("--label", action="append", default=[], metavar="K=V")
+    b.add_argument(
+        "--build-context",
+        action="append",
+        default=[],
+        metavar="NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]",
+        help="a named context for FROM NAME, COPY --from=NAME and RUN --mount=from=NAME (repeatable)",
+    )
     b.add_argument("--no-cache", action="store_true")
+    b.add_argument(
+        "--check", action="store_true", help="run BuildKit's build checks on the Containerfile and exit (1: findings)"
+    )
     b.add_argument("--format", choices=["oci", "docker"], default="oci")
     b.add_argument("--iidfile")
     b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
@@ -143,11 +154,24 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
     b.add_argument(
+        "--network",
+        default="host",
+        metavar="host|none",
+        help="the network of RUN steps (default host: rbuild's own; none: loopback only); RUN --network overrides",
+    )
+    b.add_argument(
         "--secret",
         action="append",
         default=[],
         metavar="id=ID[,src=FILE|,env=VAR]",
         help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
+    )
+    b.add_argument(
+        "--ssh",
+        action="append",
+        default=[],
+        metavar="default|ID=SOCKET|ID=KEY[,KEY]",
+        help="an ssh-agent for RUN --mount=type=ssh (default: $SSH_AUTH_SOCK; key files get an agent of their own)",
     )
     b.add_argument(
         "--cache-from",
@@ -471,7 +495,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     cf_path = planner.find_containerfile(context, args.file)
     data, shown = planner.read_containerfile(cf_path)
     shown = args.file or os.path.relpath(cf_path) if shown != "<stdin>" else shown
-    build_args = _parse_kv(args.build_arg, "--build-arg", env_fallback=True)
+    if args.check:
+        return _check_containerfile(data, shown)
+    build_args = _read_build_arg_files(args.build_arg_file)
+    build_args.update(_parse_kv(args.build_arg, "--build-arg", env_fallback=True))  # --build-arg wins, as buildah's
     labels = _parse_kv(args.label, "--label", env_fallback=False)
     for t in args.tag:
         if not names.valid(names.normalize(t)):
@@ -484,8 +511,22 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     outputs = output.parse_all(args.output)
     outside = cf_path != "-" and not inside(cf_path, context)  # -f named a file out of the context
+    contexts = dict(planner.parse_build_context(v) for v in args.build_context)
+    # --platform (a registry flag: the platform FROM pulls) is also the target platform of the TARGET* ARGs
+    platform = getattr(args, "platform", None)
+    target_platform = planner.normalize_platform(platform, "--platform") if platform else None
     reporter = _reporter(args)
-    plan = planner.plan(data, shown, context, build_args, args.target, reporter, private=outside)
+    plan = planner.plan(
+        data,
+        shown,
+        context,
+        build_args,
+        args.target,
+        reporter,
+        private=outside,
+        contexts=contexts,
+        platform=target_platform,
+    )
     sde: int | None = None
     raw_sde = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH"))
     if raw_sde:
@@ -493,6 +534,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise RbuildError(f"SOURCE_DATE_EPOCH must be a number of seconds, not {raw_sde!r}")
         sde = int(raw_sde)
     pull = getattr(args, "pull", "missing")
+    network = _network_mode(args.network)
     secrets = _read_secrets(args.secret)
     cache_from: list[Any] = []
     cache_to: list[Any] = []
@@ -530,6 +572,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             debug=getattr(args, "log_level", None) == "debug",
             cache_from=cache_from,
             cache_to=cache_to,
+            network=network,
+            ssh=ssh,
         )
         try:
             image_id = api.run_build(plan, store, idmap, opts, reporter, getattr(args, "storage_driver", None), rung)
@@ -559,7 +603,115 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
 
     rung = _probed_rung(args)  # before the namespace: the probe's children are forked from here
-    return _in_namespace(args, run, limited=True)
+    with contextlib.ExitStack() as stack:
+        ssh = _ssh_agents(args.ssh, stack)
+        return int(_in_namespace(args, run, limited=True))
+
+
+def _check_containerfile(data: bytes, shown: str) -> int:
+    """build --check: BuildKit's build checks, one `FILE:LINE: Rule: message` line each; 1 if any."""
+    from rootless.frontend import containerfile, instructions, lint
+
+    cf = containerfile.parse(data, shown)
+    for node in cf.nodes:  # an instruction BuildKit would refuse is an error, not a finding
+        instructions.parse_instruction(node, shown)
+    findings = lint.check(cf)
+    for f in findings:
+        print(f"{shown}:{f.line}: {f.rule}: {f.message}")
+    print(
+        f"{len(findings)} check{'s' if len(findings) != 1 else ''} failed" if findings else "no findings",
+        file=sys.stderr,
+    )
+    return 1 if findings else 0
+
+
+def _ssh_agents(specs: list[str], stack: contextlib.ExitStack) -> dict[str, str]:
+    """--ssh default|ID[=SOCKET|=KEY[,KEY...]] (BuildKit's syntax): id -> an agent socket. Key files are
+    loaded into an ssh-agent started for this build and ended with it (stack)."""
+    import stat
+    import subprocess
+    import tempfile
+    import time
+
+    out: dict[str, str] = {}
+    for spec in specs:
+        sid, sep, value = spec.partition("=")
+        if not sid:
+            raise RbuildError(f"--ssh {spec!r}: no id")
+        paths = [p for p in value.split(",") if p] if sep else []
+        if not paths:
+            sock = os.environ.get("SSH_AUTH_SOCK")
+            if not sock:
+                raise RbuildError(f"--ssh {spec}: SSH_AUTH_SOCK is not set (name a socket or key: --ssh {sid}=PATH)")
+            paths = [sock]
+        kinds = []
+        for p in paths:
+            try:
+                kinds.append(stat.S_ISSOCK(os.stat(p).st_mode))
+            except OSError as e:
+                raise RbuildError(f"--ssh {spec}: {p}: {e.strerror}") from None
+        if len(paths) == 1 and kinds[0]:
+            out[sid] = os.path.abspath(paths[0])
+            continue
+        if any(kinds):
+            raise RbuildError(f"--ssh {spec}: a socket cannot be listed with keys")
+        home = stack.enter_context(tempfile.TemporaryDirectory(prefix="rbuild-ssh-"))
+        sock = os.path.join(home, "agent")
+        try:
+            agent = subprocess.Popen(["ssh-agent", "-D", "-a", sock], stdout=subprocess.DEVNULL)
+        except OSError as e:
+            raise RbuildError(f"--ssh {spec}: cannot start ssh-agent: {e.strerror}") from None
+        stack.callback(agent.wait)
+        stack.callback(agent.terminate)
+        for _ in range(500):  # the agent makes its socket right after it starts
+            if os.path.exists(sock) or agent.poll() is not None:
+                break
+            time.sleep(0.01)
+        env = dict(os.environ, SSH_AUTH_SOCK=sock)
+        res = subprocess.run(
+            ["ssh-add", "-q", *paths], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True
+        )
+        if res.returncode != 0:
+            why = (res.stderr.strip().splitlines() or ["ssh-add failed"])[-1]
+            raise RbuildError(f"--ssh {spec}: {why}")
+        out[sid] = sock
+    return out
+
+
+def _read_build_arg_files(paths: list[str]) -> dict[str, str]:
+    """--build-arg-file (buildah's): KEY=VALUE lines; blank lines and lines starting with # are skipped."""
+    out: dict[str, str] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise RbuildError(f"--build-arg-file {path}: cannot read: {why}") from None
+        for n, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not key.strip():
+                raise RbuildError(f"{path}:{n}: a build argument must be KEY=VALUE, not {line!r}")
+            out[key.strip()] = value
+    return out
+
+
+def _network_mode(value: str) -> str:
+    """--network: host (also `default`, BuildKit's word for it) or none; buildah's `private` needs a user-mode
+    network stack (slirp4netns or pasta) rbuild does not have, so it is refused rather than giving no network."""
+    if value in ("host", "default"):
+        return "host"
+    if value == "none":
+        return "none"
+    if value == "private":
+        raise RbuildError(
+            "--network=private: rbuild has no user-mode network stack (slirp4netns, pasta) to connect a private "
+            "network namespace; use --network=none (loopback only) or --network=host"
+        )
+    raise RbuildError(f"--network={value}: unknown network mode (use host or none)")
 
 
 def _probed_rung(args: argparse.Namespace) -> int:

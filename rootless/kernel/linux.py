@@ -18,6 +18,7 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 
 MS_RDONLY = 1
 MS_NOSUID = 2
@@ -48,6 +49,9 @@ _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_u
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.pivot_root.argtypes = [ctypes.c_char_p, ctypes.c_char_p]  # exported by glibc, though no header declares it
 _libc.syscall.restype = ctypes.c_long
+_libc.socket.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p]
+_libc.close.argtypes = [ctypes.c_int]
 _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
 
 
@@ -98,6 +102,35 @@ def join_session_keyring(nr: int) -> None:
     if _libc.syscall(ctypes.c_long(nr), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"keyctl(JOIN_SESSION_KEYRING): {os.strerror(err)}")
+
+
+_AF_INET, _SOCK_DGRAM, _SOCK_CLOEXEC = 2, 2, 0o2000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 1
+_IFREQ_SIZE = 40  # struct ifreq: char ifr_name[16], then a union whose first member here is short ifr_flags
+
+
+def interface_up(name: str) -> None:
+    """Bring a network interface of this network namespace up (SIOCSIFFLAGS, as `ip link set NAME up`).
+
+    Two ioctls on a datagram socket instead of netlink: the RUN sandbox's pid 1 runs in `python -S -I`
+    (no site-packages, so no pyroute2) and sets one flag on one interface.
+    """
+    fd = _libc.socket(_AF_INET, _SOCK_DGRAM | _SOCK_CLOEXEC, 0)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"socket: {os.strerror(err)}")
+    try:
+        req = ctypes.create_string_buffer(name.encode().ljust(16, b"\0") + bytes(_IFREQ_SIZE - 16), _IFREQ_SIZE)
+        if _libc.ioctl(fd, _SIOCGIFFLAGS, req) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"SIOCGIFFLAGS {name}: {os.strerror(err)}")
+        flags = int.from_bytes(req.raw[16:18], sys.byteorder) | _IFF_UP
+        ctypes.memmove(ctypes.addressof(req) + 16, flags.to_bytes(2, sys.byteorder), 2)
+        if _libc.ioctl(fd, _SIOCSIFFLAGS, req) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"SIOCSIFFLAGS {name}: {os.strerror(err)}")
+    finally:
+        _libc.close(fd)
 
 
 class _SockFprog(ctypes.Structure):

@@ -97,6 +97,8 @@ def _op(op: list[Any], root: str, errw: int) -> None:
                 raise
     elif name == "hostname":
         linux.sethostname(args[0])
+    elif name == "interface-up":
+        linux.interface_up(args[0])
     elif name == "private":
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     elif name == "root-mount":
@@ -290,7 +292,8 @@ def main() -> None:
     try:
         pid_ns = 0 if shared else linux.CLONE_NEWPID
         if spec.get("namespaces", True):
-            linux.unshare(linux.CLONE_NEWNS | pid_ns | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+            net_ns = linux.CLONE_NEWNET if spec.get("netns") else 0
+            linux.unshare(linux.CLONE_NEWNS | pid_ns | net_ns | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
         if shared:  # no pid namespace ends what the RUN leaves behind: orphans come back to this process
             linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     except OSError as e:

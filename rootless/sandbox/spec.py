@@ -94,6 +94,8 @@ class RunSpec:
     # container's own /dev/pts, the command's 0-2 and controlling terminal (`-t`); -1: none
     stdio: tuple[int, int, int] | None = None
     terminal_socket: int = -1
+    # "host": the builder's network namespace; "none": one of its own with only the loopback interface, up
+    network: str = "host"
 
 
 @dataclass
@@ -296,6 +298,10 @@ def plan(
         ["setsid"],  # no controlling terminal; `kill 0` reaches only the RUN's own processes
         ["keyring", keyctl],  # a fresh session keyring: the caller's keys stay out of reach
         ["hostname", spec.hostname],
+    ]
+    if spec.network == "none":  # runinit unshared the network namespace: lo is there, down
+        ops.append(["interface-up", "lo"])
+    ops += [
         ["private"],
         ["root-mount"],  # a tree that is a plain directory (the copy rung) becomes a mount for pivot_root
         ["proc", "/proc"] if fresh_proc else ["proc-bind", "/proc"],
@@ -417,6 +423,11 @@ def run(
         raise RbuildError("RUN has no command")
     stubs = _Stubs(root)
     if not spec.namespaces:
+        if spec.network == "none":
+            raise RbuildError(
+                "--network=none needs a network namespace, and none can be made here (no user namespace, no "
+                "CAP_SYS_ADMIN); allow user namespaces for rbuild to use it"
+            )
         if spec.mounts:
             raise RbuildError(
                 "RUN --mount needs a mount namespace, and none can be made here (no user namespace, no "
@@ -647,6 +658,7 @@ def _spawn_once(
                         "ops": ops,
                         "share_pid": shared_pid,
                         "namespaces": spec.namespaces,
+                        "netns": spec.network == "none",
                     }
                 )
             )
