@@ -71,6 +71,17 @@ def test_existing_or_hidden_destination_goes_through_the_tree(tmp_path: Any) -> 
     assert os.listdir(upper) == []
 
 
+def test_destination_through_a_symlink_goes_through_the_tree(tmp_path: Any) -> None:
+    """A symlink on the way to a new destination (in a layer below): the write must land where it points,
+    not replace it with a directory in the upper (test_differential's symlink_paths found this)."""
+    lower, merged, upper, ctx = _tree(str(tmp_path))
+    for d in (lower, merged):
+        os.symlink("/usr/share", os.path.join(d, "lnk"))
+    _copy(ctx, merged, upper, lower, "/lnk/new/")
+    assert os.path.exists(os.path.join(merged, "usr", "share", "new", "sub", "b"))
+    assert os.listdir(upper) == []
+
+
 CONTAINERFILE = """FROM oci:{base}
 ARG SOURCE_DATE_EPOCH
 COPY files/ /data/

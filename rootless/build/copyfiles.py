@@ -788,7 +788,7 @@ def _copy_up_parent(merged: str, upper: str, lowers: list[str], dest: str) -> bo
     """Make the upper dir ready for dest to be written into it directly, as the overlay would: False (and
     nothing changed) unless dest is absent from the tree and from every layer below, so nothing merges there.
 
-    dest's nearest existing ancestor (symlinks resolved in the tree) is copied up like overlayfs does it:
+    dest's nearest existing ancestor (no symlink on the way: else False) is copied up like overlayfs does it:
     each directory not yet in the upper made with the owner, mode, xattrs and times of the merged one.
     """
     parts = [p for p in dest.split("/") if p]
@@ -797,8 +797,8 @@ def _copy_up_parent(merged: str, upper: str, lowers: list[str], dest: str) -> bo
     try:
         followed: list[str] = []
         host = secure_join(merged, "/" + "/".join(parts), follow_final=False, followed=followed)
-        if os.path.lexists(host):
-            return False
+        if followed or os.path.lexists(host):
+            return False  # a symlink on the way: the writes below resolve dest themselves, through the overlay
         # the nearest ancestor that exists, as a path below merged (symlinks already resolved)
         rel = os.path.relpath(host, merged)
         chain = [] if rel == "." else rel.split("/")
