@@ -1,4 +1,5 @@
-"""Every directory of examples/ (but ci/, checked by test_recipes.py) has a README and a run.sh, and the
+"""Every directory of examples/ (but ci/, checked by test_recipes.py, and bootable/, whose mkdisk.sh
+test_kernel_patches.py runs) has a README and a run.sh, and the
 run.sh runs to its end as the `rb` user: offline ones from busybox, the Debian ones from the session's
 Debian layout (BASE=oci:...), as their READMEs say."""
 
@@ -16,7 +17,8 @@ DEBIAN = ["python-app", "c-cache-mount"]
 
 
 def test_every_example_has_a_readme_and_a_script_and_a_test() -> None:
-    found = sorted(d for d in os.listdir(EXAMPLES) if d != "ci" and os.path.isdir(os.path.join(EXAMPLES, d)))
+    others = ("ci", "bootable")  # tested by test_recipes.py and test_kernel_patches.py
+    found = sorted(d for d in os.listdir(EXAMPLES) if d not in others and os.path.isdir(os.path.join(EXAMPLES, d)))
     assert found == sorted(OFFLINE + DEBIAN)
     for d in found:
         for f in ("README.md", "run.sh"):
