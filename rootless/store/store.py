@@ -212,11 +212,14 @@ class Store:
                 return
             try:
                 os.makedirs(self.root, mode=0o700, exist_ok=True)
-                for sub in ("blobs/sha256", "chains", "cache", "tmp"):
-                    os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
-                fmt = for_directory(os.path.join(self.root, "tmp")).name  # once: what this filesystem holds
-                new = {"version": STORE_VERSION, "mapping": idmap.to_json(), "layer_format": fmt}
-                atomic_write(meta_path, json.dumps(new, sort_keys=True).encode(), 0o600)
+                # held while the store is made: a concurrent build that opened it already must not take it
+                # for idle and sweep this one's format probe or the temporary file of store.json
+                with self.in_use():
+                    for sub in ("blobs/sha256", "chains", "cache", "tmp"):
+                        os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+                    fmt = for_directory(os.path.join(self.root, "tmp")).name  # once: what this filesystem holds
+                    new = {"version": STORE_VERSION, "mapping": idmap.to_json(), "layer_format": fmt}
+                    atomic_write(meta_path, json.dumps(new, sort_keys=True).encode(), 0o600)
             except OSError as e:
                 raise RbuildError(f"cannot create store at {self.root}: {e.strerror}") from None
             return
