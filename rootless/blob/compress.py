@@ -138,7 +138,7 @@ def compress_layer(
     every compressed byte as it is written (the caller finishes or fails it).
     """
     try:
-        with open(out_path, "wb") as f:
+        with open(out_path, "w+b" if growing else "wb") as f:  # readers pread the file
             out = _writer(f, fmt, level, growing)
             diff_id, _ = write_tar(layer_dir, out)  # type: ignore[arg-type]
             out.close()
@@ -159,7 +159,7 @@ def compress_file(
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     try:
-        with open_blob(blob_path) as src, open(out_path, "wb") as f:
+        with open_blob(blob_path) as src, open(out_path, "w+b" if growing else "wb") as f:
             out = _writer(f, fmt, level, growing)
             while True:
                 n = 0

@@ -44,7 +44,7 @@ class Growing:
     # -- the writer's side
 
     def attach(self, fd: int) -> None:
-        """The file is open for writing on `fd` (readers get a duplicate of it)."""
+        """The file is open for writing (and reading: readers pread a duplicate of it) on `fd`."""
         with self._cond:
             if self._fd < 0:
                 self._fd = os.dup(fd)
