@@ -143,6 +143,11 @@ class _Corrupt(Exception):
     """A blob arrived but failed verification (wrong size or digest): worth one more fetch."""
 
 
+class _Refused(_Corrupt):
+    """The registry answered a chunk with a definite no (a 4xx other than a timeout or throttling): a
+    registry without chunked uploads, or an upload session it has dropped."""
+
+
 class _Missing(Exception):
     """A source does not have the blob (404): try the next source."""
 
@@ -762,12 +767,12 @@ class RegistryClient:
         """Upload a blob while it is being written: a PATCH for every STREAM_CHUNK bytes as soon as they
         exist, then the rest and the PUT that names the digest (known only at the end; the registry checks
         it). A blob complete before its first chunk goes the ordinary way (HEAD check, mount, one PUT), as
-        does one whose registry refuses the first chunk (no chunked uploads) or the final digest."""
+        does one whose chunks the registry refuses (no chunked uploads) or fails to take."""
         g = blob.growing
         host, repo = target.registry, target.repository
         location: str | None = None
         offset = 0
-        quiet = Progress(None)
+        quiet = Progress(None)  # the digest that names a progress row is known only at the end
         quiet.start(g.what, 0)
         src = g.reader(cancel)
         try:
@@ -778,24 +783,20 @@ class RegistryClient:
                 try:
                     location = self._chunks(host, repo, location, part, offset, offset + STREAM_CHUNK, cancel, what)
                 except _Corrupt:
-                    if offset:
-                        raise
-                    location = None  # no chunked uploads here: the whole blob in one PUT once it is complete
+                    location = None  # the whole blob the ordinary way once it is complete
                     break
                 offset += STREAM_CHUNK
-            digest, size = g.result(cancel)
-            desc = Descriptor(blob.media_type, digest, size)
-            if location is not None:
-                try:
-                    self._upload(host, repo, location, desc, lambda: g.reader(cancel), prog, cancel, what, offset)
-                    prog.finish(desc.digest, "done")
-                    return
-                except _Corrupt:
-                    pass  # the registry refused the chunks' digest: start over the ordinary way
-        except _Corrupt as e:
-            raise RbuildError(f"{what}: uploading {g.what}: {e}") from None
         finally:
             src.close()
+        digest, size = g.result(cancel)
+        desc = Descriptor(blob.media_type, digest, size)
+        if location is not None:
+            try:
+                self._upload(host, repo, location, desc, lambda: g.reader(cancel), prog, cancel, what, offset)
+                prog.finish(desc.digest, "done")
+                return
+            except _Corrupt:
+                pass  # the rest failed, or the chunks were not the blob: start over the ordinary way
         self._push_blob(target, desc, lambda: g.reader(cancel), prog, cancel, what=what)
 
     def _try_mount(self, target: Reference, desc: Descriptor, what: str) -> str | None:
@@ -921,11 +922,15 @@ class RegistryClient:
                 content_range = {"Content-Range": f"{offset}-{offset + length - 1}"}
                 resp = self._send(host, repo, "PATCH", location, part(offset, length), what, content_range)
                 resp.close()
+                if 400 <= resp.status_code < 500 and resp.status_code not in (408, 416, 429):
+                    raise _Refused(f"chunk at {offset}: {error_detail(resp)}")
                 if resp.status_code != 202:
                     raise _Corrupt(f"chunk at {offset}: {error_detail(resp)}")
                 location = resp.headers.get("Location", location)
                 offset += length
                 failures = 0
+            except _Refused:
+                raise  # a definite no: retrying the chunk will not change it
             except _Corrupt as e:
                 failures += 1
                 if failures >= MAX_ATTEMPTS:
