@@ -56,6 +56,8 @@ class Run:
         self.work = Path(args.work)
         self.py = args.python
         self.rows: list[dict[str, object]] = []
+        self.pushes = 0
+        self.repo = ""
 
     def as_user(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> list[str]:
         user = self.args.user
@@ -93,8 +95,8 @@ class Run:
             subprocess.run(["tar", "-x", "-C", str(self.work / name)], input=arch.stdout, check=True)
             subprocess.run([self.py, "-m", "compileall", "-q", str(self.work / name)], check=True)
         self.port = _free_port()
-        reg = self.work / "registry"
-        reg.mkdir()
+        reg = Path(self.args.registry_dir) if self.args.registry_dir else self.work / "registry"
+        reg.mkdir(parents=True)
         (reg / "config.yml").write_text(
             f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {reg}/data\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\nlog:\n  level: error\n"
@@ -124,7 +126,7 @@ class Run:
             (self.work / "fifty" / "conf" / f"c{i}.conf").write_text(text)
         ctx = self.work / "copy10k"
         (ctx / "files").mkdir(parents=True)
-        n = self.args.files
+        n = self.args.files if self.wanted("copy10k") else 0
         per = 200_000_000 // 10_000
         for i in range(n):
             d = ctx / "files" / f"d{i // 100:03d}"
@@ -135,10 +137,21 @@ class Run:
         big.mkdir()
         (big / "Containerfile").write_text(f"FROM {self.base}\n{BIG}")
 
+    def wanted(self, name: str) -> bool:
+        return not self.args.only or name in self.args.only.split(",")
+
+    def fresh_push(self) -> str:
+        """A new repository name for the next push, and no memory of where blobs were pushed before: every
+        push uploads all of its blobs (no HEAD hit from an earlier repetition, no mount from the other
+        variant's repository)."""
+        self.pushes += 1
+        shutil.rmtree(self.work / "home" / ".cache", ignore_errors=True)
+        return f"127.0.0.1:{self.port}/big{self.pushes}"
+
     def case(
         self, name: str, what: str, variants: dict[str, Callable[[], list[str]]], before: Callable[[str], None]
     ) -> None:
-        if self.args.only and name not in self.args.only.split(","):
+        if not self.wanted(name):
             return
         load0 = os.getloadavg()[0]
         got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
@@ -211,64 +224,67 @@ class Run:
                 lambda v: None,
             )
         big = str(self.work / "big")
-        built = self.work / "stores" / "big"
-        subprocess.run(
-            self.rbuild("new", built, "build", "-q", tls, "-t", "big", ".", cwd=big), check=True, capture_output=True
-        )
+        if self.wanted("push1g"):
+            built = self.work / "stores" / "big"
+            subprocess.run(
+                self.rbuild("new", built, "build", "-q", tls, "-t", "big", ".", cwd=big),
+                check=True,
+                capture_output=True,
+            )
 
-        def before_push(v: str) -> None:
-            dest = self.work / "stores" / f"push-{v}"
-            shutil.rmtree(dest, ignore_errors=True)
-            subprocess.run(["cp", "-a", str(built), str(dest)], check=True)
+            def before_push(v: str) -> None:
+                for old in (self.work / "stores").glob("push-*"):  # one copy at a time: tmpfs is memory
+                    shutil.rmtree(old)
+                subprocess.run(["cp", "-a", str(built), str(self.work / "stores" / f"push-{v}")], check=True)
+                self.repo = self.fresh_push()
 
-        ref = f"docker://127.0.0.1:{self.port}/big"
-        self.case(
-            "push1g",
-            "push of a 1 GiB image (4 layers of 256 MiB, half random), every layer compressed (gzip)",
-            {
-                v: (
-                    lambda v=v: self.rbuild(
-                        v, self.work / "stores" / f"push-{v}", "push", "-q", tls, "big", f"{ref}-{v}"
+            self.case(
+                "push1g",
+                "push of a 1 GiB image (4 layers of 256 MiB, half random), every layer compressed (gzip)",
+                {
+                    v: (
+                        lambda v=v: self.rbuild(
+                            v, self.work / "stores" / f"push-{v}", "push", "-q", tls, "big", f"docker://{self.repo}"
+                        )
                     )
-                )
-                for v in ("old", "new")
-            },
-            before_push,
-        )
+                    for v in ("old", "new")
+                },
+                before_push,
+            )
+            for old in (self.work / "stores").glob("push-*"):
+                shutil.rmtree(old)
+            shutil.rmtree(built)
         if self.args.buildah:
-            self.buildah_case(big, ref)
+            self.buildah_case(big)
 
-    def buildah_case(self, big: str, ref: str) -> None:
+    def buildah_case(self, big: str) -> None:
         tls = "--tls-verify=false"
         bstore = self.work / "stores" / "buildah"
+        g = f"buildah --root {bstore}/root --runroot {bstore}/run"
 
         def script(v: str) -> list[str]:
             if v == "buildah":
-                g = f"buildah --root {bstore}/root --runroot {bstore}/run --storage-driver overlay"
                 cmd = (
-                    f"{g} build --layers --isolation chroot {tls} -q -t big . >/dev/null && "
-                    f"{g} push {tls} -q big {ref}-buildah"
+                    f"{g} --storage-driver overlay build --layers --isolation chroot {tls} -q -t big . >/dev/null && "
+                    f"{g} --storage-driver overlay push {tls} -q big docker://{self.repo}"
                 )
             else:
                 store = self.work / "stores" / f"bp-{v}"
                 env = f"PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'}"
-                cmd = f"env {env} {self.py} -m rootless build -q {tls} -t {ref.removeprefix('docker://')}-{v}b --push ."
+                cmd = f"env {env} {self.py} -m rootless build -q {tls} -t {self.repo} --push ."
             return self.as_user(["sh", "-c", f'cd "{big}" && {cmd}'])
 
-        def before(v: str) -> None:
-            g = f"buildah --root {bstore}/root --runroot {bstore}/run"
-            if v == "buildah":
-                subprocess.run(
-                    self.as_user(
-                        [
-                            "sh",
-                            "-c",
-                            f"{g} rm -a; {g} rmi -a -f",
-                        ]
-                    ),
-                    capture_output=True,
-                )
+        def clear_buildah() -> None:
+            if bstore.exists():
+                subprocess.run(self.as_user(["sh", "-c", f"{g} rm -a; {g} rmi -a -f"]), capture_output=True)
                 shutil.rmtree(bstore, ignore_errors=True)
+
+        def before(v: str) -> None:
+            for old in (self.work / "stores").glob("bp-*"):  # one builder's store at a time: tmpfs is memory
+                shutil.rmtree(old)
+            clear_buildah()
+            self.repo = self.fresh_push()
+            if v == "buildah":
                 subprocess.run(
                     self.as_user(
                         [
@@ -292,9 +308,12 @@ class Run:
         self.case(
             "build+push1g",
             "build of the 1 GiB image and its push",
-            {"new": lambda: script("new"), "buildah": lambda: script("buildah")},
+            {"old": lambda: script("old"), "new": lambda: script("new"), "buildah": lambda: script("buildah")},
             before,
         )
+        for old in (self.work / "stores").glob("bp-*"):
+            shutil.rmtree(old)
+        clear_buildah()
 
     def stop(self) -> None:
         reg = getattr(self, "registry", None)
@@ -324,6 +343,11 @@ def main() -> None:
         "--only", help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, build+push1g)"
     )
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument(
+        "--registry-dir",
+        help="the registry's storage (default: under --work); several GiB with --buildah, each push being new"
+        " blobs: put it on disk when tmpfs is short. Removed at the end.",
+    )
     args = p.parse_args()
     run = Run(args)
     try:
@@ -332,6 +356,8 @@ def main() -> None:
     finally:
         run.stop()
         shutil.rmtree(run.work, ignore_errors=True)  # several GiB on tmpfs: memory the machine needs back
+        if args.registry_dir:
+            shutil.rmtree(args.registry_dir, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(run.rows, indent=1) + "\n")
 
