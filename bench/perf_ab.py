@@ -260,17 +260,16 @@ class Run:
     def buildah_case(self, big: str) -> None:
         tls = "--tls-verify=false"
         bstore = self.work / "stores" / "buildah"
-        g = f"buildah --root {bstore}/root --runroot {bstore}/run"
+        home = f"HOME={self.work / 'home'}"
+        g = f"env {home} buildah --root {bstore}/root --runroot {bstore}/run --storage-driver overlay"
 
         def script(v: str) -> list[str]:
             if v == "buildah":
-                cmd = (
-                    f"{g} --storage-driver overlay build --layers --isolation chroot {tls} -q -t big . >/dev/null && "
-                    f"{g} --storage-driver overlay push {tls} -q big docker://{self.repo}"
-                )
+                build = f"{g} build --layers --isolation chroot {tls} -q -t big . >/dev/null"
+                cmd = f"{build} && {g} push {tls} -q big docker://{self.repo}"
             else:
                 store = self.work / "stores" / f"bp-{v}"
-                env = f"PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'}"
+                env = f"{home} PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'}"
                 cmd = f"env {env} {self.py} -m rootless build -q {tls} -t {self.repo} --push ."
             return self.as_user(["sh", "-c", f'cd "{big}" && {cmd}'])
 
@@ -285,23 +284,8 @@ class Run:
             clear_buildah()
             self.repo = self.fresh_push()
             if v == "buildah":
-                subprocess.run(
-                    self.as_user(
-                        [
-                            "buildah",
-                            "--root",
-                            f"{bstore}/root",
-                            "--runroot",
-                            f"{bstore}/run",
-                            "pull",
-                            tls,
-                            "-q",
-                            self.base,
-                        ]
-                    ),
-                    check=True,
-                    capture_output=True,
-                )
+                pull = self.as_user(["sh", "-c", f"{g} pull {tls} -q {self.base}"])
+                subprocess.run(pull, check=True, capture_output=True)
             else:
                 self.fresh_store(f"bp-{v}", v)
 

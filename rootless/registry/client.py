@@ -444,8 +444,9 @@ class RegistryClient:
                 if desc.digest not in todo and not (dest / desc.digest.replace(":", "/", 1)).exists():
                     todo[desc.digest] = desc
             for digest, growing in follow.items():  # nothing to download: readers read the stored blob
-                if digest not in todo and (dest / digest.replace(":", "/", 1)).exists():
-                    growing.finish(digest, -1, str(dest / digest.replace(":", "/", 1)))
+                path = dest / digest.replace(":", "/", 1)
+                if digest not in todo and path.exists():
+                    growing.finish(digest, path.stat().st_size, str(path))
             if not todo:
                 return
             sources = self._sources(ref)
