@@ -10,8 +10,10 @@ a subuid range; builds run as that user (runuser). Cases:
   base, against `cp -a` of the same tree into a plain directory on the same tmpfs;
 * hello-cached, fifty-cached: fully cached rebuilds (bench/workloads), against `python3 -c pass`;
 * push1g: a fresh copy of a store holding a 1 GiB image (4 layers of 256 MiB, half random) pushed to the
-  registry (every layer compressed: nothing kept from an earlier push); with --buildah also buildah's
-  build+push of the same Containerfile against rbuild's build+push.
+  registry (every layer compressed: nothing kept from an earlier push), each time to a new repository and
+  with no memory of earlier pushes (every blob is uploaded); with --buildah also buildah's build+push of
+  the same Containerfile against rbuild's build+push (old, new, buildah);
+* pull1g: that image pulled into an empty store (with --buildah: buildah's pull too).
 
 The work directory (several GiB: keep --work on a tmpfs with room) is removed at the end.
 Wall time is a median of --reps; CPU is user+system of the process tree (wait4). The machine is shared:
@@ -224,13 +226,15 @@ class Run:
                 lambda v: None,
             )
         big = str(self.work / "big")
-        if self.wanted("push1g"):
+        if self.wanted("push1g") or self.wanted("pull1g"):
             built = self.work / "stores" / "big"
             subprocess.run(
                 self.rbuild("new", built, "build", "-q", tls, "-t", "big", ".", cwd=big),
                 check=True,
                 capture_output=True,
             )
+            pulled = self.fresh_push()
+            subprocess.run(self.rbuild("new", built, "push", "-q", tls, "big", pulled), check=True, capture_output=True)
 
             def before_push(v: str) -> None:
                 for old in (self.work / "stores").glob("push-*"):  # one copy at a time: tmpfs is memory
@@ -254,8 +258,32 @@ class Run:
             for old in (self.work / "stores").glob("push-*"):
                 shutil.rmtree(old)
             shutil.rmtree(built)
+            self.pull_case(pulled)
         if self.args.buildah:
             self.buildah_case(big)
+
+    def pull_case(self, ref: str) -> None:
+        """pull1g: the 1 GiB image into an empty store (layers unpacked, blobs kept); buildah's pull too."""
+        tls = "--tls-verify=false"
+        stores = self.work / "stores"
+        home = f"HOME={self.work / 'home'}"
+        g = f"env {home} buildah --root {stores}/pull-buildah/root --runroot {stores}/pull-buildah/run"
+
+        def before(v: str) -> None:
+            if (stores / "pull-buildah").exists():
+                subprocess.run(self.as_user(["sh", "-c", f"{g} rmi -a -f"]), capture_output=True)
+            for old in stores.glob("pull-*"):  # one store at a time: tmpfs is memory
+                shutil.rmtree(old)
+
+        variants = {
+            v: (lambda v=v: self.rbuild(v, stores / f"pull-{v}", "pull", "-q", tls, ref)) for v in ("old", "new")
+        }
+        if self.args.buildah:
+            variants["buildah"] = lambda: self.as_user(
+                ["sh", "-c", f"{g} --storage-driver overlay pull {tls} -q {ref}"]
+            )
+        self.case("pull1g", "pull of the 1 GiB image into an empty store", variants, before)
+        before("")
 
     def buildah_case(self, big: str) -> None:
         tls = "--tls-verify=false"
@@ -324,7 +352,8 @@ def main() -> None:
     p.add_argument("--busybox", default=str(next(Path("/var/cache/rbuild-bench").glob("busybox-*"), "")))
     p.add_argument("--buildah", action="store_true")
     p.add_argument(
-        "--only", help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, build+push1g)"
+        "--only",
+        help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, pull1g, build+push1g)",
     )
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument(
