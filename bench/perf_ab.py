@@ -15,6 +15,9 @@ a subuid range; builds run as that user (runuser). Cases:
   the same Containerfile against rbuild's build+push (old, new, buildah);
 * pull1g: that image pulled into an empty store (with --buildah: buildah's pull too).
 
+With --link-mbps N the pushes and the 1 GiB pull go over a relay paced to N MB/s each way (bench/slowlink.py),
+as to a registry across a network, instead of loopback.
+
 The work directory (several GiB: keep --work on a tmpfs with room) is removed at the end.
 Wall time is a median of --reps; CPU is user+system of the process tree (wait4). The machine is shared:
 the load average is printed with every case.
@@ -108,6 +111,15 @@ class Run:
         )
         time.sleep(1)
         self.base = f"127.0.0.1:{self.port}/busybox:latest"
+        self.push_host = f"127.0.0.1:{self.port}"
+        if self.args.link_mbps:  # pushes and the 1 GiB pull go over a paced link; base pulls stay direct
+            portfile = self.work / "link-port"
+            self.link = subprocess.Popen(
+                [self.py, str(HERE / "slowlink.py"), str(portfile), self.push_host, str(self.args.link_mbps)]
+            )
+            while not portfile.exists():
+                time.sleep(0.05)
+            self.push_host = f"127.0.0.1:{portfile.read_text()}"
         subprocess.run(
             ["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{self.args.busybox}", f"docker://{self.base}"],
             check=True,
@@ -148,7 +160,7 @@ class Run:
         variant's repository)."""
         self.pushes += 1
         shutil.rmtree(self.work / "home" / ".cache", ignore_errors=True)
-        return f"127.0.0.1:{self.port}/big{self.pushes}"
+        return f"{self.push_host}/big{self.pushes}"
 
     def case(
         self, name: str, what: str, variants: dict[str, Callable[[], list[str]]], before: Callable[[str], None]
@@ -328,6 +340,10 @@ class Run:
         clear_buildah()
 
     def stop(self) -> None:
+        link = getattr(self, "link", None)
+        if link is not None:
+            link.kill()
+            link.wait()
         reg = getattr(self, "registry", None)
         if reg is not None:
             reg.terminate()
@@ -356,6 +372,11 @@ def main() -> None:
         help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, pull1g, build+push1g)",
     )
     p.add_argument("--out", help="write the rows as JSON here")
+    p.add_argument(
+        "--link-mbps",
+        type=float,
+        help="push and pull the big image over a link of this many MB/s each way (bench/slowlink.py)",
+    )
     p.add_argument(
         "--registry-dir",
         help="the registry's storage (default: under --work); several GiB with --buildah, each push being new"
