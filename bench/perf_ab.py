@@ -245,8 +245,6 @@ class Run:
                 check=True,
                 capture_output=True,
             )
-            pulled = self.fresh_push()
-            subprocess.run(self.rbuild("new", built, "push", "-q", tls, "big", pulled), check=True, capture_output=True)
 
             def before_push(v: str) -> None:
                 for old in (self.work / "stores").glob("push-*"):  # one copy at a time: tmpfs is memory
@@ -269,6 +267,8 @@ class Run:
             )
             for old in (self.work / "stores").glob("push-*"):
                 shutil.rmtree(old)
+            pulled = self.fresh_push()  # after push1g: this push keeps its compressed blobs in `built`
+            subprocess.run(self.rbuild("new", built, "push", "-q", tls, "big", pulled), check=True, capture_output=True)
             shutil.rmtree(built)
             self.pull_case(pulled)
         if self.args.buildah:
