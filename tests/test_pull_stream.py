@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +27,11 @@ import pytest
 from conftest import Runner
 from registry_helpers import RegistryServer, SampleImage, docker_registry, isolate
 
+from rootless.blob.growing import Cancelled, Growing, Restarted
+from rootless.errors import RbuildError
 from rootless.oci.image import OCI_CONFIG, OCI_MANIFEST
 from rootless.oci.reference import parse_reference
 from rootless.registry.api import Descriptor, Registry, RegistryOptions
-
-pytestmark = pytest.mark.e2e
 
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -256,3 +257,71 @@ def test_pull_whose_server_dies_mid_blob_leaves_nothing(rb: Runner, server: Regi
     line = error_line(res.stderr)
     assert line == f"Error: pulling {host}/pull/killed:1: connection refused"
     assert leftovers(root, {d: b for d, b in img.blobs.items() if d != big.digest}) == []
+
+
+# -- the growing file itself (no registry)
+
+
+def test_growing_reader_waits_for_bytes_and_ends_only_when_finished(tmp_path: Path) -> None:
+    g = Growing("blob")
+    with open(tmp_path / "blob", "w+b") as f:
+        g.attach(f.fileno())
+        reader = g.reader()
+        got: list[bytes] = []
+        thread = threading.Thread(target=lambda: got.append(reader.read(-1)))
+        thread.start()
+        for i in range(5):
+            f.write(bytes([i]) * 1000)
+            f.flush()
+            g.grew(f.tell())
+            time.sleep(0.02)
+        assert thread.is_alive()  # everything written so far is read, but the end has not come
+        os.rename(tmp_path / "blob", tmp_path / "final")  # readers keep their descriptor
+        g.finish("sha256:" + "0" * 64, 5000)
+        thread.join(5)
+    assert got == [b"".join(bytes([i]) * 1000 for i in range(5))]
+    reader.seek(1000)
+    assert reader.read(3) == b"\x01\x01\x01"
+    g.close()
+
+
+def test_growing_restart_and_failure_reach_the_reader(tmp_path: Path) -> None:
+    g = Growing("blob")
+    with open(tmp_path / "blob", "w+b") as f:
+        g.attach(f.fileno())
+        f.write(b"first copy")
+        f.flush()
+        g.grew(10)
+        reader = g.reader()
+        assert reader.read(5) == b"first"
+        f.seek(0)
+        f.truncate()
+        g.restart()  # a download starting over: bytes already read may not be the blob
+        with pytest.raises(Restarted):
+            reader.read(5)
+        fresh = g.reader()
+        f.write(b"again")
+        f.flush()
+        g.grew(5)
+        assert fresh.read(5) == b"again"
+        g.fail(RbuildError("pulling x: blob y failed verification: digest mismatch"))
+        with pytest.raises(RbuildError, match="digest mismatch"):
+            fresh.read(5)
+        with pytest.raises(RbuildError, match="digest mismatch"):
+            g.result()
+    g.close()
+
+
+def test_cancelled_growing_stops_its_writer(tmp_path: Path) -> None:
+    g = Growing("compressing layer")
+    with open(tmp_path / "blob", "w+b") as f:
+        g.attach(f.fileno())
+        g.grew(1)
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(Cancelled):
+            g.wait(100, stop)  # a reader that gives up
+        g.cancel()
+        with pytest.raises(Cancelled):
+            g.grew(2)
+    g.close()

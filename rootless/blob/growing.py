@@ -91,13 +91,16 @@ class Growing:
         with self._cond:
             self._cancelled = True
 
-    def wait(self, size: int, cancel: threading.Event | None = None) -> int:
+    def wait(self, size: int, cancel: threading.Event | None = None, generation: int | None = None) -> int:
         """Block until at least `size` bytes are written or the file is complete; returns the bytes written.
-        Raises the writer's error, or Cancelled when `cancel` is set."""
+        Raises the writer's error, Cancelled when `cancel` is set, Restarted when the file was started over
+        since `generation`."""
         with self._cond:
             while True:
                 if self._error is not None:
                     raise self._error
+                if generation is not None and generation != self._generation:
+                    raise Restarted(f"{self.what}: the transfer started over")
                 if self._finished or (self._size >= size and self._fd >= 0):
                     return self._size
                 if cancel is not None and cancel.is_set():
@@ -113,7 +116,7 @@ class Growing:
         """Up to `n` bytes at `offset` once they are written (b"" at the end of a complete file), with the
         generation they belong to; Restarted if the file was started over since `generation`."""
         while True:
-            self.wait(offset + 1, cancel)
+            self.wait(offset + 1, cancel, generation)
             with self._cond:
                 gen, avail, fd = self._generation, self._size, self._fd
             if generation is not None and gen != generation:
