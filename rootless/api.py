@@ -9,7 +9,6 @@ caller sees ordinary return values and typed exceptions. Nothing here prints.
 from __future__ import annotations
 
 import os
-import pickle
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +47,8 @@ class _PipeReporter:
 
 
 def _send(fd: int, message: tuple[str, Any], lock: threading.Lock | None = None) -> None:
+    import pickle  # here: `rbuild build` imports this module for probed(), a cached build never pickles
+
     data = pickle.dumps(message)
     with lock or threading.Lock():
         os.write(fd, struct.pack("!I", len(data)))
@@ -67,6 +68,8 @@ def _receive(fd: int) -> Any:
                 return None
             buf += chunk
         return buf
+
+    import pickle
 
     head = exactly(4)
     if head is None:
@@ -159,6 +162,11 @@ def probed_rung(root: str | None) -> int:
     """The rung `rbuild doctor` reports for the store at root (`env.probe`, cached per environment): builds
     take it, so doctor and the build decide once, the same way. Called before the namespace: the probe's
     children are forked from here."""
+    return probed(root)[0]
+
+
+def probed(root: str | None) -> tuple[int, Any]:
+    """probed_rung's rung and the probe (`env.probe.Probe`) it was chosen from."""
     from rootless.env import paths, probe
     from rootless.store.store import Store
 
@@ -168,7 +176,8 @@ def probed_rung(root: str | None) -> int:
         layer_format = store.layer_format.name if store.exists() else None
     except RbuildError:  # the build's own error says why
         layer_format = None
-    return probe.choose(probe.probe(path), layer_format).rung
+    found = probe.probe(path)
+    return probe.choose(found, layer_format).rung, found
 
 
 def run_build(

@@ -123,15 +123,16 @@ def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
     return options
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, subcommands: bool = True) -> argparse.ArgumentParser:
     """The argument parser. For a known `command` only that subcommand's parser is made (argparse's
     construction of all of them is a good part of a cached build's time), and registry flags only when it
-    takes them; for None (help, completion, docs/reference.md) or an unknown word, every subcommand."""
+    takes them; for None (help, completion, docs/reference.md) or an unknown word, every subcommand;
+    without `subcommands`, none (`rbuild --version`)."""
     registry_flags = command is None or command in _REGISTRY_COMMANDS
     only = _COMMANDS.get(command or "")
 
     def wanted(*names: str) -> bool:
-        return only is None or only in names
+        return subcommands and (only is None or only in names)
 
     def _registry_args(p: argparse.ArgumentParser) -> None:
         if registry_flags:
@@ -436,11 +437,14 @@ def _run_inside(args: argparse.Namespace, idmap: Any, fn: Callable[[Any], int]) 
     return userns.run_inside(idmap, lambda got: _guard(args, lambda: fn(got)), _error, _warn(args))
 
 
-def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False) -> int:
+def _in_namespace(
+    args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False, made: tuple[Any, Any] | None = None
+) -> int:
     """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there; `limited`: a
-    build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size)."""
+    build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size);
+    `made`: _store_and_map's answer, when the caller asked it already."""
 
-    store, idmap = _store_and_map(args)
+    store, idmap = made or _store_and_map(args)
     parent = os.path.dirname(store.root)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -609,12 +613,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             "use rbuild login for the registries FROM names"
         )
 
-    def run(store: Any, idmap: Any) -> int:
-        from rootless import api
+    def options(registry_options: Any) -> Any:
         from rootless.build.state import BuildOptions
-        from rootless.events import Notice
 
-        opts = BuildOptions(
+        return BuildOptions(
             tags=args.tag,
             labels=labels,
             no_cache=args.no_cache,
@@ -624,7 +626,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             source_date_epoch=sde,
             rewrite_timestamp=args.rewrite_timestamp,
             pull=pull,
-            registry_options=_registry_options(args, remote_tags),
+            registry_options=registry_options,
             containerfile=cf_path if args.file != "-" else None,
             secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
@@ -633,6 +635,11 @@ def cmd_build(args: argparse.Namespace) -> int:
             network=network,
             ssh=ssh,
         )
+
+    def run(store: Any, idmap: Any) -> int:
+        from rootless import api
+
+        opts = options(_registry_options(args, remote_tags))
         try:
             image_id = api.run_build(plan, store, idmap, opts, reporter, getattr(args, "storage_driver", None), rung)
         except BaseException:
@@ -640,14 +647,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             if failed is not None:
                 failed()
             raise
+        return done(store, idmap, image_id, opts.registry_options)
+
+    def done(store: Any, idmap: Any, image_id: str, registry_options: Any) -> int:
         digest = None
         if args.push:
+            from rootless.events import Notice
             from rootless.oci import transports
 
             rec = store.find([image_id])
             for t in args.tag:
                 digest = transports.RegistryTransport(names.normalize(t)).export(
-                    store, rec, args.format, None, None, opts.registry_options, reporter
+                    store, rec, args.format, None, None, registry_options, reporter
                 )
                 reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
         written = output.write(store, image_id, outputs, Ownership.for_mapping(idmap.single), args.tag, reporter)
@@ -660,10 +671,82 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(image_id, file=sys.stderr if any(o.dest == "-" for o in outputs) else sys.stdout, flush=True)
         return 0
 
-    rung = _probed_rung(args)  # before the namespace: the probe's children are forked from here
+    rung, found = _probed(args)  # before the namespace: the probe's children are forked from here
     with contextlib.ExitStack() as stack:
         ssh = _ssh_agents(args.ssh, stack)
-        return int(_in_namespace(args, run, limited=True))
+        made = _store_and_map(args)
+        if not (args.push or outputs):  # both read layer files, which only the namespace may
+            store, idmap = made
+            image_id = _cached_build(args, store, idmap, plan, options(None), reporter, rung, found)
+            if image_id is not None:
+                return done(store, idmap, image_id, None)
+        return int(_in_namespace(args, run, limited=True, made=made))
+
+
+def _cached_build(
+    args: argparse.Namespace, store: Any, idmap: Any, plan: Any, opts: Any, reporter: Any, rung: int, found: Any
+) -> str | None:
+    """A build whose every step is cached, answered without the user namespace (build/cached.py) when
+    everything the namespace's build does first would change nothing here: the store is current, made
+    under this mapping, nothing to sweep, no per-user limits, the strategy decided without a trial mount
+    and recorded already. The image id, or None: the build runs in the namespace."""
+    from rootless.env import limits, strategy
+    from rootless.store.store import STORE_VERSION
+
+    forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
+    if opts.no_cache or not store.exists():
+        return None
+    if not (idmap.single or idmap.real_root or _check_ok(found, "id_mapping")):
+        return None  # newuidmap would fail here: the namespace's build says what then
+    try:
+        store.check_mapping(idmap)
+        store.check_format()
+        if store.version != STORE_VERSION or _leftovers(store):
+            return None
+        lim = limits.load()
+        if lim.concurrent_builds or lim.store_size is not None:
+            return None
+        layer_format = store.layer_format
+        if not strategy.settled(idmap, forced, layer_format, rung):
+            return None
+        chosen = strategy.choose(idmap, store.root, forced, layer_format, store.last_rung(), rung)
+    except RbuildError:
+        return None  # the namespace's build says it
+    if strategy.runs_possible(chosen) is not None or not store.records(chosen.to_json()):
+        return None
+    from rootless.build import cached
+
+    with store.in_use():
+        image_id: str | None = cached.build(plan, store, opts, chosen, reporter)
+    return image_id
+
+
+def _check_ok(found: Any, name: str) -> bool:
+    try:
+        return bool(found.check(name).ok)
+    except KeyError:
+        return False
+
+
+def _leftovers(store: Any) -> bool:
+    """Whether opening the store in the namespace would sweep something (a killed process's staging or
+    mount-point directory, temporary file or cut-off layer): then the build goes there."""
+    from rootless.blob.digest import is_sha256_hex
+    from rootless.store.store import TEMP_PREFIXES
+
+    root = store.root
+    try:
+        if os.listdir(os.path.join(root, "tmp")):
+            return True
+        if store.runtime is not None and any(n.startswith("mnt-") for n in os.listdir(store.runtime_path())):
+            return True
+        for d in (root, os.path.join(root, "blobs"), store.blob_dir(), os.path.join(root, "cache")):
+            if any(n.startswith(TEMP_PREFIXES) for n in os.listdir(d)):
+                return True
+        chains = set(os.listdir(os.path.join(root, "chains")))
+    except OSError:
+        return True
+    return any(n.startswith(TEMP_PREFIXES) or (is_sha256_hex(n) and n + ".json" not in chains) for n in chains)
 
 
 def _check_containerfile(data: bytes, shown: str) -> int:
@@ -686,6 +769,8 @@ def _check_containerfile(data: bytes, shown: str) -> int:
 def _ssh_agents(specs: list[str], stack: contextlib.ExitStack) -> dict[str, str]:
     """--ssh default|ID[=SOCKET|=KEY[,KEY...]] (BuildKit's syntax): id -> an agent socket. Key files are
     loaded into an ssh-agent started for this build and ended with it (stack)."""
+    if not specs:
+        return {}
     import stat
     import subprocess
     import tempfile
@@ -774,9 +859,14 @@ def _network_mode(value: str) -> str:
 
 def _probed_rung(args: argparse.Namespace) -> int:
     """The rung `rbuild doctor` reports for this store (api.probed_rung): builds take it."""
+    return _probed(args)[0]
+
+
+def _probed(args: argparse.Namespace) -> tuple[int, Any]:
+    """The rung `rbuild doctor` reports for this store (api.probed): builds take it; and the probe."""
     from rootless import api
 
-    return api.probed_rung(getattr(args, "root", None))
+    return api.probed(getattr(args, "root", None))
 
 
 def _store_format(root: str) -> str | None:
@@ -1178,20 +1268,21 @@ def _guard(args: argparse.Namespace, fn: Callable[[], int]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _chosen_command(argv)
+    # no command and no help asked for: the global flags alone (--version) need no subcommand parsers
+    bare = command is None and not any(a.startswith(("-h", "--h")) for a in argv)
     try:
         try:
-            parser = build_parser(command)
-            args = parser.parse_args(argv, namespace=argparse.Namespace())
+            args = build_parser(command, subcommands=not bare).parse_args(argv, namespace=argparse.Namespace())
         except RbuildError:
-            if command not in _COMMANDS:
+            if command not in _COMMANDS and not bare:
                 raise
-            parser = build_parser(None)  # the whole parser says what is wrong, as it always has
-            args = parser.parse_args(argv, namespace=argparse.Namespace())
+            # the whole parser says what is wrong, as it always has
+            args = build_parser(None).parse_args(argv, namespace=argparse.Namespace())
     except RbuildError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 125
     if not getattr(args, "command", None):
-        parser.print_help(sys.stderr)
+        build_parser(None).print_help(sys.stderr)
         return 125
     return _guard(args, lambda: _isolated(args))
 

@@ -310,6 +310,11 @@ class Store:
             meta["layer_format"] = fmt
             atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode(), 0o600)
 
+    def records(self, strategy: dict[str, str]) -> bool:
+        """Whether the store records `strategy` already (record_strategy would change nothing)."""
+        meta = self._read_meta()
+        return bool(meta.get("strategy") == strategy and meta.get("layer_format") == strategy["layer_format"])
+
     def set_version(self, version: int) -> None:
         """Record the format version (the mapping stays): the last step of an upgrade."""
         meta_path = os.path.join(self.root, "store.json")
