@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 import pytest
-from conftest import Runner
+from conftest import IS_ROOT, Runner
 
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "startup_harness.py")
 REGISTRY_CLIENT = ("rootless.registry.api", "rootless.registry.client", "rootless.registry.http", "requests")
@@ -193,3 +193,39 @@ def test_strategy_change_and_leftovers_take_the_namespace(rb: Runner, busybox: s
     swept, out, _ = run(rb, root, "build", "-q", ctx)
     assert swept["namespaces"] == 1 and out == image and not os.path.exists(leftover)
     assert run(rb, root, "build", "-q", ctx)[0]["namespaces"] == 0
+
+
+def test_cached_rebuild_leaves_images_json_alone(rb: Runner, busybox: str) -> None:
+    """A rebuild of the same image under the same names changes no record: images.json is not rewritten
+    (a synced write on every cached build); a new name still is."""
+    root = store_with_base(rb, busybox)
+    ctx = context(rb)
+    image = run(rb, root, "build", "-q", "-t", "startup-app", ctx)[1].strip()
+    path = os.path.join(root, "images.json")
+    before = os.stat(path)
+    assert run(rb, root, "build", "-q", "-t", "startup-app", ctx)[1].strip() == image
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    run(rb, root, "build", "-q", "-t", "startup-app:2", ctx)
+    assert os.stat(path).st_ino != before.st_ino
+    names = rb.run("images", "--format", "json", root=root).stdout
+    assert "localhost/startup-app:2" in names and "localhost/startup-app:latest" in names
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="touches /etc/subuid, as the test session's user management does")
+def test_probe_is_kept_when_other_users_change_the_subordinate_id_files(rb: Runner, busybox: str) -> None:
+    """The probe's cache is keyed by this user's own subuid/subgid ranges: another user added to the files
+    (their mtime changes) does not make the next build probe again (forked children, a test mount)."""
+    root = store_with_base(rb, busybox)
+    ctx = context(rb)
+    probe_json = f"/tmp/rbuild-{rb.uid}/probe.json"
+    for _ in range(3):  # another test session may chmod /dev/fuse meanwhile (a real change): try again
+        run(rb, root, "build", "-q", ctx)
+        fuse, before = os.stat("/dev/fuse").st_mode, os.stat(probe_json)
+        for path in ("/etc/subuid", "/etc/subgid"):
+            os.utime(path)  # what adding or removing another user's line does to this user's view
+        run(rb, root, "build", "-q", ctx)
+        if os.stat("/dev/fuse").st_mode == fuse:
+            break
+    after = os.stat(probe_json)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

@@ -555,9 +555,12 @@ class Store:
             raise RbuildError(f"cannot read {self._images_path()}: {e}") from None
         return [ImageRecord(**r) for r in raw.get("images", [])]
 
+    @staticmethod
+    def _images_json(records: list[ImageRecord]) -> bytes:
+        return json.dumps({"images": [r.to_json() for r in records]}, indent=1, sort_keys=True).encode()
+
     def _save_images(self, records: list[ImageRecord]) -> None:
-        data = json.dumps({"images": [r.to_json() for r in records]}, indent=1, sort_keys=True).encode()
-        atomic_write(self._images_path(), data, 0o600, durable=True)
+        atomic_write(self._images_path(), self._images_json(records), 0o600, durable=True)
 
     def remove_images(self, ids: set[str]) -> None:
         with self.lock():
@@ -579,6 +582,7 @@ class Store:
         manifest_digest = self.put_blob(manifest)
         with self.lock():
             records = self.images()
+            before = self._images_json(records)
             for r in records:
                 r.names = [n for n in r.names if n not in names]
             rec = next((r for r in records if r.id == image_id), None)
@@ -593,7 +597,8 @@ class Store:
                     rec.names.append(n)
                 rec.manifests[n] = manifest_digest
             # an image that lost all its names stays (as <none>) like docker's dangling images
-            self._save_images(records)
+            if self._images_json(records) != before:  # a rebuild of the same image: no (synced) rewrite
+                self._save_images(records)
         return dataclasses.replace(rec, names=list(rec.names), manifests=dict(rec.manifests))
 
     def find(self, candidates: list[str]) -> ImageRecord | None:
