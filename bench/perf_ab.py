@@ -9,11 +9,15 @@ a subuid range; builds run as that user (runuser). Cases:
 * copy10k: `COPY files/ /data/` of 10,000 files (~200 MB, ~2:1 compressible) into a fresh store holding the
   base, against `cp -a` of the same tree into a plain directory on the same tmpfs;
 * hello-cached, fifty-cached: fully cached rebuilds (bench/workloads), against `python3 -c pass`;
+* write1g: one RUN writing 1 GiB of random bytes (bench/workloads/write1g, --write-mb) into a fresh store
+  holding the base, against `dd` of the same into a plain file; its stores are on disk (--disk), not tmpfs;
 * push1g: a fresh copy of a store holding a 1 GiB image (4 layers of 256 MiB, half random) pushed to the
   registry (every layer compressed: nothing kept from an earlier push); with --buildah also buildah's
   build+push of the same Containerfile against rbuild's build+push.
 
-The work directory (several GiB: keep --work on a tmpfs with room) is removed at the end.
+The work directory (several GiB: keep --work on a tmpfs with room) and --disk are removed at the end.
+Either revision may be any commit with `python -m rootless` (wave 1, 0c9f22e, too): each runs from a
+`git archive` of its rootless/ with its own stores.
 Wall time is a median of --reps; CPU is user+system of the process tree (wait4). The machine is shared:
 the load average is printed with every case.
 """
@@ -54,6 +58,7 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.work = Path(args.work)
+        self.disk = Path(args.disk)
         self.py = args.python
         self.rows: list[dict[str, object]] = []
 
@@ -75,15 +80,20 @@ class Run:
         env = {
             "PYTHONPATH": str(self.work / rev),
             "RBUILD_ROOT": str(store),
-            "XDG_RUNTIME_DIR": str(self.work / "rt"),
+            "XDG_RUNTIME_DIR": str(self.work / f"rt-{rev}"),  # the probe's cache: each revision keys it its own way
             "HOME": str(self.work / "home"),
         }
         return self.as_user([self.py, "-m", "rootless", *argv], env, cwd)
 
+    def wanted(self, name: str) -> bool:
+        return not self.args.only or name in self.args.only.split(",")
+
     def setup(self) -> None:
-        if self.work.exists():
-            shutil.rmtree(self.work)
-        for d in ("rt", "home", "stores"):
+        for d in (self.work, self.disk):
+            if d.exists():
+                shutil.rmtree(d)
+        self.disk.mkdir(parents=True)
+        for d in ("rt-old", "rt-new", "home", "stores"):
             (self.work / d).mkdir(parents=True)
         for rev, name in ((self.args.old, "old"), (self.args.new, "new")):
             (self.work / name).mkdir()
@@ -109,7 +119,8 @@ class Run:
             check=True,
         )
         self.contexts()
-        subprocess.run(["chown", "-R", self.args.user, str(self.work)], check=True)
+        for d in (self.work, self.disk):
+            subprocess.run(["chown", "-R", self.args.user, str(d)], check=True)
 
     def contexts(self) -> None:
         for w in ("hello", "fifty"):
@@ -117,6 +128,10 @@ class Run:
             ctx.mkdir()
             text = (HERE / "workloads" / w / "Containerfile").read_text()
             (ctx / "Containerfile").write_text(text.replace("ARG BUSYBOX\n", "").replace("${BUSYBOX}", self.base))
+        ctx = self.work / "write1g"
+        ctx.mkdir()
+        text = (HERE / "workloads" / "write1g" / "Containerfile").read_text()
+        (ctx / "Containerfile").write_text(text.replace("ARG BUSYBOX\n", "").replace("${BUSYBOX}", self.base))
         (self.work / "hello" / "hello.sh").write_text('#!/bin/sh\necho "hello from $(hostname)"\ncat /app/motd\n')
         (self.work / "fifty" / "conf").mkdir()
         for i in range(10):
@@ -124,7 +139,7 @@ class Run:
             (self.work / "fifty" / "conf" / f"c{i}.conf").write_text(text)
         ctx = self.work / "copy10k"
         (ctx / "files").mkdir(parents=True)
-        n = self.args.files
+        n = self.args.files if self.wanted("copy10k") else 0
         per = 200_000_000 // 10_000
         for i in range(n):
             d = ctx / "files" / f"d{i // 100:03d}"
@@ -138,7 +153,7 @@ class Run:
     def case(
         self, name: str, what: str, variants: dict[str, Callable[[], list[str]]], before: Callable[[str], None]
     ) -> None:
-        if self.args.only and name not in self.args.only.split(","):
+        if not self.wanted(name):
             return
         load0 = os.getloadavg()[0]
         got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
@@ -154,8 +169,8 @@ class Run:
         self.rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def fresh_store(self, name: str, rev: str) -> Path:
-        store = self.work / "stores" / name
+    def fresh_store(self, name: str, rev: str, under: Path | None = None) -> Path:
+        store = (under or self.work / "stores") / name
         if store.exists():
             shutil.rmtree(store)
         subprocess.run(
@@ -189,6 +204,8 @@ class Run:
             before_copy,
         )
         for w in ("hello", "fifty"):
+            if not self.wanted(f"{w}-cached"):
+                continue
             ctx = str(self.work / w)
             for v in ("old", "new"):
                 subprocess.run(
@@ -210,6 +227,45 @@ class Run:
                 },
                 lambda v: None,
             )
+        self.write_case()
+        if self.wanted("push1g"):
+            self.push_case()
+        if self.args.buildah and self.wanted("build+push1g"):
+            self.buildah_case(str(self.work / "big"), f"docker://127.0.0.1:{self.port}/big")
+
+    def write_case(self) -> None:
+        """write1g: a RUN that writes --write-mb MiB, against dd writing the same into a plain file."""
+        tls = "--tls-verify=false"
+        ctx = str(self.work / "write1g")
+        mb = str(self.args.write_mb)
+        plain = self.disk / "dd.bin"
+
+        def before(v: str) -> None:
+            if v == "dd":
+                plain.unlink(missing_ok=True)
+            else:
+                self.fresh_store(f"write-{v}", v, self.disk)
+
+        def build(v: str) -> list[str]:
+            store = self.disk / f"write-{v}"
+            return self.rbuild(v, store, "build", "-q", tls, "--build-arg", f"SIZE_MB={mb}", ".", cwd=ctx)
+
+        self.case(
+            "write1g",
+            f"RUN writing {mb} MiB of random bytes (dd from /dev/urandom), fresh store with the base, on disk",
+            {
+                "old": lambda: build("old"),
+                "new": lambda: build("new"),
+                "dd": lambda: self.as_user(["dd", "if=/dev/urandom", f"of={plain}", "bs=1M", f"count={mb}"]),
+            },
+            before,
+        )
+        for v in ("old", "new"):
+            shutil.rmtree(self.disk / f"write-{v}", ignore_errors=True)
+        plain.unlink(missing_ok=True)
+
+    def push_case(self) -> None:
+        tls = "--tls-verify=false"
         big = str(self.work / "big")
         built = self.work / "stores" / "big"
         subprocess.run(
@@ -235,8 +291,6 @@ class Run:
             },
             before_push,
         )
-        if self.args.buildah:
-            self.buildah_case(big, ref)
 
     def buildah_case(self, big: str, ref: str) -> None:
         tls = "--tls-verify=false"
@@ -251,7 +305,7 @@ class Run:
                 )
             else:
                 store = self.work / "stores" / f"bp-{v}"
-                env = f"PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'}"
+                env = f"PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / f'rt-{v}'}"
                 cmd = f"env {env} {self.py} -m rootless build -q {tls} -t {ref.removeprefix('docker://')}-{v}b --push ."
             return self.as_user(["sh", "-c", f'cd "{big}" && {cmd}'])
 
@@ -317,11 +371,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--files", type=int, default=10_000)
     p.add_argument("--work", default="/dev/shm/rbuild-perf")
+    p.add_argument("--disk", default="/var/tmp/rbuild-perf-disk", help="write1g's stores (on disk, not tmpfs)")
+    p.add_argument("--write-mb", type=int, default=1024, help="write1g's size in MiB")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--busybox", default=str(next(Path("/var/cache/rbuild-bench").glob("busybox-*"), "")))
     p.add_argument("--buildah", action="store_true")
     p.add_argument(
-        "--only", help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, build+push1g)"
+        "--only", help="comma-separated case names (copy10k, hello-cached, fifty-cached, write1g, push1g, build+push1g)"
     )
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args()
@@ -332,6 +388,7 @@ def main() -> None:
     finally:
         run.stop()
         shutil.rmtree(run.work, ignore_errors=True)  # several GiB on tmpfs: memory the machine needs back
+        shutil.rmtree(run.disk, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(run.rows, indent=1) + "\n")
 
