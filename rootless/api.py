@@ -9,6 +9,7 @@ caller sees ordinary return values and typed exceptions. Nothing here prints.
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -47,8 +48,6 @@ class _PipeReporter:
 
 
 def _send(fd: int, message: tuple[str, Any], lock: threading.Lock | None = None) -> None:
-    import pickle  # here: `rbuild build` imports this module for probed(), a cached build never pickles
-
     data = pickle.dumps(message)
     with lock or threading.Lock():
         os.write(fd, struct.pack("!I", len(data)))
@@ -68,8 +67,6 @@ def _receive(fd: int) -> Any:
                 return None
             buf += chunk
         return buf
-
-    import pickle
 
     head = exactly(4)
     if head is None:

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
@@ -34,6 +33,8 @@ from rootless.oci.platform import Platform, check_config_platform, choose_platfo
 from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
 
 if TYPE_CHECKING:
+    import tarfile
+
     from rootless.registry.api import RegistryOptions
 
 CHUNK = 1 << 20
@@ -646,6 +647,8 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
 
 
 def _tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
+    import tarfile  # archives only: a build's FROM of a stored image never writes one
+
     info = tarfile.TarInfo(name)
     info.mtime = 0
     info.mode = 0o644
@@ -664,6 +667,8 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: st
 
 
 def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
+    import tarfile
+
     with atomic_file(path, prefix=".partial-") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
         write(tf)
 
