@@ -83,7 +83,9 @@ class Run:
             "XDG_RUNTIME_DIR": str(self.work / f"rt-{rev}"),  # the probe's cache: each revision keys it its own way
             "HOME": str(self.work / "home"),
         }
-        return self.as_user([self.py, "-m", "rootless", *argv], env, cwd)
+        # never the caller's directory: `python -m` puts it first on sys.path, and a checkout there would
+        # shadow the revision under test (PYTHONPATH)
+        return self.as_user([self.py, "-m", "rootless", *argv], env, cwd or str(self.work))
 
     def wanted(self, name: str) -> bool:
         return not self.args.only or name in self.args.only.split(",")
