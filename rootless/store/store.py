@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -55,11 +56,17 @@ LAYER_FORMAT_V2 = "overlay-userxattr"  # the layer format of stores that predate
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     """The OCI chain id of each layer: the first's diff_id, then sha256 of "PARENT_CHAIN DIFF_ID"."""
+    return list(_chains(tuple(diff_ids)))
+
+
+@functools.lru_cache(maxsize=256)
+def _chains(diff_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """chain_ids, once a process for each list: a build asks again at every step that made no layer."""
     out: list[str] = []
     for d in diff_ids:
         hex_of(d)
         out.append(d if not out else sha256_of(f"{out[-1]} {d}".encode()))
-    return out
+    return tuple(out)
 
 
 TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # atomic_write's, copy_verified's and the registry's
@@ -647,15 +654,21 @@ class Store:
             return left
 
     # -- step cache ------------------------------------------------------------------------------
-    def cache_get(self, key: str) -> dict[str, Any] | None:
+    def cache_get(self, key: str, present: set[str] | None = None) -> dict[str, Any] | None:
+        """The step cache's entry under key, if every layer it names is in the store; `present`: chain ids
+        the caller has seen here already (added to as this finds more), for a caller holding the store."""
         try:
             with open(os.path.join(self.root, "cache", key + ".json"), "rb") as f:
                 state: dict[str, Any] = json.load(f)
         except (FileNotFoundError, ValueError):
             return None
+        seen = set() if present is None else present
         try:
-            if not all(self.has_layer(c) for c in chain_ids(state.get("layers", []))):
-                return None
+            for c in chain_ids(state.get("layers", [])):
+                if c not in seen:
+                    if not self.has_layer(c):
+                        return None
+                    seen.add(c)
         except RbuildError:
             return None
         return state
