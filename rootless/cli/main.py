@@ -694,11 +694,11 @@ def _cached_build(
     from rootless.store.store import STORE_VERSION
 
     forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
-    if opts.no_cache or not store.exists():
-        return None
-    if not (idmap.single or idmap.real_root or _check_ok(found, "id_mapping")):
-        return None  # newuidmap would fail here: the namespace's build says what then
+    if opts.no_cache or not (idmap.single or idmap.real_root or _check_ok(found, "id_mapping")):
+        return None  # (newuidmap would fail here: the namespace's build says what then)
     try:
+        if not store.exists():
+            return None
         store.check_mapping(idmap)
         store.check_format()
         if store.version != STORE_VERSION or _leftovers(store):
@@ -716,7 +716,11 @@ def _cached_build(
         return None
     from rootless.build import cached
 
-    with store.in_use():
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.in_use())
+        except OSError:
+            return None
         image_id: str | None = cached.build(plan, store, opts, chosen, reporter)
     return image_id
 
