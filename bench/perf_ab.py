@@ -18,7 +18,8 @@ a subuid range; builds run as that user (runuser). Cases:
 The work directory (several GiB: keep --work on a tmpfs with room) and --disk are removed at the end.
 Either revision may be any commit with `python -m rootless` (wave 1, 0c9f22e, too): each runs from a
 `git archive` of its rootless/ with its own stores.
-Wall time is a median of --reps; CPU is user+system of the process tree (wait4). The machine is shared:
+Wall time is a median of --reps (a multiple of the variants, 2 or 3, puts each in each place equally
+often); CPU is user+system of the process tree (wait4). The machine is shared:
 the load average is printed with every case.
 """
 
@@ -161,7 +162,10 @@ class Run:
         got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         order = list(variants)
         for rep in range(self.args.reps):
-            for v in order if rep % 2 == 0 else list(reversed(order)):
+            # each variant takes each place in turn: forward/backward left the middle one always after
+            # another's run (and the removal of its GiB before it), a bias of 20-40% on write1g between two
+            # copies of the same revision
+            for v in order[rep % len(order) :] + order[: rep % len(order)]:
                 before(v)
                 subprocess.run(["sync"], check=True)
                 got[v].append(timed(variants[v]()))
