@@ -9,6 +9,8 @@ a subuid range; builds run as that user (runuser). Cases:
 * copy10k: `COPY files/ /data/` of 10,000 files (~200 MB, ~2:1 compressible) into a fresh store holding the
   base, against `cp -a` of the same tree into a plain directory on the same tmpfs;
 * hello-cached, fifty-cached: fully cached rebuilds (bench/workloads), against `python3 -c pass`;
+* write1g: one RUN writing 1 GiB of random bytes (bench/workloads/write1g, --write-mb) into a fresh store
+  holding the base, against `dd` of the same into a plain file; its stores are on disk (--disk), not tmpfs;
 * push1g: a fresh copy of a store holding a 1 GiB image (4 layers of 256 MiB, half random) pushed to the
   registry (every layer compressed: nothing kept from an earlier push), each time to a new repository and
   with no memory of earlier pushes (every blob is uploaded); with --buildah also buildah's build+push of
@@ -18,8 +20,11 @@ a subuid range; builds run as that user (runuser). Cases:
 With --link-mbps N the pushes and the 1 GiB pull go over a relay paced to N MB/s each way (bench/slowlink.py),
 as to a registry across a network, instead of loopback.
 
-The work directory (several GiB: keep --work on a tmpfs with room) is removed at the end.
-Wall time is a median of --reps; CPU is user+system of the process tree (wait4). The machine is shared:
+The work directory (several GiB: keep --work on a tmpfs with room) and --disk are removed at the end.
+Either revision may be any commit with `python -m rootless` (wave 1, 0c9f22e, too): each runs from a
+`git archive` of its rootless/ with its own stores.
+Wall time is a median of --reps (a multiple of the variants, 2 or 3, puts each in each place equally
+often); CPU is user+system of the process tree (wait4). The machine is shared:
 the load average is printed with every case.
 """
 
@@ -59,6 +64,7 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.work = Path(args.work)
+        self.disk = Path(args.disk)
         self.py = args.python
         self.rows: list[dict[str, object]] = []
         self.pushes = 0
@@ -82,15 +88,22 @@ class Run:
         env = {
             "PYTHONPATH": str(self.work / rev),
             "RBUILD_ROOT": str(store),
-            "XDG_RUNTIME_DIR": str(self.work / "rt"),
+            "XDG_RUNTIME_DIR": str(self.work / f"rt-{rev}"),  # the probe's cache: each revision keys it its own way
             "HOME": str(self.work / "home"),
         }
-        return self.as_user([self.py, "-m", "rootless", *argv], env, cwd)
+        # never the caller's directory: `python -m` puts it first on sys.path, and a checkout there would
+        # shadow the revision under test (PYTHONPATH)
+        return self.as_user([self.py, "-m", "rootless", *argv], env, cwd or str(self.work))
+
+    def wanted(self, name: str) -> bool:
+        return not self.args.only or name in self.args.only.split(",")
 
     def setup(self) -> None:
-        if self.work.exists():
-            shutil.rmtree(self.work)
-        for d in ("rt", "home", "stores"):
+        for d in (self.work, self.disk):
+            if d.exists():
+                shutil.rmtree(d)
+        self.disk.mkdir(parents=True)
+        for d in ("rt-old", "rt-new", "home", "stores"):
             (self.work / d).mkdir(parents=True)
         for rev, name in ((self.args.old, "old"), (self.args.new, "new")):
             (self.work / name).mkdir()
@@ -125,7 +138,8 @@ class Run:
             check=True,
         )
         self.contexts()
-        subprocess.run(["chown", "-R", self.args.user, str(self.work)], check=True)
+        for d in (self.work, self.disk):
+            subprocess.run(["chown", "-R", self.args.user, str(d)], check=True)
 
     def contexts(self) -> None:
         for w in ("hello", "fifty"):
@@ -133,6 +147,10 @@ class Run:
             ctx.mkdir()
             text = (HERE / "workloads" / w / "Containerfile").read_text()
             (ctx / "Containerfile").write_text(text.replace("ARG BUSYBOX\n", "").replace("${BUSYBOX}", self.base))
+        ctx = self.work / "write1g"
+        ctx.mkdir()
+        text = (HERE / "workloads" / "write1g" / "Containerfile").read_text()
+        (ctx / "Containerfile").write_text(text.replace("ARG BUSYBOX\n", "").replace("${BUSYBOX}", self.base))
         (self.work / "hello" / "hello.sh").write_text('#!/bin/sh\necho "hello from $(hostname)"\ncat /app/motd\n')
         (self.work / "fifty" / "conf").mkdir()
         for i in range(10):
@@ -151,9 +169,6 @@ class Run:
         big.mkdir()
         (big / "Containerfile").write_text(f"FROM {self.base}\n{BIG}")
 
-    def wanted(self, name: str) -> bool:
-        return not self.args.only or name in self.args.only.split(",")
-
     def fresh_push(self) -> str:
         """A new repository name for the next push, and no memory of where blobs were pushed before: every
         push uploads all of its blobs (no HEAD hit from an earlier repetition, no mount from the other
@@ -171,7 +186,10 @@ class Run:
         got: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
         order = list(variants)
         for rep in range(self.args.reps):
-            for v in order if rep % 2 == 0 else list(reversed(order)):
+            # each variant takes each place in turn: forward/backward left the middle one always after
+            # another's run (and the removal of its GiB before it), a bias of 20-40% on write1g between two
+            # copies of the same revision
+            for v in order[rep % len(order) :] + order[: rep % len(order)]:
                 before(v)
                 subprocess.run(["sync"], check=True)
                 got[v].append(timed(variants[v]()))
@@ -181,8 +199,8 @@ class Run:
         self.rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def fresh_store(self, name: str, rev: str) -> Path:
-        store = self.work / "stores" / name
+    def fresh_store(self, name: str, rev: str, under: Path | None = None) -> Path:
+        store = (under or self.work / "stores") / name
         if store.exists():
             shutil.rmtree(store)
         subprocess.run(
@@ -216,6 +234,8 @@ class Run:
             before_copy,
         )
         for w in ("hello", "fifty"):
+            if not self.wanted(f"{w}-cached"):
+                continue
             ctx = str(self.work / w)
             for v in ("old", "new"):
                 subprocess.run(
@@ -237,6 +257,42 @@ class Run:
                 },
                 lambda v: None,
             )
+        self.write_case()
+        self.push_case()
+
+    def write_case(self) -> None:
+        """write1g: a RUN that writes --write-mb MiB, against dd writing the same into a plain file."""
+        tls = "--tls-verify=false"
+        ctx = str(self.work / "write1g")
+        mb = str(self.args.write_mb)
+        plain = self.disk / "dd.bin"
+
+        def before(v: str) -> None:
+            if v == "dd":
+                plain.unlink(missing_ok=True)
+            else:
+                self.fresh_store(f"write-{v}", v, self.disk)
+
+        def build(v: str) -> list[str]:
+            store = self.disk / f"write-{v}"
+            return self.rbuild(v, store, "build", "-q", tls, "--build-arg", f"SIZE_MB={mb}", ".", cwd=ctx)
+
+        self.case(
+            "write1g",
+            f"RUN writing {mb} MiB of random bytes (dd from /dev/urandom), fresh store with the base, on disk",
+            {
+                "old": lambda: build("old"),
+                "new": lambda: build("new"),
+                "dd": lambda: self.as_user(["dd", "if=/dev/urandom", f"of={plain}", "bs=1M", f"count={mb}"]),
+            },
+            before,
+        )
+        for v in ("old", "new"):
+            shutil.rmtree(self.disk / f"write-{v}", ignore_errors=True)
+        plain.unlink(missing_ok=True)
+
+    def push_case(self) -> None:
+        tls = "--tls-verify=false"
         big = str(self.work / "big")
         if self.wanted("push1g") or self.wanted("pull1g"):
             built = self.work / "stores" / "big"
@@ -271,7 +327,7 @@ class Run:
             subprocess.run(self.rbuild("new", built, "push", "-q", tls, "big", pulled), check=True, capture_output=True)
             shutil.rmtree(built)
             self.pull_case(pulled)
-        if self.args.buildah:
+        if self.args.buildah and self.wanted("build+push1g"):
             self.buildah_case(big)
 
     def pull_case(self, ref: str) -> None:
@@ -309,7 +365,7 @@ class Run:
                 cmd = f"{build} && {g} push {tls} -q big docker://{self.repo}"
             else:
                 store = self.work / "stores" / f"bp-{v}"
-                env = f"{home} PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / 'rt'}"
+                env = f"{home} PYTHONPATH={self.work / v} RBUILD_ROOT={store} XDG_RUNTIME_DIR={self.work / f'rt-{v}'}"
                 cmd = f"env {env} {self.py} -m rootless build -q {tls} -t {self.repo} --push ."
             return self.as_user(["sh", "-c", f'cd "{big}" && {cmd}'])
 
@@ -364,12 +420,14 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--files", type=int, default=10_000)
     p.add_argument("--work", default="/dev/shm/rbuild-perf")
+    p.add_argument("--disk", default="/var/tmp/rbuild-perf-disk", help="write1g's stores (on disk, not tmpfs)")
+    p.add_argument("--write-mb", type=int, default=1024, help="write1g's size in MiB")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--busybox", default=str(next(Path("/var/cache/rbuild-bench").glob("busybox-*"), "")))
     p.add_argument("--buildah", action="store_true")
     p.add_argument(
         "--only",
-        help="comma-separated case names (copy10k, hello-cached, fifty-cached, push1g, pull1g, build+push1g)",
+        help="comma-separated case names (copy10k, hello-cached, fifty-cached, write1g, push1g, pull1g, build+push1g)",
     )
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument(
@@ -392,6 +450,7 @@ def main() -> None:
         shutil.rmtree(run.work, ignore_errors=True)  # several GiB on tmpfs: memory the machine needs back
         if args.registry_dir:
             shutil.rmtree(args.registry_dir, ignore_errors=True)
+        shutil.rmtree(run.disk, ignore_errors=True)
     if args.out:
         Path(args.out).write_text(json.dumps(run.rows, indent=1) + "\n")
 

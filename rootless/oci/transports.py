@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from rootless.oci.platform import Platform, check_config_platform, choose_platfo
 from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339, rmtree
 
 if TYPE_CHECKING:
+    import tarfile
+
     from rootless.registry.api import RegistryOptions
 
 CHUNK = 1 << 20
@@ -780,6 +781,8 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
 def tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
     """Add a file (bytes or a path) or, with neither, a directory to an image archive: mode 0644/0755,
     mtime 0, no owner names, so archives of one image are byte-identical."""
+    import tarfile  # archives only: a build's FROM of a stored image never writes one
+
     info = tarfile.TarInfo(name)
     info.mtime = 0
     info.mode = 0o644
@@ -798,6 +801,8 @@ def tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str
 
 
 def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
+    import tarfile
+
     with atomic_file(path, prefix=".partial-") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
         write(tf)
 
