@@ -1,0 +1,216 @@
+"""Independent stages built at once (`--jobs`, issue 15), as the unprivileged users.
+
+Overlap is proved by files, never by a clock: the two stages' RUNs share a cache mount, each marks its
+start there and waits (up to a bound) for the other's mark; a stage records whether the other had started
+while it ran, or had finished before it began. Built one by one, the first stage never sees the second
+start and the second sees the first's end.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from conftest import Runner, default_signals
+
+# each RUN: "after" if the other stage had ended before it began, "overlap" if it saw the other start
+# while it ran (waiting at most 10 s for that), "alone" if not
+HANDSHAKE = (
+    "RUN --mount=type=cache,id={token},target=/c "
+    "if [ -e /c/{other}-end ]; then r=after; else r=alone; fi; touch /c/{me}-start; i=0; "
+    'while [ "$r" = alone ] && [ $i -lt 100 ]; do [ -e /c/{other}-start ] && r=overlap; sleep 0.1; i=$((i+1)); done; '
+    "echo {me}-says-$r; echo $r > /result; touch /c/{me}-end\n"
+)
+
+
+def two_stages(busybox: str, token: str | None = None) -> str:
+    token = token or uuid.uuid4().hex
+    return (
+        f"FROM oci:{busybox} AS a\n"
+        + HANDSHAKE.format(token=token, me="a", other="b")
+        + f"FROM oci:{busybox} AS b\n"
+        + HANDSHAKE.format(token=token, me="b", other="a")
+        + f"FROM oci:{busybox}\n"
+        "COPY --from=a /result /a\n"
+        "COPY --from=b /result /b\n"
+    )
+
+
+def results(runner: Runner, ctx: str, *extra: str) -> tuple[dict[str, str], subprocess.CompletedProcess]:
+    """Build ctx, export the image's root filesystem; what /a and /b say, and the build's process."""
+    out = runner.mkdir()
+    res = runner.run("build", "--no-cache", "--progress=plain", "-o", f"type=local,dest={out}", *extra, ctx)
+    return {name: pathlib.Path(out, name).read_text().strip() for name in ("a", "b")}, res
+
+
+@pytest.fixture(params=["sub", "single"])
+def runner(request: Any, rb: Runner, rb_single: Runner) -> Runner:
+    return rb if request.param == "sub" else rb_single
+
+
+def test_independent_stages_overlap(runner: Runner, busybox: str) -> None:
+    ctx = runner.context({"Containerfile": two_stages(busybox)})
+    got, res = results(runner, ctx, "--jobs", "2")
+    assert got == {"a": "overlap", "b": "overlap"}, res.stderr
+
+
+def test_jobs_1_builds_one_stage_after_the_other(runner: Runner, busybox: str) -> None:
+    ctx = runner.context({"Containerfile": two_stages(busybox)})
+    got, res = results(runner, ctx, "--jobs", "1")
+    assert got == {"a": "alone", "b": "after"}, res.stderr
+    assert "[1/3] a-says" not in res.stderr and "a-says-alone" in res.stderr  # output as it always was
+
+
+def test_output_of_stages_at_once_is_attributed(runner: Runner, busybox: str) -> None:
+    ctx = runner.context({"Containerfile": two_stages(busybox)})
+    got, res = results(runner, ctx, "--jobs", "2")
+    assert got == {"a": "overlap", "b": "overlap"}
+    lines = res.stderr.splitlines()
+    assert "[1/3] a-says-overlap" in lines and "[2/3] b-says-overlap" in lines, res.stderr
+    said = [ln for ln in lines if ln.endswith(("-says-overlap", "-says-alone", "-says-after"))]
+    assert sorted(said) == ["[1/3] a-says-overlap", "[2/3] b-says-overlap"], res.stderr
+    # every step's lines say their stage: the layer lines too
+    assert len([ln for ln in lines if ln.startswith(("[1/3] --> ", "[2/3] --> "))]) >= 2, res.stderr
+
+
+def test_json_events_carry_the_stage(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": two_stages(busybox)})
+    res = rb.run("build", "--no-cache", "--jobs", "2", "--progress=json", ctx)
+    events = [json.loads(ln) for ln in res.stderr.splitlines() if ln.startswith("{")]
+    steps = [e for e in events if e["type"] == "step"]
+    assert steps and all(e["parallel"] for e in steps)
+    said = {e["stage"]: base64.b64decode(e["data"]).decode() for e in events if e["type"] == "output"}
+    assert "a-says-overlap" in said[1] and "b-says-overlap" in said[2]
+    assert {e["stage"] for e in events if e["type"] == "step-done"} == {1, 2, 3}
+
+
+def test_image_is_the_same_as_built_one_by_one(runner: Runner, busybox: str) -> None:
+    """The same layers, config and id whichever the order the stages ran in (no cache: both really run)."""
+    cf = (
+        f"FROM oci:{busybox} AS a\nRUN sleep 1; echo a > /a; mkdir /d; echo x > /d/x\n"
+        f"FROM oci:{busybox} AS b\nRUN echo b > /b\nCOPY --chmod=600 Containerfile /cf\n"
+        f"FROM oci:{busybox}\nCOPY --from=b /b /cf /\nCOPY --from=a /a /d /\nRUN cat /a /b /x\n"
+    )
+    ctx = runner.context({"Containerfile": cf})
+    env = {"SOURCE_DATE_EPOCH": "1700000000"}
+    one = runner.run("build", "-q", "--no-cache", "--jobs", "1", ctx, env=env).stdout.strip()
+    two = runner.run("build", "-q", "--no-cache", "--jobs", "2", ctx, env=env).stdout.strip()
+    assert one == two and one.startswith("sha256:")
+
+
+def test_a_failing_stage_stops_the_others_with_one_error(runner: Runner, busybox: str) -> None:
+    root = runner.fresh_root()
+    token = uuid.uuid4().hex
+    cf = (
+        f"FROM oci:{busybox} AS slow\n"
+        f"RUN --mount=type=cache,id={token},target=/c touch /c/slow-started; sleep 600; touch /c/slow-finished\n"
+        f"FROM oci:{busybox} AS bad\n"
+        f"RUN --mount=type=cache,id={token},target=/c "
+        "i=0; while [ ! -e /c/slow-started ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; exit 3\n"
+        f"FROM oci:{busybox}\nCOPY --from=slow /etc/passwd /1\nCOPY --from=bad /etc/passwd /2\n"
+    )
+    ctx = runner.context({"Containerfile": cf})
+    # the bound only catches a build that waits for the slow stage's sleep instead of ending it
+    res = runner.run("build", "--jobs", "2", ctx, root=root, check=False, timeout=120)
+    assert res.returncode == 3, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and ":4: RUN:" in errors[0] and "exit code: 3" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and "Cancelled" not in res.stderr
+    assert _no_processes(runner)
+    assert os.listdir(os.path.join(root, "tmp")) == []  # every stage unwound its staging (and its mounts)
+    mounts = os.path.join(root, "cache-mounts")
+    (cache,) = [d for d in os.listdir(mounts) if os.path.isdir(os.path.join(mounts, d))]
+    assert sorted(os.listdir(os.path.join(mounts, cache))) == ["slow-started"]  # its RUN was ended
+
+
+def test_ctrl_c_ends_stages_running_at_once(rb: Runner, busybox: str) -> None:
+    root = rb.fresh_root()
+    cf = (
+        f"FROM oci:{busybox} AS a\nRUN echo started-a; sleep 600\n"
+        f"FROM oci:{busybox} AS b\nRUN echo started-b; sleep 600\n"
+        f"FROM oci:{busybox}\nCOPY --from=a /etc/passwd /1\nCOPY --from=b /etc/passwd /2\n"
+    )
+    ctx = rb.context({"Containerfile": cf})
+    proc = subprocess.Popen(
+        rb._prefix() + [rb.bin, "build", "--jobs", "2", "--progress=plain", ctx],
+        env=rb._env({"RBUILD_ROOT": root}),
+        cwd=rb.base,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=default_signals,
+    )
+    try:
+        assert proc.stderr is not None
+        os.set_blocking(proc.stderr.fileno(), False)
+        seen, deadline = b"", time.monotonic() + 60
+        while not (b"started-a" in seen and b"started-b" in seen) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += proc.stderr.read() or b""
+        assert b"started-a" in seen and b"started-b" in seen, seen
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        proc.wait(60)
+    finally:
+        if proc.returncode is None:  # the test failed: still end what it started
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert _no_processes(rb)
+    assert os.listdir(os.path.join(root, "tmp")) == []
+
+
+def test_bad_jobs_value_is_one_error_line(rb: Runner, busybox: str) -> None:
+    ctx = rb.context({"Containerfile": f"FROM oci:{busybox}\n"})
+    res = rb.run("build", "--jobs", "0", ctx, check=False)
+    assert res.returncode == 125
+    assert res.stderr.strip().splitlines()[-1].startswith("Error:") and "--jobs" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.unit
+def test_no_python_fork_in_the_threaded_builder() -> None:
+    """Stages run in threads: whatever a build does after they start may not os.fork() (a fork of a threaded
+    process may hold a lock forever); the sandbox and the FUSE helper are new programs (subprocess)."""
+    pkg = pathlib.Path(__file__).resolve().parent.parent / "rootless"
+    found = []
+    for sub in ("build", "rootfs", "sandbox", "store", "layer", "blob", "oci", "registry"):
+        for path in sorted((pkg / sub).glob("*.py")):
+            if path.name == "runinit.py":  # a program of its own, single-threaded
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in ("fork", "forkpty", "register_at_fork"):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert found == []
+
+
+@pytest.mark.unit
+def test_schedule_overlap_and_order() -> None:
+    from rootless.build.planner import plan
+    from rootless.build.schedule import can_overlap
+    from rootless.events import NullReporter
+
+    def p(text: str) -> Any:
+        return plan(text.encode(), "Containerfile", "/", {}, None, NullReporter())
+
+    assert not can_overlap(p("FROM scratch AS a\nFROM a AS b\nFROM b\n"))  # a chain
+    assert can_overlap(p("FROM scratch AS a\nFROM scratch AS b\nFROM a\nCOPY --from=b / /\n"))
+    assert not can_overlap(p("FROM scratch AS a\nFROM scratch AS b\nFROM a\n"))  # b is not built
+
+
+def _no_processes(rb: Runner) -> bool:
+    deadline = time.monotonic() + 15
+    while rb.processes():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
