@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import json
 import os
 import pathlib
 import signal
@@ -20,8 +19,8 @@ import uuid
 from typing import Any
 
 import pytest
-
 from conftest import Runner, default_signals
+from test_events_schema import validate_lines
 
 # each RUN: "after" if the other stage had ended before it began, "overlap" if it saw the other start
 # while it ran (waiting at most 10 s for that), "alone" if not
@@ -86,7 +85,7 @@ def test_output_of_stages_at_once_is_attributed(runner: Runner, busybox: str) ->
 def test_json_events_carry_the_stage(rb: Runner, busybox: str) -> None:
     ctx = rb.context({"Containerfile": two_stages(busybox)})
     res = rb.run("build", "--no-cache", "--jobs", "2", "--progress=json", ctx)
-    events = [json.loads(ln) for ln in res.stderr.splitlines() if ln.startswith("{")]
+    events = validate_lines(res.stderr)  # every line an event of the schema
     steps = [e for e in events if e["type"] == "step"]
     assert steps and all(e["parallel"] for e in steps)
     said = {e["stage"]: base64.b64decode(e["data"]).decode() for e in events if e["type"] == "output"}

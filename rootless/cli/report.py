@@ -190,8 +190,6 @@ class JsonReporter:
     def emit(self, event: Event) -> None:
         doc: dict[str, object] = {"type": _TYPES[type(event)], "time": round(time.time(), 6)}
         doc.update(dataclasses.asdict(event))
-        if doc.get("stage", 0) is None:  # the build's own line (a tag, unused build args): no stage
-            del doc["stage"]
         if isinstance(event, Output):
             doc["data"] = base64.b64encode(event.data).decode()
         line = json.dumps(doc, sort_keys=True) + "\n"
