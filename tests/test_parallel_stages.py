@@ -107,6 +107,33 @@ def test_image_is_the_same_as_built_one_by_one(runner: Runner, busybox: str) -> 
     assert one == two and one.startswith("sha256:")
 
 
+def test_copy_driver_builds_stages_at_once(rb: Runner, busybox: str) -> None:
+    """The copy driver keeps parent trees between steps: stages at once share that pool, and their images are
+    still those of one stage after the other."""
+    root = rb.fresh_root()
+    ctx = rb.context({"Containerfile": two_stages(busybox)})
+    out = rb.mkdir()
+    res = rb.run(
+        "--storage-driver", "copy", "build", "--jobs", "2", "-o", f"type=local,dest={out}", ctx, root=root, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    assert {n: pathlib.Path(out, n).read_text().strip() for n in ("a", "b")} == {"a": "overlap", "b": "overlap"}
+    cf = (
+        f"FROM oci:{busybox} AS a\nRUN echo a > /a && rm /bin/ls\nRUN echo a2 >> /a\n"
+        f"FROM oci:{busybox} AS b\nRUN echo b > /b && rm /bin/ls\nRUN echo b2 >> /b\n"
+        f"FROM oci:{busybox}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nRUN rm /bin/ls\n"
+    )
+    ctx = rb.context({"Containerfile": cf})
+    env = {"SOURCE_DATE_EPOCH": "1700000000"}
+    ids = [
+        rb.run(
+            "--storage-driver", "copy", "build", "-q", "--no-cache", "--jobs", j, ctx, root=root, env=env
+        ).stdout.strip()
+        for j in ("1", "2")
+    ]
+    assert ids[0] == ids[1] and ids[0].startswith("sha256:")
+
+
 def test_a_failing_stage_stops_the_others_with_one_error(runner: Runner, busybox: str) -> None:
     root = runner.fresh_root()
     token = uuid.uuid4().hex
