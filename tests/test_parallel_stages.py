@@ -240,3 +240,80 @@ def _no_processes(rb: Runner) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _screen(master: int) -> str:
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other end is closed: all read
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(master)
+    return screen.decode()
+
+
+@pytest.mark.unit
+def test_tty_view_keeps_one_running_step_per_stage() -> None:
+    """Two stages' steps run at once: each event goes to its own stage's step, each step ends with its time."""
+    from rootless.cli.tty import TtyReporter
+    from rootless.events import BuildDone, Output, StepDone, StepStarted
+
+    master, slave = os.openpty()
+    with os.fdopen(slave, "w") as tty:
+        r = TtyReporter(tty, color=False)
+        r.emit(StepStarted(1, 3, 2, 2, "RUN a", "Containerfile", 2, True))
+        r.emit(StepStarted(2, 3, 2, 2, "RUN b", "Containerfile", 4, True))
+        r.emit(Output(b"from-b\n", stage=2))
+        r.emit(Output(b"from-a\n", stage=1))
+        r.emit(StepDone("b" * 64, None, 2.0, False, stage=2))
+        r.failed()  # stage 1's step is the one left: its own output, not stage 2's
+    text = _screen(master)
+    assert "✔ [2/3] 2/2 RUN b  2.0s" in text
+    failed = text[text.index("FAILED [1/3] 2/2 RUN a") :]
+    assert "from-a" in failed and "from-b" not in failed
+
+
+@pytest.mark.unit
+def test_plain_lines_of_stages_at_once_are_tagged_line_by_line() -> None:
+    """Chunks of two RUNs' output interleave mid-line: each line still begins with its stage."""
+    import io
+
+    from rootless.cli.report import PlainReporter
+    from rootless.events import Output, StepDone, StepStarted
+
+    class Stream(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return False
+
+    raw = io.BytesIO()
+    stream = Stream(raw, encoding="utf-8", write_through=True)
+    r = PlainReporter(stream)
+    r.emit(StepStarted(1, 3, 2, 2, "RUN a", "Containerfile", 2, True))
+    r.emit(StepStarted(2, 3, 2, 2, "RUN b", "Containerfile", 4, True))
+    r.emit(Output(b"a1\na2-start", stage=1))
+    r.emit(Output(b"b1\n", stage=2))
+    r.emit(Output(b"-end\n", stage=1))
+    r.emit(StepDone("c" * 64, None, 1.0, False, stage=2))
+    stream.flush()
+    assert raw.getvalue().decode().splitlines() == [
+        "[1/3] STEP 2/2: RUN a",
+        "[2/3] STEP 2/2: RUN b",
+        "[1/3] a1",
+        "[1/3] a2-start",
+        "[2/3] b1",
+        "[1/3] -end",
+        "[2/3] --> cccccccccccc",
+    ]
+
+
+@pytest.mark.unit
+def test_api_refuses_a_negative_number_of_jobs(tmp_path: pathlib.Path) -> None:
+    import rootless
+    from rootless.errors import RbuildError
+
+    with pytest.raises(RbuildError, match="jobs=-1"):
+        rootless.build(str(tmp_path), jobs=-1)
