@@ -260,7 +260,7 @@ def _screen(master: int) -> str:
 def test_tty_view_keeps_one_running_step_per_stage() -> None:
     """Two stages' steps run at once: each event goes to its own stage's step, each step ends with its time."""
     from rootless.cli.tty import TtyReporter
-    from rootless.events import BuildDone, Output, StepDone, StepStarted
+    from rootless.events import Output, StepDone, StepStarted
 
     master, slave = os.openpty()
     with os.fdopen(slave, "w") as tty:
