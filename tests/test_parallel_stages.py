@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import json
 import os
 import pathlib
 import signal
@@ -132,6 +133,29 @@ def test_copy_driver_builds_stages_at_once(rb: Runner, busybox: str) -> None:
         for j in ("1", "2")
     ]
     assert ids[0] == ids[1] and ids[0].startswith("sha256:")
+
+
+def test_stages_at_once_pull_the_same_base_once_into_one_store(runner: Runner, busybox: str, registry: str) -> None:
+    """Two stages FROM one registry image not in the store: both threads pull and import it; the store ends
+    with one complete image (`rbuild check` finds nothing to repair)."""
+    base = f"{registry}/parallel/busybox:{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        ["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{busybox}:latest", f"docker://{base}"],
+        check=True,
+        capture_output=True,
+    )
+    root = runner.fresh_root()
+    cf = (
+        f"FROM {base} AS a\nRUN echo a > /a\nFROM {base} AS b\nRUN echo b > /b\n"
+        f"FROM {base}\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nRUN cat /a /b\n"
+    )
+    ctx = runner.context({"Containerfile": cf})
+    res = runner.run("build", "--jobs", "2", "--tls-verify=false", ctx, root=root, check=False)
+    assert res.returncode == 0, res.stderr
+    check = runner.run("check", root=root, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    images = runner.run("images", "--format", "json", root=root).stdout
+    assert len([i for i in json.loads(images) if base.split("/", 1)[1].split(":")[0] in json.dumps(i)]) == 1
 
 
 def test_a_failing_stage_stops_the_others_with_one_error(runner: Runner, busybox: str) -> None:
