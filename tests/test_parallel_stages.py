@@ -158,6 +158,20 @@ def test_stages_at_once_pull_the_same_base_once_into_one_store(runner: Runner, b
     assert len([i for i in json.loads(images) if base.split("/", 1)[1].split(":")[0] in json.dumps(i)]) == 1
 
 
+def test_a_stage_no_dependency_names_is_waited_for(rb: Runner, busybox: str) -> None:
+    """RUN --mount=from=a whose options hold a variable names its stage only when the step runs (the planner
+    cannot parse it): built with another stage at once, it waits for `a` as one-by-one order would have it."""
+    cf = (
+        f"FROM oci:{busybox} AS a\nRUN sleep 2; echo from-a > /a\n"
+        f"FROM oci:{busybox} AS b\nARG RO=true\nRUN --mount=type=bind,from=a,target=/m,readonly=$RO cat /m/a > /got\n"
+        f"FROM oci:{busybox}\nCOPY --from=b /got /got\nCOPY --from=a /a /a\n"
+    )
+    ctx = rb.context({"Containerfile": cf})
+    out = rb.mkdir()
+    rb.run("build", "--no-cache", "--jobs", "2", "-o", f"type=local,dest={out}", ctx)
+    assert pathlib.Path(out, "got").read_text() == "from-a\n"
+
+
 def test_a_failing_stage_stops_the_others_with_one_error(runner: Runner, busybox: str) -> None:
     root = runner.fresh_root()
     token = uuid.uuid4().hex

@@ -45,11 +45,17 @@ class _StepContext(threading.local):
 
     def __init__(self) -> None:
         self.stage = 0  # the stage's number in build order (from 1), stamped on its events
+        self.index = -1  # the stage's index in the Containerfile
+        self.check: Callable[[], None] = _go_on  # raises Cancelled once another stage failed
         self.touched: list[str] = []  # the current step's directories where mount points were made
         self.emulated_owner: tuple[int, int] | None = None  # a single-uid RUN's USER (run_step)
         self.step_upper = ""
         self.step_lowers: list[str] = []
         self.current_shell = DEFAULT_SHELL
+
+
+def _go_on() -> None:
+    """The cancellation check of stages built one by one: there is nothing to cancel them."""
 
 
 class _StageReporter:
@@ -93,6 +99,7 @@ class Executor:
             **meta_steps.handlers(self),
         }
         self.results: dict[int, StageState] = {}
+        self.built = threading.Condition()  # notified when a stage's result is in `results`
         self.used_args: set[str] = set()
         self.ignore_rules = copyfiles.load_ignore(plan.context, opts.containerfile)
         ctx_tag = hashlib.sha256(os.path.realpath(plan.context).encode()).hexdigest()[:32]
@@ -172,7 +179,10 @@ class Executor:
             try:
 
                 def work(idx: int) -> None:
-                    self.results[idx] = self.run_stage(self.plan.stages[idx], cancel.check)
+                    state = self.run_stage(self.plan.stages[idx], cancel.check)
+                    with self.built:
+                        self.results[idx] = state
+                        self.built.notify_all()
 
                 schedule.run_parallel(self.plan, jobs, work, cancel)
             finally:
@@ -218,9 +228,10 @@ class Executor:
             self.log(f"Successfully tagged {t}")
         return rec.id
 
-    def run_stage(self, stage: Stage, check: Callable[[], None] = lambda: None) -> StageState:
+    def run_stage(self, stage: Stage, check: Callable[[], None] = _go_on) -> StageState:
         """The stage's steps in order; `check` raises `Cancelled` before each once the build is cancelled."""
         self.ctx.stage = self.plan.order.index(stage.index) + 1
+        self.ctx.index, self.ctx.check = stage.index, check
         n = len(stage.commands) + 1
         check()
         self.started(stage, 1, n, stage.from_cmd.node)
@@ -512,13 +523,25 @@ class Executor:
         else:
             low = ref.lower()
             for s in self.plan.stages:
-                if (s.name == low or str(s.index) == ref) and s.index in self.results:
+                if (s.name == low or str(s.index) == ref) and self.built_before(s.index):
                     return "stage", self.results[s.index].layers
             for s in self.plan.stages:
                 if s.name == low or str(s.index) == ref:
                     raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
         rec = self.resolve_image(ref, cmd.node)
         return "image", list(self.store.read_json(rec.id).get("rootfs", {}).get("diff_ids", []))
+
+    def built_before(self, index: int) -> bool:
+        """Whether stage `index` is one the running stage may use: as when stages are built one by one, a stage
+        to build that comes before it. Stages at once wait for one no dependency named (an ONBUILD trigger's
+        COPY --from), so what a step sees never depends on which stage happened to finish first."""
+        if index not in self.plan.order or index >= self.ctx.index >= 0:
+            return False
+        with self.built:
+            while index not in self.results:
+                self.ctx.check()
+                self.built.wait(0.1)
+        return True
 
 
 def _holds_nul(cmd: ins.Command, desc: str, run_args: dict[str, str]) -> bool:
