@@ -355,3 +355,23 @@ def test_api_refuses_a_negative_number_of_jobs(tmp_path: pathlib.Path) -> None:
 
     with pytest.raises(RbuildError, match="jobs=-1"):
         rootless.build(str(tmp_path), jobs=-1)
+
+
+@pytest.mark.unit
+def test_tty_view_ends_a_stage_of_from_alone() -> None:
+    """A stage of FROM alone makes no StepDone: one by one, the next stage's step ends it (and gets its header);
+    at once, any next step does, not the build's end."""
+    from rootless.cli.tty import TtyReporter
+    from rootless.events import StepStarted
+
+    for parallel in (False, True):
+        master, slave = os.openpty()
+        with os.fdopen(slave, "w") as tty:
+            r = TtyReporter(tty, color=False)
+            r.emit(StepStarted(1, 2, 1, 1, "FROM x AS base", "Containerfile", 1, parallel))
+            r.emit(StepStarted(2, 2, 1, 2, "FROM base", "Containerfile", 2, parallel))
+            assert list(r._steps) == [2]
+            r._stop.set()
+        text = _screen(master)
+        assert "✔ [1/2] 1/1 FROM x AS base" in text
+        assert ("stage 2/2" in text) is not parallel

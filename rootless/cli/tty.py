@@ -138,10 +138,15 @@ class TtyReporter:
         done: list[str] = []
         stage = getattr(event, "stage", None) or self._stage
         if isinstance(event, StepStarted):
-            old = self._steps.pop(event.stage, None)
-            if old is not None:  # FROM and other steps that make no StepDone
+            # FROM and other steps that make no StepDone end with the next step of their stage; stages one
+            # by one: with the next step at all (a stage of FROM alone, too)
+            ended = [
+                n for n, st in self._steps.items() if n == event.stage or not event.parallel or st.event.steps == 1
+            ]
+            for n in ended:
+                old = self._steps.pop(n)
                 done.append(self._step_line(old, now - old.started))
-            if event.stage != self._stage and event.stages > 1 and len(self._steps) == 0:
+            if event.stage != self._stage and event.stages > 1 and not event.parallel:
                 done.append(self._paint(_BOLD, f"stage {event.stage}/{event.stages}"))
             self._stage = event.stage
             self._steps[event.stage] = _Step(event, now)
