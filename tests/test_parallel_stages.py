@@ -375,3 +375,22 @@ def test_tty_view_ends_a_stage_of_from_alone() -> None:
         text = _screen(master)
         assert "✔ [1/2] 1/1 FROM x AS base" in text
         assert ("stage 2/2" in text) is not parallel
+
+
+@pytest.mark.unit
+def test_runinit_ends_quietly_when_the_builder_is_interrupted_before_the_plan() -> None:
+    """Ctrl-C (or a stage's cancellation) between starting the sandbox and writing its plan: runinit reads
+    nothing and ends without a traceback on the build's stderr (it printed `EOFError` before)."""
+    import sys
+
+    from rootless.sandbox import spec
+
+    r, w = os.pipe()
+    os.close(w)
+    try:
+        res = subprocess.run(
+            [sys.executable, "-S", "-I", spec._RUNINIT, str(r)], pass_fds=(r,), capture_output=True, timeout=60
+        )
+    finally:
+        os.close(r)
+    assert (res.returncode, res.stderr) == (125, b"")
