@@ -228,6 +228,7 @@ class Run:
                     store = stores[b.name]
                 os.sync()
                 flags = b.cache_flags(cache_ref[b.name], export=False) if mode == "ci" else []
+                flags += case.spec.flags.get(b.name, [])
                 s = b.build(store, ctx, build_args, tag, self._log(case, b, f"rep{rep}"), self.args.timeout, flags)
                 if mode == "push" and s.ok:
                     dest = f"{self.addr}/bench-push/{case.name}-{b.name}:rep{rep}"

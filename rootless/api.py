@@ -229,8 +229,10 @@ def build(
     tls_verify: bool | None = None,
     root: str | None = None,
     on_event: EventCallback | None = None,
+    jobs: int = 0,
 ) -> str:
-    """Build the Containerfile in `context` (or `file`); the image id. Events of the build go to on_event."""
+    """Build the Containerfile in `context` (or `file`); the image id. Events of the build go to on_event.
+    `jobs`: independent stages built at once (0: one per CPU, 1: one after the other)."""
     from rootless.build import planner
     from rootless.build.state import BuildOptions
     from rootless.kernel.fspath import inside
@@ -239,6 +241,8 @@ def build(
     context = os.path.abspath(context)
     if not os.path.isdir(context):
         raise RbuildError(f"build context {context} is not a directory")
+    if jobs < 0:
+        raise RbuildError(f"jobs={jobs}: a number of stages, 0 (one per CPU) or more")
     for t in tags:
         if not names.valid(names.normalize(t)):
             raise RbuildError(f"invalid image name {t!r}")
@@ -264,6 +268,7 @@ def build(
             pull=pull,
             registry_options=RegistryOptions(tls_verify=tls_verify),
             containerfile=cf_path,
+            jobs=jobs,
         )
         return run_build(plan, store, idmap, opts, reporter, None, rung)
 

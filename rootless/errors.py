@@ -43,3 +43,9 @@ class RunFailed(RbuildError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message, exit_code=min(max(status, 1), 255))
         self.status = status
+
+
+class Cancelled(Exception):
+    """A stage stopped because another one failed (or the build was interrupted). Never shown: the
+    scheduler (build/schedule.py) reports the failure that caused it; not an RbuildError, so no step
+    handler turns it into a located error of its own."""

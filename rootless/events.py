@@ -2,7 +2,8 @@
 
 The builder, the registry client and the environment code describe what happens as typed events; the
 command line chooses how they are shown (plain text, JSON lines, nothing). A reporter may be called from
-worker threads (parallel blob transfers), so reporters serialise their own output.
+worker threads (parallel blob transfers, stages built at once), so reporters serialise their own output;
+an event of a stage says which (`stage`, StepStarted's number), so a reporter can attribute interleaved lines.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class StepStarted:
     text: str
     file: str
     line: int
+    parallel: bool = False  # stages of this build run at once (--jobs): lines of stages may interleave
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class CacheHit:
 
     key: str
     source: str = "local"
+    stage: int | None = None  # the stage it belongs to (StepStarted's number), None: the build's own
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class Output:
     """A chunk of a RUN's stdout and stderr (merged), as it arrives; only when it is not relayed to a terminal."""
 
     data: bytes
+    stage: int | None = None  # the stage it belongs to (StepStarted's number), None: the build's own
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Warn:
     """Something the user should fix, the build goes on (unused build args, Containerfile style)."""
 
     text: str
+    stage: int | None = None  # the stage it belongs to (StepStarted's number), None: the build's own
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Notice:
     """An informational line: a pulled base image, an ONBUILD trigger, a tag, a degraded environment."""
 
     text: str
+    stage: int | None = None  # the stage it belongs to (StepStarted's number), None: the build's own
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class StepDone:
     layer: str | None
     seconds: float
     cached: bool
+    stage: int | None = None  # the stage it belongs to (StepStarted's number), None: the build's own
 
 
 @dataclass(frozen=True)

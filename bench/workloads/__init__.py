@@ -61,6 +61,7 @@ class CaseSpec:
     mode: str
     description: str
     network: bool = False  # needs the Debian mirror: reported apart
+    flags: dict[str, list[str]] = field(default_factory=dict)  # builder name -> extra build flags (--jobs)
 
 
 @dataclass
@@ -101,7 +102,7 @@ def load_cases() -> list[Case]:
     return cases
 
 
-ORDER = ["hello", "copy10k", "write1g", "whiteout", "multistage", "fifty", "debian", "apt"]
+ORDER = ["hello", "copy10k", "write1g", "whiteout", "multistage", "parallel", "fifty", "debian", "apt"]
 
 
 # -------------------------------------------------------------------------------------------------------

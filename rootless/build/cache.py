@@ -8,6 +8,7 @@ sources' content), never mtimes.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -79,17 +80,19 @@ class RegistryStepCache:
         self._args = (store, ownership, registry_options, reporter)
         self._specs = specs
         self._remote: RegistryCache | None = None
+        self._lock = threading.Lock()  # stages built at once: one reading of the caches, one unpacking at a time
 
     def lookup(self, key: str) -> StepResult | None:
         hit = self._local.lookup(key)
         if hit is not None:
             return hit
-        if self._remote is None:
-            from rootless.build.regcache import RegistryCache
+        with self._lock:
+            if self._remote is None:
+                from rootless.build.regcache import RegistryCache
 
-            self._remote = RegistryCache(*self._args)
-            self._remote.load(self._specs)
-        found = self._remote.get(key)
+                self._remote = RegistryCache(*self._args)
+                self._remote.load(self._specs)
+            found = self._remote.get(key)
         if found is None:
             return None
         return StepResult(found["config"], found["layers"], found["cmd_set"], "registry")

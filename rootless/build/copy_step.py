@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,7 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
         self.downloads: dict[str, Download] = {}
         self.download_dir: str | None = None
         self.stage_dir: str | None = None  # the copies made while hashing context sources (FileDigests.staged)
+        self._lock = threading.RLock()  # stages built at once share the downloads and the staging directory
 
     def describe(self, cmd: ins.CopyCmd | ins.AddCmd) -> str:
         flags = []
@@ -70,9 +72,10 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
 
     def staging_dir(self) -> str:
         """Where the hashing pass copies context files (kept for the build, removed at its end)."""
-        if self.stage_dir is None:
-            self.stage_dir = self.ex.build_stack.enter_context(self.ex.store.staging("copy-"))
-        return self.stage_dir
+        with self._lock:
+            if self.stage_dir is None:
+                self.stage_dir = self.ex.build_stack.enter_context(self.ex.store.staging("copy-"))
+            return self.stage_dir
 
     def _hash_sources(
         self, cmd: ins.CopyCmd | ins.AddCmd, h: hashlib._Hash, what: str, root: str, rules: list[copyfiles.IgnoreRule]
@@ -143,12 +146,13 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
 
     def download(self, url: str, what: str, checksum: str | None) -> Download:
         """A URL's content, fetched once per build into the store's staging area."""
-        got = self.downloads.get(url)
-        if got is None:
-            if self.download_dir is None:
-                self.download_dir = self.ex.build_stack.enter_context(self.ex.store.staging("download-"))
-            got = _download(url, self.download_dir, what)
-            self.downloads[url] = got
+        with self._lock:  # one fetch of a URL that stages built at once both name
+            got = self.downloads.get(url)
+            if got is None:
+                if self.download_dir is None:
+                    self.download_dir = self.ex.build_stack.enter_context(self.ex.store.staging("download-"))
+                got = _download(url, self.download_dir, what)
+                self.downloads[url] = got
         if checksum:
             got.check(checksum, url, what)
         return got

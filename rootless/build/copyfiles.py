@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -349,6 +350,7 @@ class FileDigests:
         self.stage_dir: Callable[[], str] | None = None  # gives the directory (made at the first use)
         self.staged: dict[str, tuple[list[int | str], str]] = {}  # context path -> (stat stamp, its copy)
         self.copies = 0  # names them
+        self._lock = threading.Lock()  # stages built at once hash their sources in threads of their own
         if path:
             try:
                 with open(path, "rb") as f:
@@ -363,13 +365,15 @@ class FileDigests:
             self.seen[path] = old
             return str(old[4])
         h = hashlib.sha256()
+        stage_dir = self.stage_dir
         with open_regular(path, path, follow=False) as f:  # lstat said so; a swap for a FIFO must not hang
-            if self.stage_dir is None:
+            if stage_dir is None:
                 while chunk := f.read(CHUNK):
                     h.update(chunk)
             else:
-                self.copies += 1
-                copy = os.path.join(self.stage_dir(), str(self.copies))
+                with self._lock:
+                    self.copies += 1
+                    copy = os.path.join(stage_dir(), str(self.copies))
                 out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 try:
                     while chunk := f.read(CHUNK):
@@ -382,8 +386,9 @@ class FileDigests:
         return h.hexdigest()
 
     def save(self) -> None:
-        if self.path and self.seen != {k: self.known.get(k) for k in self.seen}:
-            merged = {**self.known, **self.seen}
+        seen = dict(self.seen)  # one copy (made under the GIL): another stage's thread may add to it meanwhile
+        if self.path and seen != {k: self.known.get(k) for k in seen}:
+            merged = {**self.known, **seen}
             with contextlib.suppress(OSError):
                 from rootless.kernel.fsutil import atomic_write
 

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -27,7 +28,7 @@ from rootless.build.state import BuildOptions, ContainerConfig, ImageConfig, Sta
 from rootless.build.step import Step
 from rootless.env.strategy import Strategy
 from rootless.errors import ContainerfileError, RbuildError, RunFailed
-from rootless.events import BuildDone, CacheHit, Notice, Reporter, StepDone, StepStarted, Warn
+from rootless.events import BuildDone, CacheHit, Event, Notice, Output, Reporter, StepDone, StepStarted, Warn
 from rootless.frontend import instructions as ins
 from rootless.frontend.containerfile import Node
 from rootless.kernel.fspath import clean_abs, secure_join
@@ -39,6 +40,43 @@ from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
 DEFAULT_SHELL = ["/bin/sh", "-c"]
 
 
+class _StepContext(threading.local):
+    """What the step running in this thread works on (parallel stages run in threads of their own)."""
+
+    def __init__(self) -> None:
+        self.stage = 0  # the stage's number in build order (from 1), stamped on its events
+        self.index = -1  # the stage's index in the Containerfile
+        self.check: Callable[[], None] = _go_on  # raises Cancelled once another stage failed
+        self.touched: list[str] = []  # the current step's directories where mount points were made
+        self.emulated_owner: tuple[int, int] | None = None  # a single-uid RUN's USER (run_step)
+        self.step_upper = ""
+        self.step_lowers: list[str] = []
+        self.current_shell = DEFAULT_SHELL
+
+
+def _go_on() -> None:
+    """The cancellation check of stages built one by one: there is nothing to cancel them."""
+
+
+class _StageReporter:
+    """The build's reporter, seen from a stage: its events say which stage they come from; when stages
+    run at once, RUN output comes as events too (the reporter attributes it) instead of through a descriptor."""
+
+    def __init__(self, inner: Reporter, ctx: _StepContext) -> None:
+        self.inner = inner
+        self.ctx = ctx
+        self.parallel = False
+
+    @property
+    def output_fd(self) -> int | None:
+        return None if self.parallel else self.inner.output_fd
+
+    def emit(self, event: Event) -> None:
+        if isinstance(event, CacheHit | Output | StepDone | Warn | Notice) and event.stage is None and self.ctx.stage:
+            event = dataclasses.replace(event, stage=self.ctx.stage)
+        self.inner.emit(event)
+
+
 class Executor:
     def __init__(
         self, plan: Plan, store: Store, opts: BuildOptions, strategy: Strategy, reporter: Reporter, cache: StepCache
@@ -47,11 +85,12 @@ class Executor:
         self.store = store
         self.opts = opts
         self.strategy = strategy
-        self.reporter = reporter
+        self.ctx = _StepContext()
+        self.reporter = _StageReporter(reporter, self.ctx)
         self.cache = cache
         self.driver = strategy.rootfs
         self.recorded = strategy.ownership is Ownership.RECORDED  # one uid: owners live in records
-        self.touched: list[str] = []  # the current step's directories where mount points were made
+        self.cancel_fd = -1  # readable once another stage failed (schedule.Cancel), -1: stages run one by one
         self.step_keys: list[tuple[int, str]] = []  # (stage index, key) of every step, cached or made
         self.steps: dict[type[ins.Command], Step[Any]] = {
             ins.RunCmd: RunStep(self),
@@ -60,6 +99,7 @@ class Executor:
             **meta_steps.handlers(self),
         }
         self.results: dict[int, StageState] = {}
+        self.built = threading.Condition()  # notified when a stage's result is in `results`
         self.used_args: set[str] = set()
         self.ignore_rules = copyfiles.load_ignore(plan.context, opts.containerfile)
         ctx_tag = hashlib.sha256(os.path.realpath(plan.context).encode()).hexdigest()[:32]
@@ -67,10 +107,34 @@ class Executor:
         from rootless.frontend.shell import Lexer
 
         self.lexer = Lexer(plan.escape)
-        self.current_shell = DEFAULT_SHELL
         self.build_stack = contextlib.ExitStack()
         self.epoch = opts.timestamp if opts.timestamp is not None else opts.source_date_epoch
         self.clamp = opts.source_date_epoch if (opts.timestamp is None and opts.rewrite_timestamp) else None
+
+    # -- the running step's own state (one per thread) --------------------------------------------------
+    @property
+    def touched(self) -> list[str]:
+        return self.ctx.touched
+
+    @property
+    def emulated_owner(self) -> tuple[int, int] | None:
+        return self.ctx.emulated_owner
+
+    @emulated_owner.setter
+    def emulated_owner(self, owner: tuple[int, int] | None) -> None:
+        self.ctx.emulated_owner = owner
+
+    @property
+    def step_upper(self) -> str:
+        return self.ctx.step_upper
+
+    @property
+    def step_lowers(self) -> list[str]:
+        return self.ctx.step_lowers
+
+    @property
+    def current_shell(self) -> list[str]:
+        return self.ctx.current_shell
 
     # -- output ------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -84,7 +148,11 @@ class Executor:
         order = self.plan.order
         where = order.index(stage.index) + 1
         text = node.original.strip()
-        self.reporter.emit(StepStarted(where, len(order), index, steps, text, self.plan.filename, node.start_line))
+        self.reporter.emit(
+            StepStarted(
+                where, len(order), index, steps, text, self.plan.filename, node.start_line, self.reporter.parallel
+            )
+        )
 
     def err(self, node: Node, msg: str) -> ContainerfileError:
         return ContainerfileError(msg, self.plan.filename, node.start_line)
@@ -101,8 +169,29 @@ class Executor:
             return self._run()
 
     def _run(self) -> str:
-        for idx in self.plan.order:
-            self.results[idx] = self.run_stage(self.plan.stages[idx])
+        from rootless.build import schedule
+
+        jobs = self.opts.jobs or schedule.default_jobs()
+        if jobs > 1 and schedule.can_overlap(self.plan):
+            cancel = schedule.Cancel()
+            self.cancel_fd = cancel.read_fd
+            self.reporter.parallel = True
+            try:
+
+                def work(idx: int) -> None:
+                    state = self.run_stage(self.plan.stages[idx], cancel.check)
+                    with self.built:
+                        self.results[idx] = state
+                        self.built.notify_all()
+
+                schedule.run_parallel(self.plan, jobs, work, cancel)
+            finally:
+                self.cancel_fd = -1
+                cancel.close()
+        else:
+            for idx in self.plan.order:
+                self.results[idx] = self.run_stage(self.plan.stages[idx])
+            self.ctx.stage = 0  # what follows is the build's, not the last stage's
         final = self.results[self.plan.target]
         unused = sorted(
             set(self.plan.build_args)
@@ -139,14 +228,20 @@ class Executor:
             self.log(f"Successfully tagged {t}")
         return rec.id
 
-    def run_stage(self, stage: Stage) -> StageState:
+    def run_stage(self, stage: Stage, check: Callable[[], None] = _go_on) -> StageState:
+        """The stage's steps in order; `check` raises `Cancelled` before each once the build is cancelled."""
+        self.ctx.stage = self.plan.order.index(stage.index) + 1
+        self.ctx.index, self.ctx.check = stage.index, check
         n = len(stage.commands) + 1
+        check()
         self.started(stage, 1, n, stage.from_cmd.node)
         state = self.base_state(stage)
         triggers = state.config["config"].pop("OnBuild", None) or []
         for trig in triggers:
+            check()
             state = self.run_trigger(stage, state, trig)
         for i, cmd in enumerate(stage.commands, start=2):
+            check()
             self.started(stage, i, n, cmd.node)
             state = self.step(stage, state, cmd)
         return state
@@ -265,7 +360,7 @@ class Executor:
             # an ARG given by --build-arg keeps its default unexpanded (a bad default must not fail it)
             return self.do_arg(state, cmd.expand(self.lexer, self.expand_env(state), skip=self.plan.build_args))
         cmd = cmd.expand(self.lexer, self.expand_env(state))
-        self.current_shell = list(state.config["config"].get("Shell") or DEFAULT_SHELL)  # for shell forms
+        self.ctx.current_shell = list(state.config["config"].get("Shell") or DEFAULT_SHELL)  # for shell forms
         run_args = self.run_args(state)
         handler = self.steps.get(type(cmd))
         if handler is None:
@@ -316,7 +411,8 @@ class Executor:
         from rootless.build import regcache
 
         for spec in self.opts.cache_to:
-            keys = [k for idx, k in self.step_keys if spec.mode == "max" or idx == self.plan.target]
+            in_order = sorted(self.step_keys, key=lambda t: self.plan.order.index(t[0]))  # as one by one
+            keys = [k for idx, k in in_order if spec.mode == "max" or idx == self.plan.target]
             digest = regcache.export(self.store, self.cache, spec, keys, self.opts.registry_options)
             self.log(f"--> exported the cache to {spec.ref} ({len(keys)} steps, {digest})")
 
@@ -354,10 +450,10 @@ class Executor:
             os.mkdir(scratch, 0o700)
             os.mkdir(merged, 0o700)
             with self.driver.writable(lowers, tmp, merged) as root:
-                self.touched = root.touched
-                self.emulated_owner: tuple[int, int] | None = None  # a single-uid RUN's USER (run_step)
-                self.step_upper = root.upper
-                self.step_lowers = lowers
+                self.ctx.touched = root.touched
+                self.ctx.emulated_owner = None  # a single-uid RUN's USER (run_step)
+                self.ctx.step_upper = root.upper
+                self.ctx.step_lowers = lowers
                 self.ensure_workdir(state, root.path)
                 action(root.path, scratch)
             diff_id = self.commit_upper(root.diff(), state.layers, lowers if untrusted else None)
@@ -427,13 +523,25 @@ class Executor:
         else:
             low = ref.lower()
             for s in self.plan.stages:
-                if (s.name == low or str(s.index) == ref) and s.index in self.results:
+                if (s.name == low or str(s.index) == ref) and self.built_before(s.index):
                     return "stage", self.results[s.index].layers
             for s in self.plan.stages:
                 if s.name == low or str(s.index) == ref:
                     raise self.err(cmd.node, f"--from={ref}: stage is not built before this step")
         rec = self.resolve_image(ref, cmd.node)
         return "image", list(self.store.read_json(rec.id).get("rootfs", {}).get("diff_ids", []))
+
+    def built_before(self, index: int) -> bool:
+        """Whether stage `index` is one the running stage may use: as when stages are built one by one, a stage
+        to build that comes before it. Stages at once wait for one no dependency named (an ONBUILD trigger's
+        COPY --from), so what a step sees never depends on which stage happened to finish first."""
+        if index not in self.plan.order or index >= self.ctx.index >= 0:
+            return False
+        with self.built:
+            while index not in self.results:
+                self.ctx.check()
+                self.built.wait(0.1)
+        return True
 
 
 def _holds_nul(cmd: ins.Command, desc: str, run_args: dict[str, str]) -> bool:

@@ -258,6 +258,7 @@ class RunStep(Step[ins.RunCmd]):
                     lowers=self.ex.store.layer_dirs(state.layers) if emulate else [],
                     upper=self.ex.step_upper,
                     network=self.network(cmd),
+                    cancel_fd=self.ex.cancel_fd,
                 )
                 if self.ex.opts.quiet:
                     with tempfile.TemporaryFile() as out:

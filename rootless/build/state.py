@@ -65,6 +65,7 @@ class BuildOptions:
     ssh: dict[str, str] = field(default_factory=dict)  # --ssh: id -> an ssh-agent socket (RUN --mount=type=ssh)
     network: str = "host"  # --network: what RUN --network=default means ("host" or "none")
     cache_to: list[CacheSpec] = field(default_factory=list)  # registry caches to write the build's steps to
+    jobs: int = 0  # --jobs: stages built at once (independent ones); 0: one per CPU the build may use
 
 
 @dataclass

@@ -181,6 +181,13 @@ def build_parser(command: str | None = None, subcommands: bool = True) -> argpar
         b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
         _progress_arg(b)
         b.add_argument("--target", help="build up to this stage")
+        b.add_argument(
+            "--jobs",
+            type=_jobs,
+            default=0,
+            metavar="N",
+            help="build up to N independent stages at once (default: one per CPU; 1: one stage after the other)",
+        )
         b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
         attached_flag(
             b,
@@ -547,6 +554,13 @@ def _parse_kv(items: list[str], what: str, env_fallback: bool) -> dict[str, str]
     return out
 
 
+def _jobs(text: str) -> int:
+    """--jobs N: a whole number of stages, at least one."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of stages (1 or more)")
+    return int(text)
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from rootless.build import planner
     from rootless.oci import names
@@ -634,6 +648,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             cache_to=cache_to,
             network=network,
             ssh=ssh,
+            jobs=args.jobs,
         )
 
     def run(store: Any, idmap: Any) -> int:

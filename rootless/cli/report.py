@@ -46,7 +46,12 @@ def _size(n: float) -> str:
 
 
 class PlainReporter:
-    """Human-readable lines on a text stream (stderr); `quiet` keeps only warnings and failed RUN output."""
+    """Human-readable lines on a text stream (stderr); `quiet` keeps only warnings and failed RUN output.
+
+    Stages built at once (`--jobs`, the step events say `parallel`): every line of a stage is prefixed with
+    `[N/M]` as its step lines are, RUN output line by line, so interleaved lines stay attributed; stages
+    built one by one show what rbuild has always shown.
+    """
 
     def __init__(self, stream: TextIO | None = None, quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
@@ -55,6 +60,10 @@ class PlainReporter:
         self._lock = threading.Lock()
         self._rows: dict[str, tuple[str, int, int, str]] = {}  # digest -> (verb, done, total, state)
         self._drawn = 0
+        self._stages = 0  # stages of the build (from its step lines)
+        self._tagged = False  # stages run at once: their lines carry the stage
+        self._open: int | None = None  # the stage whose RUN output line is unfinished on the stream (tagged)
+        self._mid_line = False  # RUN output passed through here ended without a newline
 
     @property
     def output_fd(self) -> int | None:
@@ -68,9 +77,17 @@ class PlainReporter:
                 pass
 
     def _show(self, event: Event) -> None:
+        stage = getattr(event, "stage", None)
+        if isinstance(event, StepStarted):
+            self._stages, self._tagged = event.stages, event.parallel
         if isinstance(event, Output):
             self.stream.flush()
-            self.stream.buffer.write(event.data)
+            if self._tagged and stage is not None:
+                self._tagged_output(stage, event.data)
+            else:
+                self._end_open_line()
+                self.stream.buffer.write(event.data)
+                self._mid_line = not event.data.endswith(b"\n") if event.data else self._mid_line
             self.stream.buffer.flush()
             return
         if isinstance(event, Transfer):
@@ -79,10 +96,38 @@ class PlainReporter:
             return
         line = self._line(event)
         if line is not None:
+            if self._tagged and stage is not None and not isinstance(event, StepStarted):
+                line = f"{self._tag(stage)}{line}"
             self._rows.clear()  # transfers drawn so far stay above this line
             self._drawn = 0
+            self.stream.flush()
+            self._end_open_line()
             self.stream.write(line + "\n")
             self.stream.flush()
+
+    def _tag(self, stage: int) -> str:
+        return f"[{stage}/{self._stages}] "
+
+    def _end_open_line(self) -> None:
+        """End a RUN's unfinished output line before anything else is written (it is continued, tagged)."""
+        if self._open is not None or self._mid_line:
+            self.stream.buffer.write(b"\n")
+            self.stream.buffer.flush()
+            self._open = None
+            self._mid_line = False
+
+    def _tagged_output(self, stage: int, data: bytes) -> None:
+        """RUN output of one of the stages running at once, each line after its stage's tag."""
+        if self._open != stage:
+            self._end_open_line()
+        tag = self._tag(stage).encode()
+        out = bytearray()
+        for piece in data.splitlines(keepends=True):
+            if self._open != stage:
+                out += tag
+            out += piece
+            self._open = None if piece.endswith((b"\n", b"\r")) else stage
+        self.stream.buffer.write(bytes(out))
 
     def _line(self, event: Event) -> str | None:
         if isinstance(event, Warn):

@@ -94,7 +94,7 @@ class TtyReporter:
         self.color = color if color is not None else not os.environ.get("NO_COLOR")
         self._lock = threading.Lock()
         self._drawn = 0  # lines of the live block on screen, the cursor below them
-        self._step: _Step | None = None
+        self._steps: dict[int, _Step] = {}  # the running step of each stage (stages may run at once)
         self._stage = 0
         self._blobs: dict[str, _Blob] = {}
         self._counts = {"run": 0, "cached": 0}
@@ -119,12 +119,12 @@ class TtyReporter:
         self._stop.set()
         with self._lock:
             lines: list[str] = []
-            step = self._step
-            if step is not None:
+            word = "FAILED" if len(self._steps) == 1 else "FAILED or stopped:"  # the Error line says which
+            for step in self._steps.values():
                 e = step.event
-                lines.append(self._paint(_RED, f"FAILED {self._where(e)}{e.text}"))
+                lines.append(self._paint(_RED, f"{word} {self._where(e)}{e.text}"))
                 lines += [f"  {line}" for line in step.lines + ([_clean(step.partial)] if step.partial else [])]
-                self._step = None
+            self._steps.clear()
             self._blobs.clear()
             try:
                 self._redraw(lines)
@@ -136,22 +136,29 @@ class TtyReporter:
     def _show(self, event: Event) -> None:
         now = time.monotonic()
         done: list[str] = []
+        stage = getattr(event, "stage", None) or self._stage
         if isinstance(event, StepStarted):
-            if self._step is not None:  # FROM and other steps that make no StepDone
-                done.append(self._step_line(self._step, now - self._step.started))
-            if event.stage != self._stage and event.stages > 1:
+            # FROM and other steps that make no StepDone end with the next step of their stage; stages one
+            # by one: with the next step at all (a stage of FROM alone, too)
+            ended = [
+                n for n, st in self._steps.items() if n == event.stage or not event.parallel or st.event.steps == 1
+            ]
+            for n in ended:
+                old = self._steps.pop(n)
+                done.append(self._step_line(old, now - old.started))
+            if event.stage != self._stage and event.stages > 1 and not event.parallel:
                 done.append(self._paint(_BOLD, f"stage {event.stage}/{event.stages}"))
             self._stage = event.stage
-            self._step = _Step(event, now)
+            self._steps[event.stage] = _Step(event, now)
             self._start_ticker()
         elif isinstance(event, CacheHit):
-            if self._step is not None:
-                self._step.cached = True
+            if stage in self._steps:
+                self._steps[stage].cached = True
         elif isinstance(event, Output):
-            if self._step is not None:
-                self._step.add(event.data)
+            if stage in self._steps:
+                self._steps[stage].add(event.data)
         elif isinstance(event, StepDone):
-            done.append(self._finish_step(event, now))
+            done.append(self._finish_step(event, stage, now))
         elif isinstance(event, Transfer):
             blob = self._blobs.get(event.digest)
             if blob is None:
@@ -172,16 +179,15 @@ class TtyReporter:
         elif isinstance(event, Notice):
             done.append(event.text)
         elif isinstance(event, BuildDone):
-            if self._step is not None:  # FROM and other steps that make no StepDone
-                done.append(self._step_line(self._step, now - self._step.started))
-                self._step = None
+            for step in self._steps.values():  # FROM and other steps that make no StepDone
+                done.append(self._step_line(step, now - step.started))
+            self._steps.clear()
             self._stop.set()
             done.append(self._summary(event))
         self._redraw(done)
 
-    def _finish_step(self, event: StepDone, now: float) -> str:
-        step = self._step or _Step(StepStarted(0, 0, 0, 0, "?", "", 0), now)
-        self._step = None
+    def _finish_step(self, event: StepDone, stage: int, now: float) -> str:
+        step = self._steps.pop(stage, None) or _Step(StepStarted(0, 0, 0, 0, "?", "", 0), now)
         step.cached = step.cached or event.cached
         self._counts["cached" if step.cached else "run"] += 1
         if not step.cached and event.seconds >= self._slowest[0]:
@@ -214,8 +220,7 @@ class TtyReporter:
 
     def _live(self, now: float) -> list[str]:
         lines: list[str] = []
-        step = self._step
-        if step is not None:
+        for step in self._steps.values():
             e = step.event
             state = self._paint(_GREEN, "CACHED") if step.cached else _secs(now - step.started)
             lines.append(f"{self._paint(_BOLD, '▶')} {self._where(e)}{e.text}  {state}")
@@ -247,7 +252,7 @@ class TtyReporter:
         def tick() -> None:
             while not self._stop.wait(TICK):
                 with self._lock:
-                    if self._step is not None or self._blobs:
+                    if self._steps or self._blobs:
                         try:
                             self._redraw([])
                         except (OSError, ValueError):

@@ -29,6 +29,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -261,6 +262,7 @@ class CopyDriver(RootfsDriver):
     def __init__(self) -> None:
         self._home: str | None = None
         self._trees: list[_Tree] = []  # least recently used first
+        self._lock = threading.Lock()  # stages built at once pick and update kept trees in turn
 
     @contextlib.contextmanager
     def session(self, home: str) -> Iterator[None]:
@@ -287,8 +289,9 @@ class CopyDriver(RootfsDriver):
     def writable(self, lowers: list[str], workdir: str, target: str) -> Iterator[WritableRoot]:
         """The tree is made in `workdir` (the store's filesystem, where reflinks can share extents);
         `target` stays unused: nothing is mounted."""
-        tree = self._parent(lowers, workdir)
-        tree.in_use += 1
+        with self._lock:
+            tree = self._parent(lowers, workdir)
+            tree.in_use += 1
         try:
             path, layer = os.path.join(workdir, "tree"), os.path.join(workdir, "layer")
             os.mkdir(path, 0o700)

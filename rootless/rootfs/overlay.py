@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import stat
+import threading
 from collections.abc import Iterator
 
 from rootless.errors import RbuildError
@@ -18,6 +19,8 @@ from rootless.kernel import linux
 from rootless.kernel.fspath import open_beneath
 from rootless.layer.format import is_opaque
 from rootless.rootfs.driver import RootfsDriver, WritableRoot
+
+_CWD = threading.Lock()  # the mount names its lowers relative to the working directory, one per process
 
 
 @contextlib.contextmanager
@@ -44,11 +47,12 @@ def mounted(lowers: list[str], upper: str | None, work: str | None, target: str,
             if upper is not None and work is not None:
                 opts += f",upperdir={upper},workdir={work}"
             opts += ",userxattr"  # layers carry user.overlay.* markers, also when run as real root
-            os.chdir(links)
-            try:
-                linux.mount("overlay", target, "overlay", 0, opts)
-            finally:
-                os.fchdir(cwd)
+            with _CWD:  # stages built at once mount from threads of their own
+                os.chdir(links)
+                try:
+                    linux.mount("overlay", target, "overlay", 0, opts)
+                finally:
+                    os.fchdir(cwd)
     except OSError as e:
         store = os.path.dirname(upper) if upper is not None else (os.path.dirname(lowers[0]) if lowers else target)
         raise RbuildError(mount_failure(e, target, store)) from None

@@ -278,7 +278,10 @@ def _report(errw: int, line: str) -> None:
 def main() -> None:
     linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGTERM)
     with open(int(sys.argv[1]), "rb") as f:
-        spec = marshal.loads(f.read())
+        data = f.read()
+    if not data:  # the builder was interrupted before it handed the plan over: nothing to run, nothing to say
+        os._exit(125)
+    spec = marshal.loads(data)
     if os.getppid() != spec["parent"]:  # the builder died before the death signal was set
         os._exit(125)
     terminal = any(op[0] == "terminal" for op in spec["ops"])

@@ -23,11 +23,12 @@ import select
 import signal
 import stat
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rootless.errors import RbuildError
+from rootless.errors import Cancelled, RbuildError
 from rootless.kernel import linux
 from rootless.kernel.fspath import secure_join
 
@@ -96,6 +97,9 @@ class RunSpec:
     terminal_socket: int = -1
     # "host": the builder's network namespace; "none": one of its own with only the loopback interface, up
     network: str = "host"
+    # a descriptor that becomes readable when the build is cancelled (another stage failed): the RUN is
+    # ended and `errors.Cancelled` raised; -1: none (the build's main thread, where signals interrupt)
+    cancel_fd: int = -1
 
 
 @dataclass
@@ -508,24 +512,29 @@ def _write_all(dst: int, data: bytes) -> None:
             break
 
 
-def _wait_interruptibly(pid: int, relay: int, out: Callable[[bytes], None]) -> int:
-    """waitpid that Ctrl-C and SIGTERM always interrupt, passing the RUN's output from `relay` (if >= 0) to out.
+def _wait_interruptibly(pid: int, relay: int, out: Callable[[bytes], None], cancel: int = -1) -> int:
+    """waitpid that Ctrl-C and SIGTERM always interrupt, passing the RUN's output from `relay` (if >= 0) to out;
+    `cancel` (if >= 0) readable raises `Cancelled`.
 
     A signal may be delivered to any thread of the builder (layer and registry code use worker threads);
     then a main thread blocked in waitpid would never see it until the RUN ends. The signal module's
     wakeup fd is written whichever thread takes the signal, so waiting on it and on a pidfd together
-    hands the signal to the main thread's Python handler at once.
+    hands the signal to the main thread's Python handler at once. A stage's worker thread (parallel
+    stages, build/schedule.py) cannot take signals: the main thread does, and cancels it through `cancel`.
     """
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     pidfd = os.pidfd_open(pid)
-    old = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    watched = [pidfd, rfd] + ([relay] if relay >= 0 else [])
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False) if main else -1
+    watched = [pidfd, rfd] + ([cancel] if cancel >= 0 else []) + ([relay] if relay >= 0 else [])
     try:
         while True:
             ready, _, _ = select.select(watched, [], [])
             if rfd in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rfd, 512)  # the Python handler (KeyboardInterrupt) runs right after select
+            if cancel >= 0 and cancel in ready:
+                raise Cancelled()
             if relay in ready and _relay(relay, out) == 0:
                 watched.remove(relay)
             if pidfd in ready:
@@ -535,7 +544,8 @@ def _wait_interruptibly(pid: int, relay: int, out: Callable[[bytes], None]) -> i
                     pass
                 return os.waitpid(pid, 0)[1]
     finally:
-        signal.set_wakeup_fd(old)
+        if main:
+            signal.set_wakeup_fd(old)
         for fd in (rfd, wfd, pidfd):
             os.close(fd)
 
@@ -667,7 +677,7 @@ def _spawn_once(
     if relay_r >= 0:
         os.set_blocking(relay_r, False)
     try:
-        status = _wait_interruptibly(proc.pid, relay_r, sink)
+        status = _wait_interruptibly(proc.pid, relay_r, sink, spec.cancel_fd)
         proc.returncode = os.waitstatus_to_exitcode(status)
     except BaseException:
         with contextlib.suppress(OSError):

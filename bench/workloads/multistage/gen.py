@@ -8,7 +8,15 @@ from workloads import CaseSpec, Generated, Scale, install_containerfile, make_tr
 
 BASES = ("busybox",)
 PRIMARY = "cp"
-CASES = [CaseSpec("multistage-cold", "cold", "3 stages: 200 x 100 kB generated + 1,000 files (20 MB) COPY --from")]
+CASES = [
+    CaseSpec("multistage-cold", "cold", "3 stages: 200 x 100 kB generated + 1,000 files (20 MB) COPY --from"),
+    CaseSpec(
+        "multistage-jobs1",
+        "cold",
+        "the same, rbuild --jobs 1 (its two builder stages one after the other, as before issue 15)",
+        flags={"rbuild": ["--jobs", "1"]},
+    ),
+]
 
 
 def generate(ctx: Path, work: Path, scale: Scale) -> Generated:
