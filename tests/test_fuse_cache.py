@@ -1,0 +1,88 @@
+"""What the kernel may cache of rbuild-fuse-overlay's tree, counted in the requests the helper serves (issue 13).
+
+The helper runs with libfuse's `debug` option, which logs one line per request; the tests count LOOKUPs between
+steps (a lookup is answered before the syscall that caused it returns, so the counts are exact). A listing
+answers with readdirplus, so stat'ing what was listed needs no lookup; names and attributes stay cached past a
+second (nothing but the helper changes the layers while mounted); a name found absent stays known absent until
+it is made through the mount. Changes still show at once. Runs as the unprivileged test user in
+`unshare -Urm`, with test_fuse_overlay's sanitizer build of the helper and its fixture opening /dev/fuse.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+
+from conftest import Runner
+from test_fuse_overlay import asan_helper, dev_fuse, work  # noqa: F401 (fixtures)
+
+MOUNT = """
+set -e
+d={d}
+mkdir -p $d/l/a/b $d/u $d/w $d/m
+for i in $(seq 20); do echo $i > $d/l/a/b/f$i; done
+{helper} --ready-fd 3 -o lowerdir=$d/l,upperdir=$d/u,workdir=$d/w,debug $d/m 3>$d/ready 2>$d/log &
+while [ ! -s $d/ready ]; do sleep 0.01; done
+count() {{ echo "$1 $(grep -c 'opcode: LOOKUP' $d/log)" >> $d/counts; }}
+count start
+"""
+
+
+def _run(rb: Runner, helper: str, steps: str) -> tuple[dict[str, int], str]:
+    """The LOOKUPs counted at each `count NAME` of steps (since the previous count), and the script's output."""
+    d = rb.mkdir()
+    try:
+        script = MOUNT.format(d=shlex.quote(d), helper=shlex.quote(helper)) + steps + "\numount $d/m; wait\n"
+        res = subprocess.run(
+            rb._prefix() + ["unshare", "-Urm", "/bin/sh", "-c", script],
+            env=rb._env(None),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        with open(os.path.join(d, "counts")) as f:
+            totals = [(name, int(n)) for name, n in (line.split() for line in f)]
+    finally:
+        shutil.rmtree(d)
+    counts = {name: n - prev for (name, n), (_, prev) in zip(totals[1:], totals, strict=False)}
+    return counts, res.stdout
+
+
+def test_listed_names_need_no_lookup_and_stay_cached(rb: Runner, dev_fuse: None, asan_helper: str) -> None:  # noqa: F811
+    counts, out = _run(
+        rb,
+        asan_helper,
+        """
+ls -l $d/m/a/b > /dev/null; count listed
+sleep 1.5
+stat $d/m/a/b/f* > /dev/null; cat $d/m/a/b/f7; count again
+echo new > $d/m/a/b/f7; mv $d/m/a/b/f8 $d/m/a/b/f9; rm $d/m/a/b/f1
+cat $d/m/a/b/f7 $d/m/a/b/f9; ls $d/m/a/b | wc -l
+""",
+    )
+    # two lookups find a and a/b; the 20 files come with the listing
+    assert counts["listed"] <= 2, counts
+    # after the old 1 s timeout: nothing asked again
+    assert counts["again"] == 0, counts
+    # the copy-up, rename and whiteout show at once
+    assert out.split() == ["7", "new", "8", "18"], out
+
+
+def test_absent_name_stays_known_absent_until_made(rb: Runner, dev_fuse: None, asan_helper: str) -> None:  # noqa: F811
+    counts, out = _run(
+        rb,
+        asan_helper,
+        """
+test ! -e $d/m/a/nope; count first
+sleep 1.5
+test ! -e $d/m/a/nope; test ! -e $d/m/a/nope; count again
+echo made > $d/m/a/nope; cat $d/m/a/nope
+""",
+    )
+    assert counts["first"] == 2, counts  # a, then a/nope
+    assert counts["again"] == 0, counts
+    assert out.split() == ["made"], out
