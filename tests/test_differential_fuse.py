@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import IS_ROOT, Runner
 from ocitree import CONFIG_KEYS, DOCKER_ONLY_KEYS, compared_config, diff_configs, diff_trees, flatten, load
-from test_differential import CASES, PARENT, CASES_DIR, case_tag, load_case, parent_tag, prepare_context
+from test_differential import CASES, CASES_DIR, PARENT, case_tag, load_case, parent_tag, prepare_context
 
 SDE = "1700000000"
 
@@ -55,8 +55,12 @@ def _explain(rb: Runner, name: str, builds: dict[str, tuple[str, str, str]]) -> 
     images = {}
     for driver, (_, root, fmt) in builds.items():
         dest = os.path.join(rb.mkdir(), "out")
-        rb.run("push", case_tag(name), f"oci:{dest}:latest", root=root)
-        images[driver] = load(dest, "latest")
+        if fmt == "docker":
+            rb.run("push", case_tag(name), f"docker-archive:{dest}.tar", root=root)
+            images[driver] = load(dest + ".tar")
+        else:
+            rb.run("push", case_tag(name), f"oci:{dest}:latest", root=root)
+            images[driver] = load(dest, "latest")
     keys = CONFIG_KEYS + (DOCKER_ONLY_KEYS if builds["overlay"][2] == "docker" else ())
     cfg = diff_configs(*(compared_config(images[d], keys) for d in ("overlay", "fuse")), ("overlay", "fuse"))
     tree = diff_trees(*(flatten(images[d].layers) for d in ("overlay", "fuse")), ("overlay", "fuse"))
