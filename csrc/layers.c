@@ -48,6 +48,7 @@ void layers_init(const char *lowerdirs, const char *upperdir, const char *workdi
     die_with_error("cannot open workdir %s", workdir);
   ovl.root.name = xstrdup("");
   ovl.root.nlookup = 1;
+  ovl.root.keep_fd = -1;
   ovl.gen = 1;
   ovl.table_size = 1024;
   ovl.table = xcalloc(ovl.table_size, sizeof(struct node *));
@@ -127,6 +128,7 @@ struct node *node_get(struct node *parent, const char *name)
   if (n == NULL)
     {
       n = xcalloc(1, sizeof(*n));
+      n->keep_fd = -1;
       n->parent = parent;
       n->name = xstrdup(name);
       parent->children++;
@@ -143,6 +145,8 @@ static void node_maybe_free(struct node *n)
       struct node *parent = n->parent;
       if (!n->detached)
         table_remove(n);
+      if (n->keep_fd >= 0)
+        close(n->keep_fd);
       free(n->name);
       free(n);
       parent->children--;
@@ -164,6 +168,19 @@ void node_detach(struct node *parent, const char *name)
     return;
   table_remove(n);
   n->detached = true;
+}
+
+/* A name about to be removed or replaced: if the kernel still holds its node, the node keeps what it showed open
+ * (O_PATH), so stat of a file still open after its unlink answers from it as on any filesystem (the kernel sends
+ * no file handle with the GETATTR of fstat; apt stats the temporary files it unlinked). */
+void node_keep_inode(struct node *parent, const char *name, int layer, const char *path)
+{
+  struct node *n = table_find(parent, name);
+  if (n != NULL && n->keep_fd < 0)
+    {
+      n->keep_fd = openat(ovl.layers[layer].fd, path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+      n->keep_upper = layer == 0;
+    }
 }
 
 /* Give a node (already out of the table) a new place in the tree. */

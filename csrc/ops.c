@@ -93,9 +93,10 @@ static void ovl_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *f
   struct stat st;
   if (path == NULL)
     {
-      if (fi == NULL || fstat((int) fi->fh, &st) < 0)
+      int fd = fi != NULL ? (int) fi->fh : n->keep_fd;
+      if (fd < 0 || fstat(fd, &st) < 0)
         {
-          fuse_reply_err(req, fi == NULL ? ENOENT : errno);
+          fuse_reply_err(req, fd < 0 ? ENOENT : errno);
           return;
         }
       fuse_reply_attr(req, &st, attr_timeout(&st));
@@ -333,6 +334,7 @@ static int remove_name(struct node *parent, const char *name, bool dir)
   int positive = lower_positive(path);
   if (positive < 0)
     return positive;
+  node_keep_inode(parent, name, res.layer, path);
   if (res.layer == 0)
     {
       if (dir && (err = dir_clear_upper_whiteouts(path)) < 0)
@@ -450,6 +452,8 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
     return err;
   if (exchange && dst_dir && !dst_opaque && is_merge_dir(opath) && (err = set_opaque(dst)) < 0)
     return err;
+  if (!exchange && dst_exists)
+    node_keep_inode(np, newname, dres.layer, dst);
   if (renameat2(upper, src, upper, dst, exchange ? RENAME_EXCHANGE : 0) < 0)
     return -errno;
   if (!exchange && src_positive && (err = make_whiteout(src, true)) < 0)
@@ -471,14 +475,39 @@ static int open_flags(int flags)
   return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY)) | O_CLOEXEC | O_NOFOLLOW;
 }
 
+/* Open a file whose name is gone (through /proc/PID/fd/N): what the node kept, for writing only if upper. */
+static void open_removed(fuse_req_t req, struct node *n, bool for_write, struct fuse_file_info *fi)
+{
+  if (n->keep_fd < 0 || (for_write && !n->keep_upper))
+    {
+      fuse_reply_err(req, n->keep_fd < 0 ? ENOENT : EROFS);
+      return;
+    }
+  char proc[64];
+  snprintf(proc, sizeof(proc), "/proc/self/fd/%d", n->keep_fd);
+  int fd = open(proc, open_flags(fi->flags) & ~O_NOFOLLOW);
+  if (fd < 0)
+    {
+      fuse_reply_err(req, errno);
+      return;
+    }
+  fi->fh = (uint64_t) fd;
+  if (fuse_reply_open(req, fi) != 0)
+    close(fd);
+}
+
 static void ovl_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
   struct node *n = node_of(ino);
   cleanup_free char *path = node_path(n);
   struct resolved res;
-  int err = path == NULL ? -ENOENT : 0;
-  if (err == 0 && ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)))
-    err = copy_up(path);
+  bool for_write = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
+  if (path == NULL)
+    {
+      open_removed(req, n, for_write, fi);
+      return;
+    }
+  int err = for_write ? copy_up(path) : 0;
   if (err == 0)
     err = resolve_node(n, path, &res);
   if (err < 0)

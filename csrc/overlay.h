@@ -32,6 +32,8 @@ struct node
   uint64_t gen;
   int layer;
   uint64_t dirmask;
+  int keep_fd; /* once the name is gone: an O_PATH fd of what it showed, for fstat of a file still open */
+  bool keep_upper;
 };
 
 struct ovl
@@ -64,6 +66,7 @@ struct node *node_of(fuse_ino_t ino);
 struct node *node_get(struct node *parent, const char *name);
 void node_forget(struct node *n, uint64_t count);
 void node_detach(struct node *parent, const char *name);
+void node_keep_inode(struct node *parent, const char *name, int layer, const char *path);
 void node_move(struct node *oldparent, const char *oldname, struct node *newparent, const char *newname, bool exchange);
 char *node_path(struct node *n);
 char *child_path(struct node *parent, const char *name);

@@ -1,4 +1,5 @@
-"""What the kernel may cache of rbuild-fuse-overlay's tree, counted in the requests the helper serves (issue 13).
+"""What the kernel may cache of rbuild-fuse-overlay's tree, counted in the requests the helper serves (issue 13),
+and what stat of an open file says once its name is gone.
 
 The helper runs with libfuse's `debug` option, which logs one line per request; the tests count LOOKUPs between
 steps (a lookup is answered before the syscall that caused it returns, so the counts are exact). A listing
@@ -86,3 +87,19 @@ echo made > $d/m/a/nope; cat $d/m/a/nope
     assert counts["first"] == 2, counts  # a, then a/nope
     assert counts["again"] == 0, counts
     assert out.split() == ["made"], out
+
+
+def test_stat_of_an_open_file_after_its_name_is_gone(rb: Runner, dev_fuse: None, asan_helper: str) -> None:  # noqa: F811
+    """fstat sends the kernel's GETATTR without a file handle: a removed or replaced name must still answer (apt
+    stats the temporary files it unlinked, and failed with ENOENT), and /proc/self/fd/N still opens."""
+    _, out = _run(
+        rb,
+        asan_helper,
+        """
+exec 5<>$d/m/new; rm $d/m/new; echo more >&5; stat -L -c '%s %h' /dev/fd/5; cat /dev/fd/5
+exec 6<$d/m/a/b/f12; rm $d/m/a/b/f12; stat -L -c %s /dev/fd/6; cat /dev/fd/6
+echo old > $d/m/t; exec 7<>$d/m/t; echo newer > $d/m/u; mv $d/m/u $d/m/t; echo er >&7; stat -L -c %s /dev/fd/7
+exec 5<&- 6<&- 7<&-
+""",
+    )
+    assert out.split() == ["5", "0", "more", "3", "12", "4"], out
