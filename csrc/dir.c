@@ -200,6 +200,10 @@ void ovl_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
       return;
     }
   fi->fh = (uint64_t) (uintptr_t) list;
+  /* The kernel may keep the listing: it drops it itself when an operation through the mount changes the
+   * directory, and nothing else does (see TIMEOUT in ops.c). */
+  fi->cache_readdir = 1;
+  fi->keep_cache = 1;
   if (fuse_reply_open(req, fi) != 0)
     {
       dir_list_free(list);

@@ -26,13 +26,14 @@ mkdir -p $d/l/a/b $d/u $d/w $d/m
 for i in $(seq 20); do echo $i > $d/l/a/b/f$i; done
 {helper} --ready-fd 3 -o lowerdir=$d/l,upperdir=$d/u,workdir=$d/w,debug $d/m 3>$d/ready 2>$d/log &
 while [ ! -s $d/ready ]; do sleep 0.01; done
-count() {{ echo "$1 $(grep -c 'opcode: LOOKUP' $d/log)" >> $d/counts; }}
+count() {{ echo "$1 $(grep -c 'opcode: LOOKUP' $d/log) $(grep -c 'opcode: READDIR' $d/log)" >> $d/counts; }}
 count start
 """
 
 
-def _run(rb: Runner, helper: str, steps: str) -> tuple[dict[str, int], str]:
-    """The LOOKUPs counted at each `count NAME` of steps (since the previous count), and the script's output."""
+def _run(rb: Runner, helper: str, steps: str) -> tuple[dict[str, tuple[int, int]], str]:
+    """The (LOOKUP, READDIR[PLUS]) requests at each `count NAME` of steps since the previous count, and the
+    script's output."""
     d = rb.mkdir()
     try:
         script = MOUNT.format(d=shlex.quote(d), helper=shlex.quote(helper)) + steps + "\numount $d/m; wait\n"
@@ -46,10 +47,10 @@ def _run(rb: Runner, helper: str, steps: str) -> tuple[dict[str, int], str]:
         )
         assert res.returncode == 0, res.stdout + res.stderr
         with open(os.path.join(d, "counts")) as f:
-            totals = [(name, int(n)) for name, n in (line.split() for line in f)]
+            totals = [(name, int(lookups), int(readdirs)) for name, lookups, readdirs in (ln.split() for ln in f)]
     finally:
         shutil.rmtree(d)
-    counts = {name: n - prev for (name, n), (_, prev) in zip(totals[1:], totals, strict=False)}
+    counts = {t[0]: (t[1] - p[1], t[2] - p[2]) for t, p in zip(totals[1:], totals, strict=False)}
     return counts, res.stdout
 
 
@@ -60,16 +61,16 @@ def test_listed_names_need_no_lookup_and_stay_cached(rb: Runner, dev_fuse: None,
         """
 ls -l $d/m/a/b > /dev/null; count listed
 sleep 1.5
-stat $d/m/a/b/f* > /dev/null; cat $d/m/a/b/f7; count again
+stat $d/m/a/b/f* > /dev/null; cat $d/m/a/b/f7; ls $d/m/a/b > /dev/null; count again
 echo new > $d/m/a/b/f7; mv $d/m/a/b/f8 $d/m/a/b/f9; rm $d/m/a/b/f1
 cat $d/m/a/b/f7 $d/m/a/b/f9; ls $d/m/a/b | wc -l
 """,
     )
     # two lookups find a and a/b; the 20 files come with the listing
-    assert counts["listed"] <= 2, counts
-    # after the old 1 s timeout: nothing asked again
-    assert counts["again"] == 0, counts
-    # the copy-up, rename and whiteout show at once
+    assert counts["listed"][0] <= 2, counts
+    # after the old 1 s timeout: nothing asked again, the listing included
+    assert counts["again"] == (0, 0), counts
+    # the copy-up, rename and whiteout show at once (the listing too)
     assert out.split() == ["7", "new", "8", "18"], out
 
 
@@ -84,8 +85,8 @@ test ! -e $d/m/a/nope; test ! -e $d/m/a/nope; count again
 echo made > $d/m/a/nope; cat $d/m/a/nope
 """,
     )
-    assert counts["first"] == 2, counts  # a, then a/nope
-    assert counts["again"] == 0, counts
+    assert counts["first"][0] == 2, counts  # a, then a/nope
+    assert counts["again"][0] == 0, counts
     assert out.split() == ["made"], out
 
 
