@@ -44,7 +44,7 @@ chroot_apt() {
   mount --bind "$base/apt/lists" "$m/var/lib/apt/lists"; mount --bind "$base/apt/archives" "$m/var/cache/apt/archives"
   touch "$m/etc/resolv.conf" 2>/dev/null || true; mount --bind /etc/resolv.conf "$m/etc/resolv.conf"
   chroot "$m" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
-    apt-get -q -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0 "$@" >/dev/null
+    apt-get -q -o APT::Sandbox::User=root -o Dpkg::Use-Pty=0 "$@" >"$m.apt-log" 2>&1 || { cat "$m.apt-log" >&2; exit 1; }
   for n in null zero full random urandom; do umount "$m/dev/$n"; done
   umount "$m/proc" "$m/var/lib/apt/lists" "$m/var/cache/apt/archives" "$m/etc/resolv.conf"
 }'
