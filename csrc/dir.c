@@ -190,15 +190,13 @@ void ovl_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
   int err = resolve_node(n, path, &res);
   if (err == 0 && !S_ISDIR(res.st.st_mode))
     err = -ENOTDIR;
-  struct dir_list *list = xcalloc(1, sizeof(*list));
-  if (err == 0)
-    err = dir_list_merged(path, &res, list);
   if (err < 0)
     {
-      free(list);
       fuse_reply_err(req, -err);
       return;
     }
+  /* Listed at the first readdir: when the kernel answers from its cached listing, none comes. */
+  struct dir_list *list = xcalloc(1, sizeof(*list));
   fi->fh = (uint64_t) (uintptr_t) list;
   /* The kernel may keep the listing: it drops it itself when an operation through the mount changes the
    * directory, and nothing else does (see TIMEOUT in ops.c). */
@@ -235,11 +233,34 @@ static size_t add_plus(fuse_req_t req, char *buf, size_t room, struct node *dir,
   return used;
 }
 
+/* The merged names of an open directory, read at its first readdir; a directory removed since lists nothing. */
+static int load_list(struct node *dir, struct dir_list *list)
+{
+  cleanup_free char *path = node_path(dir);
+  struct resolved res;
+  list->loaded = true;
+  if (path == NULL)
+    return 0;
+  int err = resolve_node(dir, path, &res);
+  if (err == 0 && !S_ISDIR(res.st.st_mode))
+    err = -ENOTDIR;
+  return err < 0 ? err : dir_list_merged(path, &res, list);
+}
+
 /* Offsets 0 and 1 are "." and ".."; entry i is offset i + 2. */
 static void reply_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi, bool plus)
 {
   struct dir_list *list = (struct dir_list *) (uintptr_t) fi->fh;
   struct node *dir = node_of(ino);
+  if (!list->loaded)
+    {
+      int err = load_list(dir, list);
+      if (err < 0)
+        {
+          fuse_reply_err(req, -err);
+          return;
+        }
+    }
   cleanup_free char *dirpath = plus ? node_path(dir) : NULL;
   cleanup_free char *buf = xcalloc(1, size);
   size_t used = 0;

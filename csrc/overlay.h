@@ -97,6 +97,7 @@ struct dir_list
 {
   struct dir_entry *entries;
   size_t count;
+  bool loaded;
 };
 int dir_list_merged(const char *path, const struct resolved *res, struct dir_list *out);
 void dir_list_free(struct dir_list *list);
