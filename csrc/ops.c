@@ -39,13 +39,14 @@ struct node *entry_of(struct node *parent, const char *name, const struct resolv
   return n;
 }
 
-static void reply_entry(fuse_req_t req, struct node *parent, const char *name, const char *path)
+/* lookup: an absent name is answered as a negative entry, which the kernel keeps until an operation through this
+ * mount makes the name. */
+static void reply_entry(fuse_req_t req, struct node *parent, const char *name, const char *path, bool lookup)
 {
   struct resolved res;
   int err = resolve_child(parent, path, &res);
-  if (err == -ENOENT)
+  if (err == -ENOENT && lookup)
     {
-      /* A negative entry: the kernel keeps the name absent until an operation through this mount makes it. */
       struct fuse_entry_param neg = { .ino = 0, .entry_timeout = TIMEOUT };
       fuse_reply_entry(req, &neg);
       return;
@@ -70,7 +71,7 @@ static void ovl_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
       fuse_reply_err(req, ENOENT);
       return;
     }
-  reply_entry(req, p, name, path);
+  reply_entry(req, p, name, path, true);
 }
 
 static void ovl_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
@@ -272,7 +273,7 @@ static void create_node(fuse_req_t req, fuse_ino_t parent, const char *name, mod
       fuse_reply_err(req, -err);
       return;
     }
-  reply_entry(req, p, name, path);
+  reply_entry(req, p, name, path, false);
 }
 
 static void ovl_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
@@ -308,7 +309,7 @@ static void ovl_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const
     }
   /* The source's cached link count is stale now (attributes only: no lock of the link is needed for that). */
   fuse_lowlevel_notify_inval_inode(ovl.se, ino, -1, 0);
-  reply_entry(req, p, newname, path);
+  reply_entry(req, p, newname, path, false);
 }
 
 /* Remove a name: from the upper layer if it is there, then a whiteout if a lower layer still shows it. */
