@@ -238,8 +238,9 @@ def test_helper_ends_with_its_parent(rb: Runner, dev_fuse: None, asan_helper: st
     """SIGKILL of the process that started the helper ends the helper (PR_SET_PDEATHSIG), so no mount is left."""
     d = rb.mkdir()
     logdir = rb.mkdir()
+    rb.mkdir(os.path.join(d, "l"))
     script = (
-        f"mkdir {d}/l {d}/u {d}/w {d}/m; "
+        f"mkdir {d}/u {d}/w {d}/m; "
         f"{asan_helper} --ready-fd 3 -o lowerdir={d}/l,upperdir={d}/u,workdir={d}/w {d}/m 3>{d}/ready & "
         f"echo $! > {d}/pid; exec sleep 600"
     )
