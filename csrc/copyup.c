@@ -130,6 +130,7 @@ int copy_up(const char *path)
         return err;
     }
   cleanup_free char *tmp = work_tmp_name();
+  layers_changed();
   if (S_ISREG(res.st.st_mode))
     err = copy_file(res.layer, path, &res.st, tmp);
   else

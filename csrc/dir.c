@@ -179,26 +179,29 @@ int dir_clear_upper_whiteouts(const char *path)
 
 void ovl_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-  cleanup_free char *path = node_path(node_of(ino));
+  struct node *n = node_of(ino);
+  cleanup_free char *path = node_path(n);
   struct resolved res;
   if (path == NULL)
     {
       fuse_reply_err(req, ENOENT);
       return;
     }
-  int err = resolve(path, &res);
+  int err = resolve_node(n, path, &res);
   if (err == 0 && !S_ISDIR(res.st.st_mode))
     err = -ENOTDIR;
-  struct dir_list *list = xcalloc(1, sizeof(*list));
-  if (err == 0)
-    err = dir_list_merged(path, &res, list);
   if (err < 0)
     {
-      free(list);
       fuse_reply_err(req, -err);
       return;
     }
+  /* Listed at the first readdir: when the kernel answers from its cached listing, none comes. */
+  struct dir_list *list = xcalloc(1, sizeof(*list));
   fi->fh = (uint64_t) (uintptr_t) list;
+  /* The kernel may keep the listing: it drops it itself when an operation through the mount changes the
+   * directory, and nothing else does (see TIMEOUT in ops.c). */
+  fi->cache_readdir = 1;
+  fi->keep_cache = 1;
   if (fuse_reply_open(req, fi) != 0)
     {
       dir_list_free(list);
@@ -206,33 +209,95 @@ void ovl_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
     }
 }
 
-void ovl_readdir(fuse_req_t req, UNUSED fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+/* One entry of a readdirplus reply: the name looked up (a node counted for it, as a lookup would) so the kernel
+ * needs no lookup per name after the listing. An entry that no longer resolves is listed without attributes. */
+static size_t add_plus(fuse_req_t req, char *buf, size_t room, struct node *dir, const char *dirpath,
+                       const struct dir_entry *de, off_t next)
+{
+  struct fuse_entry_param e = { 0 };
+  struct resolved res;
+  struct node *n = NULL;
+  cleanup_free char *path = NULL;
+  if (dirpath != NULL)
+    path = strcmp(dirpath, ".") == 0 ? xstrdup(de->name) : xasprintf("%s/%s", dirpath, de->name);
+  if (path != NULL && resolve_child(dir, path, &res) == 0)
+    n = entry_of(dir, de->name, &res, &e);
+  else
+    {
+      e.attr.st_ino = de->ino;
+      e.attr.st_mode = (mode_t) DTTOIF(de->type);
+    }
+  size_t used = fuse_add_direntry_plus(req, buf, room, de->name, &e, next);
+  if (used > room && n != NULL)
+    node_forget(n, 1);
+  return used;
+}
+
+/* The merged names of an open directory, read at its first readdir; a directory removed since lists nothing. */
+static int load_list(struct node *dir, struct dir_list *list)
+{
+  cleanup_free char *path = node_path(dir);
+  struct resolved res;
+  list->loaded = true;
+  if (path == NULL)
+    return 0;
+  int err = resolve_node(dir, path, &res);
+  if (err == 0 && !S_ISDIR(res.st.st_mode))
+    err = -ENOTDIR;
+  return err < 0 ? err : dir_list_merged(path, &res, list);
+}
+
+/* Offsets 0 and 1 are "." and ".."; entry i is offset i + 2. */
+static void reply_dir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi, bool plus)
 {
   struct dir_list *list = (struct dir_list *) (uintptr_t) fi->fh;
+  struct node *dir = node_of(ino);
+  if (!list->loaded)
+    {
+      int err = load_list(dir, list);
+      if (err < 0)
+        {
+          fuse_reply_err(req, -err);
+          return;
+        }
+    }
+  cleanup_free char *dirpath = plus ? node_path(dir) : NULL;
   cleanup_free char *buf = xcalloc(1, size);
   size_t used = 0;
-  /* Offsets 0 and 1 are "." and ".."; entry i is offset i + 2. */
   for (size_t i = (size_t) off; i < list->count + 2; i++)
     {
-      struct stat st = { 0 };
-      const char *name;
+      size_t n;
       if (i < 2)
         {
-          name = i == 0 ? "." : "..";
-          st.st_mode = S_IFDIR;
+          const char *name = i == 0 ? "." : "..";
+          struct fuse_entry_param e = { .attr.st_mode = S_IFDIR };
+          struct stat st = { .st_mode = S_IFDIR };
+          n = plus ? fuse_add_direntry_plus(req, buf + used, size - used, name, &e, (off_t) (i + 1))
+                   : fuse_add_direntry(req, buf + used, size - used, name, &st, (off_t) (i + 1));
         }
+      else if (plus)
+        n = add_plus(req, buf + used, size - used, dir, dirpath, &list->entries[i - 2], (off_t) (i + 1));
       else
         {
-          name = list->entries[i - 2].name;
-          st.st_ino = list->entries[i - 2].ino;
-          st.st_mode = (mode_t) DTTOIF(list->entries[i - 2].type);
+          struct stat st = { .st_ino = list->entries[i - 2].ino,
+                             .st_mode = (mode_t) DTTOIF(list->entries[i - 2].type) };
+          n = fuse_add_direntry(req, buf + used, size - used, list->entries[i - 2].name, &st, (off_t) (i + 1));
         }
-      size_t n = fuse_add_direntry(req, buf + used, size - used, name, &st, (off_t) (i + 1));
       if (n > size - used)
         break;
       used += n;
     }
   fuse_reply_buf(req, buf, used);
+}
+
+void ovl_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+  reply_dir(req, ino, size, off, fi, false);
+}
+
+void ovl_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
+{
+  reply_dir(req, ino, size, off, fi, true);
 }
 
 void ovl_releasedir(fuse_req_t req, UNUSED fuse_ino_t ino, struct fuse_file_info *fi)

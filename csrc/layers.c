@@ -48,6 +48,8 @@ void layers_init(const char *lowerdirs, const char *upperdir, const char *workdi
     die_with_error("cannot open workdir %s", workdir);
   ovl.root.name = xstrdup("");
   ovl.root.nlookup = 1;
+  ovl.root.keep_fd = -1;
+  ovl.gen = 1;
   ovl.table_size = 1024;
   ovl.table = xcalloc(ovl.table_size, sizeof(struct node *));
 }
@@ -126,6 +128,7 @@ struct node *node_get(struct node *parent, const char *name)
   if (n == NULL)
     {
       n = xcalloc(1, sizeof(*n));
+      n->keep_fd = -1;
       n->parent = parent;
       n->name = xstrdup(name);
       parent->children++;
@@ -142,6 +145,8 @@ static void node_maybe_free(struct node *n)
       struct node *parent = n->parent;
       if (!n->detached)
         table_remove(n);
+      if (n->keep_fd >= 0)
+        close(n->keep_fd);
       free(n->name);
       free(n);
       parent->children--;
@@ -163,6 +168,19 @@ void node_detach(struct node *parent, const char *name)
     return;
   table_remove(n);
   n->detached = true;
+}
+
+/* A name about to be removed or replaced: if the kernel still holds its node, the node keeps what it showed open
+ * (O_PATH), so stat of a file still open after its unlink answers from it as on any filesystem (the kernel sends
+ * no file handle with the GETATTR of fstat; apt stats the temporary files it unlinked). */
+void node_keep_inode(struct node *parent, const char *name, int layer, const char *path)
+{
+  struct node *n = table_find(parent, name);
+  if (n != NULL && n->keep_fd < 0)
+    {
+      n->keep_fd = openat(ovl.layers[layer].fd, path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+      n->keep_upper = layer == 0;
+    }
 }
 
 /* Give a node (already out of the table) a new place in the tree. */
@@ -198,26 +216,31 @@ void node_move(struct node *oldparent, const char *oldname, struct node *newpare
     node_reparent(dst, oldparent, oldname);
 }
 
-static char *build_path(struct node *n)
-{
-  if (n == &ovl.root)
-    return xstrdup("");
-  if (n->detached)
-    return NULL;
-  cleanup_free char *parent = build_path(n->parent);
-  if (parent == NULL)
-    return NULL;
-  if (parent[0] == '\0')
-    return xstrdup(n->name);
-  return xasprintf("%s/%s", parent, n->name);
-}
-
-/* The node's path relative to every layer root ("." for the root), or NULL once it is unlinked. */
+/* The node's path relative to every layer root ("." for the root), or NULL once it is unlinked: one allocation,
+ * filled from the name up to the root. */
 char *node_path(struct node *n)
 {
   if (n == &ovl.root)
     return xstrdup(".");
-  return build_path(n);
+  size_t len = 0;
+  for (struct node *p = n; p != &ovl.root; p = p->parent)
+    {
+      if (p->detached)
+        return NULL;
+      len += strlen(p->name) + 1;
+    }
+  char *path = xmalloc(len);
+  char *end = path + len - 1;
+  *end = '\0';
+  for (struct node *p = n; p != &ovl.root; p = p->parent)
+    {
+      size_t l = strlen(p->name);
+      end -= l;
+      memcpy(end, p->name, l);
+      if (end > path)
+        *--end = '/';
+    }
+  return path;
 }
 
 char *child_path(struct node *parent, const char *name)
@@ -332,6 +355,49 @@ int resolve(const char *path, struct resolved *res)
   return resolve_step(mask, path, res);
 }
 
+/* The next request resolves every name afresh: which layer shows a name, or what a directory merges, changed. */
+void layers_changed(void)
+{
+  ovl.gen++;
+}
+
+void node_remember(struct node *n, const struct resolved *res)
+{
+  n->gen = ovl.gen;
+  n->layer = res->layer;
+  n->dirmask = res->dirmask;
+}
+
+/* parent/name (path is the child's path): one step below the parent's cached merge, so a lookup costs one fstatat
+ * per layer the parent merges instead of a walk from the root. */
+int resolve_child(struct node *parent, const char *path, struct resolved *res)
+{
+  if (parent == &ovl.root)
+    return resolve_step(all_layers(), path, res);
+  if (parent->gen != ovl.gen || parent->detached)
+    return resolve(path, res);
+  return resolve_step(parent->dirmask, path, res);
+}
+
+/* Where a node's path resolves: while nothing changed since it was last resolved, one fstatat in the layer that
+ * showed it (lower layers never change; the upper only through this helper); else resolved afresh and cached. */
+int resolve_node(struct node *n, const char *path, struct resolved *res)
+{
+  if (n == &ovl.root)
+    return resolve(path, res);
+  if (n->gen == ovl.gen && fstatat(ovl.layers[n->layer].fd, path, &res->st, AT_SYMLINK_NOFOLLOW) == 0
+      && !is_whiteout(&res->st))
+    {
+      res->layer = n->layer;
+      res->dirmask = n->dirmask;
+      return 0;
+    }
+  int err = resolve_child(n->parent, path, res);
+  if (err == 0)
+    node_remember(n, res);
+  return err;
+}
+
 /* Whether a lower layer would show this name if the upper did not cover it (a whiteout is then needed). */
 int lower_positive(const char *path)
 {
@@ -372,6 +438,7 @@ int make_whiteout(const char *path, bool from_rename)
       if (pst.st_mode & S_ISGID)
         gid = pst.st_gid;
     }
+  layers_changed();
   if (mknodat(ovl.layers[0].fd, path, S_IFCHR | 0000, makedev(0, 0)) < 0)
     return -errno;
   if (fchownat(ovl.layers[0].fd, path, 0, gid, AT_SYMLINK_NOFOLLOW) < 0)
@@ -386,6 +453,7 @@ int make_whiteout(const char *path, bool from_rename)
 int set_opaque(const char *path)
 {
   cleanup_free char *abs = layer_abs(0, path);
+  layers_changed();
   if (lsetxattr(abs, OPAQUE_XATTR, "y", 1, 0) < 0)
     return -errno;
   return 0;

@@ -12,31 +12,52 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 
-#define TIMEOUT 1.0
+/* Nothing but this helper changes what the mount shows while it is mounted: lower layers never change, and the
+ * upper only through these operations (rbuild's COPY writes new names straight into the upper at the end of a
+ * step, and asks the mount nothing about them afterwards). The kernel drops what it cached of a directory when an
+ * operation through this mount changes it, so names (also absent ones) and attributes can be cached this long. */
+#define TIMEOUT 86400.0
 
 /* Hard links are separate nodes (one per name), so the attributes of a non-directory with several names are
  * never cached: a write through another name must show at once. One with a single name changes only through its
  * own kernel inode, whose cache the kernel keeps up to date, or gets a second name (ovl_link invalidates it). */
-static double attr_timeout(const struct stat *st)
+double attr_timeout(const struct stat *st)
 {
   return S_ISDIR(st->st_mode) || st->st_nlink == 1 ? TIMEOUT : 0.0;
 }
 
-static void reply_entry(fuse_req_t req, struct node *parent, const char *name, const char *path)
+/* The entry for parent/name, resolved at path, with one more lookup counted on its node. */
+struct node *entry_of(struct node *parent, const char *name, const struct resolved *res, struct fuse_entry_param *e)
+{
+  struct node *n = node_get(parent, name);
+  node_remember(n, res);
+  memset(e, 0, sizeof(*e));
+  e->ino = (fuse_ino_t) (uintptr_t) n;
+  e->attr = res->st;
+  e->attr_timeout = attr_timeout(&res->st);
+  e->entry_timeout = TIMEOUT;
+  return n;
+}
+
+/* lookup: an absent name is answered as a negative entry, which the kernel keeps until an operation through this
+ * mount makes the name. */
+static void reply_entry(fuse_req_t req, struct node *parent, const char *name, const char *path, bool lookup)
 {
   struct resolved res;
-  int err = resolve(path, &res);
+  int err = resolve_child(parent, path, &res);
+  if (err == -ENOENT && lookup)
+    {
+      struct fuse_entry_param neg = { .ino = 0, .entry_timeout = TIMEOUT };
+      fuse_reply_entry(req, &neg);
+      return;
+    }
   if (err < 0)
     {
       fuse_reply_err(req, -err);
       return;
     }
-  struct fuse_entry_param e = { 0 };
-  struct node *n = node_get(parent, name);
-  e.ino = (fuse_ino_t) (uintptr_t) n;
-  e.attr = res.st;
-  e.attr_timeout = attr_timeout(&res.st);
-  e.entry_timeout = TIMEOUT;
+  struct fuse_entry_param e;
+  struct node *n = entry_of(parent, name, &res, &e);
   if (fuse_reply_entry(req, &e) != 0)
     node_forget(n, 1);
 }
@@ -50,7 +71,7 @@ static void ovl_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
       fuse_reply_err(req, ENOENT);
       return;
     }
-  reply_entry(req, p, name, path);
+  reply_entry(req, p, name, path, true);
 }
 
 static void ovl_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
@@ -68,20 +89,22 @@ static void ovl_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_da
 
 static void ovl_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-  cleanup_free char *path = node_path(node_of(ino));
+  struct node *n = node_of(ino);
+  cleanup_free char *path = node_path(n);
   struct stat st;
   if (path == NULL)
     {
-      if (fi == NULL || fstat((int) fi->fh, &st) < 0)
+      int fd = fi != NULL ? (int) fi->fh : n->keep_fd;
+      if (fd < 0 || fstat(fd, &st) < 0)
         {
-          fuse_reply_err(req, fi == NULL ? ENOENT : errno);
+          fuse_reply_err(req, fd < 0 ? ENOENT : errno);
           return;
         }
       fuse_reply_attr(req, &st, attr_timeout(&st));
       return;
     }
   struct resolved res;
-  int err = resolve(path, &res);
+  int err = resolve_node(n, path, &res);
   if (err < 0)
     fuse_reply_err(req, -err);
   else
@@ -155,22 +178,23 @@ static void ovl_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int t
 
 static void ovl_readlink(fuse_req_t req, fuse_ino_t ino)
 {
-  cleanup_free char *path = node_path(node_of(ino));
+  struct node *n = node_of(ino);
+  cleanup_free char *path = node_path(n);
   struct resolved res;
   char target[PATH_MAX + 1];
-  int err = path == NULL ? -ENOENT : resolve(path, &res);
+  int err = path == NULL ? -ENOENT : resolve_node(n, path, &res);
   if (err < 0)
     {
       fuse_reply_err(req, -err);
       return;
     }
-  ssize_t n = readlinkat(ovl.layers[res.layer].fd, path, target, PATH_MAX);
-  if (n < 0)
+  ssize_t len = readlinkat(ovl.layers[res.layer].fd, path, target, PATH_MAX);
+  if (len < 0)
     {
       fuse_reply_err(req, errno);
       return;
     }
-  target[n] = '\0';
+  target[len] = '\0';
   fuse_reply_readlink(req, target);
 }
 
@@ -195,6 +219,7 @@ static int prepare_create(struct node *parent, const char *path, bool *had_white
     return err;
   if (fstatat(ovl.layers[0].fd, path, &st, AT_SYMLINK_NOFOLLOW) == 0 && is_whiteout(&st))
     {
+      layers_changed();
       if (unlinkat(ovl.layers[0].fd, path, 0) < 0)
         return -errno;
       *had_whiteout = true;
@@ -248,7 +273,7 @@ static void create_node(fuse_req_t req, fuse_ino_t parent, const char *name, mod
       fuse_reply_err(req, -err);
       return;
     }
-  reply_entry(req, p, name, path);
+  reply_entry(req, p, name, path, false);
 }
 
 static void ovl_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode, dev_t rdev)
@@ -284,7 +309,7 @@ static void ovl_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const
     }
   /* The source's cached link count is stale now (attributes only: no lock of the link is needed for that). */
   fuse_lowlevel_notify_inval_inode(ovl.se, ino, -1, 0);
-  reply_entry(req, p, newname, path);
+  reply_entry(req, p, newname, path, false);
 }
 
 /* Remove a name: from the upper layer if it is there, then a whiteout if a lower layer still shows it. */
@@ -310,6 +335,7 @@ static int remove_name(struct node *parent, const char *name, bool dir)
   int positive = lower_positive(path);
   if (positive < 0)
     return positive;
+  node_keep_inode(parent, name, res.layer, path);
   if (res.layer == 0)
     {
       if (dir && (err = dir_clear_upper_whiteouts(path)) < 0)
@@ -331,12 +357,16 @@ static int remove_name(struct node *parent, const char *name, bool dir)
 
 static void ovl_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-  fuse_reply_err(req, -remove_name(node_of(parent), name, false));
+  int err = remove_name(node_of(parent), name, false);
+  layers_changed();
+  fuse_reply_err(req, -err);
 }
 
 static void ovl_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-  fuse_reply_err(req, -remove_name(node_of(parent), name, true));
+  int err = remove_name(node_of(parent), name, true);
+  layers_changed();
+  fuse_reply_err(req, -err);
 }
 
 static int do_rename(struct node *op, const char *name, struct node *np, const char *newname, unsigned int flags)
@@ -423,6 +453,8 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
     return err;
   if (exchange && dst_dir && !dst_opaque && is_merge_dir(opath) && (err = set_opaque(dst)) < 0)
     return err;
+  if (!exchange && dst_exists)
+    node_keep_inode(np, newname, dres.layer, dst);
   if (renameat2(upper, src, upper, dst, exchange ? RENAME_EXCHANGE : 0) < 0)
     return -errno;
   if (!exchange && src_positive && (err = make_whiteout(src, true)) < 0)
@@ -434,7 +466,9 @@ static int do_rename(struct node *op, const char *name, struct node *np, const c
 static void ovl_rename(fuse_req_t req, fuse_ino_t parent, const char *name, fuse_ino_t newparent,
                        const char *newname, unsigned int flags)
 {
-  fuse_reply_err(req, -do_rename(node_of(parent), name, node_of(newparent), newname, flags));
+  int err = do_rename(node_of(parent), name, node_of(newparent), newname, flags);
+  layers_changed();
+  fuse_reply_err(req, -err);
 }
 
 static int open_flags(int flags)
@@ -442,15 +476,41 @@ static int open_flags(int flags)
   return (flags & ~(O_CREAT | O_EXCL | O_NOCTTY)) | O_CLOEXEC | O_NOFOLLOW;
 }
 
+/* Open a file whose name is gone (through /proc/PID/fd/N): what the node kept, for writing only if upper. */
+static void open_removed(fuse_req_t req, struct node *n, bool for_write, struct fuse_file_info *fi)
+{
+  if (n->keep_fd < 0 || (for_write && !n->keep_upper))
+    {
+      fuse_reply_err(req, n->keep_fd < 0 ? ENOENT : EROFS);
+      return;
+    }
+  char proc[64];
+  snprintf(proc, sizeof(proc), "/proc/self/fd/%d", n->keep_fd);
+  int fd = open(proc, open_flags(fi->flags) & ~O_NOFOLLOW);
+  if (fd < 0)
+    {
+      fuse_reply_err(req, errno);
+      return;
+    }
+  fi->fh = (uint64_t) fd;
+  if (fuse_reply_open(req, fi) != 0)
+    close(fd);
+}
+
 static void ovl_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-  cleanup_free char *path = node_path(node_of(ino));
+  struct node *n = node_of(ino);
+  cleanup_free char *path = node_path(n);
   struct resolved res;
-  int err = path == NULL ? -ENOENT : 0;
-  if (err == 0 && ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC)))
-    err = copy_up(path);
+  bool for_write = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC);
+  if (path == NULL)
+    {
+      open_removed(req, n, for_write, fi);
+      return;
+    }
+  int err = for_write ? copy_up(path) : 0;
   if (err == 0)
-    err = resolve(path, &res);
+    err = resolve_node(n, path, &res);
   if (err < 0)
     {
       fuse_reply_err(req, -err);
@@ -485,18 +545,14 @@ static void ovl_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode
     }
   struct resolved res;
   if (err == 0)
-    err = resolve(path, &res);
+    err = resolve_child(p, path, &res);
   if (err < 0)
     {
       fuse_reply_err(req, -err);
       return;
     }
-  struct fuse_entry_param e = { 0 };
-  struct node *n = node_get(p, name);
-  e.ino = (fuse_ino_t) (uintptr_t) n;
-  e.attr = res.st;
-  e.attr_timeout = attr_timeout(&res.st);
-  e.entry_timeout = TIMEOUT;
+  struct fuse_entry_param e;
+  struct node *n = entry_of(p, name, &res, &e);
   fi->fh = (uint64_t) fd;
   if (fuse_reply_create(req, &e, fi) != 0)
     node_forget(n, 1);
@@ -585,6 +641,7 @@ const struct fuse_lowlevel_ops ovl_ops = {
   .fsync = ovl_fsync,
   .opendir = ovl_opendir,
   .readdir = ovl_readdir,
+  .readdirplus = ovl_readdirplus,
   .releasedir = ovl_releasedir,
   .statfs = ovl_statfs,
   .fallocate = ovl_fallocate,

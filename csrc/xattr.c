@@ -72,14 +72,15 @@ int copy_xattrs_path(const char *src, const char *dst)
 /* Absolute path of the entry in the layer that shows it; copied up first when asked. */
 static int locate(fuse_ino_t ino, bool for_write, char **abs)
 {
-  cleanup_free char *path = node_path(node_of(ino));
+  struct node *n = node_of(ino);
+  cleanup_free char *path = node_path(n);
   if (path == NULL)
     return -ENOENT;
   struct resolved res;
   int err = for_write ? copy_up(path) : 0;
   if (err < 0)
     return err;
-  err = resolve(path, &res);
+  err = resolve_node(n, path, &res);
   if (err < 0)
     return err;
   *abs = layer_abs(res.layer, path);
