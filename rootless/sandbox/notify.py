@@ -122,7 +122,8 @@ class Supervisor:
     upper: str
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)  # system call name -> how many were answered
+    calls: dict[str, int] = field(default_factory=dict)  # system call name -> how many were answered here
+    front_calls: dict[str, int] = field(default_factory=dict)  # ... by rbuild-notify
     _creds: dict[tuple[int, int], Creds] = field(default_factory=dict)
     _names: dict[tuple[int, int], str] = field(default_factory=dict)
     _thread: threading.Thread | None = None
@@ -133,6 +134,7 @@ class Supervisor:
     helper: str | None = field(default_factory=helper_path)
     _ctl: socket.socket | None = None  # to rbuild-notify
     _front: subprocess.Popen[bytes] | None = None
+    _front_used: bool = False  # rbuild-notify has the listener: what it received, only it answers
     _front_done: bool = False  # rbuild-notify sent its counts: it ended as it should
 
     def start(self) -> None:
@@ -190,7 +192,7 @@ class Supervisor:
             assert self._front.stderr is not None
             why = self._front.stderr.read().decode(errors="replace").strip()
             self._front.stderr.close()
-            if self._front.returncode != 0 or (why and not self._front_done):
+            if self._front_used and not self._front_done:  # calls it received may have got no answer
                 self.errors.append(f"rbuild-notify: {why or f'exit status {self._front.returncode}'}")
             self._front = None
         if self._ctl is not None:
@@ -221,6 +223,7 @@ class Supervisor:
             if self._ctl is not None:
                 try:
                     socket.send_fds(self._ctl, [b"L"], [self.listener])
+                    self._front_used = True
                 except OSError:  # rbuild-notify did not start: every call is answered here
                     self._ctl.close()
                     self._ctl = None
@@ -278,7 +281,7 @@ class Supervisor:
                 self._front_done = True
                 for arch, nr, n in _COUNTED.iter_unpack(msg[1:]):
                     name = self._names.get((arch, nr), "")
-                    self.calls[name] = self.calls.get(name, 0) + n
+                    self.front_calls[name] = self.front_calls.get(name, 0) + n
 
     def _tell(self, what: bytes) -> None:
         """Tell rbuild-notify what changes its answers, before the answer of the call that changed it."""

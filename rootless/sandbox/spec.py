@@ -680,8 +680,13 @@ def _spawn_once(
             sup.stop()
             spec.warnings += sup.warnings
             if log is not None:
-                shown = ", ".join(f"{n} {c}" for n, c in sorted(sup.calls.items(), key=lambda t: -t[1]))
-                log(f"RUN supervisor: {sum(sup.calls.values())} system calls answered ({shown})")
+                parts = [
+                    f"{who}: " + ", ".join(f"{n} {c}" for n, c in sorted(calls.items(), key=lambda t: -t[1]))
+                    for who, calls in (("rbuild-notify", sup.front_calls), ("Python", sup.calls))
+                    if calls
+                ]
+                total = sum(sup.calls.values()) + sum(sup.front_calls.values())
+                log(f"RUN supervisor: {total} system calls answered ({'; '.join(parts)})")
         msg = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(errr, 4096):
