@@ -214,6 +214,7 @@ def _cache_key(storage: str) -> str:
         os.environ.get("PATH", ""),  # which newuidmap
         os.environ.get("XDG_RUNTIME_DIR", ""),
         str(fusehelper.helper_path()),
+        str(notifyhelper.helper_path()),
     ]
     for ns in ("user", "mnt", "pid"):
         try:
