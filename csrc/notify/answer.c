@@ -15,6 +15,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
+#include <unistd.h>
 
 #if defined(__x86_64__)
 #include <linux/audit.h>
@@ -115,9 +116,17 @@ static enum verdict stat_call (const struct front *f, const struct seccomp_notif
   struct stat st;
   if (fstat (tfd, &st) != 0)
     return VERDICT_CONTINUE;
-  if (!S_ISREG (st.st_mode) && !S_ISDIR (st.st_mode))
-    return VERDICT_FORWARD; /* a symlink's or fifo's owner is in its parent's record */
   char names[4096];
+  if (!S_ISREG (st.st_mode) && !S_ISDIR (st.st_mode))
+    {
+      /* a pipe or socket of no directory (fstat of stdout): nothing records it */
+      char link[64];
+      snprintf (link, sizeof link, "/proc/self/fd/%d", tfd);
+      ssize_t n = readlink (link, names, sizeof names);
+      if (n > 0 && names[0] != '/')
+        return VERDICT_CONTINUE;
+      return VERDICT_FORWARD; /* a symlink's or fifo's owner is in its parent's record */
+    }
   ssize_t len = list_xattrs (tfd, names, sizeof names);
   if (len < 0)
     return errno == ERANGE ? VERDICT_FORWARD : VERDICT_CONTINUE;
