@@ -50,7 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--files", type=int, default=50000)
-    ap.add_argument("--only", help="run only the cases whose name starts with this")
+    ap.add_argument("--only", action="append", default=[], help="run only the cases whose name starts with this")
     ap.add_argument(
         "--baseline",
         action="append",
@@ -76,7 +76,7 @@ def main() -> None:
             name, _, cmd = spec.rpartition("=") if "=" in spec else ("baseline", "", spec)
             builders.append((name, users["single-uid"], cmd))
         for i, (case, step) in enumerate(CASES.items()):
-            if args.only and not case.startswith(args.only):
+            if args.only and not case.startswith(tuple(args.only)):
                 continue
             runs = {}
             for kind, pw, cmd in builders:
