@@ -5,8 +5,8 @@
 bench/notif_client.c (compiled here) traps getuid and lstat and hands its listener fd to
 `rootless.sandbox.notify.Supervisor` of the checkout `--src` (default: this one; give another to A/B
 two revisions in one run). Cases: a root RUN whose lowers hold no record (both calls answered "continue"
-without a look), and one whose lowers hold a record (each lstat resolves the path and reads its
-xattrs). Prints microseconds per call; an untrapped lstat costs about 1.3 us here.
+without a look), one whose lowers hold a record (each lstat resolves the path and reads its
+xattrs), and the lstat of a file holding a record (its owner rewritten into the answer). Prints microseconds per call; an untrapped lstat costs about 1.3 us here.
 """
 
 from __future__ import annotations
@@ -36,13 +36,18 @@ def main() -> None:
         os.makedirs(plain)
         os.makedirs(marked)
         os.setxattr(marked, "user.rbuild.stat", b"5:5")
-        for name, lowers in (("lowers without records", [plain]), ("lowers with a record", [marked])):
+        cases = (
+            ("lowers without records", [plain], "/etc/passwd"),
+            ("lowers with a record", [marked], "/etc/passwd"),
+            ("the file holds a record", [marked], marked),  # answered by Python (forwarded by rbuild-notify)
+        )
+        for name, lowers, path in cases:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             extra = {} if args.helper is None else {"helper": None if args.helper == "none" else args.helper}
             sup = notify.Supervisor(ours, notify.Creds.of(0, 0, [0]), lowers, "", **extra)
             sup.start()
             out = subprocess.run(
-                [client, str(theirs.fileno()), str(args.calls), "/etc/passwd"],
+                [client, str(theirs.fileno()), str(args.calls), path],
                 pass_fds=(theirs.fileno(),),
                 capture_output=True,
                 text=True,
