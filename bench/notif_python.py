@@ -6,7 +6,8 @@ bench/notif_client.c (compiled here) traps getuid and lstat and hands its listen
 `rootless.sandbox.notify.Supervisor` of the checkout `--src` (default: this one; give another to A/B
 two revisions in one run). Cases: a root RUN whose lowers hold no record (both calls answered "continue"
 without a look), one whose lowers hold a record (each lstat resolves the path and reads its
-xattrs), and the lstat of a file holding a record (its owner rewritten into the answer). Prints microseconds per call; an untrapped lstat costs about 1.3 us here.
+xattrs), and the lstat of a file holding a record (its owner rewritten into the answer). Prints
+microseconds per call; an untrapped lstat costs about 1.3 us here.
 """
 
 from __future__ import annotations

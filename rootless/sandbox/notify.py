@@ -110,10 +110,11 @@ class Supervisor:
     `user`: the RUN's USER (ids, groups); `lowers`: the RUN's lower layer dirs (top first), to tell what
     the RUN made (owned by USER) from what it found; `records`: whether they hold any owner or device
     record (None: looked up here). With `helper` (csrc/notify/'s rbuild-notify) a C process receives the
-    notifications and answers the hot, simple ones itself (get*id while no process switched ids, stat of
-    entries without a record); it forwards the others here over a socket, and this thread answers them
-    on its own copy of the listener. It is told ("I", "R") before an answer that changes what it may
-    answer. Without it (not built, or it cannot start) this thread answers every call.
+    notifications and answers the hot, simple ones itself (get*id while no process switched ids, a root
+    USER's stat of regular files and directories, with their owner record); it forwards the others here
+    over a socket, and this thread answers them on its own copy of the listener. It is told ("I", "R")
+    before an answer that changes what it may answer. Without it (not built, or it cannot start) this
+    thread answers every call.
     """
 
     sock: socket.socket  # runinit sends the listener fd over it, or closes it
