@@ -159,6 +159,11 @@ def probed_rung(root: str | None) -> int:
     """The rung `rbuild doctor` reports for the store at root (`env.probe`, cached per environment): builds
     take it, so doctor and the build decide once, the same way. Called before the namespace: the probe's
     children are forked from here."""
+    return probed(root)[0]
+
+
+def probed(root: str | None) -> tuple[int, Any]:
+    """probed_rung's rung and the probe (`env.probe.Probe`) it was chosen from."""
     from rootless.env import paths, probe
     from rootless.store.store import Store
 
@@ -168,7 +173,8 @@ def probed_rung(root: str | None) -> int:
         layer_format = store.layer_format.name if store.exists() else None
     except RbuildError:  # the build's own error says why
         layer_format = None
-    return probe.choose(probe.probe(path), layer_format).rung
+    found = probe.probe(path)
+    return probe.choose(found, layer_format).rung, found
 
 
 def run_build(

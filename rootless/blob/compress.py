@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from rootless.layer.layers import CHUNK, LayerError, open_blob, write_tar
+
+if TYPE_CHECKING:
+    from rootless.blob.growing import Growing
 
 __all__ = ["compress_layer", "compress_file", "FORMATS", "DEFAULT_LEVELS"]
 
@@ -31,18 +34,23 @@ _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no flags,
 
 
 class _Out:
-    """Compressed bytes to the file, hashed on the way."""
+    """Compressed bytes to the file, hashed on the way; with `growing`, flushed and announced as they come
+    (a push uploads them while the rest is compressed)."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.sha = hashlib.sha256()
         self.size = 0
+        self.growing: Growing | None = None
 
     def emit(self, data: bytes) -> None:
         if data:
             self.sha.update(data)
             self.f.write(data)
             self.size += len(data)
+            if self.growing is not None:
+                self.f.flush()
+                self.growing.grew(self.size)
 
 
 ISAL_LEVELS = range(0, 4)  # igzip's; zlib takes the levels above
@@ -98,7 +106,15 @@ class _Plain(_Out):
         pass
 
 
-def _writer(f: BinaryIO, fmt: str, level: int | None) -> _Gzip | _Zstd | _Plain:
+def _writer(f: BinaryIO, fmt: str, level: int | None, growing: Growing | None) -> _Gzip | _Zstd | _Plain:
+    if growing is not None:
+        growing.attach(f.fileno())
+    out = _new_writer(f, fmt, level)
+    out.growing = growing
+    return out
+
+
+def _new_writer(f: BinaryIO, fmt: str, level: int | None) -> _Gzip | _Zstd | _Plain:
     if fmt not in FORMATS:
         raise LayerError(f"unknown compression format {fmt!r} (expected one of {', '.join(FORMATS)})")
     lvl = DEFAULT_LEVELS.get(fmt, 0) if level is None else level
@@ -113,14 +129,17 @@ def _writer(f: BinaryIO, fmt: str, level: int | None) -> _Gzip | _Zstd | _Plain:
     return _Plain(f)
 
 
-def compress_layer(layer_dir: str, out_path: str, fmt: str, level: int | None = None) -> tuple[str, int, str]:
+def compress_layer(
+    layer_dir: str, out_path: str, fmt: str, level: int | None = None, growing: Growing | None = None
+) -> tuple[str, int, str]:
     """Write the layer's blob to `out_path` in one pass; returns (blob digest, blob size, diff_id).
 
-    fmt is "gzip", "zstd" or "none" (the plain tar); level None takes DEFAULT_LEVELS.
+    fmt is "gzip", "zstd" or "none" (the plain tar); level None takes DEFAULT_LEVELS. `growing` is told of
+    every compressed byte as it is written (the caller finishes or fails it).
     """
     try:
-        with open(out_path, "wb") as f:
-            out = _writer(f, fmt, level)
+        with open(out_path, "w+b" if growing else "wb") as f:  # readers pread the file
+            out = _writer(f, fmt, level, growing)
             diff_id, _ = write_tar(layer_dir, out)  # type: ignore[arg-type]
             out.close()
     except OSError as e:
@@ -128,18 +147,20 @@ def compress_layer(layer_dir: str, out_path: str, fmt: str, level: int | None = 
     return "sha256:" + out.sha.hexdigest(), out.size, diff_id
 
 
-def compress_file(blob_path: str, out_path: str, fmt: str, level: int | None = None) -> tuple[str, int, str]:
+def compress_file(
+    blob_path: str, out_path: str, fmt: str, level: int | None = None, growing: Growing | None = None
+) -> tuple[str, int, str]:
     """Recompress a stored blob (gzip, zstd or plain) into `fmt`; returns (digest, size, diff_id).
 
     Feeds the compressor the same fixed-size blocks as `compress_layer`, so equal content gives equal
-    blobs whichever way it arrived.
+    blobs whichever way it arrived. `growing`: as for compress_layer.
     """
     sha = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     try:
-        with open_blob(blob_path) as src, open(out_path, "wb") as f:
-            out = _writer(f, fmt, level)
+        with open_blob(blob_path) as src, open(out_path, "w+b" if growing else "wb") as f:
+            out = _writer(f, fmt, level, growing)
             while True:
                 n = 0
                 while n < CHUNK:

@@ -47,9 +47,12 @@ class LocalStepCache:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        # layers found in the store during this build (which holds it: no GC removes them meanwhile), so
+        # that each step's lookup checks only its own new layers, not its whole stack again
+        self._present: set[str] = set()
 
     def lookup(self, key: str) -> StepResult | None:
-        hit = self._store.cache_get(key)
+        hit = self._store.cache_get(key, self._present)
         if hit is None:
             return None
         return StepResult(hit["config"], hit["layers"], hit.get("cmd_set"))

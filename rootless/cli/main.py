@@ -72,6 +72,32 @@ PUSH_EXAMPLES = """examples:
 """
 _GLOBAL_WITH_VALUE = ("--root", "--log-level", "--storage-driver", "--isolation")
 _REGISTRY_COMMANDS = ("build", "bud", "push", "pull", "login", "logout", "run")
+# every subcommand (and alias) -> the name build_parser makes its parser under
+_COMMANDS = {
+    name: name
+    for name in (
+        "build",
+        "parse",
+        "images",
+        "inspect",
+        "tag",
+        "rmi",
+        "push",
+        "pull",
+        "prune",
+        "df",
+        "check",
+        "unshare",
+        "doctor",
+        "login",
+        "logout",
+        "run",
+        "history",
+        "save",
+        "load",
+        "completion",
+    )
+} | {"bud": "build"}
 
 
 def _chosen_command(argv: list[str]) -> str | None:
@@ -97,9 +123,16 @@ def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
     return options
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The argument parser; registry flags are defined only when `command` needs them (or is unknown)."""
+def build_parser(command: str | None = None, subcommands: bool = True) -> argparse.ArgumentParser:
+    """The argument parser. For a known `command` only that subcommand's parser is made (argparse's
+    construction of all of them is a good part of a cached build's time), and registry flags only when it
+    takes them; for None (help, completion, docs/reference.md) or an unknown word, every subcommand;
+    without `subcommands`, none (`rbuild --version`)."""
     registry_flags = command is None or command in _REGISTRY_COMMANDS
+    only = _COMMANDS.get(command or "")
+
+    def wanted(*names: str) -> bool:
+        return subcommands and (only is None or only in names)
 
     def _registry_args(p: argparse.ArgumentParser) -> None:
         if registry_flags:
@@ -112,194 +145,214 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    b = sub.add_parser(
-        "build",
-        aliases=["bud"],
-        help="build an image from a Containerfile",
-        description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, as an unprivileged user.",
-        epilog=BUILD_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common(b)
-    b.add_argument("context", nargs="?", default=".")
-    b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
-    b.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
-    b.add_argument("--build-arg", action="append", default=[], metavar="K[=V]")
-    b.add_argument("--build-arg-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines; # comments")
-    b.add_argument("--label", action="append", default=[], metavar="K=V")
-    b.add_argument(
-        "--build-context",
-        action="append",
-        default=[],
-        metavar="NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]",
-        help="a named context for FROM NAME, COPY --from=NAME and RUN --mount=from=NAME (repeatable)",
-    )
-    b.add_argument("--no-cache", action="store_true")
-    b.add_argument(
-        "--check", action="store_true", help="run BuildKit's build checks on the Containerfile and exit (1: findings)"
-    )
-    b.add_argument("--format", choices=["oci", "docker"], default="oci")
-    b.add_argument("--iidfile")
-    b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
-    _progress_arg(b)
-    b.add_argument("--target", help="build up to this stage")
-    b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
-    attached_flag(
-        b,
-        "--rewrite-timestamp",
-        True,
-        {"true": True, "false": False},
-        True,
-        "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)",
-    )
-    b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
-    b.add_argument(
-        "--network",
-        default="host",
-        metavar="host|none",
-        help="the network of RUN steps (default host: rbuild's own; none: loopback only); RUN --network overrides",
-    )
-    b.add_argument(
-        "--secret",
-        action="append",
-        default=[],
-        metavar="id=ID[,src=FILE|,env=VAR]",
-        help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
-    )
-    b.add_argument(
-        "--ssh",
-        action="append",
-        default=[],
-        metavar="default|ID=SOCKET|ID=KEY[,KEY]",
-        help="an ssh-agent for RUN --mount=type=ssh (default: $SSH_AUTH_SOCK; key files get an agent of their own)",
-    )
-    b.add_argument(
-        "--cache-from",
-        action="append",
-        default=[],
-        metavar="REF",
-        help="read build steps from this registry cache (repeatable; type=registry,ref=REF accepted)",
-    )
-    b.add_argument(
-        "--cache-to",
-        action="append",
-        default=[],
-        metavar="REF",
-        help="push this build's steps to a registry cache (type=registry,ref=REF,mode=max|min accepted)",
-    )
-    b.add_argument(
-        "-o",
-        "--output",
-        action="append",
-        default=[],
-        metavar="type=TYPE,dest=PATH",
-        help="also export the result: type=local,dest=DIR (the root filesystem as files), type=tar,dest=FILE|- "
-        "(as one tar), type=oci,dest=FILE[,name=NAME] or type=docker,dest=FILE[,name=NAME] (the image as an "
-        "archive); a bare DIR means type=local, - a tar on standard output",
-    )
-    b.add_argument(
-        "--metadata-file",
-        metavar="FILE",
-        help="write BuildKit's metadata (containerimage.digest, containerimage.config.digest, image.name) as JSON",
-    )
-    _registry_args(b)
-    if registry_flags:
-        from rootless.cli.registry import add_pull_argument
+    if wanted("build"):
+        b = sub.add_parser(
+            "build",
+            aliases=["bud"],
+            help="build an image from a Containerfile",
+            description="Build an image from the Containerfile (or Dockerfile) in CONTEXT, as an unprivileged user.",
+            epilog=BUILD_EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(b)
+        b.add_argument("context", nargs="?", default=".")
+        b.add_argument("-f", "--file", help="Containerfile (default: Containerfile, then Dockerfile, in the context)")
+        b.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
+        b.add_argument("--build-arg", action="append", default=[], metavar="K[=V]")
+        b.add_argument(
+            "--build-arg-file", action="append", default=[], metavar="FILE", help="KEY=VALUE lines; # comments"
+        )
+        b.add_argument("--label", action="append", default=[], metavar="K=V")
+        b.add_argument(
+            "--build-context",
+            action="append",
+            default=[],
+            metavar="NAME=DIR|docker-image://REF|oci-layout://PATH[:TAG]",
+            help="a named context for FROM NAME, COPY --from=NAME and RUN --mount=from=NAME (repeatable)",
+        )
+        b.add_argument("--no-cache", action="store_true")
+        b.add_argument(
+            "--check",
+            action="store_true",
+            help="run BuildKit's build checks on the Containerfile and exit (1: findings)",
+        )
+        b.add_argument("--format", choices=["oci", "docker"], default="oci")
+        b.add_argument("--iidfile")
+        b.add_argument("-q", "--quiet", action="store_true", help="the same as --progress=quiet")
+        _progress_arg(b)
+        b.add_argument("--target", help="build up to this stage")
+        b.add_argument("--timestamp", type=int, help="set created times and every new layer entry's mtime to N")
+        attached_flag(
+            b,
+            "--rewrite-timestamp",
+            True,
+            {"true": True, "false": False},
+            True,
+            "--rewrite-timestamp[=BOOL]: clamp new layer mtimes to SOURCE_DATE_EPOCH (default true)",
+        )
+        b.add_argument("--push", action="store_true", help="push every -t name to its registry after the build")
+        b.add_argument(
+            "--network",
+            default="host",
+            metavar="host|none",
+            help="the network of RUN steps (default host: rbuild's own; none: loopback only); RUN --network overrides",
+        )
+        b.add_argument(
+            "--secret",
+            action="append",
+            default=[],
+            metavar="id=ID[,src=FILE|,env=VAR]",
+            help="a secret for RUN --mount=type=secret (never stored in the image or the cache)",
+        )
+        b.add_argument(
+            "--ssh",
+            action="append",
+            default=[],
+            metavar="default|ID=SOCKET|ID=KEY[,KEY]",
+            help="an ssh-agent for RUN --mount=type=ssh (default: $SSH_AUTH_SOCK; key files get an agent of their own)",
+        )
+        b.add_argument(
+            "--cache-from",
+            action="append",
+            default=[],
+            metavar="REF",
+            help="read build steps from this registry cache (repeatable; type=registry,ref=REF accepted)",
+        )
+        b.add_argument(
+            "--cache-to",
+            action="append",
+            default=[],
+            metavar="REF",
+            help="push this build's steps to a registry cache (type=registry,ref=REF,mode=max|min accepted)",
+        )
+        b.add_argument(
+            "-o",
+            "--output",
+            action="append",
+            default=[],
+            metavar="type=TYPE,dest=PATH",
+            help="also export the result: type=local,dest=DIR (the root filesystem as files), type=tar,dest=FILE|- "
+            "(as one tar), type=oci,dest=FILE[,name=NAME] or type=docker,dest=FILE[,name=NAME] (the image as an "
+            "archive); a bare DIR means type=local, - a tar on standard output",
+        )
+        b.add_argument(
+            "--metadata-file",
+            metavar="FILE",
+            help="write BuildKit's metadata (containerimage.digest, containerimage.config.digest, image.name) as JSON",
+        )
+        _registry_args(b)
+        if registry_flags:
+            from rootless.cli.registry import add_pull_argument
 
-        add_pull_argument(b)
-    b.set_defaults(func=cmd_build)
+            add_pull_argument(b)
+        b.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("parse", help="print the Containerfile's syntax tree (BuildKit's dump format)")
-    _common(p)
-    p.add_argument("-f", "--file")
-    p.add_argument("context", nargs="?", default=".")
-    p.set_defaults(func=cmd_parse)
+    if wanted("parse"):
+        p = sub.add_parser("parse", help="print the Containerfile's syntax tree (BuildKit's dump format)")
+        _common(p)
+        p.add_argument("-f", "--file")
+        p.add_argument("context", nargs="?", default=".")
+        p.set_defaults(func=cmd_parse)
 
-    i = sub.add_parser("images", help="list images")
-    _common(i)
-    i.add_argument("--format", choices=["table", "json"], default="table")
-    i.add_argument("-q", "--quiet", action="store_true")
-    i.set_defaults(func=cmd_images)
+    if wanted("images"):
+        i = sub.add_parser("images", help="list images")
+        _common(i)
+        i.add_argument("--format", choices=["table", "json"], default="table")
+        i.add_argument("-q", "--quiet", action="store_true")
+        i.set_defaults(func=cmd_images)
 
-    ins = sub.add_parser("inspect", help="show an image's details (docker's shape)")
-    _common(ins)
-    ins.add_argument("names", nargs="+")
-    ins.set_defaults(func=cmd_inspect)
+    if wanted("inspect"):
+        ins = sub.add_parser("inspect", help="show an image's details (docker's shape)")
+        _common(ins)
+        ins.add_argument("names", nargs="+")
+        ins.set_defaults(func=cmd_inspect)
 
-    t = sub.add_parser("tag", help="add names to an image")
-    _common(t)
-    t.add_argument("image")
-    t.add_argument("names", nargs="+")
-    t.set_defaults(func=cmd_tag)
+    if wanted("tag"):
+        t = sub.add_parser("tag", help="add names to an image")
+        _common(t)
+        t.add_argument("image")
+        t.add_argument("names", nargs="+")
+        t.set_defaults(func=cmd_tag)
 
-    r = sub.add_parser("rmi", help="remove image names or images")
-    _common(r)
-    r.add_argument("names", nargs="+")
-    r.add_argument("-f", "--force", action="store_true")
-    r.set_defaults(func=cmd_rmi)
+    if wanted("rmi"):
+        r = sub.add_parser("rmi", help="remove image names or images")
+        _common(r)
+        r.add_argument("names", nargs="+")
+        r.add_argument("-f", "--force", action="store_true")
+        r.set_defaults(func=cmd_rmi)
 
-    pu = sub.add_parser(
-        "push",
-        help="write an image to oci:, oci-archive:, docker-archive: or a registry",
-        description="Write IMAGE to DEST: a registry (docker://HOST/REPO:TAG, the default), oci:DIR[:TAG], "
-        "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]. Without DEST, IMAGE names its registry.",
-        epilog=PUSH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common(pu)
-    pu.add_argument("image")
-    pu.add_argument("dest", nargs="?")
-    pu.add_argument("--format", choices=["oci", "docker"])
-    pu.add_argument("--compression-format", choices=["gzip", "zstd"])
-    pu.add_argument("--compression-level", type=int)
-    pu.add_argument("--digestfile")
-    pu.add_argument("-q", "--quiet", action="store_true")
-    _progress_arg(pu)
-    _registry_args(pu)
-    pu.set_defaults(func=cmd_push)
+    if wanted("push"):
+        pu = sub.add_parser(
+            "push",
+            help="write an image to oci:, oci-archive:, docker-archive: or a registry",
+            description="Write IMAGE to DEST: a registry (docker://HOST/REPO:TAG, the default), oci:DIR[:TAG], "
+            "oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]. Without DEST, IMAGE names its registry.",
+            epilog=PUSH_EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        _common(pu)
+        pu.add_argument("image")
+        pu.add_argument("dest", nargs="?")
+        pu.add_argument("--format", choices=["oci", "docker"])
+        pu.add_argument("--compression-format", choices=["gzip", "zstd"])
+        pu.add_argument("--compression-level", type=int)
+        pu.add_argument("--digestfile")
+        pu.add_argument("-q", "--quiet", action="store_true")
+        _progress_arg(pu)
+        _registry_args(pu)
+        pu.set_defaults(func=cmd_push)
 
-    pl = sub.add_parser("pull", help="copy an image into the local store")
-    _common(pl)
-    pl.add_argument("image")
-    pl.add_argument("-q", "--quiet", action="store_true")
-    _progress_arg(pl)
-    _registry_args(pl)
-    pl.set_defaults(func=cmd_pull)
+    if wanted("pull"):
+        pl = sub.add_parser("pull", help="copy an image into the local store")
+        _common(pl)
+        pl.add_argument("image")
+        pl.add_argument("-q", "--quiet", action="store_true")
+        _progress_arg(pl)
+        _registry_args(pl)
+        pl.set_defaults(func=cmd_pull)
 
-    pr = sub.add_parser("prune", help="remove what no named image needs: build cache, unused layers, unnamed images")
-    _common(pr)
-    pr.set_defaults(func=cmd_prune)
-    df = sub.add_parser("df", help="show the store's disk usage and limits")
-    _common(df)
-    df.set_defaults(func=cmd_df)
-    ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
-    _common(ck)
-    ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
-    ck.set_defaults(func=cmd_check)
+    if wanted("prune"):
+        pr = sub.add_parser(
+            "prune", help="remove what no named image needs: build cache, unused layers, unnamed images"
+        )
+        _common(pr)
+        pr.set_defaults(func=cmd_prune)
+    if wanted("df"):
+        df = sub.add_parser("df", help="show the store's disk usage and limits")
+        _common(df)
+        df.set_defaults(func=cmd_df)
+    if wanted("check"):
+        ck = sub.add_parser("check", help="verify the store; --repair removes what is broken")
+        _common(ck)
+        ck.add_argument("--repair", action="store_true", help="remove what is broken, then check again")
+        ck.set_defaults(func=cmd_check)
 
-    u = sub.add_parser("unshare", help="run a command inside rbuild's user namespace")
-    _common(u)
-    u.add_argument("cmd", nargs=argparse.REMAINDER)
-    u.set_defaults(func=cmd_unshare)
+    if wanted("unshare"):
+        u = sub.add_parser("unshare", help="run a command inside rbuild's user namespace")
+        _common(u)
+        u.add_argument("cmd", nargs=argparse.REMAINDER)
+        u.set_defaults(func=cmd_unshare)
 
-    dr = sub.add_parser("doctor", help="what this environment allows, the strategy rung a build uses, and fixes")
-    _common(dr)
-    dr.add_argument("--json", action="store_true", help="print rung, run_possible and checks as JSON")
-    dr.set_defaults(func=cmd_doctor)
+    if wanted("doctor"):
+        dr = sub.add_parser("doctor", help="what this environment allows, the strategy rung a build uses, and fixes")
+        _common(dr)
+        dr.add_argument("--json", action="store_true", help="print rung, run_possible and checks as JSON")
+        dr.set_defaults(func=cmd_doctor)
 
-    li = sub.add_parser("login", help="log in to a registry")
-    lo = sub.add_parser("logout", help="log out of a registry")
-    _common(li)
-    _common(lo)
-    if registry_flags:
-        from rootless.cli import registry
+    if wanted("login", "logout"):
+        li = sub.add_parser("login", help="log in to a registry")
+        lo = sub.add_parser("logout", help="log out of a registry")
+        _common(li)
+        _common(lo)
+        if registry_flags:
+            from rootless.cli import registry
 
-        registry.add_login_arguments(li)
-        li.set_defaults(func=lambda a: _say(registry.login_command(a)))
-        registry.add_logout_arguments(lo)
-        lo.set_defaults(func=lambda a: _say(registry.logout_command(a)))
-    if command is None or command not in sub.choices:  # run, history, save, load, completion (or a typo)
-        from rootless.cli import completion, imagecmds, runcmd
+            registry.add_login_arguments(li)
+            li.set_defaults(func=lambda a: _say(registry.login_command(a)))
+            registry.add_logout_arguments(lo)
+            lo.set_defaults(func=lambda a: _say(registry.logout_command(a)))
+    if wanted("run"):
+        from rootless.cli import runcmd
 
         def _pull_args(p: argparse.ArgumentParser) -> None:
             _registry_args(p)
@@ -309,7 +362,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 add_pull_argument(p)
 
         runcmd.add_parser(sub, _common, _pull_args)
+    if wanted("history", "save", "load"):
+        from rootless.cli import imagecmds
+
         imagecmds.add_parsers(sub, _common)
+    if wanted("completion"):
+        from rootless.cli import completion
+
         completion.add_parser(sub, _common)
     return parser
 
@@ -378,11 +437,14 @@ def _run_inside(args: argparse.Namespace, idmap: Any, fn: Callable[[Any], int]) 
     return userns.run_inside(idmap, lambda got: _guard(args, lambda: fn(got)), _error, _warn(args))
 
 
-def _in_namespace(args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False) -> int:
+def _in_namespace(
+    args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False, made: tuple[Any, Any] | None = None
+) -> int:
     """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there; `limited`: a
-    build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size)."""
+    build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size);
+    `made`: _store_and_map's answer, when the caller asked it already."""
 
-    store, idmap = _store_and_map(args)
+    store, idmap = made or _store_and_map(args)
     parent = os.path.dirname(store.root)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -551,12 +613,10 @@ def cmd_build(args: argparse.Namespace) -> int:
             "use rbuild login for the registries FROM names"
         )
 
-    def run(store: Any, idmap: Any) -> int:
-        from rootless import api
+    def options(registry_options: Any) -> Any:
         from rootless.build.state import BuildOptions
-        from rootless.events import Notice
 
-        opts = BuildOptions(
+        return BuildOptions(
             tags=args.tag,
             labels=labels,
             no_cache=args.no_cache,
@@ -566,7 +626,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             source_date_epoch=sde,
             rewrite_timestamp=args.rewrite_timestamp,
             pull=pull,
-            registry_options=_registry_options(args, remote_tags),
+            registry_options=registry_options,
             containerfile=cf_path if args.file != "-" else None,
             secrets=secrets,
             debug=getattr(args, "log_level", None) == "debug",
@@ -575,6 +635,11 @@ def cmd_build(args: argparse.Namespace) -> int:
             network=network,
             ssh=ssh,
         )
+
+    def run(store: Any, idmap: Any) -> int:
+        from rootless import api
+
+        opts = options(_registry_options(args, remote_tags))
         try:
             image_id = api.run_build(plan, store, idmap, opts, reporter, getattr(args, "storage_driver", None), rung)
         except BaseException:
@@ -582,14 +647,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             if failed is not None:
                 failed()
             raise
+        return done(store, idmap, image_id, opts.registry_options)
+
+    def done(store: Any, idmap: Any, image_id: str, registry_options: Any) -> int:
         digest = None
         if args.push:
+            from rootless.events import Notice
             from rootless.oci import transports
 
             rec = store.find([image_id])
             for t in args.tag:
                 digest = transports.RegistryTransport(names.normalize(t)).export(
-                    store, rec, args.format, None, None, opts.registry_options, reporter
+                    store, rec, args.format, None, None, registry_options, reporter
                 )
                 reporter.emit(Notice(f"Pushed {names.normalize(t)} ({digest})"))
         written = output.write(store, image_id, outputs, Ownership.for_mapping(idmap.single), args.tag, reporter)
@@ -602,10 +671,86 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(image_id, file=sys.stderr if any(o.dest == "-" for o in outputs) else sys.stdout, flush=True)
         return 0
 
-    rung = _probed_rung(args)  # before the namespace: the probe's children are forked from here
+    rung, found = _probed(args)  # before the namespace: the probe's children are forked from here
     with contextlib.ExitStack() as stack:
         ssh = _ssh_agents(args.ssh, stack)
-        return int(_in_namespace(args, run, limited=True))
+        made = _store_and_map(args)
+        if not (args.push or outputs):  # both read layer files, which only the namespace may
+            store, idmap = made
+            image_id = _cached_build(args, store, idmap, plan, options(None), reporter, rung, found)
+            if image_id is not None:
+                return done(store, idmap, image_id, None)
+        return int(_in_namespace(args, run, limited=True, made=made))
+
+
+def _cached_build(
+    args: argparse.Namespace, store: Any, idmap: Any, plan: Any, opts: Any, reporter: Any, rung: int, found: Any
+) -> str | None:
+    """A build whose every step is cached, answered without the user namespace (build/cached.py) when
+    everything the namespace's build does first would change nothing here: the store is current, made
+    under this mapping, nothing to sweep, no per-user limits, the strategy decided without a trial mount
+    and recorded already. The image id, or None: the build runs in the namespace."""
+    from rootless.env import limits, strategy
+    from rootless.store.store import STORE_VERSION
+
+    forced = getattr(args, "storage_driver", None) or os.environ.get("RBUILD_STORAGE_DRIVER") or None
+    if opts.no_cache or not (idmap.single or idmap.real_root or _check_ok(found, "id_mapping")):
+        return None  # (newuidmap would fail here: the namespace's build says what then)
+    try:
+        if not store.exists():
+            return None
+        store.check_mapping(idmap)
+        store.check_format()
+        if store.version != STORE_VERSION or _leftovers(store):
+            return None
+        lim = limits.load()
+        if lim.concurrent_builds or lim.store_size is not None:
+            return None
+        layer_format = store.layer_format
+        if not strategy.settled(idmap, forced, layer_format, rung):
+            return None
+        chosen = strategy.choose(idmap, store.root, forced, layer_format, store.last_rung(), rung)
+    except RbuildError:
+        return None  # the namespace's build says it
+    if strategy.runs_possible(chosen) is not None or not store.records(chosen.to_json()):
+        return None
+    from rootless.build import cached
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(store.in_use())
+        except OSError:
+            return None
+        image_id: str | None = cached.build(plan, store, opts, chosen, reporter)
+    return image_id
+
+
+def _check_ok(found: Any, name: str) -> bool:
+    try:
+        return bool(found.check(name).ok)
+    except KeyError:
+        return False
+
+
+def _leftovers(store: Any) -> bool:
+    """Whether opening the store in the namespace would sweep something (a killed process's staging or
+    mount-point directory, temporary file or cut-off layer): then the build goes there."""
+    from rootless.blob.digest import is_sha256_hex
+    from rootless.store.store import TEMP_PREFIXES
+
+    root = store.root
+    try:
+        if os.listdir(os.path.join(root, "tmp")):
+            return True
+        if store.runtime is not None and any(n.startswith("mnt-") for n in os.listdir(store.runtime_path())):
+            return True
+        for d in (root, os.path.join(root, "blobs"), store.blob_dir(), os.path.join(root, "cache")):
+            if any(n.startswith(TEMP_PREFIXES) for n in os.listdir(d)):
+                return True
+        chains = set(os.listdir(os.path.join(root, "chains")))
+    except OSError:
+        return True
+    return any(n.startswith(TEMP_PREFIXES) or (is_sha256_hex(n) and n + ".json" not in chains) for n in chains)
 
 
 def _check_containerfile(data: bytes, shown: str) -> int:
@@ -628,6 +773,8 @@ def _check_containerfile(data: bytes, shown: str) -> int:
 def _ssh_agents(specs: list[str], stack: contextlib.ExitStack) -> dict[str, str]:
     """--ssh default|ID[=SOCKET|=KEY[,KEY...]] (BuildKit's syntax): id -> an agent socket. Key files are
     loaded into an ssh-agent started for this build and ended with it (stack)."""
+    if not specs:
+        return {}
     import stat
     import subprocess
     import tempfile
@@ -716,9 +863,14 @@ def _network_mode(value: str) -> str:
 
 def _probed_rung(args: argparse.Namespace) -> int:
     """The rung `rbuild doctor` reports for this store (api.probed_rung): builds take it."""
+    return _probed(args)[0]
+
+
+def _probed(args: argparse.Namespace) -> tuple[int, Any]:
+    """The rung `rbuild doctor` reports for this store (api.probed): builds take it; and the probe."""
     from rootless import api
 
-    return api.probed_rung(getattr(args, "root", None))
+    return api.probed(getattr(args, "root", None))
 
 
 def _store_format(root: str) -> str | None:
@@ -1119,15 +1271,22 @@ def _guard(args: argparse.Namespace, fn: Callable[[], int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_chosen_command(argv))
-    holder = argparse.Namespace()
+    command = _chosen_command(argv)
+    # no command and no help asked for: the global flags alone (--version) need no subcommand parsers
+    bare = command is None and not any(a.startswith(("-h", "--h")) for a in argv)
     try:
-        args = parser.parse_args(argv, namespace=holder)
+        try:
+            args = build_parser(command, subcommands=not bare).parse_args(argv, namespace=argparse.Namespace())
+        except RbuildError:
+            if command not in _COMMANDS and not bare:
+                raise
+            # the whole parser says what is wrong, as it always has
+            args = build_parser(None).parse_args(argv, namespace=argparse.Namespace())
     except RbuildError as e:
         print(f"Error: {e}", file=sys.stderr)
         return 125
     if not getattr(args, "command", None):
-        parser.print_help(sys.stderr)
+        build_parser(None).print_help(sys.stderr)
         return 125
     return _guard(args, lambda: _isolated(args))
 

@@ -70,6 +70,8 @@ def write(
 ) -> dict[str, str]:
     """Carry out the outputs inside the user namespace; returns manifest digests written, by type.
     What went differently from the image is a warning (-q shows it too), the rest a notice."""
+    if not outputs:
+        return {}
     from rootless.build import export
     from rootless.oci import archive, names
 

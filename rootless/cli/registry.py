@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from rootless.cli.flags import attached_flag
 from rootless.errors import RbuildError
-from rootless.registry.api import RegistryOptions, login, login_host, logout
+
+if TYPE_CHECKING:  # the client API (oci, digests, dataclasses) only when a registry is used, not to parse flags
+    from rootless.registry.api import RegistryOptions
 
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False, "on": True, "off": False}
 
@@ -55,6 +58,8 @@ def add_pull_argument(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> RegistryOptions:
     """RegistryOptions from parsed arguments (any of them may be absent)."""
+    from rootless.registry.api import RegistryOptions
+
     return RegistryOptions(
         tls_verify=getattr(args, "tls_verify", None),
         cert_dir=getattr(args, "cert_dir", None),
@@ -99,12 +104,16 @@ def login_command(args: argparse.Namespace) -> str:
         password = getpass.getpass("Password: ")
     else:
         raise RbuildError("login: no password given (use --password-stdin)")
+    from rootless.registry.api import login
+
     login(args.registry, username, password, options_from_args(args))
     return "Login Succeeded!"
 
 
 def logout_command(args: argparse.Namespace) -> str:
     """Run `rbuild logout HOST` or `rbuild logout --all`; the line to show."""
+    from rootless.registry.api import login_host, logout
+
     options = options_from_args(args)
     if args.all:
         from rootless.registry import auth

@@ -180,6 +180,18 @@ def choose(
     return Strategy(isolation, rootfs, Ownership.for_mapping(idmap.single), layer_format)
 
 
+def settled(idmap: IdMap, driver: str | None, layer_format: LayerFormat, rung: int | None) -> bool:
+    """Whether `choose` decides for these without trying a mount (which needs the build's namespace): a
+    forced copy driver, no mount namespace, or the probed rung's driver building on the store's format."""
+    if driver is not None:
+        return driver_name(driver) == "copy"
+    from rootless.env import userns
+
+    if userns.isolation(idmap) in ("none", "none-privileged"):
+        return True
+    return rung is not None and layer_format.name in DRIVERS[RUNG_DRIVERS[rung]]().formats
+
+
 def runs_possible(chosen: Strategy) -> str | None:
     """None when RUN steps can run under `chosen`, else why not and the remedy (one clause)."""
     if chosen.isolation != "none":

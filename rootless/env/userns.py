@@ -19,7 +19,6 @@ import os
 import pwd
 import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -312,6 +311,8 @@ def _write_maps(pid: int, idmap: IdMap, warn: Callable[[str], None]) -> IdMap:
         _write_file(f"/proc/{pid}/gid_map", "".join(f"{a} {a} {c}\n" for a, _, c in idmap.gids))
         _write_file(f"/proc/{pid}/uid_map", "".join(f"{a} {a} {c}\n" for a, _, c in idmap.uids))
         return idmap
+    import subprocess  # here: a build answered from the cache never maps a namespace
+
     for n, (tool, ranges) in enumerate((("newgidmap", idmap.gids), ("newuidmap", idmap.uids))):
         argv = [tool, str(pid)] + [str(x) for r in ranges for x in r]
         res = subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

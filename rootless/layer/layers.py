@@ -1634,42 +1634,42 @@ class _GzipMembers(io.RawIOBase):
                 return len(out)
 
 
-def _zstd_frames_end(path: str, what: str) -> None:
-    """Refuse anything after the last zstd frame that is not a whole frame: zstandard's reader ignores a
-    partial one at the end, Go's zstd reader refuses it. Walks the frame and block headers (no data)."""
+def _zstd_frames_end(f: IO[bytes], what: str) -> None:
+    """Refuse anything after the last zstd frame of the blob `f` (seekable, read to its end) that is not a
+    whole frame: zstandard's reader ignores a partial one at the end, Go's zstd reader refuses it. Walks
+    the frame and block headers (no data)."""
     trailing = LayerError(
         f"blob {what}: corrupt compressed data: trailing bytes after the end of the zstd "
         "stream (not a whole zstd frame; Go's zstd reader refuses them)"
     )
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        pos = 0
+    size = f.seek(0, io.SEEK_END)
+    pos = 0
 
-        def at(n: int) -> int:
-            if pos + n > size:
-                raise trailing
-            f.seek(pos)
-            return int.from_bytes(f.read(n), "little")
-
-        while pos < size:
-            magic = at(4)
-            pos += 4
-            if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
-                pos += 4 + at(4)
-                continue
-            if magic != 0xFD2FB528:
-                raise trailing
-            fhd = at(1)
-            single = fhd >> 5 & 1
-            pos += 1 + (1 - single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
-            while True:
-                head = at(3)
-                pos += 3 + (1 if head >> 1 & 3 == 1 else head >> 3)  # an RLE block holds one byte
-                if head & 1:
-                    break
-            pos += 4 * (fhd >> 2 & 1)  # the content checksum
-        if pos != size:
+    def at(n: int) -> int:
+        if pos + n > size:
             raise trailing
+        f.seek(pos)
+        return int.from_bytes(f.read(n), "little")
+
+    while pos < size:
+        magic = at(4)
+        pos += 4
+        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
+            pos += 4 + at(4)
+            continue
+        if magic != 0xFD2FB528:
+            raise trailing
+        fhd = at(1)
+        single = fhd >> 5 & 1
+        pos += 1 + (1 - single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+        while True:
+            head = at(3)
+            pos += 3 + (1 if head >> 1 & 3 == 1 else head >> 3)  # an RLE block holds one byte
+            if head & 1:
+                break
+        pos += 4 * (fhd >> 2 & 1)  # the content checksum
+    if pos != size:
+        raise trailing
 
 
 class _Blob(io.RawIOBase):
@@ -1678,14 +1678,18 @@ class _Blob(io.RawIOBase):
     A thread decompresses up to 4 MiB ahead, so decompression overlaps the consumer's work (unpack).
     """
 
-    def __init__(self, path: str, digest: str | None, diff_id: str | None, name: str | None) -> None:
+    def __init__(
+        self, path: str, digest: str | None, diff_id: str | None, name: str | None, file: IO[bytes] | None = None
+    ) -> None:
         self.path, self.digest, self.diff_id = path, digest, diff_id
         self.name = name or digest or path  # in error messages
-        self.file = open(path, "rb", buffering=0)
-        magic = self.file.read(4)
+        self.file: IO[bytes] = file if file is not None else open(path, "rb", buffering=0)
+        magic = b""
+        while len(magic) < 4 and (more := self.file.read(4 - len(magic))):  # a blob still arriving comes in pieces
+            magic += more
         self.file.seek(0)
         try:  # the compressed bytes, verified against `digest` by the read that reaches their end
-            self.raw: io.RawIOBase = self.file if digest is None else VerifyingReader(self.file, digest)
+            self.raw = cast(io.RawIOBase, self.file) if digest is None else VerifyingReader(self.file, digest)
             self.out = Verifier(diff_id, what=f"blob {self.name}") if diff_id else None
         except RbuildError as e:  # a digest of an unknown algorithm
             self.file.close()
@@ -1757,7 +1761,7 @@ class _Blob(io.RawIOBase):
         while self.raw.readinto(buf):
             pass
         if self.zstd:
-            _zstd_frames_end(self.path, self.name)
+            _zstd_frames_end(self.file, self.name)
         if self.out is not None and self.out.got != self.diff_id:
             raise LayerError(f"blob {self.name}: uncompressed content does not match diff_id {self.diff_id}")
 
@@ -1772,15 +1776,23 @@ class _Blob(io.RawIOBase):
         super().close()
 
 
-def open_blob(path: str, *, digest: str | None = None, diff_id: str | None = None, name: str | None = None) -> BinaryIO:
+def open_blob(
+    path: str,
+    *,
+    digest: str | None = None,
+    diff_id: str | None = None,
+    name: str | None = None,
+    file: IO[bytes] | None = None,
+) -> BinaryIO:
     """Reader of a layer blob's uncompressed tar: gzip (ISA-L), zstd or plain, told by magic bytes.
 
     With `digest` / `diff_id` the compressed / uncompressed bytes are hashed while streaming and
     checked at the end of the stream (LayerError on mismatch): read it to the end (`unpack` does).
     Bytes after the compressed stream are refused, as Go's readers refuse them. `name` (default: the
-    digest, else the path) names the blob in errors.
+    digest, else the path) names the blob in errors. `file`: the blob's bytes from this seekable reader
+    instead of `path` (a blob still arriving); closed with the reader.
     """
     try:
-        return io.BufferedReader(_Blob(path, digest, diff_id, name), CHUNK)
+        return io.BufferedReader(_Blob(path, digest, diff_id, name, file), CHUNK)
     except OSError as e:
         raise LayerError(f"blob {path}: {e.strerror or e}") from None

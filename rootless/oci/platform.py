@@ -4,7 +4,7 @@ layouts and `oci-archive:` imports alike: the entry containerd would run, or one
 from __future__ import annotations
 
 import json
-import platform
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,7 @@ def parse_platform(text: str | None) -> Platform:
 
 def host_platform() -> Platform:
     """The platform this machine runs natively."""
-    return Platform.make("linux", platform.machine() or "amd64")
+    return Platform.make("linux", os.uname().machine or "amd64")  # platform.machine()'s answer, without its import
 
 
 def match_rank(want: Platform, have: Platform) -> int | None:

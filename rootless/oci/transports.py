@@ -11,16 +11,18 @@ Export (push): oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME[
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
 import shutil
-import tarfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 from rootless.blob.digest import hex_of, sha256_of
+from rootless.blob.growing import Growing
 from rootless.blob.verify import BlobMismatch, VerifyingReader, verify_bytes
 from rootless.errors import RbuildError
 from rootless.events import Reporter
@@ -31,9 +33,11 @@ from rootless.layer.ownership import Ownership
 from rootless.oci import image as img
 from rootless.oci import schema as ocischema
 from rootless.oci.platform import Platform, check_config_platform, choose_platform, parse_platform
-from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339
+from rootless.store.store import ImageRecord, Store, chain_ids, now_rfc3339, rmtree
 
 if TYPE_CHECKING:
+    import tarfile
+
     from rootless.registry.api import RegistryOptions
 
 CHUNK = 1 << 20
@@ -62,6 +66,8 @@ class Source:
     config_bytes: bytes
     open_blob: Callable[[str], IO[bytes]]
     remote_digest: str = ""
+    # blobs on their way into the store (a registry pull): digest -> the download, readable as it grows
+    arriving: dict[str, Growing] = field(default_factory=dict)
 
 
 class _Layout:
@@ -328,14 +334,33 @@ class RegistryTransport(Transport):
         remote = client.resolve_any(registry.resolve_names(self.rest, options))
         manifest = json.loads(remote.manifest)
         layers = [d for d in remote.layers if not store.has_blob(d.digest)]
-        client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), reporter)
+        # Download in the background; import_image unpacks each layer as its blob arrives.
+        arriving = {d.digest: Growing(f"blob {d.digest}") for d in layers}
+        cancel = threading.Event()
+
+        def fetch() -> None:
+            with contextlib.suppress(BaseException):  # every reader gets the error through its Growing
+                client.fetch_blobs(remote.ref, layers, os.path.join(store.root, "blobs"), reporter, arriving, cancel)
+
+        thread = threading.Thread(target=fetch, name="rbuild-fetch", daemon=True)
+        thread.start()
 
         def opener(digest: str) -> IO[bytes]:
+            if digest in arriving:
+                arriving[digest].result()
             return open(store.blob_path(digest), "rb")
 
         # the digest a registry serves for the name (an index's, for multi-platform images): --pull=newer compares it
         digest = remote.index_digest or remote.manifest_digest
-        yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener, digest)
+        try:
+            yield Source(str(remote.ref), manifest, remote.manifest, remote.config, opener, digest, arriving)
+            for g in arriving.values():
+                g.result()  # every blob in place (an error the import did not meet is still an error)
+        finally:
+            cancel.set()
+            thread.join()
+            for g in arriving.values():
+                g.close()
 
     def export(
         self,
@@ -347,22 +372,53 @@ class RegistryTransport(Transport):
         options: RegistryOptions | None = None,
         reporter: Reporter | None = None,
     ) -> str:
-        exp = prepare_export(store, record, fmt, compression or "gzip", level)
+        compression = compression or "gzip"
+        config, jobs = _export_jobs(store, record, fmt, compression)
         config_type = img.DOCKER_CONFIG if fmt == "docker" else img.OCI_CONFIG
-        return self.push(exp.manifest, exp.manifest_media_type, config_type, exp.config, exp.layers, options, reporter)
+        media_type = img.manifest(fmt, record.id, len(config), [])["mediaType"]
+        stored = [stored_layer_blob(store, chain, own, fmt, compression, level) for _, chain, own in jobs]
+        growing = {i: Growing(f"compressing layer {jobs[i][0]}") for i, b in enumerate(stored) if b is None}
+        if not growing:
+            exp = _export(record, fmt, config, [b for b in stored if b is not None])
+            return self.push(exp.manifest, media_type, config_type, config, exp.layers, options, reporter)
+        # Compress the missing blobs (one layer per core) while the push uploads them as they grow; the
+        # manifest is made when every blob is known.
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=_workers(len(growing)), thread_name_prefix="rbuild-compress")
+        futures = {
+            i: pool.submit(compress_layer_blob, store, *jobs[i], fmt, compression, level, g) for i, g in growing.items()
+        }
+
+        def manifest() -> bytes:
+            return _export(record, fmt, config, [b or futures[i].result() for i, b in enumerate(stored)]).manifest
+
+        try:
+            layers: list[Blob | tuple[str, Growing]] = [
+                b or (img.layer_media_type(fmt, compression), growing[i]) for i, b in enumerate(stored)
+            ]
+            return self.push(manifest, media_type, config_type, config, layers, options, reporter)
+        finally:
+            for g in growing.values():
+                g.cancel()  # a compressor still running (the push failed) stops at its next write
+            pool.shutdown(wait=True, cancel_futures=True)
+            for g in growing.values():
+                g.close()
 
     def push(
         self,
-        manifest: bytes,
+        manifest: bytes | Callable[[], bytes],
         media_type: str,
         config_type: str,
         config: bytes,
-        layers: list[Blob],
+        layers: Sequence[Blob | tuple[str, Growing]],
         options: RegistryOptions | None = None,
         reporter: Reporter | None = None,
     ) -> str:
         """Push a manifest with its config (of media type `config_type`) and layer blobs from the store;
-        returns the manifest digest (images and rbuild's registry cache alike)."""
+        returns the manifest digest (images and rbuild's registry cache alike). A layer may be a blob still
+        being written, as (media type, Growing): it is uploaded as it grows, and `manifest` is then a
+        function called once every blob is complete."""
         from rootless.oci.reference import parse_reference
         from rootless.registry import api as registry
 
@@ -373,11 +429,13 @@ class RegistryTransport(Transport):
         def opener(p: str) -> Callable[[], BinaryIO]:
             return lambda: open(p, "rb")
 
-        layer_list = [
+        layer_list: list[tuple[registry.Descriptor, Callable[[], BinaryIO]] | registry.StreamedBlob] = [
             (
                 registry.Descriptor(b.descriptor["mediaType"], b.descriptor["digest"], b.descriptor["size"]),
                 opener(b.path),
             )
+            if isinstance(b, Blob)
+            else registry.StreamedBlob(*b)
             for b in layers
         ]
         return client.push(ref, manifest, media_type, config_desc, config, layer_list, reporter)
@@ -417,7 +475,8 @@ def import_image(
     chains = chain_ids(diff_ids)
     for i, (desc, diff_id, chain) in enumerate(zip(descs, diff_ids, chains, strict=True)):
         digest = desc["digest"]
-        if not store.has_blob(digest):  # the image's own blob, even where the layer is unpacked already
+        arriving = source.arriving.get(digest)
+        if arriving is None and not store.has_blob(digest):  # the image's own blob, even where the layer is unpacked
             with source.open_blob(digest) as src:
                 copy_verified(src, store.blob_path(digest), digest, desc.get("size"), source.name)
         if not store.has_layer(chain):
@@ -426,7 +485,8 @@ def import_image(
             with store.staging("unpack-") as tmp:
                 target = os.path.join(tmp, "diff")
                 os.mkdir(target, 0o755)
-                size = unpack_blob(
+                unpack = functools.partial(
+                    unpack_blob,
                     store.blob_path(digest),
                     digest,
                     target,
@@ -436,6 +496,7 @@ def import_image(
                     f"{source.name}: ",
                     store.layer_format,
                 )
+                size = unpack() if arriving is None else _unpack_arriving(arriving, unpack, target)
                 store.add_layer(
                     target,
                     chain,
@@ -448,13 +509,31 @@ def import_image(
                         "blobs": [],
                     },
                 )
-        elif digest not in store.layer_meta(chain).get("sources", []):
-            verify_blob(store.blob_path(digest), digest, diff_id)
-            store.add_layer_source(chain, digest)
+        else:
+            if arriving is not None:
+                arriving.result()
+            if digest not in store.layer_meta(chain).get("sources", []):
+                verify_blob(store.blob_path(digest), digest, diff_id)
+                store.add_layer_source(chain, digest)
     manifest = img.manifest("oci", sha256_of(source.config_bytes), len(source.config_bytes), descs)
     return store.add_image(
         source.config_bytes, img.canonical(manifest), names, config.get("created", now_rfc3339()), source.remote_digest
     )
+
+
+def _unpack_arriving(arriving: Growing, unpack: Callable[..., int], target: str) -> int:
+    """Unpack a layer from its blob while the blob downloads; returns the tar's size. The end of the stream
+    comes only once the download is complete and verified, so a layer unpacked from a blob that failed is
+    never kept. When the unpack fails, the download's own error (a digest mismatch, a broken connection) is
+    the one to report; a download that started over under the unpacker (a corrupt first copy fetched
+    again) is unpacked once more from the verified blob."""
+    try:
+        return unpack(file=arriving.reader())
+    except RbuildError:
+        arriving.result()  # the download failed: its error is the cause
+        rmtree(target)
+        os.mkdir(target, 0o755)
+        return unpack()  # the blob is in place and verified: unpack it again, and its own error stands
 
 
 def unpack_blob(
@@ -466,14 +545,16 @@ def unpack_blob(
     ownership: Ownership,
     where: str = "",
     fmt: LayerFormat = FORMAT,
+    file: IO[bytes] | None = None,
 ) -> int:
     """Unpack the layer blob `name` at path into target on top of lowers (top first); returns its tar size.
 
-    The tar must be diff_id; `where` prefixes that error (the image's name); `fmt`: the store's layer format.
+    The tar must be diff_id; `where` prefixes that error (the image's name); `fmt`: the store's layer format;
+    `file`: the blob read from this stream instead (one still arriving).
     """
     from rootless.layer import layers
 
-    with layers.open_blob(path, name=name) as raw:
+    with layers.open_blob(path, name=name, file=file) as raw:
         reader = VerifyingReader(raw, diff_id)
         try:
             layers.unpack(reader, target, lowers=lowers, ownership=ownership, fmt=fmt)
@@ -514,32 +595,68 @@ def layer_blob(
     """The blob an image pushes for one layer: `own`, the one its manifest names (pulled with it or with its
     base image), when that has the compression asked for; else one rbuild compresses from the layer's
     exact tar, made once and kept (a second push does not compress again)."""
+    found = stored_layer_blob(store, chain, own, fmt, compression, level)
+    return found or compress_layer_blob(store, diff_id, chain, own, fmt, compression, level)
+
+
+def stored_layer_blob(
+    store: Store, chain: str, own: dict[str, Any] | None, fmt: str, compression: str, level: int | None
+) -> Blob | None:
+    """The layer's blob in `compression` if the store has it already (see layer_blob), else None."""
     want = img.layer_media_type(fmt, compression)
     if own is not None and img.compression_of(str(own.get("mediaType", ""))) == compression:
         with contextlib.suppress(RbuildError):
             if store.has_blob(own["digest"]):
                 path = store.blob_path(own["digest"])
                 return Blob({"mediaType": want, "digest": own["digest"], "size": os.path.getsize(path)}, path)
-    meta = store.layer_meta(chain)
-    for b in meta.get("blobs", []):
+    for b in store.layer_meta(chain).get("blobs", []):
         if (img.compression_of(b["mediaType"]), b.get("level")) == (compression, level) and store.has_blob(b["digest"]):
             return Blob({"mediaType": want, "digest": b["digest"], "size": b["size"]}, store.blob_path(b["digest"]))
+    return None
+
+
+def compress_layer_blob(
+    store: Store,
+    diff_id: str,
+    chain: str,
+    own: dict[str, Any] | None,
+    fmt: str,
+    compression: str,
+    level: int | None,
+    growing: Growing | None = None,
+) -> Blob:
+    """Compress the layer's exact tar into a blob kept in the store (and noted in the layer's meta, so a
+    second push does not compress again). `growing` sees the blob as it is written: it is finished once the
+    blob is in the store under its digest, and failed (with the error raised) if compressing fails."""
     from rootless.blob import compress
 
-    with store.staging("compress-") as tmp:
-        out = os.path.join(tmp, "blob")
-        if meta.get("origin") == "dir":
-            digest, size, got_diff = compress.compress_layer(store.layer_dir(chain), out, compression, level)
-        else:
-            digest, size, got_diff = compress.compress_file(tar_source(store, meta, own), out, compression, level)
-        if got_diff != diff_id:
-            raise RbuildError(
-                f"layer {diff_id} no longer reproduces its content (got {got_diff}); the store is damaged"
-            )
-        final = store.blob_path(digest)
-        if not os.path.exists(final):
-            os.rename(out, final)
-    store.add_layer_blob(chain, {"mediaType": want, "digest": digest, "size": size, "level": level})
+    want = img.layer_media_type(fmt, compression)
+    meta = store.layer_meta(chain)
+    try:
+        with store.staging("compress-") as tmp:
+            out = os.path.join(tmp, "blob")
+            if meta.get("origin") == "dir":
+                digest, size, got_diff = compress.compress_layer(
+                    store.layer_dir(chain), out, compression, level, growing
+                )
+            else:
+                digest, size, got_diff = compress.compress_file(
+                    tar_source(store, meta, own), out, compression, level, growing
+                )
+            if got_diff != diff_id:
+                raise RbuildError(
+                    f"layer {diff_id} no longer reproduces its content (got {got_diff}); the store is damaged"
+                )
+            final = store.blob_path(digest)
+            if not os.path.exists(final):
+                os.rename(out, final)
+        store.add_layer_blob(chain, {"mediaType": want, "digest": digest, "size": size, "level": level})
+    except BaseException as e:
+        if growing is not None:
+            growing.fail(e)
+        raise
+    if growing is not None:
+        growing.finish(digest, size)
     return Blob({"mediaType": want, "digest": digest, "size": size}, final)
 
 
@@ -567,7 +684,10 @@ class Export:
         return sha256_of(self.manifest)
 
 
-def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str, level: int | None) -> Export:
+def _export_jobs(
+    store: Store, record: ImageRecord, fmt: str, compression: str
+) -> tuple[bytes, list[tuple[str, str, dict[str, Any] | None]]]:
+    """The image's config and, per layer, (diff_id, chain id, the blob its own manifest names)."""
     if fmt == "docker" and compression == "zstd":
         raise RbuildError("the docker image format has no zstd layers: use --format oci or --compression-format gzip")
     config = store.read_blob(record.id)
@@ -575,21 +695,34 @@ def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str
     own: list[dict[str, Any] | None] = list(store.read_json(record.manifest).get("layers", []))
     if len(own) != len(diff_ids):
         own = [None] * len(diff_ids)
-    jobs = list(zip(diff_ids, chain_ids(diff_ids), own, strict=True))
+    return config, list(zip(diff_ids, chain_ids(diff_ids), own, strict=True))
+
+
+def _export(record: ImageRecord, fmt: str, config: bytes, blobs: list[Blob]) -> Export:
+    man = img.manifest(fmt, record.id, len(config), [b.descriptor for b in blobs])
+    return Export(img.canonical(man), man["mediaType"], config, record.id, blobs)
+
+
+def _workers(jobs: int) -> int:
+    """Threads for compressing `jobs` layers at once: one per core (the compressors and hashlib release the
+    GIL), never more than there are layers."""
+    return max(1, min(jobs, len(os.sched_getaffinity(0))))
+
+
+def prepare_export(store: Store, record: ImageRecord, fmt: str, compression: str, level: int | None) -> Export:
+    config, jobs = _export_jobs(store, record, fmt, compression)
 
     def one(job: tuple[str, str, dict[str, Any] | None]) -> Blob:
         return layer_blob(store, *job, fmt, compression, level)
 
-    workers = min(len(jobs), len(os.sched_getaffinity(0)))
-    if workers <= 1:
+    if _workers(len(jobs)) <= 1:
         blobs = [one(j) for j in jobs]
     else:  # the compressors (ISA-L, zlib, zstd) and hashlib release the GIL: one layer per core at once
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=_workers(len(jobs)), thread_name_prefix="rbuild-compress") as pool:
             blobs = list(pool.map(one, jobs))
-    man = img.manifest(fmt, record.id, len(config), [b.descriptor for b in blobs])
-    return Export(img.canonical(man), man["mediaType"], config, record.id, blobs)
+    return _export(record, fmt, config, blobs)
 
 
 def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
@@ -648,6 +781,8 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
 def tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
     """Add a file (bytes or a path) or, with neither, a directory to an image archive: mode 0644/0755,
     mtime 0, no owner names, so archives of one image are byte-identical."""
+    import tarfile  # archives only: a build's FROM of a stored image never writes one
+
     info = tarfile.TarInfo(name)
     info.mtime = 0
     info.mode = 0o644
@@ -666,6 +801,8 @@ def tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str
 
 
 def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
+    import tarfile
+
     with atomic_file(path, prefix=".partial-") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
         write(tf)
 

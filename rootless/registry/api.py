@@ -29,6 +29,9 @@ from rootless.oci.image import (
 from rootless.oci.reference import Reference, is_qualified, normalize_host, parse_reference
 
 if TYPE_CHECKING:
+    import threading
+
+    from rootless.blob.growing import Growing
     from rootless.events import Reporter
     from rootless.registry import auth
     from rootless.registry.client import RegistryClient
@@ -83,6 +86,15 @@ class Descriptor:
 
 
 @dataclass
+class StreamedBlob:
+    """A layer blob still being written (compressed) while it is pushed: uploaded in chunks as it grows,
+    its digest and size known when `growing` finishes."""
+
+    media_type: str
+    growing: Growing
+
+
+@dataclass
 class RemoteImage:
     """One platform's image as the registry has it; `config` is already verified."""
 
@@ -119,25 +131,34 @@ class Registry:
         return self.client.remote_digest(ref)
 
     def fetch_blobs(
-        self, ref: Reference, blobs: list[Descriptor], dest_dir: str, reporter: Reporter | None = None
+        self,
+        ref: Reference,
+        blobs: list[Descriptor],
+        dest_dir: str,
+        reporter: Reporter | None = None,
+        follow: dict[str, Growing] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified (digest and
         size) in a temporary file before it is renamed into place; on error nothing partial remains.
-        A blob several callers (threads or processes) want at once is downloaded once."""
-        self.client.fetch_blobs(ref, blobs, dest_dir, reporter)
+        A blob several callers (threads or processes) want at once is downloaded once. `follow` (digest
+        -> Growing): blobs a reader consumes while they download, finished once each is in place and
+        verified, failed with the error otherwise. `cancel` stops the downloads (from another thread)."""
+        self.client.fetch_blobs(ref, blobs, dest_dir, reporter, follow, cancel)
 
     def push(
         self,
         ref: Reference,
-        manifest: bytes,
+        manifest: bytes | Callable[[], bytes],
         manifest_media_type: str,
         config: Descriptor,
         config_bytes: bytes,
-        layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
+        layers: list[tuple[Descriptor, Callable[[], BinaryIO]] | StreamedBlob],
         reporter: Reporter | None = None,
     ) -> str:
         """Upload the blobs the registry lacks (HEAD check, cross-repository mount, chunks for large
-        ones), then the manifest; returns the manifest digest."""
+        ones), then the manifest; returns the manifest digest. A StreamedBlob goes up in chunks while it
+        is written; `manifest` may then be a function, called once every blob is uploaded."""
         return self.client.push(ref, manifest, manifest_media_type, config, config_bytes, layers, reporter)
 
 

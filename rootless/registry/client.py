@@ -34,6 +34,7 @@ from rootless.registry.api import (
     Descriptor,
     RegistryOptions,
     RemoteImage,
+    StreamedBlob,
     parse_creds,
     resolve_names,
 )
@@ -53,11 +54,13 @@ from rootless.registry.progress import Progress
 if TYPE_CHECKING:
     import requests
 
+    from rootless.blob.growing import Growing
     from rootless.events import Reporter
 
 PARALLEL = 6
 CHUNK_THRESHOLD = 64 << 20  # larger blobs go up in chunks, so a failure costs one chunk
 CHUNK_SIZE = 32 << 20
+STREAM_CHUNK = 8 << 20  # a blob being compressed while it is pushed goes up in PATCHes of this size as it grows
 READ_SIZE = 1 << 20
 VERIFY_ATTEMPTS = 3  # a blob that fails verification is fetched again, at most this often
 MAX_RESUMES = 20  # Range resumptions of one download, however much each one gained
@@ -111,8 +114,38 @@ class _Slice(io.RawIOBase):
         return data
 
 
+class _Tap(io.RawIOBase, BinaryIO):
+    """The file a download writes, announcing each write (flushed) and each restart to the blob's readers."""
+
+    def __init__(self, f: BinaryIO, growing: Growing) -> None:
+        self._f = f
+        self._growing = growing
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = self._f.write(data)
+        self._f.flush()
+        self._growing.grew(self._f.tell())
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def truncate(self, size: int | None = None) -> int:
+        n = self._f.truncate(size)
+        self._growing.restart()
+        return n
+
+
 class _Corrupt(Exception):
     """A blob arrived but failed verification (wrong size or digest): worth one more fetch."""
+
+
+class _Refused(_Corrupt):
+    """The registry answered a chunk with a definite no (a 4xx other than a timeout or throttling): a
+    registry without chunked uploads, or an upload session it has dropped."""
 
 
 class _Missing(Exception):
@@ -136,10 +169,16 @@ def _position(f: BinaryIO, opener: Callable[[], BinaryIO], offset: int) -> Binar
         return f
 
 
-def _parallel(jobs: list[Callable[[Progress, threading.Event], None]], prog: Progress, name: str) -> None:
-    """Run blob transfers on a few threads; the first failure (or a Ctrl-C) cancels the rest, which
-    stop within one read and clean up before this returns, then it is raised."""
-    cancel = threading.Event()
+def _parallel(
+    jobs: list[Callable[[Progress, threading.Event], None]],
+    prog: Progress,
+    name: str,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Run blob transfers on a few threads; the first failure (or a Ctrl-C, or `cancel` set by another
+    thread) cancels the rest, which stop within one read and clean up before this returns, then it is
+    raised."""
+    cancel = cancel or threading.Event()
     with ThreadPoolExecutor(min(PARALLEL, len(jobs) or 1), thread_name_prefix=name) as pool:
         futures = [pool.submit(job, prog, cancel) for job in jobs]
         try:
@@ -382,63 +421,103 @@ class RegistryClient:
         return self._get_manifest(source, source.ref.selector, what)[1]
 
     def fetch_blobs(
-        self, ref: Reference, blobs: list[Descriptor], dest_dir: str, reporter: Reporter | None = None
+        self,
+        ref: Reference,
+        blobs: list[Descriptor],
+        dest_dir: str,
+        reporter: Reporter | None = None,
+        follow: dict[str, Growing] | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         """Download every blob not yet at `dest_dir/<algo>/<hex>`, in parallel, each verified before
         it is renamed into place; on any error nothing partial remains and the first error is raised.
 
         A blob wanted by several callers at once (threads or processes) is downloaded once: the
-        others wait on its lock file and find it present.
+        others wait on its lock file and find it present. `follow`: see api.Registry.fetch_blobs.
         """
-        dest = Path(dest_dir)
-        todo: dict[str, Descriptor] = {}
-        for desc in blobs:
-            check_digest(desc.digest)
-            if desc.digest not in todo and not (dest / desc.digest.replace(":", "/", 1)).exists():
-                todo[desc.digest] = desc
-        if not todo:
-            return
-        sources = self._sources(ref)
-        _sweep(dest)
-        what = f"pulling {ref}"
-        _parallel(
-            [functools.partial(self._fetch_one, sources, d, dest, what=what) for d in todo.values()],
-            Progress(reporter, "pull"),
-            "rbuild-pull",
-        )
+        follow = follow or {}
+        try:
+            dest = Path(dest_dir)
+            todo: dict[str, Descriptor] = {}
+            for desc in blobs:
+                check_digest(desc.digest)
+                if desc.digest not in todo and not (dest / desc.digest.replace(":", "/", 1)).exists():
+                    todo[desc.digest] = desc
+            for digest, growing in follow.items():  # nothing to download: readers read the stored blob
+                path = dest / digest.replace(":", "/", 1)
+                if digest not in todo and path.exists():
+                    growing.finish(digest, path.stat().st_size, str(path))
+            if not todo:
+                return
+            sources = self._sources(ref)
+            _sweep(dest)
+            what = f"pulling {ref}"
+            _parallel(
+                [
+                    functools.partial(self._fetch_one, sources, d, dest, follow.get(d.digest), what=what)
+                    for d in todo.values()
+                ],
+                Progress(reporter, "pull"),
+                "rbuild-pull",
+                cancel,
+            )
+        except BaseException as e:
+            for growing in follow.values():
+                growing.fail(e)  # a reader of a blob not (yet) fetched learns why
+            raise
 
     def _fetch_one(
-        self, sources: list[Source], desc: Descriptor, dest: Path, prog: Progress, cancel: threading.Event, *, what: str
+        self,
+        sources: list[Source],
+        desc: Descriptor,
+        dest: Path,
+        growing: Growing | None,
+        prog: Progress,
+        cancel: threading.Event,
+        *,
+        what: str,
     ) -> None:
         algo, hexd = desc.digest.split(":", 1)
         final = dest / algo / hexd
-        if final.exists():
-            return
-        final.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = dest / f".lock-{algo}-{hexd}"
-        lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            while True:
-                try:
-                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if cancel.wait(0.05):
-                        return
-            if final.exists():  # someone else fetched it while we waited
-                prog.finish(desc.digest, "skipped: already exists")
+            if final.exists():
                 return
-            with atomic_file(str(final), prefix=f".partial-{hexd[:16]}-", tmp_dir=str(dest)) as f:
-                self._download(sources, desc, f, prog, cancel, what)
-            prog.finish(desc.digest, "done")
-        finally:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            lock_path = dest / f".lock-{algo}-{hexd}"
+            lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.unlink(lock_path)
-            except FileNotFoundError:
-                pass
-            os.close(lock_fd)
+                while True:
+                    try:
+                        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if cancel.wait(0.05):
+                            raise RbuildError(f"{what}: cancelled")
+                if final.exists():  # someone else fetched it while we waited
+                    prog.finish(desc.digest, "skipped: already exists")
+                    return
+                with atomic_file(str(final), prefix=f".partial-{hexd[:16]}-", tmp_dir=str(dest)) as f:
+                    if growing is None:
+                        self._download(sources, desc, f, prog, cancel, what)
+                    else:
+                        growing.attach(f.fileno())
+                        self._download(sources, desc, _Tap(f, growing), prog, cancel, what)
+                prog.finish(desc.digest, "done")
+            finally:
+                try:
+                    os.unlink(lock_path)
+                except FileNotFoundError:
+                    pass
+                os.close(lock_fd)
+        except BaseException as e:
+            if growing is not None:
+                growing.fail(e)
+            raise
+        finally:
+            if growing is not None and final.exists():
+                growing.finish(desc.digest, desc.size, str(final))  # in place and verified: readers reach the end
 
     def _download(
         self, sources: list[Source], desc: Descriptor, f: BinaryIO, prog: Progress, cancel: threading.Event, what: str
@@ -570,33 +649,39 @@ class RegistryClient:
     def push(
         self,
         ref: Reference,
-        manifest: bytes,
+        manifest: bytes | Callable[[], bytes],
         manifest_media_type: str,
         config: Descriptor,
         config_bytes: bytes,
-        layers: list[tuple[Descriptor, Callable[[], BinaryIO]]],
+        layers: list[tuple[Descriptor, Callable[[], BinaryIO]] | StreamedBlob],
         reporter: Reporter | None = None,
     ) -> str:
-        """Upload blobs the registry lacks (mounting from sibling repositories where possible), then
-        the manifest; returns the manifest digest."""
+        """Upload blobs the registry lacks (mounting from sibling repositories where possible; blobs still
+        being written as they grow), then the manifest; returns the manifest digest."""
         dest = self.conf.push_target(ref)
         target = dest.ref
         if dest.insecure:
             self.http.insecure_hosts.add(target.registry)
         what = f"pushing {ref}"
-        digest = sha256_of(manifest)
-        if target.digest and target.digest != digest:
-            raise RbuildError(f"{what}: manifest digest {digest} does not match the reference")
+        if isinstance(manifest, bytes):
+            self._check_manifest_digest(target, manifest, what)
         blobs: dict[str, tuple[Descriptor, Callable[[], BinaryIO]]] = {}
         if manifest_media_type not in INDEX_TYPES:  # an index has no config: its manifests are pushed first
             blobs[config.digest] = (config, lambda: io.BytesIO(config_bytes))
-        for desc, opener in layers:
-            blobs.setdefault(check_digest(desc.digest), (desc, opener))
-        _parallel(
-            [functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()],
-            Progress(reporter, "push"),
-            "rbuild-push",
-        )
+        streamed: list[StreamedBlob] = []
+        for item in layers:
+            if isinstance(item, StreamedBlob):
+                streamed.append(item)
+            else:
+                blobs.setdefault(check_digest(item[0].digest), item)
+        jobs: list[Callable[[Progress, threading.Event], None]]
+        jobs = [functools.partial(self._push_streamed, target, s, what=what) for s in streamed]  # the longest first
+        jobs += [functools.partial(self._push_blob, target, d, o, what=what) for d, o in blobs.values()]
+        _parallel(jobs, Progress(reporter, "push"), "rbuild-push")
+        if not isinstance(manifest, bytes):
+            manifest = manifest()
+            self._check_manifest_digest(target, manifest, what)
+        digest = sha256_of(manifest)
         resp = self.http.request(
             "PUT",
             target.registry,
@@ -613,8 +698,14 @@ class RegistryClient:
             served = resp.headers.get("Docker-Content-Digest")
         if served and served != digest:
             raise RbuildError(f"{what}: registry stored the manifest as {served}, expected {digest}")
-        self.locations.record(target.registry, target.repository, list(blobs))
+        self.locations.record(target.registry, target.repository, list(blobs) + [s.growing.digest for s in streamed])
         return digest
+
+    @staticmethod
+    def _check_manifest_digest(target: Reference, manifest: bytes, what: str) -> None:
+        digest = sha256_of(manifest)
+        if target.digest and target.digest != digest:
+            raise RbuildError(f"{what}: manifest digest {digest} does not match the reference")
 
     def _push_blob(
         self,
@@ -645,13 +736,7 @@ class RegistryClient:
             if cancel.is_set():
                 raise RbuildError(f"{what}: cancelled")
             if location is None:
-                resp = self.http.request(
-                    "POST", host, f"/v2/{repo}/blobs/uploads/", scopes=[scope], repository=repo, what=what
-                )
-                resp.close()
-                if resp.status_code != 202 or not resp.headers.get("Location"):
-                    raise RbuildError(f"{what}: starting upload of {desc.digest}: {error_detail(resp)}")
-                location = resp.headers["Location"]
+                location = self._start_upload(host, repo, what, desc.digest)
             try:
                 self._upload(host, repo, location, desc, opener, prog, cancel, what)
                 prog.finish(desc.digest, "done")
@@ -661,6 +746,59 @@ class RegistryClient:
                     raise RbuildError(f"{what}: uploading blob {desc.digest}: {e}") from None
                 time.sleep(backoff(attempt))
                 location = None  # start a fresh upload session
+
+    def _start_upload(self, host: str, repo: str, what: str, name: str) -> str:
+        """A new upload session's Location (POST)."""
+        resp = self.http.request(
+            "POST",
+            host,
+            f"/v2/{repo}/blobs/uploads/",
+            scopes=[f"repository:{repo}:pull,push"],
+            repository=repo,
+            what=what,
+        )
+        resp.close()
+        if resp.status_code != 202 or not resp.headers.get("Location"):
+            raise RbuildError(f"{what}: starting upload of {name}: {error_detail(resp)}")
+        return resp.headers["Location"]
+
+    def _push_streamed(
+        self, target: Reference, blob: StreamedBlob, prog: Progress, cancel: threading.Event, *, what: str
+    ) -> None:
+        """Upload a blob while it is being written: a PATCH for every STREAM_CHUNK bytes as soon as they
+        exist, then the rest and the PUT that names the digest (known only at the end; the registry checks
+        it). A blob complete before its first chunk goes the ordinary way (HEAD check, mount, one PUT), as
+        does one whose chunks the registry refuses (no chunked uploads) or fails to take."""
+        g = blob.growing
+        host, repo = target.registry, target.repository
+        location: str | None = None
+        offset = 0
+        quiet = Progress(None)  # the digest that names a progress row is known only at the end
+        quiet.start(g.what, 0)
+        src = g.reader(cancel)
+        try:
+            while g.wait(offset + STREAM_CHUNK, cancel) >= offset + STREAM_CHUNK and not g.finished:
+                if location is None:
+                    location = self._start_upload(host, repo, what, g.what)
+                part = self._part(src, lambda: g.reader(cancel), quiet, g.what)
+                try:
+                    location = self._chunks(host, repo, location, part, offset, offset + STREAM_CHUNK, cancel, what)
+                except _Corrupt:
+                    location = None  # the whole blob the ordinary way once it is complete
+                    break
+                offset += STREAM_CHUNK
+        finally:
+            src.close()
+        digest, size = g.result(cancel)
+        desc = Descriptor(blob.media_type, digest, size)
+        if location is not None:
+            try:
+                self._upload(host, repo, location, desc, lambda: g.reader(cancel), prog, cancel, what, offset)
+                prog.finish(desc.digest, "done")
+                return
+            except _Corrupt:
+                pass  # the rest failed, or the chunks were not the blob: start over the ordinary way
+        self._push_blob(target, desc, lambda: g.reader(cancel), prog, cancel, what=what)
 
     def _try_mount(self, target: Reference, desc: Descriptor, what: str) -> str | None:
         """Mount `desc` from another repository of the registry: "" when mounted, else the upload
@@ -687,6 +825,51 @@ class RegistryClient:
                 return resp.headers["Location"]
         return None
 
+    @staticmethod
+    def _part(
+        src: BinaryIO, opener: Callable[[], BinaryIO], prog: Progress, key: str
+    ) -> Callable[[int, int], Callable[[], tuple[Any, int]]]:
+        """Request bodies of `length` bytes at `offset` of a blob, each positioned afresh for every attempt."""
+        state = [src]
+
+        def part(offset: int, length: int) -> Callable[[], tuple[Any, int]]:
+            def body() -> tuple[Any, int]:
+                state[0] = _position(state[0], opener, offset)
+                prog.reset(key, offset)
+                return _Slice(state[0], length, lambda n: prog.advance(key, n)), length
+
+            return body
+
+        return part
+
+    def _send(
+        self,
+        host: str,
+        repo: str,
+        method: str,
+        url: str,
+        body: Callable[[], tuple[Any, int]],
+        what: str,
+        headers: dict[str, str] | None = None,
+    ) -> requests.Response:
+        """One upload request, not retried here: a transient failure is _Corrupt, for the caller to resume."""
+        try:
+            return self.http.request(
+                method,
+                host,
+                url,
+                scopes=[f"repository:{repo}:pull,push"],
+                repository=repo,
+                what=what,
+                body=body,
+                retry=False,
+                headers={"Content-Type": "application/octet-stream", **(headers or {})},
+            )
+        except RegistryAuthError:
+            raise
+        except RbuildError as e:  # with retry=False: a transient failure, ours to handle
+            raise _Corrupt(str(e).removeprefix(f"{what}: ")) from None
+
     def _upload(
         self,
         host: str,
@@ -697,69 +880,65 @@ class RegistryClient:
         prog: Progress,
         cancel: threading.Event,
         what: str,
+        start: int = 0,
     ) -> None:
-        """Send one blob to an upload session: one PUT when small, PATCH chunks (resumable) when large."""
-        scope = [f"repository:{repo}:pull,push"]
+        """Send one blob to an upload session: one PUT when small, PATCH chunks (resumable) when large or
+        when the session already holds its first `start` bytes."""
         prog.start(desc.digest, desc.size)
         src = opener()
-
-        def part(offset: int, length: int) -> Callable[[], tuple[Any, int]]:
-            def body() -> tuple[Any, int]:  # called again for every attempt: a fresh, positioned reader
-                nonlocal src
-                src = _position(src, opener, offset)
-                prog.reset(desc.digest, offset)
-                return _Slice(src, length, lambda n: prog.advance(desc.digest, n)), length
-
-            return body
-
-        def send(method: str, url: str, body: Callable[[], tuple[Any, int]], headers: dict[str, str]) -> Any:
-            try:
-                return self.http.request(
-                    method,
-                    host,
-                    url,
-                    scopes=scope,
-                    repository=repo,
-                    what=what,
-                    body=body,
-                    retry=False,
-                    headers={"Content-Type": "application/octet-stream", **headers},
-                )
-            except RegistryAuthError:
-                raise
-            except RbuildError as e:  # with retry=False: a transient failure, ours to handle
-                raise _Corrupt(str(e).removeprefix(f"{what}: ")) from None
-
+        part = self._part(src, opener, prog, desc.digest)
         try:
-            if desc.size <= CHUNK_THRESHOLD:
+            if desc.size <= CHUNK_THRESHOLD and not start:
                 self._check_put(
-                    send("PUT", _with_query(location, digest=desc.digest), part(0, desc.size), {}), desc, what
+                    self._send(host, repo, "PUT", _with_query(location, digest=desc.digest), part(0, desc.size), what),
+                    desc,
+                    what,
                 )
                 return
-            offset = failures = 0
-            while offset < desc.size:
-                if cancel.is_set():
-                    raise RbuildError(f"{what}: cancelled")
-                length = min(CHUNK_SIZE, desc.size - offset)
-                try:
-                    resp = send(
-                        "PATCH", location, part(offset, length), {"Content-Range": f"{offset}-{offset + length - 1}"}
-                    )
-                    resp.close()
-                    if resp.status_code != 202:
-                        raise _Corrupt(f"chunk at {offset}: {error_detail(resp)}")
-                    location = resp.headers.get("Location", location)
-                    offset += length
-                    failures = 0
-                except _Corrupt as e:
-                    failures += 1
-                    if failures >= MAX_ATTEMPTS:
-                        raise
-                    time.sleep(backoff(failures - 1))
-                    location, offset = self._upload_status(host, repo, location, what, e)
-            self._check_put(send("PUT", _with_query(location, digest=desc.digest), lambda: (b"", 0), {}), desc, what)
+            location = self._chunks(host, repo, location, part, start, desc.size, cancel, what)
+            put = self._send(host, repo, "PUT", _with_query(location, digest=desc.digest), lambda: (b"", 0), what)
+            self._check_put(put, desc, what)
         finally:
             src.close()
+
+    def _chunks(
+        self,
+        host: str,
+        repo: str,
+        location: str,
+        part: Callable[[int, int], Callable[[], tuple[Any, int]]],
+        offset: int,
+        end: int,
+        cancel: threading.Event,
+        what: str,
+    ) -> str:
+        """PATCH bytes `offset` to `end` in chunks, resuming where the registry says after a failure; returns
+        the session's Location for the next request."""
+        failures = 0
+        while offset < end:
+            if cancel.is_set():
+                raise RbuildError(f"{what}: cancelled")
+            length = min(CHUNK_SIZE, end - offset)
+            try:
+                content_range = {"Content-Range": f"{offset}-{offset + length - 1}"}
+                resp = self._send(host, repo, "PATCH", location, part(offset, length), what, content_range)
+                resp.close()
+                if 400 <= resp.status_code < 500 and resp.status_code not in (408, 416, 429):
+                    raise _Refused(f"chunk at {offset}: {error_detail(resp)}")
+                if resp.status_code != 202:
+                    raise _Corrupt(f"chunk at {offset}: {error_detail(resp)}")
+                location = resp.headers.get("Location", location)
+                offset += length
+                failures = 0
+            except _Refused:
+                raise  # a definite no: retrying the chunk will not change it
+            except _Corrupt as e:
+                failures += 1
+                if failures >= MAX_ATTEMPTS:
+                    raise
+                time.sleep(backoff(failures - 1))
+                location, offset = self._upload_status(host, repo, location, what, e)
+        return location
 
     def _upload_status(self, host: str, repo: str, location: str, what: str, cause: Exception) -> tuple[str, int]:
         """Where an interrupted chunked upload stands (the registry's `Range: 0-N`), to resume at N+1."""

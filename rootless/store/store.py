@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -55,11 +56,17 @@ LAYER_FORMAT_V2 = "overlay-userxattr"  # the layer format of stores that predate
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     """The OCI chain id of each layer: the first's diff_id, then sha256 of "PARENT_CHAIN DIFF_ID"."""
+    return list(_chains(tuple(diff_ids)))
+
+
+@functools.lru_cache(maxsize=256)
+def _chains(diff_ids: tuple[str, ...]) -> tuple[str, ...]:
+    """chain_ids, once a process for each list: a build asks again at every step that made no layer."""
     out: list[str] = []
     for d in diff_ids:
         hex_of(d)
         out.append(d if not out else sha256_of(f"{out[-1]} {d}".encode()))
-    return out
+    return tuple(out)
 
 
 TEMP_PREFIXES = (".tmp-", ".partial-", ".lock-")  # atomic_write's, copy_verified's and the registry's
@@ -309,6 +316,11 @@ class Store:
             meta["strategy"] = strategy
             meta["layer_format"] = fmt
             atomic_write(meta_path, json.dumps(meta, sort_keys=True).encode(), 0o600)
+
+    def records(self, strategy: dict[str, str]) -> bool:
+        """Whether the store records `strategy` already (record_strategy would change nothing)."""
+        meta = self._read_meta()
+        return bool(meta.get("strategy") == strategy and meta.get("layer_format") == strategy["layer_format"])
 
     def set_version(self, version: int) -> None:
         """Record the format version (the mapping stays): the last step of an upgrade."""
@@ -571,9 +583,12 @@ class Store:
             raise RbuildError(f"cannot read {self._images_path()}: {e}") from None
         return [ImageRecord(**r) for r in raw.get("images", [])]
 
+    @staticmethod
+    def _images_json(records: list[ImageRecord]) -> bytes:
+        return json.dumps({"images": [r.to_json() for r in records]}, indent=1, sort_keys=True).encode()
+
     def _save_images(self, records: list[ImageRecord]) -> None:
-        data = json.dumps({"images": [r.to_json() for r in records]}, indent=1, sort_keys=True).encode()
-        atomic_write(self._images_path(), data, 0o600, durable=True)
+        atomic_write(self._images_path(), self._images_json(records), 0o600, durable=True)
 
     def remove_images(self, ids: set[str]) -> None:
         with self.lock():
@@ -595,6 +610,7 @@ class Store:
         manifest_digest = self.put_blob(manifest)
         with self.lock():
             records = self.images()
+            before = self._images_json(records)
             for r in records:
                 r.names = [n for n in r.names if n not in names]
             rec = next((r for r in records if r.id == image_id), None)
@@ -609,7 +625,8 @@ class Store:
                     rec.names.append(n)
                 rec.manifests[n] = manifest_digest
             # an image that lost all its names stays (as <none>) like docker's dangling images
-            self._save_images(records)
+            if self._images_json(records) != before:  # a rebuild of the same image: no (synced) rewrite
+                self._save_images(records)
         return dataclasses.replace(rec, names=list(rec.names), manifests=dict(rec.manifests))
 
     def find(self, candidates: list[str]) -> ImageRecord | None:
@@ -658,15 +675,21 @@ class Store:
             return left
 
     # -- step cache ------------------------------------------------------------------------------
-    def cache_get(self, key: str) -> dict[str, Any] | None:
+    def cache_get(self, key: str, present: set[str] | None = None) -> dict[str, Any] | None:
+        """The step cache's entry under key, if every layer it names is in the store; `present`: chain ids
+        the caller has seen here already (added to as this finds more), for a caller holding the store."""
         try:
             with open(os.path.join(self.root, "cache", key + ".json"), "rb") as f:
                 state: dict[str, Any] = json.load(f)
         except (FileNotFoundError, ValueError):
             return None
+        seen = set() if present is None else present
         try:
-            if not all(self.has_layer(c) for c in chain_ids(state.get("layers", []))):
-                return None
+            for c in chain_ids(state.get("layers", [])):
+                if c not in seen:
+                    if not self.has_layer(c):
+                        return None
+                    seen.add(c)
         except RbuildError:
             return None
         return state
