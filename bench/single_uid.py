@@ -13,8 +13,9 @@ Cases: `chown -R 1000:1000` of the files; `ls -ln` of them (a stat for each, not
 where an earlier step chowned one file (so a lower layer holds a record and every stat is looked at);
 `find / -xdev`; a tar of the files unpacked without owners; a shell
 loop that starts 2,000 processes, an `echo`, and writing 200 MB (none of them makes a call the filter
-hands over). `--baseline CMD`: the single-uid builds also with another rbuild (an older commit:
-`PYTHONPATH=DIR python -P -m rootless`; without -P, run from a checkout, it imports the checkout).
+hands over). `--baseline NAME=CMD`: the single-uid builds also with another rbuild (an older commit:
+`PYTHONPATH=DIR python -P -m rootless`, in a script; without -P, run from a checkout, it imports the
+checkout; or this one with `RBUILD_NOTIFY_HELPER=none`, the Python supervisor alone).
 """
 
 from __future__ import annotations
@@ -49,8 +50,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--files", type=int, default=50000)
-    ap.add_argument("--only", help="run only the cases whose name starts with this")
-    ap.add_argument("--baseline", help="an older rbuild (a command) to time single-uid builds with too")
+    ap.add_argument("--only", action="append", default=[], help="run only the cases whose name starts with this")
+    ap.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="NAME=CMD: another rbuild (a command: an older commit, or RBUILD_NOTIFY_HELPER=none) to time "
+        "single-uid builds with too; may be given more than once",
+    )
     args = ap.parse_args()
     rbuild = os.path.join(os.path.dirname(sys.executable), "rbuild")
     top = tempfile.mkdtemp(prefix="rbsu-", dir="/var/tmp")
@@ -65,10 +72,11 @@ def main() -> None:
             users[kind] = _make_user(name, ranged)
         rows = []
         builders = [(kind, pw, rbuild) for kind, pw in users.items()]
-        if args.baseline:
-            builders.append(("baseline", users["single-uid"], args.baseline))
+        for spec in args.baseline:
+            name, _, cmd = spec.rpartition("=") if "=" in spec else ("baseline", "", spec)
+            builders.append((name, users["single-uid"], cmd))
         for i, (case, step) in enumerate(CASES.items()):
-            if args.only and not case.startswith(args.only):
+            if args.only and not case.startswith(tuple(args.only)):
                 continue
             runs = {}
             for kind, pw, cmd in builders:
@@ -92,20 +100,22 @@ def main() -> None:
                     res = subprocess.run(
                         [*argv, "build", "-q", "--build-arg", f"REP={case}{rep}", ctx], env=env, capture_output=True
                     )
-                    if res.returncode != 0 and kind != "baseline":  # the baseline may not do it (chown)
+                    if res.returncode != 0 and kind in users:  # a baseline may not do it (chown)
                         raise SystemExit(f"{kind} {case}: {res.stderr.decode(errors='replace')}")
                     if rep and res.returncode == 0:  # the first build made the files: a warm-up
                         samples[kind].append(time.monotonic() - t0)
             times = {kind: statistics.median(v) if v else math.nan for kind, v in samples.items()}
             rows.append((case, times))
-        extra = " | single-uid, baseline | single / baseline" if args.baseline else ""
+        others = [b[0] for b in builders if b[0] not in users]
+        extra = "".join(f" | single-uid, {n} | {n} / subuid" for n in others)
         print(f"| RUN step (median of {args.reps} builds) | subuid | single-uid | single / subuid{extra} |")
-        print("| --- | --- | --- | ---" + (" | --- | ---" if args.baseline else "") + " |")
+        print("| --- | --- | --- | ---" + " | --- | ---" * len(others) + " |")
         for case, t in rows:
             line = f"| {case} | {t['subuid']:.2f} s | {t['single-uid']:.2f} s | {t['single-uid'] / t['subuid']:.2f}"
-            if args.baseline:
-                line += f" | {t['baseline']:.2f} s | {t['single-uid'] / t['baseline']:.2f}"
+            for n in others:
+                line += f" | {t[n]:.2f} s | {t[n] / t['subuid']:.2f}"
             print(line + " |")
+        print(f"load average at the end: {os.getloadavg()}")
     finally:
         for pw in users.values():
             subprocess.run(["userdel", "-r", pw.pw_name], capture_output=True, check=False)

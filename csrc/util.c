@@ -7,7 +7,7 @@
 
 static void vwarn_prefixed(const char *format, va_list args)
 {
-  fputs("rbuild-fuse-overlay: ", stderr);
+  fprintf(stderr, "%s: ", program_invocation_short_name);
   vfprintf(stderr, format, args);
 }
 

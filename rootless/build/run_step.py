@@ -257,6 +257,7 @@ class RunStep(Step[ins.RunCmd]):
                     emulate=emulate,
                     lowers=self.ex.store.layer_dirs(state.layers) if emulate else [],
                     upper=self.ex.step_upper,
+                    records=self.ex.store.layers_hold_records(state.layers) if emulate else None,
                     network=self.network(cmd),
                     cancel_fd=self.ex.cancel_fd,
                 )

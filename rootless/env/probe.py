@@ -24,6 +24,7 @@ from rootless.kernel import linux
 from rootless.kernel.fsutil import atomic_write
 from rootless.layer.format import OVERLAY
 from rootless.rootfs import fusehelper
+from rootless.sandbox import notifyhelper
 
 CACHE_VERSION = 3
 CAP_CHOWN, CAP_FOWNER, CAP_MKNOD, CAP_SYS_CHROOT, CAP_SYS_ADMIN = 0, 3, 27, 18, 21
@@ -201,6 +202,7 @@ def _cache_key(storage: str) -> str:
         os.environ.get("PATH", ""),  # which newuidmap
         os.environ.get("XDG_RUNTIME_DIR", ""),
         str(fusehelper.helper_path()),
+        str(notifyhelper.helper_path()),
     ]
     for ns in ("user", "mnt", "pid"):
         try:
@@ -580,6 +582,17 @@ def _probe(storage: str) -> Probe:
     checks.extend(_id_checks(uid, real_root, userns, nnp))
     notif = "user_notif" in _read("/proc/sys/kernel/seccomp/actions_avail").split()
     checks.append(Check("seccomp_notify", notif, "SECCOMP_RET_USER_NOTIF " + ("available" if notif else "missing")))
+    front = notifyhelper.helper_path()
+    checks.append(
+        Check(
+            "notify_helper",
+            True,  # optional: without it the Python supervisor answers every call, only slower
+            f"single-uid RUNs: get*id and stat answered by {front}"
+            if front
+            else "single-uid RUNs: rbuild-notify not built, the Python supervisor answers every call "
+            "(a stat-heavy RUN is slower; reinstall rbuild with make and a C compiler)",
+        )
+    )
     checks.append(_runtime_check(uid))
     fmt = ns.get("layer_format")
     return Probe(

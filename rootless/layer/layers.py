@@ -69,6 +69,7 @@ __all__ = [
     "owner_at",
     "make_device_at",
     "in_lowers",
+    "holds_records",
 ]
 
 XATTR_DEV = "user.rbuild.dev"
@@ -1129,6 +1130,31 @@ def _as_before(name: str, value: bytes, st: os.stat_result, ref: _Ref | None) ->
     if name == XATTR_STAT:
         return (st.st_uid, st.st_gid) == (ref[1], ref[2])  # chowned since: the record no longer tells the owner
     return name == XATTR_DEV and stat.S_ISREG(st.st_mode)
+
+
+def holds_records(top: str) -> bool:
+    """Some entry of layer dir `top` has an owner or device record (stops at the first one it finds).
+
+    A single-uid RUN over layers without any answers stat without a look at the path (sandbox.notify).
+    """
+    try:
+        if any(n.startswith("user.rbuild.") for n in os.listxattr(top)):
+            return True
+        with os.scandir(top) as it:
+            entries = list(it)
+    except OSError:
+        return True  # unreadable: assume records, the slow path is always right
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            if holds_records(e.path):
+                return True
+        elif e.is_file(follow_symlinks=False):
+            try:
+                if any(n.startswith("user.rbuild.") for n in os.listxattr(e.path, follow_symlinks=False)):
+                    return True
+            except OSError:
+                return True
+    return False
 
 
 def in_lowers(lowers: Sequence[str], path: str) -> bool:

@@ -46,6 +46,7 @@ import select
 import socket
 import stat
 import struct
+import subprocess
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from rootless.kernel.fspath import open_beneath, open_in_root
 from rootless.layer import layers
 from rootless.layer.ownership import Ownership
+from rootless.sandbox.notifyhelper import helper_path
 
 _RECV = 0xC0502100  # SECCOMP_IOCTL_NOTIF_RECV: _IOWR('!', 0, struct seccomp_notif)
 _SEND = 0xC0182101  # SECCOMP_IOCTL_NOTIF_SEND: _IOWR('!', 1, struct seccomp_notif_resp)
@@ -61,6 +63,7 @@ _SET_FLAGS = 0x40082104  # SECCOMP_IOCTL_NOTIF_SET_FLAGS: _IOW('!', 4, __u64), L
 _SYNC_WAKE_UP = 1  # SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: the waiting caller and this thread swap on one CPU
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, seccomp_data (nr, arch, ip, args)
 _RESP = struct.Struct("=QqiI")  # id, val, error (negative errno), flags
+_COUNTED = struct.Struct("=IIQ")  # rbuild-notify's final "C" message: (arch, nr, calls answered) each
 _AUDIT_ARCH_I386 = 0x40000003
 _AT_FDCWD = -100
 _AT_SYMLINK_NOFOLLOW = 0x100
@@ -105,7 +108,13 @@ class Supervisor:
     """Answers the notifications on `listener` in a thread until the RUN's processes are gone or `stop`.
 
     `user`: the RUN's USER (ids, groups); `lowers`: the RUN's lower layer dirs (top first), to tell what
-    the RUN made (owned by USER) from what it found.
+    the RUN made (owned by USER) from what it found; `records`: whether they hold any owner or device
+    record (None: looked up here). With `helper` (csrc/notify/'s rbuild-notify) a C process receives the
+    notifications and answers the hot, simple ones itself (get*id while no process switched ids, a root
+    USER's stat of regular files and directories, with their owner record); it forwards the others here
+    over a socket, and this thread answers them on its own copy of the listener. It is told ("I", "R")
+    before an answer that changes what it may answer. Without it (not built, or it cannot start) this
+    thread answers every call.
     """
 
     sock: socket.socket  # runinit sends the listener fd over it, or closes it
@@ -114,29 +123,82 @@ class Supervisor:
     upper: str
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)  # system call name -> how many were answered
+    calls: dict[str, int] = field(default_factory=dict)  # system call name -> how many were answered here
+    front_calls: dict[str, int] = field(default_factory=dict)  # ... by rbuild-notify
     _creds: dict[tuple[int, int], Creds] = field(default_factory=dict)
     _names: dict[tuple[int, int], str] = field(default_factory=dict)
     _thread: threading.Thread | None = None
     _stop: tuple[int, int] = (-1, -1)
     _records: bool = True  # some entry of the RUN's tree may hold a record (else stat needs no look)
     listener: int = -1
+    records: bool | None = None
+    helper: str | None = field(default_factory=helper_path)
+    _ctl: socket.socket | None = None  # to rbuild-notify
+    _front: subprocess.Popen[bytes] | None = None
+    _front_used: bool = False  # rbuild-notify has the listener: what it received, only it answers
+    _front_done: bool = False  # rbuild-notify sent its counts: it ended as it should
 
     def start(self) -> None:
         from rootless.sandbox import seccomp
 
-        self._records = any(_holds_records(d) for d in self.lowers)
+        if self.records is None:
+            self.records = any(_holds_records(d) for d in self.lowers)
+        self._records = self.records
         self._names = seccomp.arch_numbers(seccomp.NOTIFIED + seccomp.GET_IDS + _MKNODS)
         self._stop = os.pipe2(os.O_CLOEXEC)
+        if self.helper is not None:
+            self._start_front(self.helper)
         self._thread = threading.Thread(target=self._loop, name="rbuild-notify", daemon=True)
         self._thread.start()
 
+    def _start_front(self, helper: str) -> None:
+        """Start rbuild-notify now, while the sandbox starts: it waits for the listener on the socket."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        argv = [helper, str(theirs.fileno()), str(self.user.uid[1]), str(self.user.gid[1]), str(int(self._records))]
+        try:
+            self._front = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+            )
+        except OSError:
+            ours.close()  # this thread answers every call
+        else:
+            self._ctl = ours
+        finally:
+            theirs.close()
+
     def stop(self) -> None:
         """End the thread (the RUN is over: runinit holds the socket no more) and close the listener."""
+        if self._ctl is not None:
+            try:  # rbuild-notify sends its counts and ends; the thread ends when it is gone
+                self._ctl.send(b"Q")
+            except OSError:
+                pass  # gone already
         if self._thread is not None:
-            os.write(self._stop[1], b"x")
-            self._thread.join()
+            if self._ctl is not None:
+                self._thread.join(10)
+            if self._thread.is_alive():
+                os.write(self._stop[1], b"x")
+                self._thread.join()
             self._thread = None
+        if self._front is not None:
+            try:
+                self._front.wait(5)
+            except subprocess.TimeoutExpired:
+                self._front.kill()
+                self._front.wait()
+            assert self._front.stderr is not None
+            why = self._front.stderr.read().decode(errors="replace").strip()
+            self._front.stderr.close()
+            if self._front_used and not self._front_done:  # calls it received may have got no answer
+                self.errors.append(f"rbuild-notify: {why or f'exit status {self._front.returncode}'}")
+            self._front = None
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
         self.sock.close()
         for fd in (*self._stop, self.listener):
             if fd >= 0:
@@ -159,7 +221,17 @@ class Supervisor:
         except OSError:
             pass  # before Linux 6.6: slower, not wrong
         try:
-            self._serve()
+            if self._ctl is not None:
+                try:
+                    socket.send_fds(self._ctl, [b"L"], [self.listener])
+                    self._front_used = True
+                except OSError:  # rbuild-notify did not start: every call is answered here
+                    self._ctl.close()
+                    self._ctl = None
+            if self._ctl is not None:
+                self._serve_front(self._ctl)
+            else:
+                self._serve()
         finally:  # no call of the RUN may wait for an answer that never comes: they get ENOSYS now
             os.close(self.listener)
             self.listener = -1
@@ -185,24 +257,61 @@ class Supervisor:
                     continue
                 self.errors.append(f"seccomp notification: {e.strerror}")
                 return
-            nid, pid, _, nr, arch, _, *args = _NOTIF.unpack(buf)
-            name = self._names.get((arch, nr & 0xFFFFFFFF), "")
-            self.calls[name] = self.calls.get(name, 0) + 1
+            self._handle(buf)
+
+    def _serve_front(self, ctl: socket.socket) -> None:
+        """Answer what rbuild-notify forwards until it ends (the RUN is over, or stop() said so)."""
+        poller = select.poll()
+        poller.register(ctl, select.POLLIN)
+        poller.register(self._stop[0], select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._stop[0] in events:
+                return
             try:
-                val, code = self._answer(nid, pid, arch, name, args), 0
-            except _Answer as a:
-                val, code = 0, a.code
-            except OSError as e:  # what the kernel would say about the path (ENOENT, ENOTDIR, ELOOP...)
-                val, code = 0, e.errno or errno.EIO
-            except Exception as e:  # noqa: BLE001 - never leave the RUN waiting; the build fails after it
-                self.errors.append(f"{name}: {type(e).__name__}: {e}")
-                val, code = 0, errno.EIO
+                msg = ctl.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                msg = b""
+            if not msg:
+                return  # rbuild-notify ended (stop() tells whether as it should)
+            if len(msg) == _NOTIF.size:
+                self._handle(msg)
+            elif msg[:1] == b"C":
+                self._front_done = True
+                for arch, nr, n in _COUNTED.iter_unpack(msg[1:]):
+                    name = self._names.get((arch, nr), "")
+                    self.front_calls[name] = self.front_calls.get(name, 0) + n
+
+    def _tell(self, what: bytes) -> None:
+        """Tell rbuild-notify what changes its answers, before the answer of the call that changed it."""
+        if self._ctl is not None:
             try:
-                resp = _RESP.pack(nid, 0, 0, 1) if val == CONTINUE else _RESP.pack(nid, val, -code, 0)
-                fcntl.ioctl(self.listener, _SEND, resp)
-            except OSError as e:
-                if e.errno != errno.ENOENT:  # ENOENT: the caller is gone (killed by a signal)
-                    self.errors.append(f"seccomp answer: {e.strerror}")
+                self._ctl.send(what)
+            except OSError:
+                pass  # it is gone: the calls it would answer wait for nobody (stop() reports it)
+
+    def _handle(self, buf: bytes | bytearray) -> None:
+        """Answer one notification (struct seccomp_notif)."""
+        nid, pid, _, nr, arch, _, *args = _NOTIF.unpack(buf)
+        name = self._names.get((arch, nr & 0xFFFFFFFF), "")
+        self.calls[name] = self.calls.get(name, 0) + 1
+        try:
+            val, code = self._answer(nid, pid, arch, name, args), 0
+        except _Answer as a:
+            val, code = 0, a.code
+        except OSError as e:  # what the kernel would say about the path (ENOENT, ENOTDIR, ELOOP...)
+            val, code = 0, e.errno or errno.EIO
+        except Exception as e:  # noqa: BLE001 - never leave the RUN waiting; the build fails after it
+            self.errors.append(f"{name}: {type(e).__name__}: {e}")
+            val, code = 0, errno.EIO
+        try:
+            resp = _RESP.pack(nid, 0, 0, 1) if val == CONTINUE else _RESP.pack(nid, val, -code, 0)
+            fcntl.ioctl(self.listener, _SEND, resp)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the caller is gone (killed by a signal)
+                self.errors.append(f"seccomp answer: {e.strerror}")
 
     def _valid(self, nid: int) -> None:
         """The call is still waiting: the pid was not reused while its memory and /proc were read."""
@@ -351,7 +460,9 @@ class Supervisor:
         entry = self._entry(pid, dirfd, path_arg, follow)
         if entry is None:
             return 0
-        self._records = True
+        if not self._records:
+            self._records = True
+            self._tell(b"R")
         pfd, name = entry
         try:
             cur_uid, cur_gid = self._owner(pfd, name)
@@ -393,7 +504,9 @@ class Supervisor:
                     raise _Answer(errno.EPERM)  # a device on /dev's tmpfs or a mount: as a namespace says
                 major, minor = (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
                 kind = b"c" if mode & 0o170000 == 0o020000 else b"b"
-                self._records = True
+                if not self._records:
+                    self._records = True
+                    self._tell(b"R")
                 layers.make_device_at(pfd, name, kind, major, minor, mode & 0o7777 & ~umask)
                 if (creds.uid[3], creds.gid[3]) != (0, 0):
                     layers.set_owner_at(pfd, name, creds.uid[3], creds.gid[3], ownership=Ownership.RECORDED)
@@ -682,6 +795,8 @@ class Supervisor:
                 f"{comm} switched to uid {new.uid[1]}: a single-uid build does not follow it: it keeps root's "
                 "file permissions, and what it creates is recorded as owned by the RUN's user"
             )
+        if not self._creds:
+            self._tell(b"I")  # get*id are answered here from now
         self._creds[key[:2]] = new
 
 
@@ -699,29 +814,8 @@ def _holds_records(top: str) -> bool:
         return True
     key = (top, st.st_ino, st.st_mtime_ns)
     if key not in _HOLDS:
-        _HOLDS[key] = _scan(top)
+        _HOLDS[key] = layers.holds_records(top)
     return _HOLDS[key]
-
-
-def _scan(path: str) -> bool:
-    try:
-        if any(n.startswith("user.rbuild.") for n in os.listxattr(path)):
-            return True
-        with os.scandir(path) as it:
-            entries = list(it)
-    except OSError:
-        return True  # unreadable: assume records, the slow path is always right
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            if _scan(e.path):
-                return True
-        elif e.is_file(follow_symlinks=False):
-            try:
-                if any(n.startswith("user.rbuild.") for n in os.listxattr(e.path, follow_symlinks=False)):
-                    return True
-            except OSError:
-                return True
-    return False
 
 
 def _change(ids: list[int], kind: str, a: list[int], *, privileged: bool) -> None:

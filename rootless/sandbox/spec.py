@@ -89,6 +89,7 @@ class RunSpec:
     emulate: bool = False
     lowers: list[str] = field(default_factory=list)
     upper: str = ""  # the overlay's upper dir: owners of symlinks and fifos are recorded with its inodes
+    records: bool | None = None  # some lower holds an owner or device record (None: the supervisor looks)
     warnings: list[str] = field(default_factory=list)  # filled by run(): what could not be emulated exactly
     # `rbuild run`: the command's own standard input, output and error (instead of output_fd for both and
     # no input), and a socket to which the sandbox sends the master side of a terminal it makes in the
@@ -614,7 +615,7 @@ def _spawn_once(
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         creds = notify_mod.Creds.of(spec.uid, spec.gid, spec.groups)
-        sup = notify_mod.Supervisor(ours, creds, spec.lowers, spec.upper)
+        sup = notify_mod.Supervisor(ours, creds, spec.lowers, spec.upper, records=spec.records)
         notify = (theirs.detach(), seccomp.syscall_number("seccomp"))
     groups = None if spec.emulate else _settable_groups(spec.groups)
     program = seccomp.program(spec.emulate)
@@ -689,8 +690,13 @@ def _spawn_once(
             sup.stop()
             spec.warnings += sup.warnings
             if log is not None:
-                shown = ", ".join(f"{n} {c}" for n, c in sorted(sup.calls.items(), key=lambda t: -t[1]))
-                log(f"RUN supervisor: {sum(sup.calls.values())} system calls answered ({shown})")
+                parts = [
+                    f"{who}: " + ", ".join(f"{n} {c}" for n, c in sorted(calls.items(), key=lambda t: -t[1]))
+                    for who, calls in (("rbuild-notify", sup.front_calls), ("Python", sup.calls))
+                    if calls
+                ]
+                total = sum(sup.calls.values()) + sum(sup.front_calls.values())
+                log(f"RUN supervisor: {total} system calls answered ({'; '.join(parts)})")
         msg = b""
         with contextlib.suppress(OSError):
             while chunk := os.read(errr, 4096):

@@ -481,6 +481,27 @@ class Store:
         """The directories of an image's layers, top first (overlay's lowerdir order)."""
         return [self.layer_dir(c) for c in reversed(chain_ids(diff_ids))]
 
+    def layers_hold_records(self, diff_ids: Sequence[str]) -> bool:
+        """Some layer of the image holds an owner or device record (`user.rbuild.*`).
+
+        A single-uid RUN over layers without any answers stat at once (sandbox.notify). A layer does not
+        change, so each is scanned once and the answer kept in its .json ("records"); bottom first, as a
+        base image nearly always holds one.
+        """
+        from rootless.layer.layers import holds_records
+
+        for chain_id in chain_ids(diff_ids):
+            held = self.layer_meta(chain_id).get("records")
+            if not isinstance(held, bool):
+                held = holds_records(self.layer_dir(chain_id))
+                with self.lock():
+                    meta = self.layer_meta(chain_id)
+                    meta["records"] = held
+                    self.set_layer_meta(chain_id, meta)
+            if held:
+                return True
+        return False
+
     def has_layer(self, chain_id: str) -> bool:
         return os.path.exists(self.layer_dir(chain_id) + ".json")
 
