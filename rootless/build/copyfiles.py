@@ -376,20 +376,25 @@ class FileDigests:
             if copy_to is None and self.stage_dir is not None:
                 self.copies += 1
                 copy_to = os.path.join(self.stage_dir(), str(self.copies))
-            if copy_to is None:
-                while chunk := os.read(fd, CHUNK):
-                    h.update(chunk)
-            else:
+            out = -1
+            if copy_to is not None:
                 out = os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    while chunk := os.read(fd, min(CHUNK, st.st_size + 1)):  # the size, then the end
-                        h.update(chunk)
+            try:
+                want, got = min(CHUNK, st.st_size + 1), 0
+                while chunk := os.read(fd, want):
+                    h.update(chunk)
+                    if out >= 0:
                         os.write(out, chunk)  # a regular file on a local filesystem: written whole
+                    got += len(chunk)
+                    if len(chunk) < want and got >= st.st_size:
+                        break  # short past the size lstat saw: the end (no extra read to learn it)
+                if out >= 0:
                     if finish is not None:
                         finish(fd, out)
-                finally:
+                    self.staged[path] = (stamp, copy_to)
+            finally:
+                if out >= 0:
                     os.close(out)
-                self.staged[path] = (stamp, copy_to)
         finally:
             os.close(fd)
         self.seen[path] = [*stamp, h.hexdigest()]
