@@ -388,7 +388,7 @@ class FileDigests:
                     got += len(chunk)
                     if len(chunk) < want and got >= st.st_size:
                         break  # short past the size lstat saw: the end (no extra read to learn it)
-                if out >= 0:
+                if copy_to is not None:
                     if finish is not None:
                         finish(fd, out)
                     self.staged[path] = (stamp, copy_to)
