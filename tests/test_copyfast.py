@@ -82,6 +82,8 @@ def _hash_and_copy(ctx: str, work: str, tree: bool, chmod: copyfiles.Chmod | Non
         staged_tree = copyfiles.StagedTree(os.path.join(stage, "tree"), items[0].host, chmod)
     h = hashlib.sha256()
     copyfiles.hash_sources(items, ctx, [], h, digests, staged_tree)
+    if tree:  # everything read went into the tree (a hard link's second name too: a link, not a copy)
+        assert os.listdir(stage) == ["tree"]
     digests.stage_dir = None
     items = copyfiles.select(ctx, "files/", [], "COPY")
     # the upper is its own merged view here: nothing below it, so the destination is new

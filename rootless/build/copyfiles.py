@@ -362,9 +362,11 @@ class FileDigests:
         st: os.stat_result,
         copy_to: str | None = None,
         finish: Callable[[int, int], None] | None = None,
+        stage: bool = True,
     ) -> tuple[str, bool]:
         """(sha256 hex, whether a copy was made): a file read for its digest is copied, in the same read, to
-        copy_to or (while a COPY's sources are hashed) into stage_dir; finish(source fd, copy fd) then."""
+        copy_to or (while a COPY's sources are hashed, unless not `stage`) into stage_dir; finish(source fd,
+        copy fd) then."""
         stamp: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         old = self.known.get(path)
         if old is not None and old[:4] == stamp:
@@ -373,7 +375,7 @@ class FileDigests:
         h = hashlib.sha256()
         fd = _open_source(path, st)
         try:
-            if copy_to is None and self.stage_dir is not None:
+            if copy_to is None and stage and self.stage_dir is not None:
                 self.copies += 1
                 copy_to = os.path.join(self.stage_dir(), str(self.copies))
             out = -1
@@ -782,7 +784,7 @@ class StagedTree:
         first = self.copier.links.get(key) if st.st_nlink > 1 else None
         if first is not None:
             os.link(first, dst)
-            return digests.digest(path, st)[0]
+            return digests.digest(path, st, stage=False)[0]  # read for the key; its copy is the link
         digest, copied = digests.digest(path, st, dst, lambda src_fd, fd: self.copier.file_meta(st, src_fd, dst, fd))
         if not copied:
             self.complete = False
