@@ -11,7 +11,6 @@ subordinate id files and /dev/fuse's mode.
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from rootless.env.userns import sub_ranges
+from rootless.env.userns import sub_ranges, userns_gate
 from rootless.kernel import linux
 from rootless.kernel.fsutil import atomic_write
 from rootless.layer.format import OVERLAY
@@ -48,16 +47,6 @@ RUNGS = {
     4: "no user namespace, root's capabilities (no mounts)",
     5: "no user namespace, no privilege (RUN-less builds)",
 }
-USERNS_SECCOMP_REMEDY = (
-    "allow CLONE_NEWUSER in the seccomp profile: docker/podman run --security-opt seccomp=unconfined "
-    "(or a profile allowing unshare/clone with CLONE_NEWUSER); Kubernetes: securityContext.seccompProfile.type: "
-    "Unconfined"
-)
-APPARMOR_REMEDY = (
-    "let rbuild create user namespaces: write /etc/apparmor.d/rbuild with "
-    "'abi <abi/4.0>, include <tunables/global> profile rbuild {RBUILD} flags=(unconfined) { userns, }' "
-    "and run apparmor_parser -r /etc/apparmor.d/rbuild (or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0)"
-)
 NNP_REMEDY = (
     "no_new_privs defeats setuid newuidmap: Kubernetes securityContext.allowPrivilegeEscalation: true; "
     "docker/podman: drop --security-opt no-new-privileges"
@@ -430,21 +419,6 @@ def _helper_check(tool: str, nnp: bool) -> tuple[bool, str]:
     return True, f"{path} ({'setuid root' if setuid else 'file capabilities'})"
 
 
-def _userns_gate(err: int, seccomp: str) -> tuple[str, str]:
-    """Which gate refused a user namespace, and its remedy."""
-    if err == errno.ENOSPC:
-        limit = _read("/proc/sys/user/max_user_namespaces")
-        return f"user.max_user_namespaces is {limit}", "sysctl -w user.max_user_namespaces=15000"
-    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
-        return "kernel.unprivileged_userns_clone is 0", "sysctl -w kernel.unprivileged_userns_clone=1"
-    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        rbuild = shutil.which("rbuild") or "/usr/local/bin/rbuild"
-        return "AppArmor restricts unprivileged user namespaces", APPARMOR_REMEDY.replace("{RBUILD}", rbuild)
-    if seccomp == "2":
-        return f"a seccomp filter refuses CLONE_NEWUSER ({os.strerror(err)})", USERNS_SECCOMP_REMEDY
-    return f"unshare(CLONE_NEWUSER): {os.strerror(err)}", "sysctl -w user.max_user_namespaces=15000"
-
-
 def _runtime_check(uid: int) -> Check:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     path = os.path.join(xdg, "rbuild") if xdg else f"/tmp/rbuild-{uid}"
@@ -507,7 +481,6 @@ def _probe(storage: str) -> Probe:
     uid = os.getuid()
     cap_eff = int(st.get("CapEff", "0"), 16)
     nnp = st.get("NoNewPrivs") == "1"
-    seccomp = st.get("Seccomp", "0")
     uid_map = " ".join(_read("/proc/self/uid_map").split())
     real_root = uid == 0 and bool(cap_eff >> CAP_SYS_ADMIN & 1) and uid_map == FULL_MAP
     root_caps = all(cap_eff >> c & 1 for c in (CAP_CHOWN, CAP_FOWNER, CAP_MKNOD, CAP_SYS_CHROOT))
@@ -536,7 +509,7 @@ def _probe(storage: str) -> Probe:
     elif userns:
         checks.append(Check("user_namespace", True, "not needed (real root)" if real_root else "allowed"))
     else:
-        gate, remedy = _userns_gate(int(err) if isinstance(err, int) else 0, seccomp)
+        gate, remedy = userns_gate(int(err) if isinstance(err, int) else 0)
         checks.append(Check("user_namespace", False, f"refused: {gate}", remedy))
 
     if not userns or not writable:

@@ -97,27 +97,44 @@ def _seccomp_mode() -> str | None:
     return next((ln.split()[1] for ln in text.splitlines() if ln.startswith("Seccomp:")), None)
 
 
-def userns_gate(err: int) -> str:
-    """Which gate refused a user namespace (unshare's errno `err`), and its remedy, as one clause."""
-    if _read_text("/proc/sys/user/max_user_namespaces") == "0":
-        return "sysctl user.max_user_namespaces is 0 (remedy: sysctl -w user.max_user_namespaces=15000)"
+USERNS_SECCOMP_REMEDY = (
+    "allow CLONE_NEWUSER in the seccomp profile: docker/podman run --security-opt seccomp=unconfined "
+    "(or a profile allowing unshare/clone with CLONE_NEWUSER); Kubernetes: securityContext.seccompProfile.type: "
+    "Unconfined"
+)
+APPARMOR_REMEDY = (
+    "let rbuild create user namespaces: write /etc/apparmor.d/rbuild with "
+    "'abi <abi/4.0>, include <tunables/global> profile rbuild {RBUILD} flags=(unconfined) { userns, }' "
+    "and run apparmor_parser -r /etc/apparmor.d/rbuild (or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0)"
+)
+
+
+def userns_gate(err: int) -> tuple[str, str]:
+    """Which gate refused a user namespace (unshare's errno `err`) and its remedy: one answer for `doctor`
+    and for a build's error."""
+    limit = _read_text("/proc/sys/user/max_user_namespaces")
+    if err == errno.ENOSPC or limit == "0":
+        return f"sysctl user.max_user_namespaces is {limit}", "sysctl -w user.max_user_namespaces=15000"
     if _read_text("/proc/sys/kernel/unprivileged_userns_clone") == "0":
-        return "sysctl kernel.unprivileged_userns_clone is 0 (remedy: sysctl -w kernel.unprivileged_userns_clone=1)"
+        return "sysctl kernel.unprivileged_userns_clone is 0", "sysctl -w kernel.unprivileged_userns_clone=1"
     apparmor = _read_text("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1"
     if apparmor and err in (errno.EACCES, errno.EPERM):
-        return (
-            "AppArmor restricts unprivileged user namespaces (remedy: an AppArmor profile for rbuild with "
-            "`userns,`, or sysctl -w kernel.apparmor_restrict_unprivileged_userns=0)"
-        )
+        rbuild = shutil.which("rbuild") or "/usr/local/bin/rbuild"
+        return "AppArmor restricts unprivileged user namespaces", APPARMOR_REMEDY.replace("{RBUILD}", rbuild)
     if _seccomp_mode() == "2" and err == errno.EPERM:
-        return (
-            "a seccomp filter blocks CLONE_NEWUSER, as the container runtime's default profile does (remedy: "
-            "run the container with a seccomp profile that allows unshare/clone with CLONE_NEWUSER, e.g. "
-            "--security-opt seccomp=unconfined, or securityContext.seccompProfile.type: Unconfined in Kubernetes)"
-        )
+        return f"a seccomp filter blocks CLONE_NEWUSER ({os.strerror(err)})", USERNS_SECCOMP_REMEDY
     if os.getuid() != 0 and err == errno.EPERM and not has_caps(CAP_SYS_ADMIN):
-        return f"unshare(CLONE_NEWUSER): {os.strerror(err)} (a chroot or a seccomp/LSM policy forbids it here)"
-    return f"unshare(CLONE_NEWUSER): {os.strerror(err)}"
+        return (
+            f"unshare(CLONE_NEWUSER): {os.strerror(err)} (a chroot or an LSM policy forbids it here)",
+            "run rbuild outside the chroot, or build without RUN (--isolation none)",
+        )
+    return f"unshare(CLONE_NEWUSER): {os.strerror(err)}", "check the kernel's user namespace settings (rbuild doctor)"
+
+
+def userns_refusal(err: int) -> str:
+    """`userns_gate` as one clause for an error line."""
+    gate, remedy = userns_gate(err)
+    return f"{gate} (remedy: {remedy})"
 
 
 @functools.cache
@@ -137,7 +154,7 @@ def userns_blocked() -> str | None:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     err = os.waitstatus_to_exitcode(status)
-    return None if err == 0 else userns_gate(err)
+    return None if err == 0 else userns_refusal(err)
 
 
 # `--isolation` / RBUILD_ISOLATION: the user's name -> the rung (None: the best that works here)
@@ -366,7 +383,7 @@ def run_inside(
             except OSError as e:
                 os.write(ready_w, b"E")
                 what = "a user namespace" if flags & linux.CLONE_NEWUSER else "a mount namespace"
-                gate = userns_gate(e.errno or 0) if flags & linux.CLONE_NEWUSER else f"unshare: {e.strerror}"
+                gate = userns_refusal(e.errno or 0) if flags & linux.CLONE_NEWUSER else f"unshare: {e.strerror}"
                 raise RbuildError(f"cannot create {what}: {gate}") from None
             os.write(ready_w, b"R")
             os.close(ready_w)

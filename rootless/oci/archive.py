@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -51,23 +50,6 @@ class Written:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
-    info = tarfile.TarInfo(name)
-    info.mtime = 0
-    info.mode = 0o644
-    if data is not None:
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    elif path is not None:
-        info.size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            tf.addfile(info, f)
-    else:
-        info.type = tarfile.DIRTYPE
-        info.mode = 0o755
-        tf.addfile(info)
 
 
 def write(store: Store, images: list[tuple[ImageRecord, list[str]]], fmt: str, out: BinaryIO) -> list[Written]:
@@ -110,15 +92,15 @@ def _write_docker(store: Store, images: list[tuple[ImageRecord, list[str]]], tf:
                 path = os.path.join(tmp, "layer.tar")
                 if name not in done:
                     _layer_tar(store, chain, diff_id, o, path)
-                    _add(tf, hex_of(diff_id))
-                    _add(tf, name, path=path)
+                    transports.tar_add(tf, hex_of(diff_id))
+                    transports.tar_add(tf, name, path=path)
                     sizes[name] = os.path.getsize(path)
                     os.unlink(path)
                     done.add(name)
                 descs.append({"mediaType": img.DOCKER_LAYER, "digest": diff_id, "size": sizes[name]})
             config_name = hex_of(rec.id) + ".json"
             if config_name not in done:
-                _add(tf, config_name, data=config)
+                transports.tar_add(tf, config_name, data=config)
                 done.add(config_name)
             tags = [n for n in names if "@" not in n]
             entries.append({"Config": config_name, "RepoTags": tags or None, "Layers": layer_names})
@@ -127,21 +109,21 @@ def _write_docker(store: Store, images: list[tuple[ImageRecord, list[str]]], tf:
                 repos.setdefault(repo, {})[tag] = hex_of(diff_ids[-1]) if diff_ids else hex_of(rec.id)
             man = img.canonical(img.manifest("docker", rec.id, len(config), descs))
             written.append(Written(rec, "sha256:" + hashlib.sha256(man).hexdigest(), img.DOCKER_MANIFEST, len(man)))
-    _add(tf, "manifest.json", data=json.dumps(entries).encode())
+    transports.tar_add(tf, "manifest.json", data=json.dumps(entries).encode())
     if repos:
-        _add(tf, "repositories", data=json.dumps(repos).encode())
+        transports.tar_add(tf, "repositories", data=json.dumps(repos).encode())
     return written
 
 
 def _write_oci(store: Store, images: list[tuple[ImageRecord, list[str]]], tf: tarfile.TarFile) -> list[Written]:
-    _add(tf, "blobs")
-    _add(tf, "blobs/sha256")
+    transports.tar_add(tf, "blobs")
+    transports.tar_add(tf, "blobs/sha256")
     done: set[str] = set()
 
     def put(digest: str, data: bytes | None = None, path: str | None = None) -> None:
         if digest not in done:
             done.add(digest)
-            _add(tf, "blobs/sha256/" + hex_of(digest), data=data, path=path)
+            transports.tar_add(tf, "blobs/sha256/" + hex_of(digest), data=data, path=path)
 
     index: list[dict[str, Any]] = []
     written = []
@@ -159,8 +141,8 @@ def _write_oci(store: Store, images: list[tuple[ImageRecord, list[str]]], tf: ta
             index.append(entry)
         written.append(Written(rec, exp.manifest_digest, exp.manifest_media_type, len(exp.manifest)))
     doc = {"schemaVersion": 2, "mediaType": img.OCI_INDEX, "manifests": index}
-    _add(tf, "index.json", data=json.dumps(doc, sort_keys=True).encode())
-    _add(tf, "oci-layout", data=b'{"imageLayoutVersion":"1.0.0"}')
+    transports.tar_add(tf, "index.json", data=json.dumps(doc, sort_keys=True).encode())
+    transports.tar_add(tf, "oci-layout", data=b'{"imageLayoutVersion":"1.0.0"}')
     return written
 
 

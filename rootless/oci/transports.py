@@ -645,7 +645,9 @@ def _write_layout(path: str, exp: Export, tag: str | None, link: bool) -> None:
     atomic_write(index_path, json.dumps(index, sort_keys=True).encode())
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
+def tar_add(tf: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None) -> None:
+    """Add a file (bytes or a path) or, with neither, a directory to an image archive: mode 0644/0755,
+    mtime 0, no owner names, so archives of one image are byte-identical."""
     info = tarfile.TarInfo(name)
     info.mtime = 0
     info.mode = 0o644
@@ -670,15 +672,15 @@ def _atomic_tar(path: str, write: Callable[[tarfile.TarFile], None]) -> None:
 
 def _write_oci_archive(path: str, exp: Export, tag: str | None) -> None:
     def write(tf: tarfile.TarFile) -> None:
-        _tar_add(tf, "blobs")
-        _tar_add(tf, "blobs/sha256")
+        tar_add(tf, "blobs")
+        tar_add(tf, "blobs/sha256")
         seen = set()
         for b in exp.layers:
             if b.descriptor["digest"] not in seen:
                 seen.add(b.descriptor["digest"])
-                _tar_add(tf, "blobs/sha256/" + hex_of(b.descriptor["digest"]), path=b.path)
-        _tar_add(tf, "blobs/sha256/" + hex_of(exp.config_digest), data=exp.config)
-        _tar_add(tf, "blobs/sha256/" + hex_of(exp.manifest_digest), data=exp.manifest)
+                tar_add(tf, "blobs/sha256/" + hex_of(b.descriptor["digest"]), path=b.path)
+        tar_add(tf, "blobs/sha256/" + hex_of(exp.config_digest), data=exp.config)
+        tar_add(tf, "blobs/sha256/" + hex_of(exp.manifest_digest), data=exp.manifest)
         desc: dict[str, Any] = {
             "mediaType": exp.manifest_media_type,
             "digest": exp.manifest_digest,
@@ -687,8 +689,8 @@ def _write_oci_archive(path: str, exp: Export, tag: str | None) -> None:
         if tag:
             desc["annotations"] = {img.REF_NAME: tag}
         index = {"schemaVersion": 2, "mediaType": img.OCI_INDEX, "manifests": [desc]}
-        _tar_add(tf, "index.json", data=json.dumps(index, sort_keys=True).encode())
-        _tar_add(tf, "oci-layout", data=b'{"imageLayoutVersion":"1.0.0"}')
+        tar_add(tf, "index.json", data=json.dumps(index, sort_keys=True).encode())
+        tar_add(tf, "oci-layout", data=b'{"imageLayoutVersion":"1.0.0"}')
 
     _atomic_tar(path, write)
 
@@ -713,19 +715,19 @@ def _write_docker_archive(store: Store, path: str, exp: Export, repo_tags: list[
                 else:
                     with open(out, "wb") as dst:
                         layers.write_tar(store.layer_dir(chain), dst)
-                _tar_add(tf, hex_of(diff_id))
-                _tar_add(tf, name, path=out)
+                tar_add(tf, hex_of(diff_id))
+                tar_add(tf, name, path=out)
                 os.unlink(out)
                 layer_names.append(name)
         config_name = hex_of(exp.config_digest) + ".json"
-        _tar_add(tf, config_name, data=exp.config)
+        tar_add(tf, config_name, data=exp.config)
         manifest = [{"Config": config_name, "RepoTags": repo_tags, "Layers": layer_names}]
-        _tar_add(tf, "manifest.json", data=json.dumps(manifest).encode())
+        tar_add(tf, "manifest.json", data=json.dumps(manifest).encode())
         if repo_tags:
             repos: dict[str, dict[str, str]] = {}
             for t in repo_tags:
                 repo, _, tg = t.rpartition(":")
                 repos.setdefault(repo, {})[tg] = hex_of(diff_ids[-1]) if diff_ids else ""
-            _tar_add(tf, "repositories", data=json.dumps(repos).encode())
+            tar_add(tf, "repositories", data=json.dumps(repos).encode())
 
     _atomic_tar(path, write)
