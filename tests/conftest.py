@@ -150,8 +150,9 @@ class Runner:
 
     def mkdir(self, name: str | None = None) -> str:
         self._n[0] += 1
-        # A name is a prefix: two tests of one session asking for "victim" must not share a directory.
-        path = os.path.join(self.base, f"{name or 'd'}{self._n[0]}")
+        path = os.path.join(self.base, name or f"d{self._n[0]}")
+        if name and "/" not in name and os.path.exists(path):  # two tests of a session asking for "victim"
+            path += str(self._n[0])
         os.makedirs(path, exist_ok=True)
         self.own(path)
         return path
