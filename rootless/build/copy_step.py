@@ -33,6 +33,8 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
         self.download_dir: str | None = None
         self.stage_dir: str | None = None  # the copies made while hashing context sources (FileDigests.staged)
         self._lock = threading.RLock()  # stages built at once share the downloads and the staging directory
+        # each COPY's source laid out by its hashing pass, by id(cmd): stages built at once hash at once
+        self.trees: dict[int, tuple[ins.CopyCmd | ins.AddCmd, copyfiles.StagedTree]] = {}
 
     def describe(self, cmd: ins.CopyCmd | ins.AddCmd) -> str:
         flags = []
@@ -80,6 +82,17 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
     def _hash_sources(
         self, cmd: ins.CopyCmd | ins.AddCmd, h: hashlib._Hash, what: str, root: str, rules: list[copyfiles.IgnoreRule]
     ) -> None:
+        self.trees.pop(id(cmd), None)
+        if self._tree_fits(cmd):
+            items = select_items(root, cmd.sources[0], cmd, rules, what)
+            if len(items) == 1 and os.path.isdir(items[0].host):
+                chmod = copyfiles.parse_chmod(cmd.chmod, what)
+                tree_root = os.path.join(self.staging_dir(), f"tree-{self.ex.file_digests.next_copy()}")
+                os.mkdir(tree_root, 0o700)
+                tree = copyfiles.StagedTree(tree_root, items[0].host, chmod)
+                copyfiles.hash_sources(items, root, rules, h, self.ex.file_digests, tree)
+                self.trees[id(cmd)] = (cmd, tree)
+                return
         for src in cmd.sources:
             if _is_url(src):
                 checksum = getattr(cmd, "checksum", None)
@@ -90,6 +103,13 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
                 continue
             items = select_items(root, src, cmd, rules, what)
             copyfiles.hash_sources(items, root, rules, h, self.ex.file_digests)
+
+    def _tree_fits(self, cmd: ins.CopyCmd | ins.AddCmd) -> bool:
+        """Whether the source can be laid out while it is hashed (StagedTree): one directory of the context
+        going 0:0 to a path of its own, where a driver with a separate upper dir can take it whole."""
+        if not isinstance(cmd, ins.CopyCmd) or cmd.chown or cmd.parents or len(cmd.sources) != 1:
+            return False
+        return self.ex.driver.name != "copy" and not _is_url(cmd.sources[0])
 
     def apply(self, state: StageState, cmd: ins.CopyCmd | ins.AddCmd) -> bool:
 
@@ -195,7 +215,9 @@ class CopyStep(Step[ins.CopyCmd | ins.AddCmd]):
         upper = self.ex.step_upper
         direct = (upper, self.ex.step_lowers) if upper != merged else None
         staged = self.ex.file_digests.staged  # keyed by context paths: other sources find nothing there
-        copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what, direct, staged)
+        laid_out = self.trees.pop(id(cmd), None)
+        tree = laid_out[1] if laid_out is not None and laid_out[0] is cmd else None
+        copyfiles.copy_into(merged, items, src_root, rules, dest, owner, chmod, what, direct, staged, tree)
 
 
 def select_items(

@@ -358,32 +358,56 @@ class FileDigests:
             except (OSError, ValueError):
                 self.known = {}
 
-    def digest(self, path: str, st: os.stat_result) -> str:
+    def digest(
+        self,
+        path: str,
+        st: os.stat_result,
+        copy_to: str | None = None,
+        finish: Callable[[int, int], None] | None = None,
+        stage: bool = True,
+    ) -> tuple[str, bool]:
+        """(sha256 hex, whether a copy was made): a file read for its digest is copied, in the same read, to
+        copy_to or (while a COPY's sources are hashed, unless not `stage`) into stage_dir; finish(source fd,
+        copy fd) then."""
         stamp: list[int | str] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         old = self.known.get(path)
         if old is not None and old[:4] == stamp:
             self.seen[path] = old
-            return str(old[4])
+            return str(old[4]), False
         h = hashlib.sha256()
-        stage_dir = self.stage_dir
-        with open_regular(path, path, follow=False) as f:  # lstat said so; a swap for a FIFO must not hang
-            if stage_dir is None:
-                while chunk := f.read(CHUNK):
+        fd = _open_source(path, st)
+        try:
+            if copy_to is None and stage and self.stage_dir is not None:
+                copy_to = os.path.join(self.stage_dir(), str(self.next_copy()))
+            out = -1
+            if copy_to is not None:
+                out = os.open(copy_to, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                want, got = min(CHUNK, st.st_size + 1), 0
+                while chunk := os.read(fd, want):
                     h.update(chunk)
-            else:
-                with self._lock:
-                    self.copies += 1
-                    copy = os.path.join(stage_dir(), str(self.copies))
-                out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    while chunk := f.read(CHUNK):
-                        h.update(chunk)
+                    if out >= 0:
                         os.write(out, chunk)  # a regular file on a local filesystem: written whole
-                finally:
+                    got += len(chunk)
+                    if len(chunk) < want and got >= st.st_size:
+                        break  # short past the size lstat saw: the end (no extra read to learn it)
+                if copy_to is not None:
+                    if finish is not None:
+                        finish(fd, out)
+                    self.staged[path] = (stamp, copy_to)
+            finally:
+                if out >= 0:
                     os.close(out)
-                self.staged[path] = (stamp, copy)
+        finally:
+            os.close(fd)
         self.seen[path] = [*stamp, h.hexdigest()]
-        return h.hexdigest()
+        return h.hexdigest(), copy_to is not None
+
+    def next_copy(self) -> int:
+        """A new number for a staged copy (stages built at once stage files at once)."""
+        with self._lock:
+            self.copies += 1
+            return self.copies
 
     def save(self) -> None:
         seen = dict(self.seen)  # one copy (made under the GIL): another stage's thread may add to it meanwhile
@@ -395,19 +419,52 @@ class FileDigests:
                 atomic_write(self.path, json.dumps(merged).encode(), 0o600)
 
 
+def _open_source(path: str, st: os.stat_result) -> int:
+    """An fd to read the regular file an lstat (st) just showed at path: a swap for a symlink fails, one
+    for a FIFO neither blocks nor is read (O_NONBLOCK, then the fd's own stat checked against st)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        now = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise RbuildError(f"{path}: the file was replaced while the build read it")
+    return fd
+
+
 def hash_sources(
-    items: list[SourceItem], root: str, rules: list[IgnoreRule], h: hashlib._Hash, digests: FileDigests
+    items: list[SourceItem],
+    root: str,
+    rules: list[IgnoreRule],
+    h: hashlib._Hash,
+    digests: FileDigests,
+    tree: StagedTree | None = None,
 ) -> None:
-    """Feed names, types, modes and content digests (never mtimes) into h."""
+    """Feed names, types, modes and content digests (never mtimes) into h; `tree`: lay out the (single,
+    directory) item there as it is read."""
     for item in items:
         h.update(b"\0item\0" + item.rel.encode(errors="surrogateescape"))
         for path, rel in walk(item, root, rules):
             st = os.lstat(path)
             h.update(f"\0{rel}\0{st.st_mode:o}\0".encode(errors="surrogateescape"))
+            building = tree is not None and tree.complete and rel != ""
+            if stat.S_ISREG(st.st_mode):
+                if building:
+                    assert tree is not None
+                    digest = tree.file(path, rel, st, digests)
+                else:
+                    digest = digests.digest(path, st)[0]
+                h.update(f"{st.st_size}:{digest}".encode())
+                continue
             if stat.S_ISLNK(st.st_mode):
                 h.update(os.readlink(path).encode(errors="surrogateescape"))
-            elif stat.S_ISREG(st.st_mode):
-                h.update(f"{st.st_size}:{digests.digest(path, st)}".encode())
+            if building:
+                assert tree is not None
+                tree.copier.entry(path, os.path.join(tree.root, rel))
+        if tree is not None and tree.complete:
+            tree.copier.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -589,20 +646,24 @@ def dir_mode(chmod: Chmod | None) -> int:
     return chmod if isinstance(chmod, int) else 0o755
 
 
-def copy_xattrs(src: str, dst: str) -> None:
+def copy_xattrs(src: str | int, dst: str | int) -> None:
     """The xattrs a layer can carry (user.*, security.capability), set after chown and chmod as BuildKit's
-    fsutil copy does (a chown clears security.capability)."""
+    fsutil copy does (a chown clears security.capability). A path is not followed; an fd is the file."""
     from rootless.layer.layers import _keep_xattr
 
     try:
-        names = os.listxattr(src, follow_symlinks=False)
+        names = os.listxattr(src) if isinstance(src, int) else os.listxattr(src, follow_symlinks=False)
     except OSError:
         return
     for name in names:
         if not _keep_xattr(name):
             continue
         try:
-            os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+            value = os.getxattr(src, name) if isinstance(src, int) else os.getxattr(src, name, follow_symlinks=False)
+            if isinstance(dst, int):
+                os.setxattr(dst, name, value)
+            else:
+                os.setxattr(dst, name, value, follow_symlinks=False)
         except OSError as e:
             if e.errno not in (errno.ENOTSUP, errno.EPERM, errno.EINVAL, errno.ENODATA, errno.EOVERFLOW):
                 raise
@@ -650,7 +711,6 @@ class _Copier:
                 os.link(first, dst)
                 return
             self.links[(st.st_dev, st.st_ino)] = dst
-        perm = _mode_for(self.chmod, mode)
         if stat.S_ISDIR(mode):
             if not os.path.isdir(dst):
                 os.mkdir(dst, 0o700)
@@ -663,6 +723,11 @@ class _Copier:
             os.mkfifo(dst, 0o600)
         else:
             return  # sockets and device nodes in a build context are skipped, as docker does
+        self.meta(src, st, dst)
+
+    def meta(self, src: str, st: os.stat_result, dst: str) -> None:
+        """dst (just made) gets src's owner (or the COPY's), mode, xattrs and times."""
+        mode = st.st_mode
         if self.owner is not None:
             uid, gid = self.owner
         else:  # COPY --from keeps owners, also those recorded where the namespace could not chown
@@ -671,12 +736,25 @@ class _Copier:
             uid, gid = layers.image_owner(src, st)
         chown(dst, uid, gid)
         if not stat.S_ISLNK(mode):
-            os.chmod(dst, perm)  # after chown, which clears setuid/setgid
+            os.chmod(dst, _mode_for(self.chmod, mode))  # after chown, which clears setuid/setgid
         copy_xattrs(src, dst)
         if stat.S_ISDIR(mode):
             self.dir_times.append((dst, st.st_atime_ns, st.st_mtime_ns))
         else:
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+    def file_meta(self, st: os.stat_result, src_fd: int, dst: str, fd: int) -> None:
+        """meta() of a regular file copied to dst with an owner given, through both ends' open fds."""
+        assert self.owner is not None
+        try:
+            os.fchown(fd, *self.owner)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EPERM):
+                raise
+            chown(dst, *self.owner)  # recorded instead
+        os.fchmod(fd, _mode_for(self.chmod, st.st_mode))
+        copy_xattrs(src_fd, fd)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     def _take_staged(self, src: str, st: os.stat_result, dst: str) -> bool:
         """Rename the copy the hashing pass made of src into dst, if src is unchanged since."""
@@ -692,6 +770,52 @@ class _Copier:
     def finish(self) -> None:
         for path, atime, mtime in reversed(self.dir_times):
             os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+
+
+class StagedTree:
+    """A directory source laid out, owned, moded and timed as COPY puts it, written while it is hashed for
+    the cache key: on a miss COPY renames the whole tree to its new destination (each file read once,
+    touched once). Abandoned (`complete` False) at the first file whose digest was known, which was not
+    read: its staged copies are then taken one by one (FileDigests.staged), as without a tree."""
+
+    def __init__(self, root: str, host: str, chmod: Chmod | None) -> None:
+        self.root = root  # made empty; its own owner and mode are the destination's, set when it is moved
+        self.host = host  # the source directory
+        self.copier = _Copier((0, 0), chmod, {})  # a context's files are 0:0 (no --chown: see CopyStep)
+        self.complete = True
+        self.sources: list[str] = []  # the context files whose copies the tree holds
+
+    def file(self, path: str, rel: str, st: os.stat_result, digests: FileDigests) -> str:
+        """The digest of the regular file at path, its copy made at rel in the tree in the same read."""
+        dst = os.path.join(self.root, rel)
+        key = (st.st_dev, st.st_ino)
+        first = self.copier.links.get(key) if st.st_nlink > 1 else None
+        if first is not None:
+            os.link(first, dst)
+            return digests.digest(path, st, stage=False)[0]  # read for the key; its copy is the link
+        digest, copied = digests.digest(path, st, dst, lambda src_fd, fd: self.copier.file_meta(st, src_fd, dst, fd))
+        if not copied:
+            self.complete = False
+            return digest
+        self.sources.append(path)
+        if st.st_nlink > 1:
+            self.copier.links[key] = dst
+        return digest
+
+    def take(self, dst: str, uid: int, gid: int, mode: int, staged: dict[str, tuple[list[int | str], str]]) -> bool:
+        """Rename the whole tree to dst (a new name in an existing directory), made as ensure_dir makes one."""
+        if not self.complete:
+            return False
+        try:
+            os.rename(self.root, dst)
+        except OSError:  # another filesystem (a FUSE upper elsewhere): copied as usual
+            return False
+        self.complete = False  # taken once
+        for path in self.sources:
+            staged.pop(path, None)
+        chown(dst, uid, gid)
+        os.chmod(dst, mode)
+        return True
 
 
 def copy_entry(src: str, dst: str) -> None:
@@ -741,12 +865,14 @@ def copy_into(
     what: str,
     direct: tuple[str, list[str]] | None = None,
     staged: dict[str, tuple[list[int | str], str]] | None = None,
+    tree: StagedTree | None = None,
 ) -> None:
     """docker's COPY rules: a directory's contents are copied; a file lands in dest/ or at dest.
 
     Directories COPY has to create belong to the --chown owner (root without one), as in buildah and BuildKit.
     `direct` (the overlay's upper dir and its lower dirs, top first): when dest is a new path, write there
     instead of through the overlay at root (a third of the syscalls, none of overlay's lookups in the lowers).
+    `tree`: the single directory source, already laid out while it was hashed: renamed to a new dest whole.
     """
     dest_is_dir = dest.endswith("/") or len(items) > 1
     dest_clean = os.path.normpath(dest) if dest not in ("", "/") else "/"
@@ -760,6 +886,12 @@ def copy_into(
     uid, gid = owner if owner is not None else (0, 0)
     if direct is not None and _copy_up_parent(root, direct[0], direct[1], dest_clean):
         root = direct[0]  # the destination is new: every write goes straight into the upper dir
+        if tree is not None and len(items) == 1 and items[0].host == tree.host and not items[0].sub:
+            if owner == (0, 0) and dest_clean != "/":
+                parent = ensure_dir(root, os.path.dirname(dest_clean), uid, gid, dir_mode(chmod))
+                target = os.path.join(parent, os.path.basename(dest_clean))
+                if tree.take(target, uid, gid, dir_mode(chmod), staged if staged is not None else {}):
+                    return
     copier = _Copier(owner, chmod, staged if staged is not None else {})
     for item in items:
         host = item.host  # already resolved inside src_root by select()

@@ -39,7 +39,7 @@ def main() -> int:
 
     os._exit = exit_  # type: ignore[assignment]
     os.register_at_fork(after_in_child=restart)
-    from rootless.cli import main as rbuild_main
+    from rootless.cli.main import main as rbuild_main
 
     prof.enable()
     try:
