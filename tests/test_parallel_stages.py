@@ -110,6 +110,27 @@ def test_image_is_the_same_as_built_one_by_one(runner: Runner, busybox: str) -> 
     assert one == two and one.startswith("sha256:")
 
 
+def test_stages_at_once_copy_context_directories_as_one_by_one(runner: Runner, busybox: str) -> None:
+    """Two stages COPY context directories at once (each laid out while hashed, then renamed into its upper):
+    the same image as one by one, every file where its own COPY put it."""
+    files = {f"{d}/sub/f{i}": f"{d}{i}\n" for d in ("one", "two") for i in range(200)}
+    cf = (
+        f"FROM oci:{busybox} AS a\nCOPY one/ /one/\n"
+        f"FROM oci:{busybox} AS b\nCOPY two/ /two/\n"
+        f"FROM oci:{busybox}\nCOPY --from=a /one /one\nCOPY --from=b /two /two\n"
+        "RUN cat /one/sub/f7 /two/sub/f199 && ls /one/sub | wc -l && ls /two/sub | wc -l\n"
+    )
+    env = {"SOURCE_DATE_EPOCH": "1700000000"}
+    ids = []
+    for jobs in ("1", "2"):
+        ctx = runner.context({"Containerfile": cf, **files})  # a fresh context: no digests known, both lay out
+        res = runner.run("build", "--no-cache", "--progress", "plain", "--jobs", jobs, ctx, env=env)
+        lines = [ln.split("] ", 1)[-1] if ln.startswith("[") else ln for ln in res.stderr.splitlines()]
+        assert "one7\ntwo199\n200\n200" in "\n".join(lines), res.stderr
+        ids.append(res.stdout.strip().splitlines()[-1])
+    assert ids[0] == ids[1] and ids[0].startswith("sha256:"), ids
+
+
 def test_copy_driver_builds_stages_at_once(rb: Runner, busybox: str) -> None:
     """The copy driver keeps parent trees between steps: stages at once share that pool, and their images are
     still those of one stage after the other."""
