@@ -14,10 +14,17 @@ import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rootless.errors import RbuildError
 from rootless.events import Event, Reporter, Warn
+
+if TYPE_CHECKING:
+    from rootless.build.planner import Plan
+    from rootless.build.state import BuildOptions
+    from rootless.env.probe import Probe
+    from rootless.idmap import IdMap
+    from rootless.store.store import Store
 
 EventCallback = Callable[[Event], None]
 
@@ -162,7 +169,7 @@ def probed_rung(root: str | None) -> int:
     return probed(root)[0]
 
 
-def probed(root: str | None) -> tuple[int, Any]:
+def probed(root: str | None) -> tuple[int, Probe]:
     """probed_rung's rung and the probe (`env.probe.Probe`) it was chosen from."""
     from rootless.env import paths, probe
     from rootless.store.store import Store
@@ -178,10 +185,10 @@ def probed(root: str | None) -> tuple[int, Any]:
 
 
 def run_build(
-    plan: Any,
-    store: Any,
-    idmap: Any,
-    opts: Any,
+    plan: Plan,
+    store: Store,
+    idmap: IdMap,
+    opts: BuildOptions,
     reporter: Reporter,
     forced_driver: str | None,
     rung: int | None = None,

@@ -12,13 +12,23 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rootless import __version__
 from rootless.cli.flags import attached_flag
 from rootless.errors import RbuildError
 from rootless.kernel.fspath import inside
 from rootless.layer.ownership import Ownership
+
+if TYPE_CHECKING:
+    from rootless.build.planner import Plan
+    from rootless.build.regcache import CacheSpec
+    from rootless.build.state import BuildOptions
+    from rootless.env.probe import Probe
+    from rootless.events import Reporter
+    from rootless.idmap import IdMap
+    from rootless.registry.api import RegistryOptions
+    from rootless.store.store import ImageRecord, Store
 
 
 class _Parser(argparse.ArgumentParser):
@@ -113,7 +123,7 @@ def _chosen_command(argv: list[str]) -> str | None:
     return None
 
 
-def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> Any:
+def _registry_options(args: argparse.Namespace, creds_for: list[str]) -> RegistryOptions:
     """The registry flags; `--creds` goes only to the registries of `creds_for`, names the command line
     gave, so a Containerfile cannot send it to a host of its choosing."""
     from rootless.cli.registry import options_from_args
@@ -384,7 +394,7 @@ def build_parser(command: str | None = None, subcommands: bool = True) -> argpar
 # plumbing
 
 
-def _reporter(args: argparse.Namespace) -> Any:
+def _reporter(args: argparse.Namespace) -> Reporter:
     """The reporter for this command's events (made once): --progress, or -q, or plain text."""
     made = getattr(args, "reporter", None)
     if made is None:
@@ -409,7 +419,7 @@ def _say(line: str) -> int:
     return 0
 
 
-def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Any, Any]:
+def _store_and_map(args: argparse.Namespace, create: bool = True) -> tuple[Store, IdMap]:
     """The store and the id mapping; `create`: for a command that works in the user namespace, which
     also gets the runtime directory for its mount points (commands that only read need neither)."""
     from rootless.env import paths, userns
@@ -437,7 +447,7 @@ def _warn(args: argparse.Namespace) -> Callable[[str], None]:
     return lambda line: reporter.emit(Warn(line))
 
 
-def _run_inside(args: argparse.Namespace, idmap: Any, fn: Callable[[Any], int]) -> int:
+def _run_inside(args: argparse.Namespace, idmap: IdMap, fn: Callable[[IdMap], int]) -> int:
     """fn(mapping) in the user namespace (userns.run_inside), its failures as one `Error:` line."""
     from rootless.env import userns
 
@@ -445,7 +455,10 @@ def _run_inside(args: argparse.Namespace, idmap: Any, fn: Callable[[Any], int]) 
 
 
 def _in_namespace(
-    args: argparse.Namespace, fn: Callable[[Any, Any], int], limited: bool = False, made: tuple[Any, Any] | None = None
+    args: argparse.Namespace,
+    fn: Callable[[Store, IdMap], int],
+    limited: bool = False,
+    made: tuple[Store, IdMap] | None = None,
 ) -> int:
     """Run fn(store, idmap) inside the user namespace, the store opened (and checked) there; `limited`: a
     build, under the user's limits (env/limits.py: a build slot, then pruning down to the store size);
@@ -458,7 +471,7 @@ def _in_namespace(
     except OSError as e:
         raise RbuildError(f"cannot create {parent}: {e.strerror}") from None
 
-    def inner(got: Any) -> int:
+    def inner(got: IdMap) -> int:
         _open_inside(args, store, got)
         if not limited:
             with store.in_use():
@@ -490,7 +503,7 @@ def _in_namespace(
     return _run_inside(args, idmap, inner)
 
 
-def _open_inside(args: argparse.Namespace, store: Any, idmap: Any, create: bool = True) -> None:
+def _open_inside(args: argparse.Namespace, store: Store, idmap: IdMap, create: bool = True) -> None:
     """Open the store inside the user namespace; a store of an older format is converted first."""
     from rootless.store.store import STORE_VERSION
 
@@ -504,7 +517,7 @@ def _open_inside(args: argparse.Namespace, store: Any, idmap: Any, create: bool 
         migrate.upgrade(store, Ownership.for_mapping(idmap.single))
 
 
-def _open_readonly(args: argparse.Namespace) -> Any:
+def _open_readonly(args: argparse.Namespace) -> Store:
     """The store for commands that read or change only the image index (never layer contents), so they
     work on a store made under another id mapping too; a store of an older format is converted first."""
     from rootless.store.store import STORE_VERSION
@@ -514,7 +527,7 @@ def _open_readonly(args: argparse.Namespace) -> Any:
         store.check_format()
         if store.version != STORE_VERSION:  # converting needs the namespace (layer files of subordinate ids)
 
-            def convert(got: Any) -> int:
+            def convert(got: IdMap) -> int:
                 _open_inside(args, store, got, create=False)
                 return 0
 
@@ -524,7 +537,7 @@ def _open_readonly(args: argparse.Namespace) -> Any:
     return store
 
 
-def _find(store: Any, name: str) -> Any:
+def _find(store: Store, name: str) -> ImageRecord:
     from rootless.oci import names
 
     rec = store.find(names.candidates(name))
@@ -612,8 +625,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     pull = getattr(args, "pull", "missing")
     network = _network_mode(args.network)
     secrets = _read_secrets(args.secret)
-    cache_from: list[Any] = []
-    cache_to: list[Any] = []
+    cache_from: list[CacheSpec] = []
+    cache_to: list[CacheSpec] = []
     if args.cache_from or args.cache_to:  # the registry cache's module only when asked for
         from rootless.build.regcache import parse_spec
 
@@ -627,7 +640,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             "use rbuild login for the registries FROM names"
         )
 
-    def options(registry_options: Any) -> Any:
+    def options(registry_options: RegistryOptions | None) -> BuildOptions:
         from rootless.build.state import BuildOptions
 
         return BuildOptions(
@@ -651,7 +664,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             jobs=args.jobs,
         )
 
-    def run(store: Any, idmap: Any) -> int:
+    def run(store: Store, idmap: IdMap) -> int:
         from rootless import api
 
         opts = options(_registry_options(args, remote_tags))
@@ -664,13 +677,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             raise
         return done(store, idmap, image_id, opts.registry_options)
 
-    def done(store: Any, idmap: Any, image_id: str, registry_options: Any) -> int:
+    def done(store: Store, idmap: IdMap, image_id: str, registry_options: RegistryOptions | None) -> int:
         digest = None
         if args.push:
             from rootless.events import Notice
             from rootless.oci import transports
 
             rec = store.find([image_id])
+            if rec is None:  # just built: only a concurrent rmi removes it
+                raise RbuildError(f"{image_id}: image not known")
             for t in args.tag:
                 digest = transports.RegistryTransport(names.normalize(t)).export(
                     store, rec, args.format, None, None, registry_options, reporter
@@ -699,7 +714,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cached_build(
-    args: argparse.Namespace, store: Any, idmap: Any, plan: Any, opts: Any, reporter: Any, rung: int, found: Any
+    args: argparse.Namespace,
+    store: Store,
+    idmap: IdMap,
+    plan: Plan,
+    opts: BuildOptions,
+    reporter: Reporter,
+    rung: int,
+    found: Probe,
 ) -> str | None:
     """A build whose every step is cached, answered without the user namespace (build/cached.py) when
     everything the namespace's build does first would change nothing here: the store is current, made
@@ -740,14 +762,14 @@ def _cached_build(
     return image_id
 
 
-def _check_ok(found: Any, name: str) -> bool:
+def _check_ok(found: Probe, name: str) -> bool:
     try:
         return bool(found.check(name).ok)
     except KeyError:
         return False
 
 
-def _leftovers(store: Any) -> bool:
+def _leftovers(store: Store) -> bool:
     """Whether opening the store in the namespace would sweep something (a killed process's staging or
     mount-point directory, temporary file or cut-off layer): then the build goes there."""
     from rootless.blob.digest import is_sha256_hex
@@ -881,7 +903,7 @@ def _probed_rung(args: argparse.Namespace) -> int:
     return _probed(args)[0]
 
 
-def _probed(args: argparse.Namespace) -> tuple[int, Any]:
+def _probed(args: argparse.Namespace) -> tuple[int, Probe]:
     """The rung `rbuild doctor` reports for this store (api.probed): builds take it; and the probe."""
     from rootless import api
 
@@ -1050,7 +1072,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             deleted = True
     if deleted:  # layer files belong to subordinate ids: only the user namespace can remove them
 
-        def gc(got: Any) -> int:
+        def gc(got: IdMap) -> int:
             _open_inside(args, store, got, create=False)
             store.collect_garbage()
             return 0
@@ -1068,7 +1090,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"no store at {store.root}: nothing to prune", file=sys.stderr)
         return 0
 
-    def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
+    def run(got: IdMap) -> int:  # inside the namespace: layer directories of other ids are readable only there
         _open_inside(args, store, got, create=False)
         before = store.usage()
         with store.exclusive():
@@ -1098,7 +1120,7 @@ def cmd_df(args: argparse.Namespace) -> int:
     store, idmap = _store_and_map(args)
     lim = limits.load()
 
-    def run(got: Any) -> int:  # inside the namespace: layer directories of other ids are readable only there
+    def run(got: IdMap) -> int:  # inside the namespace: layer directories of other ids are readable only there
         parts = {
             "chains": "images and layers",
             "blobs": "blobs",
@@ -1128,7 +1150,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"no store at {store.root}: nothing to check", file=sys.stderr)
         return 0
 
-    def run(idmap: Any) -> int:
+    def run(idmap: IdMap) -> int:
         from rootless.store.store import STORE_VERSION
 
         store.open(idmap, create=False, sweep=False)
@@ -1167,7 +1189,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         dest = "docker://" + args.image
     target = transports.parse_transport(dest)
 
-    def run(store: Any, idmap: Any) -> int:
+    def run(store: Store, idmap: IdMap) -> int:
         rec = _find(store, args.image)
         fmt = args.format
         if fmt is None:
@@ -1198,7 +1220,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from rootless.oci import transports
 
-    def run(store: Any, idmap: Any) -> int:
+    def run(store: Store, idmap: IdMap) -> int:
         source = transports.parse_transport(args.image)
         options = _registry_options(args, [] if source.local else [source.rest])
         with source.open(store, options, _reporter(args)) as src:
@@ -1217,7 +1239,7 @@ def cmd_unshare(args: argparse.Namespace) -> int:
     if not argv:
         argv = [os.environ.get("SHELL", "/bin/sh")]
 
-    def run(store: Any, idmap: Any) -> int:
+    def run(store: Store, idmap: IdMap) -> int:
         import subprocess
 
         env = dict(os.environ)
