@@ -12,7 +12,7 @@ always, so the outcome, the image id and the events are the same either way; onl
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 from rootless.build.cache import LocalStepCache, StepResult
 from rootless.build.executor import Executor
@@ -73,7 +73,7 @@ class _CachedExecutor(Executor):
             raise Miss(name)
         return rec
 
-    def with_rootfs(self, state: StageState, action: Any, untrusted: bool = False) -> bool:
+    def with_rootfs(self, state: StageState, action: Callable[[str, str], None], untrusted: bool = False) -> bool:
         raise Miss("a step needs a tree")
 
 
