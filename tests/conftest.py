@@ -28,6 +28,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -547,3 +548,26 @@ def debian_layout() -> Iterator[str]:
         yield layout
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def fuse_open_to_users() -> Iterator[None]:
+    """/dev/fuse open to the test users while it runs (0666 as on common distributions; root-only on this
+    machine); the mode it had is put back."""
+    orig = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if orig & 0o006 != 0o006:
+        if not IS_ROOT:
+            pytest.skip("/dev/fuse is not open to users, and changing its mode needs root")
+        os.chmod("/dev/fuse", 0o666)
+    try:
+        yield
+    finally:
+        if stat.S_IMODE(os.stat("/dev/fuse").st_mode) != orig:
+            os.chmod("/dev/fuse", orig)
+
+
+@pytest.fixture
+def dev_fuse() -> Iterator[None]:
+    """fuse_open_to_users for one test (test modules that mount many times open it per module)."""
+    with fuse_open_to_users():
+        yield

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterator
 
 import pytest
-from conftest import IS_ROOT, Runner
+from conftest import Runner, fuse_open_to_users
 from ocitree import CONFIG_KEYS, DOCKER_ONLY_KEYS, compared_config, diff_configs, diff_trees, flatten, load
 from test_differential import CASES, CASES_DIR, PARENT, case_tag, load_case, parent_tag, prepare_context
 
@@ -25,16 +24,9 @@ SDE = "1700000000"
 
 @pytest.fixture(scope="module")
 def dev_fuse() -> Iterator[None]:
-    """/dev/fuse open to the test users for this module; its original mode put back afterwards."""
-    orig = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    if orig & 0o006 != 0o006:
-        assert IS_ROOT, "/dev/fuse is not open to users and the tests are not root"
-        os.chmod("/dev/fuse", 0o666)
-    try:
+    """/dev/fuse open to the test users for this whole module."""
+    with fuse_open_to_users():
         yield
-    finally:
-        if stat.S_IMODE(os.stat("/dev/fuse").st_mode) != orig:
-            os.chmod("/dev/fuse", orig)
 
 
 def _build(rb: Runner, busybox: str, name: str, driver: str) -> tuple[str, str, str]:

@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import IS_ROOT, Runner
+from conftest import Runner, fuse_open_to_users
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "..", "csrc")
@@ -47,16 +46,9 @@ def _make(out: str, extra_cflags: str = "") -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def dev_fuse() -> Iterator[None]:
-    """Let the test user open /dev/fuse for this module; put its original mode back afterwards."""
-    orig = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    if orig & 0o006 != 0o006:
-        assert IS_ROOT, "/dev/fuse is not open to users and the tests are not root"
-        os.chmod("/dev/fuse", 0o666)
-    try:
+    """/dev/fuse open to the test users for this whole module."""
+    with fuse_open_to_users():
         yield
-    finally:
-        if stat.S_IMODE(os.stat("/dev/fuse").st_mode) != orig:
-            os.chmod("/dev/fuse", orig)
 
 
 @pytest.fixture(scope="module")

@@ -30,19 +30,6 @@ RUN rm -rf /opq && mkdir /opq && echo 2 > /opq/two && mv /data/hard /data/hard2
 
 
 @pytest.fixture
-def dev_fuse() -> Iterator[None]:
-    """/dev/fuse open to every user while the test runs (as on common distributions); the mode restored."""
-    orig = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    if not IS_ROOT:
-        pytest.skip("changing /dev/fuse's mode needs root")
-    os.chmod("/dev/fuse", 0o666)
-    try:
-        yield
-    finally:
-        os.chmod("/dev/fuse", orig)
-
-
-@pytest.fixture
 def closed_fuse() -> Iterator[None]:
     """/dev/fuse root-only while the test runs (this machine's default); the mode restored."""
     orig = stat.S_IMODE(os.stat("/dev/fuse").st_mode)

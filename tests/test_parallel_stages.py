@@ -14,11 +14,9 @@ import json
 import os
 import pathlib
 import signal
-import stat
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -193,19 +191,6 @@ def test_a_stage_no_dependency_names_is_waited_for(rb: Runner, busybox: str) -> 
     out = rb.mkdir()
     rb.run("build", "--no-cache", "--jobs", "2", "-o", f"type=local,dest={out}", ctx)
     assert pathlib.Path(out, "got").read_text() == "from-a\n"
-
-
-@pytest.fixture
-def dev_fuse() -> Iterator[None]:
-    """/dev/fuse open to every user while the test runs (root-only on this machine); the mode restored."""
-    orig = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
-    if os.geteuid() != 0:
-        pytest.skip("changing /dev/fuse's mode needs root")
-    os.chmod("/dev/fuse", 0o666)
-    try:
-        yield
-    finally:
-        os.chmod("/dev/fuse", orig)
 
 
 def test_fuse_driver_builds_stages_at_once(rb: Runner, busybox: str, dev_fuse: None) -> None:
